@@ -1,0 +1,28 @@
+# syntax=docker/dockerfile:1
+# Multi-stage build: compile in the Rust image, run on a slim Debian with a
+# non-root user. Migrations and the default config are compiled into the binary.
+FROM rust:1.95-bookworm AS build
+WORKDIR /src
+# Cache dependencies: build a stub crate with the real manifest first.
+COPY Cargo.toml Cargo.lock build.rs ./
+RUN mkdir -p src benches migrations config \
+ && echo 'fn main() {}' > src/main.rs && echo '' > src/lib.rs \
+ && echo 'fn main() {}' > benches/signature.rs \
+ && cargo build --release --locked --bin provisioner || true
+COPY . .
+RUN touch src/main.rs src/lib.rs && cargo build --release --locked --bin provisioner
+
+FROM debian:bookworm-slim
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends ca-certificates \
+ && rm -rf /var/lib/apt/lists/* \
+ && useradd --system --uid 10001 --home-dir /nonexistent --shell /usr/sbin/nologin provisioner
+COPY --from=build /src/target/release/provisioner /usr/local/bin/provisioner
+COPY config/default.toml /etc/provisioner/default.toml
+USER 10001:10001
+ENV PROVISIONER_LISTEN=0.0.0.0:8080 \
+    LOG_FORMAT=json
+EXPOSE 8080
+HEALTHCHECK --interval=10s --timeout=3s --retries=3 CMD ["provisioner", "--version"]
+ENTRYPOINT ["provisioner"]
+CMD ["serve"]

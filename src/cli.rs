@@ -1,0 +1,80 @@
+//! The command line: one binary, a subcommand per role (DESIGN §1).
+
+use clap::{Parser, Subcommand};
+
+use crate::config::Settings;
+use crate::ops;
+use crate::startup::{self, Application, ServeOptions};
+
+/// Callmine provisioner: Clerk organization webhooks -> Callmine workspaces.
+#[derive(Debug, Parser)]
+#[command(name = "provisioner", version, about, propagate_version = true)]
+pub struct Cli {
+    /// What to run.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// HTTP (webhook intake, read API, health, metrics) and the worker, in one process.
+    Serve {
+        /// HTTP only; run workers separately with `provisioner worker`.
+        #[arg(long)]
+        no_worker: bool,
+    },
+    /// Worker only: consume queued events and provision them.
+    Worker,
+    /// Create the database if missing, apply migrations, declare the broker topology, exit.
+    Migrate,
+    /// Sign a Clerk-shaped event with the configured secret and POST it to a receiver.
+    Send(ops::send::SendArgs),
+    /// Inspect, replay and purge dead-lettered events.
+    #[command(subcommand)]
+    Dlq(ops::dlq::DlqCommand),
+    /// The processing log: what happened to each svix id.
+    #[command(subcommand)]
+    Events(ops::events::EventsCommand),
+    /// Backfill and repair from Clerk's Backend API.
+    Reconcile(ops::reconcile::ReconcileArgs),
+    /// Load tool: signed events against intake, and the broker alone, for benchmarks.
+    Load(ops::load::LoadArgs),
+}
+
+/// Runs the parsed command.
+pub async fn run(cli: Cli, settings: Settings) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Serve { no_worker } => {
+            let app = Application::build(settings, ServeOptions { worker: !no_worker }).await?;
+            app.run(startup::shutdown_signal()).await
+        }
+        Command::Worker => {
+            let pool = startup::prepare(&settings).await?;
+            let ctx = crate::worker::WorkerContext {
+                settings: std::sync::Arc::new(settings),
+                db: pool,
+            };
+            let token = tokio_util::sync::CancellationToken::new();
+            let stop = token.clone();
+            tokio::spawn(async move {
+                startup::shutdown_signal().await;
+                stop.cancel();
+            });
+            crate::worker::run(ctx, token).await
+        }
+        Command::Migrate => {
+            startup::prepare(&settings).await?;
+            println!(
+                "database ready and migrations applied; broker topology declared ({})",
+                settings.broker.exchange
+            );
+            Ok(())
+        }
+        Command::Send(args) => ops::send::run(&settings, args).await,
+        Command::Dlq(cmd) => ops::dlq::run(&settings, cmd).await,
+        Command::Events(cmd) => ops::events::run(&settings, cmd).await,
+        Command::Reconcile(args) => ops::reconcile::run(&settings, args).await,
+        Command::Load(args) => ops::load::run(&settings, args).await,
+    }
+}

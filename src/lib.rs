@@ -1,0 +1,20 @@
+//! Callmine provisioner: turns Clerk organization and membership webhooks into
+//! Callmine's own record of workspaces.
+//!
+//! The flow reads from the module tree: [`config`] → [`intake`] → [`broker`] →
+//! [`worker`] / [`provision`] → [`db`] → [`api`] → [`ops`].
+
+pub mod api;
+pub mod broker;
+pub mod clerk;
+pub mod cli;
+pub mod config;
+pub mod db;
+pub mod error;
+pub mod health;
+pub mod intake;
+pub mod ops;
+pub mod provision;
+pub mod startup;
+pub mod telemetry;
+pub mod worker;

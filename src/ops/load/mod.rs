@@ -1,0 +1,124 @@
+//! `provisioner load`: load tools for the benchmarks (DESIGN §7).
+//!
+//! Each target sends a bounded number of requests (or runs a bounded time) against
+//! addresses on this machine only, and reports throughput and p50/p99/max latency.
+
+use std::time::Duration;
+
+use clap::{Args, Subcommand};
+
+use crate::config::Settings;
+
+/// Arguments of `load`.
+#[derive(Debug, Args)]
+pub struct LoadArgs {
+    /// What to load.
+    #[command(subcommand)]
+    pub target: LoadTarget,
+}
+
+/// Load targets.
+#[derive(Debug, Subcommand)]
+pub enum LoadTarget {}
+
+/// Runs `load`.
+pub async fn run(settings: &Settings, args: LoadArgs) -> anyhow::Result<()> {
+    let _ = settings;
+    match args.target {}
+}
+
+/// Latency samples and the wall time they were collected in.
+#[derive(Debug, Default, Clone)]
+pub struct Samples {
+    latencies: Vec<Duration>,
+    errors: u64,
+}
+
+impl Samples {
+    /// Records one successful operation.
+    pub fn record(&mut self, latency: Duration) {
+        self.latencies.push(latency);
+    }
+
+    /// Records one failed operation.
+    pub fn error(&mut self) {
+        self.errors += 1;
+    }
+
+    /// Merges another set of samples.
+    pub fn merge(&mut self, other: Samples) {
+        self.latencies.extend(other.latencies);
+        self.errors += other.errors;
+    }
+
+    /// Summary over `elapsed` wall time.
+    pub fn report(&mut self, name: &str, elapsed: Duration) -> Report {
+        self.latencies.sort_unstable();
+        let pct = |p: f64| -> Duration {
+            if self.latencies.is_empty() {
+                return Duration::ZERO;
+            }
+            let idx = ((self.latencies.len() as f64 - 1.0) * p).round() as usize;
+            self.latencies[idx]
+        };
+        Report {
+            name: name.to_owned(),
+            ok: self.latencies.len() as u64,
+            errors: self.errors,
+            elapsed,
+            per_second: self.latencies.len() as f64 / elapsed.as_secs_f64().max(1e-9),
+            p50: pct(0.50),
+            p99: pct(0.99),
+            max: self.latencies.last().copied().unwrap_or_default(),
+        }
+    }
+}
+
+/// One measured run.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Report {
+    /// What was measured.
+    pub name: String,
+    /// Successful operations.
+    pub ok: u64,
+    /// Failed operations.
+    pub errors: u64,
+    /// Wall time.
+    #[serde(with = "duration_ms")]
+    pub elapsed: Duration,
+    /// Successful operations per second.
+    pub per_second: f64,
+    /// Median latency.
+    #[serde(with = "duration_ms")]
+    pub p50: Duration,
+    /// 99th percentile latency.
+    #[serde(with = "duration_ms")]
+    pub p99: Duration,
+    /// Worst latency.
+    #[serde(with = "duration_ms")]
+    pub max: Duration,
+}
+
+impl std::fmt::Display for Report {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{:<28} {:>8} ok {:>5} err {:>10.1}/s  p50 {:>8.2} ms  p99 {:>8.2} ms  max {:>8.2} ms",
+            self.name,
+            self.ok,
+            self.errors,
+            self.per_second,
+            self.p50.as_secs_f64() * 1e3,
+            self.p99.as_secs_f64() * 1e3,
+            self.max.as_secs_f64() * 1e3,
+        )
+    }
+}
+
+mod duration_ms {
+    use std::time::Duration;
+
+    pub fn serialize<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_f64(d.as_secs_f64() * 1e3)
+    }
+}
