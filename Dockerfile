@@ -18,11 +18,10 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/* \
  && useradd --system --uid 10001 --home-dir /nonexistent --shell /usr/sbin/nologin provisioner
 COPY --from=build /src/target/release/provisioner /usr/local/bin/provisioner
-COPY config/default.toml /etc/provisioner/default.toml
 USER 10001:10001
 ENV PROVISIONER_LISTEN=0.0.0.0:8080 \
     LOG_FORMAT=json
 EXPOSE 8080
-HEALTHCHECK --interval=10s --timeout=3s --retries=3 CMD ["provisioner", "--version"]
+# Liveness: GET /healthz; readiness: GET /readyz (database and broker reachable).
 ENTRYPOINT ["provisioner"]
 CMD ["serve"]
