@@ -25,8 +25,14 @@ impl TestDatabase {
     /// Same, with a pool of `max_connections`.
     pub async fn create_with_pool_size(max_connections: u32) -> Self {
         let iso = Isolation::new();
+        // Test data needs no crash durability: commits skip the WAL flush wait, so
+        // tests that commit thousands of transactions stay fast.
+        let url = format!(
+            "{}?options=-c%20synchronous_commit%3Doff",
+            iso.database_url()
+        );
         let settings = provisioner::config::DatabaseSettings {
-            url: provisioner::config::ConnectionUrl::new(iso.database_url()),
+            url: provisioner::config::ConnectionUrl::new(url),
             max_connections,
             acquire_timeout_ms: 30_000,
         };
