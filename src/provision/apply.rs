@@ -72,19 +72,72 @@ fn ts(ms: i64) -> DateTime<Utc> {
     DateTime::from_timestamp_millis(ms).unwrap_or(DateTime::<Utc>::MIN_UTC)
 }
 
-/// One audit row waiting to be written with the event.
+/// One audit row waiting to be written with its event.
 struct Audit {
     workspace_id: String,
     action: &'static str,
+    actor: &'static str,
     subject: Option<String>,
     details: Value,
+    event_id: String,
 }
 
-/// What one event is doing: its settings, identity and pending audit rows.
+/// Writes that events of one transaction leave for its end: audit rows and
+/// `superseded` statuses. They are flushed before the commit, so they still commit
+/// (or roll back) together with the effects, at one statement each per batch.
+#[derive(Default)]
+pub(crate) struct Pending {
+    audits: Vec<Audit>,
+    superseded: Vec<String>,
+}
+
+impl Pending {
+    /// Writes the pending rows on `conn` (the transaction about to commit).
+    pub(crate) async fn flush(&mut self, conn: &mut PgConnection) -> Result<(), sqlx::Error> {
+        if !self.superseded.is_empty() {
+            sqlx::query("update events set status = 'superseded' where svix_id = any($1)")
+                .bind(&self.superseded)
+                .execute(&mut *conn)
+                .await?;
+            self.superseded.clear();
+        }
+        if !self.audits.is_empty() {
+            let a = &self.audits;
+            let workspace: Vec<&str> = a.iter().map(|a| a.workspace_id.as_str()).collect();
+            let action: Vec<&str> = a.iter().map(|a| a.action).collect();
+            let actor: Vec<&str> = a.iter().map(|a| a.actor).collect();
+            let subject: Vec<Option<&str>> = a.iter().map(|a| a.subject.as_deref()).collect();
+            let details: Vec<sqlx::types::Json<&Value>> =
+                a.iter().map(|a| sqlx::types::Json(&a.details)).collect();
+            let event: Vec<&str> = a.iter().map(|a| a.event_id.as_str()).collect();
+            // `with ordinality` keeps the rows (and their ids) in the order they happened.
+            sqlx::query(
+                "insert into audit_log (workspace_id, action, actor, subject, details, event_id) \
+                 select w, a, r, s, d, e \
+                 from unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::jsonb[], $6::text[]) \
+                   with ordinality as t(w, a, r, s, d, e, n) \
+                 order by n",
+            )
+            .bind(workspace)
+            .bind(action)
+            .bind(actor)
+            .bind(subject)
+            .bind(details)
+            .bind(event)
+            .execute(&mut *conn)
+            .await?;
+            self.audits.clear();
+        }
+        Ok(())
+    }
+}
+
+/// What one event is doing: settings, identity and the pending rows it adds to.
 struct Ctx<'a> {
     settings: &'a ProvisioningSettings,
     plans: &'a Plans,
-    audits: Vec<Audit>,
+    incoming: &'a Incoming,
+    pending: &'a mut Pending,
 }
 
 impl Ctx<'_> {
@@ -95,122 +148,197 @@ impl Ctx<'_> {
         subject: Option<&str>,
         details: Value,
     ) {
-        self.audits.push(Audit {
+        self.pending.audits.push(Audit {
             workspace_id: workspace_id.to_owned(),
             action,
+            actor: self.incoming.actor.as_str(),
             subject: subject.map(str::to_owned),
             details,
+            event_id: self.incoming.svix_id.clone(),
         });
     }
 }
 
 /// Applies one decoded event on `conn` (inside a transaction or savepoint the
-/// caller commits), processing-log row and audit rows included.
+/// caller commits after [`Pending::flush`]), processing-log row included; its audit
+/// rows and final status wait in `pending`.
 pub(crate) async fn apply_event(
     conn: &mut PgConnection,
     settings: &ProvisioningSettings,
     plans: &Plans,
     incoming: &Incoming,
     decoded: &Decoded,
+    pending: &mut Pending,
 ) -> Result<Outcome, sqlx::Error> {
-    let initial = if decoded.event == Event::Unhandled {
-        "ignored"
-    } else {
-        "processed"
+    let (initial, ws_id, membership_id, user_id) = match &decoded.event {
+        Event::Unhandled => ("ignored", None, None, None),
+        Event::OrganizationUpsert(o) => ("processed", Some(o.id.as_str()), None, None),
+        Event::OrganizationDeleted { id, .. } => ("processed", Some(id.as_str()), None, None),
+        Event::MembershipUpsert(m) | Event::MembershipDeleted { membership: m, .. } => (
+            "processed",
+            Some(m.organization.id.as_str()),
+            Some(m.id.as_str()),
+            Some(m.user.user_id.as_str()),
+        ),
+        // User events read nothing up front: their upserts are gated in SQL.
+        Event::UserUpdated(_) | Event::UserDeleted { .. } => ("processed", None, None, None),
     };
-    // A dead event is taken up afresh (a replay must run); any other existing
-    // status means the event was applied already.
-    let fresh: Option<i32> = sqlx::query_scalar(
-        "insert into events (svix_id, type, workspace_id, status, received_at) \
-         values ($1, $2, $3, $4, $5) \
-         on conflict (svix_id) do update set \
-           type = excluded.type, workspace_id = excluded.workspace_id, \
-           status = excluded.status, error = null, \
-           attempts = events.attempts + 1, processed_at = now() \
-         where events.status = 'dead' \
-         returning attempts",
+    let state = begin(
+        conn,
+        incoming,
+        decoded,
+        initial,
+        ws_id,
+        membership_id,
+        user_id,
+    )
+    .await?;
+    if !state.fresh {
+        return Ok(Outcome::Duplicate);
+    }
+    let mut cx = Ctx {
+        settings,
+        plans,
+        incoming,
+        pending,
+    };
+    let changed = match &decoded.event {
+        Event::Unhandled => return Ok(Outcome::Ignored),
+        Event::OrganizationUpsert(org) => {
+            upsert_workspace(conn, &mut cx, org, state.workspace())
+                .await?
+                .changed
+        }
+        Event::OrganizationDeleted { id, at_ms } => {
+            delete_workspace(conn, &mut cx, id, *at_ms, state.workspace()).await?
+        }
+        Event::MembershipUpsert(m) => upsert_membership(conn, &mut cx, m, None, &state).await?,
+        Event::MembershipDeleted { membership, at_ms } => {
+            upsert_membership(conn, &mut cx, membership, Some(*at_ms), &state).await?
+        }
+        Event::UserUpdated(u) => update_user(conn, &mut cx, u).await?,
+        Event::UserDeleted { id, at_ms } => delete_user(conn, &mut cx, id, *at_ms).await?,
+    };
+    if changed {
+        Ok(Outcome::Processed)
+    } else {
+        cx.pending.superseded.push(incoming.svix_id.clone());
+        Ok(Outcome::Superseded)
+    }
+}
+
+/// The stored state an event decides on, read in the same statement that claims
+/// its svix id in the processing log.
+#[derive(Debug, sqlx::FromRow)]
+struct Begin {
+    /// The svix id is new here, or was dead: apply it.
+    fresh: bool,
+    w_exists: bool,
+    w_name: Option<String>,
+    w_slug: Option<String>,
+    w_image_url: Option<String>,
+    w_created_by: Option<String>,
+    w_max_allowed_memberships: Option<i32>,
+    w_status: Option<String>,
+    w_plan: Option<String>,
+    w_source_version: Option<i64>,
+    w_clerk_created_at: Option<DateTime<Utc>>,
+    w_deleted_at: Option<DateTime<Utc>>,
+    m_exists: bool,
+    m_role: Option<String>,
+    m_clerk_role: Option<String>,
+    m_email: Option<String>,
+    m_first_name: Option<String>,
+    m_last_name: Option<String>,
+    m_image_url: Option<String>,
+    m_source_version: Option<i64>,
+    m_profile_version: Option<i64>,
+    m_removed: bool,
+    u_email: Option<String>,
+    u_first_name: Option<String>,
+    u_last_name: Option<String>,
+    u_image_url: Option<String>,
+    u_source_version: Option<i64>,
+    u_deleted_at: Option<DateTime<Utc>>,
+}
+
+impl Begin {
+    fn workspace(&self) -> Option<WorkspaceRow> {
+        self.w_exists.then(|| WorkspaceRow {
+            name: self.w_name.clone(),
+            slug: self.w_slug.clone(),
+            image_url: self.w_image_url.clone(),
+            created_by: self.w_created_by.clone(),
+            max_allowed_memberships: self.w_max_allowed_memberships,
+            status: self.w_status.clone().unwrap_or_default(),
+            plan: self.w_plan.clone().unwrap_or_default(),
+            source_version: self.w_source_version,
+            clerk_created_at: self.w_clerk_created_at,
+            deleted_at: self.w_deleted_at,
+        })
+    }
+}
+
+/// Claims the svix id in the processing log and reads the workspace, member and
+/// user rows the event is about (null keys read nothing), in one round trip.
+///
+/// A dead svix id is taken up afresh (a replay must run); any other existing
+/// status means the event was applied already and `fresh` is false. The reads see
+/// every transaction that committed before the event's advisory locks were granted.
+async fn begin(
+    conn: &mut PgConnection,
+    incoming: &Incoming,
+    decoded: &Decoded,
+    initial: &str,
+    ws_id: Option<&str>,
+    membership_id: Option<&str>,
+    user_id: Option<&str>,
+) -> Result<Begin, sqlx::Error> {
+    sqlx::query_as(
+        "with log as ( \
+           insert into events (svix_id, type, workspace_id, status, received_at) \
+           values ($1, $2, $3, $4, $5) \
+           on conflict (svix_id) do update set \
+             type = excluded.type, workspace_id = excluded.workspace_id, \
+             status = excluded.status, error = null, \
+             attempts = events.attempts + 1, processed_at = now() \
+           where events.status = 'dead' \
+           returning 1) \
+         select exists (select 1 from log) as fresh, \
+           w.id is not null as w_exists, w.name as w_name, w.slug as w_slug, \
+           w.image_url as w_image_url, w.created_by as w_created_by, \
+           w.max_allowed_memberships as w_max_allowed_memberships, w.status as w_status, \
+           w.plan as w_plan, w.source_version as w_source_version, \
+           w.clerk_created_at as w_clerk_created_at, w.deleted_at as w_deleted_at, \
+           m.membership_id is not null as m_exists, m.role as m_role, \
+           m.clerk_role as m_clerk_role, m.email as m_email, m.first_name as m_first_name, \
+           m.last_name as m_last_name, m.image_url as m_image_url, \
+           m.source_version as m_source_version, m.profile_version as m_profile_version, \
+           m.removed_at is not null as m_removed, \
+           u.email as u_email, u.first_name as u_first_name, u.last_name as u_last_name, \
+           u.image_url as u_image_url, u.source_version as u_source_version, \
+           u.deleted_at as u_deleted_at \
+         from (select 1) as one \
+         left join workspaces w on w.id = $6 \
+         left join members m on m.membership_id = $7 \
+         left join users u on u.id = $8",
     )
     .bind(&incoming.svix_id)
     .bind(&decoded.kind)
     .bind(decoded.workspace_id())
     .bind(initial)
     .bind(incoming.received_at)
-    .fetch_optional(&mut *conn)
-    .await?;
-    if fresh.is_none() {
-        return Ok(Outcome::Duplicate);
-    }
-    let mut cx = Ctx {
-        settings,
-        plans,
-        audits: Vec::new(),
-    };
-    let changed = match &decoded.event {
-        Event::Unhandled => return Ok(Outcome::Ignored),
-        Event::OrganizationUpsert(org) => {
-            let existing = read_workspace(conn, &org.id).await?;
-            upsert_workspace(conn, &mut cx, org, existing)
-                .await?
-                .changed
-        }
-        Event::OrganizationDeleted { id, at_ms } => {
-            delete_workspace(conn, &mut cx, id, *at_ms).await?
-        }
-        Event::MembershipUpsert(m) => upsert_membership(conn, &mut cx, m, None).await?,
-        Event::MembershipDeleted { membership, at_ms } => {
-            upsert_membership(conn, &mut cx, membership, Some(*at_ms)).await?
-        }
-        Event::UserUpdated(u) => update_user(conn, &mut cx, u).await?,
-        Event::UserDeleted { id, at_ms } => delete_user(conn, &mut cx, id, *at_ms).await?,
-    };
-    if !changed {
-        sqlx::query("update events set status = 'superseded' where svix_id = $1")
-            .bind(&incoming.svix_id)
-            .execute(&mut *conn)
-            .await?;
-        return Ok(Outcome::Superseded);
-    }
-    write_audits(conn, &cx.audits, incoming).await?;
-    Ok(Outcome::Processed)
-}
-
-async fn write_audits(
-    conn: &mut PgConnection,
-    audits: &[Audit],
-    incoming: &Incoming,
-) -> Result<(), sqlx::Error> {
-    if audits.is_empty() {
-        return Ok(());
-    }
-    let workspace: Vec<&str> = audits.iter().map(|a| a.workspace_id.as_str()).collect();
-    let action: Vec<&str> = audits.iter().map(|a| a.action).collect();
-    let subject: Vec<Option<&str>> = audits.iter().map(|a| a.subject.as_deref()).collect();
-    let details: Vec<&Value> = audits.iter().map(|a| &a.details).collect();
-    sqlx::query(
-        "insert into audit_log (workspace_id, action, actor, subject, details, event_id) \
-         select w, a, $5, s, d, $6 \
-         from unnest($1::text[], $2::text[], $3::text[], $4::jsonb[]) as t(w, a, s, d)",
-    )
-    .bind(workspace)
-    .bind(action)
-    .bind(subject)
-    .bind(
-        details
-            .iter()
-            .map(|d| sqlx::types::Json(*d))
-            .collect::<Vec<_>>(),
-    )
-    .bind(incoming.actor.as_str())
-    .bind(&incoming.svix_id)
-    .execute(conn)
-    .await?;
-    Ok(())
+    .bind(ws_id)
+    .bind(membership_id)
+    .bind(user_id)
+    .fetch_one(conn)
+    .await
 }
 
 // ---- workspaces --------------------------------------------------------------------
 
 /// A workspace row as far as provisioning decisions need it.
-#[derive(Debug, Clone, sqlx::FromRow)]
+#[derive(Debug, Clone)]
 pub(crate) struct WorkspaceRow {
     name: Option<String>,
     slug: Option<String>,
@@ -222,20 +350,6 @@ pub(crate) struct WorkspaceRow {
     source_version: Option<i64>,
     clerk_created_at: Option<DateTime<Utc>>,
     deleted_at: Option<DateTime<Utc>>,
-}
-
-async fn read_workspace(
-    conn: &mut PgConnection,
-    id: &str,
-) -> Result<Option<WorkspaceRow>, sqlx::Error> {
-    sqlx::query_as(
-        "select name, slug, image_url, created_by, max_allowed_memberships, status, plan, \
-           source_version, clerk_created_at, deleted_at \
-         from workspaces where id = $1",
-    )
-    .bind(id)
-    .fetch_optional(conn)
-    .await
 }
 
 /// The workspace after an upsert.
@@ -436,10 +550,11 @@ async fn delete_workspace(
     cx: &mut Ctx<'_>,
     id: &str,
     at_ms: i64,
+    existing: Option<WorkspaceRow>,
 ) -> Result<bool, sqlx::Error> {
     let at = ts(at_ms);
     let mut changed = false;
-    match read_workspace(conn, id).await? {
+    match existing {
         None => {
             let plan = cx.settings.default_plan.clone();
             insert_workspace(conn, cx, id, None, &plan, Some((at, at_ms))).await?;
@@ -495,27 +610,6 @@ async fn delete_workspace(
 
 // ---- members -----------------------------------------------------------------------
 
-/// What membership decisions need: the member row and the user's row, if any.
-#[derive(Debug, sqlx::FromRow)]
-struct MemberState {
-    m_exists: bool,
-    m_role: Option<String>,
-    m_clerk_role: Option<String>,
-    m_email: Option<String>,
-    m_first_name: Option<String>,
-    m_last_name: Option<String>,
-    m_image_url: Option<String>,
-    m_source_version: Option<i64>,
-    m_profile_version: Option<i64>,
-    m_removed: bool,
-    u_email: Option<String>,
-    u_first_name: Option<String>,
-    u_last_name: Option<String>,
-    u_image_url: Option<String>,
-    u_source_version: Option<i64>,
-    u_deleted_at: Option<DateTime<Utc>>,
-}
-
 /// Display fields of a member, with the version of their source.
 #[derive(Debug, Clone, PartialEq)]
 struct Display {
@@ -541,28 +635,10 @@ async fn upsert_membership(
     cx: &mut Ctx<'_>,
     m: &Membership,
     deleted_at_ms: Option<i64>,
+    st: &Begin,
 ) -> Result<bool, sqlx::Error> {
-    let existing = read_workspace(conn, &m.organization.id).await?;
-    let ws = upsert_workspace(conn, cx, &m.organization, existing).await?;
+    let ws = upsert_workspace(conn, cx, &m.organization, st.workspace()).await?;
     let mut changed = ws.changed;
-    let st: MemberState = sqlx::query_as(
-        "select m.membership_id is not null as m_exists, m.role as m_role, \
-           m.clerk_role as m_clerk_role, m.email as m_email, m.first_name as m_first_name, \
-           m.last_name as m_last_name, m.image_url as m_image_url, \
-           m.source_version as m_source_version, m.profile_version as m_profile_version, \
-           m.removed_at is not null as m_removed, \
-           u.email as u_email, u.first_name as u_first_name, u.last_name as u_last_name, \
-           u.image_url as u_image_url, u.source_version as u_source_version, \
-           u.deleted_at as u_deleted_at \
-         from (select 1) as one \
-         left join members m on m.membership_id = $1 \
-         left join users u on u.id = $2",
-    )
-    .bind(&m.id)
-    .bind(&m.user.user_id)
-    .fetch_one(&mut *conn)
-    .await?;
-
     let ws_id = m.organization.id.as_str();
     let user_id = m.user.user_id.as_str();
     let role = cx.settings.role_for(&m.role).as_str();

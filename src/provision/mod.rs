@@ -216,17 +216,29 @@ impl Provisioner {
         apply::order_keys(&mut keys);
         let mut tx = pool.begin().await?;
         apply::lock(&mut tx, &keys).await?;
+        let mut pending = apply::Pending::default();
         let mut outcomes = Vec::with_capacity(todo.len());
-        for (i, decoded) in todo {
-            sqlx::raw_sql("savepoint event").execute(&mut *tx).await?;
-            let outcome =
-                apply::apply_event(&mut tx, &self.settings, &self.plans, &events[*i], decoded)
-                    .await?;
-            sqlx::raw_sql("release savepoint event")
-                .execute(&mut *tx)
-                .await?;
+        for (n, (i, decoded)) in todo.iter().enumerate() {
+            // Each event runs in its own savepoint; ending one and starting the next
+            // share a round trip. The commit releases the last one.
+            let savepoint = if n == 0 {
+                "savepoint event"
+            } else {
+                "release savepoint event; savepoint event"
+            };
+            sqlx::raw_sql(savepoint).execute(&mut *tx).await?;
+            let outcome = apply::apply_event(
+                &mut tx,
+                &self.settings,
+                &self.plans,
+                &events[*i],
+                decoded,
+                &mut pending,
+            )
+            .await?;
             outcomes.push(outcome);
         }
+        pending.flush(&mut tx).await?;
         tx.commit().await?;
         Ok(outcomes)
     }
@@ -247,9 +259,17 @@ impl Provisioner {
             let result = async {
                 let mut tx = pool.begin().await?;
                 apply::lock(&mut tx, &keys).await?;
-                let outcome =
-                    apply::apply_event(&mut tx, &self.settings, &self.plans, event, decoded)
-                        .await?;
+                let mut pending = apply::Pending::default();
+                let outcome = apply::apply_event(
+                    &mut tx,
+                    &self.settings,
+                    &self.plans,
+                    event,
+                    decoded,
+                    &mut pending,
+                )
+                .await?;
+                pending.flush(&mut tx).await?;
                 tx.commit().await?;
                 Ok(outcome)
             }
