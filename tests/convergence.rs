@@ -145,7 +145,7 @@ impl Model {
     fn step(&mut self, op: u8, o: usize, u: usize, p: u8) {
         match op {
             // create an organization, or update it if it exists
-            0 | 1 | 2 => {
+            0..=2 => {
                 if self.orgs[o].deleted {
                     return;
                 }
@@ -364,7 +364,8 @@ type MemberView = (
 async fn state(db: &PgPool, prefix: &str) -> State {
     let like = format!("{prefix}%");
     let strip = |s: String| s.strip_prefix(prefix).map(str::to_owned).unwrap_or(s);
-    let rows: Vec<(String, Option<String>, Option<String>, String, String)> =
+    type WorkspaceRow = (String, Option<String>, Option<String>, String, String);
+    let rows: Vec<WorkspaceRow> =
         sqlx::query_as("select id, name, slug, status, plan from workspaces where id like $1")
             .bind(&like)
             .fetch_all(db)

@@ -1503,3 +1503,128 @@ async fn audit_rows_carry_actor_and_event_id() {
     assert_eq!(details["after"]["email"], "user_jane.j@example.com");
     db.drop_database().await;
 }
+
+// While PostgreSQL is unreachable every decodable event is a Database error (never
+// a payload error, so the worker holds it instead of dead-lettering it) and nothing
+// is written; once it is back the same events apply.
+#[tokio::test]
+async fn unreachable_database_is_a_database_error() {
+    let db = TestDatabase::create().await;
+    let p = provisioner();
+    let base = url::Url::parse(&common::base_database_url()).unwrap();
+    let upstream = format!(
+        "{}:{}",
+        base.host_str().unwrap(),
+        base.port().unwrap_or(5432)
+    );
+    let proxy = common::proxy::Proxy::start(upstream.parse().unwrap()).await;
+    let mut url = base.clone();
+    url.set_host(Some("127.0.0.1")).unwrap();
+    url.set_port(Some(proxy.addr.port())).unwrap();
+    url.set_path(&db.name);
+    let through_proxy = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(2)
+        .acquire_timeout(std::time::Duration::from_secs(2))
+        .connect_lazy(url.as_str())
+        .unwrap();
+    let mut malformed = org_data("org_bad", "Bad", None, T0);
+    malformed["id"] = json!(7);
+    let batch = vec![
+        org_event("m1", "organization.created", "org_a", "A", None, T0),
+        incoming("m2", "organization.created", malformed, T0),
+        org_event("m3", "organization.created", "org_b", "B", None, T0),
+    ];
+    // Warm the pool so the outage also kills open connections.
+    let warm = org_event("m0", "organization.created", "org_warm", "W", None, T0);
+    assert_eq!(apply_ok(&p, &through_proxy, warm).await, Outcome::Processed);
+
+    proxy.cut().await;
+    let results = p.apply_batch(&through_proxy, &batch).await;
+    assert!(
+        matches!(results[0], Err(ProcessError::Database(_))),
+        "{:?}",
+        results[0]
+    );
+    assert!(
+        matches!(results[1], Err(ProcessError::Payload(_))),
+        "{:?}",
+        results[1]
+    );
+    assert!(
+        matches!(results[2], Err(ProcessError::Database(_))),
+        "{:?}",
+        results[2]
+    );
+    let single = apply_one(&p, &through_proxy, batch[0].clone()).await;
+    assert!(
+        matches!(single, Err(ProcessError::Database(_))),
+        "{single:?}"
+    );
+    assert_eq!(event_status(&db.pool, "m1").await, None);
+    assert!(workspace(&db.pool, "org_a").await.is_none());
+
+    proxy.restore();
+    let results = p.apply_batch(&through_proxy, &batch).await;
+    assert!(
+        matches!(results[0], Ok(Outcome::Processed)),
+        "{:?}",
+        results[0]
+    );
+    assert!(
+        matches!(results[1], Err(ProcessError::Payload(_))),
+        "{:?}",
+        results[1]
+    );
+    assert!(
+        matches!(results[2], Ok(Outcome::Processed)),
+        "{:?}",
+        results[2]
+    );
+    through_proxy.close().await;
+    proxy.shutdown();
+    db.drop_database().await;
+}
+
+// record_dead stores a body that does not decode under the message's type, and
+// never turns an applied event back into a dead one (its replay stays a no-op).
+#[tokio::test]
+async fn record_dead_keeps_applied_status_and_takes_broken_bodies() {
+    let db = TestDatabase::create().await;
+    let p = provisioner();
+    let broken = incoming_raw("m1", "organizationMembership.created", b"{oops".to_vec());
+    p.record_dead(&db.pool, &broken, "body is not valid JSON")
+        .await
+        .unwrap();
+    let (kind, status, ws): (String, String, Option<String>) =
+        sqlx::query_as("select type, status, workspace_id from events where svix_id = 'm1'")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        (kind.as_str(), status.as_str(), ws),
+        ("organizationMembership.created", "dead", None)
+    );
+
+    let mut no_name = org_data("org_a", "A", None, T0);
+    no_name.as_object_mut().unwrap().remove("name");
+    let e = incoming("m2", "organization.created", no_name, T0);
+    p.record_dead(&db.pool, &e, "data.name: missing")
+        .await
+        .unwrap();
+    let ws: Option<String> =
+        sqlx::query_scalar("select workspace_id from events where svix_id = 'm2'")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(ws.as_deref(), Some("org_a"));
+
+    let ok = org_event("m3", "organization.created", "org_b", "B", None, T0);
+    apply_ok(&p, &db.pool, ok.clone()).await;
+    p.record_dead(&db.pool, &ok, "late").await.unwrap();
+    assert_eq!(
+        event_status(&db.pool, "m3").await,
+        Some(("processed".to_owned(), None, 1))
+    );
+    assert_eq!(apply_ok(&p, &db.pool, ok).await, Outcome::Duplicate);
+    db.drop_database().await;
+}
