@@ -2,8 +2,9 @@
 //! the caller owns (DESIGN §5).
 //!
 //! Guarantee: run under the event's advisory locks (see [`lock_keys`]), an event
-//! writes its processing-log row, its effect and its audit rows on the same
-//! connection, so they commit or roll back together. Every write is gated by a
+//! writes its processing-log row and its effect on the caller's transaction, and
+//! leaves its audit rows and final status in [`Pending`], which the caller flushes
+//! into the same transaction before committing: all commit or roll back together. Every write is gated by a
 //! version (`data.updated_at`, the envelope timestamp for deletes) or a tombstone,
 //! which makes the final state a function of the set of events applied, not of
 //! their order or repetition.
@@ -339,7 +340,7 @@ async fn begin(
 
 /// A workspace row as far as provisioning decisions need it.
 #[derive(Debug, Clone)]
-pub(crate) struct WorkspaceRow {
+struct WorkspaceRow {
     name: Option<String>,
     slug: Option<String>,
     image_url: Option<String>,
@@ -360,7 +361,6 @@ struct WorkspaceState {
 }
 
 /// Inserts a new workspace with its quotas and onboarding steps, in one statement.
-#[allow(clippy::too_many_arguments)]
 async fn insert_workspace(
     conn: &mut PgConnection,
     cx: &Ctx<'_>,

@@ -215,30 +215,39 @@ impl Provisioner {
         let mut keys: Vec<String> = todo.iter().flat_map(|(_, d)| apply::lock_keys(d)).collect();
         apply::order_keys(&mut keys);
         let mut tx = pool.begin().await?;
-        apply::lock(&mut tx, &keys).await?;
-        let mut pending = apply::Pending::default();
         let mut outcomes = Vec::with_capacity(todo.len());
-        for (n, (i, decoded)) in todo.iter().enumerate() {
-            // Each event runs in its own savepoint; ending one and starting the next
-            // share a round trip. The commit releases the last one.
-            let savepoint = if n == 0 {
-                "savepoint event"
-            } else {
-                "release savepoint event; savepoint event"
-            };
-            sqlx::raw_sql(savepoint).execute(&mut *tx).await?;
-            let outcome = apply::apply_event(
-                &mut tx,
-                &self.settings,
-                &self.plans,
-                &events[*i],
-                decoded,
-                &mut pending,
-            )
-            .await?;
-            outcomes.push(outcome);
+        let work = async {
+            apply::lock(&mut tx, &keys).await?;
+            let mut pending = apply::Pending::default();
+            for (n, (i, decoded)) in todo.iter().enumerate() {
+                // Each event runs in its own savepoint; ending one and starting the
+                // next share a round trip. The commit releases the last one.
+                let savepoint = if n == 0 {
+                    "savepoint event"
+                } else {
+                    "release savepoint event; savepoint event"
+                };
+                sqlx::raw_sql(savepoint).execute(&mut *tx).await?;
+                let outcome = apply::apply_event(
+                    &mut tx,
+                    &self.settings,
+                    &self.plans,
+                    &events[*i],
+                    decoded,
+                    &mut pending,
+                )
+                .await?;
+                outcomes.push(outcome);
+            }
+            pending.flush(&mut tx).await
+        };
+        if let Err(e) = work.await {
+            // Roll back now rather than when the pool recycles the connection, so
+            // the batch's advisory locks are free before its events are retried
+            // one by one on other connections.
+            let _ = tx.rollback().await;
+            return Err(e);
         }
-        pending.flush(&mut tx).await?;
         tx.commit().await?;
         Ok(outcomes)
     }
@@ -258,20 +267,31 @@ impl Provisioner {
             attempt += 1;
             let result = async {
                 let mut tx = pool.begin().await?;
-                apply::lock(&mut tx, &keys).await?;
-                let mut pending = apply::Pending::default();
-                let outcome = apply::apply_event(
-                    &mut tx,
-                    &self.settings,
-                    &self.plans,
-                    event,
-                    decoded,
-                    &mut pending,
-                )
-                .await?;
-                pending.flush(&mut tx).await?;
-                tx.commit().await?;
-                Ok(outcome)
+                let work = async {
+                    apply::lock(&mut tx, &keys).await?;
+                    let mut pending = apply::Pending::default();
+                    let outcome = apply::apply_event(
+                        &mut tx,
+                        &self.settings,
+                        &self.plans,
+                        event,
+                        decoded,
+                        &mut pending,
+                    )
+                    .await?;
+                    pending.flush(&mut tx).await?;
+                    Ok::<_, sqlx::Error>(outcome)
+                };
+                match work.await {
+                    Ok(outcome) => {
+                        tx.commit().await?;
+                        Ok(outcome)
+                    }
+                    Err(e) => {
+                        let _ = tx.rollback().await;
+                        Err(e)
+                    }
+                }
             }
             .await;
             match result {
