@@ -7,6 +7,13 @@
 //!
 //! The worker (and `dlq replay`, `reconcile`) call [`Provisioner::apply_batch`]; it
 //! is the only entry point that writes workspace state from events.
+//!
+//! Concurrency: before reading anything, a transaction takes transaction-scoped
+//! advisory locks on the workspaces and users its events touch, in one global order
+//! (workspaces, then users, each by id), so concurrent workers never interleave on
+//! an entity and never deadlock on these locks. A batch takes the union of its
+//! events' locks up front and runs each event in a savepoint; if any statement
+//! fails, the whole batch rolls back and its events are applied one per transaction.
 
 mod apply;
 pub mod payload;
@@ -50,7 +57,9 @@ impl Actor {
 pub struct Incoming {
     /// Svix message id (dedup key).
     pub svix_id: String,
-    /// Event type from the message (`type` property), or from the body.
+    /// Event type from the message (`type` property); empty when the message has
+    /// none, and then the body's `type` is used. When both are given they must
+    /// agree, else the event is a [`ProcessError::Payload`].
     pub kind: String,
     /// The webhook body as received.
     pub body: Vec<u8>,
