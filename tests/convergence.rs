@@ -127,6 +127,14 @@ impl Model {
             .position(|(m, active)| *active && m.org.idx == o && m.user == u)
     }
 
+    /// The active membership of user `u` in organization `o`, else any active
+    /// membership of `o`, else any active membership at all.
+    fn some_active_mem(&self, o: usize, u: usize) -> Option<usize> {
+        self.active_mem(o, u)
+            .or_else(|| self.mems.iter().position(|(m, a)| *a && m.org.idx == o))
+            .or_else(|| self.mems.iter().position(|(_, a)| *a))
+    }
+
     /// Ends membership `i` with an organizationMembership.deleted webhook.
     fn delete_mem(&mut self, i: usize) {
         let ts = self.tick();
@@ -194,7 +202,7 @@ impl Model {
                 }
             }
             // add a member (a re-add after a removal gets a new membership id)
-            4..=6 => {
+            4..=7 | 15 => {
                 let Some(org) = self.live_org(o) else { return };
                 if self.users[u].deleted || self.active_mem(o, u).is_some() {
                     return;
@@ -213,11 +221,12 @@ impl Model {
                 self.emit(ts, Ev::MemUpsert { created: true, mem });
             }
             // change a member's role
-            7 => {
-                let Some(i) = self.active_mem(o, u) else {
+            8 | 9 => {
+                let Some(i) = self.some_active_mem(o, u) else {
                     return;
                 };
                 let ts = self.tick();
+                let (o, u) = (self.mems[i].0.org.idx, self.mems[i].0.user);
                 let org = self.live_org(o).expect("active membership of a live org");
                 let mem = &mut self.mems[i].0;
                 mem.role = ROLES[usize::from(p) % ROLES.len()];
@@ -234,13 +243,13 @@ impl Model {
                 );
             }
             // remove a member
-            8 => {
-                if let Some(i) = self.active_mem(o, u) {
+            10 => {
+                if let Some(i) = self.some_active_mem(o, u) {
                     self.delete_mem(i);
                 }
             }
             // a user changes their name and email
-            9 | 10 => {
+            11..=13 => {
                 if self.users[u].deleted {
                     return;
                 }
@@ -482,7 +491,7 @@ struct Case {
 
 fn case_strategy() -> impl Strategy<Value = Case> {
     (
-        prop::collection::vec((0u8..13, 0..ORGS, 0..USERS, any::<u8>()), 4..40),
+        prop::collection::vec((0u8..16, 0..ORGS, 0..USERS, any::<u8>()), 6..60),
         prop::collection::vec(any::<u32>(), 128),
         prop::collection::vec((any::<u16>(), any::<u16>()), 0..10),
         prop::collection::vec(1usize..10, 128),
@@ -511,6 +520,9 @@ fn delivery(case: &Case, history: &[HistEvent]) -> Vec<HistEvent> {
 }
 
 static RUN: AtomicUsize = AtomicUsize::new(0);
+/// Webhooks in all histories checked, and deliveries of the shuffled runs.
+static EVENTS: AtomicUsize = AtomicUsize::new(0);
+static DELIVERIES: AtomicUsize = AtomicUsize::new(0);
 
 async fn check_case(db: &PgPool, p: &Provisioner, case: &Case) -> Result<(), TestCaseError> {
     let mut model = Model::new();
@@ -519,6 +531,7 @@ async fn check_case(db: &PgPool, p: &Provisioner, case: &Case) -> Result<(), Tes
     }
     let run = RUN.fetch_add(1, Ordering::Relaxed);
     let (a, b) = (format!("r{run}a_"), format!("r{run}b_"));
+    EVENTS.fetch_add(model.history.len(), Ordering::Relaxed);
 
     // In order, one event at a time.
     for e in &model.history {
@@ -531,6 +544,7 @@ async fn check_case(db: &PgPool, p: &Provisioner, case: &Case) -> Result<(), Tes
         .iter()
         .map(|e| render(&b, e))
         .collect();
+    DELIVERIES.fetch_add(shuffled.len(), Ordering::Relaxed);
     let mut applied: BTreeMap<String, usize> = BTreeMap::new();
     let mut start = 0;
     for size in case.batches.iter().cycle() {
@@ -606,8 +620,10 @@ fn shuffled_duplicated_histories_converge() {
         panic!("{e}");
     }
     eprintln!(
-        "convergence: {} cases passed",
-        cases.load(Ordering::Relaxed)
+        "convergence: {} cases passed ({} webhooks in order, {} shuffled deliveries)",
+        cases.load(Ordering::Relaxed),
+        EVENTS.load(Ordering::Relaxed),
+        DELIVERIES.load(Ordering::Relaxed)
     );
 }
 
