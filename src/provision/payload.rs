@@ -496,6 +496,30 @@ mod tests {
         assert_eq!(d.event, Event::Unhandled);
     }
 
+    // Nullable and optional fields (per the Clerk reference) may be null or absent,
+    // and unknown fields are ignored.
+    #[test]
+    fn nullable_fields_and_unknown_fields() {
+        let body = br#"{"type":"organizationMembership.updated","timestamp":1716883500000,
+            "brand_new_top_level":{"x":1},
+            "data":{"id":"orgmem_1","role":"org:member","created_at":1,"updated_at":2,
+              "unknown":[1,2,3],
+              "organization":{"id":"org_1","name":"Acme","slug":null,"public_metadata":null,
+                "created_at":1,"updated_at":2},
+              "public_user_data":{"user_id":"user_1","first_name":null,"last_name":null,
+                "identifier":null}}}"#;
+        let d = decode("organizationMembership.updated", body).unwrap();
+        let Event::MembershipUpsert(m) = d.event else {
+            panic!("wrong event")
+        };
+        assert_eq!(m.organization.slug, None);
+        assert_eq!(m.organization.requested_plan, None);
+        assert_eq!(m.organization.image_url, None);
+        assert_eq!(m.user.identifier, None);
+        assert_eq!(m.user.first_name, None);
+        assert_eq!(d.timestamp_ms, Some(1716883500000));
+    }
+
     // A timestamp in seconds (Clerk's OpenAPI examples) is read as ms.
     #[test]
     fn seconds_timestamp_is_scaled() {
