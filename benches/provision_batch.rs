@@ -1,0 +1,122 @@
+//! Throughput of `Provisioner::apply_batch` against the machine's PostgreSQL:
+//! events/s with one event per transaction and with batches, 8 concurrent appliers
+//! (as the worker runs them), on a realistic mix (1 organization.created, 8
+//! organizationMembership.created, 1 organization.updated with a plan change per 10).
+//!
+//! Run: `cargo bench --bench provision_batch` (env: `BENCH_DATABASE_URL`, default
+//! `postgres://postgres@127.0.0.1:5432`; `BENCH_EVENTS` per applier, default 2000).
+//! It creates and drops its own database `prov_bench_<pid>`.
+
+use std::time::Instant;
+
+use provisioner::config::{ConnectionUrl, DatabaseSettings, Settings};
+use provisioner::provision::{Actor, Incoming, Provisioner};
+use serde_json::json;
+
+const APPLIERS: usize = 8;
+
+fn org(id: &str, name: &str, plan: Option<&str>, v: i64) -> serde_json::Value {
+    json!({
+        "object": "organization", "id": id, "name": name, "slug": name.to_lowercase(),
+        "image_url": "https://img.example/x", "has_image": true, "max_allowed_memberships": 5,
+        "admin_delete_enabled": true, "public_metadata": { "plan": plan }, "private_metadata": {},
+        "created_by": "user_creator", "created_at": 1_700_000_000_000i64, "updated_at": v,
+    })
+}
+
+fn event(svix_id: String, kind: &str, data: serde_json::Value, ts: i64) -> Incoming {
+    let body = json!({ "data": data, "object": "event", "type": kind, "timestamp": ts, "instance_id": "ins_bench" });
+    Incoming {
+        svix_id,
+        kind: kind.to_owned(),
+        body: serde_json::to_vec(&body).unwrap(),
+        received_at: chrono::Utc::now(),
+        actor: Actor::Clerk,
+    }
+}
+
+/// Events of one applier; `run` keeps ids of different runs apart.
+fn events(run: &str, applier: usize, n: usize) -> Vec<Incoming> {
+    (0..n)
+        .map(|i| {
+            let org_id = format!("org_{run}_{applier}_{}", i / 10);
+            let t = 1_750_000_000_000 + i as i64;
+            let svix = format!("msg_{run}_{applier}_{i}");
+            match i % 10 {
+                0 => event(svix, "organization.created", org(&org_id, "Org", None, t), t),
+                9 => event(svix, "organization.updated", org(&org_id, "Org Renamed", Some("team"), t), t),
+                _ => {
+                    let user = format!("user_{run}_{applier}_{i}");
+                    let data = json!({
+                        "object": "organization_membership", "id": format!("orgmem_{run}_{applier}_{i}"),
+                        "role": "org:member", "permissions": [], "public_metadata": {},
+                        "organization": org(&org_id, "Org", None, t - (i % 10) as i64),
+                        "public_user_data": {
+                            "user_id": user, "first_name": "Jane", "last_name": "Doe",
+                            "image_url": "https://img.example/u", "has_image": false,
+                            "identifier": format!("{user}@example.com"),
+                        },
+                        "created_at": t, "updated_at": t,
+                    });
+                    event(svix, "organizationMembership.created", data, t)
+                }
+            }
+        })
+        .collect()
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let base = std::env::var("BENCH_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".to_owned());
+    let per_applier: usize = std::env::var("BENCH_EVENTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2000);
+    let name = format!("prov_bench_{}", std::process::id());
+    let db = DatabaseSettings {
+        url: ConnectionUrl::new(format!("{base}/{name}")),
+        max_connections: APPLIERS as u32,
+        acquire_timeout_ms: 30_000,
+    };
+    let pool = provisioner::db::prepare(&db).await?;
+    let settings = Settings::from_sources(None, |_| None)?;
+    let p = Provisioner::new(settings.provisioning);
+
+    for batch in [1usize, 8, 32] {
+        let run = format!("b{batch}");
+        let work: Vec<Vec<Incoming>> = (0..APPLIERS)
+            .map(|a| events(&run, a, per_applier))
+            .collect();
+        let start = Instant::now();
+        let mut tasks = Vec::new();
+        for evs in work {
+            let (p, pool) = (p.clone(), pool.clone());
+            tasks.push(tokio::spawn(async move {
+                for chunk in evs.chunks(batch) {
+                    for r in p.apply_batch(&pool, chunk).await {
+                        r.expect("event applies");
+                    }
+                }
+            }));
+        }
+        for t in tasks {
+            t.await?;
+        }
+        let secs = start.elapsed().as_secs_f64();
+        let total = APPLIERS * per_applier;
+        println!(
+            "apply_batch: batch size {batch:>2}, {APPLIERS} appliers: {total} events in {secs:.2} s = {:.0} events/s",
+            total as f64 / secs
+        );
+    }
+
+    pool.close().await;
+    let admin = sqlx::PgPool::connect(&format!("{base}/postgres")).await?;
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "drop database if exists \"{name}\" with (force)"
+    )))
+    .execute(&admin)
+    .await?;
+    Ok(())
+}
