@@ -73,6 +73,12 @@ async fn main() -> anyhow::Result<()> {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(2000);
+    // `cargo test --all-targets` runs this binary without `--bench`: a smoke run only.
+    let per_applier = if std::env::args().any(|a| a == "--bench") {
+        per_applier
+    } else {
+        20
+    };
     let name = format!("prov_bench_{}", std::process::id());
     let db = DatabaseSettings {
         url: ConnectionUrl::new(format!("{base}/{name}")),
