@@ -52,7 +52,7 @@ pub fn now_secs() -> i64 {
 }
 
 /// How to start a test application.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct TestOptions {
     /// Run the worker in the same process.
     pub worker: bool,
@@ -64,18 +64,6 @@ pub struct TestOptions {
     pub amqp_url: Option<String>,
     /// Use this database URL (e.g. through a proxy); the database is still created.
     pub database_url: Option<String>,
-}
-
-impl Default for TestOptions {
-    fn default() -> Self {
-        Self {
-            worker: false,
-            extra_config: String::new(),
-            env: Vec::new(),
-            amqp_url: None,
-            database_url: None,
-        }
-    }
 }
 
 /// Isolated names for one test: database and broker prefix.
@@ -137,7 +125,9 @@ pub fn test_settings(iso: &Isolation, opts: &TestOptions) -> Settings {
     let mut env: Vec<(String, String)> = vec![
         (
             "DATABASE_URL".into(),
-            opts.database_url.clone().unwrap_or_else(|| iso.database_url()),
+            opts.database_url
+                .clone()
+                .unwrap_or_else(|| iso.database_url()),
         ),
         (
             "AMQP_URL".into(),
@@ -147,15 +137,12 @@ pub fn test_settings(iso: &Isolation, opts: &TestOptions) -> Settings {
         ("PROVISIONER_ENV".into(), "development".into()),
     ];
     env.extend(opts.env.iter().cloned());
+    // Only these variables: never inherit the developer's real secrets or URLs.
     Settings::from_sources(Some(&file), |name| {
         env.iter()
             .rev()
             .find(|(k, _)| k == name)
             .map(|(_, v)| v.clone())
-            .or_else(|| {
-                // Never inherit the developer's real secrets or URLs.
-                None
-            })
     })
     .expect("test settings are valid")
 }
@@ -224,9 +211,14 @@ pub async fn spawn_app_with(opts: TestOptions) -> TestApp {
 pub async fn spawn_app_isolated(iso: Isolation, opts: TestOptions) -> TestApp {
     sweep_old_databases().await;
     let settings = test_settings(&iso, &opts);
-    let app = Application::build(settings.clone(), ServeOptions { worker: opts.worker })
-        .await
-        .expect("application builds");
+    let app = Application::build(
+        settings.clone(),
+        ServeOptions {
+            worker: opts.worker,
+        },
+    )
+    .await
+    .expect("application builds");
     let port = app.port();
     let db = app.state().db.clone();
     let (tx, rx) = oneshot::channel::<()>();
