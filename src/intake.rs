@@ -268,7 +268,10 @@ async fn receive(
         match e {
             VerifyError::MissingHeader(h) => {
                 outcome("missing_header");
-                HttpError::bad_request("missing_header", format!("missing {h} header"))
+                HttpError::bad_request(
+                    "missing_header",
+                    format!("missing {h} header (or its webhook-* equivalent)"),
+                )
             }
             VerifyError::NotUtf8 => {
                 outcome("invalid_payload");

@@ -9,11 +9,12 @@
 //! Publishes go through a pool of confirm-mode channels, **one message in flight per
 //! channel**. lapin hands a `basic.return` to whichever pending confirm of the
 //! channel completes next (and completes a `multiple` ack in hash order), so with
-//! several messages in flight on one channel an unroutable message could be reported
-//! as confirmed while another one takes the blame. One message per channel makes
-//! every confirm and every return unambiguous; a channel whose publish ended without
-//! a clear answer (timeout, error) is closed, never reused. Many channels keep the
-//! broker's per-channel work in parallel, so this costs no throughput.
+//! several messages in flight on one channel, matching a return to its message
+//! would rest on how the broker orders and coalesces returns and acks. With one
+//! message per channel every confirm and every return is unambiguous; a channel
+//! whose publish ended without a clear answer (timeout, error, cancelled caller) is
+//! closed, never reused, so a late confirm cannot be taken for the next message's.
+//! Many channels also keep the broker's per-channel work in parallel.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
