@@ -46,8 +46,10 @@ pub enum Command {
 pub async fn run(cli: Cli, settings: Settings) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve { no_worker } => {
+            // Installed first: a SIGTERM during start-up is a graceful stop too.
+            let signal = startup::shutdown_signal();
             let app = Application::build(settings, ServeOptions { worker: !no_worker }).await?;
-            app.run(startup::shutdown_signal()).await
+            app.run(signal).await
         }
         Command::Worker => {
             let pool = startup::prepare(&settings).await?;

@@ -211,6 +211,8 @@ pub struct BrokerSettings {
     pub delivery_limit: u32,
     /// Optional `x-expires` on every queue (tests only).
     pub queue_expires_ms: Option<u64>,
+    /// Confirm channels of the intake publisher: publishes in flight at once.
+    pub publish_channels: usize,
 }
 
 /// `[clerk]`
@@ -366,6 +368,7 @@ struct RawBroker {
     retry_queue_prefix: String,
     delivery_limit: u32,
     queue_expires_ms: Option<u64>,
+    publish_channels: usize,
 }
 
 #[derive(Deserialize)]
@@ -545,6 +548,12 @@ impl Settings {
                 "must be positive",
             ));
         }
+        if !(1..=1024).contains(&raw.broker.publish_channels) {
+            return Err(ConfigError::new(
+                "broker.publish_channels",
+                "must be between 1 and 1024",
+            ));
+        }
 
         let secrets_raw = env("CLERK_WEBHOOK_SECRET").unwrap_or(raw.clerk.webhook_secrets);
         let webhook_secrets: Vec<Secret> = split_list(&secrets_raw)
@@ -709,6 +718,7 @@ impl Settings {
                 retry_queue_prefix: raw.broker.retry_queue_prefix,
                 delivery_limit: raw.broker.delivery_limit,
                 queue_expires_ms: raw.broker.queue_expires_ms,
+                publish_channels: raw.broker.publish_channels,
             },
             clerk: ClerkSettings {
                 webhook_secrets,

@@ -99,11 +99,12 @@ impl Application {
     pub async fn build(settings: Settings, options: ServeOptions) -> anyhow::Result<Self> {
         let pool = prepare(&settings).await?;
         let shutdown = CancellationToken::new();
-        let publisher = Publisher::start(
+        let publisher = Publisher::start_with_channels(
             settings.broker.url.clone(),
             Topology::new(&settings.broker, &settings.worker),
             "provisioner-intake",
             Duration::from_millis(settings.http.publish_timeout_ms),
+            settings.broker.publish_channels,
             shutdown.clone(),
         );
         if !publisher.wait_connected(Duration::from_secs(15)).await {
@@ -151,33 +152,68 @@ impl Application {
         let grace = Duration::from_millis(state.settings.http.shutdown_grace_ms);
         let addr = listener.local_addr()?;
 
+        // The worker stops taking events as soon as the signal comes, while HTTP
+        // drains; the publisher lives until HTTP has drained.
+        let worker_stop = shutdown.child_token();
         let worker = if options.worker {
             let ctx = worker::WorkerContext {
                 settings: state.settings.clone(),
                 db: state.db.clone(),
             };
-            let token = shutdown.child_token();
+            let token = worker_stop.clone();
             Some(tokio::spawn(async move { worker::run(ctx, token).await }))
         } else {
             None
         };
 
         let http_stop = CancellationToken::new();
+        // One deadline for the whole drain (HTTP, then the worker), counted from
+        // the signal, so the process exits within the grace period plus closing.
+        let stopped_at = Arc::new(std::sync::OnceLock::<tokio::time::Instant>::new());
         {
             let http_stop = http_stop.clone();
+            let stopped_at = stopped_at.clone();
             tokio::spawn(async move {
                 signal.await;
+                let _ = stopped_at.set(tokio::time::Instant::now());
                 http_stop.cancel();
+                worker_stop.cancel();
             });
         }
+        let drain_deadline = {
+            let stopped_at = stopped_at.clone();
+            move || {
+                stopped_at
+                    .get()
+                    .copied()
+                    .unwrap_or_else(tokio::time::Instant::now)
+                    + grace
+            }
+        };
         tracing::info!(listen = %addr, worker = options.worker, "serving");
         let server = axum::serve(listener, app(state.clone()))
-            .with_graceful_shutdown(http_stop.clone().cancelled_owned());
-        let served = server.await;
-        tracing::info!("HTTP drained; stopping the worker");
+            .with_graceful_shutdown(http_stop.clone().cancelled_owned())
+            .into_future();
+        // Graceful shutdown waits for every open connection; a client that never
+        // finishes its request must not hold the process past the grace period.
+        let deadline = async {
+            http_stop.cancelled().await;
+            tokio::time::sleep_until(drain_deadline()).await;
+        };
+        let served = tokio::select! {
+            served = server => served,
+            _ = deadline => {
+                tracing::warn!(grace_ms = grace.as_millis() as u64, "HTTP connections still open after the grace period; closing them");
+                Ok(())
+            }
+        };
+        tracing::info!("HTTP drained");
         shutdown.cancel();
         if let Some(handle) = worker {
-            match tokio::time::timeout(grace, handle).await {
+            // At least a moment for the worker to ack what it committed.
+            let until =
+                drain_deadline().max(tokio::time::Instant::now() + Duration::from_millis(500));
+            match tokio::time::timeout_at(until, handle).await {
                 Ok(Ok(Ok(()))) => {}
                 Ok(Ok(Err(e))) => {
                     tracing::error!(error = %format!("{e:#}"), "worker stopped with an error")
@@ -186,8 +222,9 @@ impl Application {
                 Err(_) => tracing::warn!("worker did not stop within the grace period"),
             }
         }
-        state.publisher.close().await;
-        state.db.close().await;
+        // Bounded: a broker or database that stopped answering must not hold the exit.
+        let _ = tokio::time::timeout(Duration::from_secs(1), state.publisher.close()).await;
+        let _ = tokio::time::timeout(Duration::from_secs(1), state.db.close()).await;
         served.context("HTTP server failed")?;
         tracing::info!("stopped");
         Ok(())
@@ -195,24 +232,40 @@ impl Application {
 }
 
 /// Completes on SIGTERM or Ctrl-C.
-pub async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
+///
+/// The handlers are installed when this is called, not when the future is first
+/// polled: call it before building the application, so a SIGTERM that arrives while
+/// the service starts or serves is always a graceful shutdown, never the default
+/// "terminate at once".
+pub fn shutdown_signal() -> impl Future<Output = ()> + Send + 'static {
     #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
+    let wait = {
+        use tokio::signal::unix::{SignalKind, signal};
+        let term = signal(SignalKind::terminate()).ok();
+        let int = signal(SignalKind::interrupt()).ok();
+        async move {
+            let recv = |s: Option<tokio::signal::unix::Signal>| async move {
+                match s {
+                    Some(mut s) => {
+                        s.recv().await;
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            };
+            tokio::select! {
+                _ = recv(term) => {},
+                _ = recv(int) => {},
             }
-            Err(_) => std::future::pending::<()>().await,
         }
     };
     #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {},
-        _ = term => {},
+    let wait = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    async move {
+        wait.await;
+        tracing::info!("shutdown signal received");
     }
-    tracing::info!("shutdown signal received");
 }

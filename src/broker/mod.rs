@@ -7,7 +7,9 @@
 mod publisher;
 mod topology;
 
-pub use publisher::{HeaderValue, OutgoingMessage, PublishError, Publisher, header_table};
+pub use publisher::{
+    DEFAULT_PUBLISH_CHANNELS, HeaderValue, OutgoingMessage, PublishError, Publisher, header_table,
+};
 pub use topology::Topology;
 
 use lapin::{Connection, ConnectionProperties};

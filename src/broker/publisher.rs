@@ -1,20 +1,30 @@
 //! The confirmed publisher and the supervisor that keeps its connection alive.
 //!
 //! A background task owns the AMQP connection: it connects (with backoff), declares
-//! the topology, opens a confirm-mode channel and parks it where `publish` finds it.
-//! When the connection fails the slot is emptied at once — publishes fail fast with
+//! the topology and parks the connection where `publish` finds it. When the
+//! connection fails the slot is emptied at once — publishes fail fast with
 //! [`PublishError::Unavailable`] instead of hanging — and a new connection is built.
 //! No process restart is ever needed after a broker outage.
+//!
+//! Publishes go through a pool of confirm-mode channels, **one message in flight per
+//! channel**. lapin hands a `basic.return` to whichever pending confirm of the
+//! channel completes next (and completes a `multiple` ack in hash order), so with
+//! several messages in flight on one channel, matching a return to its message
+//! would rest on how the broker orders and coalesces returns and acks. With one
+//! message per channel every confirm and every return is unambiguous; a channel
+//! whose publish ended without a clear answer (timeout, error, cancelled caller) is
+//! closed, never reused, so a late confirm cannot be taken for the next message's.
+//! Many channels also keep the broker's per-channel work in parallel.
 
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use lapin::{
     BasicProperties, Channel, Confirmation, Connection,
     options::{BasicPublishOptions, ConfirmSelectOptions},
     types::{AMQPValue, FieldTable, ShortString},
 };
-use tokio::sync::{Notify, RwLock};
+use tokio::sync::{Notify, OwnedSemaphorePermit, RwLock, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use super::Topology;
@@ -72,10 +82,97 @@ pub struct OutgoingMessage<'a> {
     pub headers: Option<FieldTable>,
 }
 
+/// Confirm channels a publisher opens at most (publishes in flight at once) unless
+/// told otherwise; more concurrent publishes wait for a free channel.
+pub const DEFAULT_PUBLISH_CHANNELS: usize = 64;
+
+/// One live connection and its pool of idle confirm channels.
 #[derive(Debug)]
 struct Link {
     connection: Connection,
-    channel: Channel,
+    idle: Mutex<Vec<Channel>>,
+    /// One permit per channel that may be in use: bounds the pool.
+    permits: Arc<Semaphore>,
+}
+
+impl Link {
+    /// A confirm channel for exactly one publish: an idle one, or a new one while
+    /// the pool has room.
+    async fn lease(self: &Arc<Self>) -> Result<Lease, lapin::Error> {
+        let permit = self
+            .permits
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the semaphore is never closed");
+        let idle = {
+            let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+            std::iter::from_fn(|| idle.pop()).find(|c| c.status().connected())
+        };
+        let channel = match idle {
+            Some(channel) => channel,
+            None => {
+                let channel = self.connection.create_channel().await?;
+                channel
+                    .confirm_select(ConfirmSelectOptions::default())
+                    .await?;
+                channel
+            }
+        };
+        Ok(Lease {
+            link: self.clone(),
+            channel: Some(channel),
+            _permit: permit,
+        })
+    }
+}
+
+/// A channel borrowed for one publish. Returned to the pool only by
+/// [`Lease::release`] after a clear answer; dropped any other way (timeout, error,
+/// cancelled request) it is closed, because a late confirm or return could otherwise
+/// be taken for the next message's.
+struct Lease {
+    link: Arc<Link>,
+    channel: Option<Channel>,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Lease {
+    fn channel(&self) -> &Channel {
+        self.channel
+            .as_ref()
+            .expect("present until released or dropped")
+    }
+
+    fn release(mut self) {
+        if let Some(channel) = self.channel.take()
+            && channel.status().connected()
+        {
+            self.link
+                .idle
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(channel);
+        }
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        if let Some(channel) = self.channel.take()
+            && channel.status().connected()
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            // Bounded: on a stalled connection the close itself would never finish.
+            runtime.spawn(async move {
+                let _ = tokio::time::timeout(
+                    Duration::from_secs(5),
+                    channel.close(200, "retired after an unanswered publish".into()),
+                )
+                .await;
+            });
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -84,8 +181,13 @@ struct Shared {
     topology: Topology,
     name: String,
     confirm_timeout: Duration,
+    channels: usize,
     link: RwLock<Option<Arc<Link>>>,
+    /// A publish saw the connection or a channel fail: check the connection.
     broken: Notify,
+    /// A message came back unroutable: re-declare the topology (a queue or binding
+    /// was deleted under us).
+    repair: Notify,
     connected: Notify,
 }
 
@@ -96,7 +198,8 @@ pub struct Publisher {
 }
 
 impl Publisher {
-    /// Starts the connection supervisor; returns at once (connected or not).
+    /// Starts the connection supervisor with [`DEFAULT_PUBLISH_CHANNELS`]; returns at
+    /// once (connected or not).
     pub fn start(
         url: ConnectionUrl,
         topology: Topology,
@@ -104,23 +207,44 @@ impl Publisher {
         confirm_timeout: Duration,
         shutdown: CancellationToken,
     ) -> Self {
+        Self::start_with_channels(
+            url,
+            topology,
+            name,
+            confirm_timeout,
+            DEFAULT_PUBLISH_CHANNELS,
+            shutdown,
+        )
+    }
+
+    /// Like [`Publisher::start`], with at most `channels` publishes in flight.
+    pub fn start_with_channels(
+        url: ConnectionUrl,
+        topology: Topology,
+        name: &str,
+        confirm_timeout: Duration,
+        channels: usize,
+        shutdown: CancellationToken,
+    ) -> Self {
         let shared = Arc::new(Shared {
             url,
             topology,
             name: name.to_owned(),
             confirm_timeout,
+            channels: channels.max(1),
             link: RwLock::new(None),
             broken: Notify::new(),
+            repair: Notify::new(),
             connected: Notify::new(),
         });
         tokio::spawn(supervise(shared.clone(), shutdown));
         Self { shared }
     }
 
-    /// Whether a connection with a confirm channel is up right now.
+    /// Whether a connection to the broker is up right now.
     pub async fn is_connected(&self) -> bool {
         match self.shared.link.read().await.as_ref() {
-            Some(link) => link.connection.status().connected() && link.channel.status().connected(),
+            Some(link) => link.connection.status().connected(),
             None => false,
         }
     }
@@ -164,7 +288,18 @@ impl Publisher {
     }
 
     /// Publishes one persistent, mandatory message and waits for its confirm.
+    ///
+    /// Ok only for a positive confirm of a routed message. The whole call — waiting
+    /// for a free channel, sending, waiting for the confirm — is bounded by the
+    /// confirm timeout, so a stalled broker costs a caller at most that long.
     pub async fn publish(&self, msg: OutgoingMessage<'_>) -> Result<(), PublishError> {
+        let limit = self.shared.confirm_timeout;
+        tokio::time::timeout(limit, self.publish_unbounded(msg))
+            .await
+            .unwrap_or(Err(PublishError::Timeout(limit)))
+    }
+
+    async fn publish_unbounded(&self, msg: OutgoingMessage<'_>) -> Result<(), PublishError> {
         let link = self
             .shared
             .link
@@ -172,6 +307,11 @@ impl Publisher {
             .await
             .clone()
             .ok_or(PublishError::Unavailable)?;
+        let disconnected = |e: lapin::Error| {
+            self.shared.broken.notify_one();
+            PublishError::Disconnected(e.to_string())
+        };
+        let lease = link.lease().await.map_err(disconnected)?;
         let timestamp = msg.timestamp.unwrap_or_else(|| {
             std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
@@ -189,8 +329,8 @@ impl Publisher {
         if let Some(headers) = msg.headers {
             props = props.with_headers(headers);
         }
-        let confirm = link
-            .channel
+        let confirm = lease
+            .channel()
             .basic_publish(
                 msg.exchange.into(),
                 msg.routing_key.into(),
@@ -204,24 +344,26 @@ impl Publisher {
                 props,
             )
             .await
-            .map_err(|e| {
-                self.shared.broken.notify_one();
-                PublishError::Disconnected(e.to_string())
-            })?;
-        // RabbitMQ promises no confirm latency; never wait forever.
-        let confirmation = tokio::time::timeout(self.shared.confirm_timeout, confirm)
-            .await
-            .map_err(|_| PublishError::Timeout(self.shared.confirm_timeout))?
-            .map_err(|e| {
-                self.shared.broken.notify_one();
-                PublishError::Disconnected(e.to_string())
-            })?;
+            .map_err(disconnected)?;
+        // A dropped lease (error, or the caller's timeout) closes the channel.
+        let confirmation = confirm.await.map_err(disconnected)?;
         match confirmation {
-            Confirmation::Ack(None) => Ok(()),
-            Confirmation::Ack(Some(returned)) => {
-                Err(PublishError::Returned(returned.reply_text.to_string()))
+            Confirmation::Ack(None) => {
+                lease.release();
+                Ok(())
             }
-            Confirmation::Nack(_) => Err(PublishError::Nacked),
+            Confirmation::Ack(Some(returned)) => {
+                lease.release();
+                self.shared.repair.notify_one();
+                Err(PublishError::Returned(format!(
+                    "{} {}",
+                    returned.reply_code, returned.reply_text
+                )))
+            }
+            Confirmation::Nack(_) => {
+                lease.release();
+                Err(PublishError::Nacked)
+            }
             Confirmation::NotRequested => Err(PublishError::Disconnected(
                 "channel is not in confirm mode".to_owned(),
             )),
@@ -238,15 +380,21 @@ impl Publisher {
 
 async fn open(shared: &Shared) -> Result<Link, lapin::Error> {
     let connection = super::connect(&shared.url, &shared.name).await?;
-    let channel = connection.create_channel().await?;
-    shared.topology.declare(&channel).await?;
-    channel
-        .confirm_select(ConfirmSelectOptions::default())
-        .await?;
+    declare(&connection, &shared.topology).await?;
     Ok(Link {
         connection,
-        channel,
+        idle: Mutex::new(Vec::new()),
+        permits: Arc::new(Semaphore::new(shared.channels)),
     })
+}
+
+/// Declares the topology on a short-lived channel (a failed declare closes its
+/// channel, never a publishing one).
+async fn declare(connection: &Connection, topology: &Topology) -> Result<(), lapin::Error> {
+    let channel = connection.create_channel().await?;
+    topology.declare(&channel).await?;
+    let _ = channel.close(200, "declared".into()).await;
+    Ok(())
 }
 
 async fn supervise(shared: Arc<Shared>, shutdown: CancellationToken) {
@@ -262,21 +410,40 @@ async fn supervise(shared: Arc<Shared>, shutdown: CancellationToken) {
                 let link = Arc::new(link);
                 *shared.link.write().await = Some(link.clone());
                 shared.connected.notify_waiters();
-                // Watch the connection until it fails, a publish reports it broken,
-                // or we shut down.
+                let mut last_repair: Option<Instant> = None;
+                // Watch the connection until it fails or we shut down. While it is
+                // up, a returned message or a failed channel means the topology was
+                // damaged under us (a queue, binding or exchange deleted): re-declare
+                // it, at most once a second, so intake heals without a restart.
                 loop {
-                    tokio::select! {
+                    let repair = tokio::select! {
                         _ = shutdown.cancelled() => return,
-                        _ = shared.broken.notified() => {}
-                        _ = tokio::time::sleep(Duration::from_millis(250)) => {}
-                    }
-                    if !link.connection.status().connected() || !link.channel.status().connected() {
+                        _ = shared.broken.notified() => true,
+                        _ = shared.repair.notified() => true,
+                        _ = tokio::time::sleep(Duration::from_millis(250)) => false,
+                    };
+                    if !link.connection.status().connected() {
                         break;
+                    }
+                    if repair && last_repair.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+                        last_repair = Some(Instant::now());
+                        match declare(&link.connection, &shared.topology).await {
+                            Ok(()) => {
+                                tracing::warn!(connection = %shared.name, "a message was returned unroutable; topology re-declared")
+                            }
+                            Err(e) => {
+                                tracing::warn!(connection = %shared.name, error = %e, "a message was returned unroutable; re-declaring the topology failed")
+                            }
+                        }
                     }
                 }
                 tracing::warn!(broker.url = %shared.url, connection = %shared.name, "broker connection lost; reconnecting");
                 shared.link.write().await.take();
-                let _ = link.connection.close(320, "reconnecting".into()).await;
+                let _ = tokio::time::timeout(
+                    Duration::from_secs(2),
+                    link.connection.close(320, "reconnecting".into()),
+                )
+                .await;
             }
             Err(e) => {
                 tracing::warn!(broker.url = %shared.url, connection = %shared.name, error = %e, retry_in_ms = delay.as_millis() as u64, "cannot connect to broker");

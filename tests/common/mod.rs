@@ -139,6 +139,7 @@ pub fn test_settings(iso: &Isolation, opts: &TestOptions) -> Settings {
         ("PROVISIONER_ENV".into(), "development".into()),
     ];
     env.extend(opts.env.iter().cloned());
+    // Only these variables: never inherit the developer's real secrets or URLs.
     Settings::from_sources(Some(&file), |name| {
         env.iter()
             .rev()

@@ -1,12 +1,14 @@
 //! A TCP proxy a test can cut and restore, to simulate an outage of a real service
-//! (RabbitMQ or PostgreSQL) without touching the machine's shared server.
+//! (RabbitMQ or PostgreSQL) without touching the machine's shared server, or stall,
+//! to simulate a peer that keeps its connections open but stops answering.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, watch};
 use tokio_util::sync::CancellationToken;
 
 /// A running proxy.
@@ -16,6 +18,7 @@ pub struct Proxy {
     pub addr: SocketAddr,
     up: Arc<AtomicBool>,
     generation: Arc<Mutex<CancellationToken>>,
+    stalled: Arc<watch::Sender<bool>>,
     stop: CancellationToken,
 }
 
@@ -28,6 +31,7 @@ impl Proxy {
             addr,
             up: Arc::new(AtomicBool::new(true)),
             generation: Arc::new(Mutex::new(CancellationToken::new())),
+            stalled: Arc::new(watch::channel(false).0),
             stop: CancellationToken::new(),
         };
         let p = proxy.clone();
@@ -43,14 +47,17 @@ impl Proxy {
                     continue;
                 }
                 let token = p.generation.lock().await.clone();
+                let stalled = p.stalled.subscribe();
                 tokio::spawn(async move {
-                    let Ok(mut server) = TcpStream::connect(upstream).await else {
+                    let Ok(server) = TcpStream::connect(upstream).await else {
                         return;
                     };
-                    let mut client = client;
+                    let (client_read, client_write) = client.into_split();
+                    let (server_read, server_write) = server.into_split();
                     tokio::select! {
                         _ = token.cancelled() => {}
-                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                        _ = pump(client_read, server_write, stalled.clone()) => {}
+                        _ = pump(server_read, client_write, stalled) => {}
                     }
                 });
             }
@@ -71,9 +78,45 @@ impl Proxy {
         self.up.store(true, Ordering::SeqCst);
     }
 
+    /// Keeps every connection (and new ones) open but forwards nothing, either way,
+    /// until [`Proxy::unstall`]: a peer that stopped answering.
+    pub fn stall(&self) {
+        self.stalled.send_replace(true);
+    }
+
+    /// Forwards again; bytes held during the stall are delivered.
+    pub fn unstall(&self) {
+        self.stalled.send_replace(false);
+    }
+
     /// Stops the proxy.
     pub fn shutdown(&self) {
         self.stop.cancel();
+    }
+}
+
+/// Copies `from` to `to`, holding each chunk while the proxy is stalled.
+async fn pump(
+    mut from: impl AsyncRead + Unpin,
+    mut to: impl AsyncWrite + Unpin,
+    mut stalled: watch::Receiver<bool>,
+) {
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        if stalled.wait_for(|s| !*s).await.is_err() {
+            return;
+        }
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        // Read during a stall: hold it until the stall ends.
+        if stalled.wait_for(|s| !*s).await.is_err() {
+            return;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
     }
 }
 

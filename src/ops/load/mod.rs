@@ -9,6 +9,8 @@ use clap::{Args, Subcommand};
 
 use crate::config::Settings;
 
+pub mod intake;
+
 /// Arguments of `load`.
 #[derive(Debug, Args)]
 pub struct LoadArgs {
