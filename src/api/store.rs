@@ -38,12 +38,18 @@ pub struct Access {
     pub role: Option<Role>,
 }
 
-/// The acting user's role among the active members (`$1` workspace, `$2` user); a
-/// scalar subquery so it can ride along in any statement about the workspace.
-const ACTING_ROLE: &str = "(select m.role from members m \
-     where m.workspace_id = w.id and m.user_id = $2 and m.removed_at is null \
-       and w.status = 'active' \
-     order by m.source_version desc limit 1)";
+/// The acting user's role among the active members (`w` the workspace, `$2` the
+/// user); a scalar subquery so it can ride along in any statement about the
+/// workspace. A macro so the statements stay `&'static str` (no per-request
+/// formatting, and sqlx caches them as prepared statements).
+macro_rules! acting_role {
+    () => {
+        "(select m.role from members m \
+          where m.workspace_id = w.id and m.user_id = $2 and m.removed_at is null \
+            and w.status = 'active' \
+          order by m.source_version desc limit 1)"
+    };
+}
 
 /// The workspace's status and the acting user's role there (`None` when no such
 /// workspace). `acting_user` `None` skips the membership lookup.
@@ -52,12 +58,15 @@ pub async fn access(
     workspace_id: &str,
     acting_user: Option<&str>,
 ) -> Result<Option<Access>, StoreError> {
-    let sql = format!("select w.status, {ACTING_ROLE} from workspaces w where w.id = $1");
-    let row: Option<(String, Option<String>)> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
-        .bind(workspace_id)
-        .bind(acting_user)
-        .fetch_optional(db)
-        .await?;
+    let row: Option<(String, Option<String>)> = sqlx::query_as(concat!(
+        "select w.status, ",
+        acting_role!(),
+        " from workspaces w where w.id = $1"
+    ))
+    .bind(workspace_id)
+    .bind(acting_user)
+    .fetch_optional(db)
+    .await?;
     row.map(access_of).transpose()
 }
 
@@ -99,20 +108,21 @@ pub async fn workspace(
     workspace_id: &str,
     acting_user: Option<&str>,
 ) -> Result<Option<(Workspace, Access)>, StoreError> {
-    let sql = format!(
+    let row: Option<WorkspaceRow> = sqlx::query_as(concat!(
         "select w.id, w.name, w.slug, w.status, w.plan, \
                 coalesce(w.clerk_created_at, w.created_at) as created_at, \
                 w.updated_at, w.deleted_at, \
                 coalesce((select jsonb_object_agg(q.name, q.limit_value) \
                           from workspace_quotas q where q.workspace_id = w.id), \
-                         '{{}}'::jsonb) as quotas, \
+                         '{}'::jsonb) as quotas, \
                 coalesce((select jsonb_agg(jsonb_build_object( \
                               'name', s.name, 'required', s.required, 'status', s.status) \
                               order by s.position, s.name) \
                           from onboarding_steps s where s.workspace_id = w.id), \
                          '[]'::jsonb) as steps, \
-                c.member_count, c.admin_count, \
-                {ACTING_ROLE} as acting_role \
+                c.member_count, c.admin_count, ",
+        acting_role!(),
+        " as acting_role \
          from workspaces w \
          cross join lateral ( \
              select count(*) as member_count, \
@@ -124,12 +134,11 @@ pub async fn workspace(
                    order by m.user_id, m.source_version desc) a \
          ) c \
          where w.id = $1"
-    );
-    let row: Option<WorkspaceRow> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
-        .bind(workspace_id)
-        .bind(acting_user)
-        .fetch_optional(db)
-        .await?;
+    ))
+    .bind(workspace_id)
+    .bind(acting_user)
+    .fetch_optional(db)
+    .await?;
     let Some(row) = row else {
         return Ok(None);
     };
@@ -353,14 +362,15 @@ impl OnboardingWrite {
         acting_user: Option<&str>,
     ) -> Result<(Self, Option<Access>), StoreError> {
         let mut tx = db.begin().await?;
-        let sql = format!(
-            "select w.status, {ACTING_ROLE} from workspaces w where w.id = $1 for share of w"
-        );
-        let row: Option<(String, Option<String>)> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
-            .bind(workspace_id)
-            .bind(acting_user)
-            .fetch_optional(&mut *tx)
-            .await?;
+        let row: Option<(String, Option<String>)> = sqlx::query_as(concat!(
+            "select w.status, ",
+            acting_role!(),
+            " from workspaces w where w.id = $1 for share of w"
+        ))
+        .bind(workspace_id)
+        .bind(acting_user)
+        .fetch_optional(&mut *tx)
+        .await?;
         let access = row.map(access_of).transpose()?;
         Ok((
             Self {
