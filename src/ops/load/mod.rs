@@ -10,6 +10,7 @@ use clap::{Args, Subcommand};
 use crate::config::Settings;
 
 pub mod intake;
+pub mod api;
 
 /// Arguments of `load`.
 #[derive(Debug, Args)]
@@ -21,12 +22,17 @@ pub struct LoadArgs {
 
 /// Load targets.
 #[derive(Debug, Subcommand)]
-pub enum LoadTarget {}
+pub enum LoadTarget {
+    /// The read API's `GET /v1/workspaces/{id}` on a running `serve`, against a
+    /// minimal axum + one indexed query server measured in the same run.
+    Api(api::ApiLoadArgs),
+}
 
 /// Runs `load`.
 pub async fn run(settings: &Settings, args: LoadArgs) -> anyhow::Result<()> {
-    let _ = settings;
-    match args.target {}
+    match args.target {
+        LoadTarget::Api(args) => api::run(settings, args).await,
+    }
 }
 
 /// Latency samples and the wall time they were collected in.

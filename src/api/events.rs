@@ -1,0 +1,46 @@
+//! `GET /v1/events/{svix_id}`: the processing log, for the main app and ops.
+//!
+//! Guarantee: with `X-Acting-User`, an event is shown only when it names a
+//! workspace the user may see; otherwise it is the same 404 as an unknown id.
+
+use axum::Json;
+use axum::extract::State;
+
+use super::auth::Caller;
+use super::extract::Ids;
+use super::model::{ErrorBody, Event};
+use super::{not_found, visible};
+use crate::error::HttpError;
+use crate::startup::AppState;
+
+/// What happened to one webhook event.
+#[utoipa::path(
+    get,
+    path = "/v1/events/{svix_id}",
+    tag = "events",
+    params(("svix_id" = String, Path, description = "Svix message id")),
+    responses(
+        (status = 200, description = "The processing-log row", body = Event),
+        (status = 401, description = "Missing or invalid bearer token", body = ErrorBody),
+        (status = 404, description = "No worker has seen it yet (or, with X-Acting-User, it is not about a workspace the user may see)", body = ErrorBody),
+        (status = 503, description = "Database unavailable", body = ErrorBody),
+    ),
+)]
+pub async fn get_event(
+    State(state): State<AppState>,
+    caller: Caller,
+    Ids(svix_id): Ids<String>,
+) -> Result<Json<Event>, HttpError> {
+    let event = super::store::event(&state.db, &svix_id)
+        .await?
+        .ok_or_else(|| not_found("event"))?;
+    if let Some(user) = caller.acting_user.as_deref() {
+        let workspace = event
+            .workspace_id
+            .as_deref()
+            .ok_or_else(|| not_found("event"))?;
+        let access = super::store::access(&state.db, workspace, Some(user)).await?;
+        visible(&caller, access, "event")?;
+    }
+    Ok(Json(event))
+}

@@ -1,0 +1,459 @@
+//! The read API's SQL over the schema the worker writes.
+//!
+//! Guarantee: "active member" means one thing everywhere — a `members` row with
+//! `removed_at is null` in a workspace whose status is `active`; when a user
+//! transiently has several such rows in one workspace (a re-add with a new
+//! membership id before the old removal arrived), the row with the greatest
+//! `source_version` speaks for them, so every user counts and appears once.
+//! Onboarding writes and their audit row commit together.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use sqlx::types::Json;
+use sqlx::{PgPool, Postgres, Transaction};
+
+use super::model::{
+    AuditEntry, Event, EventStatus, Member, Onboarding, OnboardingStep, Role, StepStatus,
+    StepTarget, UnknownValue, UserWorkspace, Workspace, WorkspaceStatus,
+};
+
+/// A failed read or write.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// PostgreSQL failed or is unreachable.
+    #[error(transparent)]
+    Database(#[from] sqlx::Error),
+    /// A stored value the API cannot represent.
+    #[error(transparent)]
+    Unknown(#[from] UnknownValue),
+}
+
+/// How a caller may see one workspace.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Access {
+    /// The workspace's status.
+    pub status: WorkspaceStatus,
+    /// The acting user's role there, when they are an active member.
+    pub role: Option<Role>,
+}
+
+/// The acting user's role among the active members (`w` the workspace, `$2` the
+/// user); a scalar subquery so it can ride along in any statement about the
+/// workspace. A macro so the statements stay `&'static str` (no per-request
+/// formatting, and sqlx caches them as prepared statements).
+macro_rules! acting_role {
+    () => {
+        "(select m.role from members m \
+          where m.workspace_id = w.id and m.user_id = $2 and m.removed_at is null \
+            and w.status = 'active' \
+          order by m.source_version desc limit 1)"
+    };
+}
+
+/// The workspace's status and the acting user's role there (`None` when no such
+/// workspace). `acting_user` `None` skips the membership lookup.
+pub async fn access(
+    db: &PgPool,
+    workspace_id: &str,
+    acting_user: Option<&str>,
+) -> Result<Option<Access>, StoreError> {
+    let row: Option<(String, Option<String>)> = sqlx::query_as(concat!(
+        "select w.status, ",
+        acting_role!(),
+        " from workspaces w where w.id = $1"
+    ))
+    .bind(workspace_id)
+    .bind(acting_user)
+    .fetch_optional(db)
+    .await?;
+    row.map(access_of).transpose()
+}
+
+fn access_of((status, role): (String, Option<String>)) -> Result<Access, StoreError> {
+    Ok(Access {
+        status: WorkspaceStatus::parse(&status)?,
+        role: role.as_deref().map(Role::parse).transpose()?,
+    })
+}
+
+#[derive(sqlx::FromRow)]
+struct WorkspaceRow {
+    id: String,
+    name: Option<String>,
+    slug: Option<String>,
+    status: String,
+    plan: String,
+    created_at: DateTime<Utc>,
+    updated_at: DateTime<Utc>,
+    deleted_at: Option<DateTime<Utc>>,
+    quotas: Json<BTreeMap<String, i64>>,
+    steps: Json<Vec<StepJson>>,
+    member_count: i64,
+    admin_count: i64,
+    acting_role: Option<String>,
+}
+
+#[derive(serde::Deserialize)]
+struct StepJson {
+    name: String,
+    required: bool,
+    status: String,
+}
+
+/// One workspace with its quotas, onboarding and member counts, and the acting
+/// user's access — one round trip, since this is the main app's hottest read.
+pub async fn workspace(
+    db: &PgPool,
+    workspace_id: &str,
+    acting_user: Option<&str>,
+) -> Result<Option<(Workspace, Access)>, StoreError> {
+    let row: Option<WorkspaceRow> = sqlx::query_as(concat!(
+        "select w.id, w.name, w.slug, w.status, w.plan, \
+                coalesce(w.clerk_created_at, w.created_at) as created_at, \
+                w.updated_at, w.deleted_at, \
+                coalesce((select jsonb_object_agg(q.name, q.limit_value) \
+                          from workspace_quotas q where q.workspace_id = w.id), \
+                         '{}'::jsonb) as quotas, \
+                coalesce((select jsonb_agg(jsonb_build_object( \
+                              'name', s.name, 'required', s.required, 'status', s.status) \
+                              order by s.position, s.name) \
+                          from onboarding_steps s where s.workspace_id = w.id), \
+                         '[]'::jsonb) as steps, \
+                c.member_count, c.admin_count, ",
+        acting_role!(),
+        " as acting_role \
+         from workspaces w \
+         cross join lateral ( \
+             select count(*) as member_count, \
+                    count(*) filter (where a.role = 'admin') as admin_count \
+             from (select distinct on (m.user_id) m.role \
+                   from members m \
+                   where m.workspace_id = w.id and m.removed_at is null \
+                     and w.status = 'active' \
+                   order by m.user_id, m.source_version desc) a \
+         ) c \
+         where w.id = $1"
+    ))
+    .bind(workspace_id)
+    .bind(acting_user)
+    .fetch_optional(db)
+    .await?;
+    let Some(row) = row else {
+        return Ok(None);
+    };
+    let access = access_of((row.status.clone(), row.acting_role))?;
+    let steps = row
+        .steps
+        .0
+        .into_iter()
+        .map(|s| {
+            Ok(OnboardingStep {
+                status: StepStatus::parse(&s.status)?,
+                name: s.name,
+                required: s.required,
+            })
+        })
+        .collect::<Result<Vec<_>, UnknownValue>>()?;
+    let workspace = Workspace {
+        id: row.id,
+        name: row.name,
+        slug: row.slug,
+        status: access.status,
+        plan: row.plan,
+        quotas: row.quotas.0,
+        onboarding: Onboarding::from_steps(steps),
+        member_count: row.member_count,
+        admin_count: row.admin_count,
+        created_at: row.created_at,
+        updated_at: row.updated_at,
+        deleted_at: row.deleted_at,
+    };
+    Ok(Some((workspace, access)))
+}
+
+#[derive(sqlx::FromRow)]
+struct MemberRow {
+    user_id: String,
+    role: String,
+    clerk_role: String,
+    email: Option<String>,
+    first_name: Option<String>,
+    last_name: Option<String>,
+    joined_at: DateTime<Utc>,
+}
+
+impl TryFrom<MemberRow> for Member {
+    type Error = UnknownValue;
+
+    fn try_from(r: MemberRow) -> Result<Self, UnknownValue> {
+        Ok(Member {
+            role: Role::parse(&r.role)?,
+            user_id: r.user_id,
+            clerk_role: r.clerk_role,
+            email: r.email,
+            first_name: r.first_name,
+            last_name: r.last_name,
+            joined_at: r.joined_at,
+        })
+    }
+}
+
+/// Active members of a workspace, one per user, oldest first; `user_id` narrows
+/// it to one user.
+pub async fn members(
+    db: &PgPool,
+    workspace_id: &str,
+    user_id: Option<&str>,
+) -> Result<Vec<Member>, StoreError> {
+    let rows: Vec<MemberRow> = sqlx::query_as(
+        "select user_id, role, clerk_role, email, first_name, last_name, joined_at \
+         from (select distinct on (m.user_id) m.* \
+               from members m join workspaces w on w.id = m.workspace_id \
+               where m.workspace_id = $1 and m.removed_at is null and w.status = 'active' \
+                 and ($2::text is null or m.user_id = $2) \
+               order by m.user_id, m.source_version desc) a \
+         order by joined_at, user_id",
+    )
+    .bind(workspace_id)
+    .bind(user_id)
+    .fetch_all(db)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(Member::try_from)
+        .collect::<Result<_, _>>()?)
+}
+
+/// A user's active memberships in active workspaces, by workspace name.
+pub async fn user_workspaces(db: &PgPool, user_id: &str) -> Result<Vec<UserWorkspace>, StoreError> {
+    let rows: Vec<(String, Option<String>, Option<String>, String)> = sqlx::query_as(
+        "select workspace_id, name, slug, role \
+         from (select distinct on (m.workspace_id) m.workspace_id, w.name, w.slug, m.role \
+               from members m join workspaces w on w.id = m.workspace_id \
+               where m.user_id = $1 and m.removed_at is null and w.status = 'active' \
+               order by m.workspace_id, m.source_version desc) a \
+         order by name, workspace_id",
+    )
+    .bind(user_id)
+    .fetch_all(db)
+    .await?;
+    rows.into_iter()
+        .map(|(workspace_id, name, slug, role)| {
+            Ok(UserWorkspace {
+                workspace_id,
+                name,
+                slug,
+                role: Role::parse(&role)?,
+            })
+        })
+        .collect()
+}
+
+#[derive(sqlx::FromRow)]
+struct AuditRow {
+    id: i64,
+    at: DateTime<Utc>,
+    action: String,
+    actor: String,
+    subject: Option<String>,
+    details: Json<serde_json::Value>,
+    event_id: Option<String>,
+}
+
+/// Up to `limit` audit rows of a workspace older than audit id `before`, newest
+/// first, each with its audit id (the cursor key).
+pub async fn audit(
+    db: &PgPool,
+    workspace_id: &str,
+    before: Option<i64>,
+    limit: i64,
+) -> Result<Vec<(i64, AuditEntry)>, StoreError> {
+    // Keyset on the primary key: rows inserted while a client pages have higher
+    // ids, so they never shift or repeat the pages after the first.
+    let rows: Vec<AuditRow> = sqlx::query_as(
+        "select id, at, action, actor, subject, details, event_id \
+         from audit_log \
+         where workspace_id = $1 and ($2::bigint is null or id < $2) \
+         order by id desc limit $3",
+    )
+    .bind(workspace_id)
+    .bind(before)
+    .bind(limit)
+    .fetch_all(db)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| {
+            (
+                r.id,
+                AuditEntry {
+                    at: r.at,
+                    action: r.action,
+                    actor: r.actor,
+                    subject: r.subject,
+                    details: r.details.0,
+                    event_id: r.event_id,
+                },
+            )
+        })
+        .collect())
+}
+
+#[derive(sqlx::FromRow)]
+struct EventRow {
+    svix_id: String,
+    #[sqlx(rename = "type")]
+    kind: String,
+    workspace_id: Option<String>,
+    status: String,
+    error: Option<String>,
+    received_at: DateTime<Utc>,
+    processed_at: DateTime<Utc>,
+}
+
+/// The processing-log row of a svix id.
+pub async fn event(db: &PgPool, svix_id: &str) -> Result<Option<Event>, StoreError> {
+    let row: Option<EventRow> = sqlx::query_as(
+        "select svix_id, type, workspace_id, status, error, received_at, processed_at \
+         from events where svix_id = $1",
+    )
+    .bind(svix_id)
+    .fetch_optional(db)
+    .await?;
+    row.map(|r| {
+        Ok(Event {
+            status: EventStatus::parse(&r.status)?,
+            id: r.svix_id,
+            kind: r.kind,
+            workspace_id: r.workspace_id,
+            error: r.error,
+            received_at: r.received_at,
+            processed_at: r.processed_at,
+        })
+    })
+    .transpose()
+}
+
+/// A step as locked for an onboarding write.
+#[derive(Debug, Clone)]
+pub struct LockedStep {
+    /// Whether it may be skipped.
+    pub required: bool,
+    /// Its current state.
+    pub status: StepStatus,
+}
+
+/// An open onboarding write: the workspace is share-locked (it cannot be deleted
+/// until this commits) and the step row is locked against concurrent writes.
+#[derive(Debug)]
+pub struct OnboardingWrite {
+    tx: Transaction<'static, Postgres>,
+    workspace_id: String,
+    step: String,
+}
+
+impl OnboardingWrite {
+    /// Begins: locks the workspace and reads the acting user's access.
+    pub async fn begin(
+        db: &PgPool,
+        workspace_id: &str,
+        step: &str,
+        acting_user: Option<&str>,
+    ) -> Result<(Self, Option<Access>), StoreError> {
+        let mut tx = db.begin().await?;
+        let row: Option<(String, Option<String>)> = sqlx::query_as(concat!(
+            "select w.status, ",
+            acting_role!(),
+            " from workspaces w where w.id = $1 for share of w"
+        ))
+        .bind(workspace_id)
+        .bind(acting_user)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let access = row.map(access_of).transpose()?;
+        Ok((
+            Self {
+                tx,
+                workspace_id: workspace_id.to_owned(),
+                step: step.to_owned(),
+            },
+            access,
+        ))
+    }
+
+    /// Locks and reads the step; `None` when the workspace has no such step.
+    pub async fn step(&mut self) -> Result<Option<LockedStep>, StoreError> {
+        let row: Option<(bool, String)> = sqlx::query_as(
+            "select required, status from onboarding_steps \
+             where workspace_id = $1 and name = $2 for update",
+        )
+        .bind(&self.workspace_id)
+        .bind(&self.step)
+        .fetch_optional(&mut *self.tx)
+        .await?;
+        row.map(|(required, status)| {
+            Ok(LockedStep {
+                required,
+                status: StepStatus::parse(&status)?,
+            })
+        })
+        .transpose()
+    }
+
+    /// Sets the step and writes its audit row (actor `api`).
+    pub async fn set(
+        &mut self,
+        from: StepStatus,
+        to: StepTarget,
+        acting_user: Option<&str>,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "update onboarding_steps set status = $3, updated_at = now() \
+             where workspace_id = $1 and name = $2",
+        )
+        .bind(&self.workspace_id)
+        .bind(&self.step)
+        .bind(to.as_str())
+        .execute(&mut *self.tx)
+        .await?;
+        let details = serde_json::json!({
+            "from": from.as_str(),
+            "to": to.as_str(),
+            "acting_user": acting_user,
+        });
+        sqlx::query(
+            "insert into audit_log (workspace_id, action, actor, subject, details) \
+             values ($1, 'onboarding.step_updated', 'api', $2, $3)",
+        )
+        .bind(&self.workspace_id)
+        .bind(&self.step)
+        .bind(Json(details))
+        .execute(&mut *self.tx)
+        .await?;
+        Ok(())
+    }
+
+    /// Reads the onboarding as this write leaves it, then commits.
+    pub async fn commit(mut self) -> Result<Onboarding, StoreError> {
+        let rows: Vec<(String, bool, String)> = sqlx::query_as(
+            "select name, required, status from onboarding_steps \
+             where workspace_id = $1 order by position, name",
+        )
+        .bind(&self.workspace_id)
+        .fetch_all(&mut *self.tx)
+        .await?;
+        let steps = rows
+            .into_iter()
+            .map(|(name, required, status)| {
+                Ok(OnboardingStep {
+                    name,
+                    required,
+                    status: StepStatus::parse(&status)?,
+                })
+            })
+            .collect::<Result<Vec<_>, UnknownValue>>()?;
+        self.tx.commit().await?;
+        Ok(Onboarding::from_steps(steps))
+    }
+}

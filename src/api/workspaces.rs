@@ -1,0 +1,123 @@
+//! Workspace, member and org-switcher reads.
+//!
+//! Guarantee: with `X-Acting-User`, a workspace answers only to its active members
+//! while it is active — every other case is the same 404 as a workspace that never
+//! existed — and a user's workspace list shows only active memberships of active
+//! workspaces.
+
+use axum::Json;
+use axum::extract::State;
+
+use super::auth::Caller;
+use super::extract::Ids;
+use super::model::{ErrorBody, Member, MemberList, UserWorkspaceList, Workspace};
+use super::{not_found, visible};
+use crate::error::HttpError;
+use crate::startup::AppState;
+
+/// One workspace: plan, quotas, onboarding and member counts.
+#[utoipa::path(
+    get,
+    path = "/v1/workspaces/{id}",
+    tag = "workspaces",
+    params(("id" = String, Path, description = "Workspace id (Clerk organization id)")),
+    responses(
+        (status = 200, description = "The workspace (deleted ones only without X-Acting-User)", body = Workspace),
+        (status = 401, description = "Missing or invalid bearer token", body = ErrorBody),
+        (status = 404, description = "Never provisioned, or not visible to the acting user", body = ErrorBody),
+        (status = 503, description = "Database unavailable", body = ErrorBody),
+    ),
+)]
+pub async fn get_workspace(
+    State(state): State<AppState>,
+    caller: Caller,
+    Ids(id): Ids<String>,
+) -> Result<Json<Workspace>, HttpError> {
+    let found = super::store::workspace(&state.db, &id, caller.acting_user.as_deref()).await?;
+    let Some((workspace, access)) = found else {
+        return Err(not_found("workspace"));
+    };
+    visible(&caller, Some(access), "workspace")?;
+    Ok(Json(workspace))
+}
+
+/// The active members of a workspace.
+#[utoipa::path(
+    get,
+    path = "/v1/workspaces/{id}/members",
+    tag = "workspaces",
+    params(("id" = String, Path, description = "Workspace id")),
+    responses(
+        (status = 200, description = "Active members, oldest first (none for a deleted workspace)", body = MemberList),
+        (status = 401, description = "Missing or invalid bearer token", body = ErrorBody),
+        (status = 404, description = "Never provisioned, or not visible to the acting user", body = ErrorBody),
+        (status = 503, description = "Database unavailable", body = ErrorBody),
+    ),
+)]
+pub async fn list_members(
+    State(state): State<AppState>,
+    caller: Caller,
+    Ids(id): Ids<String>,
+) -> Result<Json<MemberList>, HttpError> {
+    let access = super::store::access(&state.db, &id, caller.acting_user.as_deref()).await?;
+    visible(&caller, access, "workspace")?;
+    let data = super::store::members(&state.db, &id, None).await?;
+    Ok(Json(MemberList { data }))
+}
+
+/// One active member of a workspace.
+#[utoipa::path(
+    get,
+    path = "/v1/workspaces/{id}/members/{user_id}",
+    tag = "workspaces",
+    params(
+        ("id" = String, Path, description = "Workspace id"),
+        ("user_id" = String, Path, description = "Clerk user id"),
+    ),
+    responses(
+        (status = 200, description = "The member", body = Member),
+        (status = 401, description = "Missing or invalid bearer token", body = ErrorBody),
+        (status = 404, description = "No such workspace or no such active member, or not visible to the acting user", body = ErrorBody),
+        (status = 503, description = "Database unavailable", body = ErrorBody),
+    ),
+)]
+pub async fn get_member(
+    State(state): State<AppState>,
+    caller: Caller,
+    Ids((id, user_id)): Ids<(String, String)>,
+) -> Result<Json<Member>, HttpError> {
+    let access = super::store::access(&state.db, &id, caller.acting_user.as_deref()).await?;
+    visible(&caller, access, "workspace")?;
+    let member = super::store::members(&state.db, &id, Some(&user_id))
+        .await?
+        .into_iter()
+        .next()
+        .ok_or_else(|| not_found("member"))?;
+    Ok(Json(member))
+}
+
+/// A user's workspaces (the org switcher).
+#[utoipa::path(
+    get,
+    path = "/v1/users/{user_id}/workspaces",
+    tag = "users",
+    params(("user_id" = String, Path, description = "Clerk user id")),
+    responses(
+        (status = 200, description = "Active memberships of active workspaces, by name (empty for an unknown user)", body = UserWorkspaceList),
+        (status = 401, description = "Missing or invalid bearer token", body = ErrorBody),
+        (status = 404, description = "X-Acting-User names another user: one user cannot list another's workspaces", body = ErrorBody),
+        (status = 503, description = "Database unavailable", body = ErrorBody),
+    ),
+)]
+pub async fn list_user_workspaces(
+    State(state): State<AppState>,
+    caller: Caller,
+    Ids(user_id): Ids<String>,
+) -> Result<Json<UserWorkspaceList>, HttpError> {
+    // Another user's memberships would reveal workspaces the acting user is not in.
+    if caller.acting_user.as_ref().is_some_and(|u| *u != user_id) {
+        return Err(not_found("user"));
+    }
+    let data = super::store::user_workspaces(&state.db, &user_id).await?;
+    Ok(Json(UserWorkspaceList { data }))
+}

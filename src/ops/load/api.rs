@@ -1,0 +1,420 @@
+//! `provisioner load api`: the read API's hottest route against this machine's
+//! limit for it.
+//!
+//! Measures `GET /v1/workspaces/{id}` (with the bearer token) on a running `serve`
+//! at a fixed number of concurrent keep-alive connections, then — in the same run,
+//! with the same client, concurrency and duration — a minimal axum server started
+//! here on its own runtime whose one route runs one indexed `select` on the same
+//! database (the "axum + one indexed query" limit), and reports both and their
+//! ratio. Guarantee: it only reads, is bounded in time and request count, and
+//! touches only the addresses it is given and a loopback port of its own.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::routing::get;
+use clap::Args;
+use sqlx::PgPool;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use super::{Report, Samples};
+use crate::config::Settings;
+
+/// Arguments of `load api`.
+#[derive(Debug, Args)]
+pub struct ApiLoadArgs {
+    /// Base URL of a running `provisioner serve`.
+    #[arg(long, default_value = "http://127.0.0.1:8080")]
+    pub url: String,
+    /// Workspace id to read; it must be provisioned in the configured database.
+    #[arg(long)]
+    pub workspace: String,
+    /// Concurrent connections (each sends its next request when the last answered).
+    #[arg(long, default_value_t = 64)]
+    pub concurrency: usize,
+    /// Measured seconds per target.
+    #[arg(long, default_value_t = 10)]
+    pub duration: u64,
+    /// Stop a target earlier after this many requests.
+    #[arg(long)]
+    pub requests: Option<u64>,
+    /// Unmeasured seconds per target before measuring (connections, caches, plans).
+    #[arg(long, default_value_t = 2)]
+    pub warmup: u64,
+    /// Send `X-Acting-User` (adds the membership check to each request).
+    #[arg(long)]
+    pub acting_user: Option<String>,
+    /// Measured rounds per target, alternating API and baseline; the median round
+    /// of each is reported.
+    #[arg(long, default_value_t = 3)]
+    pub rounds: usize,
+    /// Measure the read API only, without the baseline.
+    #[arg(long)]
+    pub no_baseline: bool,
+    /// Print the result as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Both measurements and their ratio.
+#[derive(Debug, serde::Serialize)]
+pub struct ApiLoadResult {
+    /// The read API's `GET /v1/workspaces/{id}`: the median round.
+    pub api: Report,
+    /// The minimal axum + one indexed query server: the median round.
+    pub baseline: Option<Report>,
+    /// Every round of the read API.
+    pub api_rounds: Vec<Report>,
+    /// Every round of the baseline.
+    pub baseline_rounds: Vec<Report>,
+    /// `api.per_second / baseline.per_second` (medians).
+    pub ratio: Option<f64>,
+    /// Concurrent connections used for both.
+    pub concurrency: usize,
+}
+
+/// Runs `load api`.
+pub async fn run(settings: &Settings, args: ApiLoadArgs) -> anyhow::Result<()> {
+    let token = settings
+        .api
+        .tokens
+        .first()
+        .context("no API token configured (PROVISIONER_API_TOKENS)")?
+        .clone();
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(args.concurrency * 2)
+        .timeout(Duration::from_secs(30))
+        .build()?;
+    let base = args.url.trim_end_matches('/');
+    let api_url = format!("{base}/v1/workspaces/{}", args.workspace);
+
+    // Fail fast, with the reason, before loading anything.
+    let mut probe = client.get(&api_url).bearer_auth(token.expose());
+    if let Some(user) = &args.acting_user {
+        probe = probe.header(crate::api::auth::ACTING_USER, user);
+    }
+    let res = probe
+        .send()
+        .await
+        .with_context(|| format!("cannot reach {api_url}"))?;
+    anyhow::ensure!(
+        res.status().is_success(),
+        "GET {api_url} answered {}: {}",
+        res.status(),
+        res.text().await.unwrap_or_default()
+    );
+
+    let plan = Plan {
+        concurrency: args.concurrency,
+        duration: Duration::from_secs(args.duration),
+        warmup: Duration::from_secs(args.warmup),
+        requests: args.requests,
+    };
+    let baseline_server = if args.no_baseline {
+        None
+    } else {
+        let server = Baseline::start(settings)
+            .await
+            .context("starting the baseline server")?;
+        let url = format!("http://{}/w/{}", server.addr, args.workspace);
+        let res = client.get(&url).send().await?;
+        anyhow::ensure!(
+            res.status().is_success(),
+            "baseline GET {url} answered {}",
+            res.status()
+        );
+        Some((server, url))
+    };
+
+    // Rounds alternate between the two targets, so a neighbour's burst on this
+    // shared machine lands on both rather than skewing the ratio.
+    let mut api_rounds = Vec::new();
+    let mut baseline_rounds = Vec::new();
+    for _ in 0..args.rounds.max(1) {
+        let report = load(
+            &client,
+            &plan,
+            "read api GET workspace",
+            &api_url,
+            Some(token.expose()),
+            args.acting_user.as_deref(),
+        )
+        .await;
+        if !args.json {
+            println!("{report}");
+        }
+        api_rounds.push(report);
+        if let Some((_, url)) = &baseline_server {
+            // The same requests, token and acting user included, so the client
+            // does the same work; the baseline ignores the headers.
+            let report = load(
+                &client,
+                &plan,
+                "axum + 1 indexed select",
+                url,
+                Some(token.expose()),
+                args.acting_user.as_deref(),
+            )
+            .await;
+            if !args.json {
+                println!("{report}");
+            }
+            baseline_rounds.push(report);
+        }
+    }
+    if let Some((server, _)) = baseline_server {
+        server.stop();
+    }
+
+    let api = median(&api_rounds);
+    let baseline = (!baseline_rounds.is_empty()).then(|| median(&baseline_rounds));
+    let api_errors: u64 = api_rounds.iter().map(|r| r.errors).sum();
+    let ratio = baseline
+        .as_ref()
+        .map(|b| api.per_second / b.per_second.max(1e-9));
+    if args.json {
+        let result = ApiLoadResult {
+            api,
+            baseline,
+            ratio,
+            concurrency: args.concurrency,
+            api_rounds,
+            baseline_rounds,
+        };
+        println!("{}", serde_json::to_string_pretty(&result)?);
+    } else if let (Some(ratio), Some(b)) = (ratio, &baseline) {
+        println!(
+            "median of {} rounds: read API {:.0}/s p99 {:.2} ms; axum + 1 query limit {:.0}/s p99 {:.2} ms; \
+             ratio {:.1} % at {} connections",
+            api_rounds.len(),
+            api.per_second,
+            api.p99.as_secs_f64() * 1e3,
+            b.per_second,
+            b.p99.as_secs_f64() * 1e3,
+            ratio * 100.0,
+            args.concurrency,
+        );
+    }
+    if api_errors > 0 {
+        anyhow::bail!("{api_errors} requests to the read API failed");
+    }
+    Ok(())
+}
+
+/// The round with the median throughput (the higher middle one of an even count).
+fn median(rounds: &[Report]) -> Report {
+    let mut sorted: Vec<&Report> = rounds.iter().collect();
+    sorted.sort_by(|a, b| a.per_second.total_cmp(&b.per_second));
+    sorted[sorted.len() / 2].clone()
+}
+
+/// How long and how hard to load one target.
+#[derive(Debug, Clone)]
+struct Plan {
+    concurrency: usize,
+    duration: Duration,
+    warmup: Duration,
+    requests: Option<u64>,
+}
+
+/// Warms up, then measures `url` with `plan.concurrency` connections.
+async fn load(
+    client: &reqwest::Client,
+    plan: &Plan,
+    name: &str,
+    url: &str,
+    token: Option<&str>,
+    acting_user: Option<&str>,
+) -> Report {
+    if !plan.warmup.is_zero() {
+        let _ = round(client, plan, plan.warmup, None, url, token, acting_user).await;
+    }
+    let (mut samples, elapsed) = round(
+        client,
+        plan,
+        plan.duration,
+        plan.requests,
+        url,
+        token,
+        acting_user,
+    )
+    .await;
+    samples.report(name, elapsed)
+}
+
+/// One timed round: every connection loops until the time or request budget ends.
+async fn round(
+    client: &reqwest::Client,
+    plan: &Plan,
+    duration: Duration,
+    requests: Option<u64>,
+    url: &str,
+    token: Option<&str>,
+    acting_user: Option<&str>,
+) -> (Samples, Duration) {
+    let started = Instant::now();
+    let deadline = started + duration;
+    let budget = Arc::new(AtomicU64::new(requests.unwrap_or(u64::MAX)));
+    let mut tasks = Vec::with_capacity(plan.concurrency);
+    for _ in 0..plan.concurrency {
+        let client = client.clone();
+        let url = url.to_owned();
+        let token = token.map(str::to_owned);
+        let acting_user = acting_user.map(str::to_owned);
+        let budget = budget.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut samples = Samples::default();
+            while Instant::now() < deadline {
+                // Take one request from the shared budget, or stop.
+                if budget
+                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+                    .is_err()
+                {
+                    break;
+                }
+                let mut req = client.get(&url);
+                if let Some(t) = &token {
+                    req = req.bearer_auth(t);
+                }
+                if let Some(u) = &acting_user {
+                    req = req.header(crate::api::auth::ACTING_USER, u);
+                }
+                let t0 = Instant::now();
+                let ok = match req.send().await {
+                    Ok(res) if res.status() == StatusCode::OK => res.bytes().await.is_ok(),
+                    _ => false,
+                };
+                if ok {
+                    samples.record(t0.elapsed());
+                } else {
+                    samples.error();
+                }
+            }
+            samples
+        }));
+    }
+    let mut all = Samples::default();
+    for task in tasks {
+        if let Ok(s) = task.await {
+            all.merge(s);
+        }
+    }
+    (all, started.elapsed())
+}
+
+/// The minimal server: axum, one route, one indexed `select` on the same database,
+/// on a runtime of its own threads (as `serve` has its own process), so it does not
+/// share the load client's scheduler.
+struct Baseline {
+    addr: std::net::SocketAddr,
+    stop: CancellationToken,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+#[derive(serde::Serialize, sqlx::FromRow)]
+struct BaselineRow {
+    id: String,
+    name: Option<String>,
+    slug: Option<String>,
+    status: String,
+    plan: String,
+}
+
+async fn baseline_route(
+    State(db): State<PgPool>,
+    Path(id): Path<String>,
+) -> Result<Json<BaselineRow>, StatusCode> {
+    // Primary-key lookup: the cheapest indexed query on the same table.
+    sqlx::query_as::<_, BaselineRow>(
+        "select id, name, slug, status, plan from workspaces where id = $1",
+    )
+    .bind(id)
+    .fetch_optional(&db)
+    .await
+    .map_err(|_| StatusCode::SERVICE_UNAVAILABLE)?
+    .map(Json)
+    .ok_or(StatusCode::NOT_FOUND)
+}
+
+impl Baseline {
+    async fn start(settings: &Settings) -> anyhow::Result<Self> {
+        let db_settings = settings.database.clone();
+        let threads = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(2);
+        let stop = CancellationToken::new();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let token = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("baseline".into())
+            .spawn(move || {
+                let runtime = match tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(threads)
+                    .enable_all()
+                    .build()
+                {
+                    Ok(r) => r,
+                    Err(e) => {
+                        let _ = tx.send(Err(anyhow::Error::from(e)));
+                        return;
+                    }
+                };
+                runtime.block_on(async move {
+                    let started = async {
+                        // Same pool settings as `serve`, so both have the same
+                        // number of database connections to work with.
+                        let db = crate::db::pool(&db_settings)?;
+                        let listener = TcpListener::bind("127.0.0.1:0").await?;
+                        anyhow::Ok((db, listener))
+                    }
+                    .await;
+                    let (db, listener) = match started {
+                        Ok(v) => v,
+                        Err(e) => {
+                            let _ = tx.send(Err(e));
+                            return;
+                        }
+                    };
+                    let addr = listener.local_addr();
+                    let app = axum::Router::new()
+                        .route("/w/{id}", get(baseline_route))
+                        .with_state(db.clone());
+                    let _ = tx.send(addr.map_err(anyhow::Error::from));
+                    // No graceful drain: the load client keeps idle keep-alive
+                    // connections open, and there is nothing to finish.
+                    tokio::select! {
+                        _ = axum::serve(listener, app) => {}
+                        _ = token.cancelled() => {}
+                    }
+                    db.close().await;
+                });
+            })?;
+        let addr = rx.await.context("baseline thread died")??;
+        Ok(Self {
+            addr,
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    fn stop(mut self) {
+        self.stop.cancel();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl std::fmt::Debug for Baseline {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Baseline")
+            .field("addr", &self.addr)
+            .finish()
+    }
+}

@@ -1,0 +1,1001 @@
+//! Read API (DESIGN §6): every route's answers and errors, authentication,
+//! onboarding rules, audit paging, the events route and the OpenAPI document,
+//! against a real PostgreSQL seeded with SQL in the worker's schema.
+
+mod api_support;
+mod common;
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+
+use api_support::*;
+use common::*;
+use serde_json::{Value, json};
+
+const WORKSPACE_ROUTES: [&str; 4] = ["", "/members", "/audit", "/members/user_x"];
+
+fn error_code(body: &Value) -> &str {
+    body["error"]["code"].as_str().unwrap_or("<no error code>")
+}
+
+fn keys(v: &Value) -> BTreeSet<String> {
+    v.as_object().unwrap().keys().cloned().collect()
+}
+
+fn set(names: &[&str]) -> BTreeSet<String> {
+    names.iter().map(|s| s.to_string()).collect()
+}
+
+/// Every `/v1` request needs a valid bearer token; the webhook, health and metrics
+/// routes stay public.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_v1_route_needs_a_valid_token() {
+    let app = spawn_app().await;
+    let seed = Seed::new(&app);
+    let ws = new_id("org");
+    seed.workspace(&ws).await;
+    seed.event(
+        "msg_auth",
+        "organization.created",
+        Some(&ws),
+        "processed",
+        None,
+    )
+    .await;
+    let mut calls: Vec<Call> = WORKSPACE_ROUTES
+        .iter()
+        .map(|r| Call::get(format!("/v1/workspaces/{ws}{r}")))
+        .collect();
+    calls.push(Call::post(
+        format!("/v1/workspaces/{ws}/onboarding/gong"),
+        r#"{"status":"completed"}"#,
+    ));
+    calls.push(Call::get("/v1/users/user_x/workspaces"));
+    calls.push(Call::get("/v1/events/msg_auth"));
+    calls.push(Call::get("/v1/openapi.json"));
+    calls.push(Call::get("/v1/no/such/route"));
+    calls.push(Call::get("/v1/workspaces"));
+
+    for call in calls {
+        let path = call.path.clone();
+        for token in [None, Some("wrong-token"), Some("")] {
+            let (status, body) = call.clone().token(token).send(&app).await;
+            assert_eq!(status, 401, "{path} with token {token:?}");
+            assert_eq!(error_code(&body), "unauthorized", "{path}");
+            assert!(body["error"]["message"].is_string());
+        }
+    }
+    // The onboarding write above never ran.
+    assert!(
+        seed.audit_rows(&ws, "onboarding.step_updated")
+            .await
+            .is_empty()
+    );
+
+    // Other schemes and a token with a suffix are refused too.
+    for header in [
+        format!("Basic {TOKEN}"),
+        format!("Bearer {TOKEN}x"),
+        TOKEN.to_string(),
+    ] {
+        let res = app
+            .client
+            .get(format!("{}/v1/workspaces/{ws}", app.address))
+            .header("authorization", header.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 401, "{header}");
+        assert_eq!(res.headers()["www-authenticate"], "Bearer");
+    }
+
+    // Public routes answer without a token.
+    for path in ["/healthz", "/metrics"] {
+        let res = app
+            .client
+            .get(format!("{}{path}", app.address))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 200, "{path}");
+    }
+    let res = app
+        .client
+        .post(format!("{}/webhooks/clerk", app.address))
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        res.status(),
+        400,
+        "webhooks keep their own (signature) check"
+    );
+}
+
+/// Several tokens are valid at once (rotation), and the development token stops
+/// working once PROVISIONER_API_TOKENS replaces it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn any_configured_token_works() {
+    let app = spawn_app_with(TestOptions {
+        env: vec![(
+            "PROVISIONER_API_TOKENS".into(),
+            "token-old-0123456789,token-new-9876543210".into(),
+        )],
+        ..Default::default()
+    })
+    .await;
+    let ws = new_id("org");
+    Seed::new(&app).workspace(&ws).await;
+    for token in ["token-old-0123456789", "token-new-9876543210"] {
+        let (status, body) = Call::get(format!("/v1/workspaces/{ws}"))
+            .token(Some(token))
+            .send(&app)
+            .await;
+        assert_eq!(status, 200, "{token}");
+        assert_eq!(body["id"], ws.as_str());
+    }
+    let (status, _) = Call::get(format!("/v1/workspaces/{ws}")).send(&app).await;
+    assert_eq!(status, 401, "the development token is no longer configured");
+}
+
+/// GET /v1/workspaces/{id} answers exactly the §6 fields, with plan quotas, the
+/// onboarding steps in order and RFC 3339 UTC timestamps.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workspace_has_every_field() {
+    let app = spawn_app().await;
+    let seed = Seed::new(&app);
+    let ws = new_id("org");
+    seed.workspace_with(&ws, "Acme Sales", "team").await;
+    seed.member(&ws, "user_admin", "org:admin").await;
+    seed.member(&ws, "user_m1", "org:member").await;
+    seed.member(&ws, "user_m2", "org:member").await;
+    let gone = seed.member(&ws, "user_gone", "org:admin").await;
+    seed.remove_membership(&gone).await;
+
+    let (status, body) = Call::get(format!("/v1/workspaces/{ws}")).send(&app).await;
+
+    assert_eq!(status, 200);
+    assert_eq!(
+        keys(&body),
+        set(&[
+            "id",
+            "name",
+            "slug",
+            "status",
+            "plan",
+            "quotas",
+            "onboarding",
+            "member_count",
+            "admin_count",
+            "created_at",
+            "updated_at",
+            "deleted_at"
+        ])
+    );
+    assert_eq!(body["id"], ws.as_str());
+    assert_eq!(body["name"], "Acme Sales");
+    assert_eq!(body["slug"], ws.as_str());
+    assert_eq!(body["status"], "active");
+    assert_eq!(body["plan"], "team");
+    let team = &app.settings.provisioning.plans["team"];
+    assert_eq!(body["quotas"], serde_json::to_value(team).unwrap());
+    assert_eq!(body["quotas"]["seats"], 25);
+    assert_eq!(
+        body["onboarding"],
+        json!({
+            "status": "pending",
+            "current_step": "gong",
+            "steps": [
+                {"name": "gong", "required": true, "status": "pending"},
+                {"name": "hubspot", "required": false, "status": "pending"},
+                {"name": "slack", "required": false, "status": "pending"},
+                {"name": "starter_analysis", "required": true, "status": "pending"},
+            ]
+        })
+    );
+    assert_eq!(body["member_count"], 3, "removed members do not count");
+    assert_eq!(body["admin_count"], 1);
+    assert_eq!(
+        body["created_at"], "2024-05-28T08:00:00.000Z",
+        "Clerk's creation time"
+    );
+    let updated = body["updated_at"].as_str().unwrap();
+    assert!(updated.ends_with('Z'), "{updated}");
+    assert!(
+        chrono::DateTime::parse_from_rfc3339(updated).is_ok(),
+        "{updated}"
+    );
+    assert_eq!(body["deleted_at"], Value::Null);
+}
+
+/// A workspace never provisioned is 404 with the error body; ids match exactly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_workspace_is_404_on_every_workspace_route() {
+    let app = spawn_app().await;
+    let ws = new_id("org");
+    Seed::new(&app).workspace(&ws).await;
+    for id in [
+        "org_never",
+        &ws.to_uppercase(),
+        &format!("{ws} "),
+        &ws[..ws.len() - 1],
+    ] {
+        for route in WORKSPACE_ROUTES {
+            let path = format!("/v1/workspaces/{}{route}", urlencode(id));
+            let (status, body) = Call::get(path.clone()).send(&app).await;
+            assert_eq!(status, 404, "{path}");
+            assert_eq!(error_code(&body), "not_found", "{path}");
+        }
+        let (status, _) = Call::post(
+            format!("/v1/workspaces/{}/onboarding/gong", urlencode(id)),
+            r#"{"status":"completed"}"#,
+        )
+        .send(&app)
+        .await;
+        assert_eq!(status, 404, "{id}");
+    }
+}
+
+fn urlencode(s: &str) -> String {
+    s.replace(' ', "%20")
+}
+
+/// Without X-Acting-User the main app sees a deleted workspace as `deleted`, with
+/// no active members.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trusted_caller_sees_deleted_workspace() {
+    let app = spawn_app().await;
+    let seed = Seed::new(&app);
+    let ws = new_id("org");
+    seed.workspace(&ws).await;
+    seed.member(&ws, "user_a", "org:admin").await;
+    seed.delete_workspace(&ws, true).await;
+
+    let (status, body) = Call::get(format!("/v1/workspaces/{ws}")).send(&app).await;
+    assert_eq!(status, 200);
+    assert_eq!(body["status"], "deleted");
+    assert_eq!(body["deleted_at"], "2024-05-29T08:00:00.000Z");
+    assert_eq!(body["member_count"], 0);
+    assert_eq!(body["admin_count"], 0);
+
+    let (status, body) = Call::get(format!("/v1/workspaces/{ws}/members"))
+        .send(&app)
+        .await;
+    assert_eq!((status, body), (200, json!({"data": []})));
+    let (status, _) = Call::get(format!("/v1/workspaces/{ws}/members/user_a"))
+        .send(&app)
+        .await;
+    assert_eq!(status, 404);
+    let (status, body) = Call::get(format!("/v1/workspaces/{ws}/audit"))
+        .send(&app)
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(body["data"][0]["action"], "workspace.deleted");
+}
+
+/// A deleted workspace whose memberships the worker has not ended yet still has no
+/// active members (active requires an active workspace).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_of_a_deleted_workspace_are_not_active_even_before_cascade() {
+    let app = spawn_app().await;
+    let seed = Seed::new(&app);
+    let ws = new_id("org");
+    seed.workspace(&ws).await;
+    seed.member(&ws, "user_a", "org:admin").await;
+    seed.delete_workspace(&ws, false).await;
+
+    let (_, body) = Call::get(format!("/v1/workspaces/{ws}")).send(&app).await;
+    assert_eq!(body["member_count"], 0);
+    let (_, body) = Call::get(format!("/v1/workspaces/{ws}/members"))
+        .send(&app)
+        .await;
+    assert_eq!(body, json!({"data": []}));
+    let (_, body) = Call::get("/v1/users/user_a/workspaces").send(&app).await;
+    assert_eq!(body, json!({"data": []}));
+}
+
+/// Members: active only, one per user (the row with the greatest source_version
+/// when a user transiently has two), every §6 field.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_lists_active_members_once_each() {
+    let app = spawn_app().await;
+    let seed = Seed::new(&app);
+    let ws = new_id("org");
+    seed.workspace(&ws).await;
+    seed.member(&ws, "user_first", "org:admin").await;
+    let gone = seed.member(&ws, "user_gone", "org:member").await;
+    seed.remove_membership(&gone).await;
+    // A re-add with a new membership id before the old removal arrived: two active
+    // rows; the newer (admin) speaks.
+    seed.member(&ws, "user_twice", "org:member").await;
+    seed.member(&ws, "user_twice", "org:admin").await;
+    seed.member(&ws, "user_custom", "org:billing").await;
+
+    let (status, body) = Call::get(format!("/v1/workspaces/{ws}/members"))
+        .send(&app)
+        .await;
+
+    assert_eq!(status, 200);
+    assert_eq!(keys(&body), set(&["data"]));
+    let data = body["data"].as_array().unwrap();
+    let users: Vec<&str> = data
+        .iter()
+        .map(|m| m["user_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        users,
+        ["user_first", "user_twice", "user_custom"],
+        "oldest first, once each"
+    );
+    assert_eq!(
+        keys(&data[0]),
+        set(&[
+            "user_id",
+            "role",
+            "clerk_role",
+            "email",
+            "first_name",
+            "last_name",
+            "joined_at"
+        ])
+    );
+    assert_eq!(data[0]["role"], "admin");
+    assert_eq!(data[0]["clerk_role"], "org:admin");
+    assert_eq!(data[0]["email"], "user_first@example.com");
+    assert_eq!(data[0]["first_name"], "First user_first");
+    assert_eq!(data[0]["last_name"], "Last");
+    let joined = data[0]["joined_at"].as_str().unwrap();
+    assert!(
+        joined.starts_with("2024-") && joined.ends_with(".000Z"),
+        "{joined}"
+    );
+    assert_eq!(data[1]["role"], "admin", "newest row of user_twice");
+    assert_eq!(data[1]["clerk_role"], "org:admin");
+    assert_eq!(data[2]["role"], "member", "unmapped Clerk role");
+    assert_eq!(data[2]["clerk_role"], "org:billing");
+
+    let (_, ws_body) = Call::get(format!("/v1/workspaces/{ws}")).send(&app).await;
+    assert_eq!(ws_body["member_count"], 3);
+    assert_eq!(ws_body["admin_count"], 2);
+}
+
+/// One member by user id; 404 for a removed, unknown or case-changed user.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_member_or_404() {
+    let app = spawn_app().await;
+    let seed = Seed::new(&app);
+    let ws = new_id("org");
+    seed.workspace(&ws).await;
+    seed.member(&ws, "user_Alice", "org:admin").await;
+    let gone = seed.member(&ws, "user_bob", "org:member").await;
+    seed.remove_membership(&gone).await;
+
+    let (status, body) = Call::get(format!("/v1/workspaces/{ws}/members/user_Alice"))
+        .send(&app)
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(body["user_id"], "user_Alice");
+    assert_eq!(body["role"], "admin");
+    assert_eq!(body["email"], "user_Alice@example.com");
+
+    for user in ["user_bob", "user_alice", "user_nobody"] {
+        let (status, body) = Call::get(format!("/v1/workspaces/{ws}/members/{user}"))
+            .send(&app)
+            .await;
+        assert_eq!(status, 404, "{user}");
+        assert_eq!(error_code(&body), "not_found");
+    }
+}
+
+/// The org switcher: active memberships of active workspaces only, by name, with
+/// the role; empty for an unknown user; another acting user gets 404.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn user_workspaces_lists_active_memberships_of_active_workspaces() {
+    let app = spawn_app().await;
+    let seed = Seed::new(&app);
+    let (a, b, removed, deleted) = (new_id("org"), new_id("org"), new_id("org"), new_id("org"));
+    seed.workspace_with(&a, "Beta team", "free").await;
+    seed.workspace_with(&b, "Alpha team", "team").await;
+    seed.workspace(&removed).await;
+    seed.workspace(&deleted).await;
+    seed.member(&a, "user_u", "org:member").await;
+    seed.member(&b, "user_u", "org:admin").await;
+    let m = seed.member(&removed, "user_u", "org:admin").await;
+    seed.remove_membership(&m).await;
+    seed.member(&deleted, "user_u", "org:admin").await;
+    seed.delete_workspace(&deleted, true).await;
+    seed.member(&a, "user_other", "org:member").await;
+
+    let (status, body) = Call::get("/v1/users/user_u/workspaces").send(&app).await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        body,
+        json!({"data": [
+            {"workspace_id": b, "name": "Alpha team", "slug": b, "role": "admin"},
+            {"workspace_id": a, "name": "Beta team", "slug": a, "role": "member"},
+        ]})
+    );
+
+    let (status, same) = Call::get("/v1/users/user_u/workspaces")
+        .acting("user_u")
+        .send(&app)
+        .await;
+    assert_eq!(
+        (status, same),
+        (200, body),
+        "a user may list their own workspaces"
+    );
+
+    let (status, body) = Call::get("/v1/users/user_u/workspaces")
+        .acting("user_other")
+        .send(&app)
+        .await;
+    assert_eq!(status, 404, "one user cannot list another's workspaces");
+    assert_eq!(error_code(&body), "not_found");
+
+    let (status, body) = Call::get("/v1/users/user_nobody/workspaces")
+        .send(&app)
+        .await;
+    assert_eq!((status, body), (200, json!({"data": []})));
+    let (_, body) = Call::get("/v1/users/USER_U/workspaces").send(&app).await;
+    assert_eq!(body, json!({"data": []}), "user ids match exactly");
+}
+
+/// Audit: newest first, every §6 field, default limit 50, `next` until the last page.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_is_newest_first_with_default_limit() {
+    let app = spawn_app().await;
+    let seed = Seed::new(&app);
+    let ws = new_id("org");
+    let other = new_id("org");
+    seed.workspace(&ws).await; // writes workspace.provisioned
+    seed.workspace(&other).await;
+    for i in 0..59 {
+        seed.audit(&ws, "member.added", Some(&format!("user_{i:02}")))
+            .await;
+        seed.audit(&other, "member.added", Some("user_elsewhere"))
+            .await;
+    }
+
+    let (status, page1) = Call::get(format!("/v1/workspaces/{ws}/audit"))
+        .send(&app)
+        .await;
+
+    assert_eq!(status, 200);
+    assert_eq!(keys(&page1), set(&["data", "next"]));
+    let data = page1["data"].as_array().unwrap();
+    assert_eq!(data.len(), 50, "default limit");
+    assert_eq!(
+        keys(&data[0]),
+        set(&["at", "action", "actor", "subject", "details", "event_id"])
+    );
+    assert_eq!(data[0]["subject"], "user_58", "newest first");
+    assert_eq!(data[0]["action"], "member.added");
+    assert_eq!(data[0]["actor"], "clerk");
+    assert_eq!(data[0]["details"], json!({"seeded": true}));
+    assert!(data[0]["event_id"].as_str().unwrap().starts_with("msg_"));
+    assert!(data[0]["at"].as_str().unwrap().ends_with('Z'));
+    let next = page1["next"].as_str().expect("a next cursor");
+
+    let (status, page2) = Call::get(format!("/v1/workspaces/{ws}/audit?before={next}"))
+        .send(&app)
+        .await;
+    assert_eq!(status, 200);
+    let data2 = page2["data"].as_array().unwrap();
+    assert_eq!(data2.len(), 10);
+    assert_eq!(data2[0]["subject"], "user_08");
+    assert_eq!(data2[9]["action"], "workspace.provisioned", "oldest last");
+    assert_eq!(page2["next"], Value::Null, "last page");
+    assert!(
+        data.iter()
+            .chain(data2)
+            .all(|r| r["subject"] != "user_elsewhere"),
+        "only this workspace's rows"
+    );
+
+    // Exactly one page: no next.
+    let (_, all) = Call::get(format!("/v1/workspaces/{ws}/audit?limit=60"))
+        .send(&app)
+        .await;
+    assert_eq!(all["data"].as_array().unwrap().len(), 60);
+    assert_eq!(all["next"], Value::Null);
+}
+
+/// Paging with `next` neither repeats nor skips rows when new rows are written
+/// between pages.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_cursor_is_stable_while_rows_arrive() {
+    let app = spawn_app().await;
+    let seed = Seed::new(&app);
+    let ws = new_id("org");
+    seed.workspace(&ws).await;
+    for i in 0..20 {
+        seed.audit(&ws, "member.added", Some(&format!("old_{i:02}")))
+            .await;
+    }
+    let mut seen: Vec<String> = Vec::new();
+    let mut path = format!("/v1/workspaces/{ws}/audit?limit=7");
+    let mut pages = 0;
+    loop {
+        let (status, page) = Call::get(path.clone()).send(&app).await;
+        assert_eq!(status, 200, "{path}");
+        pages += 1;
+        seen.extend(
+            page["data"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|r| r["subject"].as_str().unwrap().to_owned()),
+        );
+        // New rows arrive between pages.
+        seed.audit(&ws, "member.added", Some(&format!("new_{pages}")))
+            .await;
+        match page["next"].as_str() {
+            Some(next) => path = format!("/v1/workspaces/{ws}/audit?limit=7&before={next}"),
+            None => break,
+        }
+    }
+    let mut expected: Vec<String> = (0..20).rev().map(|i| format!("old_{i:02}")).collect();
+    expected.push(ws.clone());
+    assert_eq!(
+        seen, expected,
+        "every old row once, in order, none of the new ones"
+    );
+    assert_eq!(pages, 3);
+}
+
+/// Bad `limit` values and cursors this API did not issue are 400.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_rejects_bad_limit_and_cursor() {
+    let app = spawn_app().await;
+    let ws = new_id("org");
+    Seed::new(&app).workspace(&ws).await;
+    for (query, code) in [
+        ("limit=0", "invalid_limit"),
+        ("limit=501", "invalid_limit"),
+        ("limit=-5", "invalid_limit"),
+        ("limit=ten", "invalid_limit"),
+        ("limit=", "invalid_limit"),
+        ("before=42", "invalid_cursor"),
+        ("before=%FF%FE", "invalid_cursor"),
+        ("before=", "invalid_cursor"),
+        ("limit=1&limit=2", "invalid_query"),
+    ] {
+        let (status, body) = Call::get(format!("/v1/workspaces/{ws}/audit?{query}"))
+            .send(&app)
+            .await;
+        assert_eq!(status, 400, "{query}");
+        assert_eq!(error_code(&body), code, "{query}");
+    }
+    let (status, body) = Call::get(format!("/v1/workspaces/{ws}/audit?limit=500"))
+        .send(&app)
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(body["data"].as_array().unwrap().len(), 1);
+}
+
+/// Completing and skipping steps: the answer is the updated onboarding, each
+/// change writes one `onboarding.step_updated` row (actor api), and onboarding
+/// completes once required steps are completed and optional ones settled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn onboarding_steps_complete_and_are_audited() {
+    let app = spawn_app().await;
+    let seed = Seed::new(&app);
+    let ws = new_id("org");
+    seed.workspace(&ws).await;
+    let step = |name: &str, status: &str| {
+        Call::post(
+            format!("/v1/workspaces/{ws}/onboarding/{name}"),
+            format!(r#"{{"status":"{status}"}}"#),
+        )
+    };
+
+    let (status, body) = step("gong", "completed").send(&app).await;
+    assert_eq!(status, 200);
+    assert_eq!(keys(&body), set(&["status", "current_step", "steps"]));
+    assert_eq!(body["status"], "pending");
+    assert_eq!(body["current_step"], "hubspot");
+    assert_eq!(
+        body["steps"][0],
+        json!({"name": "gong", "required": true, "status": "completed"})
+    );
+
+    let (status, body) = step("hubspot", "skipped").send(&app).await;
+    assert_eq!(status, 200);
+    assert_eq!(body["current_step"], "slack");
+    assert_eq!(body["steps"][1]["status"], "skipped");
+
+    // Out of order is fine: current_step is the first pending by position.
+    let (_, body) = step("starter_analysis", "completed").send(&app).await;
+    assert_eq!(body["current_step"], "slack");
+    assert_eq!(body["status"], "pending");
+
+    let (status, body) = step("slack", "completed").send(&app).await;
+    assert_eq!(status, 200);
+    assert_eq!(body["status"], "completed");
+    assert_eq!(body["current_step"], Value::Null);
+
+    // The same status again changes nothing and writes no audit row.
+    let (status, again) = step("slack", "completed").send(&app).await;
+    assert_eq!((status, &again), (200, &body));
+
+    // An optional step may go from completed to skipped (a change, audited).
+    let (status, body) = step("slack", "skipped").send(&app).await;
+    assert_eq!(status, 200);
+    assert_eq!(body["status"], "completed");
+
+    let (_, ws_body) = Call::get(format!("/v1/workspaces/{ws}")).send(&app).await;
+    assert_eq!(ws_body["onboarding"], body, "GET shows the same onboarding");
+
+    let rows = seed.audit_rows(&ws, "onboarding.step_updated").await;
+    let summary: Vec<(String, String, Value)> = rows
+        .into_iter()
+        .map(|(actor, subject, details)| (actor, subject.unwrap(), details))
+        .collect();
+    let row = |s: &str, from: &str, to: &str| {
+        (
+            "api".to_string(),
+            s.to_string(),
+            json!({"from": from, "to": to, "acting_user": null}),
+        )
+    };
+    assert_eq!(
+        summary,
+        vec![
+            row("gong", "pending", "completed"),
+            row("hubspot", "pending", "skipped"),
+            row("starter_analysis", "pending", "completed"),
+            row("slack", "pending", "completed"),
+            row("slack", "completed", "skipped"),
+        ]
+    );
+    let (_, audit) = Call::get(format!("/v1/workspaces/{ws}/audit?limit=1"))
+        .send(&app)
+        .await;
+    assert_eq!(audit["data"][0]["action"], "onboarding.step_updated");
+    assert_eq!(audit["data"][0]["actor"], "api");
+    assert_eq!(audit["data"][0]["subject"], "slack");
+    assert_eq!(audit["data"][0]["event_id"], Value::Null);
+}
+
+/// Onboarding refusals: 422 skipping a required step, 404 unknown step, 400 bad
+/// JSON, 422 unknown status, 409 deleted workspace — none changes or audits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn onboarding_refusals_change_nothing() {
+    let app = spawn_app().await;
+    let seed = Seed::new(&app);
+    let ws = new_id("org");
+    let gone = new_id("org");
+    seed.workspace(&ws).await;
+    seed.workspace(&gone).await;
+    seed.delete_workspace(&gone, true).await;
+    let post = |id: &str, step: &str, body: &str| {
+        Call::post(
+            format!("/v1/workspaces/{id}/onboarding/{step}"),
+            body.to_owned(),
+        )
+    };
+
+    for (call, expected, code) in [
+        (
+            post(&ws, "gong", r#"{"status":"skipped"}"#),
+            422,
+            "step_required",
+        ),
+        (
+            post(&ws, "starter_analysis", r#"{"status":"skipped"}"#),
+            422,
+            "step_required",
+        ),
+        (
+            post(&ws, "salesforce", r#"{"status":"completed"}"#),
+            404,
+            "not_found",
+        ),
+        (
+            post(&ws, "GONG", r#"{"status":"completed"}"#),
+            404,
+            "not_found",
+        ),
+        (post(&ws, "gong", r#"{"status":"#), 400, "invalid_json"),
+        (post(&ws, "gong", "status=completed"), 400, "invalid_json"),
+        (post(&ws, "gong", ""), 400, "invalid_json"),
+        (
+            post(&ws, "gong", r#"{"status":"done"}"#),
+            422,
+            "invalid_status",
+        ),
+        (
+            post(&ws, "gong", r#"{"status":"pending"}"#),
+            422,
+            "invalid_status",
+        ),
+        (
+            post(&ws, "gong", r#"{"state":"completed"}"#),
+            422,
+            "invalid_status",
+        ),
+        (
+            post(&gone, "gong", r#"{"status":"completed"}"#),
+            409,
+            "workspace_deleted",
+        ),
+    ] {
+        let what = format!(
+            "{} {:?}",
+            call.path,
+            String::from_utf8_lossy(call.body.as_deref().unwrap())
+        );
+        let (status, body) = call.send(&app).await;
+        assert_eq!(status, expected, "{what}");
+        assert_eq!(error_code(&body), code, "{what}");
+    }
+    for id in [&ws, &gone] {
+        assert!(
+            seed.audit_rows(id, "onboarding.step_updated")
+                .await
+                .is_empty()
+        );
+    }
+    let (_, body) = Call::get(format!("/v1/workspaces/{ws}")).send(&app).await;
+    assert!(
+        body["onboarding"]["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|s| s["status"] == "pending")
+    );
+    let (_, body) = Call::get(format!("/v1/workspaces/{gone}")).send(&app).await;
+    assert_eq!(body["onboarding"]["steps"][0]["status"], "pending");
+
+    // GET on the write route is not allowed (but still needs the token first).
+    let (status, body) = Call::get(format!("/v1/workspaces/{ws}/onboarding/gong"))
+        .send(&app)
+        .await;
+    assert_eq!(status, 405);
+    assert_eq!(error_code(&body), "method_not_allowed");
+}
+
+/// With X-Acting-User an admin may write (acting user in the audit details) and a
+/// plain member gets 403.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn onboarding_writes_need_admin_when_acting() {
+    let app = spawn_app().await;
+    let seed = Seed::new(&app);
+    let ws = new_id("org");
+    seed.workspace(&ws).await;
+    seed.member(&ws, "user_admin", "org:admin").await;
+    seed.member(&ws, "user_member", "org:member").await;
+    let path = format!("/v1/workspaces/{ws}/onboarding/gong");
+
+    let (status, body) = Call::post(path.clone(), r#"{"status":"completed"}"#)
+        .acting("user_member")
+        .send(&app)
+        .await;
+    assert_eq!(status, 403);
+    assert_eq!(error_code(&body), "forbidden");
+    assert!(
+        seed.audit_rows(&ws, "onboarding.step_updated")
+            .await
+            .is_empty()
+    );
+
+    let (status, body) = Call::post(path, r#"{"status":"completed"}"#)
+        .acting("user_admin")
+        .send(&app)
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(body["steps"][0]["status"], "completed");
+    let rows = seed.audit_rows(&ws, "onboarding.step_updated").await;
+    assert_eq!(
+        rows,
+        vec![(
+            "api".into(),
+            Some("gong".into()),
+            json!({"from": "pending", "to": "completed", "acting_user": "user_admin"})
+        )]
+    );
+
+    // Members may read; the acting header must be usable.
+    let (status, _) = Call::get(format!("/v1/workspaces/{ws}"))
+        .acting("user_member")
+        .send(&app)
+        .await;
+    assert_eq!(status, 200);
+    let (status, body) = Call::get(format!("/v1/workspaces/{ws}"))
+        .acting("")
+        .send(&app)
+        .await;
+    assert_eq!(
+        status, 400,
+        "an empty X-Acting-User is not the trusted caller"
+    );
+    assert_eq!(error_code(&body), "invalid_acting_user");
+}
+
+/// GET /v1/events/{svix_id}: the processing-log row with every §6 field; 404
+/// until a worker has seen it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_route_shows_the_processing_log() {
+    let app = spawn_app().await;
+    let seed = Seed::new(&app);
+    let ws = new_id("org");
+    seed.workspace(&ws).await;
+    seed.event(
+        "msg_ok",
+        "organization.created",
+        Some(&ws),
+        "processed",
+        None,
+    )
+    .await;
+    seed.event(
+        "msg_dead",
+        "organizationMembership.created",
+        None,
+        "dead",
+        Some("data.id missing"),
+    )
+    .await;
+
+    let (status, body) = Call::get("/v1/events/msg_ok").send(&app).await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        body,
+        json!({
+            "id": "msg_ok",
+            "type": "organization.created",
+            "workspace_id": ws,
+            "status": "processed",
+            "error": null,
+            "received_at": "2024-05-28T08:00:00.000Z",
+            "processed_at": "2024-05-28T08:00:01.500Z",
+        })
+    );
+    let (status, body) = Call::get("/v1/events/msg_dead").send(&app).await;
+    assert_eq!(status, 200);
+    assert_eq!(body["status"], "dead");
+    assert_eq!(body["error"], "data.id missing");
+    assert_eq!(body["workspace_id"], Value::Null);
+
+    for id in ["msg_unknown", "MSG_OK", "msg_ok%20"] {
+        let (status, body) = Call::get(format!("/v1/events/{id}")).send(&app).await;
+        assert_eq!(status, 404, "{id}");
+        assert_eq!(error_code(&body), "not_found");
+    }
+}
+
+/// The OpenAPI document lists every route with its method, declares the bearer
+/// scheme, and each listed path answers on the server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openapi_lists_every_route() {
+    let app = spawn_app().await;
+    let seed = Seed::new(&app);
+    let ws = new_id("org");
+    seed.workspace(&ws).await;
+    seed.member(&ws, "user_a", "org:admin").await;
+    seed.event(
+        "msg_doc",
+        "organization.created",
+        Some(&ws),
+        "processed",
+        None,
+    )
+    .await;
+
+    let (status, doc) = Call::get("/v1/openapi.json").send(&app).await;
+    assert_eq!(status, 200);
+    assert!(doc["openapi"].as_str().unwrap().starts_with("3."));
+    let listed: BTreeSet<(String, String)> = doc["paths"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .flat_map(|(path, item)| {
+            item.as_object()
+                .unwrap()
+                .keys()
+                .filter(|k| ["get", "post", "put", "patch", "delete"].contains(&k.as_str()))
+                .map(move |m| (m.to_uppercase(), path.clone()))
+        })
+        .collect();
+    let expected: BTreeSet<(String, String)> = [
+        ("GET", "/v1/workspaces/{id}"),
+        ("GET", "/v1/workspaces/{id}/members"),
+        ("GET", "/v1/workspaces/{id}/members/{user_id}"),
+        ("GET", "/v1/workspaces/{id}/audit"),
+        ("POST", "/v1/workspaces/{id}/onboarding/{step}"),
+        ("GET", "/v1/users/{user_id}/workspaces"),
+        ("GET", "/v1/events/{svix_id}"),
+        ("GET", "/v1/openapi.json"),
+    ]
+    .iter()
+    .map(|(m, p)| (m.to_string(), p.to_string()))
+    .collect();
+    assert_eq!(listed, expected);
+
+    let scheme = &doc["components"]["securitySchemes"]["bearer"];
+    assert_eq!(scheme["type"], "http");
+    assert_eq!(scheme["scheme"], "bearer");
+    assert_eq!(doc["security"], json!([{"bearer": []}]));
+    for schema in [
+        "Workspace",
+        "Onboarding",
+        "Member",
+        "AuditPage",
+        "Event",
+        "ErrorBody",
+    ] {
+        assert!(doc["components"]["schemas"][schema].is_object(), "{schema}");
+    }
+    let audit_params: Vec<&str> = doc["paths"]["/v1/workspaces/{id}/audit"]["get"]["parameters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(audit_params, ["id", "limit", "before"]);
+
+    // Every documented route is real: filled in, it answers 200.
+    for (method, path) in &expected {
+        let real = path
+            .replace("{id}", &ws)
+            .replace("{user_id}", "user_a")
+            .replace("{step}", "slack")
+            .replace("{svix_id}", "msg_doc");
+        let call = match method.as_str() {
+            "POST" => Call::post(real.clone(), r#"{"status":"completed"}"#),
+            _ => Call::get(real.clone()),
+        };
+        let (status, _) = call.send(&app).await;
+        assert_eq!(status, 200, "{method} {real}");
+    }
+}
+
+/// While PostgreSQL is unreachable the API answers 503 with the error body, and
+/// recovers by itself when it returns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn database_down_is_503_then_recovers() {
+    let upstream: SocketAddr = "127.0.0.1:5432".parse().unwrap();
+    let proxy = common::proxy::Proxy::start(upstream).await;
+    let iso = Isolation::new();
+    let url = format!("postgres://postgres@{}/{}", proxy.addr, iso.database);
+    let app = spawn_app_isolated(
+        iso,
+        TestOptions {
+            database_url: Some(url),
+            extra_config: "[database]\nacquire_timeout_ms = 1000\n".into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    let ws = new_id("org");
+    Seed::new(&app).workspace(&ws).await;
+    let (status, _) = Call::get(format!("/v1/workspaces/{ws}")).send(&app).await;
+    assert_eq!(status, 200);
+
+    proxy.cut().await;
+    for path in [
+        format!("/v1/workspaces/{ws}"),
+        format!("/v1/workspaces/{ws}/members"),
+    ] {
+        let (status, body) = Call::get(path.clone()).send(&app).await;
+        assert_eq!(status, 503, "{path}");
+        assert_eq!(error_code(&body), "database_unavailable");
+    }
+    let (status, _) = Call::post(
+        format!("/v1/workspaces/{ws}/onboarding/gong"),
+        r#"{"status":"completed"}"#,
+    )
+    .send(&app)
+    .await;
+    assert_eq!(status, 503);
+
+    proxy.restore();
+    let back = eventually(std::time::Duration::from_secs(20), || async {
+        let (status, _) = Call::get(format!("/v1/workspaces/{ws}")).send(&app).await;
+        (status == 200).then_some(())
+    })
+    .await;
+    assert!(back.is_some(), "the API recovers without a restart");
+}
