@@ -463,9 +463,8 @@ impl Settings {
                 .map_err(|e| ConfigError::new("PROVISIONER_CONFIG", e.to_string()))?;
             merge(&mut table, over, 0);
         }
-        let raw: RawSettings = RawSettings::deserialize(table).map_err(|e| {
-            ConfigError::new("PROVISIONER_CONFIG", e.message().to_owned())
-        })?;
+        let raw: RawSettings = RawSettings::deserialize(table)
+            .map_err(|e| ConfigError::new("PROVISIONER_CONFIG", e.message().to_owned()))?;
         let env = |name: &str| non_empty(env(name));
 
         let environment = match env("PROVISIONER_ENV") {
@@ -493,7 +492,10 @@ impl Settings {
             return Err(ConfigError::new("http.max_body_bytes", "must be positive"));
         }
         if raw.http.publish_timeout_ms == 0 {
-            return Err(ConfigError::new("http.publish_timeout_ms", "must be positive"));
+            return Err(ConfigError::new(
+                "http.publish_timeout_ms",
+                "must be positive",
+            ));
         }
 
         let database_url = env("DATABASE_URL").unwrap_or(raw.database.url);
@@ -502,15 +504,15 @@ impl Settings {
             _ => {
                 return Err(ConfigError::new(
                     "database.url (DATABASE_URL)",
-                    format!(
-                        "`{}` is not a postgres:// URL",
-                        redact_url(&database_url)
-                    ),
+                    format!("`{}` is not a postgres:// URL", redact_url(&database_url)),
                 ));
             }
         }
         if raw.database.max_connections == 0 {
-            return Err(ConfigError::new("database.max_connections", "must be positive"));
+            return Err(ConfigError::new(
+                "database.max_connections",
+                "must be positive",
+            ));
         }
 
         let amqp_url = env("AMQP_URL").unwrap_or(raw.broker.url);
@@ -526,7 +528,10 @@ impl Settings {
         for (name, value) in [
             ("broker.exchange", &raw.broker.exchange),
             ("broker.queue", &raw.broker.queue),
-            ("broker.dead_letter_exchange", &raw.broker.dead_letter_exchange),
+            (
+                "broker.dead_letter_exchange",
+                &raw.broker.dead_letter_exchange,
+            ),
             ("broker.dead_letter_queue", &raw.broker.dead_letter_queue),
             ("broker.retry_queue_prefix", &raw.broker.retry_queue_prefix),
         ] {
@@ -535,12 +540,17 @@ impl Settings {
             }
         }
         if raw.broker.delivery_limit == 0 {
-            return Err(ConfigError::new("broker.delivery_limit", "must be positive"));
+            return Err(ConfigError::new(
+                "broker.delivery_limit",
+                "must be positive",
+            ));
         }
 
         let secrets_raw = env("CLERK_WEBHOOK_SECRET").unwrap_or(raw.clerk.webhook_secrets);
-        let webhook_secrets: Vec<Secret> =
-            split_list(&secrets_raw).into_iter().map(Secret::new).collect();
+        let webhook_secrets: Vec<Secret> = split_list(&secrets_raw)
+            .into_iter()
+            .map(Secret::new)
+            .collect();
         if webhook_secrets.is_empty() {
             return Err(ConfigError::new(
                 "clerk.webhook_secrets (CLERK_WEBHOOK_SECRET)",
@@ -615,7 +625,10 @@ impl Settings {
         }
 
         if raw.plans.is_empty() {
-            return Err(ConfigError::new("plans", "at least one [plans.NAME] table is required"));
+            return Err(ConfigError::new(
+                "plans",
+                "at least one [plans.NAME] table is required",
+            ));
         }
         for (plan, quotas) in &raw.plans {
             for quota in REQUIRED_QUOTAS {
@@ -747,7 +760,11 @@ mod tests {
             "postgres://postgres@127.0.0.1:5432/provisioner"
         );
         assert_eq!(s.environment, Environment::Development);
-        assert!(s.provisioning.plans.contains_key(&s.provisioning.default_plan));
+        assert!(
+            s.provisioning
+                .plans
+                .contains_key(&s.provisioning.default_plan)
+        );
     }
 
     #[test]
@@ -776,7 +793,10 @@ mod tests {
             None,
             &[
                 ("PROVISIONER_ENV", "production"),
-                ("CLERK_WEBHOOK_SECRET", "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"),
+                (
+                    "CLERK_WEBHOOK_SECRET",
+                    "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+                ),
             ],
         )
         .unwrap_err();
@@ -785,7 +805,10 @@ mod tests {
             None,
             &[
                 ("PROVISIONER_ENV", "production"),
-                ("CLERK_WEBHOOK_SECRET", "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"),
+                (
+                    "CLERK_WEBHOOK_SECRET",
+                    "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+                ),
                 ("PROVISIONER_API_TOKENS", "prod-token"),
             ],
         )
@@ -798,7 +821,11 @@ mod tests {
             ("PROVISIONER_LISTEN", "nonsense", "http.listen"),
             ("DATABASE_URL", "mysql://x", "database.url"),
             ("AMQP_URL", "http://x", "broker.url"),
-            ("CLERK_WEBHOOK_SECRET", "not-a-secret", "clerk.webhook_secrets"),
+            (
+                "CLERK_WEBHOOK_SECRET",
+                "not-a-secret",
+                "clerk.webhook_secrets",
+            ),
             ("LOG_FORMAT", "xml", "log.format"),
         ];
         for (var, value, setting) in cases {
@@ -838,7 +865,10 @@ gong_credentials = 6
     fn secrets_never_show_in_debug() {
         let s = load(
             None,
-            &[("AMQP_URL", "amqp://user:hunter2@rabbit:5672/%2f"), ("DATABASE_URL", "postgres://u:pgpass@db/x")],
+            &[
+                ("AMQP_URL", "amqp://user:hunter2@rabbit:5672/%2f"),
+                ("DATABASE_URL", "postgres://u:pgpass@db/x"),
+            ],
         )
         .unwrap();
         let debug = format!("{s:?}");

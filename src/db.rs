@@ -78,7 +78,10 @@ pub async fn ensure_database(settings: &DatabaseSettings) -> Result<(), DbError>
             })?;
     if !exists {
         let sql = format!("create database \"{}\"", name.replace('"', "\"\""));
-        match sqlx::query(sqlx::AssertSqlSafe(sql)).execute(&mut conn).await {
+        match sqlx::query(sqlx::AssertSqlSafe(sql))
+            .execute(&mut conn)
+            .await
+        {
             Ok(_) => tracing::info!(database = %name, "created database"),
             // 42P04 duplicate_database: another process won the race.
             Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42P04") => {}

@@ -229,8 +229,7 @@ async fn receive(
         HttpError::bad_request("invalid_payload", message)
     })?;
 
-    if let (Some(expected), Some(actual)) =
-        (&settings.clerk.instance_id, &envelope.instance_id)
+    if let (Some(expected), Some(actual)) = (&settings.clerk.instance_id, &envelope.instance_id)
         && expected != actual
     {
         outcome("wrong_instance");
@@ -257,7 +256,10 @@ async fn receive(
     }
 
     let started = Instant::now();
-    let result = state.publisher.publish_event(&body, &id, &envelope.kind).await;
+    let result = state
+        .publisher
+        .publish_event(&body, &id, &envelope.kind)
+        .await;
     metrics::histogram!("webhook_publish_seconds").record(started.elapsed().as_secs_f64());
     match result {
         Ok(()) => {

@@ -138,7 +138,10 @@ impl Application {
     }
 
     /// Serves until `signal` completes, then drains and returns.
-    pub async fn run(self, signal: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+    pub async fn run(
+        self,
+        signal: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
         let Self {
             listener,
             state,
@@ -176,7 +179,9 @@ impl Application {
         if let Some(handle) = worker {
             match tokio::time::timeout(grace, handle).await {
                 Ok(Ok(Ok(()))) => {}
-                Ok(Ok(Err(e))) => tracing::error!(error = %format!("{e:#}"), "worker stopped with an error"),
+                Ok(Ok(Err(e))) => {
+                    tracing::error!(error = %format!("{e:#}"), "worker stopped with an error")
+                }
                 Ok(Err(e)) => tracing::error!(error = %e, "worker task panicked"),
                 Err(_) => tracing::warn!("worker did not stop within the grace period"),
             }

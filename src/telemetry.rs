@@ -14,11 +14,17 @@ use crate::config::{LogFormat, LogSettings};
 pub fn init_tracing(settings: &LogSettings) {
     static INIT: OnceLock<()> = OnceLock::new();
     INIT.get_or_init(|| {
-        let filter = EnvFilter::try_new(&settings.filter).unwrap_or_else(|_| EnvFilter::new("info"));
+        let filter =
+            EnvFilter::try_new(&settings.filter).unwrap_or_else(|_| EnvFilter::new("info"));
         let registry = tracing_subscriber::registry().with(filter);
         let result = match settings.format {
             LogFormat::Json => registry
-                .with(fmt::layer().json().flatten_event(true).with_writer(std::io::stderr))
+                .with(
+                    fmt::layer()
+                        .json()
+                        .flatten_event(true)
+                        .with_writer(std::io::stderr),
+                )
                 .try_init(),
             LogFormat::Text => registry
                 .with(fmt::layer().with_writer(std::io::stderr))
@@ -38,8 +44,8 @@ pub fn metrics_handle() -> PrometheusHandle {
                 .set_buckets_for_metric(
                     Matcher::Suffix("_seconds".to_owned()),
                     &[
-                        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
-                        2.5, 5.0, 10.0, 30.0,
+                        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                        5.0, 10.0, 30.0,
                     ],
                 )
                 .expect("bucket list is not empty");

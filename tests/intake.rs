@@ -22,8 +22,19 @@ async fn verified_handled_event_is_queued_after_confirm() {
     assert_eq!(msgs.len(), 1);
     let m = &msgs[0];
     assert_eq!(m.delivery.data, body, "body is published unchanged");
-    assert_eq!(m.delivery.properties.message_id().as_ref().unwrap().as_str(), id);
-    assert_eq!(m.delivery.properties.kind().as_ref().unwrap().as_str(), "organization.created");
+    assert_eq!(
+        m.delivery
+            .properties
+            .message_id()
+            .as_ref()
+            .unwrap()
+            .as_str(),
+        id
+    );
+    assert_eq!(
+        m.delivery.properties.kind().as_ref().unwrap().as_str(),
+        "organization.created"
+    );
     assert_eq!(m.delivery.properties.delivery_mode(), &Some(2));
     assert_eq!(m.delivery.routing_key.as_str(), "organization.created");
     app.stop().await.unwrap();

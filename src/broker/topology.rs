@@ -31,7 +31,10 @@ pub struct Topology {
 fn quorum_args(expires: Option<u64>) -> FieldTable {
     let mut args = FieldTable::default();
     // Quorum: replicated, always durable, with poison-message handling.
-    args.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("quorum".into()),
+    );
     if let Some(ms) = expires {
         args.insert("x-expires".into(), AMQPValue::LongLongInt(ms as i64));
     }
@@ -103,7 +106,10 @@ impl Topology {
             "x-dead-letter-strategy".into(),
             AMQPValue::LongString("at-least-once".into()),
         );
-        work.insert("x-overflow".into(), AMQPValue::LongString("reject-publish".into()));
+        work.insert(
+            "x-overflow".into(),
+            AMQPValue::LongString("reject-publish".into()),
+        );
         channel
             .queue_declare(self.queue.as_str().into(), durable(), work)
             .await?;
@@ -140,10 +146,16 @@ impl Topology {
             let mut args = quorum_args(self.queue_expires_ms);
             // Per-queue TTL (not per message): each queue holds one delay, so a long
             // delay never blocks a shorter one at the head.
-            args.insert("x-message-ttl".into(), AMQPValue::LongLongInt(*delay as i64));
+            args.insert(
+                "x-message-ttl".into(),
+                AMQPValue::LongLongInt(*delay as i64),
+            );
             // Expired messages go straight back to the work queue through the
             // default exchange.
-            args.insert("x-dead-letter-exchange".into(), AMQPValue::LongString("".into()));
+            args.insert(
+                "x-dead-letter-exchange".into(),
+                AMQPValue::LongString("".into()),
+            );
             args.insert(
                 "x-dead-letter-routing-key".into(),
                 AMQPValue::LongString(self.queue.as_str().into()),
@@ -152,7 +164,10 @@ impl Topology {
                 "x-dead-letter-strategy".into(),
                 AMQPValue::LongString("at-least-once".into()),
             );
-            args.insert("x-overflow".into(), AMQPValue::LongString("reject-publish".into()));
+            args.insert(
+                "x-overflow".into(),
+                AMQPValue::LongString("reject-publish".into()),
+            );
             channel
                 .queue_declare(ShortString::from(name.as_str()), durable(), args)
                 .await?;

@@ -137,7 +137,9 @@ pub fn test_settings(iso: &Isolation, opts: &TestOptions) -> Settings {
     let mut env: Vec<(String, String)> = vec![
         (
             "DATABASE_URL".into(),
-            opts.database_url.clone().unwrap_or_else(|| iso.database_url()),
+            opts.database_url
+                .clone()
+                .unwrap_or_else(|| iso.database_url()),
         ),
         (
             "AMQP_URL".into(),
@@ -224,9 +226,14 @@ pub async fn spawn_app_with(opts: TestOptions) -> TestApp {
 pub async fn spawn_app_isolated(iso: Isolation, opts: TestOptions) -> TestApp {
     sweep_old_databases().await;
     let settings = test_settings(&iso, &opts);
-    let app = Application::build(settings.clone(), ServeOptions { worker: opts.worker })
-        .await
-        .expect("application builds");
+    let app = Application::build(
+        settings.clone(),
+        ServeOptions {
+            worker: opts.worker,
+        },
+    )
+    .await
+    .expect("application builds");
     let port = app.port();
     let db = app.state().db.clone();
     let (tx, rx) = oneshot::channel::<()>();

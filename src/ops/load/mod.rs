@@ -9,6 +9,8 @@ use clap::{Args, Subcommand};
 
 use crate::config::Settings;
 
+pub mod e2e;
+
 /// Arguments of `load`.
 #[derive(Debug, Args)]
 pub struct LoadArgs {
@@ -19,12 +21,17 @@ pub struct LoadArgs {
 
 /// Load targets.
 #[derive(Debug, Subcommand)]
-pub enum LoadTarget {}
+pub enum LoadTarget {
+    /// End to end: signed events through intake, broker and worker into
+    /// PostgreSQL; sustained provisioned events/s and provisioning lag.
+    E2e(e2e::E2eArgs),
+}
 
 /// Runs `load`.
 pub async fn run(settings: &Settings, args: LoadArgs) -> anyhow::Result<()> {
-    let _ = settings;
-    match args.target {}
+    match args.target {
+        LoadTarget::E2e(a) => e2e::run(settings, a).await,
+    }
 }
 
 /// Latency samples and the wall time they were collected in.
