@@ -299,7 +299,7 @@ fn event_body(run_id: &str, i: usize, per_org: usize, now_ms: i64) -> Vec<u8> {
         "members_count": per_org,
         "max_allowed_memberships": 100,
         "admin_delete_enabled": true,
-        "public_metadata": if org_n % 5 == 0 { json!({"plan": "team"}) } else { json!({}) },
+        "public_metadata": if org_n.is_multiple_of(5) { json!({"plan": "team"}) } else { json!({}) },
         "private_metadata": {},
         "created_by": format!("user_e2e{run_id}x{org_n}x1"),
         "created_at": now_ms,
