@@ -5,6 +5,8 @@
 //! against the machine's real services and leave nothing behind.
 #![allow(dead_code)]
 
+pub mod clerk_events;
+pub mod database;
 pub mod proxy;
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};

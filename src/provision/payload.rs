@@ -1,0 +1,526 @@
+//! Tolerant decoding of Clerk webhook bodies into the facts provisioning needs.
+//!
+//! Guarantee: unknown fields are ignored and nullable fields (per
+//! `reference/clerk-events.md`) may be null or absent, but every field the
+//! provisioner relies on (ids, versions, names) is checked; anything missing or of
+//! the wrong type is a [`PayloadError`] whose text names the field, so a dead
+//! letter says exactly what to fix.
+
+use serde_json::{Map, Value};
+
+use crate::clerk::is_handled;
+
+/// Why a body cannot be applied; the text names the offending field.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct PayloadError(pub String);
+
+/// Envelope timestamps below this are seconds (Clerk's OpenAPI examples), not ms.
+const SECONDS_THRESHOLD: i64 = 1_000_000_000_000;
+
+/// A decoded webhook: its type, envelope timestamp and the handled facts.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Decoded {
+    /// Event type (`organization.created`, …), as in the body.
+    pub kind: String,
+    /// Envelope `timestamp` in ms (seconds converted); absent in some hand-made bodies.
+    pub timestamp_ms: Option<i64>,
+    /// What the event says.
+    pub event: Event,
+}
+
+/// The facts of one handled event type.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// `organization.created` / `organization.updated`.
+    OrganizationUpsert(Organization),
+    /// `organization.deleted` (version = envelope timestamp).
+    OrganizationDeleted {
+        /// Organization id.
+        id: String,
+        /// Envelope timestamp (ms).
+        at_ms: i64,
+    },
+    /// `organizationMembership.created` / `.updated`.
+    MembershipUpsert(Membership),
+    /// `organizationMembership.deleted` (the full membership).
+    MembershipDeleted {
+        /// The membership as it was.
+        membership: Membership,
+        /// Envelope timestamp (ms).
+        at_ms: i64,
+    },
+    /// `user.updated`.
+    UserUpdated(User),
+    /// `user.deleted` (version = envelope timestamp).
+    UserDeleted {
+        /// User id.
+        id: String,
+        /// Envelope timestamp (ms).
+        at_ms: i64,
+    },
+    /// A type this service does not handle (recorded as `ignored`).
+    Unhandled,
+}
+
+impl Decoded {
+    /// The workspace (organization id) the event is about, if it names one.
+    pub fn workspace_id(&self) -> Option<&str> {
+        match &self.event {
+            Event::OrganizationUpsert(o) => Some(&o.id),
+            Event::OrganizationDeleted { id, .. } => Some(id),
+            Event::MembershipUpsert(m) | Event::MembershipDeleted { membership: m, .. } => {
+                Some(&m.organization.id)
+            }
+            Event::UserUpdated(_) | Event::UserDeleted { .. } | Event::Unhandled => None,
+        }
+    }
+}
+
+/// An organization snapshot (`data` of organization events, or embedded in a membership).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Organization {
+    /// `org_…`
+    pub id: String,
+    /// Display name.
+    pub name: String,
+    /// May be absent or null when slugs are disabled.
+    pub slug: Option<String>,
+    /// Logo URL.
+    pub image_url: Option<String>,
+    /// Creator's user id.
+    pub created_by: Option<String>,
+    /// Clerk's member limit.
+    pub max_allowed_memberships: Option<i32>,
+    /// `public_metadata.plan` when it is a string.
+    pub requested_plan: Option<String>,
+    /// ms
+    pub created_at: i64,
+    /// ms; the snapshot's version.
+    pub updated_at: i64,
+}
+
+/// A membership snapshot.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Membership {
+    /// `orgmem_…`
+    pub id: String,
+    /// Clerk role key (`org:admin`, `org:member`, custom).
+    pub role: String,
+    /// The organization as embedded in the membership.
+    pub organization: Organization,
+    /// The member's identity.
+    pub user: PublicUser,
+    /// ms; when the user joined.
+    pub created_at: i64,
+    /// ms; the snapshot's version.
+    pub updated_at: i64,
+}
+
+/// `public_user_data` of a membership.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PublicUser {
+    /// `user_…`
+    pub user_id: String,
+    /// `identifier` (usually the email).
+    pub identifier: Option<String>,
+    /// First name.
+    pub first_name: Option<String>,
+    /// Last name.
+    pub last_name: Option<String>,
+    /// Avatar URL.
+    pub image_url: Option<String>,
+}
+
+/// A user snapshot (`data` of `user.updated`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct User {
+    /// `user_…`
+    pub id: String,
+    /// The primary email address, else the first one.
+    pub email: Option<String>,
+    /// First name.
+    pub first_name: Option<String>,
+    /// Last name.
+    pub last_name: Option<String>,
+    /// Avatar URL.
+    pub image_url: Option<String>,
+    /// ms; the snapshot's version.
+    pub updated_at: i64,
+}
+
+/// Decodes a webhook body. `kind` is the message's `type` property (empty when the
+/// message carried none); when given it must agree with the body's `type`.
+pub fn decode(kind: &str, body: &[u8]) -> Result<Decoded, PayloadError> {
+    let value: Value = serde_json::from_slice(body)
+        .map_err(|e| PayloadError(format!("body is not valid JSON: {e}")))?;
+    let Value::Object(root) = value else {
+        return Err(PayloadError(format!(
+            "body must be a JSON object, got {}",
+            type_name(&value)
+        )));
+    };
+    let root = Obj::new("", &root);
+    let body_kind = root.req_str("type")?.to_owned();
+    if !kind.is_empty() && kind != body_kind {
+        return Err(PayloadError(format!(
+            "message type `{kind}` does not match the body's type `{body_kind}`"
+        )));
+    }
+    let timestamp_ms = match root.opt_i64("timestamp")? {
+        Some(t) => {
+            let ms = if t < SECONDS_THRESHOLD {
+                t.saturating_mul(1000)
+            } else {
+                t
+            };
+            Some(check_time("timestamp", ms)?)
+        }
+        None => None,
+    };
+    if !is_handled(&body_kind) {
+        return Ok(Decoded {
+            kind: body_kind,
+            timestamp_ms,
+            event: Event::Unhandled,
+        });
+    }
+    let data = root.req_obj("data")?;
+    let at = || timestamp_ms.ok_or_else(|| PayloadError(missing("timestamp")));
+    let event = match body_kind.as_str() {
+        "organization.created" | "organization.updated" => {
+            Event::OrganizationUpsert(organization(&data)?)
+        }
+        "organization.deleted" => Event::OrganizationDeleted {
+            id: data.req_str("id")?.to_owned(),
+            at_ms: at()?,
+        },
+        "organizationMembership.created" | "organizationMembership.updated" => {
+            Event::MembershipUpsert(membership(&data)?)
+        }
+        "organizationMembership.deleted" => Event::MembershipDeleted {
+            membership: membership(&data)?,
+            at_ms: at()?,
+        },
+        "user.updated" => Event::UserUpdated(user(&data)?),
+        "user.deleted" => Event::UserDeleted {
+            id: data.req_str("id")?.to_owned(),
+            at_ms: at()?,
+        },
+        other => unreachable!("handled type {other} without a decoder"),
+    };
+    Ok(Decoded {
+        kind: body_kind,
+        timestamp_ms,
+        event,
+    })
+}
+
+/// The body's `type`, when it has one (for logging a body that does not decode).
+pub fn peek_type(body: &[u8]) -> Option<String> {
+    let v: Value = serde_json::from_slice(body).ok()?;
+    v.get("type")?.as_str().map(str::to_owned)
+}
+
+/// The organization id a body is about, when it can be found (for logging a body
+/// that does not decode).
+pub fn peek_workspace_id(body: &[u8]) -> Option<String> {
+    let v: Value = serde_json::from_slice(body).ok()?;
+    let kind = v.get("type")?.as_str()?;
+    let data = v.get("data")?;
+    let id = if kind.starts_with("organizationMembership.") {
+        data.get("organization")?.get("id")
+    } else if kind.starts_with("organization.") {
+        data.get("id")
+    } else {
+        None
+    };
+    id?.as_str().map(str::to_owned)
+}
+
+fn organization(o: &Obj<'_>) -> Result<Organization, PayloadError> {
+    let requested_plan = match o.opt_obj("public_metadata")? {
+        // Only a string can name a plan; anything else means "no plan requested".
+        Some(meta) => meta
+            .map
+            .get("plan")
+            .and_then(Value::as_str)
+            .map(str::to_owned),
+        None => None,
+    };
+    let max_allowed_memberships = match o.opt_i64("max_allowed_memberships")? {
+        Some(n) => Some(i32::try_from(n).map_err(|_| {
+            PayloadError(format!(
+                "{}: {n} is out of range",
+                o.path("max_allowed_memberships")
+            ))
+        })?),
+        None => None,
+    };
+    Ok(Organization {
+        id: o.req_id("id")?,
+        name: o.req_str("name")?.to_owned(),
+        slug: o.opt_str("slug")?,
+        image_url: o.opt_str("image_url")?,
+        created_by: o.opt_str("created_by")?,
+        max_allowed_memberships,
+        requested_plan,
+        created_at: check_time(&o.path("created_at"), o.req_i64("created_at")?)?,
+        updated_at: o.req_i64("updated_at")?,
+    })
+}
+
+fn membership(m: &Obj<'_>) -> Result<Membership, PayloadError> {
+    let id = m.req_id("id")?;
+    let role = m.req_str("role")?.to_owned();
+    let organization = organization(&m.req_obj("organization")?)?;
+    let u = m.req_obj("public_user_data")?;
+    let user = PublicUser {
+        user_id: u.req_id("user_id")?,
+        identifier: u.opt_str("identifier")?,
+        first_name: u.opt_str("first_name")?,
+        last_name: u.opt_str("last_name")?,
+        image_url: u.opt_str("image_url")?,
+    };
+    Ok(Membership {
+        id,
+        role,
+        organization,
+        user,
+        created_at: check_time(&m.path("created_at"), m.req_i64("created_at")?)?,
+        updated_at: m.req_i64("updated_at")?,
+    })
+}
+
+fn user(u: &Obj<'_>) -> Result<User, PayloadError> {
+    let id = u.req_id("id")?;
+    let primary = u.opt_str("primary_email_address_id")?;
+    let email = match u.map.get("email_addresses") {
+        None | Some(Value::Null) => None,
+        Some(Value::Array(list)) => {
+            // (id, address) of each well-formed entry; malformed entries are skipped.
+            let entries: Vec<(Option<&str>, &str)> = list
+                .iter()
+                .filter_map(|e| {
+                    let address = e.get("email_address")?.as_str()?;
+                    Some((e.get("id").and_then(Value::as_str), address))
+                })
+                .collect();
+            entries
+                .iter()
+                .find(|(eid, _)| eid.is_some() && *eid == primary.as_deref())
+                .or(entries.first())
+                .map(|(_, a)| (*a).to_owned())
+        }
+        Some(other) => {
+            return Err(PayloadError(format!(
+                "{}: expected an array, got {}",
+                u.path("email_addresses"),
+                type_name(other)
+            )));
+        }
+    };
+    Ok(User {
+        id,
+        email,
+        first_name: u.opt_str("first_name")?,
+        last_name: u.opt_str("last_name")?,
+        image_url: u.opt_str("image_url")?,
+        updated_at: u.req_i64("updated_at")?,
+    })
+}
+
+/// Latest ms timestamp accepted (9999-12-31T23:59:59.999Z).
+const MAX_TIME_MS: i64 = 253_402_300_799_999;
+
+/// A ms timestamp that is stored as a time: between 1970 and 9999.
+fn check_time(field: &str, ms: i64) -> Result<i64, PayloadError> {
+    if (0..=MAX_TIME_MS).contains(&ms) {
+        Ok(ms)
+    } else {
+        Err(PayloadError(format!(
+            "{field}: {ms} is not a plausible Unix time in milliseconds"
+        )))
+    }
+}
+
+fn missing(field: &str) -> String {
+    format!("{field}: missing")
+}
+
+fn type_name(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// A JSON object with its path from the root, for error messages.
+struct Obj<'a> {
+    prefix: String,
+    map: &'a Map<String, Value>,
+}
+
+impl<'a> Obj<'a> {
+    fn new(prefix: &str, map: &'a Map<String, Value>) -> Self {
+        Self {
+            prefix: prefix.to_owned(),
+            map,
+        }
+    }
+
+    fn path(&self, key: &str) -> String {
+        if self.prefix.is_empty() {
+            key.to_owned()
+        } else {
+            format!("{}.{key}", self.prefix)
+        }
+    }
+
+    fn wrong(&self, key: &str, expected: &str, got: &Value) -> PayloadError {
+        PayloadError(format!(
+            "{}: expected {expected}, got {}",
+            self.path(key),
+            type_name(got)
+        ))
+    }
+
+    fn req_str(&self, key: &str) -> Result<&'a str, PayloadError> {
+        match self.map.get(key) {
+            None => Err(PayloadError(missing(&self.path(key)))),
+            Some(Value::String(s)) => Ok(s),
+            Some(other) => Err(self.wrong(key, "a string", other)),
+        }
+    }
+
+    /// An id: a non-empty string.
+    fn req_id(&self, key: &str) -> Result<String, PayloadError> {
+        let s = self.req_str(key)?;
+        if s.trim().is_empty() {
+            return Err(PayloadError(format!("{}: empty", self.path(key))));
+        }
+        Ok(s.to_owned())
+    }
+
+    fn opt_str(&self, key: &str) -> Result<Option<String>, PayloadError> {
+        match self.map.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s.clone())),
+            Some(other) => Err(self.wrong(key, "a string or null", other)),
+        }
+    }
+
+    fn req_i64(&self, key: &str) -> Result<i64, PayloadError> {
+        match self.map.get(key) {
+            None => Err(PayloadError(missing(&self.path(key)))),
+            Some(v) => self.int(key, v),
+        }
+    }
+
+    fn opt_i64(&self, key: &str) -> Result<Option<i64>, PayloadError> {
+        match self.map.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => self.int(key, v).map(Some),
+        }
+    }
+
+    fn int(&self, key: &str, v: &Value) -> Result<i64, PayloadError> {
+        match v {
+            Value::Number(n) => n.as_i64().ok_or_else(|| {
+                PayloadError(format!("{}: expected an integer, got {n}", self.path(key)))
+            }),
+            other => Err(self.wrong(key, "an integer", other)),
+        }
+    }
+
+    fn req_obj(&self, key: &str) -> Result<Obj<'a>, PayloadError> {
+        match self.map.get(key) {
+            None => Err(PayloadError(missing(&self.path(key)))),
+            Some(Value::Object(m)) => Ok(Obj::new(&self.path(key), m)),
+            Some(other) => Err(self.wrong(key, "an object", other)),
+        }
+    }
+
+    fn opt_obj(&self, key: &str) -> Result<Option<Obj<'a>>, PayloadError> {
+        match self.map.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::Object(m)) => Ok(Some(Obj::new(&self.path(key), m))),
+            Some(other) => Err(self.wrong(key, "an object or null", other)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixture(name: &str) -> Vec<u8> {
+        std::fs::read(format!(
+            "{}/tests/fixtures/{name}.json",
+            env!("CARGO_MANIFEST_DIR")
+        ))
+        .unwrap()
+    }
+
+    // Every handled fixture decodes, with the facts the provisioner needs.
+    #[test]
+    fn fixtures_decode() {
+        let d = decode("organization.created", &fixture("organization.created")).unwrap();
+        let Event::OrganizationUpsert(o) = d.event else {
+            panic!("wrong event")
+        };
+        assert_eq!(o.id, "org_2g7np7Hrk0SN6kj5EDMLDaKNL0S");
+        assert_eq!(o.name, "Acme Corp");
+        assert_eq!(o.max_allowed_memberships, Some(5));
+        let d = decode("", &fixture("organizationMembership.deleted")).unwrap();
+        assert!(matches!(
+            d.event,
+            Event::MembershipDeleted {
+                at_ms: 1716883600000,
+                ..
+            }
+        ));
+        let d = decode("user.updated", &fixture("user.updated")).unwrap();
+        let Event::UserUpdated(u) = d.event else {
+            panic!("wrong event")
+        };
+        assert_eq!(u.email.as_deref(), Some("john.doe@acme.com"));
+        assert_eq!(u.updated_at, 1716883500000);
+        let d = decode("user.deleted", &fixture("user.deleted")).unwrap();
+        assert!(matches!(d.event, Event::UserDeleted { .. }));
+        let d = decode("", &fixture("organizationInvitation.created")).unwrap();
+        assert_eq!(d.event, Event::Unhandled);
+    }
+
+    // A timestamp in seconds (Clerk's OpenAPI examples) is read as ms.
+    #[test]
+    fn seconds_timestamp_is_scaled() {
+        let body = br#"{"type":"user.deleted","timestamp":1716883200,"data":{"id":"user_1"}}"#;
+        let d = decode("user.deleted", body).unwrap();
+        assert_eq!(d.timestamp_ms, Some(1716883200000));
+    }
+
+    // Errors name the field and the problem.
+    #[test]
+    fn errors_name_the_field() {
+        let e = decode(
+            "user.deleted",
+            br#"{"type":"user.deleted","data":{"id":"u"}}"#,
+        );
+        assert_eq!(e.unwrap_err().0, "timestamp: missing");
+        let e = decode(
+            "organization.updated",
+            br#"{"type":"organization.updated","data":{"id":"o","name":"n","created_at":"x","updated_at":1}}"#,
+        );
+        assert_eq!(
+            e.unwrap_err().0,
+            "data.created_at: expected an integer, got a string"
+        );
+        let e = decode("user.updated", br#"{"type":"user.deleted","data":{}}"#);
+        assert!(e.unwrap_err().0.contains("does not match"));
+    }
+}
