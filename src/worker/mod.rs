@@ -262,6 +262,11 @@ async fn consume(
             "worker grace period over; unacked events return to the queue"
         );
     }
+    let _ = tokio::time::timeout(
+        Duration::from_secs(2),
+        channel.close(200, "worker stopping".into()),
+    )
+    .await;
     Ok(())
 }
 

@@ -8,6 +8,7 @@
 pub mod clerk_events;
 pub mod database;
 pub mod proxy;
+pub mod worker;
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -54,7 +55,7 @@ pub fn now_secs() -> i64 {
 }
 
 /// How to start a test application.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct TestOptions {
     /// Run the worker in the same process.
     pub worker: bool,
@@ -66,18 +67,6 @@ pub struct TestOptions {
     pub amqp_url: Option<String>,
     /// Use this database URL (e.g. through a proxy); the database is still created.
     pub database_url: Option<String>,
-}
-
-impl Default for TestOptions {
-    fn default() -> Self {
-        Self {
-            worker: false,
-            extra_config: String::new(),
-            env: Vec::new(),
-            amqp_url: None,
-            database_url: None,
-        }
-    }
 }
 
 /// Isolated names for one test: database and broker prefix.
@@ -152,14 +141,11 @@ pub fn test_settings(iso: &Isolation, opts: &TestOptions) -> Settings {
     ];
     env.extend(opts.env.iter().cloned());
     Settings::from_sources(Some(&file), |name| {
+        // Only these variables: never inherit the developer's real secrets or URLs.
         env.iter()
             .rev()
             .find(|(k, _)| k == name)
             .map(|(_, v)| v.clone())
-            .or_else(|| {
-                // Never inherit the developer's real secrets or URLs.
-                None
-            })
     })
     .expect("test settings are valid")
 }
