@@ -37,6 +37,7 @@ async fn audit_rows(db: &sqlx::PgPool, svix_id: &str) -> i64 {
 // and acked: after a graceful stop nothing is left in the work queue.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn signed_event_is_provisioned_and_acked() {
+    trace();
     // Arrange
     let app = spawn_app_with(worker_opts()).await;
     let (db, queue) = (app.db.clone(), app.settings.broker.queue.clone());
@@ -66,6 +67,7 @@ async fn signed_event_is_provisioned_and_acked() {
 // a later replay of the same svix id with a fixed body is processed afresh.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_payload_is_dead_lettered_with_its_reason() {
+    trace();
     // Arrange
     let app = spawn_app_with(worker_opts()).await;
     let db = app.db.clone();
@@ -143,6 +145,7 @@ async fn malformed_payload_is_dead_lettered_with_its_reason() {
 // dead letter too, never a retry.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wrong_types_are_dead_lettered_as_payload() {
+    trace();
     let app = spawn_app_with(worker_opts()).await;
     let db = app.db.clone();
     let b = app.settings.broker.clone();
@@ -175,6 +178,7 @@ async fn wrong_types_are_dead_lettered_as_payload() {
 // row, audit rows not doubled, both deliveries acked.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn duplicate_svix_id_is_acked_without_effect() {
+    trace();
     let app = spawn_app_with(worker_opts()).await;
     let db = app.db.clone();
     let queue = app.settings.broker.queue.clone();
@@ -215,6 +219,7 @@ async fn duplicate_svix_id_is_acked_without_effect() {
 // dead-lettered (class payload) with that reason instead of being applied.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn message_without_id_is_dead_lettered() {
+    trace();
     let app = spawn_app_with(worker_opts()).await;
     let b = app.settings.broker.clone();
     let body = org_created(&format!("org_{}", random_id(12)), "No Id");
@@ -242,6 +247,7 @@ async fn message_without_id_is_dead_lettered() {
 // `replay` in the audit log; a message without a `type` property takes the body's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replayed_message_is_audited_as_replay() {
+    trace();
     let app = spawn_app_with(worker_opts()).await;
     let db = app.db.clone();
     let b = app.settings.broker.clone();
@@ -298,6 +304,7 @@ async fn inject_failures(db: &sqlx::PgPool, org: &str, failures: i64) {
 // the event is applied once the error stops (retries carry x-attempts).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failing_event_is_retried_through_the_retry_queues() {
+    trace();
     let app = spawn_app_with(worker_opts()).await;
     let db = app.db.clone();
     let b = app.settings.broker.clone();
@@ -341,6 +348,7 @@ async fn failing_event_is_retried_through_the_retry_queues() {
 // retries-exhausted and every attempt counted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn event_failing_every_retry_is_dead_lettered_as_exhausted() {
+    trace();
     let app = spawn_app_with(worker_opts()).await;
     let db = app.db.clone();
     let b = app.settings.broker.clone();
@@ -379,6 +387,7 @@ async fn event_failing_every_retry_is_dead_lettered_as_exhausted() {
 // applied exactly once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_events_are_each_applied_once() {
+    trace();
     let app = spawn_app_with(TestOptions {
         worker: true,
         extra_config: "[worker]\nconcurrency = 16\nbatch_size = 8\nbatch_wait_ms = 5\n".into(),

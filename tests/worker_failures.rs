@@ -46,6 +46,7 @@ async fn doubled_audit_rows(db: &PgPool, like: &str) -> i64 {
 // never dead-lettered; once it is back every event is applied exactly once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn database_outage_holds_events_and_loses_none() {
+    trace();
     // Arrange: the app reaches PostgreSQL only through a proxy we can cut.
     let iso = Isolation::new();
     let proxy = Proxy::start("127.0.0.1:5432".parse().unwrap()).await;
@@ -178,6 +179,7 @@ fn spawn_worker_process(iso: &Isolation, config: &std::path::Path) -> tokio::pro
 // once, and SIGTERM stops a worker cleanly with exit code 0.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_worker_process_loses_and_doubles_nothing() {
+    trace();
     // Arrange: the app prepares the database and queues; workers are child processes.
     let app = spawn_app().await;
     let iso = app.iso.clone();
@@ -303,6 +305,7 @@ async fn crash_while_holding(queue: &str) -> Option<Option<i64>> {
 // delivery_limit: the threshold the worker's own check is built on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_dead_letters_after_limit_plus_one_deliveries() {
+    trace();
     let app = spawn_app_with(TestOptions {
         extra_config: "[broker]\ndelivery_limit = 2\n".into(),
         ..TestOptions::default()
@@ -352,6 +355,7 @@ async fn broker_dead_letters_after_limit_plus_one_deliveries() {
 // the worker (class delivery-limit, with its reason) instead of being processed again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn message_crashing_workers_is_dead_lettered_at_the_delivery_limit() {
+    trace();
     // Arrange: delivery_limit 2; two "workers" take the message and crash.
     let opts = TestOptions {
         extra_config: "[broker]\ndelivery_limit = 2\n".into(),
@@ -412,6 +416,7 @@ async fn message_crashing_workers_is_dead_lettered_at_the_delivery_limit() {
 // consumes what was queued meanwhile, without a process restart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_outage_consumer_recovers_without_restart() {
+    trace();
     // Arrange: the app reaches RabbitMQ only through a proxy.
     let proxy = Proxy::start("127.0.0.1:5672".parse().unwrap()).await;
     let app = spawn_app_with(TestOptions {

@@ -96,9 +96,10 @@ pub async fn event_status(db: &PgPool, svix_id: &str) -> Option<String> {
         .flatten()
 }
 
-/// Waits (generously) until the svix id has this status; false if it never did.
+/// Waits (generously: the machine may be loaded) until the svix id has this status;
+/// false if it never did.
 pub async fn wait_status(db: &PgPool, svix_id: &str, status: &str) -> bool {
-    eventually(Duration::from_secs(30), || async {
+    eventually(Duration::from_secs(60), || async {
         (event_status(db, svix_id).await.as_deref() == Some(status)).then_some(())
     })
     .await
@@ -107,7 +108,7 @@ pub async fn wait_status(db: &PgPool, svix_id: &str, status: &str) -> bool {
 
 /// Waits until a queue holds at least `n` ready messages.
 pub async fn wait_depth(queue: &str, n: u32) -> bool {
-    eventually(Duration::from_secs(30), || async {
+    eventually(Duration::from_secs(60), || async {
         (super::queue_depth(queue).await >= n).then_some(())
     })
     .await
@@ -144,6 +145,16 @@ pub async fn test_publisher(
         Duration::from_secs(5),
         tokio_util::sync::CancellationToken::new(),
     );
-    assert!(publisher.wait_connected(Duration::from_secs(15)).await);
+    assert!(publisher.wait_connected(Duration::from_secs(60)).await);
     publisher
+}
+
+/// Logs to the test output when `TEST_LOG` is set (e.g. `TEST_LOG=provisioner=debug`).
+pub fn trace() {
+    if let Ok(filter) = std::env::var("TEST_LOG") {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_test_writer()
+            .try_init();
+    }
 }
