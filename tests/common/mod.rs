@@ -8,6 +8,7 @@
 pub mod clerk_events;
 pub mod database;
 pub mod proxy;
+pub mod worker;
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -141,6 +142,7 @@ pub fn test_settings(iso: &Isolation, opts: &TestOptions) -> Settings {
     env.extend(opts.env.iter().cloned());
     // Only these variables: never inherit the developer's real secrets or URLs.
     Settings::from_sources(Some(&file), |name| {
+        // Only these variables: never inherit the developer's real secrets or URLs.
         env.iter()
             .rev()
             .find(|(k, _)| k == name)

@@ -11,6 +11,7 @@ use crate::config::Settings;
 
 pub mod intake;
 pub mod api;
+pub mod e2e;
 
 /// Arguments of `load`.
 #[derive(Debug, Args)]
@@ -26,12 +27,16 @@ pub enum LoadTarget {
     /// The read API's `GET /v1/workspaces/{id}` on a running `serve`, against a
     /// minimal axum + one indexed query server measured in the same run.
     Api(api::ApiLoadArgs),
+    /// End to end: signed events through intake, broker and worker into
+    /// PostgreSQL; sustained provisioned events/s and provisioning lag.
+    E2e(e2e::E2eArgs),
 }
 
 /// Runs `load`.
 pub async fn run(settings: &Settings, args: LoadArgs) -> anyhow::Result<()> {
     match args.target {
         LoadTarget::Api(args) => api::run(settings, args).await,
+        LoadTarget::E2e(a) => e2e::run(settings, a).await,
     }
 }
 

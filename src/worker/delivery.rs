@@ -1,0 +1,343 @@
+//! Reading an AMQP delivery as an event to apply, and building its copies for the
+//! retry queues and the dead-letter exchange.
+//!
+//! Guarantee: a copy keeps the body byte for byte, the svix id, the type and the
+//! original intake timestamp; only this service's bookkeeping headers change, and
+//! headers the broker owns (`x-delivery-count`, `x-death`) are never forged.
+
+use chrono::{DateTime, Utc};
+use lapin::BasicProperties;
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use serde::Deserialize;
+
+use crate::broker::headers;
+use crate::provision::{Actor, Incoming};
+
+/// Header set by `dlq replay` on a republished dead letter: the actor is `replay`.
+pub const REPLAYED: &str = "x-replayed";
+
+/// Headers the broker sets itself; a copy we publish must not carry stale ones.
+const BROKER_OWNED: [&str; 7] = [
+    headers::DELIVERY_COUNT,
+    "x-death",
+    "x-first-death-exchange",
+    "x-first-death-queue",
+    "x-first-death-reason",
+    "x-last-death-exchange",
+    "x-last-death-queue",
+];
+
+/// What the worker knows about one delivery besides the event itself.
+#[derive(Debug, Clone)]
+pub struct Envelope {
+    /// The event to apply; `svix_id` is empty when the message had no `message_id`.
+    pub event: Incoming,
+    /// Whether the message carried a `message_id`.
+    pub has_message_id: bool,
+    /// Whether the type came from the message or the body (else it is unknown).
+    pub has_kind: bool,
+    /// Original AMQP timestamp (Unix seconds), kept on every copy.
+    pub timestamp: Option<u64>,
+    /// Original headers, copied onto retries and dead letters.
+    pub headers: FieldTable,
+    /// `x-attempts`: processing attempts before this delivery.
+    pub attempts: i64,
+    /// `x-delivery-count`: times the broker delivered it before without an ack.
+    pub delivery_count: i64,
+    /// Envelope `timestamp` (Unix ms) from the body, for the provisioning lag.
+    pub envelope_ms: Option<i64>,
+}
+
+/// The parts of the webhook body the worker reads itself; `data` is skipped.
+#[derive(Deserialize)]
+struct BodyPeek {
+    #[serde(rename = "type")]
+    kind: Option<serde_json::Value>,
+    timestamp: Option<serde_json::Value>,
+}
+
+impl Envelope {
+    /// Reads a delivery's properties and body; never fails (problems are screened
+    /// afterwards by [`Envelope::screen`]).
+    pub fn read(properties: &BasicProperties, body: Vec<u8>, now: DateTime<Utc>) -> Self {
+        let headers = properties.headers().clone().unwrap_or_default();
+        let peek: Option<BodyPeek> = serde_json::from_slice(&body).ok();
+        let body_kind = peek
+            .as_ref()
+            .and_then(|p| p.kind.as_ref())
+            .and_then(|k| k.as_str())
+            .map(str::to_owned);
+        let envelope_ms = peek
+            .as_ref()
+            .and_then(|p| p.timestamp.as_ref())
+            .and_then(serde_json::Value::as_i64);
+        let prop_kind = properties
+            .kind()
+            .as_ref()
+            .map(|k| k.as_str().to_owned())
+            .filter(|k| !k.is_empty());
+        let kind = prop_kind.or(body_kind);
+        let message_id = properties
+            .message_id()
+            .as_ref()
+            .map(|m| m.as_str().to_owned())
+            .filter(|m| !m.is_empty());
+        let timestamp = *properties.timestamp();
+        let received_at = timestamp
+            .and_then(|s| i64::try_from(s).ok())
+            .and_then(|s| DateTime::from_timestamp(s, 0))
+            .unwrap_or(now);
+        let actor = if headers.contains_key(REPLAYED) {
+            Actor::Replay
+        } else {
+            Actor::Clerk
+        };
+        let attempts = header_int(&headers, headers::ATTEMPTS).unwrap_or(0).max(0);
+        let delivery_count = header_int(&headers, headers::DELIVERY_COUNT)
+            .unwrap_or(0)
+            .max(0);
+        Self {
+            has_message_id: message_id.is_some(),
+            has_kind: kind.is_some(),
+            event: Incoming {
+                svix_id: message_id.unwrap_or_default(),
+                kind: kind.unwrap_or_default(),
+                body,
+                received_at,
+                actor,
+            },
+            timestamp,
+            headers,
+            attempts,
+            delivery_count,
+            envelope_ms,
+        }
+    }
+
+    /// Why this delivery must be dead-lettered without being applied, if it must.
+    pub fn screen(&self, delivery_limit: u32) -> Option<(DeadClass, String)> {
+        if !self.has_message_id {
+            return Some((DeadClass::Payload, "message has no message_id".to_owned()));
+        }
+        if !self.has_kind {
+            return Some((
+                DeadClass::Payload,
+                "message has no type property and the body no `type`".to_owned(),
+            ));
+        }
+        // The broker counts deliveries that ended without an ack (a crash, a stall
+        // past the consumer timeout, a lost connection). With `x-delivery-limit` N it
+        // dead-letters after N + 1 deliveries, so the one that arrives with count N
+        // is the last chance to dead-letter it ourselves, with our headers.
+        if self.delivery_count >= i64::from(delivery_limit) {
+            return Some((
+                DeadClass::DeliveryLimit,
+                format!(
+                    "delivered {} times without an acknowledgement (workers crashed, stalled or lost their connection while processing it); the delivery limit is {}",
+                    self.delivery_count, delivery_limit
+                ),
+            ));
+        }
+        None
+    }
+
+    /// The routing key of its dead-lettered copy: the event type.
+    pub fn routing_key(&self) -> &str {
+        if self.event.kind.is_empty() {
+            "unknown"
+        } else {
+            &self.event.kind
+        }
+    }
+
+    /// Headers of a copy sent to a retry queue, with `attempts` processing attempts.
+    pub fn retry_headers(&self, attempts: i64) -> FieldTable {
+        let mut table = self.copied_headers();
+        table.insert(headers::ATTEMPTS.into(), AMQPValue::LongLongInt(attempts));
+        table
+    }
+
+    /// Headers of a dead-lettered copy.
+    pub fn dead_headers(
+        &self,
+        class: DeadClass,
+        reason: &str,
+        attempts: i64,
+        failed_at_ms: i64,
+    ) -> FieldTable {
+        let mut table = self.copied_headers();
+        table.insert(headers::ERROR.into(), AMQPValue::LongString(reason.into()));
+        table.insert(
+            headers::ERROR_CLASS.into(),
+            AMQPValue::LongString(class.as_str().into()),
+        );
+        table.insert(headers::ATTEMPTS.into(), AMQPValue::LongLongInt(attempts));
+        table.insert(
+            headers::FAILED_AT.into(),
+            AMQPValue::LongLongInt(failed_at_ms),
+        );
+        table
+    }
+
+    fn copied_headers(&self) -> FieldTable {
+        let mut table = FieldTable::default();
+        for (key, value) in &self.headers {
+            if !BROKER_OWNED.contains(&key.as_str()) {
+                table.insert(ShortString::from(key.as_str()), value.clone());
+            }
+        }
+        table
+    }
+}
+
+/// Why an event was dead-lettered (`x-error-class`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeadClass {
+    /// The payload cannot be applied as it is.
+    Payload,
+    /// Transient failures outlasted every retry queue.
+    RetriesExhausted,
+    /// It crashed or stalled workers up to the delivery limit.
+    DeliveryLimit,
+}
+
+impl DeadClass {
+    /// The header value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeadClass::Payload => "payload",
+            DeadClass::RetriesExhausted => "retries-exhausted",
+            DeadClass::DeliveryLimit => "delivery-limit",
+        }
+    }
+}
+
+/// An integer header, whatever integer type the sender used.
+pub fn header_int(table: &FieldTable, key: &str) -> Option<i64> {
+    match table.inner().get(key)? {
+        AMQPValue::ShortShortInt(v) => Some(i64::from(*v)),
+        AMQPValue::ShortShortUInt(v) => Some(i64::from(*v)),
+        AMQPValue::ShortInt(v) => Some(i64::from(*v)),
+        AMQPValue::ShortUInt(v) => Some(i64::from(*v)),
+        AMQPValue::LongInt(v) => Some(i64::from(*v)),
+        AMQPValue::LongUInt(v) => Some(i64::from(*v)),
+        AMQPValue::LongLongInt(v) => Some(*v),
+        AMQPValue::Timestamp(v) => i64::try_from(*v).ok(),
+        AMQPValue::LongString(s) => s.to_string().trim().parse().ok(),
+        AMQPValue::ShortString(s) => s.as_str().trim().parse().ok(),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn props() -> BasicProperties {
+        BasicProperties::default()
+            .with_message_id("msg_1".into())
+            .with_type("organization.created".into())
+            .with_timestamp(1_700_000_000)
+    }
+
+    fn body() -> Vec<u8> {
+        br#"{"data":{"id":"org_1"},"type":"organization.updated","timestamp":1700000000123}"#
+            .to_vec()
+    }
+
+    fn with_headers(entries: &[(&str, AMQPValue)]) -> BasicProperties {
+        let mut t = FieldTable::default();
+        for (k, v) in entries {
+            t.insert((*k).into(), v.clone());
+        }
+        props().with_headers(t)
+    }
+
+    #[test]
+    fn reads_id_type_timestamp_and_actor() {
+        let e = Envelope::read(&props(), body(), Utc::now());
+        assert_eq!(e.event.svix_id, "msg_1");
+        // The message's `type` property wins over the body's.
+        assert_eq!(e.event.kind, "organization.created");
+        assert_eq!(e.event.received_at.timestamp(), 1_700_000_000);
+        assert_eq!(e.event.actor, Actor::Clerk);
+        assert_eq!(e.envelope_ms, Some(1_700_000_000_123));
+        assert_eq!((e.attempts, e.delivery_count), (0, 0));
+        assert!(e.screen(10).is_none());
+    }
+
+    #[test]
+    fn falls_back_to_body_type_and_now() {
+        let p = BasicProperties::default().with_message_id("msg_2".into());
+        let now = Utc::now();
+        let e = Envelope::read(&p, body(), now);
+        assert_eq!(e.event.kind, "organization.updated");
+        assert_eq!(e.event.received_at, now);
+        assert_eq!(e.timestamp, None);
+    }
+
+    #[test]
+    fn replayed_header_makes_the_actor_replay() {
+        let p = with_headers(&[(REPLAYED, AMQPValue::Boolean(true))]);
+        assert_eq!(
+            Envelope::read(&p, body(), Utc::now()).event.actor,
+            Actor::Replay
+        );
+    }
+
+    #[test]
+    fn missing_message_id_is_a_payload_dead_letter() {
+        let p = BasicProperties::default().with_type("organization.created".into());
+        let (class, reason) = Envelope::read(&p, body(), Utc::now()).screen(10).unwrap();
+        assert_eq!(class, DeadClass::Payload);
+        assert_eq!(reason, "message has no message_id");
+    }
+
+    #[test]
+    fn missing_type_everywhere_is_a_payload_dead_letter() {
+        let p = BasicProperties::default().with_message_id("m".into());
+        let e = Envelope::read(&p, b"not json".to_vec(), Utc::now());
+        assert_eq!(e.screen(10).unwrap().0, DeadClass::Payload);
+        assert_eq!(e.routing_key(), "unknown");
+    }
+
+    #[test]
+    fn last_allowed_delivery_is_dead_lettered_by_the_worker() {
+        // 3.10.8 sets x-delivery-count 1, 2, … on redeliveries; limit 3 allows the
+        // delivery with count 3 and dead-letters the next one itself.
+        let below = with_headers(&[(headers::DELIVERY_COUNT, AMQPValue::LongLongInt(2))]);
+        assert!(
+            Envelope::read(&below, body(), Utc::now())
+                .screen(3)
+                .is_none()
+        );
+        let last = with_headers(&[(headers::DELIVERY_COUNT, AMQPValue::LongInt(3))]);
+        let (class, reason) = Envelope::read(&last, body(), Utc::now()).screen(3).unwrap();
+        assert_eq!(class, DeadClass::DeliveryLimit);
+        assert!(reason.contains("3 times"), "{reason}");
+    }
+
+    #[test]
+    fn copies_keep_our_headers_and_drop_the_brokers() {
+        let p = with_headers(&[
+            (REPLAYED, AMQPValue::Boolean(true)),
+            (headers::ATTEMPTS, AMQPValue::LongLongInt(1)),
+            (headers::DELIVERY_COUNT, AMQPValue::LongLongInt(4)),
+            ("x-death", AMQPValue::FieldArray(Default::default())),
+        ]);
+        let e = Envelope::read(&p, body(), Utc::now());
+        assert_eq!(e.attempts, 1);
+        let retry = e.retry_headers(2);
+        assert_eq!(header_int(&retry, headers::ATTEMPTS), Some(2));
+        assert!(retry.contains_key(REPLAYED));
+        assert!(!retry.contains_key(headers::DELIVERY_COUNT));
+        assert!(!retry.contains_key("x-death"));
+        let dead = e.dead_headers(DeadClass::Payload, "bad", 2, 5);
+        assert_eq!(
+            dead.inner().get(headers::ERROR_CLASS),
+            Some(&AMQPValue::LongString("payload".into()))
+        );
+        assert_eq!(header_int(&dead, headers::FAILED_AT), Some(5));
+        assert_eq!(header_int(&dead, headers::ATTEMPTS), Some(2));
+    }
+}

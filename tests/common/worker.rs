@@ -1,0 +1,160 @@
+//! Helpers for the worker's tests: publishing raw messages, reading dead letters'
+//! headers, waiting on the processing log, and configuration for child processes.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use lapin::BasicProperties;
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::types::{AMQPValue, FieldTable};
+use sqlx::PgPool;
+
+use super::{Isolation, broker_channel, eventually};
+
+/// A pool on the test's database through the real server (never a proxy).
+pub async fn direct_pool(iso: &Isolation) -> PgPool {
+    sqlx::postgres::PgPoolOptions::new()
+        .max_connections(4)
+        .connect(&iso.database_url())
+        .await
+        .expect("test database reachable")
+}
+
+/// Publishes one persistent message with confirm and asserts it was routed.
+pub async fn publish_raw(exchange: &str, routing_key: &str, body: &[u8], props: BasicProperties) {
+    let (conn, ch) = broker_channel().await;
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    let confirm = ch
+        .basic_publish(
+            exchange.into(),
+            routing_key.into(),
+            BasicPublishOptions {
+                mandatory: true,
+                ..Default::default()
+            },
+            body,
+            props.with_delivery_mode(2),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    assert!(
+        matches!(confirm, lapin::Confirmation::Ack(None)),
+        "message routed and confirmed: {confirm:?}"
+    );
+    let _ = conn.close(200, "bye".into()).await;
+}
+
+/// Properties of a message as intake publishes it.
+pub fn event_props(svix_id: &str, kind: &str) -> BasicProperties {
+    BasicProperties::default()
+        .with_message_id(svix_id.into())
+        .with_type(kind.into())
+        .with_content_type("application/json".into())
+        .with_timestamp(super::now_secs() as u64)
+}
+
+/// Adds headers to properties.
+pub fn with_headers(props: BasicProperties, entries: &[(&str, AMQPValue)]) -> BasicProperties {
+    let mut table = FieldTable::default();
+    for (k, v) in entries {
+        table.insert((*k).into(), v.clone());
+    }
+    props.with_headers(table)
+}
+
+/// A text header of a message.
+pub fn header_str(props: &BasicProperties, key: &str) -> Option<String> {
+    match props.headers().as_ref()?.inner().get(key)? {
+        AMQPValue::LongString(s) => Some(s.to_string()),
+        AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
+        _ => None,
+    }
+}
+
+/// An integer header of a message.
+pub fn header_int(props: &BasicProperties, key: &str) -> Option<i64> {
+    match props.headers().as_ref()?.inner().get(key)? {
+        AMQPValue::LongLongInt(v) => Some(*v),
+        AMQPValue::LongInt(v) => Some(i64::from(*v)),
+        AMQPValue::ShortInt(v) => Some(i64::from(*v)),
+        AMQPValue::LongUInt(v) => Some(i64::from(*v)),
+        _ => None,
+    }
+}
+
+/// Status of a svix id in the processing log.
+pub async fn event_status(db: &PgPool, svix_id: &str) -> Option<String> {
+    sqlx::query_scalar("select status from events where svix_id = $1")
+        .bind(svix_id)
+        .fetch_optional(db)
+        .await
+        .ok()
+        .flatten()
+}
+
+/// Waits (generously: the machine may be loaded) until the svix id has this status;
+/// false if it never did.
+pub async fn wait_status(db: &PgPool, svix_id: &str, status: &str) -> bool {
+    eventually(Duration::from_secs(60), || async {
+        (event_status(db, svix_id).await.as_deref() == Some(status)).then_some(())
+    })
+    .await
+    .is_some()
+}
+
+/// Waits until a queue holds at least `n` ready messages.
+pub async fn wait_depth(queue: &str, n: u32) -> bool {
+    eventually(Duration::from_secs(60), || async {
+        (super::queue_depth(queue).await >= n).then_some(())
+    })
+    .await
+    .is_some()
+}
+
+/// A count from SQL.
+pub async fn count(db: &PgPool, sql: &'static str, bind: &str) -> i64 {
+    sqlx::query_scalar(sql)
+        .bind(bind)
+        .fetch_one(db)
+        .await
+        .unwrap()
+}
+
+/// Writes a config file with the test's broker names and `extra` TOML, for a child
+/// `provisioner` process (`PROVISIONER_CONFIG`).
+pub fn write_config(iso: &Isolation, extra: &str) -> PathBuf {
+    let path = std::env::temp_dir().join(format!("{}.toml", iso.database));
+    let text = format!("{}\n{}", iso.broker_toml(), extra);
+    std::fs::write(&path, text).expect("config written");
+    path
+}
+
+/// A confirmed publisher on the machine's broker with the test's topology.
+pub async fn test_publisher(
+    settings: &provisioner::config::Settings,
+) -> provisioner::broker::Publisher {
+    let url = provisioner::config::ConnectionUrl::new(super::base_amqp_url());
+    let publisher = provisioner::broker::Publisher::start(
+        url,
+        provisioner::broker::Topology::new(&settings.broker, &settings.worker),
+        "test-publisher",
+        Duration::from_secs(5),
+        tokio_util::sync::CancellationToken::new(),
+    );
+    assert!(publisher.wait_connected(Duration::from_secs(60)).await);
+    publisher
+}
+
+/// Logs to the test output when `TEST_LOG` is set (e.g. `TEST_LOG=provisioner=debug`).
+pub fn trace() {
+    if let Ok(filter) = std::env::var("TEST_LOG") {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_test_writer()
+            .try_init();
+    }
+}
