@@ -21,12 +21,24 @@ pub struct LoadArgs {
 
 /// Load targets.
 #[derive(Debug, Subcommand)]
-pub enum LoadTarget {}
+pub enum LoadTarget {
+    /// Unique, correctly signed ~1.5 KB organization events POSTed to a receiver.
+    Intake(intake::IntakeArgs),
+    /// The broker alone: the same events, persistent, mandatory, one confirm awaited
+    /// per message, to a scratch quorum queue declared and deleted by the tool.
+    Broker(intake::BrokerArgs),
+    /// Delete the configured scratch topology and database after a benchmark
+    /// (refuses unless every name is a `load.` / `provisioner_load` scratch name).
+    Teardown(intake::TeardownArgs),
+}
 
 /// Runs `load`.
 pub async fn run(settings: &Settings, args: LoadArgs) -> anyhow::Result<()> {
-    let _ = settings;
-    match args.target {}
+    match args.target {
+        LoadTarget::Intake(a) => intake::run_intake(settings, a).await,
+        LoadTarget::Broker(a) => intake::run_broker(settings, a).await,
+        LoadTarget::Teardown(a) => intake::run_teardown(settings, a).await,
+    }
 }
 
 /// Latency samples and the wall time they were collected in.
