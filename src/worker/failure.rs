@@ -111,6 +111,7 @@ mod tests {
             retry_queue_prefix: "retry".into(),
             delivery_limit: 5,
             queue_expires_ms: None,
+            publish_channels: 1,
         };
         let worker = WorkerSettings {
             concurrency: 1,

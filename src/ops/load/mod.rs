@@ -30,6 +30,14 @@ pub enum LoadTarget {
     /// End to end: signed events through intake, broker and worker into
     /// PostgreSQL; sustained provisioned events/s and provisioning lag.
     E2e(e2e::E2eArgs),
+    /// Unique, correctly signed ~1.5 KB organization events POSTed to a receiver.
+    Intake(intake::IntakeArgs),
+    /// The broker alone: the same events, persistent, mandatory, one confirm awaited
+    /// per message, to a scratch quorum queue declared and deleted by the tool.
+    Broker(intake::BrokerArgs),
+    /// Delete the configured scratch topology and database after a benchmark
+    /// (refuses unless every name is a `load.` / `provisioner_load` scratch name).
+    Teardown(intake::TeardownArgs),
 }
 
 /// Runs `load`.
@@ -37,6 +45,9 @@ pub async fn run(settings: &Settings, args: LoadArgs) -> anyhow::Result<()> {
     match args.target {
         LoadTarget::Api(args) => api::run(settings, args).await,
         LoadTarget::E2e(a) => e2e::run(settings, a).await,
+        LoadTarget::Intake(a) => intake::run_intake(settings, a).await,
+        LoadTarget::Broker(a) => intake::run_broker(settings, a).await,
+        LoadTarget::Teardown(a) => intake::run_teardown(settings, a).await,
     }
 }
 

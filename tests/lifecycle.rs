@@ -1,0 +1,376 @@
+//! The real `provisioner` binary: start-up, health, configuration errors, secrets in
+//! logs, and graceful shutdown on SIGTERM.
+
+mod common;
+
+use std::io::Read;
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::Duration;
+
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const BIN: &str = env!("CARGO_BIN_EXE_provisioner");
+
+/// A scratch file under the system temp dir, removed on drop.
+struct TempFile(PathBuf);
+
+impl TempFile {
+    fn new(name: &str, contents: &str) -> Self {
+        let path = std::env::temp_dir().join(format!("provisioner-{}-{name}", random_id(10)));
+        std::fs::write(&path, contents).unwrap();
+        Self(path)
+    }
+
+    fn read(&self) -> String {
+        let mut s = String::new();
+        std::fs::File::open(&self.0)
+            .unwrap()
+            .read_to_string(&mut s)
+            .unwrap();
+        s
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The environment of a binary run by a test: only what the test gives it (never the
+/// developer's own settings), with this test's database, queues and port.
+fn base_env(iso: &Isolation, config: &TempFile, port: u16) -> Vec<(String, String)> {
+    vec![
+        ("DATABASE_URL".into(), iso.database_url()),
+        ("AMQP_URL".into(), base_amqp_url()),
+        ("PROVISIONER_LISTEN".into(), format!("127.0.0.1:{port}")),
+        ("PROVISIONER_CONFIG".into(), config.0.display().to_string()),
+        ("RUST_LOG".into(), "info".into()),
+    ]
+}
+
+/// Runs the binary with exactly `env`; stderr goes to a file the test reads.
+fn start(args: &[&str], env: &[(String, String)], stderr: &TempFile) -> Child {
+    let mut cmd = Command::new(BIN);
+    cmd.args(args)
+        .env_clear()
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&stderr.0).unwrap());
+    if let Ok(path) = std::env::var("PATH") {
+        cmd.env("PATH", path);
+    }
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.spawn().expect("the binary starts")
+}
+
+/// Waits for the process to exit, up to `limit`; kills it (and fails) otherwise.
+async fn wait_exit(child: &mut Child, limit: Duration) -> ExitStatus {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if tokio::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the process did not exit within {limit:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn sigterm(child: &Child) {
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(status.success());
+}
+
+async fn wait_healthy(client: &reqwest::Client, base: &str, child: &mut Child, log: &TempFile) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("the service exited early ({status}): {}", log.read());
+        }
+        if let Ok(res) = client.get(format!("{base}/healthz")).send().await
+            && res.status() == 200
+        {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "/healthz answers 200: {}",
+            log.read()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A one-line error naming `setting` and a non-zero exit, from a run that fails
+/// before serving.
+async fn assert_fails_naming(env: &[(String, String)], setting: &str) {
+    let log = TempFile::new("stderr", "");
+    let mut child = start(&["serve"], env, &log);
+    let status = wait_exit(&mut child, Duration::from_secs(30)).await;
+    let stderr = log.read();
+    assert!(!status.success(), "{setting}: exits non-zero");
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "{setting}: one line: {stderr:?}");
+    assert!(lines[0].contains(setting), "{setting}: named in {stderr:?}");
+}
+
+// `serve --no-worker` starts, answers /healthz, queues events, and on SIGTERM stops
+// accepting, completes the request in flight (its event is queued) and exits 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_in_flight_requests_and_exits_zero() {
+    // Arrange
+    let iso = Isolation::new();
+    let config = TempFile::new("config.toml", &iso.broker_toml());
+    let port = free_port();
+    let log = TempFile::new("stderr", "");
+    let mut child = start(
+        &["serve", "--no-worker"],
+        &base_env(&iso, &config, port),
+        &log,
+    );
+    let base = format!("http://127.0.0.1:{port}");
+    let client = reqwest::Client::new();
+    wait_healthy(&client, &base, &mut child, &log).await;
+    let queue = format!("{}.provisioner.events", iso.prefix);
+
+    let body = serde_json::to_vec(&fixture("organization.created")).unwrap();
+    for _ in 0..3 {
+        let id = format!("msg_{}", random_id(20));
+        let ts = now_secs();
+        let res = client
+            .post(format!("{base}/webhooks/clerk"))
+            .header("svix-id", &id)
+            .header("svix-timestamp", ts.to_string())
+            .header("svix-signature", sign(SECRET, &id, ts, &body))
+            .body(body.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 200);
+    }
+
+    // A request in flight: headers and half of its body sent, the rest held back.
+    let in_flight_id = format!("msg_{}", random_id(20));
+    let ts = now_secs();
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let head = format!(
+        "POST /webhooks/clerk HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n\
+         content-length: {}\r\nsvix-id: {in_flight_id}\r\nsvix-timestamp: {ts}\r\nsvix-signature: {}\r\n\r\n",
+        body.len(),
+        sign(SECRET, &in_flight_id, ts, &body)
+    );
+    let (first, rest) = body.split_at(body.len() / 2);
+    stream.write_all(head.as_bytes()).await.unwrap();
+    stream.write_all(first).await.unwrap();
+    stream.flush().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await; // let the server start reading
+
+    // Act
+    sigterm(&child);
+
+    // Assert: new connections are refused while the request in flight stays open.
+    let stopped_accepting = eventually(Duration::from_secs(5), || async {
+        tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_err()
+            .then_some(())
+    })
+    .await;
+    assert!(
+        stopped_accepting.is_some(),
+        "the listener closes on SIGTERM"
+    );
+    assert!(child.try_wait().unwrap().is_none(), "still draining");
+
+    stream.write_all(rest).await.unwrap();
+    let mut response = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut response))
+        .await
+        .expect("the in-flight request is answered")
+        .unwrap();
+    let response = String::from_utf8_lossy(&response);
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    assert!(response.contains(&in_flight_id), "{response}");
+
+    let status = wait_exit(&mut child, Duration::from_secs(10)).await;
+    assert!(
+        status.success(),
+        "exit 0 after SIGTERM: {status}: {}",
+        log.read()
+    );
+    let msgs = drain_queue(&queue).await;
+    assert_eq!(
+        msgs.len(),
+        4,
+        "every 200 was queued, the in-flight one included"
+    );
+    assert!(msgs.iter().any(|m| {
+        m.delivery
+            .properties
+            .message_id()
+            .as_ref()
+            .map(|s| s.as_str())
+            == Some(in_flight_id.as_str())
+    }));
+    let mut names = vec![queue];
+    names.push(format!("{}.provisioner.dead", iso.prefix));
+    delete_queues(&names).await;
+}
+
+// SIGTERM on an idle service exits 0 promptly, and /readyz was ready before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_service_is_ready_and_stops_on_sigterm() {
+    let iso = Isolation::new();
+    let config = TempFile::new("config.toml", &iso.broker_toml());
+    let port = free_port();
+    let log = TempFile::new("stderr", "");
+    let mut child = start(
+        &["serve", "--no-worker"],
+        &base_env(&iso, &config, port),
+        &log,
+    );
+    let base = format!("http://127.0.0.1:{port}");
+    let client = reqwest::Client::new();
+    wait_healthy(&client, &base, &mut child, &log).await;
+    let res = client.get(format!("{base}/healthz")).send().await.unwrap();
+    assert_eq!(res.status(), 200);
+    let res = client.get(format!("{base}/readyz")).send().await.unwrap();
+    assert_eq!(res.status(), 200);
+
+    sigterm(&child);
+
+    let status = wait_exit(&mut child, Duration::from_secs(10)).await;
+    assert!(status.success(), "{status}: {}", log.read());
+}
+
+// A bad or missing setting stops the binary at start-up with one line naming it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_setting_fails_with_one_line_naming_it() {
+    let iso = Isolation::new();
+    let config = TempFile::new("config.toml", &iso.broker_toml());
+    let env = base_env(&iso, &config, free_port());
+    let with = |k: &str, v: &str| {
+        let mut e = env.clone();
+        e.retain(|(name, _)| name != k);
+        e.push((k.to_owned(), v.to_owned()));
+        e
+    };
+    assert_fails_naming(
+        &with("PROVISIONER_LISTEN", "nonsense"),
+        "PROVISIONER_LISTEN",
+    )
+    .await;
+    assert_fails_naming(&with("AMQP_URL", "http://nope"), "AMQP_URL").await;
+    assert_fails_naming(
+        &with("CLERK_WEBHOOK_SECRET", "hunter2"),
+        "CLERK_WEBHOOK_SECRET",
+    )
+    .await;
+    assert_fails_naming(
+        &with("PROVISIONER_CONFIG", "/nonexistent/provisioner.toml"),
+        "PROVISIONER_CONFIG",
+    )
+    .await;
+    let bad_file = TempFile::new("bad.toml", "[worker]\nconcurrency = 0\n");
+    assert_fails_naming(
+        &with("PROVISIONER_CONFIG", &bad_file.0.display().to_string()),
+        "worker.concurrency",
+    )
+    .await;
+}
+
+// PROVISIONER_ENV=production refuses to start with the development secret or token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn production_refuses_the_development_secret() {
+    let iso = Isolation::new();
+    let config = TempFile::new("config.toml", &iso.broker_toml());
+    let mut env = base_env(&iso, &config, free_port());
+    env.push(("PROVISIONER_ENV".into(), "production".into()));
+    assert_fails_naming(&env, "CLERK_WEBHOOK_SECRET").await;
+    env.push((
+        "CLERK_WEBHOOK_SECRET".into(),
+        "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw".into(),
+    ));
+    assert_fails_naming(&env, "PROVISIONER_API_TOKENS").await;
+}
+
+// Passwords and secrets never reach the logs, even at debug level and when start-up
+// fails on the very connection that carries them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secrets_never_appear_in_logs() {
+    let iso = Isolation::new();
+    let config = TempFile::new("config.toml", &iso.broker_toml());
+    let amqp_password = format!("amqpPw{}", random_id(12));
+    let db_password = format!("pgPw{}", random_id(12));
+    let token = format!("tok{}", random_id(16));
+    let webhook_secret = "whsec_c2VjcmV0LWZvci1sb2ctdGVzdC0xMjM0NTY3OA==";
+    let closed_port = free_port();
+    let mut env = base_env(&iso, &config, free_port());
+    env.retain(|(k, _)| k != "RUST_LOG" && k != "AMQP_URL" && k != "DATABASE_URL");
+    env.extend([
+        ("RUST_LOG".to_owned(), "debug".to_owned()),
+        (
+            "AMQP_URL".to_owned(),
+            format!("amqp://guest:{amqp_password}@127.0.0.1:{closed_port}/%2f"),
+        ),
+        // Trust authentication: the password is carried but not needed.
+        (
+            "DATABASE_URL".to_owned(),
+            format!(
+                "postgres://postgres:{db_password}@127.0.0.1:5432/{}",
+                iso.database
+            ),
+        ),
+        ("CLERK_WEBHOOK_SECRET".to_owned(), webhook_secret.to_owned()),
+        ("PROVISIONER_API_TOKENS".to_owned(), token.clone()),
+    ]);
+    for format in ["text", "json"] {
+        let log = TempFile::new("stderr", "");
+        let mut run = env.clone();
+        run.push(("LOG_FORMAT".into(), format.into()));
+        let mut child = start(&["serve", "--no-worker"], &run, &log);
+        let status = wait_exit(&mut child, Duration::from_secs(60)).await;
+        let stderr = log.read();
+        assert!(!status.success(), "the broker is unreachable");
+        assert!(
+            stderr.contains("RabbitMQ"),
+            "the failure is explained: {stderr}"
+        );
+        assert!(
+            stderr.contains(&closed_port.to_string()),
+            "and where: {stderr}"
+        );
+        for secret in [
+            amqp_password.as_str(),
+            db_password.as_str(),
+            token.as_str(),
+            webhook_secret,
+            webhook_secret.trim_start_matches("whsec_"),
+        ] {
+            assert!(
+                !stderr.contains(secret),
+                "{format} logs leak a secret: {stderr}"
+            );
+        }
+    }
+}
