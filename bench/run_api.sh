@@ -90,5 +90,6 @@ for _ in $(seq 1 100); do
 done
 curl -fsS "http://127.0.0.1:$PORT/readyz" >/dev/null
 
-echo "# provisioner load api --url http://127.0.0.1:$PORT --workspace org_bench --concurrency 64 $*"
-"$BIN" load api --url "http://127.0.0.1:$PORT" --workspace org_bench --concurrency 64 "$@"
+echo "# provisioner load api --url http://127.0.0.1:$PORT --workspace org_bench --concurrency 64 --server-pid $SERVER_PID $*"
+"$BIN" load api --url "http://127.0.0.1:$PORT" --workspace org_bench --concurrency 64 \
+    --server-pid "$SERVER_PID" "$@"

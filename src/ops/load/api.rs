@@ -57,22 +57,46 @@ pub struct ApiLoadArgs {
     /// Measure the read API only, without the baseline.
     #[arg(long)]
     pub no_baseline: bool,
+    /// Pid of the `serve` process, to report its CPU time per request (Linux
+    /// `/proc`): a figure a busy neighbour on the machine does not move.
+    #[arg(long)]
+    pub server_pid: Option<u32>,
     /// Print the result as JSON.
     #[arg(long)]
     pub json: bool,
+}
+
+/// One measured round of one target.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Round {
+    /// Throughput and latency.
+    #[serde(flatten)]
+    pub report: Report,
+    /// CPU time of the HTTP server per successful request (µs), when known.
+    pub server_cpu_us_per_request: Option<f64>,
+}
+
+impl std::fmt::Display for Round {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.report)?;
+        if let Some(us) = self.server_cpu_us_per_request {
+            write!(f, "  server cpu {us:>6.1} µs/req")?;
+        }
+        Ok(())
+    }
 }
 
 /// Both measurements and their ratio.
 #[derive(Debug, serde::Serialize)]
 pub struct ApiLoadResult {
     /// The read API's `GET /v1/workspaces/{id}`: the median round.
-    pub api: Report,
+    pub api: Round,
     /// The minimal axum + one indexed query server: the median round.
-    pub baseline: Option<Report>,
+    pub baseline: Option<Round>,
     /// Every round of the read API.
-    pub api_rounds: Vec<Report>,
+    pub api_rounds: Vec<Round>,
     /// Every round of the baseline.
-    pub baseline_rounds: Vec<Report>,
+    pub baseline_rounds: Vec<Round>,
     /// `api.per_second / baseline.per_second` (medians).
     pub ratio: Option<f64>,
     /// Concurrent connections used for both.
@@ -136,6 +160,8 @@ pub async fn run(settings: &Settings, args: ApiLoadArgs) -> anyhow::Result<()> {
     // shared machine lands on both rather than skewing the ratio.
     let mut api_rounds = Vec::new();
     let mut baseline_rounds = Vec::new();
+    let server_pid = args.server_pid;
+    let serve_cpu = move || server_pid.and_then(|pid| process_cpu(&format!("/proc/{pid}")));
     for _ in 0..args.rounds.max(1) {
         let report = load(
             &client,
@@ -144,6 +170,7 @@ pub async fn run(settings: &Settings, args: ApiLoadArgs) -> anyhow::Result<()> {
             &api_url,
             Some(token.expose()),
             args.acting_user.as_deref(),
+            &serve_cpu,
         )
         .await;
         if !args.json {
@@ -160,6 +187,7 @@ pub async fn run(settings: &Settings, args: ApiLoadArgs) -> anyhow::Result<()> {
                 url,
                 Some(token.expose()),
                 args.acting_user.as_deref(),
+                &baseline_cpu,
             )
             .await;
             if !args.json {
@@ -174,10 +202,10 @@ pub async fn run(settings: &Settings, args: ApiLoadArgs) -> anyhow::Result<()> {
 
     let api = median(&api_rounds);
     let baseline = (!baseline_rounds.is_empty()).then(|| median(&baseline_rounds));
-    let api_errors: u64 = api_rounds.iter().map(|r| r.errors).sum();
+    let api_errors: u64 = api_rounds.iter().map(|r| r.report.errors).sum();
     let ratio = baseline
         .as_ref()
-        .map(|b| api.per_second / b.per_second.max(1e-9));
+        .map(|b| api.report.per_second / b.report.per_second.max(1e-9));
     if args.json {
         let result = ApiLoadResult {
             api,
@@ -193,13 +221,19 @@ pub async fn run(settings: &Settings, args: ApiLoadArgs) -> anyhow::Result<()> {
             "median of {} rounds: read API {:.0}/s p99 {:.2} ms; axum + 1 query limit {:.0}/s p99 {:.2} ms; \
              ratio {:.1} % at {} connections",
             api_rounds.len(),
-            api.per_second,
-            api.p99.as_secs_f64() * 1e3,
-            b.per_second,
-            b.p99.as_secs_f64() * 1e3,
+            api.report.per_second,
+            api.report.p99.as_secs_f64() * 1e3,
+            b.report.per_second,
+            b.report.p99.as_secs_f64() * 1e3,
             ratio * 100.0,
             args.concurrency,
         );
+        if let (Some(a), Some(b)) = (api.server_cpu_us_per_request, b.server_cpu_us_per_request) {
+            println!(
+                "server CPU per request: read API {a:.1} µs, baseline {b:.1} µs (baseline/API {:.1} %)",
+                b / a * 100.0
+            );
+        }
     }
     if api_errors > 0 {
         anyhow::bail!("{api_errors} requests to the read API failed");
@@ -208,10 +242,38 @@ pub async fn run(settings: &Settings, args: ApiLoadArgs) -> anyhow::Result<()> {
 }
 
 /// The round with the median throughput (the higher middle one of an even count).
-fn median(rounds: &[Report]) -> Report {
-    let mut sorted: Vec<&Report> = rounds.iter().collect();
-    sorted.sort_by(|a, b| a.per_second.total_cmp(&b.per_second));
+fn median(rounds: &[Round]) -> Round {
+    let mut sorted: Vec<&Round> = rounds.iter().collect();
+    sorted.sort_by(|a, b| a.report.per_second.total_cmp(&b.report.per_second));
     sorted[sorted.len() / 2].clone()
+}
+
+/// Clock ticks per second of `/proc` CPU times (`getconf CLK_TCK`; 100 on Linux).
+const CLOCK_TICKS: f64 = 100.0;
+
+/// User + system CPU time of a process or thread from its `/proc/…/stat`.
+fn process_cpu(dir: &str) -> Option<Duration> {
+    let stat = std::fs::read_to_string(format!("{dir}/stat")).ok()?;
+    // Fields after the parenthesised command name (which may hold spaces):
+    // state is field 3, utime 14 and stime 15.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    Some(Duration::from_secs_f64((utime + stime) / CLOCK_TICKS))
+}
+
+/// CPU time of this process's baseline-server threads (named `baseline-…`).
+fn baseline_cpu() -> Option<Duration> {
+    let mut total = Duration::ZERO;
+    for task in std::fs::read_dir("/proc/self/task").ok()?.flatten() {
+        let dir = task.path();
+        let name = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+        if name.starts_with("baseline") {
+            total += process_cpu(&dir.to_string_lossy())?;
+        }
+    }
+    Some(total)
 }
 
 /// How long and how hard to load one target.
@@ -231,10 +293,12 @@ async fn load(
     url: &str,
     token: Option<&str>,
     acting_user: Option<&str>,
-) -> Report {
+    server_cpu: &dyn Fn() -> Option<Duration>,
+) -> Round {
     if !plan.warmup.is_zero() {
         let _ = round(client, plan, plan.warmup, None, url, token, acting_user).await;
     }
+    let cpu_before = server_cpu();
     let (mut samples, elapsed) = round(
         client,
         plan,
@@ -245,7 +309,17 @@ async fn load(
         acting_user,
     )
     .await;
-    samples.report(name, elapsed)
+    let cpu = cpu_before
+        .zip(server_cpu())
+        .map(|(a, b)| b.saturating_sub(a));
+    let report = samples.report(name, elapsed);
+    let server_cpu_us_per_request = cpu
+        .filter(|_| report.ok > 0)
+        .map(|cpu| cpu.as_secs_f64() * 1e6 / report.ok as f64);
+    Round {
+        report,
+        server_cpu_us_per_request,
+    }
 }
 
 /// One timed round: every connection loops until the time or request budget ends.
@@ -356,6 +430,7 @@ impl Baseline {
             .spawn(move || {
                 let runtime = match tokio::runtime::Builder::new_multi_thread()
                     .worker_threads(threads)
+                    .thread_name("baseline-worker")
                     .enable_all()
                     .build()
                 {
