@@ -5,6 +5,7 @@
 //! against the machine's real services and leave nothing behind.
 #![allow(dead_code)]
 
+pub mod ops;
 pub mod proxy;
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
