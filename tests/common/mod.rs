@@ -7,6 +7,7 @@
 
 pub mod clerk_events;
 pub mod database;
+pub mod ops;
 pub mod proxy;
 pub mod worker;
 

@@ -1,0 +1,484 @@
+//! A session on the dead-letter queue: takes every dead letter without consuming it,
+//! lets the caller settle some of them, and gives the rest back in their order.
+//!
+//! Guarantee: a dead letter leaves the queue only through [`DeadQueue::ack`] (after
+//! its replacement, if any, was confirmed); everything else, including dead letters
+//! that arrive during the session, is back in the queue in its original order when
+//! the session ends — even when the process dies, since the broker returns unacked
+//! messages of a closed connection.
+//!
+//! How order is kept, measured on RabbitMQ 3.10 quorum queues without a delivery
+//! limit (the dead-letter queue has none):
+//! - `basic.nack(requeue)` and `basic.reject(requeue)` put a message at the BACK,
+//!   and a batch of them (`multiple`, or several in a row) comes back partly
+//!   reversed; `basic.get` followed by closing the channel returns in hash order.
+//! - A *consumer*'s unacked messages are given back in delivery order, ahead of
+//!   the ready messages, when its channel closes. With an unlimited prefetch the
+//!   consumer holds the whole queue, and messages arriving meanwhile are delivered
+//!   to it too, so closing the channel restores the exact order, arrivals last.
+//!
+//! So a session consumes with prefetch 0 (unlimited), never nacks, and ends by
+//! closing its channel. Sessions of different `dlq` processes must not interleave
+//! (two consumers would split the queue and give their shares back one after the
+//! other), so each session first takes a lock: the exclusive consumer of a small
+//! classic queue `<dead queue>.lock`, which the broker itself frees when the
+//! holder's connection ends, crash included. (A waiting session sees the holder in
+//! the queue's consumer count, so waiting raises no channel errors.)
+
+use std::time::Duration;
+
+use futures_util::{FutureExt, StreamExt};
+use lapin::message::Delivery;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::{BasicProperties, Channel, Confirmation, Connection, Consumer, ErrorKind};
+use tokio::time::Instant;
+
+use super::DlqError;
+use super::letter::{DeadLetter, REPLAYED_HEADER};
+use crate::config::Settings;
+
+/// How long a session waits for another `dlq` command to release the queue.
+pub const DEFAULT_LOCK_WAIT: Duration = Duration::from_secs(120);
+
+/// A gap in deliveries this long, before the whole queue arrived, means the
+/// missing messages are held by someone else (e.g. a management UI "get").
+const QUIET: Duration = Duration::from_secs(2);
+
+/// One dead letter held by the session.
+#[derive(Debug)]
+pub struct Held {
+    /// Its summary.
+    pub letter: DeadLetter,
+    /// The message itself.
+    pub delivery: Delivery,
+    /// Acked (gone from the queue).
+    pub settled: bool,
+}
+
+/// An open session; see the module docs.
+#[derive(Debug)]
+pub struct DeadQueue {
+    connection: Connection,
+    /// The lock: its channel and exclusive consumer (dropping either frees it).
+    lock: Option<(Channel, Consumer)>,
+    channel: Option<Channel>,
+    consumer: Option<Consumer>,
+    confirm: Option<Channel>,
+    queue: String,
+    redacted_url: String,
+    /// The dead letters present when the session started, head first.
+    pub held: Vec<Held>,
+}
+
+/// What closing a session found.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Closed {
+    /// Dead letters that arrived during the session (kept, behind the others).
+    pub arrived: usize,
+}
+
+fn reply_code(e: &lapin::Error) -> Option<u16> {
+    match e.kind() {
+        ErrorKind::ProtocolError(amqp) => Some(amqp.get_id()),
+        _ => None,
+    }
+}
+
+impl DeadQueue {
+    /// Connects, takes the lock (waiting up to `lock_wait`) and takes every dead
+    /// letter present now, without removing any.
+    pub async fn open(settings: &Settings, lock_wait: Duration) -> Result<Self, DlqError> {
+        let url = &settings.broker.url;
+        let redacted_url = url.redacted();
+        let password = url::Url::parse(url.expose())
+            .ok()
+            .and_then(|u| u.password().map(str::to_owned));
+        let connection = crate::broker::connect(url, "provisioner-dlq")
+            .await
+            .map_err(|e| {
+                // Belt and braces: a lapin error has no reason to echo the URL, but
+                // the password must never reach a terminal.
+                let mut reason = e.to_string();
+                if let Some(p) = password.as_deref().filter(|p| !p.is_empty()) {
+                    reason = reason.replace(p, "***");
+                }
+                DlqError::Unreachable {
+                    url: redacted_url.clone(),
+                    reason,
+                }
+            })?;
+        let mut session = DeadQueue {
+            connection,
+            lock: None,
+            channel: None,
+            consumer: None,
+            confirm: None,
+            queue: settings.broker.dead_letter_queue.clone(),
+            redacted_url,
+            held: Vec::new(),
+        };
+        match session.start(lock_wait).await {
+            Ok(()) => Ok(session),
+            Err(e) => {
+                // Whatever was taken goes back with the channel.
+                session.shutdown().await;
+                Err(e)
+            }
+        }
+    }
+
+    fn broker(&self, e: lapin::Error) -> DlqError {
+        DlqError::Broker(format!("{e} (broker {})", self.redacted_url))
+    }
+
+    async fn lock(&self, lock_wait: Duration) -> Result<(Channel, Consumer), DlqError> {
+        let name = format!("{}.lock", self.queue);
+        let deadline = Instant::now() + lock_wait;
+        let mut warned = false;
+        let mut channel = self
+            .connection
+            .create_channel()
+            .await
+            .map_err(|e| self.broker(e))?;
+        loop {
+            let mut args = FieldTable::default();
+            // A plain classic queue that only ever has one (exclusive) consumer;
+            // it disappears with that consumer, or after a minute unused.
+            args.insert(
+                "x-queue-type".into(),
+                AMQPValue::LongString("classic".into()),
+            );
+            args.insert("x-expires".into(), AMQPValue::LongLongInt(60_000));
+            let opts = QueueDeclareOptions {
+                auto_delete: true,
+                durable: false,
+                ..QueueDeclareOptions::default()
+            };
+            let free = match channel
+                .queue_declare(name.as_str().into(), opts, args)
+                .await
+            {
+                Ok(q) => q.consumer_count() == 0,
+                Err(e) => return Err(self.broker(e)),
+            };
+            if free {
+                let consume = channel
+                    .basic_consume(
+                        name.as_str().into(),
+                        "provisioner-dlq-lock".into(),
+                        BasicConsumeOptions {
+                            exclusive: true,
+                            ..BasicConsumeOptions::default()
+                        },
+                        FieldTable::default(),
+                    )
+                    .await;
+                match consume {
+                    // Held until this channel closes (with the connection, on a crash).
+                    Ok(consumer) => return Ok((channel, consumer)),
+                    // 403 ACCESS_REFUSED (another process won the race) or 404 (the
+                    // queue was auto-deleted in between): the channel is gone, retry.
+                    Err(e) if matches!(reply_code(&e), Some(403 | 404)) => {
+                        tracing::debug!(error = %e, "lost the race for the dlq lock");
+                        channel = self
+                            .connection
+                            .create_channel()
+                            .await
+                            .map_err(|e| self.broker(e))?;
+                    }
+                    Err(e) => return Err(self.broker(e)),
+                }
+            }
+            if Instant::now() >= deadline {
+                return Err(DlqError::Busy {
+                    queue: self.queue.clone(),
+                    waited: lock_wait,
+                });
+            }
+            if !warned {
+                tracing::warn!(queue = %self.queue, "another dlq command is using the dead-letter queue; waiting for it");
+                warned = true;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn start(&mut self, lock_wait: Duration) -> Result<(), DlqError> {
+        self.lock = Some(self.lock(lock_wait).await?);
+        let channel = self
+            .connection
+            .create_channel()
+            .await
+            .map_err(|e| self.broker(e))?;
+        self.channel = Some(channel.clone());
+        let count = self.ready_count(&channel).await?;
+        if count > 0 {
+            // Unlimited prefetch: the session must hold the whole queue to see it
+            // without requeueing anything (see the module docs).
+            channel
+                .basic_qos(0, BasicQosOptions::default())
+                .await
+                .map_err(|e| self.broker(e))?;
+            let mut consumer = channel
+                .basic_consume(
+                    self.queue.as_str().into(),
+                    format!("provisioner-dlq-{}", std::process::id()).into(),
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
+                .map_err(|e| self.broker(e))?;
+            while self.held.len() < count as usize {
+                match tokio::time::timeout(QUIET, consumer.next()).await {
+                    Ok(Some(Ok(delivery))) => {
+                        let letter = DeadLetter::from_message(
+                            self.held.len() + 1,
+                            &delivery.properties,
+                            &delivery.data,
+                        );
+                        self.held.push(Held {
+                            letter,
+                            delivery,
+                            settled: false,
+                        });
+                    }
+                    Ok(Some(Err(e))) => return Err(self.broker(e)),
+                    Ok(None) => {
+                        return Err(DlqError::Broker(
+                            "the broker cancelled the dead-letter consumer".to_owned(),
+                        ));
+                    }
+                    Err(_) => {
+                        tracing::warn!(
+                            queue = %self.queue,
+                            expected = count,
+                            got = self.held.len(),
+                            "some dead letters are held by another consumer; they are not included"
+                        );
+                        break;
+                    }
+                }
+            }
+            self.consumer = Some(consumer);
+        }
+        Ok(())
+    }
+
+    async fn ready_count(&self, channel: &Channel) -> Result<u32, DlqError> {
+        let opts = QueueDeclareOptions {
+            passive: true,
+            ..QueueDeclareOptions::default()
+        };
+        match channel
+            .queue_declare(self.queue.as_str().into(), opts, FieldTable::default())
+            .await
+        {
+            Ok(q) => Ok(q.message_count()),
+            Err(e) if reply_code(&e) == Some(404) => Err(DlqError::QueueMissing {
+                queue: self.queue.clone(),
+            }),
+            Err(e) => Err(self.broker(e)),
+        }
+    }
+
+    /// Removes a held dead letter from the queue for good.
+    pub async fn ack(&mut self, index: usize) -> Result<(), DlqError> {
+        let held = &mut self.held[index];
+        held.delivery
+            .acker
+            .ack(BasicAckOptions::default())
+            .await
+            .map_err(|e| DlqError::Broker(e.to_string()))?;
+        held.settled = true;
+        Ok(())
+    }
+
+    /// Publishes a copy of a held dead letter to `exchange` (routing key = its type,
+    /// same body, `message_id`, `type` and intake timestamp, header `x-replayed`) and
+    /// waits for the broker's confirm. Does not ack the dead copy.
+    pub async fn republish(
+        &mut self,
+        index: usize,
+        exchange: &str,
+        confirm_timeout: Duration,
+    ) -> Result<(), ReplayError> {
+        let held = &self.held[index];
+        let id = held.letter.id.clone().ok_or(ReplayError::NoMessageId)?;
+        let kind = held.letter.kind.clone().ok_or(ReplayError::NoType)?;
+        let original = &held.delivery.properties;
+        let mut headers = FieldTable::default();
+        headers.insert(ShortString::from(REPLAYED_HEADER), AMQPValue::Boolean(true));
+        let mut props = BasicProperties::default()
+            // Persistent, like every message of this service.
+            .with_delivery_mode(2)
+            .with_content_type(
+                original
+                    .content_type()
+                    .clone()
+                    .unwrap_or_else(|| "application/json".into()),
+            )
+            .with_message_id(id.as_str().into())
+            .with_type(kind.as_str().into())
+            .with_app_id("callmine-provisioner".into())
+            .with_headers(headers);
+        // Keep the intake time: the processing log's `received_at` comes from it.
+        if let Some(ts) = original.timestamp() {
+            props = props.with_timestamp(*ts);
+        }
+        let body = held.delivery.data.clone();
+
+        if self.confirm.is_none() {
+            let ch = self
+                .connection
+                .create_channel()
+                .await
+                .map_err(|e| ReplayError::Broker(e.to_string()))?;
+            ch.confirm_select(ConfirmSelectOptions::default())
+                .await
+                .map_err(|e| ReplayError::Broker(e.to_string()))?;
+            self.confirm = Some(ch);
+        }
+        let Some(channel) = self.confirm.as_ref() else {
+            return Err(ReplayError::Broker("no confirm channel".to_owned()));
+        };
+        let pending = channel
+            .basic_publish(
+                exchange.into(),
+                kind.as_str().into(),
+                // mandatory: an unroutable copy comes back instead of vanishing.
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..BasicPublishOptions::default()
+                },
+                &body,
+                props,
+            )
+            .await
+            .map_err(|e| ReplayError::Broker(e.to_string()))?;
+        let confirmation = tokio::time::timeout(confirm_timeout, pending)
+            .await
+            .map_err(|_| ReplayError::Timeout(confirm_timeout))?
+            .map_err(|e| ReplayError::Broker(e.to_string()))?;
+        match confirmation {
+            Confirmation::Ack(None) => Ok(()),
+            Confirmation::Ack(Some(returned)) => Err(ReplayError::Unroutable(format!(
+                "{} (no queue bound to {exchange} for {kind})",
+                returned.reply_text
+            ))),
+            Confirmation::Nack(_) => Err(ReplayError::Nacked),
+            Confirmation::NotRequested => Err(ReplayError::Broker(
+                "channel not in confirm mode".to_owned(),
+            )),
+        }
+    }
+
+    /// Whether the confirm channel broke (e.g. the exchange does not exist); later
+    /// publishes on this session would fail the same way.
+    pub fn publishing_broken(&self) -> bool {
+        self.confirm
+            .as_ref()
+            .map(|c| !c.status().connected())
+            .unwrap_or(false)
+            || !self.connection.status().connected()
+    }
+
+    /// Gives back every unsettled dead letter in its order and waits until the queue
+    /// shows them again, then releases the lock.
+    pub async fn close(mut self) -> Result<Closed, DlqError> {
+        let mut closed = Closed::default();
+        if let Some(consumer) = self.consumer.as_mut() {
+            // Arrivals already delivered to us; they go back behind the others.
+            while let Some(Some(_)) = consumer.next().now_or_never() {
+                closed.arrived += 1;
+            }
+        }
+        let unsettled = self.held.iter().filter(|h| !h.settled).count() as u32;
+        let result = self.give_back(unsettled).await;
+        self.shutdown().await;
+        result.map(|()| closed)
+    }
+
+    async fn give_back(&mut self, unsettled: u32) -> Result<(), DlqError> {
+        if let Some(channel) = self.channel.take() {
+            self.consumer = None;
+            channel
+                .close(200, "dlq done".into())
+                .await
+                .map_err(|e| self.broker(e))?;
+        }
+        // The queue takes the returns asynchronously; keep the lock until they are
+        // visible so the next session sees the whole queue.
+        if unsettled > 0 {
+            let ch = self
+                .connection
+                .create_channel()
+                .await
+                .map_err(|e| self.broker(e))?;
+            let deadline = Instant::now() + Duration::from_secs(10);
+            let mut result = Ok(());
+            loop {
+                match self.ready_count(&ch).await {
+                    Ok(n) if n >= unsettled || Instant::now() >= deadline => break,
+                    Ok(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+                    Err(e) => {
+                        result = Err(e);
+                        break;
+                    }
+                }
+            }
+            close_channel(ch).await;
+            result?;
+        }
+        Ok(())
+    }
+
+    /// Closes every channel explicitly (lapin would otherwise close dropped
+    /// channels behind our back, racing the connection close), lock last.
+    async fn shutdown(&mut self) {
+        self.consumer = None;
+        for ch in [self.channel.take(), self.confirm.take()]
+            .into_iter()
+            .flatten()
+        {
+            close_channel(ch).await;
+        }
+        if let Some((ch, consumer)) = self.lock.take() {
+            drop(consumer);
+            close_channel(ch).await;
+        }
+        let _ = self.connection.close(200, "dlq done".into()).await;
+    }
+}
+
+async fn close_channel(channel: Channel) {
+    if channel.status().connected() {
+        let _ = channel.close(200, "dlq done".into()).await;
+    }
+}
+
+/// Why one dead letter could not be replayed (it stays dead).
+#[derive(Debug, thiserror::Error)]
+pub enum ReplayError {
+    /// No `message_id`: the worker could not deduplicate it.
+    #[error("it has no message_id (svix id)")]
+    NoMessageId,
+    /// No `type` property and no `type` in the body: no routing key.
+    #[error("it has no event type (no `type` property, no `type` in the body)")]
+    NoType,
+    /// The copy was not routed to any queue.
+    #[error("the copy was returned unroutable: {0}")]
+    Unroutable(String),
+    /// The broker refused the copy.
+    #[error("the broker refused the copy (nack)")]
+    Nacked,
+    /// No confirm in time; the copy may or may not be queued (the dead copy stays).
+    #[error("no publisher confirm within {0:?}")]
+    Timeout(Duration),
+    /// The connection or channel failed.
+    #[error("broker error: {0}")]
+    Broker(String),
+}

@@ -1,0 +1,243 @@
+//! Helpers for the operator-command tests: declare a test's topology without an
+//! app, inject messages the way the worker or RabbitMQ would, read queues in order,
+//! and run the `provisioner` binary against a test's own names.
+
+use std::path::PathBuf;
+use std::process::Output;
+
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::types::{AMQPValue, FieldArray, FieldTable, LongString, ShortString};
+use lapin::{BasicProperties, Confirmation};
+use provisioner::broker::Topology;
+use provisioner::config::Settings;
+
+use super::{Isolation, TestOptions, base_amqp_url, broker_channel, random_id, test_settings};
+
+/// Settings and declared topology (exchanges, work, dead and retry queues) for a
+/// test that needs the broker but no application.
+pub async fn broker_only(opts: &TestOptions) -> (Isolation, Settings) {
+    let iso = Isolation::new();
+    let settings = test_settings(&iso, opts);
+    declare_topology(&settings).await;
+    (iso, settings)
+}
+
+/// Declares the topology of `settings`, without the retry queues (the operator
+/// commands never touch them, and every quorum queue costs the broker a Raft group).
+pub async fn declare_topology(settings: &Settings) {
+    let (conn, ch) = broker_channel().await;
+    let mut topology = Topology::new(&settings.broker, &settings.worker);
+    topology.retry_queues.clear();
+    topology.declare(&ch).await.expect("topology declares");
+    let _ = conn.close(200, "bye".into()).await;
+}
+
+/// A message to inject.
+#[derive(Debug, Clone, Default)]
+pub struct Inject {
+    /// Body bytes.
+    pub body: Vec<u8>,
+    /// `message_id`.
+    pub message_id: Option<String>,
+    /// `type`.
+    pub kind: Option<String>,
+    /// Headers.
+    pub headers: Option<FieldTable>,
+    /// AMQP timestamp (s).
+    pub timestamp: Option<u64>,
+}
+
+impl Inject {
+    /// A Clerk-shaped event body of `kind` about workspace `org` (by the type's shape).
+    pub fn event(kind: &str, org: &str, id: &str) -> Self {
+        let data = if kind.starts_with("organizationMembership.") {
+            serde_json::json!({"id": format!("orgmem_{}", random_id(8)), "organization": {"id": org}})
+        } else if kind.starts_with("organization.") {
+            serde_json::json!({"id": org, "name": "Acme"})
+        } else {
+            serde_json::json!({"id": format!("user_{}", random_id(8))})
+        };
+        Self {
+            body: super::envelope(kind, data, 1_716_883_200_000),
+            message_id: Some(id.to_owned()),
+            kind: Some(kind.to_owned()),
+            headers: None,
+            timestamp: Some(1_716_883_200),
+        }
+    }
+
+    /// Adds the headers the worker puts on a dead letter.
+    pub fn worker_headers(
+        mut self,
+        class: &str,
+        error: &str,
+        attempts: i64,
+        failed_at_ms: i64,
+    ) -> Self {
+        let mut t = FieldTable::default();
+        t.insert("x-error".into(), AMQPValue::LongString(error.into()));
+        t.insert("x-error-class".into(), AMQPValue::LongString(class.into()));
+        t.insert("x-attempts".into(), AMQPValue::LongLongInt(attempts));
+        t.insert("x-failed-at".into(), AMQPValue::LongLongInt(failed_at_ms));
+        self.headers = Some(t);
+        self
+    }
+
+    /// Adds only the `x-death` headers RabbitMQ writes when the delivery limit of
+    /// `queue` dead-letters a message.
+    pub fn x_death_only(mut self, queue: &str, time_secs: u64) -> Self {
+        let mut death = FieldTable::default();
+        death.insert("count".into(), AMQPValue::LongLongInt(1));
+        death.insert("exchange".into(), AMQPValue::LongString("".into()));
+        death.insert("queue".into(), AMQPValue::LongString(queue.into()));
+        death.insert(
+            "reason".into(),
+            AMQPValue::LongString("delivery_limit".into()),
+        );
+        death.insert("time".into(), AMQPValue::Timestamp(time_secs));
+        let mut arr = FieldArray::default();
+        arr.push(AMQPValue::FieldTable(death));
+        let mut t = FieldTable::default();
+        t.insert("x-death".into(), AMQPValue::FieldArray(arr));
+        t.insert(
+            "x-first-death-reason".into(),
+            AMQPValue::LongString("delivery_limit".into()),
+        );
+        t.insert(
+            "x-first-death-queue".into(),
+            AMQPValue::LongString(queue.into()),
+        );
+        t.insert(
+            "x-first-death-exchange".into(),
+            AMQPValue::LongString("".into()),
+        );
+        self.headers = Some(t);
+        self
+    }
+}
+
+/// Publishes messages (in order, each confirmed) to `exchange` with `routing_key`
+/// (`""` + a queue name = straight into that queue).
+pub async fn inject(exchange: &str, routing_key: &str, messages: &[Inject]) {
+    let (conn, ch) = broker_channel().await;
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    for m in messages {
+        let mut props = BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_content_type("application/json".into());
+        if let Some(id) = &m.message_id {
+            props = props.with_message_id(id.as_str().into());
+        }
+        if let Some(k) = &m.kind {
+            props = props.with_type(k.as_str().into());
+        }
+        if let Some(h) = &m.headers {
+            props = props.with_headers(h.clone());
+        }
+        if let Some(ts) = m.timestamp {
+            props = props.with_timestamp(ts);
+        }
+        let confirm = ch
+            .basic_publish(
+                exchange.into(),
+                routing_key.into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..Default::default()
+                },
+                &m.body,
+                props,
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        assert!(
+            matches!(confirm, Confirmation::Ack(None)),
+            "injected message routed and confirmed"
+        );
+    }
+    let _ = conn.close(200, "bye".into()).await;
+}
+
+/// Puts messages straight into the dead-letter queue of `settings`, in order.
+pub async fn inject_dead(settings: &Settings, messages: &[Inject]) {
+    inject("", &settings.broker.dead_letter_queue, messages).await;
+}
+
+/// The `message_id`s of a drained queue, in order.
+pub fn message_ids(messages: &[lapin::message::BasicGetMessage]) -> Vec<String> {
+    messages
+        .iter()
+        .map(|m| {
+            m.delivery
+                .properties
+                .message_id()
+                .as_ref()
+                .map(|s| s.as_str().to_owned())
+                .unwrap_or_default()
+        })
+        .collect()
+}
+
+/// A header of a drained message.
+pub fn header<'a>(m: &'a lapin::message::BasicGetMessage, name: &str) -> Option<&'a AMQPValue> {
+    m.delivery
+        .properties
+        .headers()
+        .as_ref()
+        .and_then(|h| h.inner().get(&ShortString::from(name)))
+}
+
+/// Writes a TOML config for the binary with the test's broker names; returns its path.
+pub fn config_file(iso: &Isolation, extra: &str) -> PathBuf {
+    let path = std::env::temp_dir().join(format!("provisioner-test-{}.toml", random_id(12)));
+    std::fs::write(&path, format!("{}\n{extra}", iso.broker_toml())).expect("write temp config");
+    path
+}
+
+/// Runs the `provisioner` binary with `PROVISIONER_CONFIG` and env; waits for it.
+pub async fn run_binary(config: &PathBuf, env: &[(&str, String)], args: &[&str]) -> Output {
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_provisioner"));
+    cmd.args(args)
+        .env("PROVISIONER_CONFIG", config)
+        .env("AMQP_URL", base_amqp_url())
+        .env("PROVISIONER_ENV", "development")
+        .env("RUST_LOG", "warn")
+        .env_remove("CLERK_WEBHOOK_SECRET")
+        .env_remove("CLERK_INSTANCE_ID")
+        .env_remove("PROVISIONER_API_TOKENS")
+        .env_remove("PROVISIONER_LISTEN")
+        .env_remove("DATABASE_URL");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().await.expect("binary runs")
+}
+
+/// stdout of a finished binary.
+pub fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// stderr of a finished binary.
+pub fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// The last non-empty line of stderr (the one-line error `main` prints).
+pub fn error_line(out: &Output) -> String {
+    stderr(out)
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or_default()
+        .to_owned()
+}
+
+/// A long string AMQP value.
+pub fn text(s: &str) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(s))
+}

@@ -1,0 +1,699 @@
+//! `provisioner dlq`: list, show, replay and purge dead letters against a real
+//! RabbitMQ, with dead letters injected by the test (DESIGN §1, §4).
+
+mod common;
+
+use std::time::Duration;
+
+use common::ops::*;
+use common::*;
+use lapin::options::{BasicGetOptions, BasicRejectOptions};
+use lapin::types::AMQPValue;
+use provisioner::ops::dlq::{self, DeadQueue, DlqError, ReplayOptions, Selection};
+
+fn id() -> String {
+    format!("msg_{}", random_id(20))
+}
+
+/// Dead letters of every kind: worker-made (payload, retries exhausted), made by
+/// RabbitMQ's delivery limit (x-death only), and put there by hand.
+fn mixed(org: &str) -> (Vec<Inject>, Vec<String>) {
+    let ids: Vec<String> = (0..4).map(|_| id()).collect();
+    let msgs = vec![
+        Inject::event("organizationMembership.created", org, &ids[0]).worker_headers(
+            "payload",
+            "data.public_user_data.user_id is missing",
+            1,
+            1_716_883_201_500,
+        ),
+        Inject::event("organization.updated", org, &ids[1]).worker_headers(
+            "retries-exhausted",
+            "database error: pool timed out",
+            4,
+            1_716_883_202_000,
+        ),
+        Inject::event("organization.created", "org_other", &ids[2])
+            .x_death_only("t.provisioner.events", 1_716_883_203),
+        Inject::event("user.deleted", org, &ids[3]),
+    ];
+    (msgs, ids)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_shows_each_dead_letter_and_leaves_the_queue_as_it_was() {
+    // Arrange
+    let (_iso, settings) = ops::broker_only(&TestOptions::default()).await;
+    let (msgs, ids) = mixed("org_list");
+    inject_dead(&settings, &msgs).await;
+
+    // Act
+    let listing = dlq::list(&settings).await.unwrap();
+    let again = dlq::list(&settings).await.unwrap();
+
+    // Assert
+    assert_eq!(listing.count, 4);
+    let l = &listing.data;
+    assert_eq!(
+        l.iter().map(|l| l.id.clone().unwrap()).collect::<Vec<_>>(),
+        ids
+    );
+    assert_eq!(l[0].kind.as_deref(), Some("organizationMembership.created"));
+    assert_eq!(l[0].workspace_id.as_deref(), Some("org_list"));
+    assert_eq!(l[0].error_class.as_deref(), Some("payload"));
+    assert_eq!(
+        l[0].error.as_deref(),
+        Some("data.public_user_data.user_id is missing")
+    );
+    assert_eq!(l[0].attempts, Some(1));
+    assert_eq!(
+        l[0].first_failed_at.unwrap().timestamp_millis(),
+        1_716_883_201_500
+    );
+    assert_eq!(l[1].error_class.as_deref(), Some("retries-exhausted"));
+    assert_eq!(l[1].attempts, Some(4));
+    assert_eq!(l[1].workspace_id.as_deref(), Some("org_list"));
+    assert_eq!(l[2].error_class.as_deref(), Some("delivery-limit"));
+    assert_eq!(l[2].workspace_id.as_deref(), Some("org_other"));
+    assert_eq!(l[2].first_failed_at.unwrap().timestamp(), 1_716_883_203);
+    assert_eq!(l[3].kind.as_deref(), Some("user.deleted"));
+    assert_eq!(l[3].workspace_id, None, "user events name no workspace");
+    assert_eq!(l[3].error_class, None, "a hand-placed message has no class");
+    assert_eq!(again.data, listing.data, "listing twice shows the same");
+    let left = drain_queue(&settings.broker.dead_letter_queue).await;
+    assert_eq!(
+        message_ids(&left),
+        ids,
+        "the queue still holds them, in order"
+    );
+    for (m, original) in left.iter().zip(&msgs) {
+        assert_eq!(m.delivery.data, original.body, "bodies unchanged");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_keeps_the_order_of_a_long_queue() {
+    // More than 32 messages: RabbitMQ returns some batches in hash or reverse order,
+    // which a naive get-then-requeue listing would expose.
+    let (_iso, settings) = ops::broker_only(&TestOptions::default()).await;
+    let msgs: Vec<Inject> = (0..80)
+        .map(|i| {
+            Inject::event(
+                "organization.created",
+                &format!("org_{i}"),
+                &format!("msg_{i:03}"),
+            )
+        })
+        .collect();
+    let expected: Vec<String> = (0..80).map(|i| format!("msg_{i:03}")).collect();
+    inject_dead(&settings, &msgs).await;
+
+    for _ in 0..3 {
+        let listing = dlq::list(&settings).await.unwrap();
+        let listed: Vec<String> = listing.data.iter().map(|l| l.id.clone().unwrap()).collect();
+        assert_eq!(listed, expected);
+    }
+
+    assert_eq!(
+        message_ids(&drain_queue(&settings.broker.dead_letter_queue).await),
+        expected
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_lists_each_see_everything_and_keep_the_order() {
+    // Two consumers would split the queue and hand their shares back one after the
+    // other; the session lock makes concurrent commands take turns.
+    let (_iso, settings) = ops::broker_only(&TestOptions::default()).await;
+    let msgs: Vec<Inject> = (0..60)
+        .map(|i| {
+            Inject::event(
+                "organization.created",
+                &format!("org_{i}"),
+                &format!("msg_{i:03}"),
+            )
+        })
+        .collect();
+    let expected: Vec<String> = (0..60).map(|i| format!("msg_{i:03}")).collect();
+    inject_dead(&settings, &msgs).await;
+
+    let (a, b, c) = tokio::join!(
+        dlq::list(&settings),
+        dlq::list(&settings),
+        dlq::list(&settings)
+    );
+
+    for listing in [a.unwrap(), b.unwrap(), c.unwrap()] {
+        let listed: Vec<String> = listing.data.iter().map(|l| l.id.clone().unwrap()).collect();
+        assert_eq!(listed, expected);
+    }
+    assert_eq!(
+        message_ids(&drain_queue(&settings.broker.dead_letter_queue).await),
+        expected
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_real_delivery_limit_dead_letter_lists_as_delivery_limit() {
+    // Arrange: RabbitMQ itself dead-letters after the work queue's delivery limit.
+    let opts = TestOptions {
+        extra_config: "[broker]\ndelivery_limit = 1\n".into(),
+        ..TestOptions::default()
+    };
+    let (_iso, settings) = ops::broker_only(&opts).await;
+    let svix = id();
+    inject(
+        &settings.broker.exchange,
+        "organization.created",
+        &[Inject::event("organization.created", "org_limit", &svix)],
+    )
+    .await;
+    let (conn, ch) = broker_channel().await;
+    let dead = eventually(Duration::from_secs(20), || async {
+        if let Some(m) = ch
+            .basic_get(
+                settings.broker.queue.as_str().into(),
+                BasicGetOptions::default(),
+            )
+            .await
+            .unwrap()
+        {
+            m.delivery
+                .acker
+                .reject(BasicRejectOptions { requeue: true })
+                .await
+                .unwrap();
+        }
+        (queue_depth(&settings.broker.dead_letter_queue).await > 0).then_some(())
+    })
+    .await;
+    let _ = conn.close(200, "bye".into()).await;
+    assert!(dead.is_some(), "the broker dead-lettered the message");
+
+    // Act
+    let listing = dlq::list(&settings).await.unwrap();
+
+    // Assert
+    assert_eq!(listing.count, 1);
+    let l = &listing.data[0];
+    assert_eq!(l.id.as_deref(), Some(svix.as_str()));
+    assert_eq!(l.error_class.as_deref(), Some("delivery-limit"));
+    assert_eq!(l.workspace_id.as_deref(), Some("org_limit"));
+    assert!(
+        l.first_failed_at.is_some(),
+        "x-death time is the first failure"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_arriving_during_a_session_stay_behind_the_others() {
+    let (_iso, settings) = ops::broker_only(&TestOptions::default()).await;
+    let first: Vec<Inject> = (0..5)
+        .map(|i| Inject::event("organization.created", "org_a", &format!("msg_a{i}")))
+        .collect();
+    inject_dead(&settings, &first).await;
+
+    // Act: a session holds the queue while new dead letters arrive.
+    let session = DeadQueue::open(&settings, Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert_eq!(session.held.len(), 5);
+    let later: Vec<Inject> = (0..3)
+        .map(|i| Inject::event("organization.created", "org_b", &format!("msg_b{i}")))
+        .collect();
+    inject_dead(&settings, &later).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let closed = session.close().await.unwrap();
+
+    // Assert
+    assert_eq!(closed.arrived, 3, "the arrivals are counted");
+    assert_eq!(
+        message_ids(&drain_queue(&settings.broker.dead_letter_queue).await),
+        [
+            "msg_a0", "msg_a1", "msg_a2", "msg_a3", "msg_a4", "msg_b0", "msg_b1", "msg_b2"
+        ]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_queue_makes_others_wait_and_an_abandoned_session_loses_nothing() {
+    let (_iso, settings) = ops::broker_only(&TestOptions::default()).await;
+    let (msgs, ids) = mixed("org_lock");
+    inject_dead(&settings, &msgs).await;
+
+    // A session holds the queue: another one gives up after its wait, changing nothing.
+    let holder = DeadQueue::open(&settings, Duration::from_secs(10))
+        .await
+        .unwrap();
+    let err = DeadQueue::open(&settings, Duration::from_millis(300))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, DlqError::Busy { .. }), "{err}");
+
+    // The holder dies without closing (as a crashed process would): the broker
+    // gives everything back, in order, and frees the lock.
+    drop(holder);
+    let listing = eventually(Duration::from_secs(20), || async {
+        let l = dlq::list(&settings).await.ok()?;
+        (l.count == 4).then_some(l)
+    })
+    .await
+    .expect("the queue is whole again");
+    assert_eq!(
+        listing
+            .data
+            .iter()
+            .map(|l| l.id.clone().unwrap())
+            .collect::<Vec<_>>(),
+        ids
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn show_returns_the_whole_message_and_unknown_ids_are_not_found() {
+    let (_iso, settings) = ops::broker_only(&TestOptions::default()).await;
+    let (msgs, ids) = mixed("org_show");
+    inject_dead(&settings, &msgs).await;
+
+    let shown = dlq::show(&settings, &ids[0]).await.unwrap();
+    assert_eq!(shown.properties["message_id"], ids[0].as_str());
+    assert_eq!(shown.properties["type"], "organizationMembership.created");
+    assert_eq!(shown.properties["delivery_mode"], 2);
+    assert_eq!(shown.headers["x-error-class"], "payload");
+    assert_eq!(shown.headers["x-attempts"], 1);
+    assert_eq!(shown.body["data"]["organization"]["id"], "org_show");
+    assert_eq!(shown.copies, 1);
+    let death = dlq::show(&settings, &ids[2]).await.unwrap();
+    assert_eq!(death.headers["x-death"][0]["reason"], "delivery_limit");
+
+    let err = dlq::show(&settings, "msg_nope").await.unwrap_err();
+    assert!(matches!(err, DlqError::NotFound { .. }), "{err}");
+    assert_eq!(
+        message_ids(&drain_queue(&settings.broker.dead_letter_queue).await),
+        ids
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_by_id_republishes_to_the_exchange_and_removes_only_that_copy() {
+    // Arrange: the replayed one is hand-made (body + message_id + type, no headers).
+    let (_iso, settings) = ops::broker_only(&TestOptions::default()).await;
+    let (msgs, ids) = mixed("org_replay");
+    inject_dead(&settings, &msgs).await;
+
+    // Act
+    let report = dlq::replay(
+        &settings,
+        &ReplayOptions::new(Selection::Ids(vec![ids[3].clone()])),
+    )
+    .await
+    .unwrap();
+
+    // Assert
+    assert_eq!(report.summary(), "replayed 1, failed 0");
+    let work = drain_queue(&settings.broker.queue).await;
+    assert_eq!(work.len(), 1);
+    let m = &work[0];
+    assert_eq!(
+        m.delivery
+            .properties
+            .message_id()
+            .as_ref()
+            .unwrap()
+            .as_str(),
+        ids[3]
+    );
+    assert_eq!(
+        m.delivery.properties.kind().as_ref().unwrap().as_str(),
+        "user.deleted"
+    );
+    assert_eq!(m.delivery.routing_key.as_str(), "user.deleted");
+    assert_eq!(m.delivery.exchange.as_str(), settings.broker.exchange);
+    assert_eq!(m.delivery.data, msgs[3].body, "same body");
+    assert_eq!(m.delivery.properties.delivery_mode(), &Some(2));
+    assert_eq!(header(m, "x-replayed"), Some(&AMQPValue::Boolean(true)));
+    assert_eq!(
+        m.delivery.properties.timestamp(),
+        &Some(1_716_883_200),
+        "intake time kept"
+    );
+    assert_eq!(
+        message_ids(&drain_queue(&settings.broker.dead_letter_queue).await),
+        &ids[..3],
+        "the others stay, in order"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dry_run_lists_the_selection_and_changes_nothing() {
+    let (_iso, settings) = ops::broker_only(&TestOptions::default()).await;
+    let (msgs, ids) = mixed("org_dry");
+    inject_dead(&settings, &msgs).await;
+
+    let mut opts = ReplayOptions::new(Selection::All);
+    opts.dry_run = true;
+    let report = dlq::replay(&settings, &opts).await.unwrap();
+
+    assert_eq!(report.selected.len(), 4);
+    assert!(report.replayed.is_empty());
+    assert_eq!(
+        queue_depth(&settings.broker.queue).await,
+        0,
+        "nothing published"
+    );
+    assert_eq!(
+        message_ids(&drain_queue(&settings.broker.dead_letter_queue).await),
+        ids
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_by_type_and_by_org_selects_exactly_those() {
+    let (_iso, settings) = ops::broker_only(&TestOptions::default()).await;
+    let (msgs, ids) = mixed("org_sel");
+    inject_dead(&settings, &msgs).await;
+
+    // By type: only the organization.updated one.
+    let report = dlq::replay(
+        &settings,
+        &ReplayOptions::new(Selection::Type("organization.updated".into())),
+    )
+    .await
+    .unwrap();
+    assert_eq!(report.replayed.len(), 1);
+    assert_eq!(
+        message_ids(&drain_queue(&settings.broker.queue).await),
+        [ids[1].clone()]
+    );
+
+    // By org: the membership of org_sel (the org.updated one is already gone);
+    // org_other and the user event stay.
+    let report = dlq::replay(
+        &settings,
+        &ReplayOptions::new(Selection::Org("org_sel".into())),
+    )
+    .await
+    .unwrap();
+    assert_eq!(report.replayed.len(), 1);
+    assert_eq!(
+        message_ids(&drain_queue(&settings.broker.queue).await),
+        [ids[0].clone()]
+    );
+
+    // A selection matching nothing is not an error and changes nothing.
+    let report = dlq::replay(
+        &settings,
+        &ReplayOptions::new(Selection::Org("org_none".into())),
+    )
+    .await
+    .unwrap();
+    assert_eq!(report.summary(), "replayed 0, failed 0");
+    assert_eq!(
+        message_ids(&drain_queue(&settings.broker.dead_letter_queue).await),
+        [ids[2].clone(), ids[3].clone()]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_of_an_unknown_id_changes_nothing() {
+    let (_iso, settings) = ops::broker_only(&TestOptions::default()).await;
+    let (msgs, ids) = mixed("org_unknown");
+    inject_dead(&settings, &msgs).await;
+
+    let err = dlq::replay(
+        &settings,
+        &ReplayOptions::new(Selection::Ids(vec![ids[0].clone(), "msg_missing".into()])),
+    )
+    .await
+    .unwrap_err();
+
+    assert!(
+        matches!(&err, DlqError::NotFound { ids } if ids == &["msg_missing"]),
+        "{err}"
+    );
+    assert_eq!(queue_depth(&settings.broker.queue).await, 0);
+    assert_eq!(
+        message_ids(&drain_queue(&settings.broker.dead_letter_queue).await),
+        ids
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unroutable_replay_keeps_the_dead_copy() {
+    // Arrange: replay into an exchange nothing is bound to.
+    let (_iso, mut settings) = ops::broker_only(&TestOptions::default()).await;
+    let (msgs, ids) = mixed("org_unroutable");
+    inject_dead(&settings, &msgs).await;
+    let (conn, ch) = broker_channel().await;
+    let lonely = format!("{}.unbound", settings.broker.exchange);
+    ch.exchange_declare(
+        lonely.as_str().into(),
+        lapin::ExchangeKind::Topic,
+        lapin::options::ExchangeDeclareOptions {
+            auto_delete: true,
+            ..Default::default()
+        },
+        Default::default(),
+    )
+    .await
+    .unwrap();
+    settings.broker.exchange = lonely;
+
+    // Act
+    let report = dlq::replay(
+        &settings,
+        &ReplayOptions::new(Selection::Ids(vec![ids[1].clone()])),
+    )
+    .await
+    .unwrap();
+    let _ = conn.close(200, "bye".into()).await;
+
+    // Assert
+    assert_eq!(report.summary(), "replayed 0, failed 1");
+    assert!(
+        report.failed[0].reason.contains("unroutable"),
+        "{}",
+        report.failed[0].reason
+    );
+    assert_eq!(
+        message_ids(&drain_queue(&settings.broker.dead_letter_queue).await),
+        ids
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_exchange_fails_the_replay_and_loses_nothing() {
+    let (_iso, mut settings) = ops::broker_only(&TestOptions::default()).await;
+    let (msgs, ids) = mixed("org_noexchange");
+    inject_dead(&settings, &msgs).await;
+    settings.broker.exchange = format!("{}.does-not-exist", settings.broker.exchange);
+
+    let report = dlq::replay(&settings, &ReplayOptions::new(Selection::All))
+        .await
+        .unwrap();
+
+    assert_eq!(report.replayed.len(), 0);
+    assert_eq!(report.failed.len(), 4, "{:?}", report.failed);
+    assert_eq!(
+        message_ids(&drain_queue(&settings.broker.dead_letter_queue).await),
+        ids
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn purge_removes_only_what_it_names() {
+    let (_iso, settings) = ops::broker_only(&TestOptions::default()).await;
+    let (msgs, ids) = mixed("org_purge");
+    inject_dead(&settings, &msgs).await;
+
+    let report = dlq::purge(
+        &settings,
+        &Selection::Ids(vec![ids[1].clone(), ids[2].clone()]),
+    )
+    .await
+    .unwrap();
+    assert_eq!(report.count, 2);
+    let err = dlq::purge(&settings, &Selection::Ids(vec![ids[1].clone()]))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, DlqError::NotFound { .. }),
+        "an id already purged is not found"
+    );
+
+    assert_eq!(
+        queue_depth(&settings.broker.queue).await,
+        0,
+        "purge never publishes"
+    );
+    assert_eq!(
+        message_ids(&drain_queue(&settings.broker.dead_letter_queue).await),
+        [ids[0].clone(), ids[3].clone()]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_concurrent_replays_lose_nothing_and_replay_each_once() {
+    let (_iso, settings) = ops::broker_only(&TestOptions::default()).await;
+    let msgs: Vec<Inject> = (0..20)
+        .map(|i| {
+            Inject::event(
+                "organization.created",
+                &format!("org_c{i}"),
+                &format!("msg_c{i:02}"),
+            )
+        })
+        .collect();
+    inject_dead(&settings, &msgs).await;
+
+    let opts = ReplayOptions::new(Selection::All);
+    let (a, b) = tokio::join!(dlq::replay(&settings, &opts), dlq::replay(&settings, &opts));
+    let (a, b) = (a.unwrap(), b.unwrap());
+
+    assert!(a.failed.is_empty() && b.failed.is_empty());
+    assert_eq!(
+        a.replayed.len() + b.replayed.len(),
+        20,
+        "each taken by one replayer"
+    );
+    let work = message_ids(&drain_queue(&settings.broker.queue).await);
+    for i in 0..20 {
+        let id = format!("msg_c{i:02}");
+        assert!(work.contains(&id), "{id} reached the work queue");
+    }
+    assert_eq!(queue_depth(&settings.broker.dead_letter_queue).await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_dead_letter_queue_is_a_clear_error() {
+    let iso = Isolation::new();
+    let settings = test_settings(&iso, &TestOptions::default());
+    let err = dlq::list(&settings).await.unwrap_err();
+    assert!(matches!(err, DlqError::QueueMissing { .. }), "{err}");
+    assert!(err.to_string().contains(&settings.broker.dead_letter_queue));
+}
+
+// ---- the binary -------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binary_lists_as_json_replays_and_refuses_purge_without_yes() {
+    let (iso, settings) = ops::broker_only(&TestOptions::default()).await;
+    let (msgs, ids) = mixed("org_bin");
+    inject_dead(&settings, &msgs).await;
+    let cfg = config_file(&iso, "");
+
+    // list --json: one JSON document with every dead letter.
+    let out = run_binary(&cfg, &[], &["dlq", "list", "--json"]).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let doc: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(doc["count"], 4);
+    assert_eq!(doc["data"][0]["id"], ids[0].as_str());
+    assert_eq!(doc["data"][0]["error_class"], "payload");
+    assert_eq!(doc["data"][2]["error_class"], "delivery-limit");
+
+    // show --json
+    let out = run_binary(&cfg, &[], &["dlq", "show", &ids[1], "--json"]).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let doc: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(doc["body"]["type"], "organization.updated");
+
+    // show of an unknown id: non-zero, one line.
+    let out = run_binary(&cfg, &[], &["dlq", "show", "msg_unknown"]).await;
+    assert!(!out.status.success());
+    assert!(
+        error_line(&out).contains("no dead letter with id msg_unknown"),
+        "{}",
+        stderr(&out)
+    );
+
+    // purge without --yes refuses and removes nothing.
+    let out = run_binary(&cfg, &[], &["dlq", "purge", "--all"]).await;
+    assert!(!out.status.success());
+    let line = error_line(&out);
+    assert!(
+        line.starts_with("error: ") && line.contains("--yes"),
+        "{line}"
+    );
+    assert_eq!(stderr(&out).trim().lines().count(), 1, "one line");
+    assert_eq!(queue_depth(&settings.broker.dead_letter_queue).await, 4);
+
+    // replay --dry-run, then replay --id.
+    let out = run_binary(&cfg, &[], &["dlq", "replay", "--all", "--dry-run"]).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("would replay 4"), "{}", stdout(&out));
+    let out = run_binary(&cfg, &[], &["dlq", "replay", "--id", &ids[0], &ids[1]]).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains("replayed 2, failed 0"),
+        "{}",
+        stdout(&out)
+    );
+    assert_eq!(
+        message_ids(&drain_queue(&settings.broker.queue).await),
+        &ids[..2]
+    );
+
+    // purge --id … --yes removes only that one and says so.
+    let out = run_binary(&cfg, &[], &["dlq", "purge", "--id", &ids[3], "--yes"]).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains(&format!("removed {}", ids[3])));
+    assert_eq!(
+        message_ids(&drain_queue(&settings.broker.dead_letter_queue).await),
+        [ids[2].clone()]
+    );
+    let _ = std::fs::remove_file(cfg);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binary_names_an_unreachable_broker_without_its_password() {
+    let iso = Isolation::new();
+    let cfg = config_file(&iso, "");
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let url = format!("amqp://ops:s3cr3t-pw@127.0.0.1:{port}/%2f");
+
+    for args in [
+        &["dlq", "list"][..],
+        &["dlq", "replay", "--all"][..],
+        &["dlq", "purge", "--all", "--yes"][..],
+    ] {
+        let out = run_binary(&cfg, &[("AMQP_URL", url.clone())], args).await;
+        assert!(!out.status.success(), "{args:?}");
+        let line = error_line(&out);
+        assert!(
+            line.contains(&format!("amqp://ops:***@127.0.0.1:{port}/%2f")),
+            "{args:?}: {line}"
+        );
+        assert!(
+            !stderr(&out).contains("s3cr3t-pw"),
+            "{args:?}: password leaked"
+        );
+        assert!(!stdout(&out).contains("s3cr3t-pw"));
+    }
+    let _ = std::fs::remove_file(cfg);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binary_help_and_argument_errors() {
+    let iso = Isolation::new();
+    let cfg = config_file(&iso, "");
+    for args in [
+        &["dlq", "--help"][..],
+        &["dlq", "list", "--help"][..],
+        &["dlq", "show", "--help"][..],
+        &["dlq", "replay", "--help"][..],
+        &["dlq", "purge", "--help"][..],
+    ] {
+        let out = run_binary(&cfg, &[], args).await;
+        assert!(out.status.success(), "{args:?}");
+        assert!(stdout(&out).contains("Usage"), "{args:?}");
+    }
+    // replay needs exactly one selection.
+    let out = run_binary(&cfg, &[], &["dlq", "replay"]).await;
+    assert!(!out.status.success());
+    let out = run_binary(&cfg, &[], &["dlq", "replay", "--all", "--type", "x"]).await;
+    assert!(!out.status.success());
+    let out = run_binary(&cfg, &[], &["dlq", "replay", "--all", "--rate", "0"]).await;
+    assert!(!out.status.success());
+    let _ = std::fs::remove_file(cfg);
+}
