@@ -51,12 +51,57 @@ async fn row(
 /// A small history: ids e1 (oldest) … e6 (newest).
 async fn history(pool: &PgPool) -> DateTime<Utc> {
     let base = Utc::now();
-    row(pool, base, "msg_e1", "organization.created", Some("org_a"), "processed", 60).await;
-    row(pool, base, "msg_e2", "organizationMembership.created", Some("org_a"), "processed", 50).await;
-    row(pool, base, "msg_e3", "organization.created", Some("org_b"), "dead", 40).await;
+    row(
+        pool,
+        base,
+        "msg_e1",
+        "organization.created",
+        Some("org_a"),
+        "processed",
+        60,
+    )
+    .await;
+    row(
+        pool,
+        base,
+        "msg_e2",
+        "organizationMembership.created",
+        Some("org_a"),
+        "processed",
+        50,
+    )
+    .await;
+    row(
+        pool,
+        base,
+        "msg_e3",
+        "organization.created",
+        Some("org_b"),
+        "dead",
+        40,
+    )
+    .await;
     row(pool, base, "msg_e4", "user.updated", None, "ignored", 30).await;
-    row(pool, base, "msg_e5", "organization.updated", Some("org_a"), "superseded", 20).await;
-    row(pool, base, "msg_e6", "organization.deleted", Some("org_b"), "processed", 10).await;
+    row(
+        pool,
+        base,
+        "msg_e5",
+        "organization.updated",
+        Some("org_a"),
+        "superseded",
+        20,
+    )
+    .await;
+    row(
+        pool,
+        base,
+        "msg_e6",
+        "organization.deleted",
+        Some("org_b"),
+        "processed",
+        10,
+    )
+    .await;
     base
 }
 
@@ -74,7 +119,10 @@ async fn list_is_newest_first_and_each_filter_narrows_it() {
     };
 
     let all = list(EventFilter::default()).await;
-    assert_eq!(ids(&all), ["msg_e6", "msg_e5", "msg_e4", "msg_e3", "msg_e2", "msg_e1"]);
+    assert_eq!(
+        ids(&all),
+        ["msg_e6", "msg_e5", "msg_e4", "msg_e3", "msg_e2", "msg_e1"]
+    );
 
     let dead = list(EventFilter {
         status: Some("dead".into()),
@@ -128,9 +176,20 @@ async fn default_limit_is_fifty() {
     let (_iso, settings, pool) = database().await;
     let base = Utc::now();
     for i in 0..55 {
-        row(&pool, base, &format!("msg_{i:02}"), "user.updated", None, "ignored", i).await;
+        row(
+            &pool,
+            base,
+            &format!("msg_{i:02}"),
+            "user.updated",
+            None,
+            "ignored",
+            i,
+        )
+        .await;
     }
-    let all = events::list(&settings, &pool, &EventFilter::default()).await.unwrap();
+    let all = events::list(&settings, &pool, &EventFilter::default())
+        .await
+        .unwrap();
     assert_eq!(all.len(), 50);
     assert_eq!(all[0].id, "msg_00", "newest first");
 }
@@ -145,7 +204,9 @@ async fn show_finds_one_event_and_unknown_is_not_found() {
     assert_eq!(e.workspace_id.as_deref(), Some("org_b"));
     assert_eq!(e.status, "dead");
 
-    let err = events::show(&settings, &pool, "msg_nope").await.unwrap_err();
+    let err = events::show(&settings, &pool, "msg_nope")
+        .await
+        .unwrap_err();
     assert!(matches!(err, EventsError::NotFound(_)), "{err}");
 }
 
@@ -169,7 +230,12 @@ async fn binary_lists_as_json_shows_and_refuses_bad_arguments() {
     assert_eq!(doc["data"][0]["type"], "organization.updated");
     assert_eq!(doc["data"][0]["status"], "superseded");
 
-    let out = run_binary(&cfg, &env, &["events", "list", "--status", "dead", "--limit", "5"]).await;
+    let out = run_binary(
+        &cfg,
+        &env,
+        &["events", "list", "--status", "dead", "--limit", "5"],
+    )
+    .await;
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(stdout(&out).contains("msg_e3") && !stdout(&out).contains("msg_e1"));
 
@@ -183,7 +249,10 @@ async fn binary_lists_as_json_shows_and_refuses_bad_arguments() {
     let out = run_binary(&cfg, &env, &["events", "show", "msg_unknown"]).await;
     assert!(!out.status.success());
     let line = error_line(&out);
-    assert!(line.contains("no event with id msg_unknown") && line.contains("404"), "{line}");
+    assert!(
+        line.contains("no event with id msg_unknown") && line.contains("404"),
+        "{line}"
+    );
 
     for bad in [
         &["events", "list", "--since", "yesterday"][..],

@@ -9,9 +9,9 @@ use clap::{Args, Subcommand};
 
 use crate::config::Settings;
 
-pub mod intake;
 pub mod api;
 pub mod e2e;
+pub mod intake;
 
 /// Arguments of `load`.
 #[derive(Debug, Args)]
