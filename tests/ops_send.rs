@@ -66,7 +66,10 @@ async fn each_handled_type_is_built_signed_and_queued() {
                 assert_eq!(data["name"], "Send Test Inc");
                 assert_eq!(data["created_by"], "user_sendtest");
                 let v = data["updated_at"].as_i64().unwrap();
-                assert!((before..=after).contains(&v), "updated_at = now so later sends win");
+                assert!(
+                    (before..=after).contains(&v),
+                    "updated_at = now so later sends win"
+                );
             }
             "organization.deleted" => {
                 assert_eq!(data["id"], "org_sendtest");
@@ -89,7 +92,12 @@ async fn each_handled_type_is_built_signed_and_queued() {
     let memberships: Vec<Value> = queued
         .iter()
         .map(body_of)
-        .filter(|b| b["type"].as_str().unwrap().starts_with("organizationMembership."))
+        .filter(|b| {
+            b["type"]
+                .as_str()
+                .unwrap()
+                .starts_with("organizationMembership.")
+        })
         .map(|b| b["data"]["id"].clone())
         .collect();
     assert_eq!(memberships.len(), 3);
@@ -125,7 +133,10 @@ async fn a_file_is_sent_byte_for_byte() {
     let s = send::send(&app.settings, &args).await.unwrap();
 
     assert_eq!(s.status, 200, "{s:?}");
-    assert_eq!(s.kind, "organizationMembership.created", "type read from the file");
+    assert_eq!(
+        s.kind, "organizationMembership.created",
+        "type read from the file"
+    );
     let queued = drain_queue(&app.settings.broker.queue).await;
     assert_eq!(queued.len(), 1);
     assert_eq!(queued[0].delivery.data, std::fs::read(&path).unwrap());
@@ -170,7 +181,14 @@ async fn a_scenario_sends_its_signed_history_and_times_out_without_a_worker() {
     .unwrap_err();
 
     assert!(
-        matches!(err, SendError::Timeout { processed: 0, total: 6, .. }),
+        matches!(
+            err,
+            SendError::Timeout {
+                processed: 0,
+                total: 6,
+                ..
+            }
+        ),
         "{err}"
     );
     let queued = drain_queue(&app.settings.broker.queue).await;
@@ -202,7 +220,16 @@ async fn binary_sends_prints_and_fails_on_non_2xx() {
     let out = run_binary(
         &cfg,
         &[],
-        &["send", "organization.created", "--url", &target, "--id", "msg_bin_ok", "--org", "org_bin"],
+        &[
+            "send",
+            "organization.created",
+            "--url",
+            &target,
+            "--id",
+            "msg_bin_ok",
+            "--org",
+            "org_bin",
+        ],
     )
     .await;
     assert!(out.status.success(), "{}", stderr(&out));
@@ -211,7 +238,12 @@ async fn binary_sends_prints_and_fails_on_non_2xx() {
     assert!(text.contains(r#""status":"queued""#), "{text}");
 
     // --json: one document.
-    let out = run_binary(&cfg, &[], &["send", "user.updated", "--url", &target, "--json"]).await;
+    let out = run_binary(
+        &cfg,
+        &[],
+        &["send", "user.updated", "--url", &target, "--json"],
+    )
+    .await;
     assert!(out.status.success(), "{}", stderr(&out));
     let doc: Value = serde_json::from_str(&stdout(&out)).unwrap();
     assert_eq!(doc["status"], 200);
@@ -226,8 +258,15 @@ async fn binary_sends_prints_and_fails_on_non_2xx() {
     .await;
     assert!(!out.status.success());
     assert!(stdout(&out).contains("HTTP 401"), "{}", stdout(&out));
-    assert!(error_line(&out).contains("the receiver answered 401"), "{}", stderr(&out));
-    assert_eq!(message_ids(&drain_queue(&app.settings.broker.queue).await).len(), 2);
+    assert!(
+        error_line(&out).contains("the receiver answered 401"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(
+        message_ids(&drain_queue(&app.settings.broker.queue).await).len(),
+        2
+    );
 
     // Unreachable receiver: non-zero, names the URL.
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -236,12 +275,21 @@ async fn binary_sends_prints_and_fails_on_non_2xx() {
     let dead = format!("http://127.0.0.1:{port}/webhooks/clerk");
     let out = run_binary(&cfg, &[], &["send", "organization.created", "--url", &dead]).await;
     assert!(!out.status.success());
-    assert!(error_line(&out).contains(&format!("cannot reach {dead}")), "{}", stderr(&out));
+    assert!(
+        error_line(&out).contains(&format!("cannot reach {dead}")),
+        "{}",
+        stderr(&out)
+    );
 
     // Arguments: a type or --file or --scenario is required; a scenario takes no type.
     let out = run_binary(&cfg, &[], &["send"]).await;
     assert!(!out.status.success());
-    let out = run_binary(&cfg, &[], &["send", "organization.created", "--scenario", "lifecycle"]).await;
+    let out = run_binary(
+        &cfg,
+        &[],
+        &["send", "organization.created", "--scenario", "lifecycle"],
+    )
+    .await;
     assert!(!out.status.success());
     let out = run_binary(&cfg, &[], &["send", "--scenario", "nonsense"]).await;
     assert!(!out.status.success());

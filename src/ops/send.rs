@@ -228,7 +228,10 @@ pub async fn post_signed(
         .header("svix-timestamp", timestamp.to_string())
         .header("svix-signature", signature)
         .header("content-type", "application/json")
-        .header("user-agent", concat!("provisioner-send/", env!("CARGO_PKG_VERSION")))
+        .header(
+            "user-agent",
+            concat!("provisioner-send/", env!("CARGO_PKG_VERSION")),
+        )
         .body(body.to_vec())
         .send()
         .await
@@ -283,7 +286,10 @@ pub fn build_body(settings: &Settings, args: &SendArgs) -> Result<(String, Vec<u
             .clone()
             .unwrap_or_else(|| payload::default_org_name(&org_id)),
         org_id,
-        user_id: args.user.clone().unwrap_or_else(|| payload::fresh_id("user")),
+        user_id: args
+            .user
+            .clone()
+            .unwrap_or_else(|| payload::fresh_id("user")),
         role: args.role.clone().unwrap_or_else(|| "org:member".to_owned()),
         now_ms: now_ms(),
         instance_id: instance_id(settings),
@@ -372,8 +378,15 @@ pub async fn run_scenario(
     let client = client();
     let mut sent = Vec::with_capacity(plan.steps.len());
     for step in &plan.steps {
-        let answer =
-            post_signed(settings, &client, url, &step.svix_id, &step.kind, &step.body).await?;
+        let answer = post_signed(
+            settings,
+            &client,
+            url,
+            &step.svix_id,
+            &step.kind,
+            &step.body,
+        )
+        .await?;
         if !answer.accepted() {
             return Err(SendError::Rejected {
                 status: answer.status,
@@ -424,7 +437,11 @@ pub async fn run_scenario(
 
     let (status, workspace) =
         api_get(&client, &token, &format!("{origin}/v1/workspaces/{org_id}")).await?;
-    let workspace = if status == 200 { workspace } else { Value::Null };
+    let workspace = if status == 200 {
+        workspace
+    } else {
+        Value::Null
+    };
     let (status, members) = api_get(
         &client,
         &token,
@@ -480,7 +497,10 @@ pub async fn run(settings: &Settings, args: SendArgs) -> anyhow::Result<()> {
             println!("members:");
             println!("{}", serde_json::to_string_pretty(&report.members)?);
             if report.differences.is_empty() {
-                println!("ok: the {} scenario converged to the expected state", which.name());
+                println!(
+                    "ok: the {} scenario converged to the expected state",
+                    which.name()
+                );
             }
         }
         if !report.differences.is_empty() {

@@ -376,20 +376,37 @@ mod tests {
         assert_eq!(e["data"]["slug"], "acme-corp");
         assert_eq!(e["data"]["updated_at"], 1_795_000_000_123_i64);
         let d = event(&spec("organization.deleted"));
-        assert_eq!(d["data"], json!({"object": "organization", "id": "org_2g7np7Hrk0SN6kj5EDMLDaKNL0S", "slug": "acme-corp", "deleted": true}));
+        assert_eq!(
+            d["data"],
+            json!({"object": "organization", "id": "org_2g7np7Hrk0SN6kj5EDMLDaKNL0S", "slug": "acme-corp", "deleted": true})
+        );
     }
 
     #[test]
     fn membership_events_embed_org_and_user_with_a_stable_membership_id() {
         let c = event(&spec("organizationMembership.created"));
         let u = event(&spec("organizationMembership.updated"));
-        assert_eq!(c["data"]["organization"]["id"], "org_2g7np7Hrk0SN6kj5EDMLDaKNL0S");
-        assert_eq!(c["data"]["public_user_data"]["user_id"], "user_2h8op3Isl1QR7tKu5FGNfaLKEoU");
+        assert_eq!(
+            c["data"]["organization"]["id"],
+            "org_2g7np7Hrk0SN6kj5EDMLDaKNL0S"
+        );
+        assert_eq!(
+            c["data"]["public_user_data"]["user_id"],
+            "user_2h8op3Isl1QR7tKu5FGNfaLKEoU"
+        );
         assert_eq!(c["data"]["role"], "org:admin");
         assert_eq!(c["data"]["role_name"], "Admin");
-        assert_eq!(c["data"]["id"], u["data"]["id"], "same membership across sends");
+        assert_eq!(
+            c["data"]["id"], u["data"]["id"],
+            "same membership across sends"
+        );
         assert!(c["data"]["id"].as_str().unwrap().starts_with("orgmem_"));
-        assert!(c["data"]["public_user_data"]["identifier"].as_str().unwrap().contains('@'));
+        assert!(
+            c["data"]["public_user_data"]["identifier"]
+                .as_str()
+                .unwrap()
+                .contains('@')
+        );
     }
 
     #[test]

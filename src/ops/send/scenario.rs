@@ -95,7 +95,14 @@ impl Builder<'_> {
     }
 
     fn org(&self, name: &str, creator: &Person, created: i64, updated: i64, members: u32) -> Value {
-        payload::organization(self.org_id, name, &creator.user_id, created, updated, members)
+        payload::organization(
+            self.org_id,
+            name,
+            &creator.user_id,
+            created,
+            updated,
+            members,
+        )
     }
 
     fn member(&self, org: Value, person: &Person, role: &str, created: i64, updated: i64) -> Value {
@@ -169,7 +176,11 @@ pub fn plan(
             let mut rng = rand::rng();
             // Six events: a shuffle equals the original 1 time in 720; make sure
             // the demo really is out of order.
-            while shuffled.iter().map(|s| &s.svix_id).eq(ordered.iter().map(|s| &s.svix_id)) {
+            while shuffled
+                .iter()
+                .map(|s| &s.svix_id)
+                .eq(ordered.iter().map(|s| &s.svix_id))
+            {
                 shuffled.shuffle(&mut rng);
             }
             (shuffled, lifecycle_expected)
@@ -259,7 +270,10 @@ pub fn differences(expected: &Expected, workspace: &Value, members: &Value) -> V
             .map(|a| {
                 a.iter()
                     .filter_map(|m| {
-                        Some((m["user_id"].as_str()?.to_owned(), m["role"].as_str()?.to_owned()))
+                        Some((
+                            m["user_id"].as_str()?.to_owned(),
+                            m["role"].as_str()?.to_owned(),
+                        ))
                     })
                     .collect()
             })
@@ -287,7 +301,13 @@ mod tests {
     #[test]
     fn lifecycle_is_the_history_in_order_with_rising_versions() {
         let s = settings();
-        let p = plan(Scenario::Lifecycle, "org_abc", "ins_x", 1_000, &s.provisioning);
+        let p = plan(
+            Scenario::Lifecycle,
+            "org_abc",
+            "ins_x",
+            1_000,
+            &s.provisioning,
+        );
         assert_eq!(
             kinds(&p),
             [
@@ -302,7 +322,11 @@ mod tests {
         let versions: Vec<i64> = p
             .steps
             .iter()
-            .map(|s| serde_json::from_slice::<Value>(&s.body).unwrap()["timestamp"].as_i64().unwrap())
+            .map(|s| {
+                serde_json::from_slice::<Value>(&s.body).unwrap()["timestamp"]
+                    .as_i64()
+                    .unwrap()
+            })
             .collect();
         assert!(versions.windows(2).all(|w| w[0] < w[1]), "{versions:?}");
         assert_eq!(p.expected.status, "active");
@@ -314,10 +338,31 @@ mod tests {
     #[test]
     fn reorder_shuffles_and_duplicates_repeat_svix_ids() {
         let s = settings();
-        let r = plan(Scenario::Reorder, "org_abc", "ins_x", 1_000, &s.provisioning);
+        let r = plan(
+            Scenario::Reorder,
+            "org_abc",
+            "ins_x",
+            1_000,
+            &s.provisioning,
+        );
         assert_eq!(r.steps.len(), 6);
-        assert_ne!(kinds(&r), kinds(&plan(Scenario::Lifecycle, "org_abc", "ins_x", 1_000, &s.provisioning)));
-        let d = plan(Scenario::Duplicates, "org_abc", "ins_x", 1_000, &s.provisioning);
+        assert_ne!(
+            kinds(&r),
+            kinds(&plan(
+                Scenario::Lifecycle,
+                "org_abc",
+                "ins_x",
+                1_000,
+                &s.provisioning
+            ))
+        );
+        let d = plan(
+            Scenario::Duplicates,
+            "org_abc",
+            "ins_x",
+            1_000,
+            &s.provisioning,
+        );
         assert_eq!(d.steps.len(), 18);
         for step in &d.steps {
             let n = d.steps.iter().filter(|s| s.svix_id == step.svix_id).count();
@@ -328,10 +373,22 @@ mod tests {
     #[test]
     fn delete_first_and_member_first_put_the_late_event_first() {
         let s = settings();
-        let d = plan(Scenario::DeleteFirst, "org_abc", "ins_x", 1_000, &s.provisioning);
+        let d = plan(
+            Scenario::DeleteFirst,
+            "org_abc",
+            "ins_x",
+            1_000,
+            &s.provisioning,
+        );
         assert_eq!(kinds(&d)[0], "organization.deleted");
         assert_eq!(d.expected.status, "deleted");
-        let m = plan(Scenario::MemberFirst, "org_abc", "ins_x", 1_000, &s.provisioning);
+        let m = plan(
+            Scenario::MemberFirst,
+            "org_abc",
+            "ins_x",
+            1_000,
+            &s.provisioning,
+        );
         assert_eq!(kinds(&m)[0], "organizationMembership.created");
         let first: Value = serde_json::from_slice(&m.steps[0].body).unwrap();
         assert_eq!(first["data"]["organization"]["id"], "org_abc");
