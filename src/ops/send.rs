@@ -33,7 +33,9 @@ pub struct SendArgs {
     /// Organization id (default: a fresh `org_…`).
     #[arg(long, value_name = "ID")]
     pub org: Option<String>,
-    /// Organization name (default: derived from the organization id).
+    /// Organization name (default: derived from the organization id). Membership
+    /// events embed the organization as of now only when this is given; otherwise
+    /// with an old version, so they never rename a known workspace.
     #[arg(long, value_name = "NAME")]
     pub name: Option<String>,
     /// User id of the member or creator (default: a fresh `user_…`).
@@ -279,6 +281,7 @@ pub fn build_body(settings: &Settings, args: &SendArgs) -> Result<(String, Vec<u
         .clone()
         .ok_or_else(|| SendError::Args("give an EVENT_TYPE, --file or --scenario".into()))?;
     let org_id = args.org.clone().unwrap_or_else(|| payload::fresh_id("org"));
+    let now = now_ms();
     let spec = payload::EventSpec {
         kind: kind.clone(),
         org_name: args
@@ -291,7 +294,12 @@ pub fn build_body(settings: &Settings, args: &SendArgs) -> Result<(String, Vec<u
             .clone()
             .unwrap_or_else(|| payload::fresh_id("user")),
         role: args.role.clone().unwrap_or_else(|| "org:member".to_owned()),
-        now_ms: now_ms(),
+        embedded_org_version: if args.name.is_some() {
+            now
+        } else {
+            payload::UNKNOWN_ORG_VERSION
+        },
+        now_ms: now,
         instance_id: instance_id(settings),
     };
     let body = serde_json::to_vec(&payload::event(&spec)).unwrap_or_default();

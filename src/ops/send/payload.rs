@@ -297,6 +297,11 @@ pub fn invitation(kind: &str, org_id: &str, person: &Person, role: &str, now_ms:
     data
 }
 
+/// Version of an embedded organization whose real state `send` does not know
+/// (2020-01-01): older than any real state, so it provisions an unknown workspace
+/// but never renames a known one with a made-up name.
+pub const UNKNOWN_ORG_VERSION: i64 = 1_577_836_800_000;
+
 /// What a single `send EVENT_TYPE` describes.
 #[derive(Debug, Clone)]
 pub struct EventSpec {
@@ -312,6 +317,9 @@ pub struct EventSpec {
     pub role: String,
     /// Version: `updated_at` and the envelope timestamp (ms).
     pub now_ms: i64,
+    /// `updated_at` of the organization embedded in a membership: `now_ms` when the
+    /// caller named the organization, else [`UNKNOWN_ORG_VERSION`].
+    pub embedded_org_version: i64,
     /// Envelope `instance_id`.
     pub instance_id: String,
 }
@@ -329,7 +337,14 @@ pub fn event(spec: &EventSpec) -> Value {
         | "organizationMembership.updated"
         | "organizationMembership.deleted" => membership(
             &membership_id(&spec.org_id, &spec.user_id),
-            org(),
+            organization(
+                &spec.org_id,
+                &spec.org_name,
+                &spec.user_id,
+                spec.embedded_org_version,
+                spec.embedded_org_version,
+                1,
+            ),
             &person,
             &spec.role,
             now,
@@ -360,6 +375,7 @@ mod tests {
             user_id: "user_2h8op3Isl1QR7tKu5FGNfaLKEoU".into(),
             role: "org:admin".into(),
             now_ms: 1_795_000_000_123,
+            embedded_org_version: UNKNOWN_ORG_VERSION,
             instance_id: "ins_x".into(),
         }
     }
