@@ -620,7 +620,12 @@ async fn binary_lists_as_json_replays_and_refuses_purge_without_yes() {
     let out = run_binary(&cfg, &[], &["dlq", "replay", "--all", "--dry-run"]).await;
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(stdout(&out).contains("would replay 4"), "{}", stdout(&out));
-    let out = run_binary(&cfg, &[], &["dlq", "replay", "--id", &ids[0], &ids[1]]).await;
+    let out = run_binary(
+        &cfg,
+        &[],
+        &["dlq", "replay", "--rate", "20", "--id", &ids[0], &ids[1]],
+    )
+    .await;
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(
         stdout(&out).contains("replayed 2, failed 0"),
