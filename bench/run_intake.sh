@@ -16,59 +16,23 @@ cd "$(dirname "$0")/.."
 
 DURATION="${1:-15s}"
 CONCURRENCY=64
-TAG="$(date +%s)$$"
-PG_BASE="${BENCH_DATABASE_BASE:-postgres://postgres@127.0.0.1:5432}"
-export DATABASE_URL="$PG_BASE/provisioner_load_$TAG"
-export AMQP_URL="${AMQP_URL:-amqp://guest:guest@127.0.0.1:5672/%2f}"
-PORT="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
-export PROVISIONER_LISTEN="127.0.0.1:$PORT"
-export RUST_LOG="${RUST_LOG:-warn}"
-WORK="$(mktemp -d)"
-export PROVISIONER_CONFIG="$WORK/bench.toml"
-cat > "$PROVISIONER_CONFIG" <<TOML
-[broker]
-exchange = "load.$TAG.clerk.webhooks"
-queue = "load.$TAG.provisioner.events"
-dead_letter_exchange = "load.$TAG.provisioner.dlx"
-dead_letter_queue = "load.$TAG.provisioner.dead"
-retry_queue_prefix = "load.$TAG.provisioner.retry"
-TOML
-
-echo "== building (release)"
-cargo build --release --quiet
-BIN=target/release/provisioner
-
-SERVER_PID=""
-cleanup() {
-  if [[ -n "$SERVER_PID" ]] && kill -0 "$SERVER_PID" 2>/dev/null; then
-    kill -TERM "$SERVER_PID" 2>/dev/null || true
-    wait "$SERVER_PID" 2>/dev/null || true
-  fi
-  "$BIN" load teardown --yes >/dev/null 2>&1 || echo "warning: teardown of load.$TAG.* failed" >&2
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
+# shellcheck source=bench/lib.sh
+source bench/lib.sh
+bench_setup
 
 echo "== starting serve --no-worker on $PROVISIONER_LISTEN (queues load.$TAG.*)"
-"$BIN" serve --no-worker 2>"$WORK/serve.log" &
-SERVER_PID=$!
-for _ in $(seq 1 120); do
-  curl -fs "http://$PROVISIONER_LISTEN/healthz" >/dev/null 2>&1 && break
-  kill -0 "$SERVER_PID" 2>/dev/null || { cat "$WORK/serve.log" >&2; exit 1; }
-  sleep 0.5
-done
-curl -fs "http://$PROVISIONER_LISTEN/readyz" >/dev/null
+bench_start serve serve --no-worker
+bench_wait_ready
 
 URL="http://$PROVISIONER_LISTEN/webhooks/clerk"
-run() { echo "\$ provisioner load $*" >&2; "$BIN" load "$@"; }
 
 echo "== 1/3 broker only, concurrency $CONCURRENCY"
-BROKER="$(run broker --concurrency "$CONCURRENCY" --duration "$DURATION" --json)"
+BROKER="$(bench_load broker --concurrency "$CONCURRENCY" --duration "$DURATION" --json)"
 echo "== 2/3 intake, concurrency $CONCURRENCY"
-INTAKE="$(run intake --url "$URL" --concurrency "$CONCURRENCY" --duration "$DURATION" --json)"
+INTAKE="$(bench_load intake --url "$URL" --concurrency "$CONCURRENCY" --duration "$DURATION" --json)"
 HALF_RATE="$(jq -n --argjson i "$INTAKE" '($i.per_second / 2) | floor')"
 echo "== 3/3 intake at half that rate: $HALF_RATE/s"
-HALF="$(run intake --url "$URL" --rate "$HALF_RATE" --concurrency 256 --duration "$DURATION" --json)"
+HALF="$(bench_load intake --url "$URL" --rate "$HALF_RATE" --concurrency 256 --duration "$DURATION" --json)"
 
 echo
 printf '%-34s %10s %8s %9s %9s %9s\n' "run" "req/s" "errors" "p50 ms" "p99 ms" "max ms"

@@ -24,7 +24,10 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(cli::run(cli, settings)) {
+    let outcome = runtime.block_on(cli::run(cli, settings));
+    // A connection's I/O thread that is still busy must not hold the exit up.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(2));
+    match outcome {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             // One line: the chain of causes joined with ": ".

@@ -107,7 +107,11 @@ impl Application {
             settings.broker.publish_channels,
             shutdown.clone(),
         );
-        if !publisher.wait_connected(Duration::from_secs(15)).await {
+        // Two connect deadlines: one slow handshake on a loaded broker is retried.
+        if !publisher
+            .wait_connected(2 * crate::broker::CONNECT_DEADLINE)
+            .await
+        {
             anyhow::bail!("cannot reach RabbitMQ at {}", settings.broker.url);
         }
         let listener = TcpListener::bind(settings.http.listen)

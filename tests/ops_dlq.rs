@@ -678,6 +678,36 @@ async fn binary_names_an_unreachable_broker_without_its_password() {
     let _ = std::fs::remove_file(cfg);
 }
 
+// A peer that accepts the connection but never speaks AMQP (a stalled broker, or a
+// port taken by something else) fails the command within the connect deadline,
+// naming the URL without its password, instead of hanging.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binary_gives_up_on_a_broker_that_never_answers() {
+    let iso = Isolation::new();
+    let cfg = config_file(&iso, "");
+    // Accepted by the kernel's backlog, never read from or answered.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = silent.local_addr().unwrap().port();
+    let url = format!("amqp://ops:s3cr3t-pw@127.0.0.1:{port}/%2f");
+
+    let started = std::time::Instant::now();
+    let out = run_binary(&cfg, &[("AMQP_URL", url.clone())], &["dlq", "list"]).await;
+    let took = started.elapsed();
+    assert!(!out.status.success());
+    let line = error_line(&out);
+    assert!(
+        line.contains(&format!("amqp://ops:***@127.0.0.1:{port}/%2f")),
+        "{line}"
+    );
+    assert!(!stderr(&out).contains("s3cr3t-pw"), "password leaked");
+    assert!(
+        took >= Duration::from_secs(5),
+        "it waited for the peer before giving up: {took:?}"
+    );
+    drop(silent);
+    let _ = std::fs::remove_file(cfg);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn binary_help_and_argument_errors() {
     let iso = Isolation::new();

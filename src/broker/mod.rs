@@ -12,6 +12,8 @@ pub use publisher::{
 };
 pub use topology::Topology;
 
+use std::time::Duration;
+
 use lapin::{Connection, ConnectionProperties};
 
 use crate::config::ConnectionUrl;
@@ -43,10 +45,27 @@ pub fn tuned_url(url: &str) -> String {
     out
 }
 
-/// Opens one AMQP connection; `name` shows in the management UI.
+/// The longest [`connect`] may take, whatever the URL says: lapin's own
+/// `connection_timeout` covers the TCP connect, not every later handshake step, and a
+/// peer that accepts but never answers must not hang a command or a test forever.
+pub const CONNECT_DEADLINE: Duration = Duration::from_secs(15);
+
+/// Opens one AMQP connection; `name` shows in the management UI. Fails with
+/// `TimedOut` after [`CONNECT_DEADLINE`].
 pub async fn connect(url: &ConnectionUrl, name: &str) -> Result<Connection, lapin::Error> {
     let props = ConnectionProperties::default().with_connection_name(name.into());
-    Connection::connect(&tuned_url(url.expose()), props).await
+    match tokio::time::timeout(
+        CONNECT_DEADLINE,
+        Connection::connect(&tuned_url(url.expose()), props),
+    )
+    .await
+    {
+        Ok(result) => result,
+        Err(_) => Err(lapin::Error::from(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("no AMQP handshake within {} s", CONNECT_DEADLINE.as_secs()),
+        ))),
+    }
 }
 
 #[cfg(test)]

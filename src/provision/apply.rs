@@ -297,12 +297,12 @@ async fn begin(
 ) -> Result<Begin, sqlx::Error> {
     sqlx::query_as(
         "with log as ( \
-           insert into events (svix_id, type, workspace_id, status, received_at) \
-           values ($1, $2, $3, $4, $5) \
+           insert into events (svix_id, type, workspace_id, status, received_at, processed_at) \
+           values ($1, $2, $3, $4, $5, clock_timestamp()) \
            on conflict (svix_id) do update set \
              type = excluded.type, workspace_id = excluded.workspace_id, \
              status = excluded.status, error = null, \
-             attempts = events.attempts + 1, processed_at = now() \
+             attempts = events.attempts + 1, processed_at = clock_timestamp() \
            where events.status = 'dead' \
            returning 1) \
          select exists (select 1 from log) as fresh, \

@@ -77,6 +77,51 @@ pub struct Isolation {
     pub database: String,
     /// Broker name prefix.
     pub prefix: String,
+    /// Armed while any clone of this isolation lives.
+    _watchdog: std::sync::Arc<Watchdog>,
+}
+
+/// The longest one test may run. A test still running after it aborts its test
+/// binary with its name, so a hang fails the suite in minutes instead of holding CI
+/// until its own deadline.
+pub const TEST_DEADLINE: Duration = Duration::from_secs(15 * 60);
+
+/// Aborts the process if not dropped within [`TEST_DEADLINE`].
+#[derive(Debug)]
+struct Watchdog {
+    done: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Watchdog {
+    fn arm() -> Self {
+        use std::sync::atomic::Ordering;
+        let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let name = std::thread::current().name().unwrap_or("a test").to_owned();
+        let flag = done.clone();
+        std::thread::spawn(move || {
+            let deadline = std::time::Instant::now() + TEST_DEADLINE;
+            while std::time::Instant::now() < deadline {
+                if flag.load(Ordering::Relaxed) {
+                    return;
+                }
+                std::thread::sleep(Duration::from_secs(1));
+            }
+            if !flag.load(Ordering::Relaxed) {
+                eprintln!(
+                    "{name} still running after {} s: aborting the test binary",
+                    TEST_DEADLINE.as_secs()
+                );
+                std::process::abort();
+            }
+        });
+        Self { done }
+    }
+}
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        self.done.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 impl Isolation {
@@ -86,6 +131,7 @@ impl Isolation {
         Self {
             database: format!("prov_test_{}_{}", now_secs(), id),
             prefix: format!("t{id}"),
+            _watchdog: std::sync::Arc::new(Watchdog::arm()),
         }
     }
 

@@ -214,8 +214,19 @@ pub async fn run_binary(config: &PathBuf, env: &[(&str, String)], args: &[&str])
     for (k, v) in env {
         cmd.env(k, v);
     }
-    cmd.output().await.expect("binary runs")
+    // A hung command fails its test instead of holding the whole suite up.
+    cmd.kill_on_drop(true);
+    match tokio::time::timeout(BINARY_DEADLINE, cmd.output()).await {
+        Ok(out) => out.expect("binary runs"),
+        Err(_) => panic!(
+            "provisioner {args:?} did not finish within {} s",
+            BINARY_DEADLINE.as_secs()
+        ),
+    }
 }
+
+/// The longest one run of the binary may take in a test.
+pub const BINARY_DEADLINE: std::time::Duration = std::time::Duration::from_secs(120);
 
 /// stdout of a finished binary.
 pub fn stdout(out: &Output) -> String {
