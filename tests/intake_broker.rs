@@ -248,7 +248,7 @@ async fn concurrent_publishes_get_their_own_confirms() {
     );
     args.insert(
         "x-expires".into(),
-        lapin::types::AMQPValue::LongLongInt(600_000),
+        lapin::types::AMQPValue::LongLongInt(300_000),
     );
     ch.queue_declare(
         queue.as_str().into(),

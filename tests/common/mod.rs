@@ -77,8 +77,6 @@ pub struct Isolation {
     pub database: String,
     /// Broker name prefix.
     pub prefix: String,
-    /// Armed while any clone of this isolation lives.
-    _watchdog: std::sync::Arc<Watchdog>,
 }
 
 /// The longest one test may run. A test still running after it aborts its test
@@ -86,52 +84,133 @@ pub struct Isolation {
 /// until its own deadline.
 pub const TEST_DEADLINE: Duration = Duration::from_secs(15 * 60);
 
-/// Aborts the process if not dropped within [`TEST_DEADLINE`].
+/// One test's watchdog and broker clean-up, tied to the test's thread (libtest runs
+/// each test on a thread of its own; with `--test-threads=1` tests run on the main
+/// thread and neither applies).
+///
+/// A monitor thread aborts the process if the test outlives [`TEST_DEADLINE`].
+/// When the test's thread ends (the test returned or panicked), it deletes the
+/// queues and exchanges of every [`Isolation`] the test made: each quorum queue
+/// costs the broker file handles, and RabbitMQ stops answering new connections
+/// once they run out, so a suite that leaves hundreds of queues to expire on their
+/// own starves itself and the next run.
 #[derive(Debug)]
-struct Watchdog {
+struct TestScope {
     done: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    prefixes: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
 
-impl Watchdog {
-    fn arm() -> Self {
+thread_local! {
+    static SCOPE: Option<TestScope> = TestScope::start();
+}
+
+impl TestScope {
+    fn start() -> Option<Self> {
         use std::sync::atomic::Ordering;
+        let name = std::thread::current().name()?.to_owned();
+        if name == "main" {
+            return None;
+        }
         let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let name = std::thread::current().name().unwrap_or("a test").to_owned();
-        let flag = done.clone();
+        let prefixes = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+        let (flag, names) = (done.clone(), prefixes.clone());
         std::thread::spawn(move || {
             let deadline = std::time::Instant::now() + TEST_DEADLINE;
-            while std::time::Instant::now() < deadline {
-                if flag.load(Ordering::Relaxed) {
-                    return;
+            while !flag.load(Ordering::Acquire) {
+                if std::time::Instant::now() > deadline {
+                    eprintln!(
+                        "{name} still running after {} s: aborting the test binary",
+                        TEST_DEADLINE.as_secs()
+                    );
+                    std::process::abort();
                 }
-                std::thread::sleep(Duration::from_secs(1));
+                std::thread::sleep(Duration::from_millis(100));
             }
-            if !flag.load(Ordering::Relaxed) {
-                eprintln!(
-                    "{name} still running after {} s: aborting the test binary",
-                    TEST_DEADLINE.as_secs()
-                );
-                std::process::abort();
+            let names = std::mem::take(&mut *names.lock().unwrap());
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            rt.block_on(async move {
+                for prefix in names {
+                    let _ = tokio::time::timeout(
+                        Duration::from_secs(10),
+                        delete_broker_objects(&prefix),
+                    )
+                    .await;
+                }
+            });
+        });
+        Some(Self { done, prefixes })
+    }
+
+    /// Registers `prefix` for clean-up at the end of the current test.
+    fn register(prefix: &str) {
+        SCOPE.with(|scope| {
+            if let Some(scope) = scope {
+                scope.prefixes.lock().unwrap().push(prefix.to_owned());
             }
         });
-        Self { done }
     }
 }
 
-impl Drop for Watchdog {
+impl Drop for TestScope {
     fn drop(&mut self) {
-        self.done.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.done.store(true, std::sync::atomic::Ordering::Release);
     }
+}
+
+/// Deletes what tests declare under `prefix` (missing ones are no-ops). Queues
+/// that outlive a killed run still expire by `queue_expires_ms`.
+async fn delete_broker_objects(prefix: &str) {
+    use lapin::options::ExchangeDeleteOptions;
+    let Ok(conn) =
+        lapin::Connection::connect(&base_amqp_url(), lapin::ConnectionProperties::default()).await
+    else {
+        return;
+    };
+    let mut queues = vec![
+        format!("{prefix}.provisioner.events"),
+        format!("{prefix}.provisioner.dead"),
+        format!("{prefix}.provisioner.dead.lock"),
+        format!("{prefix}.mixed.routed"),
+    ];
+    for ms in [200, 400, 1000, 10000, 60000] {
+        queues.push(format!("{prefix}.provisioner.retry.{ms}ms"));
+    }
+    for queue in &queues {
+        // One channel per delete: an error closes the channel.
+        if let Ok(ch) = conn.create_channel().await {
+            let _ = ch
+                .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+                .await;
+            let _ = ch.close(200, "bye".into()).await;
+        }
+    }
+    for exchange in [
+        format!("{prefix}.clerk.webhooks"),
+        format!("{prefix}.provisioner.dlx"),
+    ] {
+        if let Ok(ch) = conn.create_channel().await {
+            let _ = ch
+                .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
+                .await;
+            let _ = ch.close(200, "bye".into()).await;
+        }
+    }
+    let _ = conn.close(200, "bye".into()).await;
 }
 
 impl Isolation {
     /// Fresh names.
     pub fn new() -> Self {
         let id = random_id(10);
+        TestScope::register(&format!("t{id}"));
         Self {
             database: format!("prov_test_{}_{}", now_secs(), id),
             prefix: format!("t{id}"),
-            _watchdog: std::sync::Arc::new(Watchdog::arm()),
         }
     }
 
@@ -151,7 +230,7 @@ queue = "{p}.provisioner.events"
 dead_letter_exchange = "{p}.provisioner.dlx"
 dead_letter_queue = "{p}.provisioner.dead"
 retry_queue_prefix = "{p}.provisioner.retry"
-queue_expires_ms = 600000
+queue_expires_ms = 300000
 "#
         )
     }
