@@ -56,6 +56,52 @@ struct BodyPeek {
     timestamp: Option<serde_json::Value>,
 }
 
+/// Just enough of a body to name what it is about; anything unexpected reads as
+/// "nothing" (the event is screened and decoded properly later).
+#[derive(Deserialize)]
+struct SubjectPeek<'a> {
+    #[serde(rename = "type", borrow)]
+    kind: std::borrow::Cow<'a, str>,
+    #[serde(borrow)]
+    data: SubjectData<'a>,
+}
+
+#[derive(Deserialize)]
+struct SubjectData<'a> {
+    #[serde(borrow, default)]
+    id: Option<std::borrow::Cow<'a, str>>,
+    #[serde(borrow, default)]
+    organization: Option<IdOnly<'a>>,
+}
+
+#[derive(Deserialize)]
+struct IdOnly<'a> {
+    #[serde(borrow)]
+    id: std::borrow::Cow<'a, str>,
+}
+
+/// The entity whose advisory lock an event takes first: the organization of an
+/// organization or membership event, the user of a user event; `None` when the
+/// body does not say (the event is then not tied to any lane in particular).
+pub fn subject(body: &[u8]) -> Option<String> {
+    let peek: SubjectPeek<'_> = serde_json::from_slice(body).ok()?;
+    let id = if peek.kind.starts_with("organizationMembership.") {
+        peek.data.organization.map(|o| o.id)
+    } else {
+        peek.data.id
+    };
+    id.map(|id| {
+        format!(
+            "{}:{id}",
+            if peek.kind.starts_with("user.") {
+                'u'
+            } else {
+                'w'
+            }
+        )
+    })
+}
+
 impl Envelope {
     /// Reads a delivery's properties and body; never fails (problems are screened
     /// afterwards by [`Envelope::screen`]).
@@ -232,6 +278,27 @@ pub fn header_int(table: &FieldTable, key: &str) -> Option<i64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn subject_names_the_entity_locked_first() {
+        let org =
+            br#"{"type":"organization.updated","data":{"id":"org_1","name":"A","x":[1,{"y":2}]}}"#;
+        assert_eq!(subject(org).as_deref(), Some("w:org_1"));
+        let mem = br#"{"type":"organizationMembership.created","data":{"id":"orgmem_1","organization":{"id":"org_2","name":"B"},"public_user_data":{"user_id":"user_1"}}}"#;
+        assert_eq!(subject(mem).as_deref(), Some("w:org_2"));
+        let user = br#"{"data":{"id":"user_9","email_addresses":[]},"type":"user.deleted"}"#;
+        assert_eq!(subject(user).as_deref(), Some("u:user_9"));
+        // Anything unexpected is "no subject", never an error.
+        for body in [
+            &br#"{"type":"organization.created","data":"broken"}"#[..],
+            br#"{"type":"organizationMembership.created","data":{"id":"orgmem_1"}}"#,
+            br#"{"type":"organization.created","data":{"id":7}}"#,
+            br#"{"data":{"id":"org_1"}}"#,
+            b"not json",
+        ] {
+            assert_eq!(subject(body), None, "{}", String::from_utf8_lossy(body));
+        }
+    }
 
     fn props() -> BasicProperties {
         BasicProperties::default()

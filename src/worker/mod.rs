@@ -8,11 +8,15 @@
 //! rebuilt without a process restart.
 //!
 //! Flow: one consumer connection (per-consumer prefetch = `worker.concurrency`)
-//! feeds a batcher that gathers up to `worker.batch_size` deliveries for at most
-//! `worker.batch_wait_ms`; each batch runs as its own task through
-//! [`Provisioner::apply_batch`], several batches at once, never more than
-//! `concurrency` events in flight. Retries and dead letters go through a confirmed
-//! [`Publisher`] on a second connection.
+//! deals deliveries into lanes by subject (the organization, or the user of a user
+//! event), so two lanes never wait for each other's workspace locks. Each lane
+//! gathers up to `worker.batch_size` deliveries for at most `worker.batch_wait_ms`
+//! and runs them as one batch through [`Provisioner::apply_batch`], one batch at a
+//! time; while it runs, the next batch fills. The lanes run side by side, never more
+//! than `concurrency` events in flight. Without lanes, consecutive batches of a
+//! stream share a workspace at their boundary and each waited for the previous
+//! one's commit. Retries and dead letters go through a confirmed [`Publisher`] on a
+//! second connection.
 
 pub mod delivery;
 pub mod failure;
@@ -206,40 +210,17 @@ async fn consume(
     tracing::info!(queue = %engine.topology.queue, prefetch = engine.prefetch, "worker consuming");
     *delay = RECONNECT_MIN;
 
+    let lanes = Lanes::start(engine, tasks);
     loop {
         let next = tokio::select! {
             biased;
             _ = engine.shutdown.cancelled() => break,
             next = consumer.next() => next,
         };
-        let first = match next {
-            Some(Ok(d)) => d,
+        match next {
+            Some(Ok(d)) => lanes.deal(engine.job(d).await),
             Some(Err(e)) => return Err(SessionError::Lost(e)),
             None => return Err(SessionError::Cancelled),
-        };
-        let mut batch = Vec::with_capacity(engine.batch_size);
-        batch.push(engine.job(first).await);
-        let deadline = Instant::now() + engine.batch_wait;
-        let mut ended = None;
-        while batch.len() < engine.batch_size {
-            // The inner future is polled before the timer, so deliveries already
-            // buffered join the batch even when the wait is zero.
-            match tokio::time::timeout_at(deadline, consumer.next()).await {
-                Ok(Some(Ok(d))) => batch.push(engine.job(d).await),
-                Ok(Some(Err(e))) => {
-                    ended = Some(SessionError::Lost(e));
-                    break;
-                }
-                Ok(None) => {
-                    ended = Some(SessionError::Cancelled);
-                    break;
-                }
-                Err(_) => break,
-            }
-        }
-        tasks.spawn(run_batch(engine.clone(), batch));
-        if let Some(e) = ended {
-            return Err(e);
         }
     }
 
@@ -251,7 +232,9 @@ async fn consume(
         channel.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()),
     )
     .await;
-    drain(engine, tasks, &mut consumer, deadline).await;
+    drain(engine, &lanes, &mut consumer, deadline).await;
+    // The lanes finish what they hold once their senders are gone.
+    drop(lanes);
     tasks.close();
     if tokio::time::timeout_at(deadline, tasks.wait())
         .await
@@ -271,25 +254,74 @@ async fn consume(
 }
 
 /// Processes the deliveries still buffered after the consumer was cancelled.
-async fn drain(
-    engine: &Arc<Engine>,
-    tasks: &TaskTracker,
-    consumer: &mut Consumer,
-    deadline: Instant,
-) {
-    let mut batch = Vec::new();
+async fn drain(engine: &Arc<Engine>, lanes: &Lanes, consumer: &mut Consumer, deadline: Instant) {
     while let Ok(Some(Ok(d))) = tokio::time::timeout_at(deadline, consumer.next()).await {
-        let job = match tokio::time::timeout_at(deadline, engine.job(d)).await {
-            Ok(job) => job,
+        match tokio::time::timeout_at(deadline, engine.job(d)).await {
+            Ok(job) => lanes.deal(job),
             Err(_) => break,
-        };
-        batch.push(job);
-        if batch.len() >= engine.batch_size {
-            tasks.spawn(run_batch(engine.clone(), std::mem::take(&mut batch)));
         }
     }
-    if !batch.is_empty() {
-        tasks.spawn(run_batch(engine.clone(), batch));
+}
+
+/// The batchers of one consumer session, one per lane.
+struct Lanes {
+    senders: Vec<tokio::sync::mpsc::UnboundedSender<Job>>,
+}
+
+impl Lanes {
+    /// Two lanes per batch that fits in the prefetch window: enough to keep
+    /// PostgreSQL busy while one lane commits, few enough to keep batches large.
+    fn count(engine: &Engine) -> usize {
+        let window = usize::from(engine.prefetch).max(1);
+        (window.div_ceil(engine.batch_size.max(1)) * 2).clamp(1, 16)
+    }
+
+    fn start(engine: &Arc<Engine>, tasks: &TaskTracker) -> Self {
+        let senders = (0..Self::count(engine))
+            .map(|_| {
+                let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+                tasks.spawn(lane(engine.clone(), rx));
+                tx
+            })
+            .collect();
+        Self { senders }
+    }
+
+    /// Hands a job to the lane of its subject (events without one spread by id).
+    fn deal(&self, job: Job) {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::hash::DefaultHasher::new();
+        match delivery::subject(&job.env.event.body) {
+            Some(subject) => subject.hash(&mut h),
+            None => job.env.event.svix_id.hash(&mut h),
+        }
+        let n = (h.finish() % self.senders.len() as u64) as usize;
+        if self.senders[n].send(job).is_err() {
+            // A lane ends only with its sender, or by a panic outside `run_batch`'s
+            // guard. The unacked delivery returns to the queue with the channel.
+            tracing::error!(
+                lane = n,
+                "worker lane is gone; the delivery will be redelivered"
+            );
+        }
+    }
+}
+
+/// One lane: gathers a batch (the first job, then whatever arrives within
+/// `batch_wait`, up to `batch_size`) and runs it to the end before the next.
+async fn lane(engine: Arc<Engine>, mut jobs: tokio::sync::mpsc::UnboundedReceiver<Job>) {
+    while let Some(first) = jobs.recv().await {
+        let mut batch = Vec::with_capacity(engine.batch_size);
+        batch.push(first);
+        let deadline = Instant::now() + engine.batch_wait;
+        while batch.len() < engine.batch_size {
+            // Jobs already waiting join even when the wait is zero.
+            match tokio::time::timeout_at(deadline, jobs.recv()).await {
+                Ok(Some(job)) => batch.push(job),
+                Ok(None) | Err(_) => break,
+            }
+        }
+        run_batch(engine.clone(), batch).await;
     }
 }
 
