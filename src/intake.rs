@@ -18,7 +18,6 @@ use base64::Engine;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use subtle::ConstantTimeEq;
-use svix::webhooks::Webhook;
 
 use crate::broker::PublishError;
 use crate::clerk::is_handled;
@@ -58,8 +57,9 @@ pub fn router() -> Router<AppState> {
 /// check agreement with svix's own `verify` and `sign`.
 pub struct Verifier {
     keys: Vec<hmac::Key>,
-    /// svix's signer for [`Verifier::sign`] (used by `send`, tests and load tools).
-    signer: Option<Webhook>,
+    /// The first secret's key, for [`Verifier::sign`] (used by `send`, tests and
+    /// load tools); none when it does not decode.
+    signer: Option<hmac::Key>,
 }
 
 impl std::fmt::Debug for Verifier {
@@ -119,17 +119,14 @@ impl Verifier {
     /// One key per configured secret; secrets were validated with the config
     /// (a secret that does not decode is skipped, so it can never match).
     pub fn new(secrets: &[Secret]) -> Self {
-        let keys = secrets
-            .iter()
-            .filter_map(|s| {
-                let b64 = s.expose().strip_prefix("whsec_").unwrap_or(s.expose());
-                let raw = base64::engine::general_purpose::STANDARD.decode(b64).ok()?;
-                (!raw.is_empty()).then(|| hmac::Key::new(hmac::HMAC_SHA256, &raw))
-            })
-            .collect();
+        let key = |s: &Secret| {
+            let b64 = s.expose().strip_prefix("whsec_").unwrap_or(s.expose());
+            let raw = base64::engine::general_purpose::STANDARD.decode(b64).ok()?;
+            (!raw.is_empty()).then(|| hmac::Key::new(hmac::HMAC_SHA256, &raw))
+        };
         Self {
-            keys,
-            signer: secrets.first().and_then(|s| Webhook::new(s.expose()).ok()),
+            keys: secrets.iter().filter_map(key).collect(),
+            signer: secrets.first().and_then(key),
         }
     }
 
@@ -178,9 +175,20 @@ impl Verifier {
         Ok(())
     }
 
-    /// Signs a body with the first secret, as Svix does (for `send`, tests and load).
+    /// Signs a body with the first secret, as Svix does (for `send`, tests and
+    /// load): `v1,<base64 HMAC-SHA256 of "id.timestamp.body">`.
     pub fn sign(&self, svix_id: &str, timestamp: i64, body: &[u8]) -> Option<String> {
-        self.signer.as_ref()?.sign(svix_id, timestamp, body).ok()
+        let mut ctx = hmac::Context::with_key(self.signer.as_ref()?);
+        ctx.update(svix_id.as_bytes());
+        ctx.update(b".");
+        ctx.update(timestamp.to_string().as_bytes());
+        ctx.update(b".");
+        ctx.update(body);
+        let tag = ctx.sign();
+        Some(format!(
+            "v1,{}",
+            base64::engine::general_purpose::STANDARD.encode(tag.as_ref())
+        ))
     }
 }
 
@@ -359,6 +367,7 @@ mod tests {
     use super::*;
     use axum::http::HeaderValue;
     use proptest::prelude::*;
+    use svix::webhooks::Webhook;
 
     const A: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
     const B: &str = "whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD";

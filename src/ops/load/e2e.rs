@@ -81,13 +81,10 @@ pub async fn run(settings: &Settings, args: E2eArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot reach PostgreSQL at {}", settings.database.url))?;
     let verifier = Arc::new(Verifier::new(&settings.clerk.webhook_secrets));
-    let client = reqwest::Client::builder()
-        .timeout(Duration::from_secs(30))
-        .pool_max_idle_per_host(args.concurrency)
-        .build()?;
+    let url = format!("{}/webhooks/clerk", args.url.trim_end_matches('/'));
+    let client = Arc::new(super::http::PostClient::new(&url)?);
     let run_id = format!("{:x}", Utc::now().timestamp_millis());
     let prefix = format!("msg_e2e_{run_id}_");
-    let url = format!("{}/webhooks/clerk", args.url.trim_end_matches('/'));
     let started_wall = Utc::now();
     let start = Instant::now();
 
@@ -97,10 +94,9 @@ pub async fn run(settings: &Settings, args: E2eArgs) -> anyhow::Result<()> {
     let refused = Arc::new(AtomicU64::new(0));
     let mut senders = Vec::new();
     for _ in 0..args.concurrency {
-        let (client, verifier, url, sent_ms, next, refused, run_id) = (
+        let (client, verifier, sent_ms, next, refused, run_id) = (
             client.clone(),
             verifier.clone(),
-            url.clone(),
             sent_ms.clone(),
             next.clone(),
             refused.clone(),
@@ -129,27 +125,23 @@ pub async fn run(settings: &Settings, args: E2eArgs) -> anyhow::Result<()> {
                         break;
                     };
                     let t0 = Instant::now();
-                    let res = client
-                        .post(&url)
-                        .header("svix-id", &svix_id)
-                        .header("svix-timestamp", (now_ms / 1000).to_string())
-                        .header("svix-signature", signature)
-                        .header("content-type", "application/json")
-                        .body(body)
-                        .send()
-                        .await;
-                    match res {
-                        Ok(r) if r.status().is_success() => {
-                            samples.record(t0.elapsed());
-                            sent_ms[i].store(now_ms, Ordering::Relaxed);
-                            ok = true;
-                            break;
-                        }
-                        _ => {
-                            samples.error();
-                            tokio::time::sleep(Duration::from_millis(100)).await;
-                        }
+                    let ts = (now_ms / 1000).to_string();
+                    let headers = [
+                        ("svix-id", svix_id.as_str()),
+                        ("svix-timestamp", ts.as_str()),
+                        ("svix-signature", signature.as_str()),
+                    ];
+                    let sent =
+                        tokio::time::timeout(Duration::from_secs(30), client.post(&headers, &body))
+                            .await;
+                    if let Ok(Ok(200)) = sent {
+                        samples.record(t0.elapsed());
+                        sent_ms[i].store(now_ms, Ordering::Relaxed);
+                        ok = true;
+                        break;
                     }
+                    samples.error();
+                    tokio::time::sleep(Duration::from_millis(100)).await;
                 }
                 if !ok {
                     refused.fetch_add(1, Ordering::Relaxed);

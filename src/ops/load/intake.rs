@@ -310,25 +310,18 @@ pub async fn run_intake(settings: &Settings, args: IntakeArgs) -> anyhow::Result
         .url
         .unwrap_or_else(|| format!("http://{}/webhooks/clerk", settings.http.listen));
     let verifier = Arc::new(Verifier::new(&settings.clerk.webhook_secrets));
-    let client = reqwest::Client::builder()
-        .pool_max_idle_per_host(args.shape.concurrency)
-        .tcp_nodelay(true)
-        .no_proxy()
-        .timeout(Duration::from_secs(30))
-        .build()?;
     // Fail early and clearly when nothing listens there.
-    client
+    reqwest::Client::new()
         .get(&url)
         .send()
         .await
         .with_context(|| format!("cannot reach {url}"))?;
+    let client = Arc::new(super::http::PostClient::new(&url)?);
     let tag = run_tag();
     let size = args.shape.size;
-    let target = url.clone();
     let (mut samples, elapsed) = drive(&args.shape, move |n| {
         let client = client.clone();
         let verifier = verifier.clone();
-        let url = target.clone();
         let body = organization_event(&tag, n, size);
         let id = format!("msg_load_{tag}_{n}");
         async move {
@@ -339,19 +332,13 @@ pub async fn run_intake(settings: &Settings, args: IntakeArgs) -> anyhow::Result
             let Some(signature) = verifier.sign(&id, ts, &body) else {
                 return false;
             };
-            match client
-                .post(&url)
-                .header("content-type", "application/json")
-                .header("svix-id", &id)
-                .header("svix-timestamp", ts.to_string())
-                .header("svix-signature", signature)
-                .body(body)
-                .send()
-                .await
-            {
-                Ok(res) => res.status() == reqwest::StatusCode::OK,
-                Err(_) => false,
-            }
+            let ts = ts.to_string();
+            let headers = [
+                ("svix-id", id.as_str()),
+                ("svix-timestamp", ts.as_str()),
+                ("svix-signature", signature.as_str()),
+            ];
+            matches!(client.post(&headers, &body).await, Ok(200))
         }
     })
     .await?;

@@ -11,6 +11,7 @@ use crate::config::Settings;
 
 pub mod api;
 pub mod e2e;
+pub mod http;
 pub mod intake;
 
 /// Arguments of `load`.
