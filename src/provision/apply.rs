@@ -160,7 +160,7 @@ impl Ctx<'_> {
     }
 }
 
-/// Applies one decoded event on `conn` (inside a transaction or savepoint the
+/// Applies one decoded event on `conn` (inside a transaction, possibly with other events, the
 /// caller commits after [`Pending::flush`]), processing-log row included; its audit
 /// rows and final status wait in `pending`.
 pub(crate) async fn apply_event(

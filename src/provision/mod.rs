@@ -12,8 +12,9 @@
 //! advisory locks on the workspaces and users its events touch, in one global order
 //! (workspaces, then users, each by id), so concurrent workers never interleave on
 //! an entity and never deadlock on these locks. A batch takes the union of its
-//! events' locks up front and runs each event in a savepoint; if any statement
-//! fails, the whole batch rolls back and its events are applied one per transaction.
+//! events' locks up front and applies its events in order in one transaction; if
+//! any statement fails, the whole batch rolls back and its events are applied one
+//! per transaction.
 
 mod apply;
 pub mod payload;
@@ -213,8 +214,8 @@ impl Provisioner {
             .collect()
     }
 
-    /// Applies decoded events in one transaction, each inside a savepoint, under
-    /// the union of their locks taken upfront in the global order.
+    /// Applies decoded events in one transaction under the union of their locks,
+    /// taken upfront in the global order.
     async fn try_batch(
         &self,
         pool: &PgPool,
@@ -228,15 +229,10 @@ impl Provisioner {
         let work = async {
             apply::lock(&mut tx, &keys).await?;
             let mut pending = apply::Pending::default();
-            for (n, (i, decoded)) in todo.iter().enumerate() {
-                // Each event runs in its own savepoint; ending one and starting the
-                // next share a round trip. The commit releases the last one.
-                let savepoint = if n == 0 {
-                    "savepoint event"
-                } else {
-                    "release savepoint event; savepoint event"
-                };
-                sqlx::raw_sql(savepoint).execute(&mut *tx).await?;
+            // No savepoints: any failed statement rolls the whole batch back and
+            // its events are applied one per transaction, so a savepoint per event
+            // would only cost a round trip and a subtransaction each.
+            for (i, decoded) in todo {
                 let outcome = apply::apply_event(
                     &mut tx,
                     &self.settings,
