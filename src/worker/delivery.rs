@@ -46,26 +46,22 @@ pub struct Envelope {
     pub delivery_count: i64,
     /// Envelope `timestamp` (Unix ms) from the body, for the provisioning lag.
     pub envelope_ms: Option<i64>,
+    /// What the event locks first (`w:<org id>` or `u:<user id>`), for the lanes.
+    pub subject: Option<String>,
 }
 
-/// The parts of the webhook body the worker reads itself; `data` is skipped.
+/// The parts of the webhook body the worker reads itself; `data` is only
+/// delimited here, and read for its subject alone.
 #[derive(Deserialize)]
-struct BodyPeek {
+struct BodyPeek<'a> {
     #[serde(rename = "type")]
     kind: Option<serde_json::Value>,
     timestamp: Option<serde_json::Value>,
+    #[serde(borrow, default)]
+    data: Option<&'a serde_json::value::RawValue>,
 }
 
-/// Just enough of a body to name what it is about; anything unexpected reads as
-/// "nothing" (the event is screened and decoded properly later).
-#[derive(Deserialize)]
-struct SubjectPeek<'a> {
-    #[serde(rename = "type", borrow)]
-    kind: std::borrow::Cow<'a, str>,
-    #[serde(borrow)]
-    data: SubjectData<'a>,
-}
-
+/// The ids in `data` that name an event's subject.
 #[derive(Deserialize)]
 struct SubjectData<'a> {
     #[serde(borrow, default)]
@@ -80,26 +76,19 @@ struct IdOnly<'a> {
     id: std::borrow::Cow<'a, str>,
 }
 
-/// The entity whose advisory lock an event takes first: the organization of an
-/// organization or membership event, the user of a user event; `None` when the
-/// body does not say (the event is then not tied to any lane in particular).
-pub fn subject(body: &[u8]) -> Option<String> {
-    let peek: SubjectPeek<'_> = serde_json::from_slice(body).ok()?;
-    let id = if peek.kind.starts_with("organizationMembership.") {
-        peek.data.organization.map(|o| o.id)
+/// The entity whose advisory lock an event of type `kind` takes first: the
+/// organization of an organization or membership event, the user of a user event;
+/// `None` when `data` does not say (the event is screened and decoded properly
+/// later, and is not tied to any lane in particular).
+fn subject(kind: &str, data: &serde_json::value::RawValue) -> Option<String> {
+    let data: SubjectData<'_> = serde_json::from_str(data.get()).ok()?;
+    let id = if kind.starts_with("organizationMembership.") {
+        data.organization.map(|o| o.id)
     } else {
-        peek.data.id
+        data.id
     };
-    id.map(|id| {
-        format!(
-            "{}:{id}",
-            if peek.kind.starts_with("user.") {
-                'u'
-            } else {
-                'w'
-            }
-        )
-    })
+    let tag = if kind.starts_with("user.") { 'u' } else { 'w' };
+    id.map(|id| format!("{tag}:{id}"))
 }
 
 impl Envelope {
@@ -117,6 +106,10 @@ impl Envelope {
             .as_ref()
             .and_then(|p| p.timestamp.as_ref())
             .and_then(serde_json::Value::as_i64);
+        let subject = body_kind
+            .as_deref()
+            .zip(peek.as_ref().and_then(|p| p.data))
+            .and_then(|(kind, data)| subject(kind, data));
         let prop_kind = properties
             .kind()
             .as_ref()
@@ -157,6 +150,7 @@ impl Envelope {
             attempts,
             delivery_count,
             envelope_ms,
+            subject,
         }
     }
 
@@ -278,6 +272,10 @@ pub fn header_int(table: &FieldTable, key: &str) -> Option<i64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn subject(body: &[u8]) -> Option<String> {
+        Envelope::read(&BasicProperties::default(), body.to_vec(), Utc::now()).subject
+    }
 
     #[test]
     fn subject_names_the_entity_locked_first() {

@@ -291,7 +291,7 @@ impl Lanes {
     fn deal(&self, job: Job) {
         use std::hash::{Hash, Hasher};
         let mut h = std::hash::DefaultHasher::new();
-        match delivery::subject(&job.env.event.body) {
+        match &job.env.subject {
             Some(subject) => subject.hash(&mut h),
             None => job.env.event.svix_id.hash(&mut h),
         }

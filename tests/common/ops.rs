@@ -225,6 +225,22 @@ pub async fn run_binary(config: &PathBuf, env: &[(&str, String)], args: &[&str])
     }
 }
 
+/// A failed run whose last error line names `redacted_url` and whose output never
+/// shows `password`.
+pub fn assert_failed_naming(out: &Output, redacted_url: &str, password: &str, context: &str) {
+    assert!(!out.status.success(), "{context}: exits non-zero");
+    let line = error_line(out);
+    assert!(line.contains(redacted_url), "{context}: {line}");
+    assert!(
+        !stderr(out).contains(password),
+        "{context}: password leaked"
+    );
+    assert!(
+        !stdout(out).contains(password),
+        "{context}: password leaked"
+    );
+}
+
 /// The longest one run of the binary may take in a test.
 pub const BINARY_DEADLINE: std::time::Duration = std::time::Duration::from_secs(120);
 
