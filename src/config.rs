@@ -11,6 +11,8 @@ use std::net::SocketAddr;
 
 use serde::Deserialize;
 
+use crate::domain::Role;
+
 /// The committed defaults, compiled into the binary so it runs from any directory.
 pub const DEFAULT_CONFIG: &str = include_str!("../config/default.toml");
 
@@ -121,26 +123,6 @@ pub enum LogFormat {
     Text,
     /// One JSON object per line.
     Json,
-}
-
-/// Callmine role a Clerk role maps to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Role {
-    /// May change onboarding and workspace settings.
-    Admin,
-    /// Reads the workspace.
-    Member,
-}
-
-impl Role {
-    /// The role's name as stored and served.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Role::Admin => "admin",
-            Role::Member => "member",
-        }
-    }
 }
 
 /// The whole, validated configuration.
