@@ -1,6 +1,6 @@
 //! Configuration: `config/default.toml` (compiled in), an optional file named by
 //! `PROVISIONER_CONFIG` merged over it, then environment variables over both
-//! (see [`source`]); the merged table deserializes straight into [`Settings`], and
+//! (see `config/source.rs`); the merged table deserializes straight into [`Settings`], and
 //! [`Settings::validate`] checks it.
 //!
 //! Guarantee: a [`Settings`] value is complete and validated — every bad or missing
