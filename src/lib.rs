@@ -2,7 +2,8 @@
 //! Callmine's own record of workspaces.
 //!
 //! The flow reads from the module tree: [`config`] → [`intake`] → [`broker`] →
-//! [`worker`] / [`provision`] → [`db`] → [`api`] → [`ops`].
+//! [`worker`] / [`provision`] → [`db`] → [`api`] → [`ops`]; [`domain`] holds the
+//! types they share (one `Role`).
 
 pub mod api;
 pub mod broker;
@@ -10,6 +11,7 @@ pub mod clerk;
 pub mod cli;
 pub mod config;
 pub mod db;
+pub mod domain;
 pub mod error;
 pub mod health;
 pub mod intake;

@@ -14,6 +14,10 @@ fn main() -> std::process::ExitCode {
         }
     };
     provisioner::telemetry::init_tracing(&settings.log);
+    // Collected while loading, before logging existed; said once, now that it does.
+    for note in &settings.deprecations {
+        tracing::warn!(note = %note, "deprecated setting");
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -103,7 +103,7 @@ impl Application {
             settings.broker.url.clone(),
             Topology::new(&settings.broker, &settings.worker),
             "provisioner-intake",
-            Duration::from_millis(settings.http.publish_timeout_ms),
+            Duration::from_millis(settings.broker.publish_timeout_ms),
             settings.broker.publish_channels,
             shutdown.clone(),
         );

@@ -161,7 +161,7 @@ async fn a_returned_message_is_503_and_the_topology_heals() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_confirm_within_the_timeout_is_503() {
     // Arrange
-    let (app, proxy) = app_behind_proxy("[http]\npublish_timeout_ms = 1000\n").await;
+    let (app, proxy) = app_behind_proxy("[broker]\npublish_timeout_ms = 1000\n").await;
     assert_eq!(app.post_signed(&new_id(), &event()).await.status(), 200);
 
     // Act: the broker stops answering; several requests arrive at once.

@@ -10,6 +10,9 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use utoipa::ToSchema;
 
+// One Role for config, provisioning and the API; re-exported so `model::Role` still names it.
+pub use crate::domain::{Role, UnknownValue};
+
 /// Serializes timestamps as RFC 3339 UTC (`…Z`), milliseconds.
 pub mod rfc3339 {
     use chrono::{DateTime, SecondsFormat, Utc};
@@ -34,16 +37,6 @@ pub mod rfc3339 {
             None => s.serialize_none(),
         }
     }
-}
-
-/// A stored value that is not one of the variants the schema allows.
-#[derive(Debug, thiserror::Error)]
-#[error("unexpected {what} {value:?} in the database")]
-pub struct UnknownValue {
-    /// Which column.
-    pub what: &'static str,
-    /// The value found.
-    pub value: String,
 }
 
 macro_rules! text_enum {
@@ -81,16 +74,6 @@ text_enum!(
         Active = "active",
         /// Deleted in Clerk; a final tombstone whose data is kept.
         Deleted = "deleted",
-    }
-);
-
-text_enum!(
-    /// Callmine role of a member.
-    Role, "role" {
-        /// May change onboarding and workspace settings.
-        Admin = "admin",
-        /// Reads the workspace.
-        Member = "member",
     }
 );
 

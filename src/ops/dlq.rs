@@ -363,7 +363,7 @@ pub async fn replay(settings: &Settings, opts: &ReplayOptions) -> Result<ReplayR
     if let Ok(style) = ProgressStyle::with_template("{bar:40} {pos}/{len} replayed {msg}") {
         bar.set_style(style);
     }
-    let confirm_timeout = Duration::from_millis(settings.http.publish_timeout_ms);
+    let confirm_timeout = Duration::from_millis(settings.broker.publish_timeout_ms);
     let spacing = opts
         .rate
         .map(|n| Duration::from_secs_f64(1.0 / f64::from(n)));

@@ -112,6 +112,7 @@ mod tests {
             delivery_limit: 5,
             queue_expires_ms: None,
             publish_channels: 1,
+            publish_timeout_ms: 1,
         };
         let worker = WorkerSettings {
             concurrency: 1,

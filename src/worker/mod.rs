@@ -94,7 +94,7 @@ pub async fn run(ctx: WorkerContext, shutdown: CancellationToken) -> anyhow::Res
         settings.broker.url.clone(),
         topology.clone(),
         "provisioner-worker-publisher",
-        Duration::from_millis(settings.http.publish_timeout_ms),
+        Duration::from_millis(settings.broker.publish_timeout_ms),
         publisher_stop.clone(),
     );
     let concurrency = usize::from(settings.worker.concurrency);

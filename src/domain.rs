@@ -1,0 +1,68 @@
+//! Domain types that more than one layer speaks: the configuration's role map, the
+//! provisioning code and the read API all name a member's role with this one [`Role`].
+//!
+//! Guarantee: a role has exactly one text form (`admin`, `member`), the same in the
+//! config file, the database, the JSON and the OpenAPI document, and a stored value
+//! outside that set is an error, never a silent default.
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+/// A stored value that is not one of the variants the schema allows.
+#[derive(Debug, thiserror::Error)]
+#[error("unexpected {what} {value:?} in the database")]
+pub struct UnknownValue {
+    /// Which column.
+    pub what: &'static str,
+    /// The value found.
+    pub value: String,
+}
+
+/// Callmine role of a member.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// May change onboarding and workspace settings.
+    Admin,
+    /// Reads the workspace.
+    Member,
+}
+
+impl Role {
+    /// The role's name as stored and served.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Admin => "admin",
+            Role::Member => "member",
+        }
+    }
+
+    /// Parses a stored value; the match is exact (`Admin` is not a role).
+    pub fn parse(value: &str) -> Result<Self, UnknownValue> {
+        match value {
+            "admin" => Ok(Role::Admin),
+            "member" => Ok(Role::Member),
+            other => Err(UnknownValue {
+                what: "role",
+                value: other.to_owned(),
+            }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn text_form_is_the_same_everywhere() {
+        for role in [Role::Admin, Role::Member] {
+            assert_eq!(Role::parse(role.as_str()).unwrap(), role);
+            let json = serde_json::to_string(&role).unwrap();
+            assert_eq!(json, format!("\"{}\"", role.as_str()));
+            assert_eq!(serde_json::from_str::<Role>(&json).unwrap(), role);
+        }
+        assert!(Role::parse("Admin").is_err());
+        assert!(serde_json::from_str::<Role>("\"owner\"").is_err());
+    }
+}
