@@ -2,16 +2,14 @@
 //! Callmine's own record of workspaces.
 //!
 //! The flow reads from the module tree: [`config`] → [`intake`] → [`broker`] →
-//! [`worker`] / [`provision`] → [`db`] → [`api`] → [`ops`].
+//! [`worker`] / [`provision`] → [`db`] → [`http`] → [`ops`]; [`startup`] builds and runs it.
 
-pub mod api;
 pub mod broker;
 pub mod clerk;
 pub mod cli;
 pub mod config;
 pub mod db;
-pub mod error;
-pub mod health;
+pub mod http;
 pub mod intake;
 pub mod ops;
 pub mod provision;

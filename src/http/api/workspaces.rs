@@ -12,8 +12,8 @@ use super::auth::Caller;
 use super::extract::Ids;
 use super::model::{ErrorBody, Member, MemberList, UserWorkspaceList, Workspace};
 use super::{not_found, visible};
-use crate::error::HttpError;
-use crate::startup::AppState;
+use crate::http::AppState;
+use crate::http::error::HttpError;
 
 /// One workspace: plan, quotas, onboarding and member counts.
 #[utoipa::path(

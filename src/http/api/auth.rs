@@ -13,8 +13,8 @@ use axum::response::{IntoResponse, Response};
 use subtle::{Choice, ConstantTimeEq};
 
 use crate::config::Secret;
-use crate::error::HttpError;
-use crate::startup::AppState;
+use crate::http::AppState;
+use crate::http::error::HttpError;
 
 /// Header naming the end user the main app acts for.
 pub const ACTING_USER: &str = "x-acting-user";

@@ -18,8 +18,8 @@ use super::model::{
 };
 use super::not_found;
 use super::store::OnboardingWrite;
-use crate::error::HttpError;
-use crate::startup::AppState;
+use crate::http::AppState;
+use crate::http::error::HttpError;
 
 /// Parses `{"status":"completed"|"skipped"}`: 400 when it is not JSON, 422 when it
 /// is JSON without a usable `status`.

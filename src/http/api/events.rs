@@ -10,8 +10,8 @@ use super::auth::Caller;
 use super::extract::Ids;
 use super::model::{ErrorBody, Event};
 use super::{not_found, visible};
-use crate::error::HttpError;
-use crate::startup::AppState;
+use crate::http::AppState;
+use crate::http::error::HttpError;
 
 /// What happened to one webhook event.
 #[utoipa::path(

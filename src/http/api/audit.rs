@@ -15,8 +15,8 @@ use super::auth::Caller;
 use super::extract::Ids;
 use super::model::{AuditPage, ErrorBody};
 use super::visible;
-use crate::error::HttpError;
-use crate::startup::AppState;
+use crate::http::AppState;
+use crate::http::error::HttpError;
 
 /// Rows per page unless `limit` says otherwise.
 pub const DEFAULT_LIMIT: i64 = 50;
