@@ -2,7 +2,7 @@
 //! Callmine's own record of workspaces.
 //!
 //! The flow reads from the module tree: [`config`] → [`intake`] → [`broker`] →
-//! [`worker`] / [`provision`] → [`db`] → [`http`] → [`ops`]; [`startup`] builds and runs it.
+//! [`worker`] / [`provision`] → [`db`] → [`store`] → [`http`] → [`ops`]; [`startup`] builds and runs it.
 
 pub mod broker;
 pub mod clerk;
@@ -14,5 +14,6 @@ pub mod intake;
 pub mod ops;
 pub mod provision;
 pub mod startup;
+pub mod store;
 pub mod telemetry;
 pub mod worker;

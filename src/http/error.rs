@@ -10,6 +10,8 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
+use crate::store::StoreError;
+
 /// An HTTP error answer.
 #[derive(Debug)]
 pub struct HttpError {
@@ -89,5 +91,14 @@ impl IntoResponse for HttpError {
                 .insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
         response
+    }
+}
+
+impl From<StoreError> for HttpError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Database(e) => HttpError::database(e),
+            StoreError::Unknown(e) => HttpError::internal(e),
+        }
     }
 }

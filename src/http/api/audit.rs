@@ -81,7 +81,7 @@ pub async fn list_audit(
     Ids(id): Ids<String>,
     query: Result<Query<AuditQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<AuditPage>, HttpError> {
-    let access = super::store::access(&state.db, &id, caller.acting_user.as_deref()).await?;
+    let access = crate::store::access(&state.db, &id, caller.acting_user.as_deref()).await?;
     visible(&caller, access, "workspace")?;
     let Query(query) = query.map_err(|_| {
         HttpError::bad_request("invalid_query", "query string must be limit=…&before=…")
@@ -97,7 +97,7 @@ pub async fn list_audit(
         })?),
     };
     // One row more than asked tells whether another page exists.
-    let mut rows = super::store::audit(&state.db, &id, before, limit + 1).await?;
+    let mut rows = crate::store::audit(&state.db, &id, before, limit + 1).await?;
     let more = rows.len() as i64 > limit;
     rows.truncate(limit as usize);
     let next = if more {

@@ -31,7 +31,7 @@ pub async fn get_event(
     caller: Caller,
     Ids(svix_id): Ids<String>,
 ) -> Result<Json<Event>, HttpError> {
-    let event = super::store::event(&state.db, &svix_id)
+    let event = crate::store::event(&state.db, &svix_id)
         .await?
         .ok_or_else(|| not_found("event"))?;
     if let Some(user) = caller.acting_user.as_deref() {
@@ -39,7 +39,7 @@ pub async fn get_event(
             .workspace_id
             .as_deref()
             .ok_or_else(|| not_found("event"))?;
-        let access = super::store::access(&state.db, workspace, Some(user)).await?;
+        let access = crate::store::access(&state.db, workspace, Some(user)).await?;
         visible(&caller, access, "event")?;
     }
     Ok(Json(event))

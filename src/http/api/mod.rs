@@ -16,7 +16,6 @@ pub mod events;
 pub mod extract;
 pub mod model;
 pub mod onboarding;
-pub mod store;
 pub mod workspaces;
 
 use std::sync::LazyLock;
@@ -30,9 +29,9 @@ use utoipa::{Modify, OpenApi};
 
 use crate::http::AppState;
 use crate::http::error::HttpError;
+use crate::store::Access;
 use auth::Caller;
 use model::ErrorBody;
-use store::{Access, StoreError};
 
 /// The `/v1` routes.
 pub fn router() -> Router<AppState> {
@@ -162,14 +161,5 @@ pub(crate) fn visible(
     match access {
         Some(access) if caller.acting_user.is_none() || access.role.is_some() => Ok(access),
         _ => Err(not_found(what)),
-    }
-}
-
-impl From<StoreError> for HttpError {
-    fn from(e: StoreError) -> Self {
-        match e {
-            StoreError::Database(e) => HttpError::database(e),
-            StoreError::Unknown(e) => HttpError::internal(e),
-        }
     }
 }

@@ -17,9 +17,9 @@ use super::model::{
     ErrorBody, Onboarding, Role, StepStatus, StepTarget, StepUpdate, WorkspaceStatus,
 };
 use super::not_found;
-use super::store::OnboardingWrite;
 use crate::http::AppState;
 use crate::http::error::HttpError;
+use crate::store::OnboardingWrite;
 
 /// Parses `{"status":"completed"|"skipped"}`: 400 when it is not JSON, 422 when it
 /// is JSON without a usable `status`.

@@ -33,7 +33,7 @@ pub async fn get_workspace(
     caller: Caller,
     Ids(id): Ids<String>,
 ) -> Result<Json<Workspace>, HttpError> {
-    let found = super::store::workspace(&state.db, &id, caller.acting_user.as_deref()).await?;
+    let found = crate::store::workspace(&state.db, &id, caller.acting_user.as_deref()).await?;
     let Some((workspace, access)) = found else {
         return Err(not_found("workspace"));
     };
@@ -59,9 +59,9 @@ pub async fn list_members(
     caller: Caller,
     Ids(id): Ids<String>,
 ) -> Result<Json<MemberList>, HttpError> {
-    let access = super::store::access(&state.db, &id, caller.acting_user.as_deref()).await?;
+    let access = crate::store::access(&state.db, &id, caller.acting_user.as_deref()).await?;
     visible(&caller, access, "workspace")?;
-    let data = super::store::members(&state.db, &id, None).await?;
+    let data = crate::store::members(&state.db, &id, None).await?;
     Ok(Json(MemberList { data }))
 }
 
@@ -86,9 +86,9 @@ pub async fn get_member(
     caller: Caller,
     Ids((id, user_id)): Ids<(String, String)>,
 ) -> Result<Json<Member>, HttpError> {
-    let access = super::store::access(&state.db, &id, caller.acting_user.as_deref()).await?;
+    let access = crate::store::access(&state.db, &id, caller.acting_user.as_deref()).await?;
     visible(&caller, access, "workspace")?;
-    let member = super::store::members(&state.db, &id, Some(&user_id))
+    let member = crate::store::members(&state.db, &id, Some(&user_id))
         .await?
         .into_iter()
         .next()
@@ -118,6 +118,6 @@ pub async fn list_user_workspaces(
     if caller.acting_user.as_ref().is_some_and(|u| *u != user_id) {
         return Err(not_found("user"));
     }
-    let data = super::store::user_workspaces(&state.db, &user_id).await?;
+    let data = crate::store::user_workspaces(&state.db, &user_id).await?;
     Ok(Json(UserWorkspaceList { data }))
 }
