@@ -10,6 +10,9 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
+use crate::broker::PublishError;
+use crate::http::api::auth::AuthError;
+use crate::intake::VerifyError;
 use crate::store::StoreError;
 
 /// An HTTP error answer.
@@ -23,6 +26,8 @@ pub struct HttpError {
     pub message: String,
     /// `Retry-After` seconds, for 503.
     pub retry_after: Option<u64>,
+    /// `WWW-Authenticate` challenge, for 401 of the read API.
+    pub challenge: Option<&'static str>,
 }
 
 impl HttpError {
@@ -33,6 +38,7 @@ impl HttpError {
             code,
             message: message.into(),
             retry_after: None,
+            challenge: None,
         }
     }
 
@@ -79,6 +85,15 @@ impl HttpError {
             other => Self::internal(other),
         }
     }
+
+    /// 503 for an event the broker did not take: the caller retries later.
+    pub fn not_queued(e: &PublishError, retry_after: u64) -> Self {
+        let message = match e {
+            PublishError::Unavailable => "broker unavailable; retry later".to_owned(),
+            other => format!("event not queued ({}); retry later", other.reason()),
+        };
+        Self::unavailable("broker_unavailable", message, retry_after)
+    }
 }
 
 impl IntoResponse for HttpError {
@@ -90,10 +105,52 @@ impl IntoResponse for HttpError {
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
+        if let Some(challenge) = self.challenge {
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static(challenge),
+            );
+        }
         response
     }
 }
 
+/// A webhook that failed verification: 400 when the request is malformed, 401 when
+/// it is not signed by a configured secret.
+impl From<VerifyError> for HttpError {
+    fn from(e: VerifyError) -> Self {
+        match e {
+            VerifyError::MissingHeader(h) => Self::bad_request(
+                "missing_header",
+                format!("missing {h} header (or its webhook-* equivalent)"),
+            ),
+            VerifyError::NotUtf8 => Self::bad_request("invalid_payload", "body is not UTF-8 JSON"),
+            VerifyError::Timestamp => Self::unauthorized(
+                "invalid_timestamp",
+                "timestamp is outside the 5-minute tolerance",
+            ),
+            VerifyError::Signature => {
+                Self::unauthorized("invalid_signature", "signature does not match")
+            }
+        }
+    }
+}
+
+/// A read API caller refused before its handler: 401 with a `Bearer` challenge,
+/// or 400 for an unusable `X-Acting-User`.
+impl From<AuthError> for HttpError {
+    fn from(e: AuthError) -> Self {
+        match e {
+            AuthError::Unauthorized => Self {
+                challenge: Some("Bearer"),
+                ..Self::unauthorized("unauthorized", e.to_string())
+            },
+            AuthError::BadActingUser => Self::bad_request("invalid_acting_user", e.to_string()),
+        }
+    }
+}
+
+/// A read or write of the store: 503 when PostgreSQL is unreachable, else 500.
 impl From<StoreError> for HttpError {
     fn from(e: StoreError) -> Self {
         match e {

@@ -15,7 +15,6 @@ use axum::{Json, Router};
 
 use super::AppState;
 use super::error::HttpError;
-use crate::broker::PublishError;
 use crate::clerk::is_handled;
 use crate::intake::{Envelope, VerifyError};
 
@@ -91,28 +90,18 @@ async fn receive(
     // Verify before anything in the body is looked at.
     state.verifier.verify(&body, &headers).map_err(|e| {
         match e {
-            VerifyError::MissingHeader(h) => {
-                outcome("missing_header");
-                HttpError::bad_request(
-                    "missing_header",
-                    format!("missing {h} header (or its webhook-* equivalent)"),
-                )
-            }
-            VerifyError::NotUtf8 => {
-                outcome("invalid_payload");
-                HttpError::bad_request("invalid_payload", "body is not UTF-8 JSON")
-            }
+            VerifyError::MissingHeader(_) => outcome("missing_header"),
+            VerifyError::NotUtf8 => outcome("invalid_payload"),
             VerifyError::Timestamp => {
                 outcome("unauthorized");
                 tracing::info!(svix.id = %svix_id(&headers), "webhook refused: timestamp outside tolerance");
-                HttpError::unauthorized("invalid_timestamp", "timestamp is outside the 5-minute tolerance")
             }
             VerifyError::Signature => {
                 outcome("unauthorized");
                 tracing::info!(svix.id = %svix_id(&headers), "webhook refused: no signature matches");
-                HttpError::unauthorized("invalid_signature", "signature does not match")
             }
         }
+        HttpError::from(e)
     })?;
     let id = svix_id(&headers);
 
@@ -163,15 +152,7 @@ async fn receive(
             metrics::counter!("amqp_publish_failures_total", "reason" => e.reason()).increment(1);
             outcome("unavailable");
             tracing::warn!(svix.id = %id, event.type = %envelope.kind, error = %e, "webhook not queued; answering 503");
-            let message = match e {
-                PublishError::Unavailable => "broker unavailable; retry later".to_owned(),
-                other => format!("event not queued ({}); retry later", other.reason()),
-            };
-            Err(HttpError::unavailable(
-                "broker_unavailable",
-                message,
-                settings.http.retry_after_secs,
-            ))
+            Err(HttpError::not_queued(&e, settings.http.retry_after_secs))
         }
     }
 }

@@ -10,6 +10,7 @@
 //! The OpenAPI 3 document is generated from the handlers' annotations and served
 //! at `GET /v1/openapi.json`; like every `/v1` route it needs the bearer token.
 
+pub mod access;
 pub mod audit;
 pub mod auth;
 pub mod events;
@@ -29,7 +30,6 @@ use utoipa::{Modify, OpenApi};
 
 use crate::http::AppState;
 use crate::http::error::HttpError;
-use crate::store::Access;
 use auth::Caller;
 use model::ErrorBody;
 
@@ -148,18 +148,4 @@ async fn wrong_method(_caller: Caller) -> HttpError {
 /// not exist or the acting user may not see it.
 pub(crate) fn not_found(what: &str) -> HttpError {
     HttpError::not_found(format!("{what} not found"))
-}
-
-/// Whether the caller may see a workspace (`None`: no such workspace). The trusted
-/// caller sees every provisioned workspace; an acting user only those where they
-/// are an active member, which [`store`] reports only for active workspaces.
-pub(crate) fn visible(
-    caller: &Caller,
-    access: Option<Access>,
-    what: &str,
-) -> Result<Access, HttpError> {
-    match access {
-        Some(access) if caller.acting_user.is_none() || access.role.is_some() => Ok(access),
-        _ => Err(not_found(what)),
-    }
 }
