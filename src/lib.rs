@@ -2,7 +2,8 @@
 //! Callmine's own record of workspaces.
 //!
 //! The flow reads from the module tree: [`config`] → [`intake`] → [`broker`] →
-//! [`worker`] / [`provision`] → [`db`] → [`store`] → [`http`] → [`ops`]; [`startup`] builds and runs it.
+//! [`worker`] / [`provision`] → [`db`] → [`store`] → [`http`] → [`ops`];
+//! [`startup`] builds and runs it, and only [`cli`] imports [`startup`].
 
 pub mod broker;
 pub mod clerk;

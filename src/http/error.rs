@@ -159,3 +159,32 @@ impl From<StoreError> for HttpError {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn verification_failures_are_400_when_malformed_and_401_when_unsigned() {
+        let cases = [
+            (VerifyError::MissingHeader("svix-id"), 400, "missing_header"),
+            (VerifyError::NotUtf8, 400, "invalid_payload"),
+            (VerifyError::Timestamp, 401, "invalid_timestamp"),
+            (VerifyError::Signature, 401, "invalid_signature"),
+        ];
+        for (e, status, code) in cases {
+            let h = HttpError::from(e);
+            assert_eq!((h.status.as_u16(), h.code), (status, code));
+        }
+    }
+
+    #[test]
+    fn an_unauthenticated_caller_gets_a_bearer_challenge() {
+        let r = HttpError::from(AuthError::Unauthorized).into_response();
+        assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+        assert_eq!(r.headers()[header::WWW_AUTHENTICATE], "Bearer");
+        let r = HttpError::from(AuthError::BadActingUser).into_response();
+        assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+        assert!(r.headers().get(header::WWW_AUTHENTICATE).is_none());
+    }
+}
