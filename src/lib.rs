@@ -2,21 +2,21 @@
 //! Callmine's own record of workspaces.
 //!
 //! The flow reads from the module tree: [`config`] → [`intake`] → [`broker`] →
-//! [`worker`] / [`provision`] → [`db`] → [`api`] → [`ops`]; [`domain`] holds the
-//! types they share (one `Role`).
+//! [`worker`] / [`provision`] → [`db`] → [`store`] → [`http`] → [`ops`];
+//! [`domain`] holds the types they share (one `Role`); [`startup`] builds and
+//! runs it, and only [`cli`] imports [`startup`].
 
-pub mod api;
 pub mod broker;
 pub mod clerk;
 pub mod cli;
 pub mod config;
 pub mod db;
 pub mod domain;
-pub mod error;
-pub mod health;
+pub mod http;
 pub mod intake;
 pub mod ops;
 pub mod provision;
 pub mod startup;
+pub mod store;
 pub mod telemetry;
 pub mod worker;

@@ -10,53 +10,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use axum::Router;
-use axum::extract::MatchedPath;
-use axum::http::Request;
-use metrics_exporter_prometheus::PrometheusHandle;
 use sqlx::PgPool;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tower_http::trace::TraceLayer;
 
 use crate::broker::{Publisher, Topology};
 use crate::config::Settings;
+use crate::http::{AppState, app};
 use crate::intake::Verifier;
-use crate::{api, db, health, intake, telemetry, worker};
-
-/// Everything a request handler needs; cheap to clone.
-#[derive(Clone, Debug)]
-pub struct AppState {
-    /// Validated settings.
-    pub settings: Arc<Settings>,
-    /// Confirmed publisher to the broker.
-    pub publisher: Publisher,
-    /// PostgreSQL pool.
-    pub db: PgPool,
-    /// Webhook signature verifier.
-    pub verifier: Arc<Verifier>,
-    /// Prometheus renderer.
-    pub metrics: PrometheusHandle,
-}
-
-/// The HTTP application: intake, read API, health and metrics.
-pub fn app(state: AppState) -> Router {
-    Router::new()
-        .merge(intake::router())
-        .merge(health::router())
-        .merge(api::router())
-        .layer(
-            TraceLayer::new_for_http().make_span_with(|req: &Request<_>| {
-                let path = req
-                    .extensions()
-                    .get::<MatchedPath>()
-                    .map(MatchedPath::as_str)
-                    .unwrap_or("-");
-                tracing::debug_span!("http", method = %req.method(), route = %path)
-            }),
-        )
-        .with_state(state)
-}
+use crate::{db, telemetry, worker};
 
 /// Which roles this process plays.
 #[derive(Debug, Clone, Copy)]

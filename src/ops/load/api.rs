@@ -121,7 +121,7 @@ pub async fn run(settings: &Settings, args: ApiLoadArgs) -> anyhow::Result<()> {
     // Fail fast, with the reason, before loading anything.
     let mut probe = client.get(&api_url).bearer_auth(token.expose());
     if let Some(user) = &args.acting_user {
-        probe = probe.header(crate::api::auth::ACTING_USER, user);
+        probe = probe.header(crate::http::api::auth::ACTING_USER, user);
     }
     let res = probe
         .send()
@@ -357,7 +357,7 @@ async fn round(
                     req = req.bearer_auth(t);
                 }
                 if let Some(u) = &acting_user {
-                    req = req.header(crate::api::auth::ACTING_USER, u);
+                    req = req.header(crate::http::api::auth::ACTING_USER, u);
                 }
                 let t0 = Instant::now();
                 let ok = match req.send().await {

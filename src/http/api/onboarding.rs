@@ -11,15 +11,16 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::StatusCode;
 
+use super::access::WorkspaceAccess;
 use super::auth::Caller;
 use super::extract::Ids;
 use super::model::{
     ErrorBody, Onboarding, Role, StepStatus, StepTarget, StepUpdate, WorkspaceStatus,
 };
 use super::not_found;
-use super::store::OnboardingWrite;
-use crate::error::HttpError;
-use crate::startup::AppState;
+use crate::http::AppState;
+use crate::http::error::HttpError;
+use crate::store::OnboardingWrite;
 
 /// Parses `{"status":"completed"|"skipped"}`: 400 when it is not JSON, 422 when it
 /// is JSON without a usable `status`.
@@ -66,9 +67,12 @@ pub async fn update_step(
     Ids((id, step)): Ids<(String, String)>,
     body: Bytes,
 ) -> Result<Json<Onboarding>, HttpError> {
-    let acting = caller.acting_user.as_deref();
-    let (mut write, access) = OnboardingWrite::begin(&state.db, &id, &step, acting).await?;
-    let access = super::visible(&caller, access, "workspace")?;
+    let (mut write, access) =
+        OnboardingWrite::begin(&state.db, &id, &step, caller.acting_user.as_deref()).await?;
+    // Not the WorkspaceAccess extractor: the access must be read under the
+    // write's share lock, so a deletion cannot commit between check and write.
+    let access = WorkspaceAccess::grant(caller, id, access, "workspace")?;
+    let acting = access.acting_user();
     if acting.is_some() && access.role != Some(Role::Admin) {
         return Err(HttpError::new(
             StatusCode::FORBIDDEN,

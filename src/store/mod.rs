@@ -1,4 +1,5 @@
-//! The read API's SQL over the schema the worker writes.
+//! The read side's SQL over the schema the worker writes: what the read API
+//! serves, as the records of [`model`]. Nothing here knows HTTP.
 //!
 //! Guarantee: "active member" means one thing everywhere — a `members` row with
 //! `removed_at is null` in a workspace whose status is `active`; when a user
@@ -7,13 +8,15 @@
 //! `source_version` speaks for them, so every user counts and appears once.
 //! Onboarding writes and their audit row commit together.
 
+pub mod model;
+
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
 use sqlx::types::Json;
 use sqlx::{PgPool, Postgres, Transaction};
 
-use super::model::{
+use model::{
     AuditEntry, Event, EventStatus, Member, Onboarding, OnboardingStep, Role, StepStatus,
     StepTarget, UnknownValue, UserWorkspace, Workspace, WorkspaceStatus,
 };

@@ -12,7 +12,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::json;
 
-use crate::startup::AppState;
+use crate::http::AppState;
 
 /// Health and metrics routes (public).
 pub fn router() -> Router<AppState> {

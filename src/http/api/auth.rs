@@ -8,13 +8,13 @@
 
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
-use axum::http::{HeaderMap, HeaderValue, header};
+use axum::http::{HeaderMap, header};
 use axum::response::{IntoResponse, Response};
 use subtle::{Choice, ConstantTimeEq};
 
 use crate::config::Secret;
-use crate::error::HttpError;
-use crate::startup::AppState;
+use crate::http::AppState;
+use crate::http::error::HttpError;
 
 /// Header naming the end user the main app acts for.
 pub const ACTING_USER: &str = "x-acting-user";
@@ -43,18 +43,7 @@ pub enum AuthError {
 
 impl IntoResponse for AuthError {
     fn into_response(self) -> Response {
-        match self {
-            AuthError::Unauthorized => {
-                let mut r =
-                    HttpError::unauthorized("unauthorized", self.to_string()).into_response();
-                r.headers_mut()
-                    .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-                r
-            }
-            AuthError::BadActingUser => {
-                HttpError::bad_request("invalid_acting_user", self.to_string()).into_response()
-            }
-        }
+        HttpError::from(self).into_response()
     }
 }
 
@@ -126,6 +115,7 @@ fn acting_user(headers: &HeaderMap) -> Result<Option<String>, AuthError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use axum::http::HeaderValue;
 
     fn tokens() -> Vec<Secret> {
         vec![Secret::new("old-token"), Secret::new("new-token")]

@@ -1,4 +1,5 @@
-//! The JSON shapes of the read API (DESIGN §6), which are also its OpenAPI schemas.
+//! The records the read queries return, which are also the JSON shapes of the
+//! read API (DESIGN §6) and its OpenAPI schemas.
 //!
 //! Guarantee: every timestamp leaves as RFC 3339 in UTC with a `Z` suffix and
 //! millisecond precision (`2024-05-28T08:00:00.000Z`), and every enumerated value
@@ -279,29 +280,6 @@ pub struct Event {
     pub processed_at: DateTime<Utc>,
 }
 
-/// `{"data": [...]}` of members.
-#[derive(Debug, Serialize, ToSchema)]
-pub struct MemberList {
-    /// Active members, oldest first.
-    pub data: Vec<Member>,
-}
-
-/// `{"data": [...]}` of a user's workspaces.
-#[derive(Debug, Serialize, ToSchema)]
-pub struct UserWorkspaceList {
-    /// Active memberships of active workspaces, by name.
-    pub data: Vec<UserWorkspace>,
-}
-
-/// A page of the audit log.
-#[derive(Debug, Serialize, ToSchema)]
-pub struct AuditPage {
-    /// Rows, newest first.
-    pub data: Vec<AuditEntry>,
-    /// Pass as `before` to get the next (older) page; null on the last page.
-    pub next: Option<String>,
-}
-
 text_enum!(
     /// What an onboarding write may set a step to.
     StepTarget, "step target" {
@@ -319,30 +297,6 @@ impl From<StepTarget> for StepStatus {
             StepTarget::Skipped => StepStatus::Skipped,
         }
     }
-}
-
-/// Body of `POST /v1/workspaces/{id}/onboarding/{step}`.
-#[derive(Debug, ToSchema)]
-pub struct StepUpdate {
-    /// `completed`, or `skipped` (optional steps only).
-    pub status: StepTarget,
-}
-
-/// Every error answer.
-#[derive(Debug, Serialize, ToSchema)]
-pub struct ErrorBody {
-    /// The error.
-    pub error: ErrorDetail,
-}
-
-/// The error inside [`ErrorBody`].
-#[derive(Debug, Serialize, ToSchema)]
-pub struct ErrorDetail {
-    /// Stable machine-readable code (`unauthorized`, `not_found`, …).
-    #[schema(example = "not_found")]
-    pub code: String,
-    /// Human-readable message.
-    pub message: String,
 }
 
 #[cfg(test)]

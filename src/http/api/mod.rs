@@ -10,13 +10,13 @@
 //! The OpenAPI 3 document is generated from the handlers' annotations and served
 //! at `GET /v1/openapi.json`; like every `/v1` route it needs the bearer token.
 
+pub mod access;
 pub mod audit;
 pub mod auth;
 pub mod events;
 pub mod extract;
 pub mod model;
 pub mod onboarding;
-pub mod store;
 pub mod workspaces;
 
 use std::sync::LazyLock;
@@ -28,11 +28,10 @@ use axum::routing::{get, post};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use crate::error::HttpError;
-use crate::startup::AppState;
+use crate::http::AppState;
+use crate::http::error::HttpError;
 use auth::Caller;
 use model::ErrorBody;
-use store::{Access, StoreError};
 
 /// The `/v1` routes.
 pub fn router() -> Router<AppState> {
@@ -149,27 +148,4 @@ async fn wrong_method(_caller: Caller) -> HttpError {
 /// not exist or the acting user may not see it.
 pub(crate) fn not_found(what: &str) -> HttpError {
     HttpError::not_found(format!("{what} not found"))
-}
-
-/// Whether the caller may see a workspace (`None`: no such workspace). The trusted
-/// caller sees every provisioned workspace; an acting user only those where they
-/// are an active member, which [`store`] reports only for active workspaces.
-pub(crate) fn visible(
-    caller: &Caller,
-    access: Option<Access>,
-    what: &str,
-) -> Result<Access, HttpError> {
-    match access {
-        Some(access) if caller.acting_user.is_none() || access.role.is_some() => Ok(access),
-        _ => Err(not_found(what)),
-    }
-}
-
-impl From<StoreError> for HttpError {
-    fn from(e: StoreError) -> Self {
-        match e {
-            StoreError::Database(e) => HttpError::database(e),
-            StoreError::Unknown(e) => HttpError::internal(e),
-        }
-    }
 }

@@ -6,12 +6,14 @@
 use axum::Json;
 use axum::extract::State;
 
+use super::access::WorkspaceAccess;
 use super::auth::Caller;
 use super::extract::Ids;
 use super::model::{ErrorBody, Event};
-use super::{not_found, visible};
-use crate::error::HttpError;
-use crate::startup::AppState;
+use super::not_found;
+use crate::http::AppState;
+use crate::http::error::HttpError;
+use crate::store;
 
 /// What happened to one webhook event.
 #[utoipa::path(
@@ -31,16 +33,17 @@ pub async fn get_event(
     caller: Caller,
     Ids(svix_id): Ids<String>,
 ) -> Result<Json<Event>, HttpError> {
-    let event = super::store::event(&state.db, &svix_id)
+    let event = store::event(&state.db, &svix_id)
         .await?
         .ok_or_else(|| not_found("event"))?;
-    if let Some(user) = caller.acting_user.as_deref() {
+    // The trusted caller sees every event; an acting user only those about a
+    // workspace they may see.
+    if caller.acting_user.is_some() {
         let workspace = event
             .workspace_id
-            .as_deref()
+            .clone()
             .ok_or_else(|| not_found("event"))?;
-        let access = super::store::access(&state.db, workspace, Some(user)).await?;
-        visible(&caller, access, "event")?;
+        WorkspaceAccess::open(&state.db, caller, workspace, "event").await?;
     }
     Ok(Json(event))
 }

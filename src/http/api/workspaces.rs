@@ -8,12 +8,14 @@
 use axum::Json;
 use axum::extract::State;
 
+use super::access::{VisibleWorkspace, WorkspaceAccess};
 use super::auth::Caller;
 use super::extract::Ids;
 use super::model::{ErrorBody, Member, MemberList, UserWorkspaceList, Workspace};
-use super::{not_found, visible};
-use crate::error::HttpError;
-use crate::startup::AppState;
+use super::not_found;
+use crate::http::AppState;
+use crate::http::error::HttpError;
+use crate::store;
 
 /// One workspace: plan, quotas, onboarding and member counts.
 #[utoipa::path(
@@ -28,17 +30,8 @@ use crate::startup::AppState;
         (status = 503, description = "Database unavailable", body = ErrorBody),
     ),
 )]
-pub async fn get_workspace(
-    State(state): State<AppState>,
-    caller: Caller,
-    Ids(id): Ids<String>,
-) -> Result<Json<Workspace>, HttpError> {
-    let found = super::store::workspace(&state.db, &id, caller.acting_user.as_deref()).await?;
-    let Some((workspace, access)) = found else {
-        return Err(not_found("workspace"));
-    };
-    visible(&caller, Some(access), "workspace")?;
-    Ok(Json(workspace))
+pub async fn get_workspace(VisibleWorkspace(workspace): VisibleWorkspace) -> Json<Workspace> {
+    Json(workspace)
 }
 
 /// The active members of a workspace.
@@ -56,12 +49,9 @@ pub async fn get_workspace(
 )]
 pub async fn list_members(
     State(state): State<AppState>,
-    caller: Caller,
-    Ids(id): Ids<String>,
+    workspace: WorkspaceAccess,
 ) -> Result<Json<MemberList>, HttpError> {
-    let access = super::store::access(&state.db, &id, caller.acting_user.as_deref()).await?;
-    visible(&caller, access, "workspace")?;
-    let data = super::store::members(&state.db, &id, None).await?;
+    let data = store::members(&state.db, &workspace.workspace_id, None).await?;
     Ok(Json(MemberList { data }))
 }
 
@@ -83,12 +73,10 @@ pub async fn list_members(
 )]
 pub async fn get_member(
     State(state): State<AppState>,
-    caller: Caller,
-    Ids((id, user_id)): Ids<(String, String)>,
+    workspace: WorkspaceAccess,
+    Ids((_workspace_id, user_id)): Ids<(String, String)>,
 ) -> Result<Json<Member>, HttpError> {
-    let access = super::store::access(&state.db, &id, caller.acting_user.as_deref()).await?;
-    visible(&caller, access, "workspace")?;
-    let member = super::store::members(&state.db, &id, Some(&user_id))
+    let member = store::members(&state.db, &workspace.workspace_id, Some(&user_id))
         .await?
         .into_iter()
         .next()
@@ -118,6 +106,6 @@ pub async fn list_user_workspaces(
     if caller.acting_user.as_ref().is_some_and(|u| *u != user_id) {
         return Err(not_found("user"));
     }
-    let data = super::store::user_workspaces(&state.db, &user_id).await?;
+    let data = store::user_workspaces(&state.db, &user_id).await?;
     Ok(Json(UserWorkspaceList { data }))
 }

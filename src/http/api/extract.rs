@@ -10,7 +10,7 @@ use axum::extract::{FromRequestParts, Path, RawPathParams};
 use axum::http::request::Parts;
 use serde::de::DeserializeOwned;
 
-use crate::error::HttpError;
+use crate::http::error::HttpError;
 
 /// Longest id accepted (Clerk ids are ~32 characters).
 const MAX_ID: usize = 255;

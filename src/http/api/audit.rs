@@ -11,12 +11,11 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use serde::Deserialize;
 use utoipa::IntoParams;
 
-use super::auth::Caller;
-use super::extract::Ids;
+use super::access::WorkspaceAccess;
 use super::model::{AuditPage, ErrorBody};
-use super::visible;
-use crate::error::HttpError;
-use crate::startup::AppState;
+use crate::http::AppState;
+use crate::http::error::HttpError;
+use crate::store;
 
 /// Rows per page unless `limit` says otherwise.
 pub const DEFAULT_LIMIT: i64 = 50;
@@ -77,12 +76,9 @@ fn parse_limit(raw: Option<&str>) -> Result<i64, HttpError> {
 )]
 pub async fn list_audit(
     State(state): State<AppState>,
-    caller: Caller,
-    Ids(id): Ids<String>,
+    workspace: WorkspaceAccess,
     query: Result<Query<AuditQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<AuditPage>, HttpError> {
-    let access = super::store::access(&state.db, &id, caller.acting_user.as_deref()).await?;
-    visible(&caller, access, "workspace")?;
     let Query(query) = query.map_err(|_| {
         HttpError::bad_request("invalid_query", "query string must be limit=…&before=…")
     })?;
@@ -97,7 +93,7 @@ pub async fn list_audit(
         })?),
     };
     // One row more than asked tells whether another page exists.
-    let mut rows = super::store::audit(&state.db, &id, before, limit + 1).await?;
+    let mut rows = store::audit(&state.db, &workspace.workspace_id, before, limit + 1).await?;
     let more = rows.len() as i64 > limit;
     rows.truncate(limit as usize);
     let next = if more {

@@ -1,0 +1,158 @@
+//! `POST /webhooks/clerk`: verify, read the envelope, publish with confirm.
+//!
+//! Guarantee: nothing is read from a request before its Svix signature verifies;
+//! 200 `queued` is answered only after the broker confirmed the unchanged body was
+//! routed to a queue; every refusal queues nothing.
+
+use std::time::Instant;
+
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::{Json, Router};
+
+use super::AppState;
+use super::error::HttpError;
+use crate::clerk::is_handled;
+use crate::intake::{Envelope, VerifyError};
+
+/// The intake routes.
+pub fn router() -> Router<AppState> {
+    Router::new().route(
+        "/webhooks/clerk",
+        post(receive).fallback(|| async {
+            let mut r = HttpError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "use POST",
+            )
+            .into_response();
+            r.headers_mut()
+                .insert(header::ALLOW, header::HeaderValue::from_static("POST"));
+            r
+        }),
+    )
+}
+fn svix_id(headers: &HeaderMap) -> String {
+    headers
+        .get("svix-id")
+        .or_else(|| headers.get("webhook-id"))
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned()
+}
+
+fn outcome(outcome: &'static str) {
+    metrics::counter!("webhooks_received_total", "outcome" => outcome).increment(1);
+}
+
+async fn read_body(body: Body, limit: usize, headers: &HeaderMap) -> Result<Bytes, HttpError> {
+    let too_large = || {
+        HttpError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            format!("body exceeds {limit} bytes"),
+        )
+    };
+    if let Some(len) = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        && len > limit as u64
+    {
+        return Err(too_large());
+    }
+    axum::body::to_bytes(body, limit).await.map_err(|e| {
+        let is_limit = std::error::Error::source(&e)
+            .map(|s| s.is::<http_body_util::LengthLimitError>())
+            .unwrap_or(false)
+            || e.to_string().contains("length limit");
+        if is_limit {
+            too_large()
+        } else {
+            HttpError::bad_request("unreadable_body", "could not read the request body")
+        }
+    })
+}
+
+async fn receive(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, HttpError> {
+    let settings = &state.settings;
+    let body = read_body(body, settings.http.max_body_bytes, &headers)
+        .await
+        .inspect_err(|_| outcome("too_large"))?;
+
+    // Verify before anything in the body is looked at.
+    state.verifier.verify(&body, &headers).map_err(|e| {
+        match e {
+            VerifyError::MissingHeader(_) => outcome("missing_header"),
+            VerifyError::NotUtf8 => outcome("invalid_payload"),
+            VerifyError::Timestamp => {
+                outcome("unauthorized");
+                tracing::info!(svix.id = %svix_id(&headers), "webhook refused: timestamp outside tolerance");
+            }
+            VerifyError::Signature => {
+                outcome("unauthorized");
+                tracing::info!(svix.id = %svix_id(&headers), "webhook refused: no signature matches");
+            }
+        }
+        HttpError::from(e)
+    })?;
+    let id = svix_id(&headers);
+
+    let envelope = Envelope::parse(&body).map_err(|message| {
+        outcome("invalid_payload");
+        HttpError::bad_request("invalid_payload", message)
+    })?;
+
+    if let (Some(expected), Some(actual)) = (&settings.clerk.instance_id, &envelope.instance_id)
+        && expected != actual
+    {
+        outcome("wrong_instance");
+        tracing::warn!(svix.id = %id, clerk.instance_id = %actual, "webhook refused: event of another Clerk instance");
+        return Err(HttpError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "wrong_instance",
+            format!("event of instance {actual} refused; this service accepts {expected}"),
+        ));
+    }
+    if settings.clerk.instance_id.is_some() && envelope.instance_id.is_none() {
+        outcome("wrong_instance");
+        return Err(HttpError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "wrong_instance",
+            "event has no instance_id; this service accepts one instance only",
+        ));
+    }
+
+    if !is_handled(&envelope.kind) {
+        outcome("ignored");
+        tracing::debug!(svix.id = %id, event.type = %envelope.kind, "webhook ignored: type not handled");
+        return Ok(Json(serde_json::json!({"status": "ignored", "id": id})).into_response());
+    }
+
+    let started = Instant::now();
+    let result = state
+        .publisher
+        .publish_event(&body, &id, &envelope.kind)
+        .await;
+    metrics::histogram!("webhook_publish_seconds").record(started.elapsed().as_secs_f64());
+    match result {
+        Ok(()) => {
+            outcome("queued");
+            tracing::debug!(svix.id = %id, event.type = %envelope.kind, "webhook queued");
+            Ok(Json(serde_json::json!({"status": "queued", "id": id})).into_response())
+        }
+        Err(e) => {
+            metrics::counter!("amqp_publish_failures_total", "reason" => e.reason()).increment(1);
+            outcome("unavailable");
+            tracing::warn!(svix.id = %id, event.type = %envelope.kind, error = %e, "webhook not queued; answering 503");
+            Err(HttpError::not_queued(&e, settings.http.retry_after_secs))
+        }
+    }
+}
