@@ -19,8 +19,10 @@ use crate::config::ProvisioningSettings;
 
 /// Advisory-lock keys of an event, in the global lock order (workspaces before
 /// users, each by id). Every transaction takes its keys in this order, so
-/// concurrent workers serialize on shared entities without deadlocking.
-pub(crate) fn lock_keys(decoded: &Decoded) -> Vec<String> {
+/// concurrent workers serialize on shared entities without deadlocking; the
+/// worker deals events into lanes by the first key, so events that would wait for
+/// each other's locks share a lane.
+pub fn lock_keys(decoded: &Decoded) -> Vec<String> {
     match &decoded.event {
         Event::OrganizationUpsert(o) => vec![ws_key(&o.id)],
         Event::OrganizationDeleted { id, .. } => vec![ws_key(id)],
@@ -325,7 +327,7 @@ async fn begin(
          left join users u on u.id = $8",
     )
     .bind(&incoming.svix_id)
-    .bind(&decoded.kind)
+    .bind(decoded.kind.as_str())
     .bind(decoded.workspace_id())
     .bind(initial)
     .bind(incoming.received_at)
