@@ -5,8 +5,11 @@
 //! a newer one and tombstones are final, so any permutation of a history with any
 //! duplicates converges to the state of the history applied in order.
 //!
-//! The worker (and `dlq replay`, `reconcile`) call [`Provisioner::apply_batch`]; it
-//! is the only entry point that writes workspace state from events.
+//! The worker calls [`Provisioner::apply_decoded`] with events it decoded once
+//! (see `worker::delivery::Envelope::read`); other callers use
+//! [`Provisioner::apply_batch`], which decodes and then does the same. They are the
+//! only entry points that write workspace state from events, and both run every
+//! transaction through one helper (`run_tx`: lock, apply, flush audit, commit).
 //!
 //! Concurrency: before reading anything, a transaction takes transaction-scoped
 //! advisory locks on the workspaces and users its events touch, in one global order

@@ -75,6 +75,21 @@ impl Decoded {
             Event::UserUpdated(_) | Event::UserDeleted { .. } | Event::Unhandled => None,
         }
     }
+
+    /// The user the event is about, if it names one: the member of a membership
+    /// event, the user of a user event.
+    pub fn user_id(&self) -> Option<&str> {
+        match &self.event {
+            Event::MembershipUpsert(m) | Event::MembershipDeleted { membership: m, .. } => {
+                Some(&m.user.user_id)
+            }
+            Event::UserUpdated(u) => Some(&u.id),
+            Event::UserDeleted { id, .. } => Some(id),
+            Event::OrganizationUpsert(_) | Event::OrganizationDeleted { .. } | Event::Unhandled => {
+                None
+            }
+        }
+    }
 }
 
 /// A body that does not decode, with what could still be read of it: the
