@@ -31,6 +31,9 @@ const PUBLISH_BUDGET: Duration = Duration::from_secs(10);
 /// How long recording a dead letter in the processing log may take: best effort,
 /// the dead letter itself is already safe in the broker.
 const RECORD_DEAD_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// One delivery's settling (ack, retry, dead letter), run side by side with the
+/// others of its batch.
 type Settle<'a> = Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
 
 impl Engine {
@@ -98,7 +101,7 @@ impl Engine {
             if results.len() != events.len() {
                 // A provisioner bug; treat it like a crash so nothing is acked blindly.
                 panic!(
-                    "apply_batch returned {} results for {} events",
+                    "apply_decoded returned {} results for {} events",
                     results.len(),
                     events.len()
                 );
