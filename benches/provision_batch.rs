@@ -9,6 +9,7 @@
 
 use std::time::Instant;
 
+use provisioner::clerk::EventType;
 use provisioner::config::{ConnectionUrl, DatabaseSettings, Settings};
 use provisioner::provision::{Actor, Incoming, Provisioner};
 use serde_json::json;
@@ -28,7 +29,7 @@ fn event(svix_id: String, kind: &str, data: serde_json::Value, ts: i64) -> Incom
     let body = json!({ "data": data, "object": "event", "type": kind, "timestamp": ts, "instance_id": "ins_bench" });
     Incoming {
         svix_id,
-        kind: kind.to_owned(),
+        kind: Some(EventType::parse(kind)),
         body: serde_json::to_vec(&body).unwrap(),
         received_at: chrono::Utc::now(),
         actor: Actor::Clerk,

@@ -1,6 +1,9 @@
-//! Clerk webhook vocabulary shared by intake, worker and tools.
+//! Clerk webhook vocabulary shared by intake, worker and tools: the event types.
 //!
-//! Payload shapes and their tolerant decoding live in `provision::payload`.
+//! Guarantee: an event type is parsed once into an [`EventType`]; whether it is
+//! handled, and which entity kind it is about, is read from that value, never by
+//! comparing strings again. Payload shapes and their tolerant decoding live in
+//! `provision::payload`.
 
 /// Event types this service handles; everything else is answered `ignored`.
 pub const HANDLED_TYPES: [&str; 8] = [
@@ -14,7 +17,119 @@ pub const HANDLED_TYPES: [&str; 8] = [
     "user.deleted",
 ];
 
-/// Whether intake queues events of this type.
+/// A handled event type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Handled {
+    /// `organization.created`.
+    OrganizationCreated,
+    /// `organization.updated`.
+    OrganizationUpdated,
+    /// `organization.deleted`.
+    OrganizationDeleted,
+    /// `organizationMembership.created`.
+    MembershipCreated,
+    /// `organizationMembership.updated`.
+    MembershipUpdated,
+    /// `organizationMembership.deleted`.
+    MembershipDeleted,
+    /// `user.updated`.
+    UserUpdated,
+    /// `user.deleted`.
+    UserDeleted,
+}
+
+impl Handled {
+    /// Every handled type, in the order of [`HANDLED_TYPES`].
+    pub const ALL: [Handled; 8] = [
+        Handled::OrganizationCreated,
+        Handled::OrganizationUpdated,
+        Handled::OrganizationDeleted,
+        Handled::MembershipCreated,
+        Handled::MembershipUpdated,
+        Handled::MembershipDeleted,
+        Handled::UserUpdated,
+        Handled::UserDeleted,
+    ];
+
+    /// The type's name on the wire.
+    pub fn as_str(self) -> &'static str {
+        HANDLED_TYPES[self as usize]
+    }
+
+    fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|h| h.as_str() == name)
+    }
+}
+
+/// A Clerk event type as named on the wire, with its handled kind read once.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct EventType {
+    name: String,
+    handled: Option<Handled>,
+}
+
+impl EventType {
+    /// Reads a type name; any text is a type, handled or not.
+    pub fn parse(name: &str) -> Self {
+        Self {
+            name: name.to_owned(),
+            handled: Handled::from_name(name),
+        }
+    }
+
+    /// The name as on the wire.
+    pub fn as_str(&self) -> &str {
+        &self.name
+    }
+
+    /// The handled kind, `None` for types this service ignores.
+    pub fn handled(&self) -> Option<Handled> {
+        self.handled
+    }
+
+    /// Whether intake queues events of this type.
+    pub fn is_handled(&self) -> bool {
+        self.handled.is_some()
+    }
+
+    /// The `type` label of metrics: handled types as they are, anything else
+    /// folded into `other`, so a stray message cannot create unbounded series.
+    pub fn metric_label(&self) -> &'static str {
+        self.handled.map_or("other", Handled::as_str)
+    }
+}
+
+impl std::fmt::Display for EventType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.name)
+    }
+}
+
+/// Whether intake queues events of this type (for callers holding only the name).
 pub fn is_handled(kind: &str) -> bool {
-    HANDLED_TYPES.contains(&kind)
+    Handled::from_name(kind).is_some()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn handled_types_parse_to_their_kind_and_back() {
+        for (name, handled) in HANDLED_TYPES.into_iter().zip(Handled::ALL) {
+            let t = EventType::parse(name);
+            assert_eq!(t.handled(), Some(handled));
+            assert_eq!(t.as_str(), name);
+            assert_eq!(t.metric_label(), name);
+        }
+    }
+
+    #[test]
+    fn other_types_are_kept_but_not_handled() {
+        let t = EventType::parse("session.created");
+        assert!(!t.is_handled());
+        assert_eq!(t.as_str(), "session.created");
+        assert_eq!(t.metric_label(), "other");
+        assert!(!is_handled(""));
+    }
 }

@@ -1,7 +1,10 @@
-//! PostgreSQL: pool, database creation and migrations.
+//! PostgreSQL: pool, database creation, migrations, and the one classifier of
+//! database errors.
 //!
 //! Guarantee: `prepare` is safe when several processes start at once — creating an
 //! existing database is not an error and migrations run under sqlx's advisory lock.
+//! Every component decides what a database error means through [`fault`], so the
+//! worker, provisioning and the API never disagree on "PostgreSQL is down".
 
 use std::str::FromStr;
 use std::time::Duration;
@@ -104,4 +107,91 @@ pub async fn prepare(settings: &DatabaseSettings) -> Result<PgPool, DbError> {
     let pool = pool(settings)?;
     MIGRATOR.run(&pool).await?;
     Ok(pool)
+}
+
+/// What a database error means for the work that hit it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DbFault {
+    /// PostgreSQL cannot be reached or used right now: the work is fine, the
+    /// database is not; wait and try again, never give up on the work for this.
+    Unreachable,
+    /// Deadlock or serialization failure: the same transaction may succeed at once.
+    Conflict,
+    /// A value PostgreSQL refuses to store (class 22, data exception, e.g. a NUL
+    /// character in a name; class 54, e.g. an id too long to index): retrying
+    /// cannot help, the input must be fixed.
+    Data,
+    /// Anything else: an error about these statements, possibly transient.
+    Other,
+}
+
+/// Classifies a database error (see [`DbFault`]).
+pub fn fault(error: &sqlx::Error) -> DbFault {
+    match error {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::Protocol(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed
+        | sqlx::Error::BeginFailed => DbFault::Unreachable,
+        sqlx::Error::Database(db) => match db.code() {
+            Some(code) => fault_of_code(&code),
+            None => DbFault::Other,
+        },
+        _ => DbFault::Other,
+    }
+}
+
+/// The class of a SQLSTATE code.
+fn fault_of_code(code: &str) -> DbFault {
+    // 08: connection exception; 53: insufficient resources (too many connections,
+    // disk full, out of memory); 57P: the server is shutting down, crashed or still
+    // starting; 28: authentication and 3D000 (database missing): the pool cannot
+    // connect.
+    if code.starts_with("08")
+        || code.starts_with("53")
+        || code.starts_with("57P")
+        || code.starts_with("28")
+        || code == "3D000"
+    {
+        DbFault::Unreachable
+    } else if matches!(code, "40P01" | "40001") {
+        DbFault::Conflict
+    } else if code.starts_with("22") || code.starts_with("54") {
+        DbFault::Data
+    } else {
+        DbFault::Other
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_are_classified_by_their_class() {
+        for code in [
+            "08006", "53300", "53100", "57P01", "57P03", "28P01", "3D000",
+        ] {
+            assert_eq!(fault_of_code(code), DbFault::Unreachable, "{code}");
+        }
+        for code in ["40P01", "40001"] {
+            assert_eq!(fault_of_code(code), DbFault::Conflict, "{code}");
+        }
+        for code in ["22021", "22001", "54000"] {
+            assert_eq!(fault_of_code(code), DbFault::Data, "{code}");
+        }
+        for code in ["23505", "42P01"] {
+            assert_eq!(fault_of_code(code), DbFault::Other, "{code}");
+        }
+    }
+
+    #[test]
+    fn lost_connections_are_unreachable() {
+        let io = sqlx::Error::Io(std::io::Error::from(std::io::ErrorKind::ConnectionRefused));
+        assert_eq!(fault(&io), DbFault::Unreachable);
+        assert_eq!(fault(&sqlx::Error::PoolTimedOut), DbFault::Unreachable);
+        assert_eq!(fault(&sqlx::Error::RowNotFound), DbFault::Other);
+    }
 }

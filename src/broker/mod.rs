@@ -4,6 +4,7 @@
 //! message that was routed to a queue (a returned message is a failure even when the
 //! broker acks it), so a caller never acknowledges what was not durably handed on.
 
+pub mod headers;
 mod publisher;
 mod topology;
 
@@ -17,20 +18,6 @@ use std::time::Duration;
 use lapin::{Connection, ConnectionProperties};
 
 use crate::config::ConnectionUrl;
-
-/// Header names of a dead-lettered copy.
-pub mod headers {
-    /// Why the event was dead-lettered (text).
-    pub const ERROR: &str = "x-error";
-    /// `payload`, `retries-exhausted` or `delivery-limit`.
-    pub const ERROR_CLASS: &str = "x-error-class";
-    /// Processing attempts so far.
-    pub const ATTEMPTS: &str = "x-attempts";
-    /// When the event was first dead-lettered (Unix ms).
-    pub const FAILED_AT: &str = "x-failed-at";
-    /// Set by RabbitMQ on redelivered messages of a quorum queue.
-    pub const DELIVERY_COUNT: &str = "x-delivery-count";
-}
 
 /// Adds a 10 s heartbeat and a 5 s connection timeout unless the URL sets them:
 /// without heartbeats a silently dead peer takes minutes to notice.

@@ -19,18 +19,13 @@ use crate::config::ProvisioningSettings;
 
 /// Advisory-lock keys of an event, in the global lock order (workspaces before
 /// users, each by id). Every transaction takes its keys in this order, so
-/// concurrent workers serialize on shared entities without deadlocking.
-pub(crate) fn lock_keys(decoded: &Decoded) -> Vec<String> {
-    match &decoded.event {
-        Event::OrganizationUpsert(o) => vec![ws_key(&o.id)],
-        Event::OrganizationDeleted { id, .. } => vec![ws_key(id)],
-        Event::MembershipUpsert(m) | Event::MembershipDeleted { membership: m, .. } => {
-            vec![ws_key(&m.organization.id), user_key(&m.user.user_id)]
-        }
-        Event::UserUpdated(u) => vec![user_key(&u.id)],
-        Event::UserDeleted { id, .. } => vec![user_key(id)],
-        Event::Unhandled => Vec::new(),
-    }
+/// concurrent workers serialize on shared entities without deadlocking; the
+/// worker deals events into lanes by the first key, so events that would wait for
+/// each other's locks share a lane.
+pub fn lock_keys(decoded: &Decoded) -> Vec<String> {
+    let workspace = decoded.workspace_id().map(ws_key);
+    let user = decoded.user_id().map(user_key);
+    workspace.into_iter().chain(user).collect()
 }
 
 fn ws_key(id: &str) -> String {
@@ -325,7 +320,7 @@ async fn begin(
          left join users u on u.id = $8",
     )
     .bind(&incoming.svix_id)
-    .bind(&decoded.kind)
+    .bind(decoded.kind.as_str())
     .bind(decoded.workspace_id())
     .bind(initial)
     .bind(incoming.received_at)
@@ -587,25 +582,60 @@ async fn delete_workspace(
             changed = true;
         }
     }
-    let ended: Vec<(String, String)> = sqlx::query_as(
-        "update members set removed_at = $2, removal_reason = 'workspace_deleted', updated_at = now() \
-         where workspace_id = $1 and removed_at is null \
-         returning membership_id, user_id",
-    )
-    .bind(id)
-    .bind(at)
-    .fetch_all(&mut *conn)
-    .await?;
-    for (membership_id, user_id) in ended {
-        cx.audit(
+    let ended = end_memberships(conn, cx, Ending::Workspace(id), at).await?;
+    Ok(changed || ended)
+}
+
+/// Whose active memberships end, and so the reason recorded on them.
+#[derive(Debug, Clone, Copy)]
+enum Ending<'a> {
+    /// Every membership of this workspace (`workspace_deleted`).
+    Workspace(&'a str),
+    /// Every membership of this user (`user_deleted`).
+    User(&'a str),
+}
+
+/// Ends the active memberships `of` at `at`, with a `member.removed` audit row in
+/// each membership's workspace; true when any ended.
+async fn end_memberships(
+    conn: &mut PgConnection,
+    cx: &mut Ctx<'_>,
+    of: Ending<'_>,
+    at: DateTime<Utc>,
+) -> Result<bool, sqlx::Error> {
+    // One static statement per case, so each keeps its own index-friendly plan.
+    let (sql, id, reason) = match of {
+        Ending::Workspace(id) => (
+            "update members set removed_at = $2, removal_reason = $3, updated_at = now() \
+             where workspace_id = $1 and removed_at is null \
+             returning membership_id, workspace_id, user_id",
             id,
+            "workspace_deleted",
+        ),
+        Ending::User(id) => (
+            "update members set removed_at = $2, removal_reason = $3, updated_at = now() \
+             where user_id = $1 and removed_at is null \
+             returning membership_id, workspace_id, user_id",
+            id,
+            "user_deleted",
+        ),
+    };
+    let ended: Vec<(String, String, String)> = sqlx::query_as(sql)
+        .bind(id)
+        .bind(at)
+        .bind(reason)
+        .fetch_all(&mut *conn)
+        .await?;
+    let any = !ended.is_empty();
+    for (membership_id, workspace_id, user_id) in ended {
+        cx.audit(
+            &workspace_id,
             "member.removed",
             Some(&user_id),
-            json!({ "membership_id": membership_id, "reason": "workspace_deleted" }),
+            json!({ "membership_id": membership_id, "reason": reason }),
         );
-        changed = true;
     }
-    Ok(changed)
+    Ok(any)
 }
 
 // ---- members -----------------------------------------------------------------------
@@ -885,23 +915,6 @@ async fn delete_user(
     .bind(at)
     .fetch_optional(&mut *conn)
     .await?;
-    let ended: Vec<(String, String)> = sqlx::query_as(
-        "update members set removed_at = $2, removal_reason = 'user_deleted', updated_at = now() \
-         where user_id = $1 and removed_at is null \
-         returning membership_id, workspace_id",
-    )
-    .bind(id)
-    .bind(at)
-    .fetch_all(&mut *conn)
-    .await?;
-    let changed = tombstoned.is_some() || !ended.is_empty();
-    for (membership_id, workspace_id) in ended {
-        cx.audit(
-            &workspace_id,
-            "member.removed",
-            Some(id),
-            json!({ "membership_id": membership_id, "reason": "user_deleted" }),
-        );
-    }
-    Ok(changed)
+    let ended = end_memberships(conn, cx, Ending::User(id), at).await?;
+    Ok(tombstoned.is_some() || ended)
 }

@@ -5,8 +5,11 @@
 //! a newer one and tombstones are final, so any permutation of a history with any
 //! duplicates converges to the state of the history applied in order.
 //!
-//! The worker (and `dlq replay`, `reconcile`) call [`Provisioner::apply_batch`]; it
-//! is the only entry point that writes workspace state from events.
+//! The worker calls [`Provisioner::apply_decoded`] with events it decoded once
+//! (see `worker::delivery::Envelope::read`); other callers use
+//! [`Provisioner::apply_batch`], which decodes and then does the same. They are the
+//! only entry points that write workspace state from events, and both run every
+//! transaction through one helper (`run_tx`: lock, apply, flush audit, commit).
 //!
 //! Concurrency: before reading anything, a transaction takes transaction-scoped
 //! advisory locks on the workspaces and users its events touch, in one global order
@@ -25,8 +28,12 @@ use std::sync::Arc;
 use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 
+use crate::clerk::EventType;
 use crate::config::ProvisioningSettings;
-use payload::Decoded;
+use crate::db::{self, DbFault};
+use payload::{Decoded, Undecodable};
+
+pub use apply::lock_keys;
 
 /// Who caused a change, as written in the audit log.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -58,10 +65,10 @@ impl Actor {
 pub struct Incoming {
     /// Svix message id (dedup key).
     pub svix_id: String,
-    /// Event type from the message (`type` property); empty when the message has
+    /// Event type from the message (`type` property); `None` when the message has
     /// none, and then the body's `type` is used. When both are given they must
     /// agree, else the event is a [`ProcessError::Payload`].
-    pub kind: String,
+    pub kind: Option<EventType>,
     /// The webhook body as received.
     pub body: Vec<u8>,
     /// When intake queued it.
@@ -69,6 +76,23 @@ pub struct Incoming {
     /// Who caused it.
     pub actor: Actor,
 }
+
+impl Incoming {
+    /// The message's type as [`payload::read`] takes it (empty when absent).
+    pub fn kind_str(&self) -> &str {
+        self.kind.as_ref().map_or("", EventType::as_str)
+    }
+
+    /// Decodes the body under the message's type: the one parse of the body.
+    pub fn decode(&self) -> Result<Decoded, Undecodable> {
+        payload::read(self.kind_str(), &self.body)
+    }
+}
+
+/// An event ready to apply: the message and its decoded body, both borrowed, so
+/// a caller that tries again (the worker holding events through an outage) never
+/// copies either.
+pub type Ready<'a> = (&'a Incoming, &'a Decoded);
 
 /// What applying an event did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -154,90 +178,122 @@ impl Provisioner {
     ///
     /// Malformed payloads are [`ProcessError::Payload`] without touching the
     /// database. When PostgreSQL is unreachable, every event that did not commit
-    /// is [`ProcessError::Database`].
+    /// is [`ProcessError::Database`]. Callers that decoded the events already (the
+    /// worker) use [`Provisioner::apply_decoded`].
     pub async fn apply_batch(
         &self,
         pool: &PgPool,
         events: &[Incoming],
     ) -> Vec<Result<Outcome, ProcessError>> {
-        let mut results: Vec<Option<Result<Outcome, ProcessError>>> =
-            events.iter().map(|_| None).collect();
-        let mut todo: Vec<(usize, Decoded)> = Vec::with_capacity(events.len());
-        for (i, event) in events.iter().enumerate() {
-            match payload::decode(&event.kind, &event.body) {
-                Ok(d) => todo.push((i, d)),
-                Err(e) => results[i] = Some(Err(ProcessError::Payload(e.0))),
-            }
-        }
-        if todo.len() > 1 {
-            match self.try_batch(pool, events, &todo).await {
-                Ok(outcomes) => {
-                    for ((i, _), outcome) in todo.iter().zip(outcomes) {
-                        results[*i] = Some(Ok(outcome));
-                    }
-                    todo.clear();
-                }
-                Err(e) if is_connectivity(&e) => {
-                    for (i, _) in &todo {
-                        results[*i] = Some(Err(ProcessError::Database(copy_error(&e))));
-                    }
-                    todo.clear();
+        let decoded: Vec<Result<Decoded, Undecodable>> =
+            events.iter().map(Incoming::decode).collect();
+        let ready: Vec<Ready<'_>> = events
+            .iter()
+            .zip(&decoded)
+            .filter_map(|(event, d)| Some((event, d.as_ref().ok()?)))
+            .collect();
+        let mut applied = self.apply_decoded(pool, &ready).await.into_iter();
+        decoded
+            .iter()
+            .map(|d| match d {
+                Ok(_) => applied.next().expect("one result per decoded event"),
+                Err(u) => Err(ProcessError::Payload(u.error.0.clone())),
+            })
+            .collect()
+    }
+
+    /// Applies decoded events like [`Provisioner::apply_batch`]; one result per
+    /// event, in order.
+    pub async fn apply_decoded(
+        &self,
+        pool: &PgPool,
+        events: &[Ready<'_>],
+    ) -> Vec<Result<Outcome, ProcessError>> {
+        if events.len() > 1 {
+            // The union of the events' locks, taken upfront in the global order.
+            let mut keys: Vec<String> = events.iter().flat_map(|(_, d)| lock_keys(d)).collect();
+            apply::order_keys(&mut keys);
+            match self.run_tx(pool, &keys, events).await {
+                Ok(outcomes) => return outcomes.into_iter().map(Ok).collect(),
+                Err(e) if db::fault(&e) == DbFault::Unreachable => {
+                    return events
+                        .iter()
+                        .map(|_| Err(ProcessError::Database(copy_error(&e))))
+                        .collect();
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, events = todo.len(), "batch failed; applying its events one by one");
+                    tracing::warn!(error = %e, events = events.len(), "batch failed; applying its events one by one");
                 }
             }
         }
         // One transaction per event: a bad event fails alone.
+        let mut results = Vec::with_capacity(events.len());
         let mut down: Option<sqlx::Error> = None;
-        for (i, decoded) in &todo {
+        for event in events {
             if let Some(e) = &down {
-                results[*i] = Some(Err(ProcessError::Database(copy_error(e))));
+                results.push(Err(ProcessError::Database(copy_error(e))));
                 continue;
             }
-            let result = self.apply_one(pool, &events[*i], decoded).await;
-            results[*i] = Some(match result {
+            results.push(match self.apply_one(pool, *event).await {
                 Ok(outcome) => Ok(outcome),
-                Err(e) if is_connectivity(&e) => {
-                    down = Some(copy_error(&e));
-                    Err(ProcessError::Database(e))
-                }
-                Err(e) if is_data_error(&e) => Err(ProcessError::Payload(format!(
-                    "the payload cannot be stored: {e}"
-                ))),
-                Err(e) => Err(ProcessError::Database(e)),
+                Err(e) => match db::fault(&e) {
+                    DbFault::Unreachable => {
+                        down = Some(copy_error(&e));
+                        Err(ProcessError::Database(e))
+                    }
+                    DbFault::Data => Err(ProcessError::Payload(format!(
+                        "the payload cannot be stored: {e}"
+                    ))),
+                    DbFault::Conflict | DbFault::Other => Err(ProcessError::Database(e)),
+                },
             });
         }
         results
-            .into_iter()
-            .map(|r| r.expect("every event has a result"))
-            .collect()
     }
 
-    /// Applies decoded events in one transaction under the union of their locks,
-    /// taken upfront in the global order.
-    async fn try_batch(
+    /// Applies one event in its own transaction, retrying deadlocks and
+    /// serialization failures a few times.
+    async fn apply_one(&self, pool: &PgPool, event: Ready<'_>) -> Result<Outcome, sqlx::Error> {
+        let mut keys = lock_keys(event.1);
+        apply::order_keys(&mut keys);
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match self.run_tx(pool, &keys, &[event]).await {
+                Ok(mut outcomes) => return Ok(outcomes.remove(0)),
+                Err(e) if db::fault(&e) == DbFault::Conflict && attempt < CONFLICT_RETRIES => {
+                    tracing::debug!(svix_id = %event.0.svix_id, error = %e, "retrying event after a conflict");
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// The one transaction of provisioning: lock `keys` (in the order given),
+    /// apply `events` in order, flush their audit rows and statuses, commit. On any
+    /// error it rolls back at once rather than when the pool recycles the
+    /// connection, so the advisory locks are free before the events are retried
+    /// on other connections.
+    async fn run_tx(
         &self,
         pool: &PgPool,
-        events: &[Incoming],
-        todo: &[(usize, Decoded)],
+        keys: &[String],
+        events: &[Ready<'_>],
     ) -> Result<Vec<Outcome>, sqlx::Error> {
-        let mut keys: Vec<String> = todo.iter().flat_map(|(_, d)| apply::lock_keys(d)).collect();
-        apply::order_keys(&mut keys);
         let mut tx = pool.begin().await?;
-        let mut outcomes = Vec::with_capacity(todo.len());
+        let mut outcomes = Vec::with_capacity(events.len());
         let work = async {
-            apply::lock(&mut tx, &keys).await?;
+            apply::lock(&mut tx, keys).await?;
             let mut pending = apply::Pending::default();
             // No savepoints: any failed statement rolls the whole batch back and
             // its events are applied one per transaction, so a savepoint per event
             // would only cost a round trip and a subtransaction each.
-            for (i, decoded) in todo {
+            for (incoming, decoded) in events {
                 let outcome = apply::apply_event(
                     &mut tx,
                     &self.settings,
                     &self.plans,
-                    &events[*i],
+                    incoming,
                     decoded,
                     &mut pending,
                 )
@@ -247,9 +303,6 @@ impl Provisioner {
             pending.flush(&mut tx).await
         };
         if let Err(e) = work.await {
-            // Roll back now rather than when the pool recycles the connection, so
-            // the batch's advisory locks are free before its events are retried
-            // one by one on other connections.
             let _ = tx.rollback().await;
             return Err(e);
         }
@@ -257,78 +310,40 @@ impl Provisioner {
         Ok(outcomes)
     }
 
-    /// Applies one event in its own transaction, retrying deadlocks and
-    /// serialization failures a few times.
-    async fn apply_one(
-        &self,
-        pool: &PgPool,
-        event: &Incoming,
-        decoded: &Decoded,
-    ) -> Result<Outcome, sqlx::Error> {
-        let mut keys = apply::lock_keys(decoded);
-        apply::order_keys(&mut keys);
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            let result = async {
-                let mut tx = pool.begin().await?;
-                let work = async {
-                    apply::lock(&mut tx, &keys).await?;
-                    let mut pending = apply::Pending::default();
-                    let outcome = apply::apply_event(
-                        &mut tx,
-                        &self.settings,
-                        &self.plans,
-                        event,
-                        decoded,
-                        &mut pending,
-                    )
-                    .await?;
-                    pending.flush(&mut tx).await?;
-                    Ok::<_, sqlx::Error>(outcome)
-                };
-                match work.await {
-                    Ok(outcome) => {
-                        tx.commit().await?;
-                        Ok(outcome)
-                    }
-                    Err(e) => {
-                        let _ = tx.rollback().await;
-                        Err(e)
-                    }
-                }
-            }
-            .await;
-            match result {
-                Err(e) if is_conflict(&e) && attempt < CONFLICT_RETRIES => {
-                    tracing::debug!(svix_id = %event.svix_id, error = %e, "retrying event after a conflict");
-                }
-                other => return other,
-            }
-        }
-    }
-
     /// Records a dead-lettered event in the processing log (status `dead`, the
     /// error, one more attempt). An event already applied (processed, ignored,
     /// superseded) keeps its status: it was applied, and a replay must stay a no-op.
+    /// Decodes the body itself; the worker, which has, calls
+    /// [`Provisioner::record_dead_decoded`].
     pub async fn record_dead(
         &self,
         pool: &PgPool,
         event: &Incoming,
         error: &str,
     ) -> Result<(), sqlx::Error> {
-        // Best effort: the type and workspace are shown by `events list`, but a body
-        // too broken to decode is still recorded.
-        let decoded = payload::decode("", &event.body).ok();
-        let kind = match (&decoded, event.kind.is_empty()) {
-            (_, false) => event.kind.clone(),
-            (Some(d), true) => d.kind.clone(),
-            (None, true) => payload::peek_type(&event.body).unwrap_or_else(|| "unknown".to_owned()),
+        let decoded = payload::read("", &event.body);
+        self.record_dead_decoded(pool, event, &decoded, error).await
+    }
+
+    /// [`Provisioner::record_dead`] with the body's decoding at hand. Best effort:
+    /// the type and workspace are shown by `events list`, but a body too broken to
+    /// decode is still recorded.
+    pub async fn record_dead_decoded(
+        &self,
+        pool: &PgPool,
+        event: &Incoming,
+        decoded: &Result<Decoded, Undecodable>,
+        error: &str,
+    ) -> Result<(), sqlx::Error> {
+        let (body_kind, workspace_id) = match decoded {
+            Ok(d) => (Some(&d.kind), d.workspace_id()),
+            Err(u) => (u.kind.as_ref(), u.workspace_id.as_deref()),
         };
-        let workspace_id = decoded
+        let kind = event
+            .kind
             .as_ref()
-            .and_then(|d| d.workspace_id().map(str::to_owned))
-            .or_else(|| payload::peek_workspace_id(&event.body));
+            .or(body_kind)
+            .map_or("unknown", EventType::as_str);
         sqlx::query(
             "insert into events (svix_id, type, workspace_id, status, error, attempts, received_at) \
              values ($1, $2, $3, 'dead', $4, 1, $5) \
@@ -345,38 +360,6 @@ impl Provisioner {
         .await?;
         Ok(())
     }
-}
-
-/// Errors that mean PostgreSQL is unreachable or going away: the event is fine,
-/// the database is not.
-pub fn is_connectivity(e: &sqlx::Error) -> bool {
-    match e {
-        sqlx::Error::Io(_)
-        | sqlx::Error::Tls(_)
-        | sqlx::Error::Protocol(_)
-        | sqlx::Error::PoolTimedOut
-        | sqlx::Error::PoolClosed
-        | sqlx::Error::WorkerCrashed => true,
-        // 08: connection exception; 57P01-03: shutdown / cannot connect now;
-        // 53300: too many connections.
-        sqlx::Error::Database(db) => db
-            .code()
-            .is_some_and(|c| c.starts_with("08") || c.starts_with("57P") || c == "53300"),
-        _ => false,
-    }
-}
-
-/// Deadlock or serialization failure: retrying the same transaction may succeed.
-fn is_conflict(e: &sqlx::Error) -> bool {
-    matches!(e, sqlx::Error::Database(db) if matches!(db.code().as_deref(), Some("40P01" | "40001")))
-}
-
-/// A value PostgreSQL refuses to store (class 22, data exception, e.g. a NUL
-/// character in a name; class 54, e.g. an id too long to index): retrying cannot
-/// help, the payload must be fixed.
-fn is_data_error(e: &sqlx::Error) -> bool {
-    matches!(e, sqlx::Error::Database(db)
-        if db.code().is_some_and(|c| c.starts_with("22") || c.starts_with("54")))
 }
 
 /// `sqlx::Error` is not `Clone`; one outage is reported for several events.

@@ -8,7 +8,7 @@
 
 use serde_json::{Map, Value};
 
-use crate::clerk::is_handled;
+use crate::clerk::{EventType, Handled};
 
 /// Why a body cannot be applied; the text names the offending field.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -22,7 +22,7 @@ const SECONDS_THRESHOLD: i64 = 1_000_000_000_000;
 #[derive(Debug, Clone, PartialEq)]
 pub struct Decoded {
     /// Event type (`organization.created`, …), as in the body.
-    pub kind: String,
+    pub kind: EventType,
     /// Envelope `timestamp` in ms (seconds converted); absent in some hand-made bodies.
     pub timestamp_ms: Option<i64>,
     /// What the event says.
@@ -75,6 +75,33 @@ impl Decoded {
             Event::UserUpdated(_) | Event::UserDeleted { .. } | Event::Unhandled => None,
         }
     }
+
+    /// The user the event is about, if it names one: the member of a membership
+    /// event, the user of a user event.
+    pub fn user_id(&self) -> Option<&str> {
+        match &self.event {
+            Event::MembershipUpsert(m) | Event::MembershipDeleted { membership: m, .. } => {
+                Some(&m.user.user_id)
+            }
+            Event::UserUpdated(u) => Some(&u.id),
+            Event::UserDeleted { id, .. } => Some(id),
+            Event::OrganizationUpsert(_) | Event::OrganizationDeleted { .. } | Event::Unhandled => {
+                None
+            }
+        }
+    }
+}
+
+/// A body that does not decode, with what could still be read of it: the
+/// processing log shows the type and workspace of a dead letter when it can.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Undecodable {
+    /// Why it cannot be applied.
+    pub error: PayloadError,
+    /// The body's `type`, when it is a string.
+    pub kind: Option<EventType>,
+    /// The organization id an organization or membership body names, if any.
+    pub workspace_id: Option<String>,
 }
 
 /// An organization snapshot (`data` of organization events, or embedded in a membership).
@@ -152,17 +179,64 @@ pub struct User {
 /// Decodes a webhook body. `kind` is the message's `type` property (empty when the
 /// message carried none); when given it must agree with the body's `type`.
 pub fn decode(kind: &str, body: &[u8]) -> Result<Decoded, PayloadError> {
-    let value: Value = serde_json::from_slice(body)
-        .map_err(|e| PayloadError(format!("body is not valid JSON: {e}")))?;
+    read(kind, body).map_err(|u| u.error)
+}
+
+/// [`decode`], keeping on failure what could be read of the body. This is the one
+/// parse of a body: the worker calls it once per delivery and every later step
+/// (lane, screen, lock keys, lag, apply, processing log) uses its result.
+pub fn read(kind: &str, body: &[u8]) -> Result<Decoded, Undecodable> {
+    let value: Value = serde_json::from_slice(body).map_err(|e| Undecodable {
+        error: PayloadError(format!("body is not valid JSON: {e}")),
+        kind: None,
+        workspace_id: None,
+    })?;
     let Value::Object(root) = value else {
-        return Err(PayloadError(format!(
-            "body must be a JSON object, got {}",
-            type_name(&value)
-        )));
+        return Err(Undecodable {
+            error: PayloadError(format!(
+                "body must be a JSON object, got {}",
+                type_name(&value)
+            )),
+            kind: None,
+            workspace_id: None,
+        });
     };
-    let root = Obj::new("", &root);
-    let body_kind = root.req_str("type")?.to_owned();
-    if !kind.is_empty() && kind != body_kind {
+    decode_object(kind, &root).map_err(|error| {
+        let kind = root
+            .get("type")
+            .and_then(Value::as_str)
+            .map(EventType::parse);
+        let workspace_id = kind
+            .as_ref()
+            .and_then(|k| raw_workspace_id(k, root.get("data")?))
+            .map(str::to_owned);
+        Undecodable {
+            error,
+            kind,
+            workspace_id,
+        }
+    })
+}
+
+/// The organization id in the `data` of a body that did not decode, by the same
+/// rule as [`Decoded::workspace_id`].
+fn raw_workspace_id<'v>(kind: &EventType, data: &'v Value) -> Option<&'v str> {
+    let id = match kind.handled()? {
+        Handled::OrganizationCreated
+        | Handled::OrganizationUpdated
+        | Handled::OrganizationDeleted => data.get("id"),
+        Handled::MembershipCreated | Handled::MembershipUpdated | Handled::MembershipDeleted => {
+            data.get("organization")?.get("id")
+        }
+        Handled::UserUpdated | Handled::UserDeleted => None,
+    };
+    id?.as_str()
+}
+
+fn decode_object(kind: &str, root: &Map<String, Value>) -> Result<Decoded, PayloadError> {
+    let root = Obj::new("", root);
+    let body_kind = EventType::parse(root.req_str("type")?);
+    if !kind.is_empty() && kind != body_kind.as_str() {
         return Err(PayloadError(format!(
             "message type `{kind}` does not match the body's type `{body_kind}`"
         )));
@@ -178,64 +252,41 @@ pub fn decode(kind: &str, body: &[u8]) -> Result<Decoded, PayloadError> {
         }
         None => None,
     };
-    if !is_handled(&body_kind) {
+    let Some(handled) = body_kind.handled() else {
         return Ok(Decoded {
             kind: body_kind,
             timestamp_ms,
             event: Event::Unhandled,
         });
-    }
+    };
     let data = root.req_obj("data")?;
     let at = || timestamp_ms.ok_or_else(|| PayloadError(missing("timestamp")));
-    let event = match body_kind.as_str() {
-        "organization.created" | "organization.updated" => {
+    let event = match handled {
+        Handled::OrganizationCreated | Handled::OrganizationUpdated => {
             Event::OrganizationUpsert(organization(&data)?)
         }
-        "organization.deleted" => Event::OrganizationDeleted {
+        Handled::OrganizationDeleted => Event::OrganizationDeleted {
             id: data.req_str("id")?.to_owned(),
             at_ms: at()?,
         },
-        "organizationMembership.created" | "organizationMembership.updated" => {
+        Handled::MembershipCreated | Handled::MembershipUpdated => {
             Event::MembershipUpsert(membership(&data)?)
         }
-        "organizationMembership.deleted" => Event::MembershipDeleted {
+        Handled::MembershipDeleted => Event::MembershipDeleted {
             membership: membership(&data)?,
             at_ms: at()?,
         },
-        "user.updated" => Event::UserUpdated(user(&data)?),
-        "user.deleted" => Event::UserDeleted {
+        Handled::UserUpdated => Event::UserUpdated(user(&data)?),
+        Handled::UserDeleted => Event::UserDeleted {
             id: data.req_str("id")?.to_owned(),
             at_ms: at()?,
         },
-        other => unreachable!("handled type {other} without a decoder"),
     };
     Ok(Decoded {
         kind: body_kind,
         timestamp_ms,
         event,
     })
-}
-
-/// The body's `type`, when it has one (for logging a body that does not decode).
-pub fn peek_type(body: &[u8]) -> Option<String> {
-    let v: Value = serde_json::from_slice(body).ok()?;
-    v.get("type")?.as_str().map(str::to_owned)
-}
-
-/// The organization id a body is about, when it can be found (for logging a body
-/// that does not decode).
-pub fn peek_workspace_id(body: &[u8]) -> Option<String> {
-    let v: Value = serde_json::from_slice(body).ok()?;
-    let kind = v.get("type")?.as_str()?;
-    let data = v.get("data")?;
-    let id = if kind.starts_with("organizationMembership.") {
-        data.get("organization")?.get("id")
-    } else if kind.starts_with("organization.") {
-        data.get("id")
-    } else {
-        None
-    };
-    id?.as_str().map(str::to_owned)
 }
 
 fn organization(o: &Obj<'_>) -> Result<Organization, PayloadError> {

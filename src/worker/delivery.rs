@@ -8,34 +8,22 @@
 use chrono::{DateTime, Utc};
 use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable, ShortString};
-use serde::Deserialize;
 
 use crate::broker::headers;
+use crate::clerk::EventType;
+use crate::provision::payload::{self, Decoded, Undecodable};
 use crate::provision::{Actor, Incoming};
-
-/// Header set by `dlq replay` on a republished dead letter: the actor is `replay`.
-pub const REPLAYED: &str = "x-replayed";
-
-/// Headers the broker sets itself; a copy we publish must not carry stale ones.
-const BROKER_OWNED: [&str; 7] = [
-    headers::DELIVERY_COUNT,
-    "x-death",
-    "x-first-death-exchange",
-    "x-first-death-queue",
-    "x-first-death-reason",
-    "x-last-death-exchange",
-    "x-last-death-queue",
-];
 
 /// What the worker knows about one delivery besides the event itself.
 #[derive(Debug, Clone)]
 pub struct Envelope {
     /// The event to apply; `svix_id` is empty when the message had no `message_id`.
     pub event: Incoming,
+    /// The body, decoded once when the delivery is read; every later step (lane,
+    /// screen, locks, apply, lag, processing log) reads this, never the body.
+    pub decoded: Result<Decoded, Undecodable>,
     /// Whether the message carried a `message_id`.
     pub has_message_id: bool,
-    /// Whether the type came from the message or the body (else it is unknown).
-    pub has_kind: bool,
     /// Original AMQP timestamp (Unix seconds), kept on every copy.
     pub timestamp: Option<u64>,
     /// Original headers, copied onto retries and dead letters.
@@ -44,78 +32,30 @@ pub struct Envelope {
     pub attempts: i64,
     /// `x-delivery-count`: times the broker delivered it before without an ack.
     pub delivery_count: i64,
-    /// Envelope `timestamp` (Unix ms) from the body, for the provisioning lag.
-    pub envelope_ms: Option<i64>,
-    /// What the event locks first (`w:<org id>` or `u:<user id>`), for the lanes.
-    pub subject: Option<String>,
-}
-
-/// The parts of the webhook body the worker reads itself; `data` is only
-/// delimited here, and read for its subject alone.
-#[derive(Deserialize)]
-struct BodyPeek<'a> {
-    #[serde(rename = "type")]
-    kind: Option<serde_json::Value>,
-    timestamp: Option<serde_json::Value>,
-    #[serde(borrow, default)]
-    data: Option<&'a serde_json::value::RawValue>,
-}
-
-/// The ids in `data` that name an event's subject.
-#[derive(Deserialize)]
-struct SubjectData<'a> {
-    #[serde(borrow, default)]
-    id: Option<std::borrow::Cow<'a, str>>,
-    #[serde(borrow, default)]
-    organization: Option<IdOnly<'a>>,
-}
-
-#[derive(Deserialize)]
-struct IdOnly<'a> {
-    #[serde(borrow)]
-    id: std::borrow::Cow<'a, str>,
-}
-
-/// The entity whose advisory lock an event of type `kind` takes first: the
-/// organization of an organization or membership event, the user of a user event;
-/// `None` when `data` does not say (the event is screened and decoded properly
-/// later, and is not tied to any lane in particular).
-fn subject(kind: &str, data: &serde_json::value::RawValue) -> Option<String> {
-    let data: SubjectData<'_> = serde_json::from_str(data.get()).ok()?;
-    let id = if kind.starts_with("organizationMembership.") {
-        data.organization.map(|o| o.id)
-    } else {
-        data.id
-    };
-    let tag = if kind.starts_with("user.") { 'u' } else { 'w' };
-    id.map(|id| format!("{tag}:{id}"))
 }
 
 impl Envelope {
     /// Reads a delivery's properties and body; never fails (problems are screened
     /// afterwards by [`Envelope::screen`]).
+    ///
+    /// This is where the body of a delivery is parsed, the only time between the
+    /// consumer and the commit: [`payload::read`] under the message's `type`.
     pub fn read(properties: &BasicProperties, body: Vec<u8>, now: DateTime<Utc>) -> Self {
         let headers = properties.headers().clone().unwrap_or_default();
-        let peek: Option<BodyPeek> = serde_json::from_slice(&body).ok();
-        let body_kind = peek
-            .as_ref()
-            .and_then(|p| p.kind.as_ref())
-            .and_then(|k| k.as_str())
-            .map(str::to_owned);
-        let envelope_ms = peek
-            .as_ref()
-            .and_then(|p| p.timestamp.as_ref())
-            .and_then(serde_json::Value::as_i64);
-        let subject = body_kind
-            .as_deref()
-            .zip(peek.as_ref().and_then(|p| p.data))
-            .and_then(|(kind, data)| subject(kind, data));
         let prop_kind = properties
             .kind()
             .as_ref()
-            .map(|k| k.as_str().to_owned())
+            .map(|k| k.as_str())
             .filter(|k| !k.is_empty());
-        let kind = prop_kind.or(body_kind);
+        let decoded = payload::read(prop_kind.unwrap_or_default(), &body);
+        // The message's `type` property wins over the body's.
+        let kind = match prop_kind {
+            Some(k) => Some(EventType::parse(k)),
+            None => match &decoded {
+                Ok(d) => Some(d.kind.clone()),
+                Err(u) => u.kind.clone(),
+            },
+        };
         let message_id = properties
             .message_id()
             .as_ref()
@@ -126,32 +66,59 @@ impl Envelope {
             .and_then(|s| i64::try_from(s).ok())
             .and_then(|s| DateTime::from_timestamp(s, 0))
             .unwrap_or(now);
-        let actor = if headers.contains_key(REPLAYED) {
+        let actor = if headers.contains_key(headers::REPLAYED) {
             Actor::Replay
         } else {
             Actor::Clerk
         };
-        let attempts = header_int(&headers, headers::ATTEMPTS).unwrap_or(0).max(0);
-        let delivery_count = header_int(&headers, headers::DELIVERY_COUNT)
+        let attempts = headers::int(&headers, headers::ATTEMPTS)
+            .unwrap_or(0)
+            .max(0);
+        let delivery_count = headers::int(&headers, headers::DELIVERY_COUNT)
             .unwrap_or(0)
             .max(0);
         Self {
             has_message_id: message_id.is_some(),
-            has_kind: kind.is_some(),
             event: Incoming {
                 svix_id: message_id.unwrap_or_default(),
-                kind: kind.unwrap_or_default(),
+                kind,
                 body,
                 received_at,
                 actor,
             },
+            decoded,
             timestamp,
             headers,
             attempts,
             delivery_count,
-            envelope_ms,
-            subject,
         }
+    }
+
+    /// The event type (the message's, else the body's); empty when neither says.
+    pub fn type_name(&self) -> &str {
+        self.event.kind_str()
+    }
+
+    /// The `type` label of the worker's metrics.
+    pub fn metric_type(&self) -> &'static str {
+        self.event
+            .kind
+            .as_ref()
+            .map_or("other", EventType::metric_label)
+    }
+
+    /// The entity whose advisory lock the event takes first (the organization of
+    /// an organization or membership event, the user of a user event), for the
+    /// lanes; `None` when the body does not decode or names none.
+    pub fn lane_key(&self) -> Option<String> {
+        let decoded = self.decoded.as_ref().ok()?;
+        crate::provision::lock_keys(decoded).into_iter().next()
+    }
+
+    /// The envelope `timestamp` (Unix ms, seconds normalised by the decoder), for
+    /// the provisioning lag.
+    pub fn envelope_ms(&self) -> Option<i64> {
+        self.decoded.as_ref().ok()?.timestamp_ms
     }
 
     /// Why this delivery must be dead-lettered without being applied, if it must.
@@ -159,7 +126,7 @@ impl Envelope {
         if !self.has_message_id {
             return Some((DeadClass::Payload, "message has no message_id".to_owned()));
         }
-        if !self.has_kind {
+        if self.event.kind.is_none() {
             return Some((
                 DeadClass::Payload,
                 "message has no type property and the body no `type`".to_owned(),
@@ -178,15 +145,19 @@ impl Envelope {
                 ),
             ));
         }
+        // A body that cannot be applied is dead-lettered here, with the decoder's
+        // reason, without a database round trip.
+        if let Err(u) = &self.decoded {
+            return Some((DeadClass::Payload, u.error.0.clone()));
+        }
         None
     }
 
     /// The routing key of its dead-lettered copy: the event type.
     pub fn routing_key(&self) -> &str {
-        if self.event.kind.is_empty() {
-            "unknown"
-        } else {
-            &self.event.kind
+        match &self.event.kind {
+            Some(kind) if !kind.as_str().is_empty() => kind.as_str(),
+            _ => "unknown",
         }
     }
 
@@ -222,7 +193,7 @@ impl Envelope {
     fn copied_headers(&self) -> FieldTable {
         let mut table = FieldTable::default();
         for (key, value) in &self.headers {
-            if !BROKER_OWNED.contains(&key.as_str()) {
+            if !headers::BROKER_OWNED.contains(&key.as_str()) {
                 table.insert(ShortString::from(key.as_str()), value.clone());
             }
         }
@@ -252,41 +223,24 @@ impl DeadClass {
     }
 }
 
-/// An integer header, whatever integer type the sender used.
-pub fn header_int(table: &FieldTable, key: &str) -> Option<i64> {
-    match table.inner().get(key)? {
-        AMQPValue::ShortShortInt(v) => Some(i64::from(*v)),
-        AMQPValue::ShortShortUInt(v) => Some(i64::from(*v)),
-        AMQPValue::ShortInt(v) => Some(i64::from(*v)),
-        AMQPValue::ShortUInt(v) => Some(i64::from(*v)),
-        AMQPValue::LongInt(v) => Some(i64::from(*v)),
-        AMQPValue::LongUInt(v) => Some(i64::from(*v)),
-        AMQPValue::LongLongInt(v) => Some(*v),
-        AMQPValue::Timestamp(v) => i64::try_from(*v).ok(),
-        AMQPValue::LongString(s) => s.to_string().trim().parse().ok(),
-        AMQPValue::ShortString(s) => s.as_str().trim().parse().ok(),
-        _ => None,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn subject(body: &[u8]) -> Option<String> {
-        Envelope::read(&BasicProperties::default(), body.to_vec(), Utc::now()).subject
+        Envelope::read(&BasicProperties::default(), body.to_vec(), Utc::now()).lane_key()
     }
 
     #[test]
-    fn subject_names_the_entity_locked_first() {
-        let org =
-            br#"{"type":"organization.updated","data":{"id":"org_1","name":"A","x":[1,{"y":2}]}}"#;
-        assert_eq!(subject(org).as_deref(), Some("w:org_1"));
-        let mem = br#"{"type":"organizationMembership.created","data":{"id":"orgmem_1","organization":{"id":"org_2","name":"B"},"public_user_data":{"user_id":"user_1"}}}"#;
-        assert_eq!(subject(mem).as_deref(), Some("w:org_2"));
-        let user = br#"{"data":{"id":"user_9","email_addresses":[]},"type":"user.deleted"}"#;
-        assert_eq!(subject(user).as_deref(), Some("u:user_9"));
-        // Anything unexpected is "no subject", never an error.
+    fn lane_is_the_entity_locked_first() {
+        let org = br#"{"type":"organization.updated","timestamp":1,"data":{"id":"org_1","name":"A","created_at":1,"updated_at":1,"x":[1,{"y":2}]}}"#;
+        assert_eq!(subject(org).as_deref(), Some("ws:org_1"));
+        let mem = br#"{"type":"organizationMembership.created","data":{"id":"orgmem_1","role":"org:member","created_at":1,"updated_at":1,"organization":{"id":"org_2","name":"B","created_at":1,"updated_at":1},"public_user_data":{"user_id":"user_1"}}}"#;
+        assert_eq!(subject(mem).as_deref(), Some("ws:org_2"));
+        let user =
+            br#"{"data":{"id":"user_9","email_addresses":[]},"type":"user.deleted","timestamp":1}"#;
+        assert_eq!(subject(user).as_deref(), Some("user:user_9"));
+        // A body that does not decode has no lane of its own, never an error.
         for body in [
             &br#"{"type":"organization.created","data":"broken"}"#[..],
             br#"{"type":"organizationMembership.created","data":{"id":"orgmem_1"}}"#,
@@ -301,12 +255,12 @@ mod tests {
     fn props() -> BasicProperties {
         BasicProperties::default()
             .with_message_id("msg_1".into())
-            .with_type("organization.created".into())
+            .with_type("organization.updated".into())
             .with_timestamp(1_700_000_000)
     }
 
     fn body() -> Vec<u8> {
-        br#"{"data":{"id":"org_1"},"type":"organization.updated","timestamp":1700000000123}"#
+        br#"{"data":{"id":"org_1","name":"A","created_at":1,"updated_at":2},"type":"organization.updated","timestamp":1700000000123}"#
             .to_vec()
     }
 
@@ -322,13 +276,17 @@ mod tests {
     fn reads_id_type_timestamp_and_actor() {
         let e = Envelope::read(&props(), body(), Utc::now());
         assert_eq!(e.event.svix_id, "msg_1");
-        // The message's `type` property wins over the body's.
-        assert_eq!(e.event.kind, "organization.created");
         assert_eq!(e.event.received_at.timestamp(), 1_700_000_000);
         assert_eq!(e.event.actor, Actor::Clerk);
-        assert_eq!(e.envelope_ms, Some(1_700_000_000_123));
+        assert_eq!(e.envelope_ms(), Some(1_700_000_000_123));
         assert_eq!((e.attempts, e.delivery_count), (0, 0));
         assert!(e.screen(10).is_none());
+        // The message's `type` property wins over the body's (and, disagreeing
+        // with it, makes the event a payload dead letter).
+        let other = props().with_type("organization.created".into());
+        let e = Envelope::read(&other, body(), Utc::now());
+        assert_eq!(e.type_name(), "organization.created");
+        assert_eq!(e.screen(10).unwrap().0, DeadClass::Payload);
     }
 
     #[test]
@@ -336,14 +294,14 @@ mod tests {
         let p = BasicProperties::default().with_message_id("msg_2".into());
         let now = Utc::now();
         let e = Envelope::read(&p, body(), now);
-        assert_eq!(e.event.kind, "organization.updated");
+        assert_eq!(e.type_name(), "organization.updated");
         assert_eq!(e.event.received_at, now);
         assert_eq!(e.timestamp, None);
     }
 
     #[test]
     fn replayed_header_makes_the_actor_replay() {
-        let p = with_headers(&[(REPLAYED, AMQPValue::Boolean(true))]);
+        let p = with_headers(&[(headers::REPLAYED, AMQPValue::Boolean(true))]);
         assert_eq!(
             Envelope::read(&p, body(), Utc::now()).event.actor,
             Actor::Replay
@@ -356,6 +314,25 @@ mod tests {
         let (class, reason) = Envelope::read(&p, body(), Utc::now()).screen(10).unwrap();
         assert_eq!(class, DeadClass::Payload);
         assert_eq!(reason, "message has no message_id");
+    }
+
+    #[test]
+    fn a_body_that_does_not_decode_is_a_payload_dead_letter() {
+        let e = Envelope::read(
+            &props(),
+            b"{\"type\":\"organization.updated\"}".to_vec(),
+            Utc::now(),
+        );
+        let (class, reason) = e.screen(10).unwrap();
+        assert_eq!(class, DeadClass::Payload);
+        assert_eq!(reason, "data: missing");
+        // A seconds timestamp is normalised once, for the lag as for the versions.
+        let secs = br#"{"type":"user.deleted","timestamp":1716883200,"data":{"id":"user_1"}}"#;
+        let p = props().with_type("user.deleted".into());
+        assert_eq!(
+            Envelope::read(&p, secs.to_vec(), Utc::now()).envelope_ms(),
+            Some(1_716_883_200_000)
+        );
     }
 
     #[test]
@@ -385,24 +362,24 @@ mod tests {
     #[test]
     fn copies_keep_our_headers_and_drop_the_brokers() {
         let p = with_headers(&[
-            (REPLAYED, AMQPValue::Boolean(true)),
+            (headers::REPLAYED, AMQPValue::Boolean(true)),
             (headers::ATTEMPTS, AMQPValue::LongLongInt(1)),
             (headers::DELIVERY_COUNT, AMQPValue::LongLongInt(4)),
-            ("x-death", AMQPValue::FieldArray(Default::default())),
+            (headers::DEATH, AMQPValue::FieldArray(Default::default())),
         ]);
         let e = Envelope::read(&p, body(), Utc::now());
         assert_eq!(e.attempts, 1);
         let retry = e.retry_headers(2);
-        assert_eq!(header_int(&retry, headers::ATTEMPTS), Some(2));
-        assert!(retry.contains_key(REPLAYED));
+        assert_eq!(headers::int(&retry, headers::ATTEMPTS), Some(2));
+        assert!(retry.contains_key(headers::REPLAYED));
         assert!(!retry.contains_key(headers::DELIVERY_COUNT));
-        assert!(!retry.contains_key("x-death"));
+        assert!(!retry.contains_key(headers::DEATH));
         let dead = e.dead_headers(DeadClass::Payload, "bad", 2, 5);
         assert_eq!(
             dead.inner().get(headers::ERROR_CLASS),
             Some(&AMQPValue::LongString("payload".into()))
         );
-        assert_eq!(header_int(&dead, headers::FAILED_AT), Some(5));
-        assert_eq!(header_int(&dead, headers::ATTEMPTS), Some(2));
+        assert_eq!(headers::int(&dead, headers::FAILED_AT), Some(5));
+        assert_eq!(headers::int(&dead, headers::ATTEMPTS), Some(2));
     }
 }

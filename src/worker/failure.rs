@@ -5,6 +5,7 @@
 //! through the retry queues in order and only then are dead-lettered.
 
 use crate::broker::Topology;
+use crate::db::{self, DbFault};
 use crate::provision::ProcessError;
 
 use super::delivery::DeadClass;
@@ -41,7 +42,7 @@ pub fn after_failure(error: &ProcessError, previous: i64, topology: &Topology) -
             reason: reason.clone(),
             attempts,
         },
-        ProcessError::Database(e) if is_unreachable(e) => Next::Hold,
+        ProcessError::Database(e) if db::fault(e) == DbFault::Unreachable => Next::Hold,
         ProcessError::Database(e) => {
             match usize::try_from(previous)
                 .ok()
@@ -68,32 +69,6 @@ pub fn longest_retry_queue(topology: &Topology) -> Option<&str> {
         .iter()
         .max_by_key(|(_, delay)| *delay)
         .map(|(name, _)| name.as_str())
-}
-
-/// Whether the error means PostgreSQL cannot be reached or used right now (as
-/// opposed to an error about this event's statements).
-pub fn is_unreachable(error: &sqlx::Error) -> bool {
-    match error {
-        sqlx::Error::Io(_)
-        | sqlx::Error::Tls(_)
-        | sqlx::Error::Protocol(_)
-        | sqlx::Error::PoolTimedOut
-        | sqlx::Error::PoolClosed
-        | sqlx::Error::WorkerCrashed
-        | sqlx::Error::BeginFailed => true,
-        sqlx::Error::Database(db) => db.code().is_some_and(|code| {
-            let code = code.as_ref();
-            // 08: connection exception; 53: insufficient resources (too many
-            // connections, disk full, out of memory); 57P01-57P03: the server is
-            // shutting down, crashed or still starting; 28: authentication and
-            // 3D000 (database missing): the pool cannot connect.
-            code.starts_with("08")
-                || code.starts_with("53")
-                || code.starts_with("28")
-                || matches!(code, "57P01" | "57P02" | "57P03" | "3D000")
-        }),
-        _ => false,
-    }
 }
 
 #[cfg(test)]

@@ -1,6 +1,7 @@
 //! Builders of Clerk-shaped event bodies and `Incoming` events, for tests that drive
 //! the provisioner directly.
 
+use provisioner::clerk::EventType;
 use provisioner::provision::{Actor, Incoming};
 use serde_json::{Value, json};
 
@@ -116,7 +117,7 @@ pub fn incoming(svix_id: &str, kind: &str, data: Value, timestamp_ms: i64) -> In
 pub fn incoming_raw(svix_id: &str, kind: &str, body: Vec<u8>) -> Incoming {
     Incoming {
         svix_id: svix_id.to_owned(),
-        kind: kind.to_owned(),
+        kind: (!kind.is_empty()).then(|| EventType::parse(kind)),
         body,
         received_at: chrono::Utc::now(),
         actor: Actor::Clerk,

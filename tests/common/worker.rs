@@ -75,15 +75,9 @@ pub fn header_str(props: &BasicProperties, key: &str) -> Option<String> {
     }
 }
 
-/// An integer header of a message.
+/// An integer header of a message, read like the worker reads it.
 pub fn header_int(props: &BasicProperties, key: &str) -> Option<i64> {
-    match props.headers().as_ref()?.inner().get(key)? {
-        AMQPValue::LongLongInt(v) => Some(*v),
-        AMQPValue::LongInt(v) => Some(i64::from(*v)),
-        AMQPValue::ShortInt(v) => Some(i64::from(*v)),
-        AMQPValue::LongUInt(v) => Some(i64::from(*v)),
-        _ => None,
-    }
+    provisioner::broker::headers::int(props.headers().as_ref()?, key)
 }
 
 /// Status of a svix id in the processing log.

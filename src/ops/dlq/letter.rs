@@ -13,9 +13,9 @@ use serde_json::{Map, Value};
 
 use crate::broker::headers;
 
-/// Header marking a message republished by `dlq replay` (the worker audits its
-/// changes with actor `replay`).
-pub const REPLAYED_HEADER: &str = "x-replayed";
+/// Header marking a message republished by `dlq replay`; defined once in
+/// [`headers::REPLAYED`], kept under this name for `dlq::queue`.
+pub use crate::broker::headers::REPLAYED as REPLAYED_HEADER;
 
 /// One dead letter as `dlq list` shows it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -83,10 +83,10 @@ impl DeadLetter {
         });
         let attempts = headers
             .and_then(|h| h.inner().get(headers::ATTEMPTS))
-            .and_then(as_i64);
+            .and_then(headers::int_value);
         let first_failed_at = headers
             .and_then(|h| h.inner().get(headers::FAILED_AT))
-            .and_then(as_i64)
+            .and_then(headers::int_value)
             .and_then(|ms| Utc.timestamp_millis_opt(ms).single())
             .or_else(|| death.as_ref().and_then(|d| d.time));
         let received_at = props
@@ -135,7 +135,7 @@ struct Death {
 }
 
 fn first_death(headers: &FieldTable) -> Option<Death> {
-    let AMQPValue::FieldArray(entries) = headers.inner().get("x-death")? else {
+    let AMQPValue::FieldArray(entries) = headers.inner().get(headers::DEATH)? else {
         return None;
     };
     let entries: Vec<&FieldTable> = entries
@@ -158,7 +158,7 @@ fn first_death(headers: &FieldTable) -> Option<Death> {
         .iter()
         .filter_map(|e| match e.inner().get("time") {
             Some(AMQPValue::Timestamp(secs)) => Utc.timestamp_opt(*secs as i64, 0).single(),
-            Some(v) => as_i64(v).and_then(|s| Utc.timestamp_opt(s, 0).single()),
+            Some(v) => headers::int_value(v).and_then(|s| Utc.timestamp_opt(s, 0).single()),
             None => None,
         })
         .min();
@@ -179,23 +179,6 @@ pub fn header_text(headers: Option<&FieldTable>, name: &str) -> Option<String> {
     }
 }
 
-/// An integer header of any AMQP integer width, or a numeric string.
-pub fn as_i64(value: &AMQPValue) -> Option<i64> {
-    match value {
-        AMQPValue::ShortShortInt(v) => Some(i64::from(*v)),
-        AMQPValue::ShortShortUInt(v) => Some(i64::from(*v)),
-        AMQPValue::ShortInt(v) => Some(i64::from(*v)),
-        AMQPValue::ShortUInt(v) => Some(i64::from(*v)),
-        AMQPValue::LongInt(v) => Some(i64::from(*v)),
-        AMQPValue::LongUInt(v) => Some(i64::from(*v)),
-        AMQPValue::LongLongInt(v) => Some(*v),
-        AMQPValue::Timestamp(v) => i64::try_from(*v).ok(),
-        AMQPValue::LongString(s) => std::str::from_utf8(s.as_bytes()).ok()?.trim().parse().ok(),
-        AMQPValue::ShortString(s) => s.as_str().trim().parse().ok(),
-        _ => None,
-    }
-}
-
 /// An AMQP value as JSON: strings as text (lossy UTF-8), numbers as numbers,
 /// tables as objects, byte arrays as text when UTF-8.
 pub fn amqp_to_json(value: &AMQPValue) -> Value {
@@ -208,7 +191,9 @@ pub fn amqp_to_json(value: &AMQPValue) -> Value {
         | AMQPValue::LongInt(_)
         | AMQPValue::LongUInt(_)
         | AMQPValue::LongLongInt(_)
-        | AMQPValue::Timestamp(_) => as_i64(value).map(Value::from).unwrap_or(Value::Null),
+        | AMQPValue::Timestamp(_) => headers::int_value(value)
+            .map(Value::from)
+            .unwrap_or(Value::Null),
         AMQPValue::Float(f) => serde_json::Number::from_f64(f64::from(*f))
             .map(Value::Number)
             .unwrap_or(Value::Null),
