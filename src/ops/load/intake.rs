@@ -13,12 +13,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Args;
+use lapin::ExchangeKind;
 use lapin::options::{
-    BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, ExchangeDeleteOptions,
-    QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
+    ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions,
+    QueueDeleteOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::{BasicProperties, Confirmation, ExchangeKind};
 
 use super::{Report, Samples};
 use crate::config::Settings;
@@ -423,9 +423,7 @@ pub async fn run_broker(settings: &Settings, args: BrokerArgs) -> anyhow::Result
             .clamp(1, args.shape.concurrency.max(1));
         let mut channels = Vec::with_capacity(n_channels);
         for _ in 0..n_channels {
-            let ch = conn.create_channel().await?;
-            ch.confirm_select(ConfirmSelectOptions::default()).await?;
-            channels.push(ch);
+            channels.push(crate::broker::confirm_channel(&conn).await?);
         }
         let channels = Arc::new(channels);
         let size = args.shape.size;
@@ -437,37 +435,19 @@ pub async fn run_broker(settings: &Settings, args: BrokerArgs) -> anyhow::Result
             let id = format!("msg_load_{tag2}_{n}");
             let exchange = exchange2.clone();
             async move {
-                let ts = std::time::UNIX_EPOCH
-                    .elapsed()
-                    .map(|d| d.as_secs())
-                    .unwrap_or(0);
                 // The same properties and options as intake's publisher.
-                let props = BasicProperties::default()
-                    .with_delivery_mode(2)
-                    .with_content_type("application/json".into())
-                    .with_message_id(id.as_str().into())
-                    .with_type("organization.created".into())
-                    .with_app_id("callmine-provisioner".into())
-                    .with_timestamp(ts);
-                let Ok(confirm) = channel
-                    .basic_publish(
-                        exchange.as_str().into(),
-                        "organization.created".into(),
-                        BasicPublishOptions {
-                            mandatory: true,
-                            ..BasicPublishOptions::default()
-                        },
-                        &body,
-                        props,
-                    )
-                    .await
-                else {
-                    return false;
-                };
-                matches!(
-                    tokio::time::timeout(Duration::from_secs(5), confirm).await,
-                    Ok(Ok(Confirmation::Ack(None)))
+                let props = crate::broker::event_properties(&id, "organization.created")
+                    .with_timestamp(crate::broker::now_timestamp());
+                crate::broker::publish_confirmed(
+                    &channel,
+                    &exchange,
+                    "organization.created",
+                    &body,
+                    props,
+                    Duration::from_secs(5),
                 )
+                .await
+                .is_ok()
             }
         })
         .await?;
