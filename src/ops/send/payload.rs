@@ -267,7 +267,21 @@ pub fn user(person: &Person, created_at: i64, updated_at: i64) -> Value {
 
 /// The DeletedObject of `user.deleted`.
 pub fn deleted_user(id: &str) -> Value {
-    json!({"object": "user", "id": id, "deleted": true})
+    deleted("user", id)
+}
+
+/// A bare DeletedObject of any `object` kind (`organization`, `user`, …).
+pub fn deleted(object: &str, id: &str) -> Value {
+    json!({"object": object, "id": id, "deleted": true})
+}
+
+/// An organization object on `plan` (`public_metadata.plan`), or on none.
+pub fn with_plan(mut organization: Value, plan: Option<&str>) -> Value {
+    organization["public_metadata"] = match plan {
+        Some(p) => json!({ "plan": p }),
+        None => json!({}),
+    };
+    organization
 }
 
 /// An OrganizationInvitation object (`data` of `organizationInvitation.*`).
