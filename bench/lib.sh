@@ -31,10 +31,11 @@ TOML
   BENCH_PIDS=()
   trap bench_cleanup EXIT
 
-  echo "== building (release)"
-  cargo build --release --quiet --bin provisioner --bin provisioner-load
+  # Named before the build, so the cleanup trap never meets an unset name.
   BIN=target/release/provisioner
   LOAD_BIN=target/release/provisioner-load
+  echo "== building (release)"
+  cargo build --release --quiet --bin provisioner --bin provisioner-load
 
   psql -q "$PG_BASE/postgres" -c "create database \"$DB\"" >/dev/null
   "$BIN" migrate >/dev/null
