@@ -3,11 +3,15 @@
 # non-root user. Migrations and the default config are compiled into the binary.
 FROM rust:1.95-bookworm AS build
 WORKDIR /src
-# Cache dependencies: build a stub crate with the real manifest first.
+# Cache dependencies: build a stub crate with the real manifest first (every target
+# the manifest names needs a stub file, or cargo refuses it). Only the product binary
+# is built: the load tools (`provisioner-load`) never go into the image.
 COPY Cargo.toml Cargo.lock build.rs ./
-RUN mkdir -p src benches migrations config \
+RUN mkdir -p src/bin/provisioner-load benches migrations config \
  && echo 'fn main() {}' > src/main.rs && echo '' > src/lib.rs \
+ && echo 'fn main() {}' > src/bin/provisioner-load/main.rs \
  && echo 'fn main() {}' > benches/signature.rs \
+ && echo 'fn main() {}' > benches/provision_batch.rs \
  && cargo build --release --locked --bin provisioner || true
 COPY . .
 RUN touch src/main.rs src/lib.rs && cargo build --release --locked --bin provisioner

@@ -31,9 +31,11 @@ TOML
   BENCH_PIDS=()
   trap bench_cleanup EXIT
 
-  echo "== building (release)"
-  cargo build --release --quiet
+  # Named before the build, so the cleanup trap never meets an unset name.
   BIN=target/release/provisioner
+  LOAD_BIN=target/release/provisioner-load
+  echo "== building (release)"
+  cargo build --release --quiet --bin provisioner --bin provisioner-load
 
   psql -q "$PG_BASE/postgres" -c "create database \"$DB\"" >/dev/null
   "$BIN" migrate >/dev/null
@@ -47,7 +49,7 @@ bench_cleanup() {
       wait "$pid" 2>/dev/null || true
     fi
   done
-  "$BIN" load teardown --yes >/dev/null 2>&1 || echo "warning: teardown of load.$TAG.* failed" >&2
+  "$LOAD_BIN" teardown --yes >/dev/null 2>&1 || echo "warning: teardown of load.$TAG.* failed" >&2
   psql -q "$PG_BASE/postgres" -c "drop database if exists \"$DB\" with (force)" >/dev/null 2>&1 \
     || echo "warning: could not drop $DB" >&2
   rm -rf "$WORK"
@@ -74,8 +76,8 @@ bench_wait_ready() {
   exit 1
 }
 
-# `provisioner load ARGS...`, echoing the command to stderr.
+# `provisioner-load ARGS...`, echoing the command to stderr.
 bench_load() {
-  echo "\$ provisioner load $*" >&2
-  "$BIN" load "$@"
+  echo "\$ provisioner-load $*" >&2
+  "$LOAD_BIN" "$@"
 }

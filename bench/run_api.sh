@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Benchmark of the read API (issue 4): GET /v1/workspaces/{id} at 64 concurrent
 # connections against a release `serve --no-worker`, and in the same run this
-# machine's "axum + one indexed query" limit (`provisioner load api` starts that
+# machine's "axum + one indexed query" limit (`provisioner-load api` starts that
 # server itself). Seeds a scratch database, prints both figures and the ratio, then
 # stops the server and drops the database.
 #
-# Usage: bench/run_api.sh [extra `provisioner load api` flags, e.g. --duration 20 --json]
+# Usage: bench/run_api.sh [extra `provisioner-load api` flags, e.g. --duration 20 --json]
 # Env:   PG_BASE (default postgres://postgres@127.0.0.1:5432), PORT (default 18480),
-#        SKIP_BUILD=1 to reuse the built binary; BIN to run another build.
+#        SKIP_BUILD=1 to reuse the built binaries; BIN and LOAD_BIN to run another build.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -15,6 +15,7 @@ PG_BASE=${PG_BASE:-postgres://postgres@127.0.0.1:5432}
 PORT=${PORT:-18480}
 DB="prov_bench_api_$$"
 BIN=${BIN:-target/release/provisioner}
+LOAD_BIN=${LOAD_BIN:-target/release/provisioner-load}
 WORKDIR=$(mktemp -d)
 SERVER_PID=""
 
@@ -29,7 +30,7 @@ cleanup() {
 trap cleanup EXIT
 
 if [[ "${SKIP_BUILD:-}" != 1 ]]; then
-    cargo build --release --bin provisioner
+    cargo build --release --bin provisioner --bin provisioner-load
 fi
 
 # Broker names of our own (queues expire by themselves), so `serve` declares
@@ -90,6 +91,6 @@ for _ in $(seq 1 100); do
 done
 curl -fsS "http://127.0.0.1:$PORT/readyz" >/dev/null
 
-echo "# provisioner load api --url http://127.0.0.1:$PORT --workspace org_bench --concurrency 64 --server-pid $SERVER_PID $*"
-"$BIN" load api --url "http://127.0.0.1:$PORT" --workspace org_bench --concurrency 64 \
+echo "# provisioner-load api --url http://127.0.0.1:$PORT --workspace org_bench --concurrency 64 --server-pid $SERVER_PID $*"
+"$LOAD_BIN" api --url "http://127.0.0.1:$PORT" --workspace org_bench --concurrency 64 \
     --server-pid "$SERVER_PID" "$@"

@@ -11,22 +11,18 @@ use std::time::Instant;
 
 use provisioner::clerk::EventType;
 use provisioner::config::{ConnectionUrl, DatabaseSettings, Settings};
+use provisioner::ops::send::payload;
 use provisioner::provision::{Actor, Incoming, Provisioner};
-use serde_json::json;
 
 const APPLIERS: usize = 8;
 
 fn org(id: &str, name: &str, plan: Option<&str>, v: i64) -> serde_json::Value {
-    json!({
-        "object": "organization", "id": id, "name": name, "slug": name.to_lowercase(),
-        "image_url": "https://img.example/x", "has_image": true, "max_allowed_memberships": 5,
-        "admin_delete_enabled": true, "public_metadata": { "plan": plan }, "private_metadata": {},
-        "created_by": "user_creator", "created_at": 1_700_000_000_000i64, "updated_at": v,
-    })
+    let org = payload::organization(id, name, "user_creator", 1_700_000_000_000, v, 1);
+    payload::with_plan(org, plan)
 }
 
 fn event(svix_id: String, kind: &str, data: serde_json::Value, ts: i64) -> Incoming {
-    let body = json!({ "data": data, "object": "event", "type": kind, "timestamp": ts, "instance_id": "ins_bench" });
+    let body = payload::envelope(kind, data, ts, "ins_bench");
     Incoming {
         svix_id,
         kind: Some(EventType::parse(kind)),
@@ -44,21 +40,28 @@ fn events(run: &str, applier: usize, n: usize) -> Vec<Incoming> {
             let t = 1_750_000_000_000 + i as i64;
             let svix = format!("msg_{run}_{applier}_{i}");
             match i % 10 {
-                0 => event(svix, "organization.created", org(&org_id, "Org", None, t), t),
-                9 => event(svix, "organization.updated", org(&org_id, "Org Renamed", Some("team"), t), t),
+                0 => event(
+                    svix,
+                    "organization.created",
+                    org(&org_id, "Org", None, t),
+                    t,
+                ),
+                9 => event(
+                    svix,
+                    "organization.updated",
+                    org(&org_id, "Org Renamed", Some("team"), t),
+                    t,
+                ),
                 _ => {
                     let user = format!("user_{run}_{applier}_{i}");
-                    let data = json!({
-                        "object": "organization_membership", "id": format!("orgmem_{run}_{applier}_{i}"),
-                        "role": "org:member", "permissions": [], "public_metadata": {},
-                        "organization": org(&org_id, "Org", None, t - (i % 10) as i64),
-                        "public_user_data": {
-                            "user_id": user, "first_name": "Jane", "last_name": "Doe",
-                            "image_url": "https://img.example/u", "has_image": false,
-                            "identifier": format!("{user}@example.com"),
-                        },
-                        "created_at": t, "updated_at": t,
-                    });
+                    let data = payload::membership(
+                        &format!("orgmem_{run}_{applier}_{i}"),
+                        org(&org_id, "Org", None, t - (i % 10) as i64),
+                        &payload::Person::of(&user),
+                        "org:member",
+                        t,
+                        t,
+                    );
                     event(svix, "organizationMembership.created", data, t)
                 }
             }

@@ -38,8 +38,6 @@ pub enum Command {
     Events(ops::events::EventsCommand),
     /// Backfill and repair from Clerk's Backend API.
     Reconcile(ops::reconcile::ReconcileArgs),
-    /// Load tool: signed events against intake, and the broker alone, for benchmarks.
-    Load(ops::load::LoadArgs),
 }
 
 /// Runs the parsed command.
@@ -77,6 +75,5 @@ pub async fn run(cli: Cli, settings: Settings) -> anyhow::Result<()> {
         Command::Dlq(cmd) => ops::dlq::run(&settings, cmd).await,
         Command::Events(cmd) => ops::events::run(&settings, cmd).await,
         Command::Reconcile(args) => ops::reconcile::run(&settings, args).await,
-        Command::Load(args) => ops::load::run(&settings, args).await,
     }
 }

@@ -1,15 +1,21 @@
-//! RabbitMQ: connections, the topology of DESIGN §4, and the confirmed publisher.
+//! RabbitMQ: connections, the topology of DESIGN §4, the one confirmed publish
+//! ([`publish_confirmed`]) and the pooled publisher built on it.
 //!
 //! Guarantee: a publish reports success only after the broker's positive confirm of a
 //! message that was routed to a queue (a returned message is a failure even when the
 //! broker acks it), so a caller never acknowledges what was not durably handed on.
 
 pub mod headers;
+mod confirmed;
 mod publisher;
 mod topology;
 
+pub use confirmed::{
+    APP_ID, CONTENT_TYPE, PublishError, Returned, confirm_channel, event_properties, now_timestamp,
+    publish_confirmed,
+};
 pub use publisher::{
-    DEFAULT_PUBLISH_CHANNELS, HeaderValue, OutgoingMessage, PublishError, Publisher, header_table,
+    DEFAULT_PUBLISH_CHANNELS, HeaderValue, OutgoingMessage, Publisher, header_table,
 };
 pub use topology::Topology;
 

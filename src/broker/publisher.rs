@@ -20,48 +20,15 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use lapin::{
-    BasicProperties, Channel, Confirmation, Connection,
-    options::{BasicPublishOptions, ConfirmSelectOptions},
+    Channel, Connection,
     types::{AMQPValue, FieldTable, ShortString},
 };
 use tokio::sync::{Notify, OwnedSemaphorePermit, RwLock, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use super::Topology;
+use super::confirmed::{self, PublishError};
 use crate::config::ConnectionUrl;
-
-/// Why a publish did not get a positive confirm.
-#[derive(Debug, thiserror::Error)]
-pub enum PublishError {
-    /// No connection to the broker right now.
-    #[error("broker unavailable")]
-    Unavailable,
-    /// The connection or channel failed during the publish.
-    #[error("broker connection failed during publish: {0}")]
-    Disconnected(String),
-    /// The broker refused the message (`basic.nack`, e.g. a full queue).
-    #[error("broker refused the message (nack)")]
-    Nacked,
-    /// The message was not routed to any queue (`basic.return`).
-    #[error("message returned unroutable: {0}")]
-    Returned(String),
-    /// No confirm arrived in time; the message may or may not be queued.
-    #[error("no publisher confirm within {0:?}")]
-    Timeout(Duration),
-}
-
-impl PublishError {
-    /// A short label for metrics.
-    pub fn reason(&self) -> &'static str {
-        match self {
-            PublishError::Unavailable => "unavailable",
-            PublishError::Disconnected(_) => "disconnected",
-            PublishError::Nacked => "nack",
-            PublishError::Returned(_) => "returned",
-            PublishError::Timeout(_) => "timeout",
-        }
-    }
-}
 
 /// One message to publish.
 #[derive(Debug, Clone)]
@@ -111,13 +78,7 @@ impl Link {
         };
         let channel = match idle {
             Some(channel) => channel,
-            None => {
-                let channel = self.connection.create_channel().await?;
-                channel
-                    .confirm_select(ConfirmSelectOptions::default())
-                    .await?;
-                channel
-            }
+            None => confirmed::confirm_channel(&self.connection).await?,
         };
         Ok(Lease {
             link: self.clone(),
@@ -312,62 +273,33 @@ impl Publisher {
             PublishError::Disconnected(e.to_string())
         };
         let lease = link.lease().await.map_err(disconnected)?;
-        let timestamp = msg.timestamp.unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(0)
-        });
-        let mut props = BasicProperties::default()
-            // 2 = persistent: written to disk by the (durable, quorum) queue.
-            .with_delivery_mode(2)
-            .with_content_type("application/json".into())
-            .with_message_id(msg.message_id.into())
-            .with_type(msg.kind.into())
-            .with_app_id("callmine-provisioner".into())
-            .with_timestamp(timestamp);
+        let mut props = confirmed::event_properties(msg.message_id, msg.kind)
+            .with_timestamp(msg.timestamp.unwrap_or_else(confirmed::now_timestamp));
         if let Some(headers) = msg.headers {
             props = props.with_headers(headers);
         }
-        let confirm = lease
-            .channel()
-            .basic_publish(
-                msg.exchange.into(),
-                msg.routing_key.into(),
-                // mandatory: an unroutable message comes back as basic.return
-                // instead of being silently dropped.
-                BasicPublishOptions {
-                    mandatory: true,
-                    ..BasicPublishOptions::default()
-                },
-                msg.body,
-                props,
-            )
-            .await
-            .map_err(disconnected)?;
-        // A dropped lease (error, or the caller's timeout) closes the channel.
-        let confirmation = confirm.await.map_err(disconnected)?;
-        match confirmation {
-            Confirmation::Ack(None) => {
-                lease.release();
-                Ok(())
-            }
-            Confirmation::Ack(Some(returned)) => {
+        // Bounded by `publish`'s own timeout; this one is only a backstop.
+        let result = confirmed::publish_confirmed(
+            lease.channel(),
+            msg.exchange,
+            msg.routing_key,
+            msg.body,
+            props,
+            self.shared.confirm_timeout,
+        )
+        .await;
+        match &result {
+            // A clear answer: the channel can take the next message.
+            Ok(()) | Err(PublishError::Nacked) => lease.release(),
+            Err(PublishError::Returned(_)) => {
                 lease.release();
                 self.shared.repair.notify_one();
-                Err(PublishError::Returned(format!(
-                    "{} {}",
-                    returned.reply_code, returned.reply_text
-                )))
             }
-            Confirmation::Nack(_) => {
-                lease.release();
-                Err(PublishError::Nacked)
-            }
-            Confirmation::NotRequested => Err(PublishError::Disconnected(
-                "channel is not in confirm mode".to_owned(),
-            )),
+            // Any other ending drops the lease, which closes the channel.
+            Err(PublishError::Disconnected(_)) => self.shared.broken.notify_one(),
+            Err(PublishError::Unavailable | PublishError::Timeout(_)) => {}
         }
+        result
     }
 
     /// Closes the connection cleanly (after in-flight publishes are done).

@@ -75,14 +75,15 @@ impl HttpError {
         )
     }
 
-    /// A database error: 503 when PostgreSQL is unreachable, else 500.
+    /// A database error: 503 when PostgreSQL is unreachable (the one rule of
+    /// [`crate::db::fault`]), else 500.
     pub fn database(cause: sqlx::Error) -> Self {
-        match cause {
-            sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed => {
+        match crate::db::fault(&cause) {
+            crate::db::DbFault::Unreachable => {
                 tracing::warn!(error = %cause, "database unavailable");
                 Self::unavailable("database_unavailable", "database unavailable", 5)
             }
-            other => Self::internal(other),
+            _ => Self::internal(cause),
         }
     }
 

@@ -1,11 +1,11 @@
-//! Operator commands: send test events, dead letters, the event log, reconcile, load.
+//! Operator commands: send test events, dead letters, the event log, reconcile. (The
+//! load tools are a binary of their own, `provisioner-load`, outside the product.)
 //!
 //! Each command is a library function returning typed results (tests call them
 //! directly) plus a `run` that prints them for a human or as one JSON document.
 
 pub mod dlq;
 pub mod events;
-pub mod load;
 pub mod reconcile;
 pub mod send;
 

@@ -1,29 +1,28 @@
-//! Builders of Clerk-shaped event bodies and `Incoming` events, for tests that drive
-//! the provisioner directly.
+//! Clerk-shaped event bodies and `Incoming` events for tests that drive the
+//! provisioner directly: a thin layer over the one generator,
+//! `provisioner::ops::send::payload`, that pins the values these tests assert on
+//! (image URLs, a secondary email before the primary one, plain role names).
 
 use provisioner::clerk::EventType;
+use provisioner::ops::send::payload;
 use provisioner::provision::{Actor, Incoming};
 use serde_json::{Value, json};
 
 use super::envelope;
 
+/// `created_at` of every object these builders make.
+const CREATED_AT: i64 = 1_700_000_000_000;
+
 /// `data` of an organization event (also embedded in memberships).
 pub fn org_data(id: &str, name: &str, plan: Option<&str>, updated_at: i64) -> Value {
-    json!({
-        "object": "organization",
-        "id": id,
-        "name": name,
-        "slug": name.to_lowercase().replace(' ', "-"),
-        "image_url": format!("https://img.example/{id}"),
-        "has_image": true,
-        "max_allowed_memberships": 5,
-        "admin_delete_enabled": true,
-        "public_metadata": match plan { Some(p) => json!({ "plan": p }), None => json!({}) },
-        "private_metadata": {},
-        "created_by": "user_creator",
-        "created_at": 1_700_000_000_000i64,
-        "updated_at": updated_at,
-    })
+    let mut org = payload::with_plan(
+        payload::organization(id, name, "user_creator", CREATED_AT, updated_at, 1),
+        plan,
+    );
+    org["slug"] = json!(name.to_lowercase().replace(' ', "-"));
+    org["image_url"] = json!(format!("https://img.example/{id}"));
+    org["has_image"] = json!(true);
+    org
 }
 
 /// Display fields of a member as Clerk sends them in `public_user_data`.
@@ -49,6 +48,20 @@ impl Person {
             last_name: format!("Last{tag}"),
         }
     }
+
+    /// The same person for the generator.
+    pub fn clerk(&self) -> payload::Person {
+        payload::Person {
+            user_id: self.user_id.clone(),
+            first_name: self.first_name.clone(),
+            last_name: self.last_name.clone(),
+            email: self.email.clone(),
+        }
+    }
+
+    fn image_url(&self) -> String {
+        format!("https://img.example/{}", self.user_id)
+    }
 }
 
 /// `data` of a membership event.
@@ -60,52 +73,30 @@ pub fn membership_data(
     created_at: i64,
     updated_at: i64,
 ) -> Value {
-    json!({
-        "object": "organization_membership",
-        "id": id,
-        "role": role,
-        "role_name": role,
-        "permissions": [],
-        "public_metadata": {},
-        "private_metadata": {},
-        "organization": org,
-        "public_user_data": {
-            "user_id": person.user_id,
-            "first_name": person.first_name,
-            "last_name": person.last_name,
-            "profile_image_url": null,
-            "image_url": format!("https://img.example/{}", person.user_id),
-            "has_image": false,
-            "identifier": person.email,
-        },
-        "created_at": created_at,
-        "updated_at": updated_at,
-    })
+    let mut m = payload::membership(id, org, &person.clerk(), role, created_at, updated_at);
+    m["role_name"] = json!(role);
+    m["permissions"] = json!([]);
+    m["public_user_data"]["profile_image_url"] = Value::Null;
+    m["public_user_data"]["image_url"] = json!(person.image_url());
+    m
 }
 
-/// `data` of a `user.updated` event.
+/// `data` of a `user.updated` event: the primary email is the second of two.
 pub fn user_data(person: &Person, updated_at: i64) -> Value {
-    json!({
-        "object": "user",
-        "id": person.user_id,
-        "first_name": person.first_name,
-        "last_name": person.last_name,
-        "image_url": format!("https://img.example/{}", person.user_id),
-        "has_image": false,
-        "primary_email_address_id": format!("idn_{}", person.user_id),
-        "email_addresses": [
-            { "id": "idn_other", "object": "email_address", "email_address": "secondary@example.com" },
-            { "id": format!("idn_{}", person.user_id), "object": "email_address", "email_address": person.email },
-        ],
-        "private_metadata": null,
-        "created_at": 1_700_000_000_000i64,
-        "updated_at": updated_at,
-    })
+    let mut u = payload::user(&person.clerk(), CREATED_AT, updated_at);
+    let primary = format!("idn_{}", person.user_id);
+    u["image_url"] = json!(person.image_url());
+    u["primary_email_address_id"] = json!(primary);
+    u["email_addresses"] = json!([
+        { "id": "idn_other", "object": "email_address", "email_address": "secondary@example.com" },
+        { "id": primary, "object": "email_address", "email_address": person.email },
+    ]);
+    u
 }
 
 /// `data` of a deleted object (`organization.deleted`, `user.deleted`).
 pub fn deleted_data(object: &str, id: &str) -> Value {
-    json!({ "object": object, "id": id, "deleted": true })
+    payload::deleted(object, id)
 }
 
 /// An event as the worker would hand it over.

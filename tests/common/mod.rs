@@ -551,14 +551,8 @@ async fn sweep_old_databases() {
 
 /// A Clerk-shaped envelope around `data`.
 pub fn envelope(kind: &str, data: serde_json::Value, timestamp_ms: i64) -> Vec<u8> {
-    serde_json::to_vec(&serde_json::json!({
-        "data": data,
-        "object": "event",
-        "type": kind,
-        "timestamp": timestamp_ms,
-        "instance_id": "ins_test",
-    }))
-    .unwrap()
+    let event = provisioner::ops::send::payload::envelope(kind, data, timestamp_ms, "ins_test");
+    serde_json::to_vec(&event).unwrap()
 }
 
 /// A fixture from `tests/fixtures/NAME.json`.

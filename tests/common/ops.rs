@@ -4,11 +4,11 @@
 
 use std::path::PathBuf;
 use std::process::Output;
+use std::time::Duration;
 
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldArray, FieldTable, LongString, ShortString};
-use lapin::{BasicProperties, Confirmation};
-use provisioner::broker::Topology;
+use provisioner::broker::{self, Topology};
 use provisioner::config::Settings;
 
 use super::{Isolation, TestOptions, base_amqp_url, broker_channel, random_id, test_settings};
@@ -119,10 +119,8 @@ impl Inject {
 /// Publishes messages (in order, each confirmed) to `exchange` with `routing_key`
 /// (`""` + a queue name = straight into that queue).
 pub async fn inject(exchange: &str, routing_key: &str, messages: &[Inject]) {
-    let (conn, ch) = broker_channel().await;
-    ch.confirm_select(ConfirmSelectOptions::default())
-        .await
-        .unwrap();
+    let (conn, _) = broker_channel().await;
+    let ch = broker::confirm_channel(&conn).await.unwrap();
     for m in messages {
         let mut props = BasicProperties::default()
             .with_delivery_mode(2)
@@ -139,24 +137,18 @@ pub async fn inject(exchange: &str, routing_key: &str, messages: &[Inject]) {
         if let Some(ts) = m.timestamp {
             props = props.with_timestamp(ts);
         }
-        let confirm = ch
-            .basic_publish(
-                exchange.into(),
-                routing_key.into(),
-                BasicPublishOptions {
-                    mandatory: true,
-                    ..Default::default()
-                },
-                &m.body,
-                props,
-            )
-            .await
-            .unwrap()
-            .await
-            .unwrap();
+        let result = broker::publish_confirmed(
+            &ch,
+            exchange,
+            routing_key,
+            &m.body,
+            props,
+            Duration::from_secs(30),
+        )
+        .await;
         assert!(
-            matches!(confirm, Confirmation::Ack(None)),
-            "injected message routed and confirmed"
+            result.is_ok(),
+            "injected message routed and confirmed: {result:?}"
         );
     }
     let _ = conn.close(200, "bye".into()).await;

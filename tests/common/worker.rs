@@ -5,11 +5,14 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use lapin::BasicProperties;
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::{AMQPValue, FieldTable};
+use provisioner::broker;
 use sqlx::PgPool;
 
 use super::{Isolation, broker_channel, eventually};
+
+/// How long the harness waits for a confirm before failing the test.
+pub const PUBLISH_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A pool on the test's database through the real server (never a proxy).
 pub async fn direct_pool(iso: &Isolation) -> PgPool {
@@ -22,39 +25,18 @@ pub async fn direct_pool(iso: &Isolation) -> PgPool {
 
 /// Publishes one persistent message with confirm and asserts it was routed.
 pub async fn publish_raw(exchange: &str, routing_key: &str, body: &[u8], props: BasicProperties) {
-    let (conn, ch) = broker_channel().await;
-    ch.confirm_select(ConfirmSelectOptions::default())
-        .await
-        .unwrap();
-    let confirm = ch
-        .basic_publish(
-            exchange.into(),
-            routing_key.into(),
-            BasicPublishOptions {
-                mandatory: true,
-                ..Default::default()
-            },
-            body,
-            props.with_delivery_mode(2),
-        )
-        .await
-        .unwrap()
-        .await
-        .unwrap();
-    assert!(
-        matches!(confirm, lapin::Confirmation::Ack(None)),
-        "message routed and confirmed: {confirm:?}"
-    );
+    let (conn, _) = broker_channel().await;
+    let ch = broker::confirm_channel(&conn).await.unwrap();
+    let props = props.with_delivery_mode(2);
+    let result =
+        broker::publish_confirmed(&ch, exchange, routing_key, body, props, PUBLISH_TIMEOUT).await;
+    assert!(result.is_ok(), "message routed and confirmed: {result:?}");
     let _ = conn.close(200, "bye".into()).await;
 }
 
 /// Properties of a message as intake publishes it.
 pub fn event_props(svix_id: &str, kind: &str) -> BasicProperties {
-    BasicProperties::default()
-        .with_message_id(svix_id.into())
-        .with_type(kind.into())
-        .with_content_type("application/json".into())
-        .with_timestamp(super::now_secs() as u64)
+    broker::event_properties(svix_id, kind).with_timestamp(super::now_secs() as u64)
 }
 
 /// Adds headers to properties.

@@ -13,10 +13,6 @@ use serde_json::{Map, Value};
 
 use crate::broker::headers;
 
-/// Header marking a message republished by `dlq replay`; defined once in
-/// [`headers::REPLAYED`], kept under this name for `dlq::queue`.
-pub use crate::broker::headers::REPLAYED as REPLAYED_HEADER;
-
 /// One dead letter as `dlq list` shows it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct DeadLetter {

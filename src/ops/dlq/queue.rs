@@ -29,16 +29,15 @@ use std::time::Duration;
 
 use futures_util::{FutureExt, StreamExt};
 use lapin::message::Delivery;
-use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
-    ConfirmSelectOptions, QueueDeclareOptions,
-};
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
-use lapin::{BasicProperties, Channel, Confirmation, Connection, Consumer, ErrorKind};
+use lapin::{Channel, Connection, Consumer, ErrorKind};
 use tokio::time::Instant;
 
 use super::DlqError;
-use super::letter::{DeadLetter, REPLAYED_HEADER};
+use super::letter::DeadLetter;
+use crate::broker::headers::REPLAYED;
+use crate::broker::{self, PublishError};
 use crate::config::Settings;
 
 /// How long a session waits for another `dlq` command to release the queue.
@@ -311,19 +310,16 @@ impl DeadQueue {
         let kind = held.letter.kind.clone().ok_or(ReplayError::NoType)?;
         let original = &held.delivery.properties;
         let mut headers = FieldTable::default();
-        headers.insert(ShortString::from(REPLAYED_HEADER), AMQPValue::Boolean(true));
-        let mut props = BasicProperties::default()
-            // Persistent, like every message of this service.
-            .with_delivery_mode(2)
+        headers.insert(ShortString::from(REPLAYED), AMQPValue::Boolean(true));
+        // Persistent JSON like every event of this service, keeping the original
+        // content type if it had one.
+        let mut props = broker::event_properties(&id, &kind)
             .with_content_type(
                 original
                     .content_type()
                     .clone()
-                    .unwrap_or_else(|| "application/json".into()),
+                    .unwrap_or_else(|| broker::CONTENT_TYPE.into()),
             )
-            .with_message_id(id.as_str().into())
-            .with_type(kind.as_str().into())
-            .with_app_id("callmine-provisioner".into())
             .with_headers(headers);
         // Keep the intake time: the processing log's `received_at` comes from it.
         if let Some(ts) = original.timestamp() {
@@ -332,12 +328,7 @@ impl DeadQueue {
         let body = held.delivery.data.clone();
 
         if self.confirm.is_none() {
-            let ch = self
-                .connection
-                .create_channel()
-                .await
-                .map_err(|e| ReplayError::Broker(e.to_string()))?;
-            ch.confirm_select(ConfirmSelectOptions::default())
+            let ch = broker::confirm_channel(&self.connection)
                 .await
                 .map_err(|e| ReplayError::Broker(e.to_string()))?;
             self.confirm = Some(ch);
@@ -345,35 +336,18 @@ impl DeadQueue {
         let Some(channel) = self.confirm.as_ref() else {
             return Err(ReplayError::Broker("no confirm channel".to_owned()));
         };
-        let pending = channel
-            .basic_publish(
-                exchange.into(),
-                kind.as_str().into(),
-                // mandatory: an unroutable copy comes back instead of vanishing.
-                BasicPublishOptions {
-                    mandatory: true,
-                    ..BasicPublishOptions::default()
-                },
-                &body,
-                props,
-            )
+        broker::publish_confirmed(channel, exchange, &kind, &body, props, confirm_timeout)
             .await
-            .map_err(|e| ReplayError::Broker(e.to_string()))?;
-        let confirmation = tokio::time::timeout(confirm_timeout, pending)
-            .await
-            .map_err(|_| ReplayError::Timeout(confirm_timeout))?
-            .map_err(|e| ReplayError::Broker(e.to_string()))?;
-        match confirmation {
-            Confirmation::Ack(None) => Ok(()),
-            Confirmation::Ack(Some(returned)) => Err(ReplayError::Unroutable(format!(
-                "{} (no queue bound to {exchange} for {kind})",
-                returned.reply_text
-            ))),
-            Confirmation::Nack(_) => Err(ReplayError::Nacked),
-            Confirmation::NotRequested => Err(ReplayError::Broker(
-                "channel not in confirm mode".to_owned(),
-            )),
-        }
+            .map_err(|e| match e {
+                PublishError::Returned(returned) => ReplayError::Unroutable(format!(
+                    "{} (no queue bound to {exchange} for {kind})",
+                    returned.reply_text
+                )),
+                PublishError::Nacked => ReplayError::Nacked,
+                PublishError::Timeout(limit) => ReplayError::Timeout(limit),
+                PublishError::Disconnected(e) => ReplayError::Broker(e),
+                PublishError::Unavailable => ReplayError::Broker(e.to_string()),
+            })
     }
 
     /// Whether the confirm channel broke (e.g. the exchange does not exist); later

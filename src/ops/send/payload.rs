@@ -1,5 +1,6 @@
-//! Clerk-shaped event bodies for `send` and its scenarios, after the shapes in
-//! `reference/clerk-events.md` (Clerk's webhook OpenAPI examples).
+//! Clerk-shaped event bodies, after the shapes in `reference/clerk-events.md` (Clerk's
+//! webhook OpenAPI examples): the one generator of Clerk JSON, used by `send` and its
+//! scenarios, the load tools (`provisioner-load`), the benchmarks and the tests.
 //!
 //! Guarantee: pure and deterministic given its inputs. Names, emails and membership
 //! ids are derived from the ids, so separate `send` calls about the same
@@ -266,7 +267,21 @@ pub fn user(person: &Person, created_at: i64, updated_at: i64) -> Value {
 
 /// The DeletedObject of `user.deleted`.
 pub fn deleted_user(id: &str) -> Value {
-    json!({"object": "user", "id": id, "deleted": true})
+    deleted("user", id)
+}
+
+/// A bare DeletedObject of any `object` kind (`organization`, `user`, …).
+pub fn deleted(object: &str, id: &str) -> Value {
+    json!({"object": object, "id": id, "deleted": true})
+}
+
+/// An organization object on `plan` (`public_metadata.plan`), or on none.
+pub fn with_plan(mut organization: Value, plan: Option<&str>) -> Value {
+    organization["public_metadata"] = match plan {
+        Some(p) => json!({ "plan": p }),
+        None => json!({}),
+    };
+    organization
 }
 
 /// An OrganizationInvitation object (`data` of `organizationInvitation.*`).
@@ -301,6 +316,35 @@ pub fn invitation(kind: &str, org_id: &str, person: &Person, role: &str, now_ms:
 /// (2020-01-01): older than any real state, so it provisions an unknown workspace
 /// but never renames a known one with a made-up name.
 pub const UNKNOWN_ORG_VERSION: i64 = 1_577_836_800_000;
+
+/// Size of the events the load tools and the signature benchmark send, close to a
+/// real organization event with a little metadata.
+pub const EVENT_SIZE: usize = 1536;
+
+/// A realistic `organization.created` event of exactly `size` bytes (or the smallest
+/// possible when `size` is smaller), unique per `(run, seq)`: the load tools' event.
+pub fn organization_event(run: &str, seq: u64, size: usize) -> Vec<u8> {
+    let org_id = format!("org_load{run}{seq:010}");
+    let at = 1_716_883_200_000_i64 + seq as i64;
+    let build = |padding: &str| {
+        let mut data = organization(
+            &org_id,
+            &format!("Load test {run} #{seq}"),
+            &format!("user_load{run}{seq:010}"),
+            at,
+            at,
+            1,
+        );
+        data["public_metadata"] = json!({"plan": "team", "region": "eu-west-1", "notes": padding});
+        let event = envelope("organization.created", data, at, DEVELOPMENT_INSTANCE_ID);
+        serde_json::to_vec(&event).expect("a JSON value serializes")
+    };
+    let base = build("");
+    if base.len() >= size {
+        return base;
+    }
+    build(&"x".repeat(size - base.len()))
+}
 
 /// What a single `send EVENT_TYPE` describes.
 #[derive(Debug, Clone)]
@@ -444,6 +488,20 @@ mod tests {
         assert_eq!(fresh_id("msg").len(), 4 + 27);
         assert_eq!(slug("  Hooli -- XYZ! "), "hooli-xyz");
         assert_eq!(role_name("org:billing_manager"), "Billing_manager");
+    }
+
+    #[test]
+    fn load_events_have_the_requested_size_and_are_unique() {
+        let a = organization_event("t", 1, EVENT_SIZE);
+        let b = organization_event("t", 2, EVENT_SIZE);
+        assert_eq!(a.len(), EVENT_SIZE);
+        assert_eq!(b.len(), EVENT_SIZE);
+        assert_ne!(a, b);
+        let v: Value = serde_json::from_slice(&a).unwrap();
+        assert_eq!(v["type"], "organization.created");
+        assert!(v["data"].is_object());
+        // Too small a size gives the smallest real event, never a broken one.
+        assert!(organization_event("t", 1, 10).len() > 10);
     }
 
     #[test]

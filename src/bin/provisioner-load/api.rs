@@ -1,4 +1,4 @@
-//! `provisioner load api`: the read API's hottest route against this machine's
+//! `provisioner-load api`: the read API's hottest route against this machine's
 //! limit for it.
 //!
 //! Measures `GET /v1/workspaces/{id}` (with the bearer token) on a running `serve`
@@ -19,14 +19,14 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::routing::get;
 use clap::Args;
+use provisioner::config::Settings;
 use sqlx::PgPool;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use super::{Report, Samples};
-use crate::config::Settings;
+use crate::{Report, Samples};
 
-/// Arguments of `load api`.
+/// Arguments of `provisioner-load api`.
 #[derive(Debug, Args)]
 pub struct ApiLoadArgs {
     /// Base URL of a running `provisioner serve`.
@@ -103,7 +103,7 @@ pub struct ApiLoadResult {
     pub concurrency: usize,
 }
 
-/// Runs `load api`.
+/// Runs `provisioner-load api`.
 pub async fn run(settings: &Settings, args: ApiLoadArgs) -> anyhow::Result<()> {
     let token = settings
         .api
@@ -121,7 +121,7 @@ pub async fn run(settings: &Settings, args: ApiLoadArgs) -> anyhow::Result<()> {
     // Fail fast, with the reason, before loading anything.
     let mut probe = client.get(&api_url).bearer_auth(token.expose());
     if let Some(user) = &args.acting_user {
-        probe = probe.header(crate::http::api::auth::ACTING_USER, user);
+        probe = probe.header(provisioner::http::api::auth::ACTING_USER, user);
     }
     let res = probe
         .send()
@@ -357,7 +357,7 @@ async fn round(
                     req = req.bearer_auth(t);
                 }
                 if let Some(u) = &acting_user {
-                    req = req.header(crate::http::api::auth::ACTING_USER, u);
+                    req = req.header(provisioner::http::api::auth::ACTING_USER, u);
                 }
                 let t0 = Instant::now();
                 let ok = match req.send().await {
@@ -444,7 +444,7 @@ impl Baseline {
                     let started = async {
                         // Same pool settings as `serve`, so both have the same
                         // number of database connections to work with.
-                        let db = crate::db::pool(&db_settings)?;
+                        let db = provisioner::db::pool(&db_settings)?;
                         let listener = TcpListener::bind("127.0.0.1:0").await?;
                         anyhow::Ok((db, listener))
                     }

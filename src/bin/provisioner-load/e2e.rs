@@ -1,4 +1,4 @@
-//! `provisioner load e2e`: end-to-end throughput and provisioning lag.
+//! `provisioner-load e2e`: end-to-end throughput and provisioning lag.
 //!
 //! Sends unique signed Clerk events (each organization created, then its
 //! memberships) to a running `serve`, at a fixed rate or as fast as a number of
@@ -14,13 +14,14 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use chrono::Utc;
 use clap::Args;
+use provisioner::config::Settings;
+use provisioner::intake::Verifier;
+use provisioner::ops::send::payload;
 use serde_json::json;
 
-use super::{Report, Samples};
-use crate::config::Settings;
-use crate::intake::Verifier;
+use crate::{Report, Samples};
 
-/// Arguments of `load e2e`.
+/// Arguments of `provisioner-load e2e`.
 #[derive(Debug, Args)]
 pub struct E2eArgs {
     /// Base URL of a running `provisioner serve`.
@@ -71,18 +72,18 @@ pub struct E2eReport {
     pub lag: Report,
 }
 
-/// Runs `load e2e`.
+/// Runs `provisioner-load e2e`.
 pub async fn run(settings: &Settings, args: E2eArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.events > 0, "--events must be positive");
     anyhow::ensure!(args.concurrency > 0, "--concurrency must be positive");
-    let pool = crate::db::pool(&settings.database).context("database settings")?;
+    let pool = provisioner::db::pool(&settings.database).context("database settings")?;
     sqlx::query("select 1")
         .execute(&pool)
         .await
         .with_context(|| format!("cannot reach PostgreSQL at {}", settings.database.url))?;
     let verifier = Arc::new(Verifier::new(&settings.clerk.webhook_secrets));
     let url = format!("{}/webhooks/clerk", args.url.trim_end_matches('/'));
-    let client = Arc::new(super::http::PostClient::new(&url)?);
+    let client = Arc::new(crate::http::PostClient::new(&url)?);
     let run_id = format!("{:x}", Utc::now().timestamp_millis());
     let prefix = format!("msg_e2e_{run_id}_");
     let started_wall = Utc::now();
@@ -281,59 +282,41 @@ fn event_body(run_id: &str, i: usize, per_org: usize, now_ms: i64) -> Vec<u8> {
     let org_n = i / (per_org + 1);
     let member_n = i % (per_org + 1);
     let org_id = format!("org_e2e{run_id}x{org_n}");
-    let organization = json!({
-        "object": "organization",
-        "id": org_id,
-        "name": format!("Load Org {org_n}"),
-        "slug": format!("load-org-{run_id}-{org_n}"),
-        "image_url": "https://img.clerk.com/load",
-        "has_image": false,
-        "members_count": per_org,
-        "max_allowed_memberships": 100,
-        "admin_delete_enabled": true,
-        "public_metadata": if org_n.is_multiple_of(5) { json!({"plan": "team"}) } else { json!({}) },
-        "private_metadata": {},
-        "created_by": format!("user_e2e{run_id}x{org_n}x1"),
-        "created_at": now_ms,
-        "updated_at": now_ms,
-    });
+    let mut organization = payload::organization(
+        &org_id,
+        &format!("Load Org {org_n}"),
+        &format!("user_e2e{run_id}x{org_n}x1"),
+        now_ms,
+        now_ms,
+        per_org as u32,
+    );
+    // Every fifth organization on a paid plan, so the worker reads metadata too.
+    if org_n.is_multiple_of(5) {
+        organization["public_metadata"] = json!({"plan": "team"});
+    }
     let (kind, data) = if member_n == 0 {
         ("organization.created", organization)
     } else {
-        let user_id = format!("user_e2e{run_id}x{org_n}x{member_n}");
+        let person = payload::Person::of(&format!("user_e2e{run_id}x{org_n}x{member_n}"));
+        let role = if member_n == 1 {
+            "org:admin"
+        } else {
+            "org:member"
+        };
         (
             "organizationMembership.created",
-            json!({
-                "object": "organization_membership",
-                "id": format!("orgmem_e2e{run_id}x{org_n}x{member_n}"),
-                "role": if member_n == 1 { "org:admin" } else { "org:member" },
-                "role_name": if member_n == 1 { "Admin" } else { "Member" },
-                "permissions": [],
-                "public_metadata": {},
-                "private_metadata": {},
-                "organization": organization,
-                "public_user_data": {
-                    "user_id": user_id,
-                    "first_name": "Load",
-                    "last_name": format!("User {member_n}"),
-                    "image_url": "https://img.clerk.com/load",
-                    "has_image": false,
-                    "identifier": format!("load{member_n}.{org_n}@example.com"),
-                },
-                "created_at": now_ms,
-                "updated_at": now_ms,
-            }),
+            payload::membership(
+                &format!("orgmem_e2e{run_id}x{org_n}x{member_n}"),
+                organization,
+                &person,
+                role,
+                now_ms,
+                now_ms,
+            ),
         )
     };
-    serde_json::to_vec(&json!({
-        "data": data,
-        "object": "event",
-        "type": kind,
-        "timestamp": now_ms,
-        "instance_id": "ins_load",
-        "event_attributes": {"http_request": {"client_ip": "127.0.0.1", "user_agent": "provisioner-load"}},
-    }))
-    .expect("a JSON value serializes")
+    serde_json::to_vec(&payload::envelope(kind, data, now_ms, "ins_load"))
+        .expect("a JSON value serializes")
 }
 
 #[cfg(test)]

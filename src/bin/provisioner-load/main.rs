@@ -1,30 +1,36 @@
-//! `provisioner load`: load tools for the benchmarks (DESIGN §7).
+//! `provisioner-load`: the load tools of the benchmarks (DESIGN §7), a binary of its own
+//! so that the product binary and image never ship a second HTTP server, a raw HTTP
+//! client or a `teardown` that drops databases and queues.
 //!
-//! Each target sends a bounded number of requests (or runs a bounded time) against
-//! addresses on this machine only, and reports throughput and p50/p99/max latency.
+//! Guarantee: each target sends a bounded number of requests (or runs a bounded time)
+//! against addresses on this machine only, and reports throughput and p50/p99/max
+//! latency. Built only on the `provisioner` library's public API, with the same
+//! configuration (`PROVISIONER_CONFIG`, environment) as the service.
 
+use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Args, Subcommand};
+use clap::{Parser, Subcommand};
+use provisioner::config::Settings;
 
-use crate::config::Settings;
+mod api;
+mod e2e;
+mod http;
+mod intake;
 
-pub mod api;
-pub mod e2e;
-pub mod http;
-pub mod intake;
-
-/// Arguments of `load`.
-#[derive(Debug, Args)]
-pub struct LoadArgs {
+/// Load tools for the benchmarks: signed events against intake, the broker alone, end
+/// to end, the read API.
+#[derive(Debug, Parser)]
+#[command(name = "provisioner-load", version, propagate_version = true)]
+struct Cli {
     /// What to load.
     #[command(subcommand)]
-    pub target: LoadTarget,
+    target: LoadTarget,
 }
 
 /// Load targets.
 #[derive(Debug, Subcommand)]
-pub enum LoadTarget {
+enum LoadTarget {
     /// The read API's `GET /v1/workspaces/{id}` on a running `serve`, against a
     /// minimal axum + one indexed query server measured in the same run.
     Api(api::ApiLoadArgs),
@@ -41,14 +47,45 @@ pub enum LoadTarget {
     Teardown(intake::TeardownArgs),
 }
 
-/// Runs `load`.
-pub async fn run(settings: &Settings, args: LoadArgs) -> anyhow::Result<()> {
-    match args.target {
+async fn run(settings: &Settings, target: LoadTarget) -> anyhow::Result<()> {
+    match target {
         LoadTarget::Api(args) => api::run(settings, args).await,
         LoadTarget::E2e(a) => e2e::run(settings, a).await,
         LoadTarget::Intake(a) => intake::run_intake(settings, a).await,
         LoadTarget::Broker(a) => intake::run_broker(settings, a).await,
         LoadTarget::Teardown(a) => intake::run_teardown(settings, a).await,
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let settings = match Settings::load() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    provisioner::telemetry::init_tracing(&settings.log);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let outcome = runtime.block_on(run(&settings, cli.target));
+    // A connection's I/O thread that is still busy must not hold the exit up.
+    runtime.shutdown_timeout(Duration::from_secs(2));
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
     }
 }
 

@@ -1,4 +1,4 @@
-//! `provisioner load intake` and `provisioner load broker`: the intake benchmark.
+//! `provisioner-load intake` and `provisioner-load broker`: the intake benchmark.
 //!
 //! `intake` sends unique, correctly signed organization events (~1.5 KB) to a running
 //! receiver; `broker` publishes the same bodies with the same confirm discipline
@@ -13,64 +13,18 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Args;
+use lapin::ExchangeKind;
 use lapin::options::{
-    BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, ExchangeDeleteOptions,
-    QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
+    ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions,
+    QueueDeleteOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::{BasicProperties, Confirmation, ExchangeKind};
 
-use super::{Report, Samples};
-use crate::config::Settings;
-use crate::intake::Verifier;
+use provisioner::config::Settings;
+use provisioner::intake::Verifier;
+use provisioner::ops::send::payload::{EVENT_SIZE, organization_event};
 
-/// Size of the events the load tools send, close to a real organization event with
-/// a little metadata.
-pub const EVENT_SIZE: usize = 1536;
-
-/// A realistic `organization.created` event of exactly `size` bytes (or the smallest
-/// possible when `size` is smaller), unique per `(run, seq)`.
-pub fn organization_event(run: &str, seq: u64, size: usize) -> Vec<u8> {
-    let org = format!("org_load{run}{seq:010}");
-    let build = |padding: &str| {
-        serde_json::to_vec(&serde_json::json!({
-            "data": {
-                "object": "organization",
-                "id": org,
-                "name": format!("Load test {run} #{seq}"),
-                "slug": format!("load-{run}-{seq}"),
-                "image_url": "https://img.clerk.com/eyJ0eXBlIjoiZGVmYXVsdCJ9",
-                "has_image": false,
-                "members_count": 1,
-                "missing_member_with_elevated_permissions": false,
-                "pending_invitations_count": 0,
-                "max_allowed_memberships": 25,
-                "admin_delete_enabled": true,
-                "public_metadata": {"plan": "team", "region": "eu-west-1", "notes": padding},
-                "private_metadata": {},
-                "created_by": format!("user_load{run}{seq:010}"),
-                "created_at": 1_716_883_200_000_i64 + seq as i64,
-                "updated_at": 1_716_883_200_000_i64 + seq as i64,
-            },
-            "event_attributes": {
-                "http_request": {
-                    "client_ip": "192.168.1.100",
-                    "user_agent": "Mozilla/5.0 (Macintosh; Intel Mac OS X 10_15_7) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/128.0.0.0 Safari/537.36"
-                }
-            },
-            "instance_id": "ins_2g7np7Hrk0SN6kj5EDMLDaKNL0S",
-            "object": "event",
-            "timestamp": 1_716_883_200_000_i64 + seq as i64,
-            "type": "organization.created",
-        }))
-        .expect("a JSON value serializes")
-    };
-    let base = build("");
-    if base.len() >= size {
-        return base;
-    }
-    build(&"x".repeat(size - base.len()))
-}
+use crate::{Report, Samples};
 
 /// How long and how hard to run.
 #[derive(Debug, Clone, Args)]
@@ -100,7 +54,7 @@ pub struct LoadShape {
     pub json: bool,
 }
 
-/// Arguments of `load intake`.
+/// Arguments of `provisioner-load intake`.
 #[derive(Debug, Args)]
 pub struct IntakeArgs {
     /// Webhook URL (default: http://PROVISIONER_LISTEN/webhooks/clerk).
@@ -111,7 +65,7 @@ pub struct IntakeArgs {
     pub shape: LoadShape,
 }
 
-/// Arguments of `load broker`.
+/// Arguments of `provisioner-load broker`.
 #[derive(Debug, Args)]
 pub struct BrokerArgs {
     /// Confirm channels to publish on (default: one per concurrent publisher, one
@@ -304,7 +258,7 @@ where
     }
 }
 
-/// `load intake`: signed events POSTed to a running receiver.
+/// `provisioner-load intake`: signed events POSTed to a running receiver.
 pub async fn run_intake(settings: &Settings, args: IntakeArgs) -> anyhow::Result<()> {
     let url = args
         .url
@@ -316,7 +270,7 @@ pub async fn run_intake(settings: &Settings, args: IntakeArgs) -> anyhow::Result
         .send()
         .await
         .with_context(|| format!("cannot reach {url}"))?;
-    let client = Arc::new(super::http::PostClient::new(&url)?);
+    let client = Arc::new(crate::http::PostClient::new(&url)?);
     let tag = run_tag();
     let size = args.shape.size;
     let (mut samples, elapsed) = drive(&args.shape, move |n| {
@@ -353,13 +307,13 @@ pub async fn run_intake(settings: &Settings, args: IntakeArgs) -> anyhow::Result
     print(&output, args.shape.json)
 }
 
-/// `load broker`: the same events published straight to a scratch quorum queue with
+/// `provisioner-load broker`: the same events published straight to a scratch quorum queue with
 /// intake's confirm discipline; the scratch exchange and queue are deleted after.
 pub async fn run_broker(settings: &Settings, args: BrokerArgs) -> anyhow::Result<()> {
     let tag = run_tag();
     let exchange = format!("load.{tag}.exchange");
     let queue = format!("load.{tag}.queue");
-    let conn = crate::broker::connect(&settings.broker.url, "provisioner-load")
+    let conn = provisioner::broker::connect(&settings.broker.url, "provisioner-load")
         .await
         .with_context(|| format!("cannot reach RabbitMQ at {}", settings.broker.url))?;
     let admin = conn.create_channel().await?;
@@ -423,9 +377,7 @@ pub async fn run_broker(settings: &Settings, args: BrokerArgs) -> anyhow::Result
             .clamp(1, args.shape.concurrency.max(1));
         let mut channels = Vec::with_capacity(n_channels);
         for _ in 0..n_channels {
-            let ch = conn.create_channel().await?;
-            ch.confirm_select(ConfirmSelectOptions::default()).await?;
-            channels.push(ch);
+            channels.push(provisioner::broker::confirm_channel(&conn).await?);
         }
         let channels = Arc::new(channels);
         let size = args.shape.size;
@@ -437,37 +389,19 @@ pub async fn run_broker(settings: &Settings, args: BrokerArgs) -> anyhow::Result
             let id = format!("msg_load_{tag2}_{n}");
             let exchange = exchange2.clone();
             async move {
-                let ts = std::time::UNIX_EPOCH
-                    .elapsed()
-                    .map(|d| d.as_secs())
-                    .unwrap_or(0);
                 // The same properties and options as intake's publisher.
-                let props = BasicProperties::default()
-                    .with_delivery_mode(2)
-                    .with_content_type("application/json".into())
-                    .with_message_id(id.as_str().into())
-                    .with_type("organization.created".into())
-                    .with_app_id("callmine-provisioner".into())
-                    .with_timestamp(ts);
-                let Ok(confirm) = channel
-                    .basic_publish(
-                        exchange.as_str().into(),
-                        "organization.created".into(),
-                        BasicPublishOptions {
-                            mandatory: true,
-                            ..BasicPublishOptions::default()
-                        },
-                        &body,
-                        props,
-                    )
-                    .await
-                else {
-                    return false;
-                };
-                matches!(
-                    tokio::time::timeout(Duration::from_secs(5), confirm).await,
-                    Ok(Ok(Confirmation::Ack(None)))
+                let props = provisioner::broker::event_properties(&id, "organization.created")
+                    .with_timestamp(provisioner::broker::now_timestamp());
+                provisioner::broker::publish_confirmed(
+                    &channel,
+                    &exchange,
+                    "organization.created",
+                    &body,
+                    props,
+                    Duration::from_secs(5),
                 )
+                .await
+                .is_ok()
             }
         })
         .await?;
@@ -494,7 +428,7 @@ pub async fn run_broker(settings: &Settings, args: BrokerArgs) -> anyhow::Result
     result
 }
 
-/// Arguments of `load teardown`.
+/// Arguments of `provisioner-load teardown`.
 #[derive(Debug, Args)]
 pub struct TeardownArgs {
     /// Really delete (the configured names must be scratch names, see below).
@@ -502,17 +436,17 @@ pub struct TeardownArgs {
     pub yes: bool,
 }
 
-/// The prefixes `load teardown` insists on, so it can never delete real queues or a
+/// The prefixes `provisioner-load teardown` insists on, so it can never delete real queues or a
 /// real database: every broker name must start with `load.` and the database name
 /// with `provisioner_load`.
 pub const SCRATCH_BROKER_PREFIX: &str = "load.";
 /// See [`SCRATCH_BROKER_PREFIX`].
 pub const SCRATCH_DATABASE_PREFIX: &str = "provisioner_load";
 
-/// `load teardown`: deletes the configured (scratch) topology and database after a
+/// `provisioner-load teardown`: deletes the configured (scratch) topology and database after a
 /// benchmark run of `serve` on scratch names.
 pub async fn run_teardown(settings: &Settings, args: TeardownArgs) -> anyhow::Result<()> {
-    let topology = crate::broker::Topology::new(&settings.broker, &settings.worker);
+    let topology = provisioner::broker::Topology::new(&settings.broker, &settings.worker);
     let database = url::Url::parse(settings.database.url.expose())
         .ok()
         .map(|u| u.path().trim_start_matches('/').to_owned())
@@ -541,7 +475,7 @@ pub async fn run_teardown(settings: &Settings, args: TeardownArgs) -> anyhow::Re
             topology.dead_letter_exchange
         );
     }
-    let conn = crate::broker::connect(&settings.broker.url, "provisioner-load-teardown")
+    let conn = provisioner::broker::connect(&settings.broker.url, "provisioner-load-teardown")
         .await
         .with_context(|| format!("cannot reach RabbitMQ at {}", settings.broker.url))?;
     let ch = conn.create_channel().await?;
@@ -580,20 +514,6 @@ pub async fn run_teardown(settings: &Settings, args: TeardownArgs) -> anyhow::Re
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn events_have_the_requested_size_and_are_unique() {
-        let a = organization_event("t", 1, EVENT_SIZE);
-        let b = organization_event("t", 2, EVENT_SIZE);
-        assert_eq!(a.len(), EVENT_SIZE);
-        assert_eq!(b.len(), EVENT_SIZE);
-        assert_ne!(a, b);
-        let v: serde_json::Value = serde_json::from_slice(&a).unwrap();
-        assert_eq!(v["type"], "organization.created");
-        assert!(v["data"].is_object());
-        // Too small a size gives the smallest real event, never a broken one.
-        assert!(organization_event("t", 1, 10).len() > 10);
-    }
 
     #[test]
     fn durations_parse() {
