@@ -9,6 +9,8 @@ pub mod clerk_events;
 pub mod database;
 pub mod ops;
 pub mod proxy;
+pub mod rows;
+pub mod story;
 pub mod worker;
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
