@@ -11,6 +11,7 @@ use sqlx::postgres::PgPoolOptions;
 use super::{Isolation, base_database_url};
 
 /// A migrated database of one test, dropped with it.
+#[allow(dead_code)]
 #[derive(Debug)]
 pub struct TestDatabase {
     /// Pool on the database.
@@ -21,11 +22,13 @@ pub struct TestDatabase {
 
 impl TestDatabase {
     /// Creates and migrates a database with a `prov_test_…` name.
+    #[allow(dead_code)]
     pub async fn create() -> Self {
         Self::create_with_pool_size(8).await
     }
 
     /// Same, with a pool of `max_connections`.
+    #[allow(dead_code)]
     pub async fn create_with_pool_size(max_connections: u32) -> Self {
         let iso = Isolation::new();
         // Test data needs no crash durability: commits skip the WAL flush wait, so

@@ -19,6 +19,7 @@ const ORG_CREATED_AT: i64 = 1_700_000_000_000;
 
 /// A person whose display fields derive from `tag`: `{user_id}.{tag}@example.com`,
 /// `First{tag}`, `Last{tag}`, so a test changes them by changing the tag.
+#[allow(dead_code)]
 pub fn person(user_id: &str, tag: &str) -> Person {
     Person {
         user_id: user_id.to_owned(),
@@ -29,6 +30,7 @@ pub fn person(user_id: &str, tag: &str) -> Person {
 }
 
 /// An organization as Clerk describes it at one version.
+#[allow(dead_code)]
 #[derive(Debug, Clone)]
 pub struct Org {
     id: String,
@@ -39,6 +41,7 @@ pub struct Org {
 
 /// The organization `id`, named after its id, on the default plan, at version 0
 /// (events set their own version; see [`Org::version`] for embedded snapshots).
+#[allow(dead_code)]
 pub fn org(id: &str) -> Org {
     Org {
         id: id.to_owned(),
@@ -50,24 +53,28 @@ pub fn org(id: &str) -> Org {
 
 impl Org {
     /// Its name (the slug follows it).
+    #[allow(dead_code)]
     pub fn named(mut self, name: &str) -> Self {
         self.name = name.to_owned();
         self
     }
 
     /// `public_metadata.plan`.
+    #[allow(dead_code)]
     pub fn plan(mut self, plan: &str) -> Self {
         self.plan = Some(plan.to_owned());
         self
     }
 
     /// The snapshot's `updated_at`, as embedded in memberships.
+    #[allow(dead_code)]
     pub fn version(mut self, at: i64) -> Self {
         self.version = at;
         self
     }
 
     /// The Organization object at `updated_at = at`.
+    #[allow(dead_code)]
     pub fn data_at(&self, at: i64) -> Value {
         let mut data = payload::organization(&self.id, &self.name, CREATOR, ORG_CREATED_AT, at, 1);
         if let Some(plan) = &self.plan {
@@ -77,16 +84,19 @@ impl Org {
     }
 
     /// `organization.created` of this snapshot at version `at`.
+    #[allow(dead_code)]
     pub fn created(&self, at: i64) -> Event {
         Event::new("organization.created", self.data_at(at), at)
     }
 
     /// `organization.updated` of this snapshot at version `at`.
+    #[allow(dead_code)]
     pub fn updated(&self, at: i64) -> Event {
         Event::new("organization.updated", self.data_at(at), at)
     }
 
     /// `organization.deleted` at `at`.
+    #[allow(dead_code)]
     pub fn deleted(&self, at: i64) -> Event {
         let data = payload::deleted_organization(&self.id, &self.name);
         Event::new("organization.deleted", data, at)
@@ -94,6 +104,7 @@ impl Org {
 
     /// A membership of `person` in this organization (this snapshot embedded),
     /// role `org:member`, created at [`Org::version`].
+    #[allow(dead_code)]
     pub fn membership(&self, id: &str, person: &Person) -> Membership {
         Membership {
             id: id.to_owned(),
@@ -106,6 +117,7 @@ impl Org {
 }
 
 /// An organization membership as Clerk describes it.
+#[allow(dead_code)]
 #[derive(Debug, Clone)]
 pub struct Membership {
     id: String,
@@ -117,34 +129,40 @@ pub struct Membership {
 
 impl Membership {
     /// Its Clerk role key (`org:admin`, `org:member`, a custom one).
+    #[allow(dead_code)]
     pub fn role(mut self, role: &str) -> Self {
         self.role = role.to_owned();
         self
     }
 
     /// Its `created_at`.
+    #[allow(dead_code)]
     pub fn since(mut self, at: i64) -> Self {
         self.created_at = at;
         self
     }
 
     /// The OrganizationMembership object at `updated_at = at`.
+    #[allow(dead_code)]
     pub fn data_at(&self, at: i64) -> Value {
         let org = self.org.data_at(self.org.version);
         payload::membership(&self.id, org, &self.person, &self.role, self.created_at, at)
     }
 
     /// `organizationMembership.created` at version `at`.
+    #[allow(dead_code)]
     pub fn created(&self, at: i64) -> Event {
         Event::new("organizationMembership.created", self.data_at(at), at)
     }
 
     /// `organizationMembership.updated` at version `at`.
+    #[allow(dead_code)]
     pub fn updated(&self, at: i64) -> Event {
         Event::new("organizationMembership.updated", self.data_at(at), at)
     }
 
     /// `organizationMembership.deleted`: the membership as it was, sent at `at`.
+    #[allow(dead_code)]
     pub fn deleted(&self, at: i64) -> Event {
         Event::new("organizationMembership.deleted", self.data_at(at), at)
     }
@@ -152,6 +170,7 @@ impl Membership {
 
 /// `user.updated` of `person` at version `at`. The user has a secondary address
 /// listed before the primary one, so the primary must be picked by id.
+#[allow(dead_code)]
 pub fn user_updated(person: &Person, at: i64) -> Event {
     let mut data = payload::user(person, ORG_CREATED_AT, at);
     data["email_addresses"]
@@ -165,6 +184,7 @@ pub fn user_updated(person: &Person, at: i64) -> Event {
 }
 
 /// `user.deleted` of `user_id` at `at`.
+#[allow(dead_code)]
 pub fn user_deleted(user_id: &str, at: i64) -> Event {
     Event::new("user.deleted", payload::deleted_user(user_id), at)
 }
