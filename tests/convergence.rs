@@ -586,10 +586,10 @@ fn provisioner() -> Provisioner {
     Provisioner::new(settings.provisioning)
 }
 
-// 500 random histories over 3 organizations and 4 users (creates, renames, plan
-// changes, role changes, removals, re-adds, user updates and deletions, organization
-// deletions with and without membership webhooks), delivered shuffled with
-// duplicates in batches, end in the state of the in-order history.
+/// 500 random histories over 3 organizations and 4 users (creates, renames, plan
+/// changes, role changes, removals, re-adds, user updates and deletions, organization
+/// deletions with and without membership webhooks), delivered shuffled with
+/// duplicates in batches, end in the state of the in-order history.
 #[test]
 fn shuffled_duplicated_histories_converge() {
     let rt = tokio::runtime::Runtime::new().unwrap();
@@ -618,9 +618,9 @@ fn shuffled_duplicated_histories_converge() {
     );
 }
 
-// Workers racing on the same entities (four concurrent appliers of one shuffled,
-// duplicated delivery) still end in the in-order state: the advisory locks
-// serialize them and a failed batch falls back to single events.
+/// Workers racing on the same entities (four concurrent appliers of one shuffled,
+/// duplicated delivery) still end in the in-order state: the advisory locks
+/// serialize them and a failed batch falls back to single events.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_workers_converge() {
     let db = TestDatabase::create_with_pool_size(8).await;
