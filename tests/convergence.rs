@@ -8,12 +8,13 @@ mod common;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use common::clerk_events::{Person, deleted_data, incoming, membership_data, org_data, user_data};
 use common::database::TestDatabase;
+use common::story;
 use proptest::prelude::*;
 use proptest::strategy::ValueTree;
 use proptest::test_runner::{Config as ProptestConfig, TestCaseError, TestRunner};
 use provisioner::config::Settings;
+use provisioner::ops::send::payload::{self, Person};
 use provisioner::provision::{Incoming, Outcome, Provisioner};
 use sqlx::PgPool;
 
@@ -284,6 +285,7 @@ impl Model {
 
 // ---- rendering the history as webhooks for one set of ids ----------------------------
 
+/// A user's display fields at `tag` (the user id keeps the run's prefix).
 fn person(prefix: &str, user: usize, tag: &str) -> Person {
     Person {
         user_id: format!("{prefix}user_{user}"),
@@ -293,59 +295,49 @@ fn person(prefix: &str, user: usize, tag: &str) -> Person {
     }
 }
 
-fn org_json(prefix: &str, org: &OrgSnap) -> serde_json::Value {
-    org_data(
-        &format!("{prefix}org_{}", org.idx),
-        &org.name,
-        org.plan,
-        org.updated_at,
-    )
+fn org_of(prefix: &str, snap: &OrgSnap) -> story::Org {
+    let org = story::org(&format!("{prefix}org_{}", snap.idx))
+        .named(&snap.name)
+        .version(snap.updated_at);
+    match snap.plan {
+        Some(plan) => org.plan(plan),
+        None => org,
+    }
 }
 
-fn mem_json(prefix: &str, m: &MemSnap) -> serde_json::Value {
-    membership_data(
-        &format!("{prefix}mem_{}", m.id),
-        org_json(prefix, &m.org),
-        &person(prefix, m.user, &m.tag),
-        m.role,
-        m.created_at,
-        m.updated_at,
-    )
+fn membership_of(prefix: &str, m: &MemSnap) -> story::Membership {
+    org_of(prefix, &m.org)
+        .membership(
+            &format!("{prefix}mem_{}", m.id),
+            &person(prefix, m.user, &m.tag),
+        )
+        .role(m.role)
+        .since(m.created_at)
 }
 
+/// The webhook of a history event: its snapshot's version in `data`, sent at the
+/// event's time.
 fn render(prefix: &str, e: &HistEvent) -> Incoming {
-    let svix = format!("{prefix}msg_{}", e.seq);
-    let (kind, data) = match &e.ev {
-        Ev::OrgUpsert { created, org } => (
-            if *created {
-                "organization.created"
-            } else {
-                "organization.updated"
-            },
-            org_json(prefix, org),
-        ),
-        Ev::OrgDeleted { idx } => (
-            "organization.deleted",
-            deleted_data("organization", &format!("{prefix}org_{idx}")),
-        ),
-        Ev::MemUpsert { created, mem } => (
-            if *created {
-                "organizationMembership.created"
-            } else {
-                "organizationMembership.updated"
-            },
-            mem_json(prefix, mem),
-        ),
-        Ev::MemDeleted { mem } => ("organizationMembership.deleted", mem_json(prefix, mem)),
-        Ev::UserUpdated { user, tag } => {
-            ("user.updated", user_data(&person(prefix, *user, tag), e.ts))
-        }
-        Ev::UserDeleted { user } => (
-            "user.deleted",
-            deleted_data("user", &format!("{prefix}user_{user}")),
-        ),
+    let event = match &e.ev {
+        Ev::OrgUpsert { created: true, org } => org_of(prefix, org).created(org.updated_at),
+        Ev::OrgUpsert {
+            created: false,
+            org,
+        } => org_of(prefix, org).updated(org.updated_at),
+        Ev::OrgDeleted { idx } => story::org(&format!("{prefix}org_{idx}")).deleted(e.ts),
+        Ev::MemUpsert { created: true, mem } => membership_of(prefix, mem).created(mem.updated_at),
+        Ev::MemUpsert {
+            created: false,
+            mem,
+        } => membership_of(prefix, mem).updated(mem.updated_at),
+        Ev::MemDeleted { mem } => membership_of(prefix, mem).deleted(mem.updated_at),
+        Ev::UserUpdated { user, tag } => story::user_updated(&person(prefix, *user, tag), e.ts),
+        Ev::UserDeleted { user } => story::user_deleted(&format!("{prefix}user_{user}"), e.ts),
     };
-    incoming(&svix, kind, data, e.ts)
+    event
+        .sent_at(e.ts)
+        .svix(&format!("{prefix}msg_{}", e.seq))
+        .into()
 }
 
 // ---- the provisioned state, with the run's id prefix stripped ------------------------
@@ -448,7 +440,7 @@ fn expected(model: &Model, p: &Provisioner) -> State {
             st.quotas.insert((id.clone(), q.clone()), *v);
         }
         let status = if org.deleted { "deleted" } else { "active" };
-        let slug = snap.name.to_lowercase().replace(' ', "-");
+        let slug = payload::slug(&snap.name);
         st.workspaces.insert(
             id,
             (Some(snap.name.clone()), Some(slug), status.to_owned(), plan),
@@ -594,10 +586,10 @@ fn provisioner() -> Provisioner {
     Provisioner::new(settings.provisioning)
 }
 
-// 500 random histories over 3 organizations and 4 users (creates, renames, plan
-// changes, role changes, removals, re-adds, user updates and deletions, organization
-// deletions with and without membership webhooks), delivered shuffled with
-// duplicates in batches, end in the state of the in-order history.
+/// 500 random histories over 3 organizations and 4 users (creates, renames, plan
+/// changes, role changes, removals, re-adds, user updates and deletions, organization
+/// deletions with and without membership webhooks), delivered shuffled with
+/// duplicates in batches, end in the state of the in-order history.
 #[test]
 fn shuffled_duplicated_histories_converge() {
     let rt = tokio::runtime::Runtime::new().unwrap();
@@ -615,7 +607,6 @@ fn shuffled_duplicated_histories_converge() {
         cases.fetch_add(1, Ordering::Relaxed);
         rt.block_on(check_case(&db.pool, &p, &case))
     });
-    rt.block_on(db.drop_database());
     if let Err(e) = result {
         panic!("{e}");
     }
@@ -627,9 +618,9 @@ fn shuffled_duplicated_histories_converge() {
     );
 }
 
-// Workers racing on the same entities (four concurrent appliers of one shuffled,
-// duplicated delivery) still end in the in-order state: the advisory locks
-// serialize them and a failed batch falls back to single events.
+/// Workers racing on the same entities (four concurrent appliers of one shuffled,
+/// duplicated delivery) still end in the in-order state: the advisory locks
+/// serialize them and a failed batch falls back to single events.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_workers_converge() {
     let db = TestDatabase::create_with_pool_size(8).await;
@@ -685,5 +676,4 @@ async fn concurrent_workers_converge() {
         assert_eq!(in_order, expected(&model, &p));
         assert_eq!(state(&db.pool, &b).await, in_order);
     }
-    db.drop_database().await;
 }

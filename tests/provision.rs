@@ -4,12 +4,15 @@
 
 mod common;
 
-use common::clerk_events::*;
 use common::database::TestDatabase;
+use common::rows::*;
+use common::story::{self, Event, org, person, user_deleted, user_updated};
 use provisioner::config::Settings;
 use provisioner::provision::{Actor, Incoming, Outcome, ProcessError, Provisioner};
 use serde_json::{Value, json};
 use sqlx::PgPool;
+
+const T0: i64 = 1_750_000_000_000;
 
 fn provisioner_with(extra: &str) -> Provisioner {
     let settings = Settings::from_sources(Some(extra), |_| None).expect("valid settings");
@@ -20,11 +23,15 @@ fn provisioner() -> Provisioner {
     provisioner_with("")
 }
 
-async fn apply_one(p: &Provisioner, db: &PgPool, e: Incoming) -> Result<Outcome, ProcessError> {
-    p.apply_batch(db, std::slice::from_ref(&e)).await.remove(0)
+async fn apply_one(
+    p: &Provisioner,
+    db: &PgPool,
+    e: impl Into<Incoming>,
+) -> Result<Outcome, ProcessError> {
+    p.apply_batch(db, &[e.into()]).await.remove(0)
 }
 
-async fn apply_ok(p: &Provisioner, db: &PgPool, e: Incoming) -> Outcome {
+async fn apply_ok(p: &Provisioner, db: &PgPool, e: impl Into<Incoming>) -> Outcome {
     apply_one(p, db, e).await.expect("event applies")
 }
 
@@ -35,134 +42,21 @@ fn payload_error(r: Result<Outcome, ProcessError>) -> String {
     }
 }
 
-#[derive(Debug, PartialEq, sqlx::FromRow)]
-struct Workspace {
-    name: Option<String>,
-    slug: Option<String>,
-    status: String,
-    plan: String,
-    source_version: Option<i64>,
+/// Applies `events` in order, each expected to apply.
+async fn apply_all(p: &Provisioner, db: &PgPool, events: impl IntoIterator<Item = Event>) {
+    for e in events {
+        apply_ok(p, db, e).await;
+    }
 }
 
-async fn workspace(db: &PgPool, id: &str) -> Option<Workspace> {
-    sqlx::query_as("select name, slug, status, plan, source_version from workspaces where id = $1")
-        .bind(id)
-        .fetch_optional(db)
-        .await
-        .unwrap()
-}
-
-async fn quotas(db: &PgPool, id: &str) -> Vec<(String, i64)> {
-    sqlx::query_as(
-        "select name, limit_value from workspace_quotas where workspace_id = $1 order by name",
-    )
-    .bind(id)
-    .fetch_all(db)
-    .await
-    .unwrap()
-}
-
-async fn event_status(db: &PgPool, svix_id: &str) -> Option<(String, Option<String>, i32)> {
-    sqlx::query_as("select status, error, attempts from events where svix_id = $1")
-        .bind(svix_id)
-        .fetch_optional(db)
-        .await
-        .unwrap()
-}
-
-#[derive(Debug, PartialEq, sqlx::FromRow)]
-struct Member {
-    membership_id: String,
-    workspace_id: String,
-    user_id: String,
-    role: String,
-    clerk_role: String,
-    email: Option<String>,
-    first_name: Option<String>,
-    last_name: Option<String>,
-    removed: bool,
-    removal_reason: Option<String>,
-}
-
-async fn member(db: &PgPool, membership_id: &str) -> Option<Member> {
-    sqlx::query_as(
-        "select membership_id, workspace_id, user_id, role, clerk_role, email, first_name, \
-           last_name, removed_at is not null as removed, removal_reason \
-         from members where membership_id = $1",
-    )
-    .bind(membership_id)
-    .fetch_optional(db)
-    .await
-    .unwrap()
-}
-
-/// (action, actor, subject, event_id) of every audit row of a workspace, oldest first.
-async fn audit(
-    db: &PgPool,
-    workspace_id: &str,
-) -> Vec<(String, String, Option<String>, Option<String>)> {
-    sqlx::query_as(
-        "select action, actor, subject, event_id from audit_log where workspace_id = $1 order by id",
-    )
-    .bind(workspace_id)
-    .fetch_all(db)
-    .await
-    .unwrap()
-}
-
-async fn audit_actions(db: &PgPool, workspace_id: &str) -> Vec<String> {
-    audit(db, workspace_id)
-        .await
-        .into_iter()
-        .map(|a| a.0)
-        .collect()
-}
-
-async fn audit_count(db: &PgPool) -> i64 {
-    sqlx::query_scalar("select count(*) from audit_log")
-        .fetch_one(db)
-        .await
-        .unwrap()
-}
-
-const T0: i64 = 1_750_000_000_000;
-
-fn org_event(
-    svix: &str,
-    kind: &str,
-    org: &str,
-    name: &str,
-    plan: Option<&str>,
-    v: i64,
-) -> Incoming {
-    incoming(svix, kind, org_data(org, name, plan, v), v)
-}
-
-fn mem_event(
-    svix: &str,
-    kind: &str,
-    id: &str,
-    org: Value,
-    who: &Person,
-    role: &str,
-    v: i64,
-) -> Incoming {
-    incoming(svix, kind, membership_data(id, org, who, role, T0, v), v)
-}
-
-// organization.created provisions the workspace with the default plan, its quotas,
-// pending onboarding steps and a `workspace.provisioned` audit row.
+/// organization.created provisions the workspace with the default plan, its quotas,
+/// pending onboarding steps and a `workspace.provisioned` audit row.
 #[tokio::test]
 async fn organization_created_provisions_workspace() {
     let db = TestDatabase::create().await;
     let p = provisioner();
-    let e = incoming(
-        "msg_1",
-        "organization.created",
-        org_data("org_a", "Acme", None, T0),
-        T0,
-    );
-    assert_eq!(apply_ok(&p, &db.pool, e).await, Outcome::Processed);
+    let created = org("org_a").named("Acme").created(T0).svix("msg_1");
+    assert_eq!(apply_ok(&p, &db.pool, created).await, Outcome::Processed);
 
     let w = workspace(&db.pool, "org_a").await.unwrap();
     assert_eq!(w.name.as_deref(), Some("Acme"));
@@ -173,14 +67,8 @@ async fn organization_created_provisions_workspace() {
     let q = quotas(&db.pool, "org_a").await;
     assert_eq!(q.len(), 6);
     assert!(q.contains(&("seats".to_owned(), 5)));
-    let steps: Vec<(String, i16, bool, String)> = sqlx::query_as(
-        "select name, position, required, status from onboarding_steps where workspace_id = 'org_a' order by position",
-    )
-    .fetch_all(&db.pool)
-    .await
-    .unwrap();
     assert_eq!(
-        steps,
+        onboarding_steps(&db.pool, "org_a").await,
         vec![
             ("gong".to_owned(), 0, true, "pending".to_owned()),
             ("hubspot".to_owned(), 1, false, "pending".to_owned()),
@@ -188,14 +76,8 @@ async fn organization_created_provisions_workspace() {
             ("starter_analysis".to_owned(), 3, true, "pending".to_owned()),
         ]
     );
-    let audit: Vec<(String, String, Option<String>, Option<String>)> = sqlx::query_as(
-        "select action, actor, subject, event_id from audit_log where workspace_id = 'org_a'",
-    )
-    .fetch_all(&db.pool)
-    .await
-    .unwrap();
     assert_eq!(
-        audit,
+        audit(&db.pool, "org_a").await,
         vec![(
             "workspace.provisioned".to_owned(),
             "clerk".to_owned(),
@@ -207,43 +89,34 @@ async fn organization_created_provisions_workspace() {
         event_status(&db.pool, "msg_1").await,
         Some(("processed".to_owned(), None, 1))
     );
-    db.drop_database().await;
 }
 
-// A handled type with a broken `data` is a payload error naming the field, and
-// nothing is written.
+/// A handled type with a broken `data` is a payload error naming the field, and
+/// nothing is written.
 #[tokio::test]
 async fn malformed_organization_is_a_payload_error() {
     let db = TestDatabase::create().await;
     let p = provisioner();
-    let mut data = org_data("org_a", "Acme", None, T0);
-    data.as_object_mut().unwrap().remove("id");
-    let msg = payload_error(
-        apply_one(
-            &p,
-            &db.pool,
-            incoming("msg_1", "organization.created", data, T0),
-        )
-        .await,
-    );
+    let without_id = org("org_a")
+        .named("Acme")
+        .created(T0)
+        .svix("msg_1")
+        .with(|d| {
+            d.as_object_mut().unwrap().remove("id");
+        });
+    let msg = payload_error(apply_one(&p, &db.pool, without_id).await);
     assert_eq!(msg, "data.id: missing");
     assert_eq!(event_status(&db.pool, "msg_1").await, None);
     assert!(workspace(&db.pool, "org_a").await.is_none());
-    db.drop_database().await;
 }
 
-// record_dead writes status `dead` with the error; a replay of that svix id is
-// processed afresh, counting the attempt.
+/// record_dead writes status `dead` with the error; a replay of that svix id is
+/// processed afresh, counting the attempt.
 #[tokio::test]
 async fn dead_event_is_processed_afresh() {
     let db = TestDatabase::create().await;
     let p = provisioner();
-    let e = incoming(
-        "msg_1",
-        "organization.created",
-        org_data("org_a", "Acme", None, T0),
-        T0,
-    );
+    let e: Incoming = org("org_a").named("Acme").created(T0).svix("msg_1").into();
     p.record_dead(&db.pool, &e, "data.id: missing")
         .await
         .unwrap();
@@ -262,47 +135,34 @@ async fn dead_event_is_processed_afresh() {
         Some(("processed".to_owned(), None, 3))
     );
     assert!(workspace(&db.pool, "org_a").await.is_some());
-    db.drop_database().await;
 }
 
-// public_metadata.plan naming a configured plan selects it and its quotas; an
-// unknown plan name falls back to the default plan.
+/// public_metadata.plan naming a configured plan selects it and its quotas; an
+/// unknown plan name falls back to the default plan.
 #[tokio::test]
 async fn plan_comes_from_public_metadata_or_default() {
     let db = TestDatabase::create().await;
     let p = provisioner();
-    apply_ok(
+    apply_all(
         &p,
         &db.pool,
-        org_event(
-            "m1",
-            "organization.created",
-            "org_team",
-            "T",
-            Some("team"),
-            T0,
-        ),
-    )
-    .await;
-    apply_ok(
-        &p,
-        &db.pool,
-        org_event(
-            "m2",
-            "organization.created",
-            "org_gold",
-            "G",
-            Some("gold"),
-            T0,
-        ),
-    )
-    .await;
-    let mut data = org_data("org_null", "N", None, T0);
-    data["public_metadata"] = Value::Null;
-    apply_ok(
-        &p,
-        &db.pool,
-        incoming("m3", "organization.created", data, T0),
+        [
+            org("org_team")
+                .named("T")
+                .plan("team")
+                .created(T0)
+                .svix("m1"),
+            org("org_gold")
+                .named("G")
+                .plan("gold")
+                .created(T0)
+                .svix("m2"),
+            org("org_null")
+                .named("N")
+                .created(T0)
+                .svix("m3")
+                .with(|d| d["public_metadata"] = Value::Null),
+        ],
     )
     .await;
 
@@ -319,31 +179,24 @@ async fn plan_comes_from_public_metadata_or_default() {
             .contains(&("seats".to_owned(), 5))
     );
     assert_eq!(workspace(&db.pool, "org_null").await.unwrap().plan, "free");
-    db.drop_database().await;
 }
 
-// organization.updated renames (workspace.renamed), changes the plan and re-derives
-// every quota (workspace.plan_changed), and records other field changes
-// (workspace.updated).
+/// organization.updated renames (workspace.renamed), changes the plan and re-derives
+/// every quota (workspace.plan_changed), and records other field changes
+/// (workspace.updated).
 #[tokio::test]
 async fn organization_updated_renames_and_changes_plan() {
     let db = TestDatabase::create().await;
     let p = provisioner();
-    apply_ok(
-        &p,
-        &db.pool,
-        org_event("m1", "organization.created", "org_a", "Acme", None, T0),
-    )
-    .await;
-    let mut data = org_data("org_a", "Acme Two", Some("enterprise"), T0 + 10);
-    data["max_allowed_memberships"] = json!(50);
-    let out = apply_ok(
-        &p,
-        &db.pool,
-        incoming("m2", "organization.updated", data, T0 + 10),
-    )
-    .await;
-    assert_eq!(out, Outcome::Processed);
+    let acme = org("org_a").named("Acme");
+    apply_ok(&p, &db.pool, acme.created(T0).svix("m1")).await;
+    let renamed = acme
+        .named("Acme Two")
+        .plan("enterprise")
+        .updated(T0 + 10)
+        .svix("m2")
+        .with(|d| d["max_allowed_memberships"] = json!(50));
+    assert_eq!(apply_ok(&p, &db.pool, renamed).await, Outcome::Processed);
 
     let w = workspace(&db.pool, "org_a").await.unwrap();
     assert_eq!(w.name.as_deref(), Some("Acme Two"));
@@ -363,12 +216,7 @@ async fn organization_updated_renames_and_changes_plan() {
             "workspace.updated"
         ]
     );
-    let details: Vec<Value> = sqlx::query_scalar(
-        "select details from audit_log where workspace_id = 'org_a' and action <> 'workspace.provisioned' order by id",
-    )
-    .fetch_all(&db.pool)
-    .await
-    .unwrap();
+    let details = audit_details(&db.pool, "org_a").await;
     assert_eq!(
         details[0],
         json!({"before": {"plan": "free"}, "after": {"plan": "enterprise"}})
@@ -383,101 +231,45 @@ async fn organization_updated_renames_and_changes_plan() {
     );
 
     // Back to a plan without metadata: the default plan's quotas again.
-    apply_ok(
-        &p,
-        &db.pool,
-        org_event(
-            "m3",
-            "organization.updated",
-            "org_a",
-            "Acme Two",
-            None,
-            T0 + 20,
-        ),
-    )
-    .await;
+    let without_plan = org("org_a").named("Acme Two").updated(T0 + 20).svix("m3");
+    apply_ok(&p, &db.pool, without_plan).await;
     assert_eq!(workspace(&db.pool, "org_a").await.unwrap().plan, "free");
     assert!(
         quotas(&db.pool, "org_a")
             .await
             .contains(&("seats".to_owned(), 5))
     );
-    db.drop_database().await;
 }
 
-// An older or equal organization version is superseded: no change, no audit row.
+/// An older or equal organization version is superseded: no change, no audit row.
 #[tokio::test]
 async fn older_organization_update_is_superseded() {
     let db = TestDatabase::create().await;
     let p = provisioner();
-    apply_ok(
-        &p,
-        &db.pool,
-        org_event(
-            "m1",
-            "organization.updated",
-            "org_a",
-            "New",
-            Some("team"),
-            T0 + 10,
-        ),
-    )
-    .await;
+    let newer = org("org_a").named("New").plan("team").updated(T0 + 10);
+    apply_ok(&p, &db.pool, newer.svix("m1")).await;
     let before = audit_count(&db.pool).await;
-    let out = apply_ok(
-        &p,
-        &db.pool,
-        org_event("m2", "organization.created", "org_a", "Old", None, T0),
-    )
-    .await;
-    assert_eq!(out, Outcome::Superseded);
-    let out = apply_ok(
-        &p,
-        &db.pool,
-        org_event("m3", "organization.updated", "org_a", "Same", None, T0 + 10),
-    )
-    .await;
-    assert_eq!(out, Outcome::Superseded);
+    let older = org("org_a").named("Old").created(T0).svix("m2");
+    assert_eq!(apply_ok(&p, &db.pool, older).await, Outcome::Superseded);
+    let same = org("org_a").named("Same").updated(T0 + 10).svix("m3");
+    assert_eq!(apply_ok(&p, &db.pool, same).await, Outcome::Superseded);
     let w = workspace(&db.pool, "org_a").await.unwrap();
     assert_eq!((w.name.as_deref(), w.plan.as_str()), (Some("New"), "team"));
     assert_eq!(audit_count(&db.pool).await, before);
     assert_eq!(event_status(&db.pool, "m2").await.unwrap().0, "superseded");
-    db.drop_database().await;
 }
 
-// organization.deleted tombstones the workspace, ends its memberships and keeps
-// its data; a second delete is superseded and keeps the first deletion time.
+/// organization.deleted tombstones the workspace, ends its memberships and keeps
+/// its data; a second delete is superseded and keeps the first deletion time.
 #[tokio::test]
 async fn organization_deleted_tombstones_and_ends_memberships() {
     let db = TestDatabase::create().await;
     let p = provisioner();
-    let org = org_data("org_a", "Acme", Some("team"), T0);
-    let jane = Person::new("user_jane", "j");
-    apply_ok(
-        &p,
-        &db.pool,
-        mem_event(
-            "m1",
-            "organizationMembership.created",
-            "mem_1",
-            org,
-            &jane,
-            "org:admin",
-            T0,
-        ),
-    )
-    .await;
-    let out = apply_ok(
-        &p,
-        &db.pool,
-        incoming(
-            "m2",
-            "organization.deleted",
-            deleted_data("organization", "org_a"),
-            T0 + 50,
-        ),
-    )
-    .await;
+    let acme = org("org_a").named("Acme").plan("team").version(T0);
+    let jane = person("user_jane", "j");
+    let admin = acme.membership("mem_1", &jane).role("org:admin");
+    apply_ok(&p, &db.pool, admin.created(T0).svix("m1")).await;
+    let out = apply_ok(&p, &db.pool, acme.deleted(T0 + 50).svix("m2")).await;
     assert_eq!(out, Outcome::Processed);
 
     let w = workspace(&db.pool, "org_a").await.unwrap();
@@ -498,17 +290,7 @@ async fn organization_deleted_tombstones_and_ends_memberships() {
         ]
     );
 
-    let out = apply_ok(
-        &p,
-        &db.pool,
-        incoming(
-            "m3",
-            "organization.deleted",
-            deleted_data("organization", "org_a"),
-            T0 + 90,
-        ),
-    )
-    .await;
+    let out = apply_ok(&p, &db.pool, acme.deleted(T0 + 90).svix("m3")).await;
     assert_eq!(out, Outcome::Superseded);
     let (deleted_at_ms, deleted_version): (i64, i64) = sqlx::query_as(
         "select (extract(epoch from deleted_at) * 1000)::bigint, deleted_version from workspaces where id = 'org_a'",
@@ -518,26 +300,16 @@ async fn organization_deleted_tombstones_and_ends_memberships() {
     .unwrap();
     assert_eq!((deleted_at_ms, deleted_version), (T0 + 50, T0 + 50));
     assert_eq!(audit_actions(&db.pool, "org_a").await.len(), 4);
-    db.drop_database().await;
 }
 
-// A delete that arrives before the create leaves a tombstone the create fills in
-// but never reactivates; memberships of it are stored as removed.
+/// A delete that arrives before the create leaves a tombstone the create fills in
+/// but never reactivates; memberships of it are stored as removed.
 #[tokio::test]
 async fn delete_before_create_stays_deleted() {
     let db = TestDatabase::create().await;
     let p = provisioner();
-    let out = apply_ok(
-        &p,
-        &db.pool,
-        incoming(
-            "m1",
-            "organization.deleted",
-            deleted_data("organization", "org_a"),
-            T0 + 50,
-        ),
-    )
-    .await;
+    let acme = org("org_a").named("Acme").plan("team").version(T0);
+    let out = apply_ok(&p, &db.pool, acme.deleted(T0 + 50).svix("m1")).await;
     assert_eq!(out, Outcome::Processed);
     let w = workspace(&db.pool, "org_a").await.unwrap();
     assert_eq!(
@@ -546,40 +318,16 @@ async fn delete_before_create_stays_deleted() {
     );
     assert_eq!(quotas(&db.pool, "org_a").await.len(), 6);
 
-    apply_ok(
-        &p,
-        &db.pool,
-        org_event(
-            "m2",
-            "organization.created",
-            "org_a",
-            "Acme",
-            Some("team"),
-            T0,
-        ),
-    )
-    .await;
+    apply_ok(&p, &db.pool, acme.created(T0).svix("m2")).await;
     let w = workspace(&db.pool, "org_a").await.unwrap();
     assert_eq!(
         (w.status.as_str(), w.name.as_deref(), w.plan.as_str()),
         ("deleted", Some("Acme"), "team")
     );
 
-    let jane = Person::new("user_jane", "j");
-    apply_ok(
-        &p,
-        &db.pool,
-        mem_event(
-            "m3",
-            "organizationMembership.created",
-            "mem_1",
-            org_data("org_a", "Acme", Some("team"), T0),
-            &jane,
-            "org:member",
-            T0 + 1,
-        ),
-    )
-    .await;
+    let jane = person("user_jane", "j");
+    let late = acme.membership("mem_1", &jane).created(T0 + 1).svix("m3");
+    apply_ok(&p, &db.pool, late).await;
     let m = member(&db.pool, "mem_1").await.unwrap();
     assert!(m.removed);
     assert_eq!(m.removal_reason.as_deref(), Some("workspace_deleted"));
@@ -588,36 +336,20 @@ async fn delete_before_create_stays_deleted() {
             .await
             .contains(&"member.added".to_owned())
     );
-    db.drop_database().await;
 }
 
-// A membership stores role, Clerk role and identity; org:admin → admin, any other
-// role → member, and `[roles]` can map a custom role to admin.
+/// A membership stores role, Clerk role and identity; org:admin → admin, any other
+/// role → member, and `[roles]` can map a custom role to admin.
 #[tokio::test]
 async fn membership_roles_follow_the_role_map() {
     let db = TestDatabase::create().await;
     let p = provisioner_with("[roles]\n\"org:billing\" = \"admin\"\n");
-    let org = org_data("org_a", "Acme", None, T0);
-    let people: Vec<Person> = (0..4)
-        .map(|i| Person::new(&format!("user_{i}"), "x"))
-        .collect();
+    let acme = org("org_a").named("Acme").version(T0);
+    let people: Vec<_> = (0..4).map(|i| person(&format!("user_{i}"), "x")).collect();
     let roles = ["org:admin", "org:member", "org:billing", "org:viewer"];
     for (i, (who, role)) in people.iter().zip(roles).enumerate() {
-        let id = format!("mem_{i}");
-        apply_ok(
-            &p,
-            &db.pool,
-            mem_event(
-                &format!("m{i}"),
-                "organizationMembership.created",
-                &id,
-                org.clone(),
-                who,
-                role,
-                T0,
-            ),
-        )
-        .await;
+        let joined = acme.membership(&format!("mem_{i}"), who).role(role);
+        apply_ok(&p, &db.pool, joined.created(T0).svix(&format!("m{i}"))).await;
     }
     let got: Vec<(String, String)> =
         sqlx::query_as("select role, clerk_role from members order by membership_id")
@@ -648,47 +380,21 @@ async fn membership_roles_follow_the_role_map() {
     // The same custom role without the mapping is a plain member.
     let db2 = TestDatabase::create().await;
     let plain = provisioner();
-    apply_ok(
-        &plain,
-        &db2.pool,
-        mem_event(
-            "m1",
-            "organizationMembership.created",
-            "mem_9",
-            org,
-            &people[2],
-            "org:billing",
-            T0,
-        ),
-    )
-    .await;
+    let billing = acme.membership("mem_9", &people[2]).role("org:billing");
+    apply_ok(&plain, &db2.pool, billing.created(T0).svix("m1")).await;
     assert_eq!(member(&db2.pool, "mem_9").await.unwrap().role, "member");
-    db.drop_database().await;
-    db2.drop_database().await;
 }
 
-// A membership that arrives before its organization provisions the workspace from
-// the embedded snapshot; the older organization.created is then superseded.
+/// A membership that arrives before its organization provisions the workspace from
+/// the embedded snapshot; the older organization.created is then superseded.
 #[tokio::test]
 async fn membership_before_organization_provisions_workspace() {
     let db = TestDatabase::create().await;
     let p = provisioner();
-    let jane = Person::new("user_jane", "j");
-    let org = org_data("org_a", "Acme", Some("team"), T0 + 5);
-    let out = apply_ok(
-        &p,
-        &db.pool,
-        mem_event(
-            "m1",
-            "organizationMembership.created",
-            "mem_1",
-            org,
-            &jane,
-            "org:admin",
-            T0 + 5,
-        ),
-    )
-    .await;
+    let jane = person("user_jane", "j");
+    let acme = org("org_a").named("Acme").plan("team").version(T0 + 5);
+    let admin = acme.membership("mem_1", &jane).role("org:admin").since(T0);
+    let out = apply_ok(&p, &db.pool, admin.created(T0 + 5).svix("m1")).await;
     assert_eq!(out, Outcome::Processed);
     let w = workspace(&db.pool, "org_a").await.unwrap();
     assert_eq!(
@@ -696,86 +402,39 @@ async fn membership_before_organization_provisions_workspace() {
         (Some("Acme"), "team", "active")
     );
     assert_eq!(quotas(&db.pool, "org_a").await.len(), 6);
-    let steps: i64 =
-        sqlx::query_scalar("select count(*) from onboarding_steps where workspace_id = 'org_a'")
-            .fetch_one(&db.pool)
-            .await
-            .unwrap();
-    assert_eq!(steps, 4);
+    assert_eq!(onboarding_steps(&db.pool, "org_a").await.len(), 4);
     assert_eq!(member(&db.pool, "mem_1").await.unwrap().role, "admin");
 
-    let out = apply_ok(
-        &p,
-        &db.pool,
-        org_event("m2", "organization.created", "org_a", "Acme Old", None, T0),
-    )
-    .await;
-    assert_eq!(out, Outcome::Superseded);
+    let older = org("org_a").named("Acme Old").created(T0).svix("m2");
+    assert_eq!(apply_ok(&p, &db.pool, older).await, Outcome::Superseded);
     assert_eq!(
         workspace(&db.pool, "org_a").await.unwrap().name.as_deref(),
         Some("Acme")
     );
-    db.drop_database().await;
 }
 
-// organizationMembership.updated changes the role (member.role_changed); an older
-// snapshot is superseded without audit.
+/// organizationMembership.updated changes the role (member.role_changed); an older
+/// snapshot is superseded without audit.
 #[tokio::test]
 async fn membership_updated_changes_role_by_version() {
     let db = TestDatabase::create().await;
     let p = provisioner();
-    let jane = Person::new("user_jane", "j");
-    let org = org_data("org_a", "Acme", None, T0);
-    apply_ok(
-        &p,
-        &db.pool,
-        mem_event(
-            "m1",
-            "organizationMembership.created",
-            "mem_1",
-            org.clone(),
-            &jane,
-            "org:member",
-            T0,
-        ),
-    )
-    .await;
-    let out = apply_ok(
-        &p,
-        &db.pool,
-        mem_event(
-            "m2",
-            "organizationMembership.updated",
-            "mem_1",
-            org.clone(),
-            &jane,
-            "org:admin",
-            T0 + 20,
-        ),
-    )
-    .await;
-    assert_eq!(out, Outcome::Processed);
+    let jane = person("user_jane", "j");
+    let mem = org("org_a")
+        .named("Acme")
+        .version(T0)
+        .membership("mem_1", &jane);
+    apply_ok(&p, &db.pool, mem.created(T0).svix("m1")).await;
+    let promoted = mem.clone().role("org:admin").updated(T0 + 20).svix("m2");
+    assert_eq!(apply_ok(&p, &db.pool, promoted).await, Outcome::Processed);
     let m = member(&db.pool, "mem_1").await.unwrap();
     assert_eq!(
         (m.role.as_str(), m.clerk_role.as_str()),
         ("admin", "org:admin")
     );
     let before = audit_count(&db.pool).await;
-    let out = apply_ok(
-        &p,
-        &db.pool,
-        mem_event(
-            "m3",
-            "organizationMembership.updated",
-            "mem_1",
-            org,
-            &jane,
-            "org:member",
-            T0 + 10,
-        ),
-    )
-    .await;
-    assert_eq!(out, Outcome::Superseded);
+    let older = mem.updated(T0 + 10).svix("m3");
+    assert_eq!(apply_ok(&p, &db.pool, older).await, Outcome::Superseded);
     assert_eq!(member(&db.pool, "mem_1").await.unwrap().role, "admin");
     assert_eq!(audit_count(&db.pool).await, before);
     assert_eq!(
@@ -786,82 +445,31 @@ async fn membership_updated_changes_role_by_version() {
             "member.role_changed"
         ]
     );
-    db.drop_database().await;
 }
 
-// organizationMembership.deleted removes the member for good: a late update of the
-// same membership id never reactivates it, but a re-add (new membership id) does
-// make the user a member again. An unseen deleted membership is stored as removed.
+/// organizationMembership.deleted removes the member for good: a late update of the
+/// same membership id never reactivates it, but a re-add (new membership id) does
+/// make the user a member again. An unseen deleted membership is stored as removed.
 #[tokio::test]
 async fn removed_membership_is_final_and_readd_uses_new_id() {
     let db = TestDatabase::create().await;
     let p = provisioner();
-    let jane = Person::new("user_jane", "j");
-    let org = org_data("org_a", "Acme", None, T0);
-    apply_ok(
-        &p,
-        &db.pool,
-        mem_event(
-            "m1",
-            "organizationMembership.created",
-            "mem_1",
-            org.clone(),
-            &jane,
-            "org:member",
-            T0,
-        ),
-    )
-    .await;
-    let out = apply_ok(
-        &p,
-        &db.pool,
-        mem_event(
-            "m2",
-            "organizationMembership.deleted",
-            "mem_1",
-            org.clone(),
-            &jane,
-            "org:member",
-            T0 + 10,
-        ),
-    )
-    .await;
+    let jane = person("user_jane", "j");
+    let acme = org("org_a").named("Acme").version(T0);
+    let mem = acme.membership("mem_1", &jane);
+    apply_ok(&p, &db.pool, mem.created(T0).svix("m1")).await;
+    let out = apply_ok(&p, &db.pool, mem.deleted(T0 + 10).svix("m2")).await;
     assert_eq!(out, Outcome::Processed);
     let m = member(&db.pool, "mem_1").await.unwrap();
     assert!(m.removed);
     assert_eq!(m.removal_reason.as_deref(), Some("membership_deleted"));
 
-    let out = apply_ok(
-        &p,
-        &db.pool,
-        mem_event(
-            "m3",
-            "organizationMembership.updated",
-            "mem_1",
-            org.clone(),
-            &jane,
-            "org:admin",
-            T0 + 20,
-        ),
-    )
-    .await;
-    assert_eq!(out, Outcome::Superseded);
+    let late = mem.role("org:admin").updated(T0 + 20).svix("m3");
+    assert_eq!(apply_ok(&p, &db.pool, late).await, Outcome::Superseded);
     assert!(member(&db.pool, "mem_1").await.unwrap().removed);
 
-    apply_ok(
-        &p,
-        &db.pool,
-        mem_event(
-            "m4",
-            "organizationMembership.created",
-            "mem_2",
-            org.clone(),
-            &jane,
-            "org:admin",
-            T0 + 30,
-        ),
-    )
-    .await;
+    let readded = acme.membership("mem_2", &jane).role("org:admin");
+    apply_ok(&p, &db.pool, readded.created(T0 + 30).svix("m4")).await;
     let m = member(&db.pool, "mem_2").await.unwrap();
     assert!(!m.removed);
     assert_eq!(m.role, "admin");
@@ -877,88 +485,40 @@ async fn removed_membership_is_final_and_readd_uses_new_id() {
 
     // A deletion seen before its membership creates it as removed, and the late
     // created stays removed.
-    let bob = Person::new("user_bob", "b");
-    apply_ok(
-        &p,
-        &db.pool,
-        mem_event(
-            "m5",
-            "organizationMembership.deleted",
-            "mem_3",
-            org.clone(),
-            &bob,
-            "org:member",
-            T0 + 40,
-        ),
-    )
-    .await;
-    let out = apply_ok(
-        &p,
-        &db.pool,
-        mem_event(
-            "m6",
-            "organizationMembership.created",
-            "mem_3",
-            org,
-            &bob,
-            "org:member",
-            T0 + 35,
-        ),
-    )
-    .await;
-    assert_eq!(out, Outcome::Superseded);
+    let bob = acme.membership("mem_3", &person("user_bob", "b"));
+    apply_ok(&p, &db.pool, bob.deleted(T0 + 40).svix("m5")).await;
+    let late = bob.created(T0 + 35).svix("m6");
+    assert_eq!(apply_ok(&p, &db.pool, late).await, Outcome::Superseded);
     let m = member(&db.pool, "mem_3").await.unwrap();
     assert!(m.removed);
     assert_eq!(m.removal_reason.as_deref(), Some("membership_deleted"));
-    db.drop_database().await;
 }
 
-// user.updated refreshes the user's display fields in every workspace (audited as
-// member.updated in each) and wins over older membership snapshots, in any order.
+/// user.updated refreshes the user's display fields in every workspace (audited as
+/// member.updated in each) and wins over older membership snapshots, in any order.
 #[tokio::test]
 async fn user_updated_refreshes_display_fields_everywhere() {
     let db = TestDatabase::create().await;
     let p = provisioner();
-    let jane = Person::new("user_jane", "old");
-    let org_a = org_data("org_a", "A", None, T0);
-    let org_b = org_data("org_b", "B", None, T0);
-    apply_ok(
+    let jane = person("user_jane", "old");
+    let org_a = org("org_a").named("A").version(T0);
+    let org_b = org("org_b").named("B").version(T0);
+    apply_all(
         &p,
         &db.pool,
-        mem_event(
-            "m1",
-            "organizationMembership.created",
-            "mem_a",
-            org_a.clone(),
-            &jane,
-            "org:member",
-            T0,
-        ),
-    )
-    .await;
-    apply_ok(
-        &p,
-        &db.pool,
-        mem_event(
-            "m2",
-            "organizationMembership.created",
-            "mem_b",
-            org_b,
-            &jane,
-            "org:admin",
-            T0,
-        ),
+        [
+            org_a.membership("mem_a", &jane).created(T0).svix("m1"),
+            org_b
+                .membership("mem_b", &jane)
+                .role("org:admin")
+                .created(T0)
+                .svix("m2"),
+        ],
     )
     .await;
 
-    let renamed = Person::new("user_jane", "new");
-    let out = apply_ok(
-        &p,
-        &db.pool,
-        incoming("m3", "user.updated", user_data(&renamed, T0 + 10), T0 + 10),
-    )
-    .await;
-    assert_eq!(out, Outcome::Processed);
+    let renamed = user_updated(&person("user_jane", "new"), T0 + 10).svix("m3");
+    assert_eq!(apply_ok(&p, &db.pool, renamed).await, Outcome::Processed);
     for id in ["mem_a", "mem_b"] {
         let m = member(&db.pool, id).await.unwrap();
         assert_eq!(
@@ -978,20 +538,8 @@ async fn user_updated_refreshes_display_fields_everywhere() {
     );
 
     // An older membership snapshot changes the role but not the newer display fields.
-    apply_ok(
-        &p,
-        &db.pool,
-        mem_event(
-            "m4",
-            "organizationMembership.updated",
-            "mem_a",
-            org_a.clone(),
-            &jane,
-            "org:admin",
-            T0 + 5,
-        ),
-    )
-    .await;
+    let mem_a = org_a.membership("mem_a", &jane).role("org:admin");
+    apply_ok(&p, &db.pool, mem_a.updated(T0 + 5).svix("m4")).await;
     let m = member(&db.pool, "mem_a").await.unwrap();
     assert_eq!(
         (m.role.as_str(), m.email.as_deref()),
@@ -999,133 +547,74 @@ async fn user_updated_refreshes_display_fields_everywhere() {
     );
 
     // A membership created after the user.updated but older than it takes the user's fields.
-    let org_c = org_data("org_c", "C", None, T0);
-    apply_ok(
-        &p,
-        &db.pool,
-        mem_event(
-            "m5",
-            "organizationMembership.created",
-            "mem_c",
-            org_c,
-            &jane,
-            "org:member",
-            T0 + 2,
-        ),
-    )
-    .await;
+    let mem_c = org("org_c")
+        .named("C")
+        .version(T0)
+        .membership("mem_c", &jane);
+    apply_ok(&p, &db.pool, mem_c.created(T0 + 2).svix("m5")).await;
     assert_eq!(
         member(&db.pool, "mem_c").await.unwrap().email.as_deref(),
         Some("user_jane.new@example.com")
     );
 
     // A newer membership snapshot wins over the user record.
-    let newest = Person::new("user_jane", "newest");
-    apply_ok(
-        &p,
-        &db.pool,
-        mem_event(
-            "m6",
-            "organizationMembership.updated",
-            "mem_a",
-            org_a,
-            &newest,
-            "org:admin",
-            T0 + 30,
-        ),
-    )
-    .await;
+    let newest = org_a
+        .membership("mem_a", &person("user_jane", "newest"))
+        .role("org:admin");
+    apply_ok(&p, &db.pool, newest.updated(T0 + 30).svix("m6")).await;
     assert_eq!(
         member(&db.pool, "mem_a").await.unwrap().email.as_deref(),
         Some("user_jane.newest@example.com")
     );
 
     // An older user.updated is superseded.
-    let out = apply_ok(
-        &p,
-        &db.pool,
-        incoming("m7", "user.updated", user_data(&jane, T0 + 1), T0 + 1),
-    )
-    .await;
-    assert_eq!(out, Outcome::Superseded);
+    let older = user_updated(&jane, T0 + 1).svix("m7");
+    assert_eq!(apply_ok(&p, &db.pool, older).await, Outcome::Superseded);
     assert_eq!(
         member(&db.pool, "mem_b").await.unwrap().email.as_deref(),
         Some("user_jane.new@example.com")
     );
-    db.drop_database().await;
 }
 
-// user.updated picks the primary email address, and stores an unseen user.
+/// user.updated picks the primary email address, and stores an unseen user.
 #[tokio::test]
 async fn user_updated_uses_primary_email() {
     let db = TestDatabase::create().await;
     let p = provisioner();
-    let jane = Person::new("user_jane", "j");
-    let out = apply_ok(
-        &p,
-        &db.pool,
-        incoming("m1", "user.updated", user_data(&jane, T0), T0),
-    )
-    .await;
-    assert_eq!(out, Outcome::Processed);
+    let updated = user_updated(&person("user_jane", "j"), T0).svix("m1");
+    assert_eq!(apply_ok(&p, &db.pool, updated).await, Outcome::Processed);
     let email: Option<String> =
         sqlx::query_scalar("select email from users where id = 'user_jane'")
             .fetch_one(&db.pool)
             .await
             .unwrap();
     assert_eq!(email.as_deref(), Some("user_jane.j@example.com"));
-    db.drop_database().await;
 }
 
-// user.deleted removes the user's memberships everywhere, and for good: a later
-// membership of that user is stored as removed; a second delete is superseded.
+/// user.deleted removes the user's memberships everywhere, and for good: a later
+/// membership of that user is stored as removed; a second delete is superseded.
 #[tokio::test]
 async fn deleted_user_memberships_end_for_good() {
     let db = TestDatabase::create().await;
     let p = provisioner();
-    let jane = Person::new("user_jane", "j");
-    let org_a = org_data("org_a", "A", None, T0);
-    let org_b = org_data("org_b", "B", None, T0);
-    apply_ok(
+    let jane = person("user_jane", "j");
+    let org_a = org("org_a").named("A").version(T0);
+    let org_b = org("org_b").named("B").version(T0);
+    apply_all(
         &p,
         &db.pool,
-        mem_event(
-            "m1",
-            "organizationMembership.created",
-            "mem_a",
-            org_a.clone(),
-            &jane,
-            "org:member",
-            T0,
-        ),
+        [
+            org_a.membership("mem_a", &jane).created(T0).svix("m1"),
+            org_b
+                .membership("mem_b", &jane)
+                .role("org:admin")
+                .created(T0)
+                .svix("m2"),
+        ],
     )
     .await;
-    apply_ok(
-        &p,
-        &db.pool,
-        mem_event(
-            "m2",
-            "organizationMembership.created",
-            "mem_b",
-            org_b,
-            &jane,
-            "org:admin",
-            T0,
-        ),
-    )
-    .await;
-    let out = apply_ok(
-        &p,
-        &db.pool,
-        incoming(
-            "m3",
-            "user.deleted",
-            deleted_data("user", "user_jane"),
-            T0 + 10,
-        ),
-    )
-    .await;
-    assert_eq!(out, Outcome::Processed);
+    let deleted = user_deleted("user_jane", T0 + 10).svix("m3");
+    assert_eq!(apply_ok(&p, &db.pool, deleted).await, Outcome::Processed);
     for id in ["mem_a", "mem_b"] {
         let m = member(&db.pool, id).await.unwrap();
         assert!(m.removed, "{id}");
@@ -1136,64 +625,32 @@ async fn deleted_user_memberships_end_for_good() {
         "member.removed"
     );
 
-    let out = apply_ok(
-        &p,
-        &db.pool,
-        mem_event(
-            "m4",
-            "organizationMembership.updated",
-            "mem_a",
-            org_a.clone(),
-            &jane,
-            "org:admin",
-            T0 + 20,
-        ),
-    )
-    .await;
-    assert_eq!(out, Outcome::Superseded);
-    apply_ok(
-        &p,
-        &db.pool,
-        mem_event(
-            "m5",
-            "organizationMembership.created",
-            "mem_new",
-            org_a,
-            &jane,
-            "org:admin",
-            T0 + 30,
-        ),
-    )
-    .await;
+    let late = org_a
+        .membership("mem_a", &jane)
+        .role("org:admin")
+        .updated(T0 + 20)
+        .svix("m4");
+    assert_eq!(apply_ok(&p, &db.pool, late).await, Outcome::Superseded);
+    let rejoined = org_a.membership("mem_new", &jane).role("org:admin");
+    apply_ok(&p, &db.pool, rejoined.created(T0 + 30).svix("m5")).await;
     let m = member(&db.pool, "mem_new").await.unwrap();
     assert!(m.removed);
     assert_eq!(m.removal_reason.as_deref(), Some("user_deleted"));
-    let out = apply_ok(
-        &p,
-        &db.pool,
-        incoming(
-            "m6",
-            "user.deleted",
-            deleted_data("user", "user_jane"),
-            T0 + 40,
-        ),
-    )
-    .await;
-    assert_eq!(out, Outcome::Superseded);
-    db.drop_database().await;
+    let again = user_deleted("user_jane", T0 + 40).svix("m6");
+    assert_eq!(apply_ok(&p, &db.pool, again).await, Outcome::Superseded);
 }
 
-// A svix id already applied is a Duplicate that writes nothing, also within one
-// batch; a superseded or ignored svix id is a Duplicate too.
+/// A svix id already applied is a Duplicate that writes nothing, also within one
+/// batch; a superseded or ignored svix id is a Duplicate too.
 #[tokio::test]
 async fn duplicates_write_nothing() {
     let db = TestDatabase::create().await;
     let p = provisioner();
-    let e = org_event("m1", "organization.created", "org_a", "Acme", None, T0);
+    let e: Incoming = org("org_a").named("Acme").created(T0).svix("m1").into();
     assert_eq!(apply_ok(&p, &db.pool, e.clone()).await, Outcome::Processed);
     assert_eq!(apply_ok(&p, &db.pool, e.clone()).await, Outcome::Duplicate);
     // The same id with another body is still the same message.
-    let renamed = org_event("m1", "organization.updated", "org_a", "Other", None, T0 + 1);
+    let renamed = org("org_a").named("Other").updated(T0 + 1).svix("m1");
     assert_eq!(apply_ok(&p, &db.pool, renamed).await, Outcome::Duplicate);
     assert_eq!(
         workspace(&db.pool, "org_a").await.unwrap().name.as_deref(),
@@ -1202,14 +659,11 @@ async fn duplicates_write_nothing() {
     assert_eq!(audit(&db.pool, "org_a").await.len(), 1);
     assert_eq!(event_status(&db.pool, "m1").await.unwrap().2, 1);
 
-    let u = org_event(
-        "m2",
-        "organization.updated",
-        "org_a",
-        "Acme 2",
-        None,
-        T0 + 5,
-    );
+    let u: Incoming = org("org_a")
+        .named("Acme 2")
+        .updated(T0 + 5)
+        .svix("m2")
+        .into();
     let results = p.apply_batch(&db.pool, &[u.clone(), u.clone(), u]).await;
     let outcomes: Vec<Outcome> = results.into_iter().map(Result::unwrap).collect();
     assert_eq!(
@@ -1225,21 +679,20 @@ async fn duplicates_write_nothing() {
         ]
     );
 
-    let old = org_event("m3", "organization.updated", "org_a", "Old", None, T0 + 1);
+    let old: Incoming = org("org_a").named("Old").updated(T0 + 1).svix("m3").into();
     assert_eq!(
         apply_ok(&p, &db.pool, old.clone()).await,
         Outcome::Superseded
     );
     assert_eq!(apply_ok(&p, &db.pool, old).await, Outcome::Duplicate);
-    db.drop_database().await;
 }
 
-// Types this service does not handle are recorded as ignored, and only once.
+/// Types this service does not handle are recorded as ignored, and only once.
 #[tokio::test]
 async fn unhandled_type_is_ignored() {
     let db = TestDatabase::create().await;
     let p = provisioner();
-    let e = incoming_raw(
+    let e = story::raw(
         "m1",
         "organizationInvitation.created",
         serde_json::to_vec(&common::fixture("organizationInvitation.created")).unwrap(),
@@ -1248,10 +701,9 @@ async fn unhandled_type_is_ignored() {
     assert_eq!(event_status(&db.pool, "m1").await.unwrap().0, "ignored");
     assert_eq!(apply_ok(&p, &db.pool, e).await, Outcome::Duplicate);
     assert_eq!(audit_count(&db.pool).await, 0);
-    db.drop_database().await;
 }
 
-// The Clerk example payloads apply as one consistent story.
+/// The Clerk example payloads apply as one consistent story.
 #[tokio::test]
 async fn clerk_fixtures_apply() {
     let db = TestDatabase::create().await;
@@ -1268,7 +720,7 @@ async fn clerk_fixtures_apply() {
     ];
     for (i, name) in names.iter().enumerate() {
         let body = serde_json::to_vec(&common::fixture(name)).unwrap();
-        let out = apply_ok(&p, &db.pool, incoming_raw(&format!("msg_{i}"), name, body)).await;
+        let out = apply_ok(&p, &db.pool, story::raw(&format!("msg_{i}"), name, body)).await;
         assert_ne!(out, Outcome::Duplicate, "{name}");
     }
     let w = workspace(&db.pool, "org_2g7np7Hrk0SN6kj5EDMLDaKNL0S")
@@ -1280,97 +732,110 @@ async fn clerk_fixtures_apply() {
         .unwrap();
     assert!(m.removed);
     assert_eq!(m.email.as_deref(), Some("jane.doe@acme.com"));
-    db.drop_database().await;
 }
 
-// Malformed payloads are payload errors naming the problem; nothing is written.
+/// Malformed payloads are payload errors naming the problem; nothing is written.
 #[tokio::test]
 async fn malformed_payloads_name_the_problem() {
     let db = TestDatabase::create().await;
     let p = provisioner();
-    let jane = Person::new("user_jane", "j");
-    let org = org_data("org_a", "Acme", None, T0);
-    let good_mem = membership_data("mem_1", org.clone(), &jane, "org:member", T0, T0);
-
-    let mut no_org = good_mem.clone();
-    no_org.as_object_mut().unwrap().remove("organization");
-    let mut no_user_id = good_mem.clone();
-    no_user_id["public_user_data"]
-        .as_object_mut()
-        .unwrap()
-        .remove("user_id");
-    let mut no_user = good_mem.clone();
-    no_user["public_user_data"] = Value::Null;
-    let mut bad_version = good_mem.clone();
-    bad_version["updated_at"] = json!("yesterday");
-    let mut bad_org_version = good_mem.clone();
-    bad_org_version["organization"]["updated_at"] = json!(1.5);
-    let mut bad_name = org.clone();
-    bad_name["name"] = json!(42);
-    let mut null_id = org.clone();
-    null_id["id"] = Value::Null;
+    let acme = org("org_a").named("Acme").version(T0);
+    let mem = acme.membership("mem_1", &person("user_jane", "j"));
 
     let cases: Vec<(Incoming, &str)> = vec![
         (
-            incoming("b1", "organizationMembership.created", no_org, T0),
+            mem.created(T0)
+                .svix("b1")
+                .with(|d| {
+                    d.as_object_mut().unwrap().remove("organization");
+                })
+                .into(),
             "data.organization: missing",
         ),
         (
-            incoming("b2", "organizationMembership.created", no_user_id, T0),
+            mem.created(T0)
+                .svix("b2")
+                .with(|d| {
+                    d["public_user_data"]
+                        .as_object_mut()
+                        .unwrap()
+                        .remove("user_id");
+                })
+                .into(),
             "data.public_user_data.user_id: missing",
         ),
         (
-            incoming("b3", "organizationMembership.updated", no_user, T0),
+            mem.updated(T0)
+                .svix("b3")
+                .with(|d| d["public_user_data"] = Value::Null)
+                .into(),
             "data.public_user_data: expected an object, got null",
         ),
         (
-            incoming("b4", "organizationMembership.updated", bad_version, T0),
+            mem.updated(T0)
+                .svix("b4")
+                .with(|d| d["updated_at"] = json!("yesterday"))
+                .into(),
             "data.updated_at: expected an integer, got a string",
         ),
         (
-            incoming("b5", "organizationMembership.created", bad_org_version, T0),
+            mem.created(T0)
+                .svix("b5")
+                .with(|d| d["organization"]["updated_at"] = json!(1.5))
+                .into(),
             "data.organization.updated_at: expected an integer, got 1.5",
         ),
         (
-            incoming("b6", "organization.created", bad_name, T0),
+            acme.created(T0)
+                .svix("b6")
+                .with(|d| d["name"] = json!(42))
+                .into(),
             "data.name: expected a string, got a number",
         ),
         (
-            incoming("b7", "organization.updated", null_id, T0),
+            acme.updated(T0)
+                .svix("b7")
+                .with(|d| d["id"] = Value::Null)
+                .into(),
             "data.id: expected a string, got null",
         ),
         (
-            incoming("b8", "organization.created", json!("not an object"), T0),
+            Event::new("organization.created", json!("not an object"), T0)
+                .svix("b8")
+                .into(),
             "data: expected an object, got a string",
         ),
         (
-            incoming(
-                "b9",
+            Event::new(
                 "user.deleted",
                 json!({"object": "user", "deleted": true}),
                 T0,
-            ),
+            )
+            .svix("b9")
+            .into(),
             "data.id: missing",
         ),
         (
-            incoming("b10", "user.updated", json!({"id": "user_1"}), T0),
+            Event::new("user.updated", json!({"id": "user_1"}), T0)
+                .svix("b10")
+                .into(),
             "data.updated_at: missing",
         ),
         (
-            incoming_raw("b11", "organization.created", b"{not json".to_vec()),
+            story::raw("b11", "organization.created", b"{not json".to_vec()),
             "body is not valid JSON",
         ),
         (
             // The message's type property disagrees with the body.
-            incoming_raw(
+            story::raw(
                 "b12",
                 "organization.updated",
-                common::envelope("organization.created", org, T0),
+                story::envelope("organization.created", acme.data_at(T0), T0),
             ),
             "message type `organization.updated` does not match the body's type `organization.created`",
         ),
         (
-            incoming_raw(
+            story::raw(
                 "b13",
                 "organization.deleted",
                 br#"{"type":"organization.deleted","data":{"id":"org_a"}}"#.to_vec(),
@@ -1396,31 +861,26 @@ async fn malformed_payloads_name_the_problem() {
         .await
         .unwrap();
     assert_eq!(rows, 0);
-    db.drop_database().await;
 }
 
-// A batch with a malformed event and one PostgreSQL refuses (a NUL character)
-// still commits every other event; the poisoned ones fail alone as payload errors.
+/// A batch with a malformed event and one PostgreSQL refuses (a NUL character)
+/// still commits every other event; the poisoned ones fail alone as payload errors.
 #[tokio::test]
 async fn poisoned_batch_commits_the_others() {
     let db = TestDatabase::create().await;
     let p = provisioner();
-    let mut malformed = org_data("org_bad", "Bad", None, T0);
-    malformed["updated_at"] = json!(null);
-    let batch = vec![
-        org_event("m1", "organization.created", "org_a", "A", None, T0),
-        incoming("m2", "organization.created", malformed, T0),
-        org_event(
-            "m3",
-            "organization.created",
-            "org_nul",
-            "Nul\u{0}Name",
-            None,
-            T0,
-        ),
-        org_event("m4", "organization.created", "org_b", "B", Some("team"), T0),
-        org_event("m1", "organization.created", "org_a", "A", None, T0),
-    ];
+    let batch = [
+        org("org_a").named("A").created(T0).svix("m1"),
+        org("org_bad")
+            .named("Bad")
+            .created(T0)
+            .svix("m2")
+            .with(|d| d["updated_at"] = json!(null)),
+        org("org_nul").named("Nul\u{0}Name").created(T0).svix("m3"),
+        org("org_b").named("B").plan("team").created(T0).svix("m4"),
+        org("org_a").named("A").created(T0).svix("m1"),
+    ]
+    .map(Incoming::from);
     let results = p.apply_batch(&db.pool, &batch).await;
     assert_eq!(results.len(), 5);
     assert!(matches!(results[0], Ok(Outcome::Processed)));
@@ -1441,41 +901,27 @@ async fn poisoned_batch_commits_the_others() {
     assert_eq!(workspace(&db.pool, "org_b").await.unwrap().plan, "team");
     assert!(workspace(&db.pool, "org_nul").await.is_none());
     assert_eq!(event_status(&db.pool, "m3").await, None);
-    db.drop_database().await;
 }
 
-// Audit rows carry the event's actor and svix id; each action names its subject.
+/// Audit rows carry the event's actor and svix id; each action names its subject.
 #[tokio::test]
 async fn audit_rows_carry_actor_and_event_id() {
     let db = TestDatabase::create().await;
     let p = provisioner();
-    let jane = Person::new("user_jane", "j");
-    let mut e = mem_event(
-        "msg_replayed",
-        "organizationMembership.created",
-        "mem_1",
-        org_data("org_a", "Acme", None, T0),
-        &jane,
-        "org:admin",
-        T0,
-    );
-    e.actor = Actor::Replay;
-    apply_ok(&p, &db.pool, e).await;
-    let mut e = incoming(
-        "msg_reconciled",
-        "organizationMembership.deleted",
-        membership_data(
-            "mem_1",
-            org_data("org_a", "Acme", None, T0),
-            &jane,
-            "org:admin",
-            T0,
-            T0,
-        ),
-        T0 + 10,
-    );
-    e.actor = Actor::Reconcile;
-    apply_ok(&p, &db.pool, e).await;
+    let admin = org("org_a")
+        .named("Acme")
+        .version(T0)
+        .membership("mem_1", &person("user_jane", "j"))
+        .role("org:admin");
+    let replayed = admin.created(T0).svix("msg_replayed").by(Actor::Replay);
+    apply_ok(&p, &db.pool, replayed).await;
+    // The deletion carries the membership as it was (version T0), sent later.
+    let reconciled = admin
+        .deleted(T0)
+        .sent_at(T0 + 10)
+        .svix("msg_reconciled")
+        .by(Actor::Reconcile);
+    apply_ok(&p, &db.pool, reconciled).await;
     let rows = audit(&db.pool, "org_a").await;
     let expect = |a: &str, actor: &str, subject: &str, ev: &str| {
         (
@@ -1501,12 +947,11 @@ async fn audit_rows_carry_actor_and_event_id() {
     assert_eq!(details["membership_id"], "mem_1");
     assert_eq!(details["role"], "admin");
     assert_eq!(details["after"]["email"], "user_jane.j@example.com");
-    db.drop_database().await;
 }
 
-// While PostgreSQL is unreachable every decodable event is a Database error (never
-// a payload error, so the worker holds it instead of dead-lettering it) and nothing
-// is written; once it is back the same events apply.
+/// While PostgreSQL is unreachable every decodable event is a Database error (never
+/// a payload error, so the worker holds it instead of dead-lettering it) and nothing
+/// is written; once it is back the same events apply.
 #[tokio::test]
 async fn unreachable_database_is_a_database_error() {
     let db = TestDatabase::create().await;
@@ -1527,15 +972,18 @@ async fn unreachable_database_is_a_database_error() {
         .acquire_timeout(std::time::Duration::from_secs(2))
         .connect_lazy(url.as_str())
         .unwrap();
-    let mut malformed = org_data("org_bad", "Bad", None, T0);
-    malformed["id"] = json!(7);
-    let batch = vec![
-        org_event("m1", "organization.created", "org_a", "A", None, T0),
-        incoming("m2", "organization.created", malformed, T0),
-        org_event("m3", "organization.created", "org_b", "B", None, T0),
-    ];
+    let batch = [
+        org("org_a").named("A").created(T0).svix("m1"),
+        org("org_bad")
+            .named("Bad")
+            .created(T0)
+            .svix("m2")
+            .with(|d| d["id"] = json!(7)),
+        org("org_b").named("B").created(T0).svix("m3"),
+    ]
+    .map(Incoming::from);
     // Warm the pool so the outage also kills open connections.
-    let warm = org_event("m0", "organization.created", "org_warm", "W", None, T0);
+    let warm = org("org_warm").named("W").created(T0).svix("m0");
     assert_eq!(apply_ok(&p, &through_proxy, warm).await, Outcome::Processed);
 
     proxy.cut().await;
@@ -1582,16 +1030,15 @@ async fn unreachable_database_is_a_database_error() {
     );
     through_proxy.close().await;
     proxy.shutdown();
-    db.drop_database().await;
 }
 
-// record_dead stores a body that does not decode under the message's type, and
-// never turns an applied event back into a dead one (its replay stays a no-op).
+/// record_dead stores a body that does not decode under the message's type, and
+/// never turns an applied event back into a dead one (its replay stays a no-op).
 #[tokio::test]
 async fn record_dead_keeps_applied_status_and_takes_broken_bodies() {
     let db = TestDatabase::create().await;
     let p = provisioner();
-    let broken = incoming_raw("m1", "organizationMembership.created", b"{oops".to_vec());
+    let broken = story::raw("m1", "organizationMembership.created", b"{oops".to_vec());
     p.record_dead(&db.pool, &broken, "body is not valid JSON")
         .await
         .unwrap();
@@ -1605,10 +1052,15 @@ async fn record_dead_keeps_applied_status_and_takes_broken_bodies() {
         ("organizationMembership.created", "dead", None)
     );
 
-    let mut no_name = org_data("org_a", "A", None, T0);
-    no_name.as_object_mut().unwrap().remove("name");
-    let e = incoming("m2", "organization.created", no_name, T0);
-    p.record_dead(&db.pool, &e, "data.name: missing")
+    let no_name: Incoming = org("org_a")
+        .named("A")
+        .created(T0)
+        .svix("m2")
+        .with(|d| {
+            d.as_object_mut().unwrap().remove("name");
+        })
+        .into();
+    p.record_dead(&db.pool, &no_name, "data.name: missing")
         .await
         .unwrap();
     let ws: Option<String> =
@@ -1618,7 +1070,7 @@ async fn record_dead_keeps_applied_status_and_takes_broken_bodies() {
             .unwrap();
     assert_eq!(ws.as_deref(), Some("org_a"));
 
-    let ok = org_event("m3", "organization.created", "org_b", "B", None, T0);
+    let ok: Incoming = org("org_b").named("B").created(T0).svix("m3").into();
     apply_ok(&p, &db.pool, ok.clone()).await;
     p.record_dead(&db.pool, &ok, "late").await.unwrap();
     assert_eq!(
@@ -1626,5 +1078,35 @@ async fn record_dead_keeps_applied_status_and_takes_broken_bodies() {
         Some(("processed".to_owned(), None, 1))
     );
     assert_eq!(apply_ok(&p, &db.pool, ok).await, Outcome::Duplicate);
-    db.drop_database().await;
+}
+
+/// The harness drops a test's database also when the test panics.
+#[test]
+fn database_of_a_panicking_test_is_dropped() {
+    let name = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let seen = name.clone();
+    let panicked = std::thread::spawn(move || {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(async move {
+            let db = TestDatabase::create().await;
+            *seen.lock().unwrap() = db.name.clone();
+            panic!("a failing test");
+        })
+    })
+    .join();
+    assert!(panicked.is_err());
+    let name = name.lock().unwrap().clone();
+    assert!(name.starts_with("prov_test_"), "{name}");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let left: i64 = rt.block_on(async {
+        let admin = PgPool::connect(&format!("{}/postgres", common::base_database_url()))
+            .await
+            .unwrap();
+        sqlx::query_scalar("select count(*) from pg_database where datname = $1")
+            .bind(&name)
+            .fetch_one(&admin)
+            .await
+            .unwrap()
+    });
+    assert_eq!(left, 0, "{name} outlived its test");
 }

@@ -5,8 +5,8 @@
 //! message that was routed to a queue (a returned message is a failure even when the
 //! broker acks it), so a caller never acknowledges what was not durably handed on.
 
-pub mod headers;
 mod confirmed;
+pub mod headers;
 mod publisher;
 mod topology;
 

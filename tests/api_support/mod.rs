@@ -2,9 +2,8 @@
 //!
 //! Rows are written with SQL straight into the worker's schema, shaped as the
 //! worker writes them (a tombstoned workspace ends its memberships, and so on), so
-//! the API is tested on its own; [`raw_get`] sends a path byte for byte, because
+//! the API is tested on its own; [`raw_request`] sends a path byte for byte, because
 //! HTTP clients normalise `..`, `%2e%2e` and friends before they reach the server.
-#![allow(dead_code)]
 
 use std::sync::atomic::{AtomicI64, Ordering};
 
@@ -166,19 +165,6 @@ impl Seed {
         self.audit(id, "workspace.deleted", Some(id)).await;
     }
 
-    /// Sets a step's status directly.
-    pub async fn set_step(&self, workspace: &str, step: &str, status: &str) {
-        sqlx::query(
-            "update onboarding_steps set status = $3 where workspace_id = $1 and name = $2",
-        )
-        .bind(workspace)
-        .bind(step)
-        .bind(status)
-        .execute(&self.db)
-        .await
-        .unwrap();
-    }
-
     /// One audit row by Clerk; returns its id.
     pub async fn audit(&self, workspace: &str, action: &str, subject: Option<&str>) -> i64 {
         sqlx::query_scalar(
@@ -243,6 +229,7 @@ impl Seed {
 }
 
 /// A request to the read API: method, path, token, acting user, JSON body.
+#[allow(dead_code)]
 #[derive(Debug, Clone)]
 pub struct Call<'a> {
     /// HTTP method.
@@ -259,6 +246,7 @@ pub struct Call<'a> {
 
 impl<'a> Call<'a> {
     /// GET with the development token.
+    #[allow(dead_code)]
     pub fn get(path: impl Into<String>) -> Self {
         Self {
             method: Method::GET,
@@ -270,6 +258,7 @@ impl<'a> Call<'a> {
     }
 
     /// POST of a raw body with the development token.
+    #[allow(dead_code)]
     pub fn post(path: impl Into<String>, body: impl Into<Vec<u8>>) -> Self {
         Self {
             method: Method::POST,
@@ -279,18 +268,21 @@ impl<'a> Call<'a> {
     }
 
     /// As acting user.
+    #[allow(dead_code)]
     pub fn acting(mut self, user: &'a str) -> Self {
         self.acting = Some(user);
         self
     }
 
     /// With another token (`None`: no Authorization header).
+    #[allow(dead_code)]
     pub fn token(mut self, token: Option<&'a str>) -> Self {
         self.token = token;
         self
     }
 
     /// Sends it; returns status and JSON body (`Null` when empty or not JSON).
+    #[allow(dead_code)]
     pub async fn send(self, app: &TestApp) -> (u16, Value) {
         let mut req = app
             .client
@@ -316,6 +308,7 @@ impl<'a> Call<'a> {
 
 /// Sends `METHOD path` exactly as given (no normalisation) with the development
 /// token and optional acting user; returns status and JSON body (`Null` if none).
+#[allow(dead_code)]
 pub async fn raw_request(
     app: &TestApp,
     method: &str,
@@ -351,9 +344,4 @@ pub async fn raw_request(
         .unwrap_or_else(|| panic!("no status line in {text:?}"));
     let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
     (status, serde_json::from_str(body).unwrap_or(Value::Null))
-}
-
-/// `GET path` sent byte for byte.
-pub async fn raw_get(app: &TestApp, path: &str, acting: Option<&str>) -> (u16, Value) {
-    raw_request(app, "GET", path, acting).await
 }

@@ -1,13 +1,17 @@
 //! A fresh, migrated PostgreSQL database for tests that drive the library directly
 //! (no HTTP app, no broker).
+//!
+//! Guarantee: the database is dropped when its [`TestDatabase`] goes out of scope,
+//! also when the test panics, so no test drops it by hand and a failing test
+//! leaves nothing behind.
 
 use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
 
 use super::{Isolation, base_database_url};
 
-/// A migrated database of one test; `drop_database` removes it (a failed test's
-/// database is swept by the harness an hour later, like those of `spawn_app`).
+/// A migrated database of one test, dropped with it.
+#[allow(dead_code)]
 #[derive(Debug)]
 pub struct TestDatabase {
     /// Pool on the database.
@@ -18,11 +22,13 @@ pub struct TestDatabase {
 
 impl TestDatabase {
     /// Creates and migrates a database with a `prov_test_…` name.
+    #[allow(dead_code)]
     pub async fn create() -> Self {
         Self::create_with_pool_size(8).await
     }
 
     /// Same, with a pool of `max_connections`.
+    #[allow(dead_code)]
     pub async fn create_with_pool_size(max_connections: u32) -> Self {
         let iso = Isolation::new();
         // Test data needs no crash durability: commits skip the WAL flush wait, so
@@ -44,19 +50,40 @@ impl TestDatabase {
             name: iso.database,
         }
     }
+}
 
-    /// Closes the pool and drops the database.
-    pub async fn drop_database(self) {
-        self.pool.close().await;
-        let Ok(admin) = PgPoolOptions::new()
-            .max_connections(1)
-            .connect(&format!("{}/postgres", base_database_url()))
-            .await
-        else {
-            return;
-        };
-        let sql = format!("drop database if exists \"{}\" with (force)", self.name);
-        let _ = sqlx::query(sqlx::AssertSqlSafe(sql)).execute(&admin).await;
-        admin.close().await;
+impl Drop for TestDatabase {
+    /// Drops the database on a thread of its own with its own runtime: `drop` cannot
+    /// await, and the test's runtime may be unwinding or (in a `#[test]` that builds
+    /// one) already gone. Waiting for that thread means the database is gone when
+    /// the test ends; `with (force)` ends the pool's connections still open.
+    fn drop(&mut self) {
+        let name = std::mem::take(&mut self.name);
+        let dropper = std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            rt.block_on(drop_database(&name));
+        });
+        let _ = dropper.join();
     }
+}
+
+/// Drops `name` (a missing database is a no-op; an unreachable server leaves it to
+/// the harness's sweep of old test databases).
+async fn drop_database(name: &str) {
+    let Ok(admin) = PgPoolOptions::new()
+        .max_connections(1)
+        .acquire_timeout(std::time::Duration::from_secs(10))
+        .connect(&format!("{}/postgres", base_database_url()))
+        .await
+    else {
+        return;
+    };
+    let sql = format!("drop database if exists \"{name}\" with (force)");
+    let _ = sqlx::query(sqlx::AssertSqlSafe(sql)).execute(&admin).await;
+    admin.close().await;
 }

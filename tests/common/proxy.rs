@@ -12,6 +12,7 @@ use tokio::sync::{Mutex, watch};
 use tokio_util::sync::CancellationToken;
 
 /// A running proxy.
+#[allow(dead_code)]
 #[derive(Debug, Clone)]
 pub struct Proxy {
     /// Where clients connect.
@@ -24,6 +25,7 @@ pub struct Proxy {
 
 impl Proxy {
     /// Listens on 127.0.0.1:0 and forwards to `upstream`.
+    #[allow(dead_code)]
     pub async fn start(upstream: SocketAddr) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -66,6 +68,7 @@ impl Proxy {
     }
 
     /// Kills every open connection and refuses new ones.
+    #[allow(dead_code)]
     pub async fn cut(&self) {
         self.up.store(false, Ordering::SeqCst);
         let mut generation = self.generation.lock().await;
@@ -74,22 +77,26 @@ impl Proxy {
     }
 
     /// Accepts connections again.
+    #[allow(dead_code)]
     pub fn restore(&self) {
         self.up.store(true, Ordering::SeqCst);
     }
 
     /// Keeps every connection (and new ones) open but forwards nothing, either way,
     /// until [`Proxy::unstall`]: a peer that stopped answering.
+    #[allow(dead_code)]
     pub fn stall(&self) {
         self.stalled.send_replace(true);
     }
 
     /// Forwards again; bytes held during the stall are delivered.
+    #[allow(dead_code)]
     pub fn unstall(&self) {
         self.stalled.send_replace(false);
     }
 
     /// Stops the proxy.
+    #[allow(dead_code)]
     pub fn shutdown(&self) {
         self.stop.cancel();
     }

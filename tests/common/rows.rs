@@ -1,0 +1,155 @@
+//! Readers of the rows provisioning writes (workspaces, quotas, onboarding steps,
+//! members, audit log, processing log), for tests that check them.
+//!
+//! Only the provisioning tests read rows this way; the other test binaries share
+//! this harness without it, hence `#[allow(dead_code)]` on each item.
+
+use sqlx::PgPool;
+
+/// A workspace row's provisioned fields.
+#[allow(dead_code)]
+#[derive(Debug, PartialEq, sqlx::FromRow)]
+pub struct Workspace {
+    /// Organization name.
+    pub name: Option<String>,
+    /// Organization slug.
+    pub slug: Option<String>,
+    /// `active` or `deleted`.
+    pub status: String,
+    /// Plan name.
+    pub plan: String,
+    /// Version of the organization snapshot applied.
+    pub source_version: Option<i64>,
+}
+
+/// The workspace `id`, if provisioned.
+#[allow(dead_code)]
+pub async fn workspace(db: &PgPool, id: &str) -> Option<Workspace> {
+    sqlx::query_as("select name, slug, status, plan, source_version from workspaces where id = $1")
+        .bind(id)
+        .fetch_optional(db)
+        .await
+        .unwrap()
+}
+
+/// (name, limit) of every quota of a workspace, by name.
+#[allow(dead_code)]
+pub async fn quotas(db: &PgPool, id: &str) -> Vec<(String, i64)> {
+    sqlx::query_as(
+        "select name, limit_value from workspace_quotas where workspace_id = $1 order by name",
+    )
+    .bind(id)
+    .fetch_all(db)
+    .await
+    .unwrap()
+}
+
+/// (name, position, required, status) of every onboarding step of a workspace, in order.
+#[allow(dead_code)]
+pub async fn onboarding_steps(db: &PgPool, id: &str) -> Vec<(String, i16, bool, String)> {
+    sqlx::query_as(
+        "select name, position, required, status from onboarding_steps \
+         where workspace_id = $1 order by position",
+    )
+    .bind(id)
+    .fetch_all(db)
+    .await
+    .unwrap()
+}
+
+/// (status, error, attempts) of an event's processing-log row.
+#[allow(dead_code)]
+pub async fn event_status(db: &PgPool, svix_id: &str) -> Option<(String, Option<String>, i32)> {
+    sqlx::query_as("select status, error, attempts from events where svix_id = $1")
+        .bind(svix_id)
+        .fetch_optional(db)
+        .await
+        .unwrap()
+}
+
+/// A member row.
+#[allow(dead_code)]
+#[derive(Debug, PartialEq, sqlx::FromRow)]
+pub struct Member {
+    /// Clerk membership id.
+    pub membership_id: String,
+    /// Workspace (organization) id.
+    pub workspace_id: String,
+    /// Clerk user id.
+    pub user_id: String,
+    /// `admin` or `member`.
+    pub role: String,
+    /// The Clerk role key it came from.
+    pub clerk_role: String,
+    /// Email.
+    pub email: Option<String>,
+    /// First name.
+    pub first_name: Option<String>,
+    /// Last name.
+    pub last_name: Option<String>,
+    /// Whether the membership ended.
+    pub removed: bool,
+    /// Why it ended.
+    pub removal_reason: Option<String>,
+}
+
+/// The member row of a membership.
+#[allow(dead_code)]
+pub async fn member(db: &PgPool, membership_id: &str) -> Option<Member> {
+    sqlx::query_as(
+        "select membership_id, workspace_id, user_id, role, clerk_role, email, first_name, \
+           last_name, removed_at is not null as removed, removal_reason \
+         from members where membership_id = $1",
+    )
+    .bind(membership_id)
+    .fetch_optional(db)
+    .await
+    .unwrap()
+}
+
+/// One audit row: (action, actor, subject, event_id).
+pub type AuditRow = (String, String, Option<String>, Option<String>);
+
+/// Every audit row of a workspace, oldest first.
+#[allow(dead_code)]
+pub async fn audit(db: &PgPool, workspace_id: &str) -> Vec<AuditRow> {
+    sqlx::query_as(
+        "select action, actor, subject, event_id from audit_log where workspace_id = $1 order by id",
+    )
+    .bind(workspace_id)
+    .fetch_all(db)
+    .await
+    .unwrap()
+}
+
+/// The actions of a workspace's audit rows, oldest first.
+#[allow(dead_code)]
+pub async fn audit_actions(db: &PgPool, workspace_id: &str) -> Vec<String> {
+    audit(db, workspace_id)
+        .await
+        .into_iter()
+        .map(|a| a.0)
+        .collect()
+}
+
+/// The `details` of a workspace's audit rows other than `workspace.provisioned`, oldest first.
+#[allow(dead_code)]
+pub async fn audit_details(db: &PgPool, workspace_id: &str) -> Vec<serde_json::Value> {
+    sqlx::query_scalar(
+        "select details from audit_log where workspace_id = $1 \
+         and action <> 'workspace.provisioned' order by id",
+    )
+    .bind(workspace_id)
+    .fetch_all(db)
+    .await
+    .unwrap()
+}
+
+/// Audit rows of every workspace.
+#[allow(dead_code)]
+pub async fn audit_count(db: &PgPool) -> i64 {
+    sqlx::query_scalar("select count(*) from audit_log")
+        .fetch_one(db)
+        .await
+        .unwrap()
+}
