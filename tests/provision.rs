@@ -494,6 +494,134 @@ async fn removed_membership_is_final_and_readd_uses_new_id() {
     assert_eq!(m.removal_reason.as_deref(), Some("membership_deleted"));
 }
 
+/// Applies jane's admin membership, then its removal with `data` edited by `edit`,
+/// and checks the removal applied: member removed, log row `processed`, not dead,
+/// display fields kept, one `member.removed` audit row about jane.
+async fn sparse_removal_applies(edit: impl FnOnce(&mut Value)) {
+    let db = TestDatabase::create().await;
+    let p = provisioner();
+    let jane = person("user_jane", "j");
+    let mem = org("org_a")
+        .named("Acme")
+        .version(T0)
+        .membership("mem_1", &jane)
+        .role("org:admin");
+    apply_ok(&p, &db.pool, mem.created(T0).svix("m1")).await;
+
+    let removal = mem.deleted(T0 + 10).svix("m2").with(edit);
+    assert_eq!(apply_ok(&p, &db.pool, removal).await, Outcome::Processed);
+
+    let m = member(&db.pool, "mem_1").await.unwrap();
+    assert!(m.removed);
+    assert_eq!(m.removal_reason.as_deref(), Some("membership_deleted"));
+    assert_eq!(m.email.as_deref(), Some(jane.email.as_str()));
+    assert_eq!(m.role, "admin");
+    let (status, error, _) = event_status(&db.pool, "m2").await.unwrap();
+    assert_eq!((status.as_str(), error), ("processed", None));
+    let last = audit(&db.pool, "org_a").await.pop().unwrap();
+    assert_eq!(
+        (last.0.as_str(), last.2.as_deref(), last.3.as_deref()),
+        ("member.removed", Some("user_jane"), Some("m2"))
+    );
+    assert_eq!(
+        workspace(&db.pool, "org_a").await.unwrap().name.as_deref(),
+        Some("Acme")
+    );
+}
+
+/// A membership removal without `public_user_data` still removes the member.
+#[tokio::test]
+async fn removal_without_public_user_data_applies() {
+    sparse_removal_applies(|d| {
+        d.as_object_mut().unwrap().remove("public_user_data");
+    })
+    .await;
+}
+
+/// A membership removal whose organization is just `{id}` still removes the member
+/// and leaves the workspace's fields as they are.
+#[tokio::test]
+async fn removal_with_minimal_organization_applies() {
+    sparse_removal_applies(|d| d["organization"] = json!({ "id": "org_a" })).await;
+}
+
+/// A removal carrying only its ids among unknown fields (no role, no versions)
+/// still removes the member.
+#[tokio::test]
+async fn removal_with_only_ids_and_unknown_fields_applies() {
+    sparse_removal_applies(|d| {
+        *d = json!({
+            "object": "organization_membership", "id": "mem_1", "deleted": true,
+            "organization": { "id": "org_a", "brand_new": [1, 2] },
+            "public_user_data": { "user_id": "user_jane", "unheard_of": { "x": 1 } },
+            "another_new_field": "value",
+        });
+    })
+    .await;
+}
+
+/// A sparse removal seen before its membership leaves a tombstone: the late
+/// `created` stays removed, so it never grants access.
+#[tokio::test]
+async fn sparse_removal_before_created_keeps_a_tombstone() {
+    let db = TestDatabase::create().await;
+    let p = provisioner();
+    let acme = org("org_a").named("Acme").version(T0);
+    apply_ok(&p, &db.pool, acme.created(T0).svix("m1")).await;
+    let bob = acme.membership("mem_b", &person("user_bob", "b"));
+    let removal = bob
+        .deleted(T0 + 10)
+        .svix("m2")
+        .with(|d| *d = json!({ "id": "mem_b", "organization": { "id": "org_a" }, "public_user_data": { "user_id": "user_bob" } }));
+    assert_eq!(apply_ok(&p, &db.pool, removal).await, Outcome::Processed);
+    let late = bob.created(T0 + 5).svix("m3");
+    assert_eq!(apply_ok(&p, &db.pool, late).await, Outcome::Superseded);
+    let m = member(&db.pool, "mem_b").await.unwrap();
+    assert!(m.removed);
+    assert_eq!(m.removal_reason.as_deref(), Some("membership_deleted"));
+    assert_eq!(
+        audit_actions(&db.pool, "org_a").await,
+        ["workspace.provisioned"]
+    );
+}
+
+/// organization.deleted and user.deleted with only `{id, deleted}` apply.
+#[tokio::test]
+async fn minimal_deletions_apply() {
+    let db = TestDatabase::create().await;
+    let p = provisioner();
+    let acme = org("org_a").named("Acme").version(T0);
+    let jane = person("user_jane", "j");
+    let bob = person("user_bob", "b");
+    apply_all(
+        &p,
+        &db.pool,
+        [
+            acme.membership("mem_j", &jane).created(T0),
+            org("org_b")
+                .version(T0)
+                .membership("mem_b", &bob)
+                .created(T0),
+        ],
+    )
+    .await;
+    let org_gone = acme
+        .deleted(T0 + 10)
+        .svix("d1")
+        .with(|d| *d = json!({ "id": "org_a", "deleted": true }));
+    assert_eq!(apply_ok(&p, &db.pool, org_gone).await, Outcome::Processed);
+    let user_gone = user_deleted("user_bob", T0 + 10)
+        .svix("d2")
+        .with(|d| *d = json!({ "id": "user_bob", "deleted": true }));
+    assert_eq!(apply_ok(&p, &db.pool, user_gone).await, Outcome::Processed);
+    assert_eq!(
+        workspace(&db.pool, "org_a").await.unwrap().status,
+        "deleted"
+    );
+    assert!(member(&db.pool, "mem_j").await.unwrap().removed);
+    assert!(member(&db.pool, "mem_b").await.unwrap().removed);
+}
+
 /// user.updated refreshes the user's display fields in every workspace (audited as
 /// member.updated in each) and wins over older membership snapshots, in any order.
 #[tokio::test]

@@ -13,7 +13,7 @@ use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
 use sqlx::PgConnection;
 
-use super::payload::{Decoded, Event, Membership, Organization, User};
+use super::payload::{Decoded, Event, Membership, Organization, Removal, User};
 use super::{Incoming, Outcome, Plans};
 use crate::config::ProvisioningSettings;
 
@@ -170,11 +170,17 @@ pub(crate) async fn apply_event(
         Event::Unhandled => ("ignored", None, None, None),
         Event::OrganizationUpsert(o) => ("processed", Some(o.id.as_str()), None, None),
         Event::OrganizationDeleted { id, .. } => ("processed", Some(id.as_str()), None, None),
-        Event::MembershipUpsert(m) | Event::MembershipDeleted { membership: m, .. } => (
+        Event::MembershipUpsert(m) => (
             "processed",
             Some(m.organization.id.as_str()),
             Some(m.id.as_str()),
             Some(m.user.user_id.as_str()),
+        ),
+        Event::MembershipDeleted { removal: r, .. } => (
+            "processed",
+            Some(r.organization_id.as_str()),
+            Some(r.id.as_str()),
+            r.user_id.as_deref(),
         ),
         // User events read nothing up front: their upserts are gated in SQL.
         Event::UserUpdated(_) | Event::UserDeleted { .. } => ("processed", None, None, None),
@@ -209,9 +215,10 @@ pub(crate) async fn apply_event(
             delete_workspace(conn, &mut cx, id, *at_ms, state.workspace()).await?
         }
         Event::MembershipUpsert(m) => upsert_membership(conn, &mut cx, m, None, &state).await?,
-        Event::MembershipDeleted { membership, at_ms } => {
-            upsert_membership(conn, &mut cx, membership, Some(*at_ms), &state).await?
-        }
+        Event::MembershipDeleted { removal, at_ms } => match &removal.snapshot {
+            Some(m) => upsert_membership(conn, &mut cx, m, Some(*at_ms), &state).await?,
+            None => remove_membership(conn, &mut cx, removal, *at_ms, &state).await?,
+        },
         Event::UserUpdated(u) => update_user(conn, &mut cx, u).await?,
         Event::UserDeleted { id, at_ms } => delete_user(conn, &mut cx, id, *at_ms).await?,
     };
@@ -241,6 +248,7 @@ struct Begin {
     w_clerk_created_at: Option<DateTime<Utc>>,
     w_deleted_at: Option<DateTime<Utc>>,
     m_exists: bool,
+    m_user_id: Option<String>,
     m_role: Option<String>,
     m_clerk_role: Option<String>,
     m_email: Option<String>,
@@ -306,7 +314,7 @@ async fn begin(
            w.max_allowed_memberships as w_max_allowed_memberships, w.status as w_status, \
            w.plan as w_plan, w.source_version as w_source_version, \
            w.clerk_created_at as w_clerk_created_at, w.deleted_at as w_deleted_at, \
-           m.membership_id is not null as m_exists, m.role as m_role, \
+           m.membership_id is not null as m_exists, m.user_id as m_user_id, m.role as m_role, \
            m.clerk_role as m_clerk_role, m.email as m_email, m.first_name as m_first_name, \
            m.last_name as m_last_name, m.image_url as m_image_url, \
            m.source_version as m_source_version, m.profile_version as m_profile_version, \
@@ -814,6 +822,65 @@ async fn upsert_membership(
         );
     }
     Ok(changed)
+}
+
+/// `organizationMembership.deleted` without a complete membership snapshot: end
+/// the membership from its ids alone, leaving every other stored field as it is.
+/// An unknown membership of a known workspace and user is stored as a tombstone,
+/// so its late `created` cannot grant the access Clerk already took away.
+async fn remove_membership(
+    conn: &mut PgConnection,
+    cx: &mut Ctx<'_>,
+    r: &Removal,
+    at_ms: i64,
+    st: &Begin,
+) -> Result<bool, sqlx::Error> {
+    let at = ts(at_ms);
+    let reason = "membership_deleted";
+    if st.m_exists {
+        if st.m_removed {
+            // Tombstone of this membership id: final.
+            return Ok(false);
+        }
+        let workspace_id: String = sqlx::query_scalar(
+            "update members set removed_at = $2, removal_reason = $3, updated_at = now() \
+             where membership_id = $1 \
+             returning workspace_id",
+        )
+        .bind(&r.id)
+        .bind(at)
+        .bind(reason)
+        .fetch_one(&mut *conn)
+        .await?;
+        cx.audit(
+            &workspace_id,
+            "member.removed",
+            st.m_user_id.as_deref(),
+            json!({ "membership_id": r.id, "reason": reason }),
+        );
+        return Ok(true);
+    }
+    // Without the workspace row or the user id there is nothing a tombstone could
+    // hang on; the membership was never stored here, so no access to take away.
+    let (true, Some(user_id)) = (st.w_exists, r.user_id.as_deref()) else {
+        return Ok(true);
+    };
+    // Never a member here: no audit row, like a full removal of an unknown membership.
+    sqlx::query(
+        "insert into members (membership_id, workspace_id, user_id, role, clerk_role, \
+           source_version, profile_version, joined_at, removed_at, removal_reason) \
+         values ($1, $2, $3, 'member', '', $4, $4, $5, $5, $6) \
+         on conflict (membership_id) do nothing",
+    )
+    .bind(&r.id)
+    .bind(&r.organization_id)
+    .bind(user_id)
+    .bind(at_ms)
+    .bind(at)
+    .bind(reason)
+    .execute(&mut *conn)
+    .await?;
+    Ok(true)
 }
 
 // ---- users -------------------------------------------------------------------------
