@@ -42,6 +42,16 @@ fn payload_error(r: Result<Outcome, ProcessError>) -> String {
     }
 }
 
+/// An audit row from Clerk: (action, actor, subject, event id).
+fn audit_row(action: &str, subject: &str, event_id: &str) -> AuditRow {
+    (
+        action.to_owned(),
+        "clerk".to_owned(),
+        Some(subject.to_owned()),
+        Some(event_id.to_owned()),
+    )
+}
+
 /// Applies `events` in order, each expected to apply.
 async fn apply_all(p: &Provisioner, db: &PgPool, events: impl IntoIterator<Item = Event>) {
     for e in events {
@@ -179,6 +189,87 @@ async fn plan_comes_from_public_metadata_or_default() {
             .contains(&("seats".to_owned(), 5))
     );
     assert_eq!(workspace(&db.pool, "org_null").await.unwrap().plan, "free");
+}
+
+/// organization.updated naming an unknown plan keeps a paying workspace's plan and
+/// quotas (a `workspace.plan_unknown` audit row names it) and still applies the
+/// other fields; a late older snapshot naming a known plan still sets the plan.
+#[tokio::test]
+async fn unknown_plan_keeps_the_current_plan() {
+    let db = TestDatabase::create().await;
+    let p = provisioner();
+    let acme = org("org_a").named("Acme").plan("enterprise");
+    apply_ok(&p, &db.pool, acme.created(T0).svix("m1")).await;
+    let quotas_before = quotas(&db.pool, "org_a").await;
+
+    let typo = acme.clone().named("Acme Two").plan("enterprize");
+    let out = apply_ok(&p, &db.pool, typo.updated(T0 + 10).svix("m2")).await;
+
+    assert_eq!(out, Outcome::Processed);
+    let w = workspace(&db.pool, "org_a").await.unwrap();
+    assert_eq!(w.plan, "enterprise");
+    assert_eq!(w.name.as_deref(), Some("Acme Two"));
+    assert_eq!(w.source_version, Some(T0 + 10));
+    assert_eq!(quotas(&db.pool, "org_a").await, quotas_before);
+    assert_eq!(
+        audit(&db.pool, "org_a").await,
+        [
+            audit_row("workspace.provisioned", "org_a", "m1"),
+            audit_row("workspace.plan_unknown", "org_a", "m2"),
+            audit_row("workspace.renamed", "org_a", "m2"),
+            // The slug follows the name.
+            audit_row("workspace.updated", "org_a", "m2"),
+        ]
+    );
+    assert_eq!(
+        audit_details(&db.pool, "org_a").await[0],
+        json!({ "plan": "enterprize", "applied": "enterprise" })
+    );
+
+    // Delivered late, an older snapshot naming a configured plan is the newest
+    // one that names a plan: the plan follows it (as in order), the data does not.
+    let older = acme.clone().named("Acme Old").plan("team");
+    let out = apply_ok(&p, &db.pool, older.updated(T0 + 5).svix("m3")).await;
+    assert_eq!(out, Outcome::Processed);
+    let w = workspace(&db.pool, "org_a").await.unwrap();
+    assert_eq!(
+        (w.plan.as_str(), w.name.as_deref()),
+        ("team", Some("Acme Two"))
+    );
+    assert!(
+        quotas(&db.pool, "org_a")
+            .await
+            .contains(&("seats".to_owned(), 25))
+    );
+}
+
+/// A new workspace whose snapshot names an unknown plan gets the default plan, with
+/// a `workspace.plan_unknown` audit row; a later known plan replaces it.
+#[tokio::test]
+async fn new_workspace_with_unknown_plan_gets_default_plan() {
+    let db = TestDatabase::create().await;
+    let p = provisioner();
+    let gold = org("org_g").named("G").plan("gold");
+    apply_ok(&p, &db.pool, gold.created(T0).svix("m1")).await;
+
+    assert_eq!(workspace(&db.pool, "org_g").await.unwrap().plan, "free");
+    assert!(
+        quotas(&db.pool, "org_g")
+            .await
+            .contains(&("seats".to_owned(), 5))
+    );
+    assert_eq!(
+        audit_actions(&db.pool, "org_g").await,
+        ["workspace.provisioned", "workspace.plan_unknown"]
+    );
+    assert_eq!(
+        audit_details(&db.pool, "org_g").await,
+        [json!({ "plan": "gold", "applied": "free" })]
+    );
+
+    let team = gold.plan("team").updated(T0 + 10).svix("m2");
+    apply_ok(&p, &db.pool, team).await;
+    assert_eq!(workspace(&db.pool, "org_g").await.unwrap().plan, "team");
 }
 
 /// organization.updated renames (workspace.renamed), changes the plan and re-derives

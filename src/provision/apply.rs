@@ -245,6 +245,7 @@ struct Begin {
     w_status: Option<String>,
     w_plan: Option<String>,
     w_source_version: Option<i64>,
+    w_plan_version: Option<i64>,
     w_clerk_created_at: Option<DateTime<Utc>>,
     w_deleted_at: Option<DateTime<Utc>>,
     m_exists: bool,
@@ -277,6 +278,7 @@ impl Begin {
             status: self.w_status.clone().unwrap_or_default(),
             plan: self.w_plan.clone().unwrap_or_default(),
             source_version: self.w_source_version,
+            plan_version: self.w_plan_version,
             clerk_created_at: self.w_clerk_created_at,
             deleted_at: self.w_deleted_at,
         })
@@ -313,6 +315,7 @@ async fn begin(
            w.image_url as w_image_url, w.created_by as w_created_by, \
            w.max_allowed_memberships as w_max_allowed_memberships, w.status as w_status, \
            w.plan as w_plan, w.source_version as w_source_version, \
+           w.plan_version as w_plan_version, \
            w.clerk_created_at as w_clerk_created_at, w.deleted_at as w_deleted_at, \
            m.membership_id is not null as m_exists, m.user_id as m_user_id, m.role as m_role, \
            m.clerk_role as m_clerk_role, m.email as m_email, m.first_name as m_first_name, \
@@ -352,6 +355,8 @@ struct WorkspaceRow {
     status: String,
     plan: String,
     source_version: Option<i64>,
+    /// Version of the snapshot that set `plan` (null: none did).
+    plan_version: Option<i64>,
     clerk_created_at: Option<DateTime<Utc>>,
     deleted_at: Option<DateTime<Utc>>,
 }
@@ -370,6 +375,7 @@ async fn insert_workspace(
     id: &str,
     org: Option<&Organization>,
     plan: &str,
+    plan_version: Option<i64>,
     deleted: Option<(DateTime<Utc>, i64)>,
 ) -> Result<(), sqlx::Error> {
     let (quota_names, quota_values) = cx.plans.quotas(plan);
@@ -389,8 +395,9 @@ async fn insert_workspace(
     sqlx::query(
         "with w as ( \
            insert into workspaces (id, name, slug, image_url, created_by, max_allowed_memberships, \
-             status, plan, source_version, clerk_created_at, deleted_at, deleted_version) \
-           values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) returning id), \
+             status, plan, source_version, clerk_created_at, deleted_at, deleted_version, \
+             plan_version) \
+           values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $17) returning id), \
          q as ( \
            insert into workspace_quotas (workspace_id, name, limit_value) \
            select $1, n, v from unnest($13::text[], $14::bigint[]) as t(n, v)), \
@@ -420,26 +427,30 @@ async fn insert_workspace(
     .bind(quota_values)
     .bind(steps)
     .bind(required)
+    .bind(plan_version)
     .execute(conn)
     .await?;
     Ok(())
 }
 
 /// Applies an organization snapshot: data fields only when it is newer than the
-/// stored one; plan and quotas always follow the newest applied snapshot; a
-/// tombstoned workspace takes the data but stays deleted.
+/// stored one; plan and quotas follow the newest snapshot that names a configured
+/// plan or none (an unknown name never downgrades a workspace, it keeps its plan;
+/// a new workspace gets the default plan); a tombstoned workspace takes the data
+/// but stays deleted.
 async fn upsert_workspace(
     conn: &mut PgConnection,
     cx: &mut Ctx<'_>,
     org: &Organization,
     existing: Option<WorkspaceRow>,
 ) -> Result<WorkspaceState, sqlx::Error> {
-    let plan = cx
-        .settings
-        .plan_for(org.requested_plan.as_deref())
-        .to_owned();
+    let requested = org.requested_plan.as_deref();
+    let unknown = requested.filter(|p| !cx.settings.plans.contains_key(*p));
+    let plan = cx.settings.plan_for(requested).to_owned();
     let Some(row) = existing else {
-        insert_workspace(conn, cx, &org.id, Some(org), &plan, None).await?;
+        // An unknown plan sets nothing: a later snapshot of any version may set it.
+        let plan_version = unknown.is_none().then_some(org.updated_at);
+        insert_workspace(conn, cx, &org.id, Some(org), &plan, plan_version, None).await?;
         cx.audit(
             &org.id,
             "workspace.provisioned",
@@ -449,36 +460,62 @@ async fn upsert_workspace(
                 "version": org.updated_at,
             }}),
         );
+        if let Some(given) = unknown {
+            plan_unknown(cx, &org.id, given, &plan, "default plan applied");
+        }
         return Ok(WorkspaceState {
             changed: true,
             deleted_at: None,
         });
     };
     let newer = row.source_version.is_none_or(|v| org.updated_at > v);
-    if !newer {
+    let plan_newer = unknown.is_none() && row.plan_version.is_none_or(|v| org.updated_at > v);
+    if !newer && !plan_newer {
         return Ok(WorkspaceState {
             changed: false,
             deleted_at: row.deleted_at,
         });
     }
-    let clerk_created_at = ts(org.created_at);
-    sqlx::query(
-        "update workspaces set name = $2, slug = $3, image_url = $4, created_by = $5, \
-           max_allowed_memberships = $6, plan = $7, source_version = $8, \
-           clerk_created_at = $9, updated_at = now() \
-         where id = $1",
-    )
-    .bind(&org.id)
-    .bind(&org.name)
-    .bind(&org.slug)
-    .bind(&org.image_url)
-    .bind(&org.created_by)
-    .bind(org.max_allowed_memberships)
-    .bind(&plan)
-    .bind(org.updated_at)
-    .bind(clerk_created_at)
-    .execute(&mut *conn)
-    .await?;
+    let (plan, plan_version) = if plan_newer {
+        (plan, Some(org.updated_at))
+    } else {
+        (row.plan.clone(), row.plan_version)
+    };
+    if newer {
+        let clerk_created_at = ts(org.created_at);
+        sqlx::query(
+            "update workspaces set name = $2, slug = $3, image_url = $4, created_by = $5, \
+               max_allowed_memberships = $6, plan = $7, source_version = $8, \
+               clerk_created_at = $9, plan_version = $10, updated_at = now() \
+             where id = $1",
+        )
+        .bind(&org.id)
+        .bind(&org.name)
+        .bind(&org.slug)
+        .bind(&org.image_url)
+        .bind(&org.created_by)
+        .bind(org.max_allowed_memberships)
+        .bind(&plan)
+        .bind(org.updated_at)
+        .bind(clerk_created_at)
+        .bind(plan_version)
+        .execute(&mut *conn)
+        .await?;
+        if let Some(given) = unknown {
+            plan_unknown(cx, &org.id, given, &plan, "current plan kept");
+        }
+    } else {
+        // Older data, but the newest snapshot naming a known plan (or none): only
+        // the plan follows it.
+        sqlx::query(
+            "update workspaces set plan = $2, plan_version = $3, updated_at = now() where id = $1",
+        )
+        .bind(&org.id)
+        .bind(&plan)
+        .bind(plan_version)
+        .execute(&mut *conn)
+        .await?;
+    }
     if row.plan != plan {
         let (names, values) = cx.plans.quotas(&plan);
         // Two disjoint sets of rows (names leaving, names staying or arriving), so
@@ -503,6 +540,13 @@ async fn upsert_workspace(
             json!({ "before": { "plan": row.plan }, "after": { "plan": plan } }),
         );
     }
+    if !newer {
+        return Ok(WorkspaceState {
+            changed: true,
+            deleted_at: row.deleted_at,
+        });
+    }
+    let clerk_created_at = ts(org.created_at);
     if row.name.as_deref() != Some(org.name.as_str()) {
         cx.audit(
             &org.id,
@@ -546,6 +590,24 @@ async fn upsert_workspace(
     })
 }
 
+/// Records that a snapshot named a plan that is not configured: a warning with the
+/// workspace id and a `workspace.plan_unknown` audit row naming it.
+fn plan_unknown(cx: &mut Ctx<'_>, workspace_id: &str, given: &str, plan: &str, outcome: &str) {
+    tracing::warn!(
+        workspace.id = %workspace_id,
+        plan.requested = %given,
+        plan.current = %plan,
+        svix.id = %cx.incoming.svix_id,
+        "organization names an unknown plan; {outcome}"
+    );
+    cx.audit(
+        workspace_id,
+        "workspace.plan_unknown",
+        Some(workspace_id),
+        json!({ "plan": given, "applied": plan }),
+    );
+}
+
 /// `organization.deleted`: tombstone the workspace (creating it if unknown) and end
 /// its memberships. The first delete's time is kept.
 async fn delete_workspace(
@@ -560,7 +622,7 @@ async fn delete_workspace(
     match existing {
         None => {
             let plan = cx.settings.default_plan.clone();
-            insert_workspace(conn, cx, id, None, &plan, Some((at, at_ms))).await?;
+            insert_workspace(conn, cx, id, None, &plan, None, Some((at, at_ms))).await?;
             cx.audit(
                 id,
                 "workspace.deleted",
