@@ -70,6 +70,9 @@ struct HistEvent {
 #[derive(Debug, Clone, Default)]
 struct OrgState {
     snap: Option<OrgSnap>,
+    /// `public_metadata.plan` of every snapshot, oldest first (an unknown name
+    /// keeps the plan, so the plan is not simply the last snapshot's).
+    plans: Vec<Option<&'static str>>,
     deleted: bool,
 }
 
@@ -173,6 +176,7 @@ impl Model {
                     snap.plan = PLANS[usize::from(p) % PLANS.len()];
                 }
                 snap.updated_at = ts;
+                self.orgs[o].plans.push(snap.plan);
                 self.orgs[o].snap = Some(snap.clone());
                 let ev = Ev::OrgUpsert { created, org: snap };
                 self.emit(ts, ev);
@@ -435,7 +439,16 @@ fn expected(model: &Model, p: &Provisioner) -> State {
             // Only reachable through a delete, which needs a created organization.
             continue;
         };
-        let plan = s.plan_for(snap.plan).to_owned();
+        // The newest snapshot naming a configured plan or none decides; an
+        // unknown name never changes the plan.
+        let decisive = org
+            .plans
+            .iter()
+            .rev()
+            .find(|p| p.is_none_or(|p| s.plans.contains_key(p)))
+            .copied()
+            .flatten();
+        let plan = s.plan_for(decisive).to_owned();
         for (q, v) in &s.plans[&plan] {
             st.quotas.insert((id.clone(), q.clone()), *v);
         }

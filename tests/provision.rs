@@ -42,6 +42,16 @@ fn payload_error(r: Result<Outcome, ProcessError>) -> String {
     }
 }
 
+/// An audit row from Clerk: (action, actor, subject, event id).
+fn audit_row(action: &str, subject: &str, event_id: &str) -> AuditRow {
+    (
+        action.to_owned(),
+        "clerk".to_owned(),
+        Some(subject.to_owned()),
+        Some(event_id.to_owned()),
+    )
+}
+
 /// Applies `events` in order, each expected to apply.
 async fn apply_all(p: &Provisioner, db: &PgPool, events: impl IntoIterator<Item = Event>) {
     for e in events {
@@ -179,6 +189,87 @@ async fn plan_comes_from_public_metadata_or_default() {
             .contains(&("seats".to_owned(), 5))
     );
     assert_eq!(workspace(&db.pool, "org_null").await.unwrap().plan, "free");
+}
+
+/// organization.updated naming an unknown plan keeps a paying workspace's plan and
+/// quotas (a `workspace.plan_unknown` audit row names it) and still applies the
+/// other fields; a late older snapshot naming a known plan still sets the plan.
+#[tokio::test]
+async fn unknown_plan_keeps_the_current_plan() {
+    let db = TestDatabase::create().await;
+    let p = provisioner();
+    let acme = org("org_a").named("Acme").plan("enterprise");
+    apply_ok(&p, &db.pool, acme.created(T0).svix("m1")).await;
+    let quotas_before = quotas(&db.pool, "org_a").await;
+
+    let typo = acme.clone().named("Acme Two").plan("enterprize");
+    let out = apply_ok(&p, &db.pool, typo.updated(T0 + 10).svix("m2")).await;
+
+    assert_eq!(out, Outcome::Processed);
+    let w = workspace(&db.pool, "org_a").await.unwrap();
+    assert_eq!(w.plan, "enterprise");
+    assert_eq!(w.name.as_deref(), Some("Acme Two"));
+    assert_eq!(w.source_version, Some(T0 + 10));
+    assert_eq!(quotas(&db.pool, "org_a").await, quotas_before);
+    assert_eq!(
+        audit(&db.pool, "org_a").await,
+        [
+            audit_row("workspace.provisioned", "org_a", "m1"),
+            audit_row("workspace.plan_unknown", "org_a", "m2"),
+            audit_row("workspace.renamed", "org_a", "m2"),
+            // The slug follows the name.
+            audit_row("workspace.updated", "org_a", "m2"),
+        ]
+    );
+    assert_eq!(
+        audit_details(&db.pool, "org_a").await[0],
+        json!({ "plan": "enterprize", "applied": "enterprise" })
+    );
+
+    // Delivered late, an older snapshot naming a configured plan is the newest
+    // one that names a plan: the plan follows it (as in order), the data does not.
+    let older = acme.clone().named("Acme Old").plan("team");
+    let out = apply_ok(&p, &db.pool, older.updated(T0 + 5).svix("m3")).await;
+    assert_eq!(out, Outcome::Processed);
+    let w = workspace(&db.pool, "org_a").await.unwrap();
+    assert_eq!(
+        (w.plan.as_str(), w.name.as_deref()),
+        ("team", Some("Acme Two"))
+    );
+    assert!(
+        quotas(&db.pool, "org_a")
+            .await
+            .contains(&("seats".to_owned(), 25))
+    );
+}
+
+/// A new workspace whose snapshot names an unknown plan gets the default plan, with
+/// a `workspace.plan_unknown` audit row; a later known plan replaces it.
+#[tokio::test]
+async fn new_workspace_with_unknown_plan_gets_default_plan() {
+    let db = TestDatabase::create().await;
+    let p = provisioner();
+    let gold = org("org_g").named("G").plan("gold");
+    apply_ok(&p, &db.pool, gold.created(T0).svix("m1")).await;
+
+    assert_eq!(workspace(&db.pool, "org_g").await.unwrap().plan, "free");
+    assert!(
+        quotas(&db.pool, "org_g")
+            .await
+            .contains(&("seats".to_owned(), 5))
+    );
+    assert_eq!(
+        audit_actions(&db.pool, "org_g").await,
+        ["workspace.provisioned", "workspace.plan_unknown"]
+    );
+    assert_eq!(
+        audit_details(&db.pool, "org_g").await,
+        [json!({ "plan": "gold", "applied": "free" })]
+    );
+
+    let team = gold.plan("team").updated(T0 + 10).svix("m2");
+    apply_ok(&p, &db.pool, team).await;
+    assert_eq!(workspace(&db.pool, "org_g").await.unwrap().plan, "team");
 }
 
 /// organization.updated renames (workspace.renamed), changes the plan and re-derives
@@ -492,6 +583,134 @@ async fn removed_membership_is_final_and_readd_uses_new_id() {
     let m = member(&db.pool, "mem_3").await.unwrap();
     assert!(m.removed);
     assert_eq!(m.removal_reason.as_deref(), Some("membership_deleted"));
+}
+
+/// Applies jane's admin membership, then its removal with `data` edited by `edit`,
+/// and checks the removal applied: member removed, log row `processed`, not dead,
+/// display fields kept, one `member.removed` audit row about jane.
+async fn sparse_removal_applies(edit: impl FnOnce(&mut Value)) {
+    let db = TestDatabase::create().await;
+    let p = provisioner();
+    let jane = person("user_jane", "j");
+    let mem = org("org_a")
+        .named("Acme")
+        .version(T0)
+        .membership("mem_1", &jane)
+        .role("org:admin");
+    apply_ok(&p, &db.pool, mem.created(T0).svix("m1")).await;
+
+    let removal = mem.deleted(T0 + 10).svix("m2").with(edit);
+    assert_eq!(apply_ok(&p, &db.pool, removal).await, Outcome::Processed);
+
+    let m = member(&db.pool, "mem_1").await.unwrap();
+    assert!(m.removed);
+    assert_eq!(m.removal_reason.as_deref(), Some("membership_deleted"));
+    assert_eq!(m.email.as_deref(), Some(jane.email.as_str()));
+    assert_eq!(m.role, "admin");
+    let (status, error, _) = event_status(&db.pool, "m2").await.unwrap();
+    assert_eq!((status.as_str(), error), ("processed", None));
+    let last = audit(&db.pool, "org_a").await.pop().unwrap();
+    assert_eq!(
+        (last.0.as_str(), last.2.as_deref(), last.3.as_deref()),
+        ("member.removed", Some("user_jane"), Some("m2"))
+    );
+    assert_eq!(
+        workspace(&db.pool, "org_a").await.unwrap().name.as_deref(),
+        Some("Acme")
+    );
+}
+
+/// A membership removal without `public_user_data` still removes the member.
+#[tokio::test]
+async fn removal_without_public_user_data_applies() {
+    sparse_removal_applies(|d| {
+        d.as_object_mut().unwrap().remove("public_user_data");
+    })
+    .await;
+}
+
+/// A membership removal whose organization is just `{id}` still removes the member
+/// and leaves the workspace's fields as they are.
+#[tokio::test]
+async fn removal_with_minimal_organization_applies() {
+    sparse_removal_applies(|d| d["organization"] = json!({ "id": "org_a" })).await;
+}
+
+/// A removal carrying only its ids among unknown fields (no role, no versions)
+/// still removes the member.
+#[tokio::test]
+async fn removal_with_only_ids_and_unknown_fields_applies() {
+    sparse_removal_applies(|d| {
+        *d = json!({
+            "object": "organization_membership", "id": "mem_1", "deleted": true,
+            "organization": { "id": "org_a", "brand_new": [1, 2] },
+            "public_user_data": { "user_id": "user_jane", "unheard_of": { "x": 1 } },
+            "another_new_field": "value",
+        });
+    })
+    .await;
+}
+
+/// A sparse removal seen before its membership leaves a tombstone: the late
+/// `created` stays removed, so it never grants access.
+#[tokio::test]
+async fn sparse_removal_before_created_keeps_a_tombstone() {
+    let db = TestDatabase::create().await;
+    let p = provisioner();
+    let acme = org("org_a").named("Acme").version(T0);
+    apply_ok(&p, &db.pool, acme.created(T0).svix("m1")).await;
+    let bob = acme.membership("mem_b", &person("user_bob", "b"));
+    let removal = bob
+        .deleted(T0 + 10)
+        .svix("m2")
+        .with(|d| *d = json!({ "id": "mem_b", "organization": { "id": "org_a" }, "public_user_data": { "user_id": "user_bob" } }));
+    assert_eq!(apply_ok(&p, &db.pool, removal).await, Outcome::Processed);
+    let late = bob.created(T0 + 5).svix("m3");
+    assert_eq!(apply_ok(&p, &db.pool, late).await, Outcome::Superseded);
+    let m = member(&db.pool, "mem_b").await.unwrap();
+    assert!(m.removed);
+    assert_eq!(m.removal_reason.as_deref(), Some("membership_deleted"));
+    assert_eq!(
+        audit_actions(&db.pool, "org_a").await,
+        ["workspace.provisioned"]
+    );
+}
+
+/// organization.deleted and user.deleted with only `{id, deleted}` apply.
+#[tokio::test]
+async fn minimal_deletions_apply() {
+    let db = TestDatabase::create().await;
+    let p = provisioner();
+    let acme = org("org_a").named("Acme").version(T0);
+    let jane = person("user_jane", "j");
+    let bob = person("user_bob", "b");
+    apply_all(
+        &p,
+        &db.pool,
+        [
+            acme.membership("mem_j", &jane).created(T0),
+            org("org_b")
+                .version(T0)
+                .membership("mem_b", &bob)
+                .created(T0),
+        ],
+    )
+    .await;
+    let org_gone = acme
+        .deleted(T0 + 10)
+        .svix("d1")
+        .with(|d| *d = json!({ "id": "org_a", "deleted": true }));
+    assert_eq!(apply_ok(&p, &db.pool, org_gone).await, Outcome::Processed);
+    let user_gone = user_deleted("user_bob", T0 + 10)
+        .svix("d2")
+        .with(|d| *d = json!({ "id": "user_bob", "deleted": true }));
+    assert_eq!(apply_ok(&p, &db.pool, user_gone).await, Outcome::Processed);
+    assert_eq!(
+        workspace(&db.pool, "org_a").await.unwrap().status,
+        "deleted"
+    );
+    assert!(member(&db.pool, "mem_j").await.unwrap().removed);
+    assert!(member(&db.pool, "mem_b").await.unwrap().removed);
 }
 
 /// user.updated refreshes the user's display fields in every workspace (audited as

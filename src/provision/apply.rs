@@ -13,7 +13,7 @@ use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
 use sqlx::PgConnection;
 
-use super::payload::{Decoded, Event, Membership, Organization, User};
+use super::payload::{Decoded, Event, Membership, Organization, Removal, User};
 use super::{Incoming, Outcome, Plans};
 use crate::config::ProvisioningSettings;
 
@@ -170,11 +170,17 @@ pub(crate) async fn apply_event(
         Event::Unhandled => ("ignored", None, None, None),
         Event::OrganizationUpsert(o) => ("processed", Some(o.id.as_str()), None, None),
         Event::OrganizationDeleted { id, .. } => ("processed", Some(id.as_str()), None, None),
-        Event::MembershipUpsert(m) | Event::MembershipDeleted { membership: m, .. } => (
+        Event::MembershipUpsert(m) => (
             "processed",
             Some(m.organization.id.as_str()),
             Some(m.id.as_str()),
             Some(m.user.user_id.as_str()),
+        ),
+        Event::MembershipDeleted { removal: r, .. } => (
+            "processed",
+            Some(r.organization_id.as_str()),
+            Some(r.id.as_str()),
+            r.user_id.as_deref(),
         ),
         // User events read nothing up front: their upserts are gated in SQL.
         Event::UserUpdated(_) | Event::UserDeleted { .. } => ("processed", None, None, None),
@@ -209,9 +215,10 @@ pub(crate) async fn apply_event(
             delete_workspace(conn, &mut cx, id, *at_ms, state.workspace()).await?
         }
         Event::MembershipUpsert(m) => upsert_membership(conn, &mut cx, m, None, &state).await?,
-        Event::MembershipDeleted { membership, at_ms } => {
-            upsert_membership(conn, &mut cx, membership, Some(*at_ms), &state).await?
-        }
+        Event::MembershipDeleted { removal, at_ms } => match &removal.snapshot {
+            Some(m) => upsert_membership(conn, &mut cx, m, Some(*at_ms), &state).await?,
+            None => remove_membership(conn, &mut cx, removal, *at_ms, &state).await?,
+        },
         Event::UserUpdated(u) => update_user(conn, &mut cx, u).await?,
         Event::UserDeleted { id, at_ms } => delete_user(conn, &mut cx, id, *at_ms).await?,
     };
@@ -238,9 +245,11 @@ struct Begin {
     w_status: Option<String>,
     w_plan: Option<String>,
     w_source_version: Option<i64>,
+    w_plan_version: Option<i64>,
     w_clerk_created_at: Option<DateTime<Utc>>,
     w_deleted_at: Option<DateTime<Utc>>,
     m_exists: bool,
+    m_user_id: Option<String>,
     m_role: Option<String>,
     m_clerk_role: Option<String>,
     m_email: Option<String>,
@@ -269,6 +278,7 @@ impl Begin {
             status: self.w_status.clone().unwrap_or_default(),
             plan: self.w_plan.clone().unwrap_or_default(),
             source_version: self.w_source_version,
+            plan_version: self.w_plan_version,
             clerk_created_at: self.w_clerk_created_at,
             deleted_at: self.w_deleted_at,
         })
@@ -305,8 +315,9 @@ async fn begin(
            w.image_url as w_image_url, w.created_by as w_created_by, \
            w.max_allowed_memberships as w_max_allowed_memberships, w.status as w_status, \
            w.plan as w_plan, w.source_version as w_source_version, \
+           w.plan_version as w_plan_version, \
            w.clerk_created_at as w_clerk_created_at, w.deleted_at as w_deleted_at, \
-           m.membership_id is not null as m_exists, m.role as m_role, \
+           m.membership_id is not null as m_exists, m.user_id as m_user_id, m.role as m_role, \
            m.clerk_role as m_clerk_role, m.email as m_email, m.first_name as m_first_name, \
            m.last_name as m_last_name, m.image_url as m_image_url, \
            m.source_version as m_source_version, m.profile_version as m_profile_version, \
@@ -344,6 +355,8 @@ struct WorkspaceRow {
     status: String,
     plan: String,
     source_version: Option<i64>,
+    /// Version of the snapshot that set `plan` (null: none did).
+    plan_version: Option<i64>,
     clerk_created_at: Option<DateTime<Utc>>,
     deleted_at: Option<DateTime<Utc>>,
 }
@@ -362,6 +375,7 @@ async fn insert_workspace(
     id: &str,
     org: Option<&Organization>,
     plan: &str,
+    plan_version: Option<i64>,
     deleted: Option<(DateTime<Utc>, i64)>,
 ) -> Result<(), sqlx::Error> {
     let (quota_names, quota_values) = cx.plans.quotas(plan);
@@ -381,8 +395,9 @@ async fn insert_workspace(
     sqlx::query(
         "with w as ( \
            insert into workspaces (id, name, slug, image_url, created_by, max_allowed_memberships, \
-             status, plan, source_version, clerk_created_at, deleted_at, deleted_version) \
-           values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) returning id), \
+             status, plan, source_version, clerk_created_at, deleted_at, deleted_version, \
+             plan_version) \
+           values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $17) returning id), \
          q as ( \
            insert into workspace_quotas (workspace_id, name, limit_value) \
            select $1, n, v from unnest($13::text[], $14::bigint[]) as t(n, v)), \
@@ -412,26 +427,30 @@ async fn insert_workspace(
     .bind(quota_values)
     .bind(steps)
     .bind(required)
+    .bind(plan_version)
     .execute(conn)
     .await?;
     Ok(())
 }
 
 /// Applies an organization snapshot: data fields only when it is newer than the
-/// stored one; plan and quotas always follow the newest applied snapshot; a
-/// tombstoned workspace takes the data but stays deleted.
+/// stored one; plan and quotas follow the newest snapshot that names a configured
+/// plan or none (an unknown name never downgrades a workspace, it keeps its plan;
+/// a new workspace gets the default plan); a tombstoned workspace takes the data
+/// but stays deleted.
 async fn upsert_workspace(
     conn: &mut PgConnection,
     cx: &mut Ctx<'_>,
     org: &Organization,
     existing: Option<WorkspaceRow>,
 ) -> Result<WorkspaceState, sqlx::Error> {
-    let plan = cx
-        .settings
-        .plan_for(org.requested_plan.as_deref())
-        .to_owned();
+    let requested = org.requested_plan.as_deref();
+    let unknown = requested.filter(|p| !cx.settings.plans.contains_key(*p));
+    let plan = cx.settings.plan_for(requested).to_owned();
     let Some(row) = existing else {
-        insert_workspace(conn, cx, &org.id, Some(org), &plan, None).await?;
+        // An unknown plan sets nothing: a later snapshot of any version may set it.
+        let plan_version = unknown.is_none().then_some(org.updated_at);
+        insert_workspace(conn, cx, &org.id, Some(org), &plan, plan_version, None).await?;
         cx.audit(
             &org.id,
             "workspace.provisioned",
@@ -441,36 +460,62 @@ async fn upsert_workspace(
                 "version": org.updated_at,
             }}),
         );
+        if let Some(given) = unknown {
+            plan_unknown(cx, &org.id, given, &plan, "default plan applied");
+        }
         return Ok(WorkspaceState {
             changed: true,
             deleted_at: None,
         });
     };
     let newer = row.source_version.is_none_or(|v| org.updated_at > v);
-    if !newer {
+    let plan_newer = unknown.is_none() && row.plan_version.is_none_or(|v| org.updated_at > v);
+    if !newer && !plan_newer {
         return Ok(WorkspaceState {
             changed: false,
             deleted_at: row.deleted_at,
         });
     }
-    let clerk_created_at = ts(org.created_at);
-    sqlx::query(
-        "update workspaces set name = $2, slug = $3, image_url = $4, created_by = $5, \
-           max_allowed_memberships = $6, plan = $7, source_version = $8, \
-           clerk_created_at = $9, updated_at = now() \
-         where id = $1",
-    )
-    .bind(&org.id)
-    .bind(&org.name)
-    .bind(&org.slug)
-    .bind(&org.image_url)
-    .bind(&org.created_by)
-    .bind(org.max_allowed_memberships)
-    .bind(&plan)
-    .bind(org.updated_at)
-    .bind(clerk_created_at)
-    .execute(&mut *conn)
-    .await?;
+    let (plan, plan_version) = if plan_newer {
+        (plan, Some(org.updated_at))
+    } else {
+        (row.plan.clone(), row.plan_version)
+    };
+    if newer {
+        let clerk_created_at = ts(org.created_at);
+        sqlx::query(
+            "update workspaces set name = $2, slug = $3, image_url = $4, created_by = $5, \
+               max_allowed_memberships = $6, plan = $7, source_version = $8, \
+               clerk_created_at = $9, plan_version = $10, updated_at = now() \
+             where id = $1",
+        )
+        .bind(&org.id)
+        .bind(&org.name)
+        .bind(&org.slug)
+        .bind(&org.image_url)
+        .bind(&org.created_by)
+        .bind(org.max_allowed_memberships)
+        .bind(&plan)
+        .bind(org.updated_at)
+        .bind(clerk_created_at)
+        .bind(plan_version)
+        .execute(&mut *conn)
+        .await?;
+        if let Some(given) = unknown {
+            plan_unknown(cx, &org.id, given, &plan, "current plan kept");
+        }
+    } else {
+        // Older data, but the newest snapshot naming a known plan (or none): only
+        // the plan follows it.
+        sqlx::query(
+            "update workspaces set plan = $2, plan_version = $3, updated_at = now() where id = $1",
+        )
+        .bind(&org.id)
+        .bind(&plan)
+        .bind(plan_version)
+        .execute(&mut *conn)
+        .await?;
+    }
     if row.plan != plan {
         let (names, values) = cx.plans.quotas(&plan);
         // Two disjoint sets of rows (names leaving, names staying or arriving), so
@@ -495,6 +540,13 @@ async fn upsert_workspace(
             json!({ "before": { "plan": row.plan }, "after": { "plan": plan } }),
         );
     }
+    if !newer {
+        return Ok(WorkspaceState {
+            changed: true,
+            deleted_at: row.deleted_at,
+        });
+    }
+    let clerk_created_at = ts(org.created_at);
     if row.name.as_deref() != Some(org.name.as_str()) {
         cx.audit(
             &org.id,
@@ -538,6 +590,24 @@ async fn upsert_workspace(
     })
 }
 
+/// Records that a snapshot named a plan that is not configured: a warning with the
+/// workspace id and a `workspace.plan_unknown` audit row naming it.
+fn plan_unknown(cx: &mut Ctx<'_>, workspace_id: &str, given: &str, plan: &str, outcome: &str) {
+    tracing::warn!(
+        workspace.id = %workspace_id,
+        plan.requested = %given,
+        plan.current = %plan,
+        svix.id = %cx.incoming.svix_id,
+        "organization names an unknown plan; {outcome}"
+    );
+    cx.audit(
+        workspace_id,
+        "workspace.plan_unknown",
+        Some(workspace_id),
+        json!({ "plan": given, "applied": plan }),
+    );
+}
+
 /// `organization.deleted`: tombstone the workspace (creating it if unknown) and end
 /// its memberships. The first delete's time is kept.
 async fn delete_workspace(
@@ -552,7 +622,7 @@ async fn delete_workspace(
     match existing {
         None => {
             let plan = cx.settings.default_plan.clone();
-            insert_workspace(conn, cx, id, None, &plan, Some((at, at_ms))).await?;
+            insert_workspace(conn, cx, id, None, &plan, None, Some((at, at_ms))).await?;
             cx.audit(
                 id,
                 "workspace.deleted",
@@ -814,6 +884,65 @@ async fn upsert_membership(
         );
     }
     Ok(changed)
+}
+
+/// `organizationMembership.deleted` without a complete membership snapshot: end
+/// the membership from its ids alone, leaving every other stored field as it is.
+/// An unknown membership of a known workspace and user is stored as a tombstone,
+/// so its late `created` cannot grant the access Clerk already took away.
+async fn remove_membership(
+    conn: &mut PgConnection,
+    cx: &mut Ctx<'_>,
+    r: &Removal,
+    at_ms: i64,
+    st: &Begin,
+) -> Result<bool, sqlx::Error> {
+    let at = ts(at_ms);
+    let reason = "membership_deleted";
+    if st.m_exists {
+        if st.m_removed {
+            // Tombstone of this membership id: final.
+            return Ok(false);
+        }
+        let workspace_id: String = sqlx::query_scalar(
+            "update members set removed_at = $2, removal_reason = $3, updated_at = now() \
+             where membership_id = $1 \
+             returning workspace_id",
+        )
+        .bind(&r.id)
+        .bind(at)
+        .bind(reason)
+        .fetch_one(&mut *conn)
+        .await?;
+        cx.audit(
+            &workspace_id,
+            "member.removed",
+            st.m_user_id.as_deref(),
+            json!({ "membership_id": r.id, "reason": reason }),
+        );
+        return Ok(true);
+    }
+    // Without the workspace row or the user id there is nothing a tombstone could
+    // hang on; the membership was never stored here, so no access to take away.
+    let (true, Some(user_id)) = (st.w_exists, r.user_id.as_deref()) else {
+        return Ok(true);
+    };
+    // Never a member here: no audit row, like a full removal of an unknown membership.
+    sqlx::query(
+        "insert into members (membership_id, workspace_id, user_id, role, clerk_role, \
+           source_version, profile_version, joined_at, removed_at, removal_reason) \
+         values ($1, $2, $3, 'member', '', $4, $4, $5, $5, $6) \
+         on conflict (membership_id) do nothing",
+    )
+    .bind(&r.id)
+    .bind(&r.organization_id)
+    .bind(user_id)
+    .bind(at_ms)
+    .bind(at)
+    .bind(reason)
+    .execute(&mut *conn)
+    .await?;
+    Ok(true)
 }
 
 // ---- users -------------------------------------------------------------------------

@@ -43,10 +43,11 @@ pub enum Event {
     },
     /// `organizationMembership.created` / `.updated`.
     MembershipUpsert(Membership),
-    /// `organizationMembership.deleted` (the full membership).
+    /// `organizationMembership.deleted`: decoded leniently, since a removal that
+    /// fails to decode would leave the member's access in place.
     MembershipDeleted {
-        /// The membership as it was.
-        membership: Membership,
+        /// What the removal needs, and the full membership when the body has one.
+        removal: Removal,
         /// Envelope timestamp (ms).
         at_ms: i64,
     },
@@ -69,9 +70,8 @@ impl Decoded {
         match &self.event {
             Event::OrganizationUpsert(o) => Some(&o.id),
             Event::OrganizationDeleted { id, .. } => Some(id),
-            Event::MembershipUpsert(m) | Event::MembershipDeleted { membership: m, .. } => {
-                Some(&m.organization.id)
-            }
+            Event::MembershipUpsert(m) => Some(&m.organization.id),
+            Event::MembershipDeleted { removal, .. } => Some(&removal.organization_id),
             Event::UserUpdated(_) | Event::UserDeleted { .. } | Event::Unhandled => None,
         }
     }
@@ -80,9 +80,8 @@ impl Decoded {
     /// event, the user of a user event.
     pub fn user_id(&self) -> Option<&str> {
         match &self.event {
-            Event::MembershipUpsert(m) | Event::MembershipDeleted { membership: m, .. } => {
-                Some(&m.user.user_id)
-            }
+            Event::MembershipUpsert(m) => Some(&m.user.user_id),
+            Event::MembershipDeleted { removal, .. } => removal.user_id.as_deref(),
             Event::UserUpdated(u) => Some(&u.id),
             Event::UserDeleted { id, .. } => Some(id),
             Event::OrganizationUpsert(_) | Event::OrganizationDeleted { .. } | Event::Unhandled => {
@@ -142,6 +141,21 @@ pub struct Membership {
     pub created_at: i64,
     /// ms; the snapshot's version.
     pub updated_at: i64,
+}
+
+/// What an `organizationMembership.deleted` must say: the membership, its
+/// organization and (when given) its user. Nothing else is required, so a sparse
+/// removal still takes the member's access away.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Removal {
+    /// `orgmem_…`
+    pub id: String,
+    /// `organization.id` (or `organization_id`).
+    pub organization_id: String,
+    /// `public_user_data.user_id` (or `user_id`), when the body names the user.
+    pub user_id: Option<String>,
+    /// The membership as it was, when the body carries a complete one.
+    pub snapshot: Option<Membership>,
 }
 
 /// `public_user_data` of a membership.
@@ -273,7 +287,7 @@ fn decode_object(kind: &str, root: &Map<String, Value>) -> Result<Decoded, Paylo
             Event::MembershipUpsert(membership(&data)?)
         }
         Handled::MembershipDeleted => Event::MembershipDeleted {
-            membership: membership(&data)?,
+            removal: removal(&data)?,
             at_ms: at()?,
         },
         Handled::UserUpdated => Event::UserUpdated(user(&data)?),
@@ -340,6 +354,42 @@ fn membership(m: &Obj<'_>) -> Result<Membership, PayloadError> {
         user,
         created_at: check_time(&m.path("created_at"), m.req_i64("created_at")?)?,
         updated_at: m.req_i64("updated_at")?,
+    })
+}
+
+/// A removal: the membership id and organization id are required; the user id
+/// and the full snapshot are taken when they are there and well-formed, and
+/// ignored otherwise.
+fn removal(m: &Obj<'_>) -> Result<Removal, PayloadError> {
+    let id = m.req_id("id")?;
+    let embedded = |obj: &str, key: &str| {
+        m.map
+            .get(obj)
+            .and_then(|o| o.get(key))
+            .and_then(Value::as_str)
+            .filter(|s| !s.trim().is_empty())
+            .map(str::to_owned)
+    };
+    let flat = |key: &str| {
+        m.map
+            .get(key)
+            .and_then(Value::as_str)
+            .filter(|s| !s.trim().is_empty())
+            .map(str::to_owned)
+    };
+    let organization_id = embedded("organization", "id")
+        .or_else(|| flat("organization_id"))
+        .ok_or_else(|| PayloadError(missing(&m.path("organization.id"))))?;
+    let user_id = embedded("public_user_data", "user_id").or_else(|| flat("user_id"));
+    // A snapshot naming another organization or user than the removal is not its own.
+    let snapshot = membership(m).ok().filter(|s| {
+        s.organization.id == organization_id && Some(&s.user.user_id) == user_id.as_ref()
+    });
+    Ok(Removal {
+        id,
+        organization_id,
+        user_id,
+        snapshot,
     })
 }
 
@@ -528,13 +578,11 @@ mod tests {
         assert_eq!(o.name, "Acme Corp");
         assert_eq!(o.max_allowed_memberships, Some(5));
         let d = decode("", &fixture("organizationMembership.deleted")).unwrap();
-        assert!(matches!(
-            d.event,
-            Event::MembershipDeleted {
-                at_ms: 1716883600000,
-                ..
-            }
-        ));
+        let Event::MembershipDeleted { removal, at_ms } = d.event else {
+            panic!("wrong event")
+        };
+        assert_eq!(at_ms, 1716883600000);
+        assert!(removal.snapshot.is_some());
         let d = decode("user.updated", &fixture("user.updated")).unwrap();
         let Event::UserUpdated(u) = d.event else {
             panic!("wrong event")
@@ -597,5 +645,95 @@ mod tests {
         );
         let e = decode("user.updated", br#"{"type":"user.deleted","data":{}}"#);
         assert!(e.unwrap_err().0.contains("does not match"));
+    }
+
+    fn removal_of(body: &[u8]) -> Removal {
+        let d = decode("organizationMembership.deleted", body).unwrap();
+        let Event::MembershipDeleted { removal, at_ms } = d.event else {
+            panic!("wrong event")
+        };
+        assert_eq!(at_ms, 1716883600000);
+        removal
+    }
+
+    // A removal without public_user_data still decodes: ids only, no snapshot.
+    #[test]
+    fn removal_without_public_user_data_decodes() {
+        let r = removal_of(
+            br#"{"type":"organizationMembership.deleted","timestamp":1716883600000,
+            "data":{"id":"orgmem_1","role":"org:member","created_at":1,"updated_at":2,
+              "organization":{"id":"org_1","name":"Acme","created_at":1,"updated_at":2}}}"#,
+        );
+        assert_eq!(r.id, "orgmem_1");
+        assert_eq!(r.organization_id, "org_1");
+        assert_eq!(r.user_id, None);
+        assert_eq!(r.snapshot, None);
+    }
+
+    // A removal whose organization is just `{id}` decodes with its user id.
+    #[test]
+    fn removal_with_minimal_organization_decodes() {
+        let r = removal_of(
+            br#"{"type":"organizationMembership.deleted","timestamp":1716883600000,
+            "data":{"id":"orgmem_1","organization":{"id":"org_1"},
+              "public_user_data":{"user_id":"user_1"}}}"#,
+        );
+        assert_eq!(r.organization_id, "org_1");
+        assert_eq!(r.user_id.as_deref(), Some("user_1"));
+        assert_eq!(r.snapshot, None);
+    }
+
+    // Unknown fields, and flat `organization_id`/`user_id`, are accepted.
+    #[test]
+    fn removal_with_flat_ids_and_unknown_fields_decodes() {
+        let r = removal_of(
+            br#"{"type":"organizationMembership.deleted","timestamp":1716883600000,
+            "data":{"id":"orgmem_1","organization_id":"org_1","user_id":"user_1",
+              "deleted":true,"object":"organization_membership","brand_new":{"x":[1]}}}"#,
+        );
+        assert_eq!(r.organization_id, "org_1");
+        assert_eq!(r.user_id.as_deref(), Some("user_1"));
+    }
+
+    // A removal still needs its membership id, organization id and timestamp.
+    #[test]
+    fn removal_needs_its_ids_and_timestamp() {
+        let e = decode(
+            "",
+            br#"{"type":"organizationMembership.deleted","timestamp":1716883600000,
+            "data":{"id":"orgmem_1","organization":{"name":"Acme"}}}"#,
+        );
+        assert_eq!(e.unwrap_err().0, "data.organization.id: missing");
+        let e = decode(
+            "",
+            br#"{"type":"organizationMembership.deleted","timestamp":1716883600000,
+            "data":{"organization":{"id":"org_1"}}}"#,
+        );
+        assert_eq!(e.unwrap_err().0, "data.id: missing");
+        let e = decode(
+            "",
+            br#"{"type":"organizationMembership.deleted","data":{"id":"orgmem_1","organization":{"id":"org_1"}}}"#,
+        );
+        assert_eq!(e.unwrap_err().0, "timestamp: missing");
+    }
+
+    // organization.deleted and user.deleted need only `{id}` (plus the timestamp);
+    // other fields, known or not, are ignored.
+    #[test]
+    fn deletions_need_only_an_id() {
+        let d = decode(
+            "",
+            br#"{"type":"organization.deleted","timestamp":1716883600000,
+            "data":{"id":"org_1","deleted":true,"object":"organization","slug":7,"x":{}}}"#,
+        )
+        .unwrap();
+        assert!(matches!(d.event, Event::OrganizationDeleted { ref id, .. } if id == "org_1"));
+        let d = decode(
+            "",
+            br#"{"type":"user.deleted","timestamp":1716883600000,
+            "data":{"id":"user_1","deleted":true,"email_addresses":"x"}}"#,
+        )
+        .unwrap();
+        assert!(matches!(d.event, Event::UserDeleted { ref id, .. } if id == "user_1"));
     }
 }
