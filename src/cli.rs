@@ -77,3 +77,49 @@ pub async fn run(cli: Cli, settings: Settings) -> anyhow::Result<()> {
         Command::Reconcile(args) => ops::reconcile::run(&settings, args).await,
     }
 }
+
+/// The whole life of a binary of this crate after its arguments are parsed: load
+/// the settings (exit 2 naming the bad one), start logging and say the deprecation
+/// notes collected while loading, run `body` on a multi-threaded runtime, and turn
+/// its outcome into the exit code, printing a failure as one line of causes.
+/// `provisioner` and `provisioner-load` both start here, so they fail alike.
+pub fn main_with<F, Fut>(body: F) -> std::process::ExitCode
+where
+    F: FnOnce(Settings) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    use std::process::ExitCode;
+    let settings = match Settings::load() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    crate::telemetry::init_tracing(&settings.log);
+    // Collected while loading, before logging existed; said once, now that it does.
+    for note in &settings.deprecations {
+        tracing::warn!(note = %note, "deprecated setting");
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let outcome = runtime.block_on(body(settings));
+    // A connection's I/O thread that is still busy must not hold the exit up.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(2));
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // One line: the chain of causes joined with ": ".
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
