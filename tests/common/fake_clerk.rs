@@ -55,6 +55,7 @@ struct World {
     script: VecDeque<Scripted>,
     seen: Vec<Seen>,
     gates: Vec<Gate>,
+    hidden: Vec<String>,
 }
 
 #[derive(Clone)]
@@ -150,6 +151,12 @@ impl FakeClerk {
             .unwrap()
             .memberships
             .retain(|m| m["id"] != id);
+    }
+
+    /// Leaves an organization out of the list (as a scan by offset can miss an
+    /// item), while `GET /v1/organizations/{id}` still finds it.
+    pub fn hide_from_list(&self, id: &str) {
+        self.world.lock().unwrap().hidden.push(id.to_owned());
     }
 
     /// The next requests get these answers, in order, before real ones again.
@@ -302,7 +309,14 @@ async fn list_organizations(
     if let Some(r) = admit(&shared, &headers, "/v1/organizations".into(), raw_query(&q)).await {
         return r;
     }
-    let items = shared.world.lock().unwrap().organizations.clone();
+    let items = {
+        let w = shared.world.lock().unwrap();
+        w.organizations
+            .iter()
+            .filter(|o| !w.hidden.iter().any(|h| o["id"] == h.as_str()))
+            .cloned()
+            .collect()
+    };
     page(items, &q)
 }
 
