@@ -904,3 +904,99 @@ impl<'a> Pass<'a> {
 fn id_of(value: &Value) -> String {
     value["id"].as_str().unwrap_or_default().to_owned()
 }
+
+/// Why a just-in-time sync failed (cloneable: concurrent callers share one).
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum SyncError {
+    /// No `CLERK_SECRET_KEY`.
+    #[error("CLERK_SECRET_KEY is not set: this process cannot sync from Clerk")]
+    NotConfigured,
+    /// Clerk refused, failed or could not be reached.
+    #[error("{0}")]
+    Clerk(String),
+    /// PostgreSQL failed; `unavailable` when it is down rather than wrong.
+    #[error("database error: {message}")]
+    Database {
+        /// The error, for the log.
+        message: String,
+        /// [`crate::db::DbFault::Unreachable`].
+        unavailable: bool,
+    },
+}
+
+type SharedSync = futures_util::future::Shared<
+    futures_util::future::BoxFuture<'static, Result<Found, SyncError>>,
+>;
+
+/// The read API's just-in-time sync: one organization from Clerk now, provisioned
+/// like a webhook would; concurrent syncs of one workspace share one fetch.
+#[derive(Clone)]
+pub struct JustInTime {
+    reconciler: Option<Reconciler>,
+    inflight: std::sync::Arc<std::sync::Mutex<HashMap<String, SharedSync>>>,
+}
+
+impl fmt::Debug for JustInTime {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("JustInTime")
+            .field("configured", &self.reconciler.is_some())
+            .finish()
+    }
+}
+
+impl JustInTime {
+    /// A sync service; `None` when the process has no `CLERK_SECRET_KEY`.
+    pub fn new(reconciler: Option<Reconciler>) -> Self {
+        Self {
+            reconciler,
+            inflight: Default::default(),
+        }
+    }
+
+    /// Fetches the organization `id` and its memberships and provisions them
+    /// (actor `reconcile`, same gates and proofs as a run).
+    pub async fn sync(&self, id: &str) -> Result<Found, SyncError> {
+        let Some(reconciler) = self.reconciler.clone() else {
+            return Err(SyncError::NotConfigured);
+        };
+        use futures_util::FutureExt;
+        let shared = {
+            let mut inflight = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
+            inflight
+                .entry(id.to_owned())
+                .or_insert_with(|| {
+                    let id = id.to_owned();
+                    async move {
+                        let opts = RunOptions::default();
+                        match reconciler.sync_one(&id, &opts).await {
+                            Ok((report, found)) => {
+                                if let Some(refused) = &report.refused {
+                                    tracing::warn!(workspace_id = %id, %refused, "sync left removals undone");
+                                }
+                                tracing::info!(workspace_id = %id, summary = %report.summary(), "synced from Clerk");
+                                Ok(found)
+                            }
+                            Err(ReconcileError::Clerk(ClerkError::NotConfigured)) => {
+                                Err(SyncError::NotConfigured)
+                            }
+                            Err(ReconcileError::Clerk(e)) => Err(SyncError::Clerk(e.to_string())),
+                            Err(ReconcileError::Database(e)) => Err(SyncError::Database {
+                                unavailable: crate::db::fault(&e)
+                                    == crate::db::DbFault::Unreachable,
+                                message: e.to_string(),
+                            }),
+                        }
+                    }
+                    .boxed()
+                    .shared()
+                })
+                .clone()
+        };
+        let result = shared.clone().await;
+        let mut inflight = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
+        if inflight.get(id).is_some_and(|f| f.ptr_eq(&shared)) {
+            inflight.remove(id);
+        }
+        result
+    }
+}
