@@ -152,6 +152,12 @@ impl Application {
             None
         };
 
+        let _reconcile = crate::reconcile::spawn_scheduled(
+            state.sync.reconciler(),
+            state.settings.reconcile.interval_s,
+            worker_stop.clone(),
+        );
+
         let http_stop = CancellationToken::new();
         // One deadline for the whole drain (HTTP, then the worker), counted from
         // the signal, so the process exits within the grace period plus closing.

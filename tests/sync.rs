@@ -17,6 +17,10 @@ const KEY: &str = "sk_test_sync_fake_key_0123456789";
 const T0: i64 = 1_750_000_000_000;
 
 async fn app_with_clerk(fake: Option<&FakeClerk>) -> TestApp {
+    app_with_clerk_and(fake, "").await
+}
+
+async fn app_with_clerk_and(fake: Option<&FakeClerk>, extra: &str) -> TestApp {
     let mut env = Vec::new();
     if let Some(fake) = fake {
         env.push(("CLERK_SECRET_KEY".to_owned(), fake.key.clone()));
@@ -24,7 +28,7 @@ async fn app_with_clerk(fake: Option<&FakeClerk>) -> TestApp {
     }
     spawn_app_with(TestOptions {
         env,
-        extra_config: "[reconcile]\nrequests_per_second = 0\n".into(),
+        extra_config: format!("[reconcile]\nrequests_per_second = 0\n{extra}"),
         ..TestOptions::default()
     })
     .await
@@ -158,5 +162,91 @@ async fn concurrent_syncs_share_one_fetch_and_converge_with_a_racing_webhook() {
     assert_eq!(
         body["name"], "Newer",
         "the older API snapshot did not overwrite the webhook"
+    );
+}
+
+/// `[reconcile] interval_s`: `serve` reconciles on its own, one process of the
+/// deployment at a time (an advisory lock), and says so in its metrics.
+#[tokio::test]
+async fn scheduled_reconcile_runs_under_one_lock_and_reports_metrics() {
+    let fake = FakeClerk::start(KEY).await;
+    fake.put_organization(org("org_sched").data_at(T0));
+    // Another process of the deployment is running one: hold its lock in the
+    // app's database before the app starts.
+    let iso = common::Isolation::new();
+    let settings = common::test_settings(&iso, &TestOptions::default());
+    let pool = provisioner::db::prepare(&settings.database).await.unwrap();
+    let mut holder = pool.acquire().await.unwrap();
+    let held: bool = sqlx::query_scalar(
+        "select pg_try_advisory_lock(hashtext('callmine-provisioner:reconcile'))",
+    )
+    .fetch_one(&mut *holder)
+    .await
+    .unwrap();
+    assert!(held);
+    let app = common::spawn_app_isolated(
+        iso,
+        TestOptions {
+            env: vec![
+                ("CLERK_SECRET_KEY".to_owned(), fake.key.clone()),
+                ("CLERK_API_URL".to_owned(), fake.url.clone()),
+            ],
+            extra_config: "[reconcile]\nrequests_per_second = 0\ninterval_s = 1\n".into(),
+            ..TestOptions::default()
+        },
+    )
+    .await;
+    let metrics = |app: &TestApp| {
+        let client = app.client.clone();
+        let url = format!("{}/metrics", app.address);
+        async move { client.get(url).send().await.unwrap().text().await.unwrap() }
+    };
+    let skipped = common::eventually(std::time::Duration::from_secs(20), || {
+        let m = metrics(&app);
+        async move {
+            m.await
+                .contains("provisioner_reconcile_runs_total{result=\"skipped\"}")
+                .then_some(())
+        }
+    })
+    .await;
+    assert!(
+        skipped.is_some(),
+        "runs are skipped while another holds the lock"
+    );
+    let (status, _) = Call::get("/v1/workspaces/org_sched").send(&app).await;
+    assert_eq!(status, 404, "nothing ran while the lock was held");
+
+    let _: bool =
+        sqlx::query_scalar("select pg_advisory_unlock(hashtext('callmine-provisioner:reconcile'))")
+            .fetch_one(&mut *holder)
+            .await
+            .unwrap();
+    drop(holder);
+    pool.close().await;
+    let provisioned = common::eventually(std::time::Duration::from_secs(20), || {
+        let call = Call::get("/v1/workspaces/org_sched");
+        let app = &app;
+        async move { (call.send(app).await.0 == 200).then_some(()) }
+    })
+    .await;
+    assert!(provisioned.is_some(), "the scheduled run provisioned it");
+    let text = common::eventually(std::time::Duration::from_secs(20), || {
+        let m = metrics(&app);
+        async move {
+            let text = m.await;
+            text.contains("provisioner_reconcile_runs_total{result=\"ok\"}")
+                .then_some(text)
+        }
+    })
+    .await
+    .expect("an ok run is counted");
+    assert!(
+        text.contains("provisioner_reconcile_drift{kind=\"workspace_missing\"}"),
+        "{text}"
+    );
+    assert!(
+        text.contains("provisioner_reconcile_duration_seconds"),
+        "{text}"
     );
 }
