@@ -32,6 +32,11 @@ use crate::clerk::api::{ClerkApi, ClerkError, Memberships, PAGE_LIMIT, Page};
 use crate::provision::payload::{self, Event, Membership, Organization};
 use crate::provision::{Actor, Incoming, Outcome, ProcessError, Provisioner};
 
+/// Repairs applied per transaction (as the worker's default batch).
+const APPLY_BATCH: usize = 32;
+/// Batches of repairs applied at once.
+const APPLIERS: usize = 8;
+
 /// The kinds of drift (exact strings of the `--json` report).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -869,13 +874,25 @@ impl Reconciler {
         Ok(())
     }
 
+    /// Applies repairs as the worker would: batches of [`APPLY_BATCH`], up to
+    /// [`APPLIERS`] at once (each batch takes its advisory locks in the global
+    /// order, so concurrent batches never deadlock).
     async fn apply(&self, events: &[Incoming]) -> Result<u64, ReconcileError> {
+        use futures_util::StreamExt;
+        use futures_util::stream::FuturesUnordered;
+        let mut chunks = events.chunks(APPLY_BATCH);
+        let mut results = FuturesUnordered::new();
+        let provisioner = &self.provisioner;
+        let pool = &self.pool;
+        for chunk in chunks.by_ref().take(APPLIERS) {
+            results.push(apply_chunk(provisioner, pool, chunk));
+        }
         let mut applied = 0;
-        for chunk in events.chunks(64) {
-            for (event, result) in chunk
-                .iter()
-                .zip(self.provisioner.apply_batch(&self.pool, chunk).await)
-            {
+        while let Some((chunk, outcomes)) = results.next().await {
+            if let Some(next) = chunks.next() {
+                results.push(apply_chunk(provisioner, pool, next));
+            }
+            for (event, result) in chunk.iter().zip(outcomes) {
                 match result {
                     Ok(Outcome::Processed) => applied += 1,
                     Ok(_) => {}
@@ -888,6 +905,14 @@ impl Reconciler {
         }
         Ok(applied)
     }
+}
+
+async fn apply_chunk<'a>(
+    provisioner: &'a Provisioner,
+    pool: &'a PgPool,
+    chunk: &'a [Incoming],
+) -> (&'a [Incoming], Vec<Result<Outcome, ProcessError>>) {
+    (chunk, provisioner.apply_batch(pool, chunk).await)
 }
 
 impl<'a> Pass<'a> {
