@@ -374,3 +374,52 @@ async fn secrets_never_appear_in_logs() {
         }
     }
 }
+
+// A password written as a query parameter (`?password=`, libpq's `?sslpassword=`,
+// which sqlx would log with its value as an unknown parameter) never reaches the logs
+// either, even at debug level and when start-up fails on that very connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn query_parameter_passwords_never_appear_in_logs() {
+    let iso = Isolation::new();
+    let config = TempFile::new("config.toml", &iso.broker_toml());
+    let amqp_password = format!("amqpQ{}", random_id(12));
+    let db_password = format!("pgQ{}", random_id(12));
+    let ssl_password = format!("sslQ{}", random_id(12));
+    let closed_port = free_port();
+    let mut env = base_env(&iso, &config, free_port());
+    env.retain(|(k, _)| k != "RUST_LOG" && k != "AMQP_URL" && k != "DATABASE_URL");
+    env.extend([
+        ("RUST_LOG".to_owned(), "debug".to_owned()),
+        (
+            "AMQP_URL".to_owned(),
+            format!("amqp://guest@127.0.0.1:{closed_port}/%2f?password={amqp_password}"),
+        ),
+        // Trust authentication: the passwords are carried but not needed.
+        (
+            "DATABASE_URL".to_owned(),
+            format!(
+                "postgres://postgres@127.0.0.1:5432/{}?password={db_password}&sslpassword={ssl_password}",
+                iso.database
+            ),
+        ),
+    ]);
+    for format in ["text", "json"] {
+        let log = TempFile::new("stderr", "");
+        let mut run = env.clone();
+        run.push(("LOG_FORMAT".into(), format.into()));
+        let mut child = start(&["serve", "--no-worker"], &run, &log);
+        let status = wait_exit(&mut child, Duration::from_secs(60)).await;
+        let stderr = log.read();
+        assert!(!status.success(), "the broker is unreachable");
+        assert!(
+            stderr.contains(&closed_port.to_string()),
+            "the failure names where: {stderr}"
+        );
+        for secret in [&amqp_password, &db_password, &ssl_password] {
+            assert!(
+                !stderr.contains(secret.as_str()),
+                "{format} logs leak {secret}: {stderr}"
+            );
+        }
+    }
+}

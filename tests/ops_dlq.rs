@@ -669,6 +669,29 @@ async fn binary_names_an_unreachable_broker_without_its_password() {
     let _ = std::fs::remove_file(cfg);
 }
 
+// lapin reads no password from the query, but one written there (`?password=`) is
+// hidden all the same, in the error and the logs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binary_names_an_unreachable_broker_without_its_query_parameter_password() {
+    let iso = Isolation::new();
+    let cfg = config_file(&iso, "");
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let url = format!("amqp://ops@127.0.0.1:{port}/%2f?password=s3cr3t-qu3ry");
+
+    let out = run_binary(
+        &cfg,
+        &[("AMQP_URL", url), ("RUST_LOG", "debug".into())],
+        &["dlq", "list"],
+    )
+    .await;
+
+    let redacted = format!("amqp://ops@127.0.0.1:{port}/%2f?password=***");
+    assert_failed_naming(&out, &redacted, "s3cr3t-qu3ry", "dlq list");
+    let _ = std::fs::remove_file(cfg);
+}
+
 // A peer that accepts the connection but never speaks AMQP (a stalled broker, or a
 // port taken by something else) fails the command within the connect deadline,
 // naming the URL without its password, instead of hanging.

@@ -93,21 +93,14 @@ impl DeadQueue {
     pub async fn open(settings: &Settings, lock_wait: Duration) -> Result<Self, DlqError> {
         let url = &settings.broker.url;
         let redacted_url = url.redacted();
-        let password = url::Url::parse(url.expose())
-            .ok()
-            .and_then(|u| u.password().map(str::to_owned));
         let connection = crate::broker::connect(url, "provisioner-dlq")
             .await
             .map_err(|e| {
                 // Belt and braces: a lapin error has no reason to echo the URL, but
                 // the password must never reach a terminal.
-                let mut reason = e.to_string();
-                if let Some(p) = password.as_deref().filter(|p| !p.is_empty()) {
-                    reason = reason.replace(p, "***");
-                }
                 DlqError::Unreachable {
                     url: redacted_url.clone(),
-                    reason,
+                    reason: url.scrub(&e.to_string()),
                 }
             })?;
         let mut session = DeadQueue {
