@@ -90,7 +90,10 @@ fn readable_url(raw: &str) -> (String, Vec<String>) {
     )
 }
 
-fn options(settings: &DatabaseSettings) -> Result<PgConnectOptions, DbError> {
+/// The connection options of `settings.url`, application name and slow-statement
+/// logging set, and no parameter sqlx would log the value of (see `readable_url`).
+/// Every connection this code base makes to PostgreSQL starts here.
+pub fn options(settings: &DatabaseSettings) -> Result<PgConnectOptions, DbError> {
     let (url, ignored) = readable_url(settings.url.expose());
     for parameter in ignored {
         tracing::warn!(
