@@ -686,6 +686,30 @@ async fn a_missing_dead_letter_queue_is_a_clear_error() {
 
 // ---- the binary -------------------------------------------------------------------
 
+// A dead letter that stands twice (what a dlq command killed between putting a copy
+// back and acknowledging the original leaves) is not doubled silently: the table
+// lists both and a note names the id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binary_list_names_an_id_that_stands_twice() {
+    let (iso, settings) = ops::broker_only(&TestOptions::default()).await;
+    let (msgs, ids) = mixed("org_twice");
+    let mut with_copy = msgs.clone();
+    with_copy.push(msgs[1].clone());
+    inject_dead(&settings, &with_copy).await;
+    let cfg = config_file(&iso, "");
+
+    let out = run_binary(&cfg, &[], &["dlq", "list"]).await;
+
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(text.contains("5 dead letter(s)"), "{text}");
+    assert!(
+        text.contains(&format!("1 id(s) appear more than once: {}", ids[1])),
+        "{text}"
+    );
+    let _ = std::fs::remove_file(cfg);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn binary_lists_as_json_replays_and_refuses_purge_without_yes() {
     let (iso, settings) = ops::broker_only(&TestOptions::default()).await;
