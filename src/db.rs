@@ -41,8 +41,68 @@ pub enum DbError {
     Migrate(#[from] sqlx::migrate::MigrateError),
 }
 
-fn options(settings: &DatabaseSettings) -> Result<PgConnectOptions, DbError> {
-    PgConnectOptions::from_str(settings.url.expose())
+/// The query parameters sqlx reads from a PostgreSQL URL (sqlx-postgres 0.9,
+/// `options/parse.rs`), besides `options[…]`.
+const SQLX_PARAMETERS: [&str; 18] = [
+    "sslmode",
+    "ssl-mode",
+    "sslrootcert",
+    "ssl-root-cert",
+    "ssl-ca",
+    "sslcert",
+    "ssl-cert",
+    "sslkey",
+    "ssl-key",
+    "statement-cache-capacity",
+    "host",
+    "hostaddr",
+    "port",
+    "dbname",
+    "user",
+    "password",
+    "application_name",
+    "options",
+];
+
+/// The URL without the query parameters sqlx does not read, and their names. sqlx
+/// ignores such a parameter with a warning that quotes its value — a secret for
+/// libpq's `sslpassword=` — so it never sees them; the caller names them instead.
+fn readable_url(raw: &str) -> (String, Vec<String>) {
+    let Ok(mut url) = url::Url::parse(raw) else {
+        return (raw.to_owned(), Vec::new());
+    };
+    let known = |k: &str| SQLX_PARAMETERS.contains(&k) || k.starts_with("options[");
+    let (kept, dropped): (Vec<_>, Vec<_>) = url
+        .query_pairs()
+        .map(|(k, v)| (k.into_owned(), v.into_owned()))
+        .partition(|(k, _)| known(k));
+    if dropped.is_empty() {
+        return (raw.to_owned(), Vec::new());
+    }
+    if kept.is_empty() {
+        url.set_query(None);
+    } else {
+        url.query_pairs_mut().clear().extend_pairs(kept);
+    }
+    (
+        url.to_string(),
+        dropped.into_iter().map(|(k, _)| k).collect(),
+    )
+}
+
+/// The connection options of `settings.url`, application name and slow-statement
+/// logging set, and no parameter sqlx would log the value of (see `readable_url`).
+/// Every connection this code base makes to PostgreSQL starts here.
+pub fn options(settings: &DatabaseSettings) -> Result<PgConnectOptions, DbError> {
+    let (url, ignored) = readable_url(settings.url.expose());
+    for parameter in ignored {
+        tracing::warn!(
+            %parameter,
+            url = %settings.url,
+            "ignoring a connection parameter the PostgreSQL driver does not read"
+        );
+    }
+    PgConnectOptions::from_str(&url)
         .map(|o| {
             o.log_slow_statements(tracing::log::LevelFilter::Warn, Duration::from_secs(1))
                 .application_name("callmine-provisioner")
@@ -162,6 +222,24 @@ fn fault_of_code(code: &str) -> DbFault {
         DbFault::Data
     } else {
         DbFault::Other
+    }
+}
+
+#[cfg(test)]
+mod url_tests {
+    use super::readable_url;
+
+    #[test]
+    fn parameters_sqlx_would_log_are_dropped_and_named() {
+        let (url, ignored) =
+            readable_url("postgres://u@db/app?sslpassword=hunter2&sslmode=disable&password=p");
+        assert_eq!(url, "postgres://u@db/app?sslmode=disable&password=p");
+        assert_eq!(ignored, ["sslpassword"]);
+        let (url, ignored) = readable_url("postgres://u@db/app?sslpassword=hunter2");
+        assert_eq!(url, "postgres://u@db/app");
+        assert_eq!(ignored, ["sslpassword"]);
+        let plain = "postgres://u:p@db/app?options[search_path]=x&application_name=a";
+        assert_eq!(readable_url(plain), (plain.to_owned(), Vec::new()));
     }
 }
 
