@@ -1255,3 +1255,45 @@ async fn delete_user(
     let ended = end_memberships(conn, cx, Ending::User(id), at).await?;
     Ok(tombstoned.is_some() || ended)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_newer_version_wins_and_a_tie_goes_to_the_smaller_svix_id() {
+        let s = |version, event| Source { version, event };
+        assert!(s(2, Some("msg_b")).beats(s(1, Some("msg_a"))));
+        assert!(!s(1, Some("msg_a")).beats(s(2, Some("msg_b"))));
+        assert!(s(1, Some("msg_a")).beats(s(1, Some("msg_b"))));
+        assert!(!s(1, Some("msg_b")).beats(s(1, Some("msg_a"))));
+        // The same snapshot again does not replace itself.
+        assert!(!s(1, Some("msg_a")).beats(s(1, Some("msg_a"))));
+        // A stored source without a svix id (written before they were kept) loses a tie.
+        assert!(s(1, Some("msg_z")).beats(s(1, None)));
+        assert!(!s(1, None).beats(s(1, Some("msg_a"))));
+        assert!(s(0, Some("msg_a")).beats_stored(None));
+    }
+
+    #[test]
+    fn the_earliest_end_stands_and_equal_times_go_by_reason() {
+        let (t1, t2) = (ts(1_000), ts(2_000));
+        assert_eq!(
+            earliest([
+                Some((t2, "membership_deleted")),
+                Some((t1, "workspace_deleted"))
+            ]),
+            Some((t1, "workspace_deleted"))
+        );
+        assert_eq!(
+            earliest([
+                Some((t1, "workspace_deleted")),
+                None,
+                Some((t1, "user_deleted")),
+                Some((t1, "membership_deleted")),
+            ]),
+            Some((t1, "membership_deleted"))
+        );
+        assert_eq!(earliest([None, None]), None);
+    }
+}
