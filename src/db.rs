@@ -3,14 +3,21 @@
 //!
 //! Guarantee: `prepare` is safe when several processes start at once — creating an
 //! existing database is not an error and migrations run under sqlx's advisory lock.
-//! Every component decides what a database error means through [`fault`], so the
-//! worker, provisioning and the API never disagree on "PostgreSQL is down".
+//! Every component decides what a database error means through [`is_unavailable`],
+//! [`is_transient`] and [`fault`], so the worker, provisioning and the API never
+//! disagree on "PostgreSQL is down" (docs/faults.md says what each class does).
+//! A pooled connection left on a server that only reads (a standby after a
+//! failover, `default_transaction_read_only`) is replaced once a statement on any
+//! connection failed for that, so the work proceeds as soon as the server writes
+//! again.
 
 use std::str::FromStr;
-use std::time::Duration;
+use std::sync::LazyLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use sqlx::ConnectOptions;
-use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
 
 use crate::config::DatabaseSettings;
 
@@ -41,7 +48,8 @@ pub enum DbError {
     Migrate(#[from] sqlx::migrate::MigrateError),
 }
 
-fn options(settings: &DatabaseSettings) -> Result<PgConnectOptions, DbError> {
+/// The connection options of the URL, without the session timeouts.
+fn base_options(settings: &DatabaseSettings) -> Result<PgConnectOptions, DbError> {
     PgConnectOptions::from_str(settings.url.expose())
         .map(|o| {
             o.log_slow_statements(tracing::log::LevelFilter::Warn, Duration::from_secs(1))
@@ -53,17 +61,28 @@ fn options(settings: &DatabaseSettings) -> Result<PgConnectOptions, DbError> {
         })
 }
 
+/// The options of the service's pool: the URL's, plus `lock_timeout` and
+/// `statement_timeout` on every session when configured (0 leaves the server's).
+fn options(settings: &DatabaseSettings) -> Result<PgConnectOptions, DbError> {
+    let timeouts = [
+        ("lock_timeout", settings.lock_timeout_ms),
+        ("statement_timeout", settings.statement_timeout_ms),
+    ];
+    Ok(base_options(settings)?.options(timeouts.into_iter().filter(|(_, ms)| *ms > 0)))
+}
+
 /// A lazily connecting pool: the process starts even while PostgreSQL is down.
 pub fn pool(settings: &DatabaseSettings) -> Result<PgPool, DbError> {
     Ok(PgPoolOptions::new()
         .max_connections(settings.max_connections)
         .acquire_timeout(Duration::from_millis(settings.acquire_timeout_ms))
+        .before_acquire(|conn, meta| Box::pin(replace_if_read_only(conn, meta.age)))
         .connect_lazy_with(options(settings)?))
 }
 
 /// Creates the database named in the URL if it does not exist.
 pub async fn ensure_database(settings: &DatabaseSettings) -> Result<(), DbError> {
-    let opts = options(settings)?;
+    let opts = base_options(settings)?;
     let name = opts.get_database().unwrap_or("postgres").to_owned();
     let admin = opts.clone().database("postgres");
     let mut conn = admin.connect().await.map_err(|source| DbError::Connect {
@@ -101,33 +120,63 @@ pub async fn ensure_database(settings: &DatabaseSettings) -> Result<(), DbError>
     Ok(())
 }
 
+/// Applies the migrations on a connection of its own, without the service's
+/// session timeouts: a migration may take long, and a process that starts while
+/// another migrates waits for sqlx's advisory lock.
+async fn migrate(settings: &DatabaseSettings) -> Result<(), DbError> {
+    // A pool of one, not a bare connection: `Migrator::run` on `&mut PgConnection`
+    // makes the future unsendable into a spawned task (a higher-ranked lifetime).
+    let conn = PgPoolOptions::new()
+        .max_connections(1)
+        .acquire_timeout(Duration::from_millis(settings.acquire_timeout_ms))
+        .connect_with(base_options(settings)?)
+        .await
+        .map_err(|source| DbError::Connect {
+            url: settings.url.redacted(),
+            source,
+        })?;
+    let result = MIGRATOR.run(&conn).await;
+    conn.close().await;
+    Ok(result?)
+}
+
 /// Creates the database if missing, connects and applies migrations.
 pub async fn prepare(settings: &DatabaseSettings) -> Result<PgPool, DbError> {
     ensure_database(settings).await?;
-    let pool = pool(settings)?;
-    MIGRATOR.run(&pool).await?;
-    Ok(pool)
+    migrate(settings).await?;
+    pool(settings)
 }
 
 /// What a database error means for the work that hit it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DbFault {
-    /// PostgreSQL cannot be reached or used right now: the work is fine, the
-    /// database is not; wait and try again, never give up on the work for this.
+    /// PostgreSQL cannot be reached or used right now: the connection is lost or
+    /// refused, the server is starting, shutting down or out of resources, the login
+    /// or the database is refused, a transaction could not begin, the pool timed out.
+    /// The work is fine, the database is not; wait and try again.
     Unreachable,
+    /// The server only reads (25006): a standby after a failover, or
+    /// `default_transaction_read_only`. Also wait; the connection is replaced.
+    ReadOnly,
+    /// `statement_timeout` or `lock_timeout` ended a statement (57014, 55P03), or
+    /// a transaction timeout ended the session: something else holds the rows or
+    /// the server is too slow now. Wait and try again.
+    Timeout,
     /// Deadlock or serialization failure: the same transaction may succeed at once.
     Conflict,
     /// A value PostgreSQL refuses to store (class 22, data exception, e.g. a NUL
-    /// character in a name; class 54, e.g. an id too long to index): retrying
-    /// cannot help, the input must be fixed.
+    /// character in a name; class 54, e.g. an id too long to index; a NOT NULL or
+    /// CHECK constraint the value violates): retrying cannot help, the input must
+    /// be fixed.
     Data,
     /// Anything else: an error about these statements, possibly transient.
     Other,
 }
 
-/// Classifies a database error (see [`DbFault`]).
+/// Classifies a database error (see [`DbFault`]). Classifying a read-only error
+/// also has the pool check its older connections before handing them out again.
 pub fn fault(error: &sqlx::Error) -> DbFault {
-    match error {
+    let fault = match error {
         sqlx::Error::Io(_)
         | sqlx::Error::Tls(_)
         | sqlx::Error::Protocol(_)
@@ -140,15 +189,37 @@ pub fn fault(error: &sqlx::Error) -> DbFault {
             None => DbFault::Other,
         },
         _ => DbFault::Other,
+    };
+    if fault == DbFault::ReadOnly {
+        note_read_only();
     }
+    fault
+}
+
+/// The one answer to "is the database unavailable?": PostgreSQL cannot take this
+/// work now, for a reason that is not the work's (unreachable, read-only, timed
+/// out). The worker holds such events and never dead-letters them for it; the
+/// API answers 503 `database_unavailable`.
+pub fn is_unavailable(error: &sqlx::Error) -> bool {
+    matches!(
+        fault(error),
+        DbFault::Unreachable | DbFault::ReadOnly | DbFault::Timeout
+    )
+}
+
+/// A deadlock or serialization failure (40P01, 40001): the transaction may
+/// succeed when tried again. Provisioning retries it at once a few times; after
+/// that the worker holds the event like an outage, never dead-letters it.
+pub fn is_transient(error: &sqlx::Error) -> bool {
+    fault(error) == DbFault::Conflict
 }
 
 /// The class of a SQLSTATE code.
 fn fault_of_code(code: &str) -> DbFault {
     // 08: connection exception; 53: insufficient resources (too many connections,
     // disk full, out of memory); 57P: the server is shutting down, crashed or still
-    // starting; 28: authentication and 3D000 (database missing): the pool cannot
-    // connect.
+    // starting (57P01-05); 28: authentication and 3D000 (database missing): the
+    // pool cannot connect.
     if code.starts_with("08")
         || code.starts_with("53")
         || code.starts_with("57P")
@@ -156,13 +227,64 @@ fn fault_of_code(code: &str) -> DbFault {
         || code == "3D000"
     {
         DbFault::Unreachable
+    } else if code == "25006" {
+        DbFault::ReadOnly
+    } else if matches!(code, "57014" | "55P03" | "25P03" | "25P04") {
+        // query_canceled (statement_timeout), lock_not_available (lock_timeout),
+        // idle-in-transaction and transaction timeouts.
+        DbFault::Timeout
     } else if matches!(code, "40P01" | "40001") {
         DbFault::Conflict
-    } else if code.starts_with("22") || code.starts_with("54") {
+    } else if code.starts_with("22") || code.starts_with("54") || matches!(code, "23502" | "23514")
+    {
         DbFault::Data
     } else {
         DbFault::Other
     }
+}
+
+/// Time origin of [`READ_ONLY_SEEN_MS`].
+static ORIGIN: LazyLock<Instant> = LazyLock::new(Instant::now);
+/// When a statement last failed because the server only reads, in ms since
+/// [`ORIGIN`] plus one (0: never).
+static READ_ONLY_SEEN_MS: AtomicU64 = AtomicU64::new(0);
+
+fn since_origin_ms(at: Instant) -> u64 {
+    u64::try_from(at.saturating_duration_since(*ORIGIN).as_millis()).unwrap_or(u64::MAX)
+}
+
+fn note_read_only() {
+    READ_ONLY_SEEN_MS.fetch_max(since_origin_ms(Instant::now()) + 1, Ordering::AcqRel);
+}
+
+/// Whether a pooled connection opened `age` ago may still be on a server that only
+/// reads: it was opened before the last read-only error anywhere in the process.
+fn suspect(age: Duration) -> bool {
+    let seen = READ_ONLY_SEEN_MS.load(Ordering::Acquire);
+    if seen == 0 {
+        return false;
+    }
+    let opened = Instant::now().checked_sub(age).unwrap_or(*ORIGIN);
+    since_origin_ms(opened) < seen
+}
+
+/// The pool's check before it hands out an idle connection: a connection opened
+/// before a read-only error was seen is asked whether its session only reads
+/// (a session keeps `default_transaction_read_only` as it was at connect, and a
+/// standby answers `on` too); if so it is closed and the pool opens another.
+/// Otherwise nothing is sent (the pool's own ping already checked it is alive).
+async fn replace_if_read_only(conn: &mut PgConnection, age: Duration) -> Result<bool, sqlx::Error> {
+    if !suspect(age) {
+        return Ok(true);
+    }
+    let read_only: String = sqlx::query_scalar("select current_setting('transaction_read_only')")
+        .fetch_one(conn)
+        .await?;
+    if read_only == "on" {
+        tracing::info!("closing a pooled connection whose session only reads");
+        return Ok(false);
+    }
+    Ok(true)
 }
 
 #[cfg(test)]
@@ -172,26 +294,48 @@ mod tests {
     #[test]
     fn codes_are_classified_by_their_class() {
         for code in [
-            "08006", "53300", "53100", "57P01", "57P03", "28P01", "3D000",
+            "08006", "08001", "53300", "53100", "53200", "57P01", "57P03", "57P04", "57P05",
+            "28P01", "28000", "3D000",
         ] {
             assert_eq!(fault_of_code(code), DbFault::Unreachable, "{code}");
+        }
+        assert_eq!(fault_of_code("25006"), DbFault::ReadOnly);
+        for code in ["57014", "55P03", "25P03"] {
+            assert_eq!(fault_of_code(code), DbFault::Timeout, "{code}");
         }
         for code in ["40P01", "40001"] {
             assert_eq!(fault_of_code(code), DbFault::Conflict, "{code}");
         }
-        for code in ["22021", "22001", "54000"] {
+        for code in ["22021", "22001", "54000", "23502", "23514"] {
             assert_eq!(fault_of_code(code), DbFault::Data, "{code}");
         }
-        for code in ["23505", "42P01"] {
+        for code in ["23505", "23503", "42P01", "42703"] {
             assert_eq!(fault_of_code(code), DbFault::Other, "{code}");
         }
     }
 
     #[test]
-    fn lost_connections_are_unreachable() {
+    fn lost_connections_and_failed_begins_are_unreachable() {
         let io = sqlx::Error::Io(std::io::Error::from(std::io::ErrorKind::ConnectionRefused));
         assert_eq!(fault(&io), DbFault::Unreachable);
         assert_eq!(fault(&sqlx::Error::PoolTimedOut), DbFault::Unreachable);
+        assert_eq!(fault(&sqlx::Error::BeginFailed), DbFault::Unreachable);
         assert_eq!(fault(&sqlx::Error::RowNotFound), DbFault::Other);
+        assert!(is_unavailable(&io));
+        assert!(!is_transient(&io));
+        assert!(!is_unavailable(&sqlx::Error::RowNotFound));
+    }
+
+    #[test]
+    fn a_connection_is_suspect_only_when_opened_before_a_read_only_error() {
+        // Opened "now": after every error noted so far in this process.
+        assert!(!suspect(Duration::ZERO));
+        note_read_only();
+        std::thread::sleep(Duration::from_millis(5));
+        assert!(
+            suspect(Duration::from_secs(1)),
+            "opened before the error was seen"
+        );
+        assert!(!suspect(Duration::ZERO), "opened after it");
     }
 }

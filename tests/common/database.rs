@@ -41,6 +41,8 @@ impl TestDatabase {
             url: provisioner::config::ConnectionUrl::new(url),
             max_connections,
             acquire_timeout_ms: 30_000,
+            lock_timeout_ms: 0,
+            statement_timeout_ms: 0,
         };
         let pool = provisioner::db::prepare(&settings)
             .await
