@@ -12,12 +12,14 @@
 //! again.
 
 use std::str::FromStr;
-use std::sync::LazyLock;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock};
 use std::time::{Duration, Instant};
 
+use backon::{BackoffBuilder, ExponentialBuilder};
 use sqlx::ConnectOptions;
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
+use tokio_util::sync::CancellationToken;
 
 use crate::config::DatabaseSettings;
 
@@ -48,6 +50,19 @@ pub enum DbError {
     Migrate(#[from] sqlx::migrate::MigrateError),
 }
 
+impl DbError {
+    /// Whether preparing failed only because PostgreSQL is unavailable now (see
+    /// [`is_unavailable`]), so trying again later may succeed.
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            DbError::Url { .. } => false,
+            DbError::Connect { source, .. } => is_unavailable(source),
+            DbError::Migrate(sqlx::migrate::MigrateError::Execute(e)) => is_unavailable(e),
+            DbError::Migrate(_) => false,
+        }
+    }
+}
+
 /// The connection options of the URL, without the session timeouts.
 fn base_options(settings: &DatabaseSettings) -> Result<PgConnectOptions, DbError> {
     PgConnectOptions::from_str(settings.url.expose())
@@ -73,11 +88,34 @@ fn options(settings: &DatabaseSettings) -> Result<PgConnectOptions, DbError> {
 
 /// A lazily connecting pool: the process starts even while PostgreSQL is down.
 pub fn pool(settings: &DatabaseSettings) -> Result<PgPool, DbError> {
-    Ok(PgPoolOptions::new()
+    pool_gated(settings, None)
+}
+
+/// A lazily connecting pool that, when `migrated` is given, opens no connection
+/// until it is true (the schema is not there yet).
+fn pool_gated(
+    settings: &DatabaseSettings,
+    migrated: Option<Arc<AtomicBool>>,
+) -> Result<PgPool, DbError> {
+    let mut pool = PgPoolOptions::new()
         .max_connections(settings.max_connections)
         .acquire_timeout(Duration::from_millis(settings.acquire_timeout_ms))
-        .before_acquire(|conn, meta| Box::pin(replace_if_read_only(conn, meta.age)))
-        .connect_lazy_with(options(settings)?))
+        .before_acquire(|conn, meta| Box::pin(replace_if_read_only(conn, meta.age)));
+    if let Some(migrated) = migrated {
+        pool = pool.after_connect(move |_, _| {
+            let ready = migrated.load(Ordering::Acquire);
+            Box::pin(async move {
+                if ready {
+                    Ok(())
+                } else {
+                    Err(sqlx::Error::Io(std::io::Error::other(
+                        "migrations not applied yet",
+                    )))
+                }
+            })
+        });
+    }
+    Ok(pool.connect_lazy_with(options(settings)?))
 }
 
 /// Creates the database named in the URL if it does not exist.
@@ -145,6 +183,59 @@ pub async fn prepare(settings: &DatabaseSettings) -> Result<PgPool, DbError> {
     ensure_database(settings).await?;
     migrate(settings).await?;
     pool(settings)
+}
+
+/// [`prepare`] for a process that can do its main work without PostgreSQL
+/// (intake only needs the broker). When PostgreSQL answers, the same as
+/// [`prepare`]. When it is unavailable (see [`DbError::is_unavailable`]), a pool
+/// that opens no connection until a background task, retrying with backoff until
+/// `stop`, has created the database and applied the migrations: meanwhile every
+/// use of the pool fails as PostgreSQL being unavailable. Any other error is
+/// returned, as from [`prepare`].
+pub async fn prepare_or_defer(
+    settings: &DatabaseSettings,
+    stop: CancellationToken,
+) -> Result<PgPool, DbError> {
+    let error = match prepare(settings).await {
+        Ok(pool) => return Ok(pool),
+        Err(e) if e.is_unavailable() => e,
+        Err(e) => return Err(e),
+    };
+    tracing::warn!(error = %error, "PostgreSQL unavailable; starting without it, migrations are applied once it answers");
+    let migrated = Arc::new(AtomicBool::new(false));
+    let pool = pool_gated(settings, Some(migrated.clone()))?;
+    let settings = settings.clone();
+    tokio::spawn(async move {
+        let mut delays = ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(200))
+            .with_max_delay(Duration::from_secs(2))
+            .with_jitter()
+            .without_max_times()
+            .build();
+        loop {
+            let pause = delays.next().unwrap_or(Duration::from_secs(2));
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(pause) => {}
+            }
+            let prepared = async {
+                ensure_database(&settings).await?;
+                migrate(&settings).await
+            };
+            match prepared.await {
+                Ok(()) => {
+                    migrated.store(true, Ordering::Release);
+                    tracing::info!("PostgreSQL answers; database ready and migrations applied");
+                    return;
+                }
+                Err(e) if e.is_unavailable() => {
+                    tracing::debug!(error = %e, "PostgreSQL still unavailable");
+                }
+                Err(e) => tracing::error!(error = %e, "cannot prepare the database; retrying"),
+            }
+        }
+    });
+    Ok(pool)
 }
 
 /// What a database error means for the work that hit it.

@@ -1,12 +1,14 @@
-//! PostgreSQL faults that are not an outage (issue 9 item 5): a database that only
-//! reads for a while, and a workspace row locked past `lock_timeout`. Every test
-//! breaks only what it owns: its own database (made read-only with `ALTER
-//! DATABASE`, its own sessions ended) or a row of its own.
+//! PostgreSQL faults that are not an outage (issue 9 items 5 and 10): a database
+//! that only reads for a while, a workspace row locked past `lock_timeout`, and an
+//! intake-only process started while PostgreSQL is unreachable. Every test breaks
+//! only what it owns: its own database (made read-only with `ALTER DATABASE`, its
+//! own sessions ended), a row of its own, or a TCP proxy it cuts.
 
 mod common;
 
 use std::time::Duration;
 
+use common::proxy::Proxy;
 use common::worker::*;
 use common::*;
 use serde_json::{Value, json};
@@ -323,4 +325,117 @@ async fn row_locked_past_lock_timeout_holds_events_and_dead_letters_none() {
         .unwrap();
     assert_eq!(name, "Renamed 8", "the newest update won");
     app.stop().await.unwrap();
+}
+
+// `serve --no-worker` started while PostgreSQL is unreachable: it starts, queues
+// signed webhooks (200), and its read API answers 503 `database_unavailable`;
+// once PostgreSQL answers it creates the database and applies the migrations by
+// itself, and the read API answers (404 for a workspace no worker provisioned
+// yet; 200 once a worker applied the queued events).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn intake_starts_and_queues_while_postgres_is_unreachable() {
+    trace();
+    // Arrange: PostgreSQL only through a proxy, cut before the process starts.
+    let iso = Isolation::new();
+    let proxy = Proxy::start("127.0.0.1:5432".parse().unwrap()).await;
+    proxy.cut().await;
+    let proxied = format!("postgres://postgres@{}/{}", proxy.addr, iso.database);
+    let intake = spawn_app_isolated(
+        iso.clone(),
+        TestOptions {
+            worker: false,
+            database_url: Some(proxied),
+            extra_config: "[database]\nacquire_timeout_ms = 500\n".into(),
+            ..TestOptions::default()
+        },
+    )
+    .await;
+    let b = intake.settings.broker.clone();
+    let run = random_id(8);
+    let org = format!("org_{run}");
+
+    // Act: signed events while PostgreSQL is unreachable.
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        let id = format!("msg_{run}_{i}");
+        let body = if i == 0 {
+            org_event("organization.created", &org, "Intake Only", now_ms())
+        } else {
+            membership_created(&org, &format!("user_{run}_{i}"))
+        };
+        let res = intake.post_signed(&id, &body).await;
+        assert_eq!(res.status(), 200, "queued without PostgreSQL");
+        let body: Value = res.json().await.unwrap();
+        assert_eq!(body["status"], "queued");
+        ids.push(id);
+    }
+    assert_eq!(
+        queue_depth(&b.queue).await,
+        5,
+        "every event is in the broker"
+    );
+    let res = intake.get_api(&format!("/v1/workspaces/{org}")).await;
+    assert_eq!(res.status(), 503);
+    assert!(res.headers().get("retry-after").is_some());
+    assert_eq!(error_code(res).await, "database_unavailable");
+    let res = intake
+        .client
+        .get(format!("{}/readyz", intake.address))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 503);
+    let ready: Value = res.json().await.unwrap();
+    assert_eq!(ready["checks"]["database"], "unavailable");
+    assert_eq!(ready["checks"]["broker"], "ok");
+
+    // PostgreSQL answers again.
+    proxy.restore();
+
+    // Assert: the read API answers (the database was created and migrated).
+    let answered = eventually(Duration::from_secs(60), || async {
+        let status = intake
+            .get_api(&format!("/v1/workspaces/{org}"))
+            .await
+            .status();
+        (status == 404).then_some(())
+    })
+    .await;
+    assert!(
+        answered.is_some(),
+        "the read API answers once PostgreSQL does"
+    );
+    let ready = eventually(Duration::from_secs(30), || async {
+        let res = intake
+            .client
+            .get(format!("{}/readyz", intake.address))
+            .send()
+            .await
+            .ok()?;
+        (res.status() == 200).then_some(())
+    })
+    .await;
+    assert!(ready.is_some(), "ready once PostgreSQL answers");
+    // A worker applies what intake queued; the same intake process reads it.
+    let worker = spawn_app_isolated(
+        iso.clone(),
+        TestOptions {
+            worker: true,
+            ..TestOptions::default()
+        },
+    )
+    .await;
+    for id in &ids {
+        assert!(
+            wait_status(&worker.db, id, "processed").await,
+            "{id} processed"
+        );
+    }
+    let res = intake.get_api(&format!("/v1/workspaces/{org}")).await;
+    assert_eq!(res.status(), 200);
+    let workspace: Value = res.json().await.unwrap();
+    assert_eq!(workspace["member_count"], 4);
+    worker.stop().await.unwrap();
+    intake.stop().await.unwrap();
+    assert_eq!(queue_depth(&b.queue).await, 0);
 }
