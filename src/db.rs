@@ -57,7 +57,10 @@ impl DbError {
         match self {
             DbError::Url { .. } => false,
             DbError::Connect { source, .. } => is_unavailable(source),
-            DbError::Migrate(sqlx::migrate::MigrateError::Execute(e)) => is_unavailable(e),
+            DbError::Migrate(
+                sqlx::migrate::MigrateError::Execute(e)
+                | sqlx::migrate::MigrateError::ExecuteMigration(e, _),
+            ) => is_unavailable(e),
             DbError::Migrate(_) => false,
         }
     }
@@ -415,6 +418,20 @@ mod tests {
         assert!(is_unavailable(&io));
         assert!(!is_transient(&io));
         assert!(!is_unavailable(&sqlx::Error::RowNotFound));
+    }
+
+    #[test]
+    fn preparing_is_deferred_only_for_an_unavailable_database() {
+        let refused = || sqlx::Error::Io(std::io::ErrorKind::ConnectionRefused.into());
+        let connect = DbError::Connect {
+            url: "postgres://db/x".into(),
+            source: refused(),
+        };
+        assert!(connect.is_unavailable());
+        let lost = DbError::Migrate(sqlx::migrate::MigrateError::ExecuteMigration(refused(), 1));
+        assert!(lost.is_unavailable());
+        let modified = DbError::Migrate(sqlx::migrate::MigrateError::VersionMismatch(1));
+        assert!(!modified.is_unavailable());
     }
 
     #[test]
