@@ -135,6 +135,11 @@ pub struct DatabaseSettings {
     pub max_connections: u32,
     /// Pool acquire timeout.
     pub acquire_timeout_ms: u64,
+    /// `lock_timeout` of every session (ms; 0 leaves the server's): a row or lock
+    /// held elsewhere fails the statement instead of stalling it for ever.
+    pub lock_timeout_ms: u64,
+    /// `statement_timeout` of every session (ms; 0 leaves the server's).
+    pub statement_timeout_ms: u64,
 }
 
 /// `[broker]`

@@ -29,7 +29,7 @@ pub enum Label {
     Dead,
     /// Sent to a retry queue.
     Retry,
-    /// Held in process because PostgreSQL is unreachable.
+    /// Held in process because PostgreSQL cannot take it now (docs/faults.md).
     Held,
 }
 
