@@ -324,9 +324,9 @@ async fn user_workspace_list_hides_what_the_user_may_not_see() {
     assert_eq!(status, 200);
     assert_eq!(ids(&body), [w.b.as_str()], "removed from A, still in B");
     let (_, body) = list(OF_DELETED, None).await;
-    assert_eq!(body, json!({"data": []}));
+    assert_eq!(body, json!({"data": [], "next": null}));
     let (_, body) = list(OF_DELETED_UNCASCADED, None).await;
-    assert_eq!(body, json!({"data": []}));
+    assert_eq!(body, json!({"data": [], "next": null}));
     let (_, body) = list(READDED, None).await;
     assert_eq!(ids(&body), [w.a.as_str()]);
     for (user, acting) in [

@@ -202,12 +202,22 @@ impl TryFrom<MemberRow> for Member {
     }
 }
 
-/// Active members of a workspace, one per user, oldest first; `user_id` narrows
-/// it to one user.
+/// Which rows of a list to read: at most `limit`, with keys greater than `after`.
+#[derive(Debug, Clone, Copy)]
+pub struct Keyset<'a> {
+    /// Rows with a key greater than this (the last key of the previous page).
+    pub after: Option<&'a str>,
+    /// Most rows to return.
+    pub limit: i64,
+}
+
+/// Active members of a workspace, one per user, by user id; `user_id` narrows it
+/// to one user.
 pub async fn members(
     db: &PgPool,
     workspace_id: &str,
     user_id: Option<&str>,
+    keyset: Keyset<'_>,
 ) -> Result<Vec<Member>, StoreError> {
     let rows: Vec<MemberRow> = sqlx::query_as(
         "select user_id, role, clerk_role, email, first_name, last_name, joined_at \
@@ -215,11 +225,14 @@ pub async fn members(
                from members m join workspaces w on w.id = m.workspace_id \
                where m.workspace_id = $1 and m.removed_at is null and w.status = 'active' \
                  and ($2::text is null or m.user_id = $2) \
+                 and ($3::text is null or m.user_id > $3) \
                order by m.user_id, m.source_version desc) a \
-         order by joined_at, user_id",
+         order by user_id limit $4",
     )
     .bind(workspace_id)
     .bind(user_id)
+    .bind(keyset.after)
+    .bind(keyset.limit)
     .fetch_all(db)
     .await?;
     Ok(rows
@@ -228,17 +241,24 @@ pub async fn members(
         .collect::<Result<_, _>>()?)
 }
 
-/// A user's active memberships in active workspaces, by workspace name.
-pub async fn user_workspaces(db: &PgPool, user_id: &str) -> Result<Vec<UserWorkspace>, StoreError> {
+/// A user's active memberships in active workspaces, by workspace id.
+pub async fn user_workspaces(
+    db: &PgPool,
+    user_id: &str,
+    keyset: Keyset<'_>,
+) -> Result<Vec<UserWorkspace>, StoreError> {
     let rows: Vec<(String, Option<String>, Option<String>, String)> = sqlx::query_as(
         "select workspace_id, name, slug, role \
          from (select distinct on (m.workspace_id) m.workspace_id, w.name, w.slug, m.role \
                from members m join workspaces w on w.id = m.workspace_id \
                where m.user_id = $1 and m.removed_at is null and w.status = 'active' \
+                 and ($2::text is null or m.workspace_id > $2) \
                order by m.workspace_id, m.source_version desc) a \
-         order by name, workspace_id",
+         order by workspace_id limit $3",
     )
     .bind(user_id)
+    .bind(keyset.after)
+    .bind(keyset.limit)
     .fetch_all(db)
     .await?;
     rows.into_iter()

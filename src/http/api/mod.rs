@@ -17,6 +17,7 @@ pub mod events;
 pub mod extract;
 pub mod model;
 pub mod onboarding;
+pub mod page;
 pub mod workspaces;
 
 use std::sync::LazyLock;
