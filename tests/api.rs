@@ -1118,13 +1118,26 @@ async fn openapi_lists_every_route() {
     ] {
         assert!(doc["components"]["schemas"][schema].is_object(), "{schema}");
     }
-    let audit_params: Vec<&str> = doc["paths"]["/v1/workspaces/{id}/audit"]["get"]["parameters"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| p["name"].as_str().unwrap())
-        .collect();
-    assert_eq!(audit_params, ["id", "limit", "before"]);
+    let params = |path: &str| -> Vec<String> {
+        doc["paths"][path]["get"]["parameters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["name"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    assert_eq!(
+        params("/v1/workspaces/{id}/audit"),
+        ["id", "limit", "before", "X-Acting-User"]
+    );
+    assert_eq!(
+        params("/v1/workspaces/{id}/members"),
+        ["id", "limit", "after", "X-Acting-User"]
+    );
+    assert_eq!(
+        params("/v1/users/{user_id}/workspaces"),
+        ["user_id", "limit", "after", "X-Acting-User"]
+    );
 
     // Every documented route is real: filled in, it answers 200.
     for (method, path) in &expected {
@@ -1139,6 +1152,97 @@ async fn openapi_lists_every_route() {
         };
         let (status, _) = call.send(&app).await;
         assert_eq!(status, 200, "{method} {real}");
+    }
+}
+
+/// The document declares every status each route can answer (with the error
+/// codes of its 400s), the X-Acting-User header everywhere, and the cursors' and
+/// limits' formats; the schemathesis run of .ci/schemathesis.sh checks the same
+/// against the running server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openapi_declares_every_status_and_parameter_format() {
+    let app = spawn_app().await;
+    let (status, doc) = Call::get("/v1/openapi.json").send(&app).await;
+    assert_eq!(status, 200);
+    let workspace_route = ["401", "400", "404", "503", "200"];
+    let cases: [(&str, &str, &[&str]); 8] = [
+        ("get", "/v1/workspaces/{id}", &workspace_route),
+        ("get", "/v1/workspaces/{id}/members", &workspace_route),
+        (
+            "get",
+            "/v1/workspaces/{id}/members/{user_id}",
+            &workspace_route,
+        ),
+        ("get", "/v1/workspaces/{id}/audit", &workspace_route),
+        (
+            "post",
+            "/v1/workspaces/{id}/onboarding/{step}",
+            &["200", "400", "401", "403", "404", "409", "422", "503"],
+        ),
+        ("get", "/v1/users/{user_id}/workspaces", &workspace_route),
+        ("get", "/v1/events/{svix_id}", &workspace_route),
+        ("get", "/v1/openapi.json", &["200", "400", "401"]),
+    ];
+    for (method, path, statuses) in cases {
+        let operation = &doc["paths"][path][method];
+        let declared: BTreeSet<String> = operation["responses"]
+            .as_object()
+            .unwrap_or_else(|| panic!("{method} {path}"))
+            .keys()
+            .cloned()
+            .collect();
+        let expected: BTreeSet<String> = statuses.iter().map(|s| s.to_string()).collect();
+        assert_eq!(declared, expected, "{method} {path}");
+        let bad_request = operation["responses"]["400"]["description"]
+            .as_str()
+            .unwrap();
+        assert!(
+            bad_request.contains("invalid_acting_user"),
+            "{method} {path}: {bad_request}"
+        );
+        let acting = operation["parameters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == "X-Acting-User")
+            .unwrap_or_else(|| panic!("{method} {path} declares X-Acting-User"));
+        assert_eq!(acting["in"], "header");
+        assert_eq!(acting["required"], false);
+    }
+    for (path, cursor) in [
+        ("/v1/workspaces/{id}/members", "after"),
+        ("/v1/users/{user_id}/workspaces", "after"),
+        ("/v1/workspaces/{id}/audit", "before"),
+    ] {
+        let operation = &doc["paths"][path]["get"];
+        let description = operation["responses"]["400"]["description"]
+            .as_str()
+            .unwrap();
+        for code in ["invalid_limit", "invalid_cursor", "invalid_query"] {
+            assert!(description.contains(code), "{path}: {description}");
+        }
+        let param = |name: &str| {
+            operation["parameters"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|p| p["name"] == name)
+                .unwrap_or_else(|| panic!("{path} declares {name}"))
+                .clone()
+        };
+        assert_eq!(
+            param(cursor)["schema"]["pattern"],
+            "^[A-Za-z0-9_-]+$",
+            "{path}"
+        );
+        let limit = param("limit");
+        assert_eq!(limit["schema"]["minimum"], 1, "{path}");
+        assert_eq!(limit["schema"]["maximum"], 500, "{path}");
+    }
+    for list in ["MemberList", "UserWorkspaceList", "AuditPage"] {
+        let properties = &doc["components"]["schemas"][list]["properties"];
+        assert!(properties["data"].is_object(), "{list}");
+        assert!(properties["next"].is_object(), "{list}");
     }
 }
 
