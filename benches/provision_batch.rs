@@ -88,6 +88,8 @@ async fn main() -> anyhow::Result<()> {
         url: ConnectionUrl::new(format!("{base}/{name}")),
         max_connections: APPLIERS as u32,
         acquire_timeout_ms: 30_000,
+        lock_timeout_ms: 0,
+        statement_timeout_ms: 0,
     };
     let pool = provisioner::db::prepare(&db).await?;
     let settings = Settings::from_sources(None, |_| None)?;

@@ -20,7 +20,9 @@ pub struct Cli {
 pub enum Command {
     /// HTTP (webhook intake, read API, health, metrics) and the worker, in one process.
     Serve {
-        /// HTTP only; run workers separately with `provisioner worker`.
+        /// HTTP only; run workers separately with `provisioner worker`. Starts and
+        /// queues webhooks even while PostgreSQL is down (migrations follow once it
+        /// answers).
         #[arg(long)]
         no_worker: bool,
     },

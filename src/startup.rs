@@ -33,6 +33,12 @@ pub async fn prepare(settings: &Settings) -> anyhow::Result<PgPool> {
     let pool = db::prepare(&settings.database)
         .await
         .context("preparing the database")?;
+    declare_topology(settings).await?;
+    Ok(pool)
+}
+
+/// Declares the broker topology.
+async fn declare_topology(settings: &Settings) -> anyhow::Result<()> {
     let topology = Topology::new(&settings.broker, &settings.worker);
     let conn = crate::broker::connect(&settings.broker.url, "provisioner-migrate")
         .await
@@ -43,7 +49,7 @@ pub async fn prepare(settings: &Settings) -> anyhow::Result<PgPool> {
         .await
         .context("declaring the broker topology")?;
     let _ = conn.close(200, "done".into()).await;
-    Ok(pool)
+    Ok(())
 }
 
 /// A built application, bound to its listener, ready to run.
@@ -58,9 +64,24 @@ pub struct Application {
 impl Application {
     /// Creates the database if missing, applies migrations, connects to the broker
     /// (declaring the topology) and binds the configured listener (port 0 = any).
+    ///
+    /// Without the worker (intake and the read API only), PostgreSQL need not
+    /// answer: intake needs only the broker, so the process starts anyway, applies
+    /// the migrations in the background once PostgreSQL answers, and meanwhile
+    /// the read API answers 503 `database_unavailable` (`db::prepare_or_defer`).
     pub async fn build(settings: Settings, options: ServeOptions) -> anyhow::Result<Self> {
-        let pool = prepare(&settings).await?;
         let shutdown = CancellationToken::new();
+        // A failed build stops what it started (the background migrations).
+        let stop_on_failure = shutdown.clone().drop_guard();
+        let pool = if options.worker {
+            prepare(&settings).await?
+        } else {
+            let pool = db::prepare_or_defer(&settings.database, shutdown.clone())
+                .await
+                .context("preparing the database")?;
+            declare_topology(&settings).await?;
+            pool
+        };
         let publisher = Publisher::start_with_channels(
             settings.broker.url.clone(),
             Topology::new(&settings.broker, &settings.worker),
@@ -85,6 +106,7 @@ impl Application {
             db: pool,
             metrics: telemetry::metrics_handle(),
         };
+        stop_on_failure.disarm();
         Ok(Self {
             listener,
             state,

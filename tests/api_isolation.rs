@@ -338,3 +338,152 @@ async fn user_workspace_list_hides_what_the_user_may_not_see() {
         assert_not_found(status, &body, &format!("{acting} listing {user}"));
     }
 }
+
+/// Every route a user's `X-Acting-User` can reach about workspace `ws`, with the
+/// member lookup naming `member`.
+fn routes_of(ws: &str, member: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("GET", format!("/v1/workspaces/{ws}")),
+        ("GET", format!("/v1/workspaces/{ws}/members")),
+        ("GET", format!("/v1/workspaces/{ws}/members/{member}")),
+        ("GET", format!("/v1/workspaces/{ws}/audit")),
+        ("POST", format!("/v1/workspaces/{ws}/onboarding/gong")),
+    ]
+}
+
+/// Issue 9 item 1: a stale membership row never revives a removed user's access.
+/// U is admin through `orgmem_1`; the delivery of `orgmem_1`'s deletion is delayed;
+/// U is re-added as `orgmem_2` (admin again) and removed, and that removal is
+/// applied. The only non-removed row left is `orgmem_1`, but U's newest row is the
+/// removed `orgmem_2`: every route answers U like a stranger (404, the onboarding
+/// write refused), the org switcher and the counts leave U out — before the delayed
+/// deletion arrives, and unchanged after it does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_membership_row_does_not_revive_access() {
+    use common::story::{self, person};
+    use provisioner::provision::{Incoming, Provisioner};
+
+    const T0: i64 = 1_760_000_000_000;
+    let app = spawn_app().await;
+    let p = Provisioner::new(app.settings.provisioning.clone());
+    let apply = |e: story::Event| {
+        let (p, db) = (p.clone(), app.db.clone());
+        async move {
+            let incoming: Incoming = e.into();
+            p.apply_batch(&db, &[incoming])
+                .await
+                .remove(0)
+                .expect("applies")
+        }
+    };
+    let ws = new_id("org");
+    let u = "user_stale";
+    let keeper = "user_keeper";
+    let acme = story::org(&ws).named("Acme").version(T0);
+    let first = acme
+        .membership("orgmem_1", &person(u, "a"))
+        .role("org:admin")
+        .since(T0 + 10);
+    let second = acme
+        .membership("orgmem_2", &person(u, "b"))
+        .role("org:admin")
+        .since(T0 + 30);
+    let ws_event = new_id("msg");
+    apply(acme.created(T0).svix(&ws_event)).await;
+    apply(
+        acme.membership("orgmem_k", &person(keeper, "k"))
+            .role("org:admin")
+            .created(T0 + 5),
+    )
+    .await;
+    apply(first.created(T0 + 10)).await;
+    // Control: through orgmem_1, U is an admin on every route.
+    for (method, path) in routes_of(&ws, keeper) {
+        let (status, body) = raw_request(&app, method, &path, Some(u)).await;
+        assert_eq!(status, 200, "U as admin: {method} {path}: {body}");
+    }
+    // orgmem_1 is deleted at T0 + 20, but that delivery is delayed; U is re-added
+    // and removed again, and that removal is applied.
+    let delayed = first.deleted(T0 + 10).sent_at(T0 + 20);
+    apply(second.created(T0 + 30)).await;
+    apply(second.deleted(T0 + 30).sent_at(T0 + 40)).await;
+    let step_before = onboarding_step(&app, &ws, "gong").await;
+    let seed = Seed::new(&app);
+    let writes_before = seed.audit_rows(&ws, "onboarding.step_updated").await;
+
+    for phase in ["before the delayed deletion", "after the delayed deletion"] {
+        for member in [keeper, u] {
+            for (method, path) in routes_of(&ws, member) {
+                let what = format!("U {phase}: {method} {path}");
+                let (status, body) = raw_request(&app, method, &path, Some(u)).await;
+                assert_not_found(status, &body, &what);
+            }
+        }
+        let (status, body) =
+            raw_request(&app, "GET", &format!("/v1/events/{ws_event}"), Some(u)).await;
+        assert_not_found(status, &body, &format!("U {phase}: event of the workspace"));
+        // The org switcher leaves the workspace out.
+        let (status, body) =
+            raw_request(&app, "GET", &format!("/v1/users/{u}/workspaces"), Some(u)).await;
+        assert_eq!(status, 200, "{phase}: {body}");
+        assert_eq!(
+            body,
+            json!({"data": [], "next": null}),
+            "{phase}: U's workspaces"
+        );
+        // The trusted caller sees the keeper alone, in the list and the counts.
+        let (_, body) = raw_request(&app, "GET", &format!("/v1/workspaces/{ws}"), None).await;
+        assert_eq!(
+            (&body["member_count"], &body["admin_count"]),
+            (&json!(1), &json!(1)),
+            "{phase}: {body}"
+        );
+        let (_, body) =
+            raw_request(&app, "GET", &format!("/v1/workspaces/{ws}/members"), None).await;
+        let users: Vec<&str> = body["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["user_id"].as_str().unwrap())
+            .collect();
+        assert_eq!(users, [keeper], "{phase}: members");
+        let (status, body) = raw_request(
+            &app,
+            "GET",
+            &format!("/v1/workspaces/{ws}/members/{u}"),
+            None,
+        )
+        .await;
+        assert_not_found(status, &body, &format!("{phase}: U as a member"));
+        // U's onboarding writes changed nothing.
+        assert_eq!(
+            onboarding_step(&app, &ws, "gong").await,
+            step_before,
+            "{phase}"
+        );
+        assert_eq!(
+            seed.audit_rows(&ws, "onboarding.step_updated").await,
+            writes_before,
+            "{phase}"
+        );
+        if phase.starts_with("before") {
+            apply(delayed.clone()).await;
+        }
+    }
+}
+
+/// (status, updated_at) of an onboarding step.
+async fn onboarding_step(
+    app: &TestApp,
+    ws: &str,
+    step: &str,
+) -> (String, chrono::DateTime<chrono::Utc>) {
+    sqlx::query_as(
+        "select status, updated_at from onboarding_steps where workspace_id = $1 and name = $2",
+    )
+    .bind(ws)
+    .bind(step)
+    .fetch_one(&app.db)
+    .await
+    .unwrap()
+}

@@ -1,10 +1,16 @@
 //! Convergence (DESIGN §5): any permutation of a valid history, with any event
 //! delivered more than once and in batches of any size, ends in exactly the state
-//! of the history applied in order — and that state is the one Clerk's history
-//! describes.
+//! of the history applied in order — every column of every workspace, quota,
+//! onboarding step, member and user row, not only the membership set — and that
+//! state is the one Clerk's history describes.
+//!
+//! Histories include snapshots with equal `updated_at` and different content
+//! (decided by the smaller svix id, docs/schema.md) and deletions Clerk sends again
+//! later as new messages (the earliest time stands).
 
 mod common;
 
+use std::cmp::Reverse;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -51,12 +57,29 @@ struct MemSnap {
 
 #[derive(Debug, Clone)]
 enum Ev {
-    OrgUpsert { created: bool, org: OrgSnap },
-    OrgDeleted { idx: usize },
-    MemUpsert { created: bool, mem: MemSnap },
-    MemDeleted { mem: MemSnap },
-    UserUpdated { user: usize, tag: String },
-    UserDeleted { user: usize },
+    OrgUpsert {
+        created: bool,
+        org: OrgSnap,
+    },
+    OrgDeleted {
+        idx: usize,
+    },
+    MemUpsert {
+        created: bool,
+        mem: MemSnap,
+    },
+    MemDeleted {
+        mem: MemSnap,
+    },
+    /// `version` is the user's `updated_at` (a tie repeats an earlier one).
+    UserUpdated {
+        user: usize,
+        tag: String,
+        version: i64,
+    },
+    UserDeleted {
+        user: usize,
+    },
 }
 
 /// One webhook of the history: its position (svix id), envelope time and content.
@@ -67,18 +90,46 @@ struct HistEvent {
     ev: Ev,
 }
 
+/// A snapshot as some webhook delivered it: its version, the svix id that carried
+/// it (without the run's prefix) and its content.
+#[derive(Debug, Clone)]
+struct Cand<T> {
+    version: i64,
+    svix: String,
+    value: T,
+}
+
+impl<T> Cand<T> {
+    fn new(version: i64, svix: &str, value: T) -> Self {
+        Self {
+            version,
+            svix: svix.to_owned(),
+            value,
+        }
+    }
+}
+
+/// The snapshot that stands among `cands` by the rule of docs/schema.md: the newest
+/// version, and on equal versions the smallest svix id. Every run prefixes its svix
+/// ids with one string, so comparing the unprefixed ids compares the real ones.
+fn best<T>(cands: &[Cand<T>]) -> Option<&T> {
+    cands
+        .iter()
+        .max_by(|a, b| (a.version, Reverse(&a.svix)).cmp(&(b.version, Reverse(&b.svix))))
+        .map(|c| &c.value)
+}
+
 #[derive(Debug, Clone, Default)]
 struct OrgState {
-    snap: Option<OrgSnap>,
-    /// `public_metadata.plan` of every snapshot, oldest first (an unknown name
-    /// keeps the plan, so the plan is not simply the last snapshot's).
-    plans: Vec<Option<&'static str>>,
+    /// Every organization snapshot delivered (own events and embedded ones).
+    cands: Vec<Cand<OrgSnap>>,
     deleted: bool,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 struct UserState {
-    tag: String,
+    /// (version, svix, tag) of every user.updated.
+    cands: Vec<Cand<String>>,
     deleted: bool,
 }
 
@@ -88,8 +139,13 @@ struct Model {
     clock: i64,
     orgs: Vec<OrgState>,
     users: Vec<UserState>,
-    /// Memberships ever created; `active` until removed by any cause.
+    /// Memberships ever created (the standing snapshot); `active` until removed by
+    /// any cause.
     mems: Vec<(MemSnap, bool)>,
+    /// Every snapshot of each membership delivered.
+    mem_cands: Vec<Vec<Cand<MemSnap>>>,
+    /// Deletions sent so far (Clerk may send one again, later, as a new message).
+    deletes: Vec<Ev>,
     history: Vec<HistEvent>,
 }
 
@@ -98,13 +154,10 @@ impl Model {
         Self {
             clock: T0,
             orgs: vec![OrgState::default(); ORGS],
-            users: (0..USERS)
-                .map(|_| UserState {
-                    tag: "0".to_owned(),
-                    deleted: false,
-                })
-                .collect(),
+            users: vec![UserState::default(); USERS],
             mems: Vec::new(),
+            mem_cands: Vec::new(),
+            deletes: Vec::new(),
             history: Vec::new(),
         }
     }
@@ -115,14 +168,64 @@ impl Model {
         self.clock
     }
 
+    /// Sends `ev` at `ts`, recording every snapshot it carries.
     fn emit(&mut self, ts: i64, ev: Ev) {
         let seq = self.history.len();
+        let svix = format!("msg_{seq}");
+        let cand = |version, value| Cand::new(version, &svix, value);
+        match &ev {
+            Ev::OrgUpsert { org, .. } => {
+                self.orgs[org.idx]
+                    .cands
+                    .push(cand(org.updated_at, org.clone()));
+            }
+            Ev::MemUpsert { mem, .. } | Ev::MemDeleted { mem } => {
+                self.orgs[mem.org.idx]
+                    .cands
+                    .push(cand(mem.org.updated_at, mem.org.clone()));
+                if self.mem_cands.len() <= mem.id {
+                    self.mem_cands.resize(mem.id + 1, Vec::new());
+                }
+                self.mem_cands[mem.id].push(Cand::new(mem.updated_at, &svix, mem.clone()));
+                let standing = best(&self.mem_cands[mem.id]).cloned().expect("a snapshot");
+                if let Some(m) = self.mems.get_mut(mem.id) {
+                    m.0 = standing;
+                }
+            }
+            Ev::UserUpdated { user, tag, version } => {
+                self.users[*user]
+                    .cands
+                    .push(Cand::new(*version, &svix, tag.clone()));
+            }
+            Ev::OrgDeleted { .. } | Ev::UserDeleted { .. } => {}
+        }
+        if matches!(
+            ev,
+            Ev::OrgDeleted { .. } | Ev::MemDeleted { .. } | Ev::UserDeleted { .. }
+        ) {
+            self.deletes.push(ev.clone());
+        }
         self.history.push(HistEvent { seq, ts, ev });
     }
 
+    /// The organization's standing snapshot (deleted or not).
+    fn org_snap(&self, o: usize) -> Option<OrgSnap> {
+        best(&self.orgs[o].cands).cloned()
+    }
+
     fn live_org(&self, o: usize) -> Option<OrgSnap> {
-        let org = &self.orgs[o];
-        if org.deleted { None } else { org.snap.clone() }
+        if self.orgs[o].deleted {
+            None
+        } else {
+            self.org_snap(o)
+        }
+    }
+
+    /// The user's display tag as their standing user.updated says ("0" before any).
+    fn tag(&self, u: usize) -> String {
+        best(&self.users[u].cands)
+            .cloned()
+            .unwrap_or_else(|| "0".to_owned())
     }
 
     fn active_mem(&self, o: usize, u: usize) -> Option<usize> {
@@ -144,10 +247,10 @@ impl Model {
         let ts = self.tick();
         let mut mem = self.mems[i].0.clone();
         // The webhook carries the current organization and user data.
-        if let Some(org) = self.orgs[mem.org.idx].snap.clone() {
+        if let Some(org) = self.org_snap(mem.org.idx) {
             mem.org = org;
         }
-        mem.tag = self.users[mem.user].tag.clone();
+        mem.tag = self.tag(mem.user);
         self.mems[i].1 = false;
         self.emit(ts, Ev::MemDeleted { mem });
     }
@@ -161,9 +264,9 @@ impl Model {
                 if self.orgs[o].deleted {
                     return;
                 }
-                let created = self.orgs[o].snap.is_none();
+                let created = self.orgs[o].cands.is_empty();
                 let ts = self.tick();
-                let mut snap = self.orgs[o].snap.clone().unwrap_or(OrgSnap {
+                let mut snap = self.org_snap(o).unwrap_or(OrgSnap {
                     idx: o,
                     name: format!("Org {o}"),
                     plan: None,
@@ -176,8 +279,6 @@ impl Model {
                     snap.plan = PLANS[usize::from(p) % PLANS.len()];
                 }
                 snap.updated_at = ts;
-                self.orgs[o].plans.push(snap.plan);
-                self.orgs[o].snap = Some(snap.clone());
                 let ev = Ev::OrgUpsert { created, org: snap };
                 self.emit(ts, ev);
             }
@@ -217,7 +318,7 @@ impl Model {
                     id: self.mems.len(),
                     org,
                     user: u,
-                    tag: self.users[u].tag.clone(),
+                    tag: self.tag(u),
                     role: ROLES[usize::from(p) % ROLES.len()],
                     created_at: ts,
                     updated_at: ts,
@@ -233,12 +334,11 @@ impl Model {
                 let ts = self.tick();
                 let (o, u) = (self.mems[i].0.org.idx, self.mems[i].0.user);
                 let org = self.live_org(o).expect("active membership of a live org");
-                let mem = &mut self.mems[i].0;
+                let mut mem = self.mems[i].0.clone();
                 mem.role = ROLES[usize::from(p) % ROLES.len()];
                 mem.org = org;
-                mem.tag = self.users[u].tag.clone();
+                mem.tag = self.tag(u);
                 mem.updated_at = ts;
-                let mem = mem.clone();
                 self.emit(
                     ts,
                     Ev::MemUpsert {
@@ -260,11 +360,15 @@ impl Model {
                 }
                 let ts = self.tick();
                 let tag = format!("{}", ts - T0);
-                self.users[u].tag = tag.clone();
-                self.emit(ts, Ev::UserUpdated { user: u, tag });
+                let ev = Ev::UserUpdated {
+                    user: u,
+                    tag,
+                    version: ts,
+                };
+                self.emit(ts, ev);
             }
             // delete a user, with or without membership webhooks
-            _ => {
+            14 => {
                 if self.users[u].deleted {
                     return;
                 }
@@ -282,6 +386,67 @@ impl Model {
                     self.mems[i].1 = false;
                 }
                 self.emit(ts, Ev::UserDeleted { user: u });
+            }
+            // a second organization snapshot at the same updated_at, other content
+            16 => {
+                let Some(mut snap) = self.live_org(o) else {
+                    return;
+                };
+                let ts = self.tick();
+                snap.name = format!("Org {o} t{}", p % 5);
+                if p.is_multiple_of(2) {
+                    snap.plan = PLANS[usize::from(p / 2) % PLANS.len()];
+                }
+                let ev = Ev::OrgUpsert {
+                    created: false,
+                    org: snap,
+                };
+                self.emit(ts, ev);
+            }
+            // a second membership snapshot at the same updated_at, another role
+            17 => {
+                let Some(i) = self.some_active_mem(o, u) else {
+                    return;
+                };
+                let ts = self.tick();
+                let (o, u) = (self.mems[i].0.org.idx, self.mems[i].0.user);
+                let mut mem = self.mems[i].0.clone();
+                mem.role = ROLES[usize::from(p) % ROLES.len()];
+                mem.org = self.live_org(o).expect("active membership of a live org");
+                mem.tag = self.tag(u);
+                let ev = Ev::MemUpsert {
+                    created: false,
+                    mem,
+                };
+                self.emit(ts, ev);
+            }
+            // a second user.updated at the same updated_at, other names
+            18 => {
+                let Some(version) = self.users[u].cands.iter().map(|c| c.version).max() else {
+                    return;
+                };
+                if self.users[u].deleted {
+                    return;
+                }
+                let ts = self.tick();
+                let tag = format!("{}t{}", version - T0, p % 5);
+                self.emit(
+                    ts,
+                    Ev::UserUpdated {
+                        user: u,
+                        tag,
+                        version,
+                    },
+                );
+            }
+            // a deletion sent again, later, as a new message
+            _ => {
+                if self.deletes.is_empty() {
+                    return;
+                }
+                let ev = self.deletes[usize::from(p) % self.deletes.len()].clone();
+                let ts = self.tick();
+                self.emit(ts, ev);
             }
         }
     }
@@ -335,7 +500,9 @@ fn render(prefix: &str, e: &HistEvent) -> Incoming {
             mem,
         } => membership_of(prefix, mem).updated(mem.updated_at),
         Ev::MemDeleted { mem } => membership_of(prefix, mem).deleted(mem.updated_at),
-        Ev::UserUpdated { user, tag } => story::user_updated(&person(prefix, *user, tag), e.ts),
+        Ev::UserUpdated { user, tag, version } => {
+            story::user_updated(&person(prefix, *user, tag), *version)
+        }
         Ev::UserDeleted { user } => story::user_deleted(&format!("{prefix}user_{user}"), e.ts),
     };
     event
@@ -435,20 +602,23 @@ fn expected(model: &Model, p: &Provisioner) -> State {
     };
     for (i, org) in model.orgs.iter().enumerate() {
         let id = format!("org_{i}");
-        let Some(snap) = &org.snap else {
+        let Some(snap) = best(&org.cands) else {
             // Only reachable through a delete, which needs a created organization.
             continue;
         };
-        // The newest snapshot naming a configured plan or none decides; an
-        // unknown name never changes the plan.
-        let decisive = org
-            .plans
+        // The standing snapshot among those naming a configured plan or none
+        // decides; an unknown name never changes the plan.
+        let deciding: Vec<Cand<Option<&str>>> = org
+            .cands
             .iter()
-            .rev()
-            .find(|p| p.is_none_or(|p| s.plans.contains_key(p)))
-            .copied()
-            .flatten();
-        let plan = s.plan_for(decisive).to_owned();
+            .filter(|c| c.value.plan.is_none_or(|p| s.plans.contains_key(p)))
+            .map(|c| Cand {
+                version: c.version,
+                svix: c.svix.clone(),
+                value: c.value.plan,
+            })
+            .collect();
+        let plan = s.plan_for(best(&deciding).copied().flatten()).to_owned();
         for (q, v) in &s.plans[&plan] {
             st.quotas.insert((id.clone(), q.clone()), *v);
         }
@@ -463,7 +633,19 @@ fn expected(model: &Model, p: &Provisioner) -> State {
         if !active {
             continue;
         }
-        let who = person("", m.user, &model.users[m.user].tag);
+        // Display fields: the standing source among the membership's snapshots
+        // and the user's user.updated.
+        let sources: Vec<Cand<String>> = model.mem_cands[m.id]
+            .iter()
+            .map(|c| Cand {
+                version: c.version,
+                svix: c.svix.clone(),
+                value: c.value.tag.clone(),
+            })
+            .chain(model.users[m.user].cands.iter().cloned())
+            .collect();
+        let tag = best(&sources).expect("a membership has a snapshot");
+        let who = person("", m.user, tag);
         st.members.insert(
             format!("mem_{}", m.id),
             (
@@ -478,6 +660,50 @@ fn expected(model: &Model, p: &Provisioner) -> State {
         );
     }
     st
+}
+
+/// Every stored row of a run, by table and key, as the JSON of all its columns
+/// with the run's prefix taken out of every value. Left out: when this service
+/// wrote a row (`created_at`, `updated_at`), which no two runs share; the audit log
+/// and the processing log are not compared at all (their rows record the delivery,
+/// which differs by design).
+async fn rows(db: &PgPool, prefix: &str) -> BTreeMap<String, String> {
+    let like = format!("{prefix}%");
+    let rows: Vec<(String, String)> = sqlx::query_as(
+        "select 'workspaces/' || id, (to_jsonb(t) - 'created_at' - 'updated_at')::text \
+           from workspaces t where id like $1 \
+         union all \
+         select 'workspace_quotas/' || workspace_id || '/' || name, to_jsonb(t)::text \
+           from workspace_quotas t where workspace_id like $1 \
+         union all \
+         select 'onboarding_steps/' || workspace_id || '/' || name, \
+                (to_jsonb(t) - 'updated_at')::text \
+           from onboarding_steps t where workspace_id like $1 \
+         union all \
+         select 'members/' || membership_id, (to_jsonb(t) - 'created_at' - 'updated_at')::text \
+           from members t where workspace_id like $1 \
+         union all \
+         select 'users/' || id, (to_jsonb(t) - 'updated_at')::text from users t where id like $1",
+    )
+    .bind(&like)
+    .fetch_all(db)
+    .await
+    .unwrap();
+    rows.into_iter()
+        .map(|(k, v)| (k.replace(prefix, ""), v.replace(prefix, "")))
+        .collect()
+}
+
+/// The rows that differ between two runs: (key, first run's row, second run's row).
+fn row_diff(
+    a: &BTreeMap<String, String>,
+    b: &BTreeMap<String, String>,
+) -> Vec<(String, Option<String>, Option<String>)> {
+    let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+    keys.into_iter()
+        .filter(|k| a.get(*k) != b.get(*k))
+        .map(|k| ((*k).clone(), a.get(k).cloned(), b.get(k).cloned()))
+        .collect()
 }
 
 // ---- the property ---------------------------------------------------------------------
@@ -496,7 +722,7 @@ struct Case {
 
 fn case_strategy() -> impl Strategy<Value = Case> {
     (
-        prop::collection::vec((0u8..16, 0..ORGS, 0..USERS, any::<u8>()), 6..60),
+        prop::collection::vec((0u8..20, 0..ORGS, 0..USERS, any::<u8>()), 6..60),
         prop::collection::vec(any::<u32>(), 128),
         prop::collection::vec((any::<u16>(), any::<u16>()), 0..10),
         prop::collection::vec(1usize..10, 128),
@@ -591,6 +817,12 @@ async fn check_case(db: &PgPool, p: &Provisioner, case: &Case) -> Result<(), Tes
         &in_order,
         "shuffled run differs from the in-order run"
     );
+    // Every column of every row, not only the membership set.
+    let diff = row_diff(&rows(db, &a).await, &rows(db, &b).await);
+    prop_assert!(
+        diff.is_empty(),
+        "shuffled rows differ from the in-order rows (key, in order, shuffled): {diff:#?}"
+    );
     Ok(())
 }
 
@@ -601,8 +833,9 @@ fn provisioner() -> Provisioner {
 
 /// 500 random histories over 3 organizations and 4 users (creates, renames, plan
 /// changes, role changes, removals, re-adds, user updates and deletions, organization
-/// deletions with and without membership webhooks), delivered shuffled with
-/// duplicates in batches, end in the state of the in-order history.
+/// deletions with and without membership webhooks, snapshots tying on `updated_at`
+/// with other content, deletions sent again later), delivered shuffled with
+/// duplicates in batches, end in the state of the in-order history, column by column.
 #[test]
 fn shuffled_duplicated_histories_converge() {
     let rt = tokio::runtime::Runtime::new().unwrap();
@@ -688,5 +921,7 @@ async fn concurrent_workers_converge() {
         let in_order = state(&db.pool, &a).await;
         assert_eq!(in_order, expected(&model, &p));
         assert_eq!(state(&db.pool, &b).await, in_order);
+        let diff = row_diff(&rows(&db.pool, &a).await, &rows(&db.pool, &b).await);
+        assert!(diff.is_empty(), "rows differ: {diff:#?}");
     }
 }

@@ -374,3 +374,178 @@ async fn secrets_never_appear_in_logs() {
         }
     }
 }
+
+// A password written as a query parameter (`?password=`, libpq's `?sslpassword=`,
+// which sqlx would log with its value as an unknown parameter) never reaches the logs
+// either, even at debug level and when start-up fails on that very connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn query_parameter_passwords_never_appear_in_logs() {
+    let iso = Isolation::new();
+    let config = TempFile::new("config.toml", &iso.broker_toml());
+    let amqp_password = format!("amqpQ{}", random_id(12));
+    let db_password = format!("pgQ{}", random_id(12));
+    let ssl_password = format!("sslQ{}", random_id(12));
+    let closed_port = free_port();
+    let mut env = base_env(&iso, &config, free_port());
+    env.retain(|(k, _)| k != "RUST_LOG" && k != "AMQP_URL" && k != "DATABASE_URL");
+    env.extend([
+        ("RUST_LOG".to_owned(), "debug".to_owned()),
+        (
+            "AMQP_URL".to_owned(),
+            format!("amqp://guest@127.0.0.1:{closed_port}/%2f?password={amqp_password}"),
+        ),
+        // Trust authentication: the passwords are carried but not needed.
+        (
+            "DATABASE_URL".to_owned(),
+            format!(
+                "postgres://postgres@127.0.0.1:5432/{}?password={db_password}&sslpassword={ssl_password}",
+                iso.database
+            ),
+        ),
+    ]);
+    for format in ["text", "json"] {
+        let log = TempFile::new("stderr", "");
+        let mut run = env.clone();
+        run.push(("LOG_FORMAT".into(), format.into()));
+        let mut child = start(&["serve", "--no-worker"], &run, &log);
+        let status = wait_exit(&mut child, Duration::from_secs(60)).await;
+        let stderr = log.read();
+        assert!(!status.success(), "the broker is unreachable");
+        assert!(
+            stderr.contains(&closed_port.to_string()),
+            "the failure names where: {stderr}"
+        );
+        for secret in [&amqp_password, &db_password, &ssl_password] {
+            assert!(
+                !stderr.contains(secret.as_str()),
+                "{format} logs leak {secret}: {stderr}"
+            );
+        }
+    }
+}
+
+/// The readiness queries a serve log shows: sqlx logs each statement it runs at
+/// debug level (`sqlx::query`), with the statement as its `summary`.
+fn readiness_queries(log: &TempFile) -> usize {
+    log.read()
+        .lines()
+        .filter(|l| l.contains(r#""summary":"select 1""#))
+        .count()
+}
+
+// /readyz shares the worker's pool: a flood of probes asks PostgreSQL about once a
+// second (the cached answer), not once per request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_readiness_probes_queries_the_database_about_once_a_second() {
+    let iso = Isolation::new();
+    let config = TempFile::new("config.toml", &iso.broker_toml());
+    let port = free_port();
+    let log = TempFile::new("stderr", "");
+    let mut env = base_env(&iso, &config, port);
+    env.retain(|(k, _)| k != "RUST_LOG");
+    env.push(("RUST_LOG".into(), "info,sqlx::query=debug".into()));
+    env.push(("LOG_FORMAT".into(), "json".into()));
+    let mut child = start(&["serve", "--no-worker"], &env, &log);
+    let base = format!("http://127.0.0.1:{port}");
+    let client = reqwest::Client::new();
+    wait_healthy(&client, &base, &mut child, &log).await;
+    let before = readiness_queries(&log);
+
+    // 8 waves of 50 concurrent probes, half a second apart: about 4 s, 400 probes.
+    let started = std::time::Instant::now();
+    for _ in 0..8 {
+        let wave = (0..50).map(|_| {
+            let client = client.clone();
+            let url = format!("{base}/readyz");
+            async move { client.get(url).send().await.unwrap().status().as_u16() }
+        });
+        let statuses = futures_util::future::join_all(wave).await;
+        assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let seconds = started.elapsed().as_secs() as usize;
+    sigterm(&child);
+    let status = wait_exit(&mut child, Duration::from_secs(10)).await;
+    assert!(status.success(), "{status}: {}", log.read());
+    let queries = readiness_queries(&log) - before;
+
+    assert!(
+        queries >= 1,
+        "the probes did check the database: {}",
+        log.read()
+    );
+    assert!(
+        queries <= seconds + 2,
+        "{queries} readiness queries for 400 probes in {seconds} s"
+    );
+}
+
+// A forged or unsigned webhook is anyone's to send, with any svix-id: none is logged
+// above debug, and the refusals are summed up in one warning per interval.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_webhooks_are_summed_up_in_one_warning_without_their_ids() {
+    let iso = Isolation::new();
+    let config = TempFile::new("config.toml", &iso.broker_toml());
+    let port = free_port();
+    let log = TempFile::new("stderr", "");
+    let mut env = base_env(&iso, &config, port);
+    env.push(("LOG_FORMAT".into(), "json".into()));
+    let mut child = start(&["serve", "--no-worker"], &env, &log);
+    let base = format!("http://127.0.0.1:{port}");
+    let client = reqwest::Client::new();
+    wait_healthy(&client, &base, &mut child, &log).await;
+
+    let ids: Vec<String> = (0..200)
+        .map(|i| format!("msg_forged{i}x{}", random_id(8)))
+        .collect();
+    let body = br#"{"type":"user.deleted","data":{"id":"user_1"},"object":"event","timestamp":1}"#;
+    let requests = ids.iter().enumerate().map(|(i, id)| {
+        let client = client.clone();
+        let url = format!("{base}/webhooks/clerk");
+        let ts = now_secs();
+        let mut req = client
+            .post(url)
+            .header("content-type", "application/json")
+            .header("svix-id", id)
+            .header("svix-timestamp", ts.to_string())
+            .body(body.to_vec());
+        // Half forged (a signature of another secret), half unsigned.
+        if i % 2 == 0 {
+            req = req.header(
+                "svix-signature",
+                sign("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw", id, ts, body),
+            );
+        }
+        async move { req.send().await.unwrap().status().as_u16() }
+    });
+    let statuses = futures_util::future::join_all(requests).await;
+    assert!(
+        statuses.iter().all(|s| *s == 401 || *s == 400),
+        "{statuses:?}"
+    );
+
+    let summary = eventually(Duration::from_secs(30), || async {
+        let text = log.read();
+        text.lines()
+            .find(|l| l.contains("webhooks refused") && l.contains(r#""refused":200"#))
+            .map(str::to_owned)
+    })
+    .await
+    .unwrap_or_else(|| panic!("one summary warning: {}", log.read()));
+    assert!(summary.contains(r#""level":"WARN""#), "{summary}");
+    sigterm(&child);
+    let status = wait_exit(&mut child, Duration::from_secs(10)).await;
+    assert!(status.success(), "{status}: {}", log.read());
+
+    let text = log.read();
+    assert_eq!(
+        text.lines()
+            .filter(|l| l.contains("webhooks refused"))
+            .count(),
+        1,
+        "{text}"
+    );
+    for id in &ids {
+        assert!(!text.contains(id.as_str()), "{id} logged: {text}");
+    }
+}

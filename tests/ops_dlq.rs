@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use common::ops::*;
 use common::*;
-use lapin::options::{BasicGetOptions, BasicRejectOptions};
-use lapin::types::AMQPValue;
+use lapin::options::{BasicGetOptions, BasicRejectOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable};
 use provisioner::ops::dlq::{self, DeadQueue, DlqError, ReplayOptions, Selection};
 
 fn id() -> String {
@@ -87,6 +87,118 @@ async fn list_shows_each_dead_letter_and_leaves_the_queue_as_it_was() {
     );
     for (m, original) in left.iter().zip(&msgs) {
         assert_eq!(m.delivery.data, original.body, "bodies unchanged");
+    }
+}
+
+// RabbitMQ 4.x gives a quorum queue without a delivery limit a default of 20 and then
+// drops the message (the dead-letter queue has no dead-letter exchange): the limit is
+// explicit, and the broker holds exactly that value. A re-declaration with other
+// arguments is refused (406 PRECONDITION_FAILED), so an equal one reads it back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dead_letter_queue_carries_an_explicit_delivery_limit() {
+    let (_iso, settings) = ops::broker_only(&TestOptions::default()).await;
+    let dead = settings.broker.dead_letter_queue.as_str();
+    let declare = |limit: Option<i32>| async move {
+        let (conn, ch) = broker_channel().await;
+        let mut args = FieldTable::default();
+        args.insert(
+            "x-queue-type".into(),
+            AMQPValue::LongString("quorum".into()),
+        );
+        if let Some(ms) = settings.broker.queue_expires_ms {
+            args.insert("x-expires".into(), AMQPValue::LongLongInt(ms as i64));
+        }
+        if let Some(limit) = limit {
+            args.insert("x-delivery-limit".into(), AMQPValue::LongInt(limit));
+        }
+        let opts = QueueDeclareOptions {
+            durable: true,
+            ..QueueDeclareOptions::default()
+        };
+        let result = ch.queue_declare(dead.into(), opts, args).await;
+        let _ = conn.close(200, "bye".into()).await;
+        result.map(|_| ()).map_err(|e| e.to_string())
+    };
+
+    assert_eq!(
+        declare(Some(provisioner::broker::DEAD_LETTER_DELIVERY_LIMIT)).await,
+        Ok(()),
+        "the queue holds exactly this limit"
+    );
+    assert_eq!(provisioner::broker::DEAD_LETTER_DELIVERY_LIMIT, i32::MAX);
+    for other in [None, Some(20)] {
+        let err = declare(other).await.unwrap_err();
+        assert!(
+            err.contains("PRECONDITION_FAILED") && err.contains("x-delivery-limit"),
+            "{other:?}: {err}"
+        );
+    }
+}
+
+// Listing and showing do not count a delivery: after 50 listings and a few shows every
+// dead letter is there, in order, with its body, properties and headers as injected
+// (no `x-delivery-count`, which RabbitMQ 4.x would compare with the delivery limit).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_lists_and_some_shows_leave_every_dead_letter_as_it_was() {
+    let (_iso, settings) = ops::broker_only(&TestOptions::default()).await;
+    let (msgs, ids) = mixed("org_fifty");
+    inject_dead(&settings, &msgs).await;
+
+    for _ in 0..50 {
+        let listing = dlq::list(&settings).await.unwrap();
+        assert_eq!(listing.count, 4);
+    }
+    for id in &ids[..3] {
+        dlq::show(&settings, id).await.unwrap();
+    }
+    let listing = dlq::list(&settings).await.unwrap();
+
+    assert_eq!(
+        listing
+            .data
+            .iter()
+            .map(|l| l.id.clone().unwrap())
+            .collect::<Vec<_>>(),
+        ids
+    );
+    let left = drain_queue(&settings.broker.dead_letter_queue).await;
+    assert_eq!(message_ids(&left), ids, "every dead letter, in order");
+    for (m, original) in left.iter().zip(&msgs) {
+        let p = &m.delivery.properties;
+        assert_eq!(m.delivery.data, original.body, "body unchanged");
+        // RabbitMQ 3.10 writes the count (0) on every delivery from a queue with a
+        // delivery limit; 50 listings counted none.
+        let count = header(m, "x-delivery-count").and_then(provisioner::broker::headers::int_value);
+        assert!(
+            matches!(count, None | Some(0)),
+            "deliveries counted: {count:?}"
+        );
+        let without_count = |t: &FieldTable| {
+            let mut out = FieldTable::default();
+            for (k, v) in t.inner() {
+                if k.as_str() != "x-delivery-count" {
+                    out.insert(k.clone(), v.clone());
+                }
+            }
+            out
+        };
+        let shown = p.headers().as_ref().map(without_count).unwrap_or_default();
+        let injected = original
+            .headers
+            .as_ref()
+            .map(without_count)
+            .unwrap_or_default();
+        assert_eq!(shown, injected, "headers unchanged");
+        assert_eq!(
+            p.kind().as_ref().map(|k| k.as_str()),
+            original.kind.as_deref()
+        );
+        assert_eq!(p.timestamp(), &original.timestamp);
+        assert_eq!(p.delivery_mode(), &Some(2));
+        assert_eq!(
+            p.content_type().as_ref().map(|c| c.as_str()),
+            Some("application/json")
+        );
     }
 }
 
@@ -574,6 +686,30 @@ async fn a_missing_dead_letter_queue_is_a_clear_error() {
 
 // ---- the binary -------------------------------------------------------------------
 
+// A dead letter that stands twice (what a dlq command killed between putting a copy
+// back and acknowledging the original leaves) is not doubled silently: the table
+// lists both and a note names the id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binary_list_names_an_id_that_stands_twice() {
+    let (iso, settings) = ops::broker_only(&TestOptions::default()).await;
+    let (msgs, ids) = mixed("org_twice");
+    let mut with_copy = msgs.clone();
+    with_copy.push(msgs[1].clone());
+    inject_dead(&settings, &with_copy).await;
+    let cfg = config_file(&iso, "");
+
+    let out = run_binary(&cfg, &[], &["dlq", "list"]).await;
+
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(text.contains("5 dead letter(s)"), "{text}");
+    assert!(
+        text.contains(&format!("1 id(s) appear more than once: {}", ids[1])),
+        "{text}"
+    );
+    let _ = std::fs::remove_file(cfg);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn binary_lists_as_json_replays_and_refuses_purge_without_yes() {
     let (iso, settings) = ops::broker_only(&TestOptions::default()).await;
@@ -666,6 +802,29 @@ async fn binary_names_an_unreachable_broker_without_its_password() {
         let redacted = format!("amqp://ops:***@127.0.0.1:{port}/%2f");
         assert_failed_naming(&out, &redacted, "s3cr3t-pw", &format!("{args:?}"));
     }
+    let _ = std::fs::remove_file(cfg);
+}
+
+// lapin reads no password from the query, but one written there (`?password=`) is
+// hidden all the same, in the error and the logs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binary_names_an_unreachable_broker_without_its_query_parameter_password() {
+    let iso = Isolation::new();
+    let cfg = config_file(&iso, "");
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let url = format!("amqp://ops@127.0.0.1:{port}/%2f?password=s3cr3t-qu3ry");
+
+    let out = run_binary(
+        &cfg,
+        &[("AMQP_URL", url), ("RUST_LOG", "debug".into())],
+        &["dlq", "list"],
+    )
+    .await;
+
+    let redacted = format!("amqp://ops@127.0.0.1:{port}/%2f?password=***");
+    assert_failed_naming(&out, &redacted, "s3cr3t-qu3ry", "dlq list");
     let _ = std::fs::remove_file(cfg);
 }
 

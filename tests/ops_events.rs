@@ -282,3 +282,31 @@ async fn binary_names_an_unreachable_database_without_its_password() {
     assert_failed_naming(&out, &redacted, "pg-s3cr3t", "events list");
     let _ = std::fs::remove_file(cfg);
 }
+
+// A password given as a query parameter (sqlx reads `password=`; libpq's
+// `sslpassword=` is not read, and would be logged by the driver with its value) is
+// hidden like the userinfo one, in the error and in every log line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binary_names_an_unreachable_database_without_its_query_parameter_password() {
+    let iso = Isolation::new();
+    let cfg = config_file(&iso, "");
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let url = format!(
+        "postgres://ops@127.0.0.1:{port}/provisioner?password=pg-qu3ry&sslpassword=pg-ssl-s3cr3t"
+    );
+
+    let out = run_binary(
+        &cfg,
+        &[("DATABASE_URL", url), ("RUST_LOG", "debug".into())],
+        &["events", "list"],
+    )
+    .await;
+
+    let redacted =
+        format!("postgres://ops@127.0.0.1:{port}/provisioner?password=***&sslpassword=***");
+    assert_failed_naming(&out, &redacted, "pg-qu3ry", "events list");
+    assert_failed_naming(&out, &redacted, "pg-ssl-s3cr3t", "events list");
+    let _ = std::fs::remove_file(cfg);
+}

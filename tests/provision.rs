@@ -652,7 +652,9 @@ async fn removal_with_only_ids_and_unknown_fields_applies() {
 }
 
 /// A sparse removal seen before its membership leaves a tombstone: the late
-/// `created` stays removed, so it never grants access.
+/// `created` stays removed, so it never grants access; it fills in the fields the
+/// removal did not carry, as the in-order history would have stored them (issue 9
+/// item 3: every field converges, so the late `created` is applied, not superseded).
 #[tokio::test]
 async fn sparse_removal_before_created_keeps_a_tombstone() {
     let db = TestDatabase::create().await;
@@ -666,10 +668,14 @@ async fn sparse_removal_before_created_keeps_a_tombstone() {
         .with(|d| *d = json!({ "id": "mem_b", "organization": { "id": "org_a" }, "public_user_data": { "user_id": "user_bob" } }));
     assert_eq!(apply_ok(&p, &db.pool, removal).await, Outcome::Processed);
     let late = bob.created(T0 + 5).svix("m3");
-    assert_eq!(apply_ok(&p, &db.pool, late).await, Outcome::Superseded);
+    assert_eq!(apply_ok(&p, &db.pool, late).await, Outcome::Processed);
     let m = member(&db.pool, "mem_b").await.unwrap();
     assert!(m.removed);
     assert_eq!(m.removal_reason.as_deref(), Some("membership_deleted"));
+    assert_eq!(
+        (m.clerk_role.as_str(), m.email.as_deref()),
+        ("org:member", Some("user_bob.b@example.com"))
+    );
     assert_eq!(
         audit_actions(&db.pool, "org_a").await,
         ["workspace.provisioned"]
@@ -1328,4 +1334,110 @@ fn database_of_a_panicking_test_is_dropped() {
             .unwrap()
     });
     assert_eq!(left, 0, "{name} outlived its test");
+}
+
+/// Applies `events` one by one, in this order, to a fresh database; returns every
+/// provisioned row.
+async fn rows_after(events: &[Event]) -> std::collections::BTreeMap<String, Value> {
+    let db = TestDatabase::create().await;
+    let p = provisioner();
+    apply_all(&p, &db.pool, events.iter().cloned()).await;
+    state_rows(&db.pool).await
+}
+
+/// Two different snapshots with the same `updated_at` (organization, membership,
+/// user): the one carried by the smaller svix id wins, whichever arrives first, so
+/// every column ends the same in both orders (issue 9 item 3).
+#[tokio::test]
+async fn equal_versions_go_to_the_smaller_svix_id_in_any_order() {
+    let jane = |tag: &str| person("user_jane", tag);
+    let acme = org("org_a").named("Acme").version(T0);
+    let beta = org("org_a").named("Beta").plan("team");
+    let alpha = org("org_a").named("Alpha").plan("enterprise");
+    let mem = acme.membership("mem_1", &jane("j"));
+    let events = [
+        acme.created(T0).svix("m1"),
+        mem.created(T0).svix("m2"),
+        beta.updated(T0 + 10).svix("m5"),
+        alpha.updated(T0 + 10).svix("m4"),
+        mem.clone().role("org:admin").updated(T0 + 20).svix("m7"),
+        mem.clone().role("org:member").updated(T0 + 20).svix("m6"),
+        user_updated(&jane("x"), T0 + 30).svix("m9"),
+        user_updated(&jane("y"), T0 + 30).svix("m8"),
+    ];
+    let forward = rows_after(&events).await;
+    let mut reversed = events.clone();
+    reversed[1..].reverse();
+    assert_eq!(rows_after(&reversed).await, forward);
+
+    let ws = &forward["workspaces/org_a"];
+    assert_eq!(
+        (
+            &ws["name"],
+            &ws["plan"],
+            &ws["source_event"],
+            &ws["plan_event"]
+        ),
+        (
+            &json!("Alpha"),
+            &json!("enterprise"),
+            &json!("m4"),
+            &json!("m4")
+        )
+    );
+    let m = &forward["members/mem_1"];
+    assert_eq!(
+        (&m["clerk_role"], &m["email"], &m["profile_event"]),
+        (
+            &json!("org:member"),
+            &json!("user_jane.y@example.com"),
+            &json!("m8")
+        )
+    );
+    assert_eq!(forward["users/user_jane"]["first_name"], json!("Firsty"));
+}
+
+/// Deletions sent more than once (later, as new messages) and memberships ended by
+/// several causes: the earliest deletion time stands, and a membership's end is
+/// its earliest cause with that cause's reason, whichever arrives first (issue 9
+/// item 3).
+#[tokio::test]
+async fn deletions_keep_the_earliest_time_and_cause_in_any_order() {
+    let acme = org("org_a").named("Acme").version(T0);
+    let jane = acme.membership("mem_j", &person("user_jane", "j"));
+    let bob = acme.membership("mem_b", &person("user_bob", "b"));
+    let events = [
+        jane.created(T0).svix("m1"),
+        bob.created(T0).svix("m2"),
+        jane.deleted(T0).sent_at(T0 + 30).svix("m3"),
+        user_deleted("user_bob", T0 + 40).svix("m4"),
+        acme.deleted(T0 + 50).svix("m5"),
+        user_deleted("user_bob", T0 + 60).svix("m6"),
+        acme.deleted(T0 + 70).svix("m7"),
+        jane.deleted(T0).sent_at(T0 + 80).svix("m8"),
+    ];
+    let forward = rows_after(&events).await;
+    let mut reversed = events.clone();
+    reversed[2..].reverse();
+    assert_eq!(rows_after(&reversed).await, forward);
+
+    let ms = |t: i64| json!(T0 + t);
+    assert_eq!(forward["workspaces/org_a"]["deleted_version"], ms(50));
+    let at = |v: &Value| {
+        chrono::DateTime::parse_from_rfc3339(v.as_str().unwrap())
+            .unwrap()
+            .timestamp_millis()
+    };
+    assert_eq!(at(&forward["workspaces/org_a"]["deleted_at"]), T0 + 50);
+    assert_eq!(at(&forward["users/user_bob"]["deleted_at"]), T0 + 40);
+    let jane_row = &forward["members/mem_j"];
+    assert_eq!(
+        (at(&jane_row["removed_at"]), &jane_row["removal_reason"]),
+        (T0 + 30, &json!("membership_deleted"))
+    );
+    let bob_row = &forward["members/mem_b"];
+    assert_eq!(
+        (at(&bob_row["removed_at"]), &bob_row["removal_reason"]),
+        (T0 + 40, &json!("user_deleted"))
+    );
 }

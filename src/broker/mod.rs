@@ -17,7 +17,7 @@ pub use confirmed::{
 pub use publisher::{
     DEFAULT_PUBLISH_CHANNELS, HeaderValue, OutgoingMessage, Publisher, header_table,
 };
-pub use topology::Topology;
+pub use topology::{DEAD_LETTER_DELIVERY_LIMIT, Topology};
 
 use std::time::Duration;
 

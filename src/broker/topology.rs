@@ -18,7 +18,7 @@ pub struct Topology {
     pub queue: String,
     /// Dead-letter exchange.
     pub dead_letter_exchange: String,
-    /// Dead-letter queue (quorum, no delivery limit).
+    /// Dead-letter queue (quorum, delivery limit [`DEAD_LETTER_DELIVERY_LIMIT`]).
     pub dead_letter_queue: String,
     /// Delayed-retry queues: (name, delay in ms), shortest first.
     pub retry_queues: Vec<(String, u64)>,
@@ -27,6 +27,18 @@ pub struct Topology {
     /// Optional `x-expires` for every queue (tests).
     pub queue_expires_ms: Option<u64>,
 }
+
+/// `x-delivery-limit` of the dead-letter queue: in effect none, and said explicitly.
+///
+/// A quorum queue without the argument has no limit up to RabbitMQ 3.13, but from 4.0
+/// a default of 20 deliveries, after which a message is dropped (the dead-letter
+/// queue has no dead-letter exchange of its own). `-1`, 4.x's "unlimited", is
+/// refused by 3.x (`PRECONDITION_FAILED`, and no policy takes it either), so the
+/// one value every supported version (3.10 to 4.x) accepts and treats alike is the
+/// largest the argument holds: 2^31 − 1 deliveries is never reached. `dlq list` and
+/// `show` do not count a delivery anyway (see `ops::dlq::queue`); this is the net
+/// under a crashed session, which does.
+pub const DEAD_LETTER_DELIVERY_LIMIT: i32 = i32::MAX;
 
 fn quorum_args(expires: Option<u64>) -> FieldTable {
     let mut args = FieldTable::default();
@@ -123,14 +135,15 @@ impl Topology {
             )
             .await?;
 
-        // The dead-letter queue has no delivery limit: inspecting it never uses up
-        // a message.
+        // The dead-letter queue's delivery limit is explicit and never reached:
+        // without it RabbitMQ 4.x would drop a dead letter after 20 deliveries.
+        let mut dead = quorum_args(self.queue_expires_ms);
+        dead.insert(
+            "x-delivery-limit".into(),
+            AMQPValue::LongInt(DEAD_LETTER_DELIVERY_LIMIT),
+        );
         channel
-            .queue_declare(
-                self.dead_letter_queue.as_str().into(),
-                durable(),
-                quorum_args(self.queue_expires_ms),
-            )
+            .queue_declare(self.dead_letter_queue.as_str().into(), durable(), dead)
             .await?;
         channel
             .queue_bind(

@@ -146,6 +146,11 @@ pub struct DatabaseSettings {
     pub max_connections: u32,
     /// Pool acquire timeout.
     pub acquire_timeout_ms: u64,
+    /// `lock_timeout` of every session (ms; 0 leaves the server's): a row or lock
+    /// held elsewhere fails the statement instead of stalling it for ever.
+    pub lock_timeout_ms: u64,
+    /// `statement_timeout` of every session (ms; 0 leaves the server's).
+    pub statement_timeout_ms: u64,
 }
 
 /// `[broker]`
@@ -565,7 +570,9 @@ impl ProvisioningSettings {
 
 fn check_url_scheme(key: &str, url: &ConnectionUrl, schemes: &[&str]) -> Result<(), ConfigError> {
     match url::Url::parse(url.expose()) {
-        Ok(u) if schemes.contains(&u.scheme()) => Ok(()),
+        // `scheme:user:pw@host` parses, but has no authority: lapin would refuse it
+        // with an error quoting the whole text.
+        Ok(u) if schemes.contains(&u.scheme()) && !u.cannot_be_a_base() => Ok(()),
         _ => Err(ConfigError::at(
             key,
             format!("`{}` is not a {}:// URL", url.redacted(), schemes[0]),
@@ -574,19 +581,69 @@ fn check_url_scheme(key: &str, url: &ConnectionUrl, schemes: &[&str]) -> Result<
 }
 
 /// Parses one TOML source. The error keeps to one line and never quotes the
-/// source, which may hold a secret: only the parser's message and the line number.
+/// source, which may hold a secret: the parser's message, the line and column, and
+/// the setting being written there when that line starts with a known setting's
+/// name (only names the defaults or the environment define are ever printed).
 fn parse_toml(text: &str, setting: &str) -> Result<toml::Table, ConfigError> {
     toml::from_str(text).map_err(|e: toml::de::Error| {
         let message = e.message().replace('\n', " ");
         let message = match e.span() {
             Some(span) => {
-                let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
-                format!("line {line}: {message}")
+                let before = &text[..floor_char_boundary(text, span.start)];
+                let line = before.matches('\n').count() + 1;
+                let column = before.rsplit('\n').next().unwrap_or("").chars().count() + 1;
+                match setting_on_line(text, line) {
+                    Some(key) => format!("line {line}, column {column} (setting {key}): {message}"),
+                    None => format!("line {line}, column {column}: {message}"),
+                }
             }
             None => message,
         };
         ConfigError::new(setting, message)
     })
+}
+
+fn floor_char_boundary(text: &str, mut at: usize) -> usize {
+    at = at.min(text.len());
+    while !text.is_char_boundary(at) {
+        at -= 1;
+    }
+    at
+}
+
+/// The dotted name of the setting whose `key = …` starts line `line` (1-based), if
+/// it is one this service knows: the table header above it plus the key, checked
+/// against the defaults and the environment's keys so that a line inside a broken
+/// string (which may be a secret) is never taken for a name.
+fn setting_on_line(text: &str, line: usize) -> Option<String> {
+    let mut table = String::new();
+    for l in text.lines().take(line - 1) {
+        let t = l.trim();
+        if t.starts_with('[') && t.ends_with(']') && !t.starts_with("[[") {
+            table = t.trim_matches(|c| c == '[' || c == ']').trim().to_owned();
+        }
+    }
+    let (key, _) = text.lines().nth(line - 1)?.split_once('=')?;
+    let key = key.trim();
+    let name = if table.is_empty() {
+        key.to_owned()
+    } else {
+        format!("{table}.{key}")
+    };
+    let defaults: toml::Table = toml::from_str(DEFAULT_CONFIG).ok()?;
+    let mut known = source::ENV_KEYS.iter().any(|(_, k)| *k == name);
+    if !known {
+        let mut node = Some(&defaults);
+        let parts: Vec<&str> = name.split('.').collect();
+        for (i, part) in parts.iter().enumerate() {
+            match node.and_then(|t| t.get(*part)) {
+                Some(toml::Value::Table(t)) if i + 1 < parts.len() => node = Some(t),
+                Some(_) if i + 1 == parts.len() => known = true,
+                _ => break,
+            }
+        }
+    }
+    known.then(|| source::setting_name(&name))
 }
 
 /// Names the setting a deserialization error is about (`worker.batch_size`,
@@ -862,12 +919,27 @@ gong_credentials = 6
         assert_eq!(err.setting, "colour", "{err}");
         let err = load(Some("[http]\nlisten_on = \"x\""), &[]).unwrap_err();
         assert_eq!(err.setting, "http.listen_on", "{err}");
-        // A broken file: one line, the line number, never the text around it.
+        // A broken file: one line, the line, column and setting, never the text
+        // around it.
         let err = load(Some("[clerk]\nwebhook_secrets = \"whsec_hunter2"), &[]).unwrap_err();
         assert_eq!(err.setting, "PROVISIONER_CONFIG");
-        assert!(err.message.starts_with("line 2: "), "{err}");
+        assert!(
+            err.message.starts_with(
+                "line 2, column 33 (setting clerk.webhook_secrets (CLERK_WEBHOOK_SECRET)): "
+            ),
+            "{err}"
+        );
         assert!(!err.to_string().contains("hunter2"), "{err}");
         assert!(!err.to_string().contains('\n'), "{err}");
+    }
+
+    #[test]
+    fn a_broken_string_is_never_taken_for_a_setting_name() {
+        // The error is on the line `hunter2 = x`, inside an unterminated string.
+        let text = "[database]\nurl = \"\"\"postgres://u:p@h/db\nhunter2 = \"x";
+        let err = load(Some(text), &[]).unwrap_err();
+        assert!(!err.to_string().contains("hunter2"), "{err}");
+        assert!(err.message.starts_with("line "), "{err}");
     }
 
     #[test]

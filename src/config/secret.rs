@@ -68,6 +68,17 @@ impl ConnectionUrl {
     pub fn redacted(&self) -> String {
         redact_url(self.0.expose())
     }
+
+    /// `text` (say, a driver's error) with every password this URL carries, as
+    /// written or percent-decoded, replaced by `***`: belt and braces for messages
+    /// that have no reason to quote the URL but must never leak it.
+    pub fn scrub(&self, text: &str) -> String {
+        let mut out = text.to_owned();
+        for secret in url_secrets(self.0.expose()) {
+            out = out.replace(&secret, "***");
+        }
+        out
+    }
 }
 
 impl From<String> for ConnectionUrl {
@@ -88,17 +99,80 @@ impl fmt::Display for ConnectionUrl {
     }
 }
 
-/// Replaces the password of a URL with `***`; an unparsable URL is hidden whole.
-pub fn redact_url(raw: &str) -> String {
-    match url::Url::parse(raw) {
-        Ok(mut url) => {
-            if url.password().is_some() {
-                let _ = url.set_password(Some("***"));
-            }
-            url.to_string()
-        }
-        Err(_) => "[unparsable url]".to_owned(),
+/// Whether a URL query parameter carries a secret, by its (decoded) name: sqlx takes
+/// a password as `password=`, libpq-style URLs add `sslpassword=`, and a parameter
+/// neither driver reads (lapin reads none) may still hold one, so every name that
+/// speaks of a password, secret, token or credential is hidden.
+pub fn is_secret_parameter(name: &str) -> bool {
+    let name = name.to_ascii_lowercase();
+    ["pass", "pwd", "secret", "token", "credential"]
+        .iter()
+        .any(|word| name.contains(word))
+}
+
+/// Every password `raw` carries (userinfo, secret query parameters), as written and
+/// decoded, longest first; empty ones left out.
+fn url_secrets(raw: &str) -> Vec<String> {
+    let Ok(url) = url::Url::parse(raw) else {
+        return vec![raw.to_owned()];
+    };
+    let decode = |s: &str| {
+        url::form_urlencoded::parse(format!("x={s}").as_bytes())
+            .next()
+            .map(|(_, v)| v.into_owned())
+    };
+    let mut secrets = Vec::new();
+    if let Some(p) = url.password() {
+        secrets.push(p.to_owned());
+        secrets.extend(decode(p));
     }
+    for pair in url.query().unwrap_or_default().split('&') {
+        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+        if decode(name).is_some_and(|n| is_secret_parameter(&n)) {
+            secrets.push(value.to_owned());
+            secrets.extend(decode(value));
+        }
+    }
+    secrets.retain(|s| !s.is_empty());
+    secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
+    secrets.dedup();
+    secrets
+}
+
+/// The URL with every password it carries replaced by `***`: the userinfo password
+/// (sqlx, lapin), the value of every secret query parameter
+/// ([`is_secret_parameter`]: sqlx's `password=`, `sslpassword=`, …) and the
+/// fragment (no driver reads one; there it is only a password's stray `#…`). A URL
+/// that does not parse, or has no `//` authority (`amqp:user:pw@host`, whose "path"
+/// lapin would quote), is hidden whole but for its scheme.
+pub fn redact_url(raw: &str) -> String {
+    let Ok(mut url) = url::Url::parse(raw) else {
+        return "[unparsable url]".to_owned();
+    };
+    if url.cannot_be_a_base() {
+        return format!("{}:[redacted]", url.scheme());
+    }
+    if url.password().is_some() {
+        let _ = url.set_password(Some("***"));
+    }
+    if url.query_pairs().any(|(k, _)| is_secret_parameter(&k)) {
+        let pairs: Vec<(String, String)> = url
+            .query_pairs()
+            .map(|(k, v)| {
+                let v = if is_secret_parameter(&k) {
+                    "***".to_owned()
+                } else {
+                    v.into_owned()
+                };
+                (k.into_owned(), v)
+            })
+            .collect();
+        url.query_pairs_mut().clear().extend_pairs(pairs);
+    }
+    if url.fragment().is_some() {
+        url.set_fragment(Some("***"));
+    }
+    url.to_string()
 }
 
 #[cfg(test)]
@@ -114,5 +188,72 @@ mod tests {
         assert!(!shown.contains("hunter2"), "{shown}");
         assert!(shown.contains("rabbit"), "{shown}");
         assert_eq!(redact_url("not a url with hunter2"), "[unparsable url]");
+    }
+
+    #[test]
+    fn every_password_form_the_drivers_accept_is_hidden() {
+        for (raw, shown) in [
+            // sqlx: userinfo, `password=` (also beside `user=`), and libpq's
+            // `sslpassword=` (which sqlx does not read, so would log).
+            (
+                "postgres://u:hunter2@db:5432/app",
+                "postgres://u:***@db:5432/app",
+            ),
+            (
+                "postgres://u@db/app?password=hunter2",
+                "postgres://u@db/app?password=***",
+            ),
+            (
+                "postgres://db/app?sslmode=require&user=u&password=hunter2&application_name=x",
+                "postgres://db/app?sslmode=require&user=u&password=***&application_name=x",
+            ),
+            (
+                "postgres://db/app?sslpassword=hunter2",
+                "postgres://db/app?sslpassword=***",
+            ),
+            // Percent-encoded names and values, and both forms at once.
+            (
+                "postgres://u:hunter2@db/app?pass%77ord=hunter2",
+                "postgres://u:***@db/app?password=***",
+            ),
+            (
+                "postgres://u@db/app?password=hun%26ter2",
+                "postgres://u@db/app?password=***",
+            ),
+            // lapin: userinfo; a `password=` it ignores is hidden all the same.
+            (
+                "amqp://guest:hunter2@rabbit:5672/%2f?heartbeat=10",
+                "amqp://guest:***@rabbit:5672/%2f?heartbeat=10",
+            ),
+            (
+                "amqp://guest@rabbit/%2f?password=hunter2&heartbeat=10",
+                "amqp://guest@rabbit/%2f?password=***&heartbeat=10",
+            ),
+            (
+                "amqps://rabbit/v?auth_token=hunter2",
+                "amqps://rabbit/v?auth_token=***",
+            ),
+            // A `#` in an unencoded password starts a fragment.
+            (
+                "postgres://u@db/app?password=hun#ter2",
+                "postgres://u@db/app?password=***#***",
+            ),
+            // No authority: lapin would quote the whole text in its error.
+            ("amqp:guest:hunter2@rabbit", "amqp:[redacted]"),
+        ] {
+            assert_eq!(redact_url(raw), shown, "{raw}");
+            let error = format!("driver said: {raw} and {}", raw.replace("%26", "&"));
+            let url = ConnectionUrl::new(raw);
+            for printed in [format!("{url:?}"), url.to_string(), url.redacted()] {
+                for part in ["hunter2", "hun", "ter2"] {
+                    assert!(!printed.contains(part), "{raw} printed as {printed}");
+                }
+            }
+            if !raw.contains('#') && !raw.starts_with("amqp:guest") {
+                let scrubbed = url.scrub(&error);
+                assert!(!scrubbed.contains("hunter2"), "{scrubbed}");
+                assert!(!scrubbed.contains("hun&ter2"), "{scrubbed}");
+            }
+        }
     }
 }

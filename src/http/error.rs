@@ -75,15 +75,15 @@ impl HttpError {
         )
     }
 
-    /// A database error: 503 when PostgreSQL is unreachable (the one rule of
-    /// [`crate::db::fault`]), else 500.
+    /// A database error: 503 `database_unavailable` when PostgreSQL cannot answer
+    /// now — unreachable, read-only, timed out ([`crate::db::is_unavailable`]) or a
+    /// conflict ([`crate::db::is_transient`]) — so the caller retries; else 500.
     pub fn database(cause: sqlx::Error) -> Self {
-        match crate::db::fault(&cause) {
-            crate::db::DbFault::Unreachable => {
-                tracing::warn!(error = %cause, "database unavailable");
-                Self::unavailable("database_unavailable", "database unavailable", 5)
-            }
-            _ => Self::internal(cause),
+        if crate::db::is_unavailable(&cause) || crate::db::is_transient(&cause) {
+            tracing::warn!(error = %cause, "database unavailable");
+            Self::unavailable("database_unavailable", "database unavailable", 5)
+        } else {
+            Self::internal(cause)
         }
     }
 
@@ -151,7 +151,7 @@ impl From<AuthError> for HttpError {
     }
 }
 
-/// A read or write of the store: 503 when PostgreSQL is unreachable, else 500.
+/// A read or write of the store: 503 when PostgreSQL cannot answer now, else 500.
 impl From<StoreError> for HttpError {
     fn from(e: StoreError) -> Self {
         match e {

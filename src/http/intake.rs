@@ -2,13 +2,16 @@
 //!
 //! Guarantee: nothing is read from a request before its Svix signature verifies;
 //! 200 `queued` is answered only after the broker confirmed the unchanged body was
-//! routed to a queue; every refusal queues nothing.
+//! routed to a queue; every refusal queues nothing. A refused signature is logged at
+//! debug level only, and summed up in at most one warning per
+//! [`REFUSAL_SUMMARY_INTERVAL`]: a flood of forged requests cannot flood the log,
+//! nor write the ids it chose into it above debug.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::body::{Body, Bytes};
-use axum::extract::{Request, State};
+use axum::extract::{Extension, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -23,10 +26,80 @@ use crate::config::HttpSettings;
 use crate::intake::{Envelope, VerifyError};
 use tokio::sync::Semaphore;
 
+/// How often, at most, refused webhooks are summed up in one warning.
+pub const REFUSAL_SUMMARY_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Refused (unsigned, forged or stale) webhooks not yet summed up in a warning.
+#[derive(Debug, Default)]
+struct Refusals {
+    unsigned: u64,
+    signature: u64,
+    timestamp: u64,
+    /// A summary is due at the end of the current interval.
+    scheduled: bool,
+}
+
+/// Counts refused webhooks and writes one warning per interval with their number;
+/// one per application.
+#[derive(Debug)]
+pub struct RefusalLog {
+    interval: Duration,
+    pending: Mutex<Refusals>,
+}
+
+impl RefusalLog {
+    /// A log that sums up every `interval`.
+    pub fn new(interval: Duration) -> Arc<Self> {
+        Arc::new(Self {
+            interval,
+            pending: Mutex::new(Refusals::default()),
+        })
+    }
+
+    fn count(self: &Arc<Self>, error: &VerifyError) {
+        let schedule = {
+            let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+            match error {
+                VerifyError::MissingHeader(_) => p.unsigned += 1,
+                VerifyError::Signature => p.signature += 1,
+                VerifyError::Timestamp => p.timestamp += 1,
+                VerifyError::NotUtf8 => return,
+            }
+            !std::mem::replace(&mut p.scheduled, true)
+        };
+        if schedule {
+            // The first refusal of a quiet period opens an interval; its end writes
+            // the one warning, with everything refused meanwhile.
+            let log = Arc::clone(self);
+            tokio::spawn(async move {
+                tokio::time::sleep(log.interval).await;
+                log.summarize();
+            });
+        }
+    }
+
+    fn summarize(&self) {
+        let p = std::mem::take(&mut *self.pending.lock().unwrap_or_else(|e| e.into_inner()));
+        let refused = p.unsigned + p.signature + p.timestamp;
+        if refused > 0 {
+            tracing::warn!(
+                refused,
+                unsigned = p.unsigned,
+                bad_signature = p.signature,
+                stale_timestamp = p.timestamp,
+                interval_s = self.interval.as_secs(),
+                "webhooks refused: not signed by a configured secret (see debug logs for each)"
+            );
+        }
+    }
+}
+
 /// The intake routes. At most `[http] max_inflight_webhooks` requests are handled
 /// at once (from the head to the answer, so bodies being read count too); past it
 /// the answer is 503 with `Retry-After` at once, and Svix retries later.
 pub fn router(http: &HttpSettings) -> Router<AppState> {
+    // Built once per application, so the count is its own.
+    let refusals = RefusalLog::new(REFUSAL_SUMMARY_INTERVAL);
     let slots = Arc::new(Semaphore::new(http.max_inflight_webhooks));
     let retry_after = http.retry_after_secs;
     let limit = middleware::from_fn(move |request: Request, next: Next| {
@@ -60,6 +133,7 @@ pub fn router(http: &HttpSettings) -> Router<AppState> {
             }),
         )
         .route_layer(limit)
+        .layer(Extension(refusals))
 }
 fn svix_id(headers: &HeaderMap) -> String {
     headers
@@ -123,8 +197,17 @@ async fn read_body(
     })
 }
 
+/// A client-chosen header value as it may appear in a log line: cut short.
+fn loggable(value: &str) -> &str {
+    match value.char_indices().nth(64) {
+        Some((end, _)) => &value[..end],
+        None => value,
+    }
+}
+
 async fn receive(
     State(state): State<AppState>,
+    Extension(refusals): Extension<Arc<RefusalLog>>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, HttpError> {
@@ -146,18 +229,25 @@ async fn receive(
 
     // Verify before anything in the body is looked at.
     state.verifier.verify(&body, &headers).map_err(|e| {
+        // Anyone can send these, with any id: debug only, and counted for the
+        // summary warning.
+        let id = svix_id(&headers);
         match e {
-            VerifyError::MissingHeader(_) => outcome("missing_header"),
+            VerifyError::MissingHeader(_) => {
+                outcome("missing_header");
+                tracing::debug!(svix.id = %loggable(&id), "webhook refused: not signed");
+            }
             VerifyError::NotUtf8 => outcome("invalid_payload"),
             VerifyError::Timestamp => {
                 outcome("unauthorized");
-                tracing::info!(svix.id = %svix_id(&headers), "webhook refused: timestamp outside tolerance");
+                tracing::debug!(svix.id = %loggable(&id), "webhook refused: timestamp outside tolerance");
             }
             VerifyError::Signature => {
                 outcome("unauthorized");
-                tracing::info!(svix.id = %svix_id(&headers), "webhook refused: no signature matches");
+                tracing::debug!(svix.id = %loggable(&id), "webhook refused: no signature matches");
             }
         }
+        refusals.count(&e);
         HttpError::from(e)
     })?;
     let id = svix_id(&headers);

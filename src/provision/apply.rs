@@ -4,10 +4,18 @@
 //! Guarantee: run under the event's advisory locks (see [`lock_keys`]), an event
 //! writes its processing-log row and its effect on the caller's transaction, and
 //! leaves its audit rows and final status in [`Pending`], which the caller flushes
-//! into the same transaction before committing: all commit or roll back together. Every write is gated by a
-//! version (`data.updated_at`, the envelope timestamp for deletes) or a tombstone,
-//! which makes the final state a function of the set of events applied, not of
-//! their order or repetition.
+//! into the same transaction before committing: all commit or roll back together.
+//!
+//! Every stored field is a function of the set of events applied, not of their
+//! order or repetition (docs/schema.md, "Versions and tombstones"):
+//! - each group of fields that follows a snapshot (a workspace's data, its plan, a
+//!   member's role, a member's display fields, a user) keeps the snapshot that
+//!   [`Source::beats`] every other: the newest version (`data.updated_at`), and on
+//!   equal versions the smaller svix id;
+//! - deletions keep the earliest time; a membership's end keeps the earliest cause,
+//!   and on equal times the reason first in byte order ([`earliest`]);
+//! - tombstones are final: a deleted workspace or removed membership never becomes
+//!   active again, though its fields still follow the snapshots that describe it.
 
 use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
@@ -66,6 +74,61 @@ pub(crate) async fn lock(conn: &mut PgConnection, keys: &[String]) -> Result<(),
 /// Converts a Clerk ms timestamp (range checked when decoding) to a timestamp.
 fn ts(ms: i64) -> DateTime<Utc> {
     DateTime::from_timestamp_millis(ms).unwrap_or(DateTime::<Utc>::MIN_UTC)
+}
+
+/// Where a group of stored fields came from: the snapshot's version and the svix id
+/// that carried it (`None` for rows written before svix ids were kept).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Source<'a> {
+    version: i64,
+    event: Option<&'a str>,
+}
+
+impl<'a> Source<'a> {
+    fn new(version: i64, event: &'a str) -> Self {
+        Self {
+            version,
+            event: Some(event),
+        }
+    }
+
+    /// The stored source of a group (`None`: nothing applied yet).
+    fn stored(version: Option<i64>, event: &'a Option<String>) -> Option<Self> {
+        version.map(|version| Self {
+            version,
+            event: event.as_deref(),
+        })
+    }
+
+    /// Whether this snapshot replaces `other`: a newer version wins; on equal
+    /// versions the smaller svix id does (a fixed rule, so the outcome does not
+    /// depend on which arrived first), and a known svix id beats an unknown one.
+    fn beats(self, other: Source<'_>) -> bool {
+        match self.version.cmp(&other.version) {
+            std::cmp::Ordering::Greater => true,
+            std::cmp::Ordering::Less => false,
+            std::cmp::Ordering::Equal => match (self.event, other.event) {
+                (Some(a), Some(b)) => a < b,
+                (Some(_), None) => true,
+                (None, _) => false,
+            },
+        }
+    }
+
+    /// [`Source::beats`] the stored source, if any.
+    fn beats_stored(self, stored: Option<Source<'_>>) -> bool {
+        stored.is_none_or(|s| self.beats(s))
+    }
+}
+
+/// Why and since when a membership ended.
+type End<'a> = (DateTime<Utc>, &'a str);
+
+/// The end that stands among several causes: the earliest time, and on equal
+/// times the reason first in byte order (`membership_deleted`, `user_deleted`,
+/// `workspace_deleted`), the same order as `collate "C"` in [`end_memberships`].
+fn earliest<'a>(ends: impl IntoIterator<Item = Option<End<'a>>>) -> Option<End<'a>> {
+    ends.into_iter().flatten().min()
 }
 
 /// One audit row waiting to be written with its event.
@@ -182,8 +245,8 @@ pub(crate) async fn apply_event(
             Some(r.id.as_str()),
             r.user_id.as_deref(),
         ),
-        // User events read nothing up front: their upserts are gated in SQL.
-        Event::UserUpdated(_) | Event::UserDeleted { .. } => ("processed", None, None, None),
+        Event::UserUpdated(u) => ("processed", None, None, Some(u.id.as_str())),
+        Event::UserDeleted { id, .. } => ("processed", None, None, Some(id.as_str())),
     };
     let state = begin(
         conn,
@@ -219,7 +282,7 @@ pub(crate) async fn apply_event(
             Some(m) => upsert_membership(conn, &mut cx, m, Some(*at_ms), &state).await?,
             None => remove_membership(conn, &mut cx, removal, *at_ms, &state).await?,
         },
-        Event::UserUpdated(u) => update_user(conn, &mut cx, u).await?,
+        Event::UserUpdated(u) => update_user(conn, &mut cx, u, &state).await?,
         Event::UserDeleted { id, at_ms } => delete_user(conn, &mut cx, id, *at_ms).await?,
     };
     if changed {
@@ -246,8 +309,11 @@ struct Begin {
     w_plan: Option<String>,
     w_source_version: Option<i64>,
     w_plan_version: Option<i64>,
+    w_source_event: Option<String>,
+    w_plan_event: Option<String>,
     w_clerk_created_at: Option<DateTime<Utc>>,
     w_deleted_at: Option<DateTime<Utc>>,
+    w_deleted_version: Option<i64>,
     m_exists: bool,
     m_user_id: Option<String>,
     m_role: Option<String>,
@@ -258,12 +324,16 @@ struct Begin {
     m_image_url: Option<String>,
     m_source_version: Option<i64>,
     m_profile_version: Option<i64>,
-    m_removed: bool,
+    m_source_event: Option<String>,
+    m_profile_event: Option<String>,
+    m_removed_at: Option<DateTime<Utc>>,
+    m_removal_reason: Option<String>,
     u_email: Option<String>,
     u_first_name: Option<String>,
     u_last_name: Option<String>,
     u_image_url: Option<String>,
     u_source_version: Option<i64>,
+    u_source_event: Option<String>,
     u_deleted_at: Option<DateTime<Utc>>,
 }
 
@@ -279,9 +349,33 @@ impl Begin {
             plan: self.w_plan.clone().unwrap_or_default(),
             source_version: self.w_source_version,
             plan_version: self.w_plan_version,
+            source_event: self.w_source_event.clone(),
+            plan_event: self.w_plan_event.clone(),
             clerk_created_at: self.w_clerk_created_at,
             deleted_at: self.w_deleted_at,
+            deleted_version: self.w_deleted_version,
         })
+    }
+
+    /// The user's own record (from user.updated) as a source of display fields.
+    fn user_profile(&self) -> Option<(Display, Source<'_>)> {
+        let source = Source::stored(self.u_source_version, &self.u_source_event)?;
+        let display = Display {
+            email: self.u_email.clone(),
+            first_name: self.u_first_name.clone(),
+            last_name: self.u_last_name.clone(),
+            image_url: self.u_image_url.clone(),
+        };
+        Some((display, source))
+    }
+
+    /// How the stored membership ended, if it did.
+    fn m_end(&self) -> Option<End<'_>> {
+        let reason = self
+            .m_removal_reason
+            .as_deref()
+            .unwrap_or("membership_deleted");
+        self.m_removed_at.map(|at| (at, reason))
     }
 }
 
@@ -316,15 +410,19 @@ async fn begin(
            w.max_allowed_memberships as w_max_allowed_memberships, w.status as w_status, \
            w.plan as w_plan, w.source_version as w_source_version, \
            w.plan_version as w_plan_version, \
+           w.source_event as w_source_event, w.plan_event as w_plan_event, \
            w.clerk_created_at as w_clerk_created_at, w.deleted_at as w_deleted_at, \
+           w.deleted_version as w_deleted_version, \
            m.membership_id is not null as m_exists, m.user_id as m_user_id, m.role as m_role, \
            m.clerk_role as m_clerk_role, m.email as m_email, m.first_name as m_first_name, \
            m.last_name as m_last_name, m.image_url as m_image_url, \
            m.source_version as m_source_version, m.profile_version as m_profile_version, \
-           m.removed_at is not null as m_removed, \
+           m.source_event as m_source_event, m.profile_event as m_profile_event, \
+           m.removed_at as m_removed_at, \
+           m.removal_reason as m_removal_reason, \
            u.email as u_email, u.first_name as u_first_name, u.last_name as u_last_name, \
            u.image_url as u_image_url, u.source_version as u_source_version, \
-           u.deleted_at as u_deleted_at \
+           u.source_event as u_source_event, u.deleted_at as u_deleted_at \
          from (select 1) as one \
          left join workspaces w on w.id = $6 \
          left join members m on m.membership_id = $7 \
@@ -357,8 +455,12 @@ struct WorkspaceRow {
     source_version: Option<i64>,
     /// Version of the snapshot that set `plan` (null: none did).
     plan_version: Option<i64>,
+    /// Svix ids of the snapshots the data and the plan came from.
+    source_event: Option<String>,
+    plan_event: Option<String>,
     clerk_created_at: Option<DateTime<Utc>>,
     deleted_at: Option<DateTime<Utc>>,
+    deleted_version: Option<i64>,
 }
 
 /// The workspace after an upsert.
@@ -368,7 +470,9 @@ struct WorkspaceState {
     deleted_at: Option<DateTime<Utc>>,
 }
 
-/// Inserts a new workspace with its quotas and onboarding steps, in one statement.
+/// Inserts a new workspace with its quotas and onboarding steps, in one statement;
+/// the snapshot's data and the plan (when `plan_version` is given) come from this
+/// event.
 async fn insert_workspace(
     conn: &mut PgConnection,
     cx: &Ctx<'_>,
@@ -396,8 +500,9 @@ async fn insert_workspace(
         "with w as ( \
            insert into workspaces (id, name, slug, image_url, created_by, max_allowed_memberships, \
              status, plan, source_version, clerk_created_at, deleted_at, deleted_version, \
-             plan_version) \
-           values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $17) returning id), \
+             plan_version, source_event, plan_event) \
+           values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $17, $18, $19) \
+           returning id), \
          q as ( \
            insert into workspace_quotas (workspace_id, name, limit_value) \
            select $1, n, v from unnest($13::text[], $14::bigint[]) as t(n, v)), \
@@ -428,16 +533,18 @@ async fn insert_workspace(
     .bind(steps)
     .bind(required)
     .bind(plan_version)
+    .bind(org.map(|_| cx.incoming.svix_id.as_str()))
+    .bind(plan_version.map(|_| cx.incoming.svix_id.as_str()))
     .execute(conn)
     .await?;
     Ok(())
 }
 
-/// Applies an organization snapshot: data fields only when it is newer than the
-/// stored one; plan and quotas follow the newest snapshot that names a configured
-/// plan or none (an unknown name never downgrades a workspace, it keeps its plan;
-/// a new workspace gets the default plan); a tombstoned workspace takes the data
-/// but stays deleted.
+/// Applies an organization snapshot: data fields only when it beats the stored
+/// one ([`Source::beats`]); plan and quotas follow the standing snapshot among
+/// those that name a configured plan or none (an unknown name never downgrades a
+/// workspace, it keeps its plan; a new workspace gets the default plan); a
+/// tombstoned workspace takes the data but stays deleted.
 async fn upsert_workspace(
     conn: &mut PgConnection,
     cx: &mut Ctx<'_>,
@@ -468,25 +575,33 @@ async fn upsert_workspace(
             deleted_at: None,
         });
     };
-    let newer = row.source_version.is_none_or(|v| org.updated_at > v);
-    let plan_newer = unknown.is_none() && row.plan_version.is_none_or(|v| org.updated_at > v);
+    let incoming = cx.incoming;
+    let this = Source::new(org.updated_at, &incoming.svix_id);
+    let newer = this.beats_stored(Source::stored(row.source_version, &row.source_event));
+    let plan_newer =
+        unknown.is_none() && this.beats_stored(Source::stored(row.plan_version, &row.plan_event));
     if !newer && !plan_newer {
         return Ok(WorkspaceState {
             changed: false,
             deleted_at: row.deleted_at,
         });
     }
-    let (plan, plan_version) = if plan_newer {
-        (plan, Some(org.updated_at))
+    let (plan, plan_version, plan_event) = if plan_newer {
+        (plan, Some(org.updated_at), Some(incoming.svix_id.as_str()))
     } else {
-        (row.plan.clone(), row.plan_version)
+        (
+            row.plan.clone(),
+            row.plan_version,
+            row.plan_event.as_deref(),
+        )
     };
     if newer {
         let clerk_created_at = ts(org.created_at);
         sqlx::query(
             "update workspaces set name = $2, slug = $3, image_url = $4, created_by = $5, \
                max_allowed_memberships = $6, plan = $7, source_version = $8, \
-               clerk_created_at = $9, plan_version = $10, updated_at = now() \
+               clerk_created_at = $9, plan_version = $10, source_event = $11, \
+               plan_event = $12, updated_at = now() \
              where id = $1",
         )
         .bind(&org.id)
@@ -499,6 +614,8 @@ async fn upsert_workspace(
         .bind(org.updated_at)
         .bind(clerk_created_at)
         .bind(plan_version)
+        .bind(&incoming.svix_id)
+        .bind(plan_event)
         .execute(&mut *conn)
         .await?;
         if let Some(given) = unknown {
@@ -508,11 +625,14 @@ async fn upsert_workspace(
         // Older data, but the newest snapshot naming a known plan (or none): only
         // the plan follows it.
         sqlx::query(
-            "update workspaces set plan = $2, plan_version = $3, updated_at = now() where id = $1",
+            "update workspaces set plan = $2, plan_version = $3, plan_event = $4, \
+               updated_at = now() \
+             where id = $1",
         )
         .bind(&org.id)
         .bind(&plan)
         .bind(plan_version)
+        .bind(plan_event)
         .execute(&mut *conn)
         .await?;
     }
@@ -609,7 +729,8 @@ fn plan_unknown(cx: &mut Ctx<'_>, workspace_id: &str, given: &str, plan: &str, o
 }
 
 /// `organization.deleted`: tombstone the workspace (creating it if unknown) and end
-/// its memberships. The first delete's time is kept.
+/// its memberships. The earliest deletion time is kept, whatever the order the
+/// deletes arrive in (Clerk may send one again later as a new message).
 async fn delete_workspace(
     conn: &mut PgConnection,
     cx: &mut Ctx<'_>,
@@ -631,7 +752,21 @@ async fn delete_workspace(
             );
             changed = true;
         }
-        Some(row) if row.status == "deleted" => {}
+        Some(row) if row.status == "deleted" => {
+            if row.deleted_version.is_none_or(|v| at_ms < v) {
+                sqlx::query(
+                    "update workspaces set deleted_at = $2, deleted_version = $3, \
+                       updated_at = now() \
+                     where id = $1",
+                )
+                .bind(id)
+                .bind(at)
+                .bind(at_ms)
+                .execute(&mut *conn)
+                .await?;
+                changed = true;
+            }
+        }
         Some(row) => {
             sqlx::query(
                 "update workspaces set status = 'deleted', deleted_at = $2, deleted_version = $3, \
@@ -665,8 +800,11 @@ enum Ending<'a> {
     User(&'a str),
 }
 
-/// Ends the active memberships `of` at `at`, with a `member.removed` audit row in
-/// each membership's workspace; true when any ended.
+/// Ends the memberships `of` at `at`: the active ones, and the ended ones whose
+/// end is later (or, at the same time, has a reason later in byte order), so the
+/// earliest cause stands whatever the order of arrival. A `member.removed` audit
+/// row goes to each membership's workspace for those that were active; true when
+/// any row changed.
 async fn end_memberships(
     conn: &mut PgConnection,
     cx: &mut Ctx<'_>,
@@ -676,28 +814,36 @@ async fn end_memberships(
     // One static statement per case, so each keeps its own index-friendly plan.
     let (sql, id, reason) = match of {
         Ending::Workspace(id) => (
-            "update members set removed_at = $2, removal_reason = $3, updated_at = now() \
-             where workspace_id = $1 and removed_at is null \
-             returning membership_id, workspace_id, user_id",
+            "update members m set removed_at = $2, removal_reason = $3, updated_at = now() \
+             from members o \
+             where o.membership_id = m.membership_id and m.workspace_id = $1 \
+               and (m.removed_at is null \
+                    or (m.removed_at, m.removal_reason collate \"C\") \
+                       > ($2, $3::text collate \"C\")) \
+             returning m.membership_id, m.workspace_id, m.user_id, o.removed_at is null",
             id,
             "workspace_deleted",
         ),
         Ending::User(id) => (
-            "update members set removed_at = $2, removal_reason = $3, updated_at = now() \
-             where user_id = $1 and removed_at is null \
-             returning membership_id, workspace_id, user_id",
+            "update members m set removed_at = $2, removal_reason = $3, updated_at = now() \
+             from members o \
+             where o.membership_id = m.membership_id and m.user_id = $1 \
+               and (m.removed_at is null \
+                    or (m.removed_at, m.removal_reason collate \"C\") \
+                       > ($2, $3::text collate \"C\")) \
+             returning m.membership_id, m.workspace_id, m.user_id, o.removed_at is null",
             id,
             "user_deleted",
         ),
     };
-    let ended: Vec<(String, String, String)> = sqlx::query_as(sql)
+    let ended: Vec<(String, String, String, bool)> = sqlx::query_as(sql)
         .bind(id)
         .bind(at)
         .bind(reason)
         .fetch_all(&mut *conn)
         .await?;
     let any = !ended.is_empty();
-    for (membership_id, workspace_id, user_id) in ended {
+    for (membership_id, workspace_id, user_id, _) in ended.into_iter().filter(|e| e.3) {
         cx.audit(
             &workspace_id,
             "member.removed",
@@ -711,7 +857,7 @@ async fn end_memberships(
 // ---- members -----------------------------------------------------------------------
 
 /// Display fields of a member, with the version of their source.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 struct Display {
     email: Option<String>,
     first_name: Option<String>,
@@ -730,6 +876,14 @@ impl Display {
 
 /// `organizationMembership.created/updated` (`deleted_at_ms` None) and
 /// `organizationMembership.deleted` (`deleted_at_ms` = envelope timestamp).
+///
+/// Three groups of fields, each decided on its own: the membership's data (role,
+/// Clerk role, `joined_at`) follows the standing membership snapshot; the display
+/// fields follow the standing source among the membership's snapshots and the
+/// user's user.updated; the end is the earliest cause known ([`earliest`]). A
+/// removed row keeps taking the snapshots that describe the membership while it
+/// existed (versions up to its end), so its fields do not depend on whether they
+/// arrived before or after the removal; it never becomes active again.
 async fn upsert_membership(
     conn: &mut PgConnection,
     cx: &mut Ctx<'_>,
@@ -738,18 +892,18 @@ async fn upsert_membership(
     st: &Begin,
 ) -> Result<bool, sqlx::Error> {
     let ws = upsert_workspace(conn, cx, &m.organization, st.workspace()).await?;
-    let mut changed = ws.changed;
+    let incoming = cx.incoming;
+    let this = Source::new(m.updated_at, &incoming.svix_id);
     let ws_id = m.organization.id.as_str();
     let user_id = m.user.user_id.as_str();
     let role = cx.settings.role_for(&m.role).as_str();
-    // Why this membership cannot be (or stay) active, and since when.
-    let ended: Option<(DateTime<Utc>, &str)> = if let Some(at) = deleted_at_ms {
-        Some((ts(at), "membership_deleted"))
-    } else if let Some(at) = ws.deleted_at {
-        Some((at, "workspace_deleted"))
-    } else {
-        st.u_deleted_at.map(|at| (at, "user_deleted"))
-    };
+    // Every cause known now that ends this membership; the earliest stands.
+    let end = earliest([
+        st.m_end(),
+        deleted_at_ms.map(|at| (ts(at), "membership_deleted")),
+        ws.deleted_at.map(|at| (at, "workspace_deleted")),
+        st.u_deleted_at.map(|at| (at, "user_deleted")),
+    ]);
     let snapshot = Display {
         email: m.user.identifier.clone(),
         first_name: m.user.first_name.clone(),
@@ -758,25 +912,17 @@ async fn upsert_membership(
     };
 
     if !st.m_exists {
-        // Display fields from whichever source is newer: this snapshot or the user's
+        // Display fields from whichever source stands: this snapshot or the user's
         // own record from user.updated.
-        let (display, profile_version) = match st.u_source_version {
-            Some(uv) if uv > m.updated_at => (
-                Display {
-                    email: st.u_email.clone(),
-                    first_name: st.u_first_name.clone(),
-                    last_name: st.u_last_name.clone(),
-                    image_url: st.u_image_url.clone(),
-                },
-                uv,
-            ),
-            _ => (snapshot, m.updated_at),
+        let (display, profile) = match st.user_profile() {
+            Some((user, source)) if source.beats(this) => (user, source),
+            _ => (snapshot, this),
         };
         sqlx::query(
             "insert into members (membership_id, workspace_id, user_id, role, clerk_role, \
                email, first_name, last_name, image_url, source_version, profile_version, \
-               joined_at, removed_at, removal_reason) \
-             values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
+               joined_at, removed_at, removal_reason, source_event, profile_event) \
+             values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)",
         )
         .bind(&m.id)
         .bind(ws_id)
@@ -788,14 +934,16 @@ async fn upsert_membership(
         .bind(&display.last_name)
         .bind(&display.image_url)
         .bind(m.updated_at)
-        .bind(profile_version)
+        .bind(profile.version)
         .bind(ts(m.created_at))
-        .bind(ended.map(|e| e.0))
-        .bind(ended.map(|e| e.1))
+        .bind(end.map(|e| e.0))
+        .bind(end.map(|e| e.1))
+        .bind(&incoming.svix_id)
+        .bind(profile.event)
         .execute(&mut *conn)
         .await?;
         // A membership stored as already ended was never a member here: no audit.
-        if ended.is_none() {
+        if end.is_none() {
             let mut details = json!({
                 "membership_id": m.id, "role": role, "clerk_role": m.role,
             });
@@ -804,20 +952,55 @@ async fn upsert_membership(
         }
         return Ok(true);
     }
-    if st.m_removed {
-        // Tombstone of this membership id: final.
-        return Ok(changed);
+
+    // Clerk changes no membership after it ended: a snapshot newer than the end
+    // describes nothing Clerk had, and only the end may still apply.
+    let describes = end.is_none_or(|(at, _)| m.updated_at <= at.timestamp_millis());
+    let source_new =
+        describes && this.beats_stored(Source::stored(st.m_source_version, &st.m_source_event));
+    let profile_new =
+        describes && this.beats_stored(Source::stored(st.m_profile_version, &st.m_profile_event));
+    let end_new = end != st.m_end();
+    if !source_new && !profile_new && !end_new {
+        return Ok(ws.changed);
     }
-    if let Some((at, reason)) = ended {
-        sqlx::query(
-            "update members set removed_at = $2, removal_reason = $3, updated_at = now() \
-             where membership_id = $1",
-        )
-        .bind(&m.id)
-        .bind(at)
-        .bind(reason)
-        .execute(&mut *conn)
-        .await?;
+    sqlx::query(
+        "update members set \
+           role = case when $2 then $3 else role end, \
+           clerk_role = case when $2 then $4 else clerk_role end, \
+           joined_at = case when $2 then $5 else joined_at end, \
+           source_version = case when $2 then $6 else source_version end, \
+           source_event = case when $2 then $7 else source_event end, \
+           email = case when $8 then $9 else email end, \
+           first_name = case when $8 then $10 else first_name end, \
+           last_name = case when $8 then $11 else last_name end, \
+           image_url = case when $8 then $12 else image_url end, \
+           profile_version = case when $8 then $6 else profile_version end, \
+           profile_event = case when $8 then $7 else profile_event end, \
+           removed_at = $13, removal_reason = $14, updated_at = now() \
+         where membership_id = $1",
+    )
+    .bind(&m.id)
+    .bind(source_new)
+    .bind(role)
+    .bind(&m.role)
+    .bind(ts(m.created_at))
+    .bind(m.updated_at)
+    .bind(&incoming.svix_id)
+    .bind(profile_new)
+    .bind(&snapshot.email)
+    .bind(&snapshot.first_name)
+    .bind(&snapshot.last_name)
+    .bind(&snapshot.image_url)
+    .bind(end.map(|e| e.0))
+    .bind(end.map(|e| e.1))
+    .execute(&mut *conn)
+    .await?;
+    if st.m_removed_at.is_some() {
+        // Not a member before: the changes of a removed row are not audited.
+        return Ok(true);
+    }
+    if let Some((_, reason)) = end {
         cx.audit(
             ws_id,
             "member.removed",
@@ -826,44 +1009,9 @@ async fn upsert_membership(
         );
         return Ok(true);
     }
-    let source_version = st.m_source_version.unwrap_or(i64::MIN);
-    if m.updated_at <= source_version {
-        return Ok(changed);
-    }
-    let profile_version = st.m_profile_version.unwrap_or(i64::MIN);
-    let before = Display {
-        email: st.m_email.clone(),
-        first_name: st.m_first_name.clone(),
-        last_name: st.m_last_name.clone(),
-        image_url: st.m_image_url.clone(),
-    };
-    let (display, new_profile_version) = if m.updated_at > profile_version {
-        (snapshot, m.updated_at)
-    } else {
-        (before.clone(), profile_version)
-    };
-    sqlx::query(
-        "update members set role = $2, clerk_role = $3, email = $4, first_name = $5, \
-           last_name = $6, image_url = $7, source_version = $8, profile_version = $9, \
-           joined_at = $10, updated_at = now() \
-         where membership_id = $1",
-    )
-    .bind(&m.id)
-    .bind(role)
-    .bind(&m.role)
-    .bind(&display.email)
-    .bind(&display.first_name)
-    .bind(&display.last_name)
-    .bind(&display.image_url)
-    .bind(m.updated_at)
-    .bind(new_profile_version)
-    .bind(ts(m.created_at))
-    .execute(&mut *conn)
-    .await?;
-    changed = true;
     let old_role = st.m_role.as_deref().unwrap_or_default();
     let old_clerk_role = st.m_clerk_role.as_deref().unwrap_or_default();
-    if old_role != role || old_clerk_role != m.role {
+    if source_new && (old_role != role || old_clerk_role != m.role) {
         cx.audit(
             ws_id,
             "member.role_changed",
@@ -875,21 +1023,28 @@ async fn upsert_membership(
             }),
         );
     }
-    if display != before {
+    let before = Display {
+        email: st.m_email.clone(),
+        first_name: st.m_first_name.clone(),
+        last_name: st.m_last_name.clone(),
+        image_url: st.m_image_url.clone(),
+    };
+    if profile_new && snapshot != before {
         cx.audit(
             ws_id,
             "member.updated",
             Some(user_id),
-            json!({ "membership_id": m.id, "before": before.json(), "after": display.json() }),
+            json!({ "membership_id": m.id, "before": before.json(), "after": snapshot.json() }),
         );
     }
-    Ok(changed)
+    Ok(true)
 }
 
 /// `organizationMembership.deleted` without a complete membership snapshot: end
 /// the membership from its ids alone, leaving every other stored field as it is.
-/// An unknown membership of a known workspace and user is stored as a tombstone,
-/// so its late `created` cannot grant the access Clerk already took away.
+/// An unknown membership of a known workspace and user is stored as a tombstone
+/// holding no snapshot (versions 0, so any snapshot of it later fills its fields
+/// in), so its late `created` cannot grant the access Clerk already took away.
 async fn remove_membership(
     conn: &mut PgConnection,
     cx: &mut Ctx<'_>,
@@ -898,28 +1053,34 @@ async fn remove_membership(
     st: &Begin,
 ) -> Result<bool, sqlx::Error> {
     let at = ts(at_ms);
-    let reason = "membership_deleted";
+    let this = Some((at, "membership_deleted"));
     if st.m_exists {
-        if st.m_removed {
-            // Tombstone of this membership id: final.
+        let end = earliest([st.m_end(), this]);
+        if end == st.m_end() {
+            // Ended already, as early or earlier.
             return Ok(false);
         }
+        let Some((removed_at, reason)) = end else {
+            return Ok(false);
+        };
         let workspace_id: String = sqlx::query_scalar(
             "update members set removed_at = $2, removal_reason = $3, updated_at = now() \
              where membership_id = $1 \
              returning workspace_id",
         )
         .bind(&r.id)
-        .bind(at)
+        .bind(removed_at)
         .bind(reason)
         .fetch_one(&mut *conn)
         .await?;
-        cx.audit(
-            &workspace_id,
-            "member.removed",
-            st.m_user_id.as_deref(),
-            json!({ "membership_id": r.id, "reason": reason }),
-        );
+        if st.m_removed_at.is_none() {
+            cx.audit(
+                &workspace_id,
+                "member.removed",
+                st.m_user_id.as_deref(),
+                json!({ "membership_id": r.id, "reason": reason }),
+            );
+        }
         return Ok(true);
     }
     // Without the workspace row or the user id there is nothing a tombstone could
@@ -927,18 +1088,38 @@ async fn remove_membership(
     let (true, Some(user_id)) = (st.w_exists, r.user_id.as_deref()) else {
         return Ok(true);
     };
+    let Some((removed_at, reason)) = earliest([
+        this,
+        st.w_deleted_at.map(|t| (t, "workspace_deleted")),
+        st.u_deleted_at.map(|t| (t, "user_deleted")),
+    ]) else {
+        return Ok(true);
+    };
+    // The user's own record, when there is one, gives the display fields, as it
+    // would have to a membership stored from its snapshot.
+    let (display, profile) = match st.user_profile() {
+        Some((user, source)) => (user, Some(source)),
+        None => (Display::default(), None),
+    };
     // Never a member here: no audit row, like a full removal of an unknown membership.
     sqlx::query(
         "insert into members (membership_id, workspace_id, user_id, role, clerk_role, \
-           source_version, profile_version, joined_at, removed_at, removal_reason) \
-         values ($1, $2, $3, 'member', '', $4, $4, $5, $5, $6) \
+           email, first_name, last_name, image_url, source_version, profile_version, \
+           profile_event, joined_at, removed_at, removal_reason) \
+         values ($1, $2, $3, 'member', '', $4, $5, $6, $7, 0, $8, $9, $10, $11, $12) \
          on conflict (membership_id) do nothing",
     )
     .bind(&r.id)
     .bind(&r.organization_id)
     .bind(user_id)
-    .bind(at_ms)
+    .bind(&display.email)
+    .bind(&display.first_name)
+    .bind(&display.last_name)
+    .bind(&display.image_url)
+    .bind(profile.map_or(0, |p| p.version))
+    .bind(profile.and_then(|p| p.event))
     .bind(at)
+    .bind(removed_at)
     .bind(reason)
     .execute(&mut *conn)
     .await?;
@@ -947,22 +1128,30 @@ async fn remove_membership(
 
 // ---- users -------------------------------------------------------------------------
 
-/// `user.updated`: keep the newest user snapshot and refresh the display fields of
-/// every active membership whose fields come from an older source.
+/// `user.updated`: keep the standing user snapshot and refresh the display fields
+/// of every membership of the user, removed ones included, whose fields come from a
+/// source it beats (removed rows too, so their fields do not depend on whether the
+/// update arrived before or after the removal).
 async fn update_user(
     conn: &mut PgConnection,
     cx: &mut Ctx<'_>,
     u: &User,
+    st: &Begin,
 ) -> Result<bool, sqlx::Error> {
-    let stored: Option<i32> = sqlx::query_scalar(
-        "insert into users (id, email, first_name, last_name, image_url, source_version) \
-         values ($1, $2, $3, $4, $5, $6) \
+    let incoming = cx.incoming;
+    let this = Source::new(u.updated_at, &incoming.svix_id);
+    if !this.beats_stored(Source::stored(st.u_source_version, &st.u_source_event)) {
+        // Every member row already carries a source at least as strong.
+        return Ok(false);
+    }
+    sqlx::query(
+        "insert into users (id, email, first_name, last_name, image_url, source_version, \
+           source_event) \
+         values ($1, $2, $3, $4, $5, $6, $7) \
          on conflict (id) do update set email = excluded.email, \
            first_name = excluded.first_name, last_name = excluded.last_name, \
            image_url = excluded.image_url, source_version = excluded.source_version, \
-           updated_at = now() \
-         where users.source_version is null or users.source_version < excluded.source_version \
-         returning 1",
+           source_event = excluded.source_event, updated_at = now()",
     )
     .bind(&u.id)
     .bind(&u.email)
@@ -970,34 +1159,28 @@ async fn update_user(
     .bind(&u.last_name)
     .bind(&u.image_url)
     .bind(u.updated_at)
-    .fetch_optional(&mut *conn)
+    .bind(&incoming.svix_id)
+    .execute(&mut *conn)
     .await?;
-    if stored.is_none() {
-        // Every member row already carries a source at least this new.
-        return Ok(false);
+    #[derive(sqlx::FromRow)]
+    struct Row {
+        membership_id: String,
+        workspace_id: String,
+        active: bool,
+        email: Option<String>,
+        first_name: Option<String>,
+        last_name: Option<String>,
+        image_url: Option<String>,
+        profile_version: i64,
+        profile_event: Option<String>,
     }
-    type Refreshed = (
-        String,
-        String,
-        Option<String>,
-        Option<String>,
-        Option<String>,
-        Option<String>,
-    );
-    let refreshed: Vec<Refreshed> = sqlx::query_as(
-        "update members m set email = $2, first_name = $3, last_name = $4, image_url = $5, \
-           profile_version = $6, updated_at = now() \
-         from members o \
-         where o.membership_id = m.membership_id and m.user_id = $1 \
-           and m.removed_at is null and m.profile_version < $6 \
-         returning m.membership_id, m.workspace_id, o.email, o.first_name, o.last_name, o.image_url",
+    // The user's rows are written only under the user's lock, which this event holds.
+    let rows: Vec<Row> = sqlx::query_as(
+        "select membership_id, workspace_id, removed_at is null as active, email, first_name, \
+           last_name, image_url, profile_version, profile_event \
+         from members where user_id = $1",
     )
     .bind(&u.id)
-    .bind(&u.email)
-    .bind(&u.first_name)
-    .bind(&u.last_name)
-    .bind(&u.image_url)
-    .bind(u.updated_at)
     .fetch_all(&mut *conn)
     .await?;
     let after = Display {
@@ -1006,27 +1189,52 @@ async fn update_user(
         last_name: u.last_name.clone(),
         image_url: u.image_url.clone(),
     };
-    for (membership_id, workspace_id, email, first_name, last_name, image_url) in refreshed {
-        let before = Display {
-            email,
-            first_name,
-            last_name,
-            image_url,
+    let mut refreshed = Vec::new();
+    for row in rows {
+        let stored = Source {
+            version: row.profile_version,
+            event: row.profile_event.as_deref(),
         };
-        if before != after {
+        if !this.beats(stored) {
+            continue;
+        }
+        let before = Display {
+            email: row.email,
+            first_name: row.first_name,
+            last_name: row.last_name,
+            image_url: row.image_url,
+        };
+        if row.active && before != after {
             cx.audit(
-                &workspace_id,
+                &row.workspace_id,
                 "member.updated",
                 Some(&u.id),
-                json!({ "membership_id": membership_id, "before": before.json(), "after": after.json() }),
+                json!({ "membership_id": row.membership_id, "before": before.json(), "after": after.json() }),
             );
         }
+        refreshed.push(row.membership_id);
+    }
+    if !refreshed.is_empty() {
+        sqlx::query(
+            "update members set email = $2, first_name = $3, last_name = $4, image_url = $5, \
+               profile_version = $6, profile_event = $7, updated_at = now() \
+             where membership_id = any($1)",
+        )
+        .bind(&refreshed)
+        .bind(&u.email)
+        .bind(&u.first_name)
+        .bind(&u.last_name)
+        .bind(&u.image_url)
+        .bind(u.updated_at)
+        .bind(&incoming.svix_id)
+        .execute(&mut *conn)
+        .await?;
     }
     Ok(true)
 }
 
-/// `user.deleted`: tombstone the user (first delete's time kept) and end every
-/// membership of theirs.
+/// `user.deleted`: tombstone the user (the earliest deletion time kept, whatever
+/// the order the deletes arrive in) and end every membership of theirs.
 async fn delete_user(
     conn: &mut PgConnection,
     cx: &mut Ctx<'_>,
@@ -1037,7 +1245,7 @@ async fn delete_user(
     let tombstoned: Option<i32> = sqlx::query_scalar(
         "insert into users (id, deleted_at) values ($1, $2) \
          on conflict (id) do update set deleted_at = excluded.deleted_at, updated_at = now() \
-         where users.deleted_at is null \
+         where users.deleted_at is null or users.deleted_at > excluded.deleted_at \
          returning 1",
     )
     .bind(id)
@@ -1046,4 +1254,46 @@ async fn delete_user(
     .await?;
     let ended = end_memberships(conn, cx, Ending::User(id), at).await?;
     Ok(tombstoned.is_some() || ended)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_newer_version_wins_and_a_tie_goes_to_the_smaller_svix_id() {
+        let s = |version, event| Source { version, event };
+        assert!(s(2, Some("msg_b")).beats(s(1, Some("msg_a"))));
+        assert!(!s(1, Some("msg_a")).beats(s(2, Some("msg_b"))));
+        assert!(s(1, Some("msg_a")).beats(s(1, Some("msg_b"))));
+        assert!(!s(1, Some("msg_b")).beats(s(1, Some("msg_a"))));
+        // The same snapshot again does not replace itself.
+        assert!(!s(1, Some("msg_a")).beats(s(1, Some("msg_a"))));
+        // A stored source without a svix id (written before they were kept) loses a tie.
+        assert!(s(1, Some("msg_z")).beats(s(1, None)));
+        assert!(!s(1, None).beats(s(1, Some("msg_a"))));
+        assert!(s(0, Some("msg_a")).beats_stored(None));
+    }
+
+    #[test]
+    fn the_earliest_end_stands_and_equal_times_go_by_reason() {
+        let (t1, t2) = (ts(1_000), ts(2_000));
+        assert_eq!(
+            earliest([
+                Some((t2, "membership_deleted")),
+                Some((t1, "workspace_deleted"))
+            ]),
+            Some((t1, "workspace_deleted"))
+        );
+        assert_eq!(
+            earliest([
+                Some((t1, "workspace_deleted")),
+                None,
+                Some((t1, "user_deleted")),
+                Some((t1, "membership_deleted")),
+            ]),
+            Some((t1, "membership_deleted"))
+        );
+        assert_eq!(earliest([None, None]), None);
+    }
 }

@@ -113,7 +113,9 @@ pub enum ProcessError {
     /// The payload cannot be applied as it is: dead-letter it (class `payload`).
     #[error("{0}")]
     Payload(String),
-    /// A database failure: transient, retry later; never dead-letter for this alone.
+    /// A database failure that is not about the payload: the worker holds the
+    /// event while [`db::is_unavailable`] or [`db::is_transient`] says so, and
+    /// sends anything else through its retry queues.
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
 }
@@ -215,7 +217,8 @@ impl Provisioner {
             apply::order_keys(&mut keys);
             match self.run_tx(pool, &keys, events).await {
                 Ok(outcomes) => return outcomes.into_iter().map(Ok).collect(),
-                Err(e) if db::fault(&e) == DbFault::Unreachable => {
+                // The server cannot take any of them now: no use trying one by one.
+                Err(e) if server_down(&e) => {
                     return events
                         .iter()
                         .map(|_| Err(ProcessError::Database(copy_error(&e))))
@@ -237,14 +240,18 @@ impl Provisioner {
             results.push(match self.apply_one(pool, *event).await {
                 Ok(outcome) => Ok(outcome),
                 Err(e) => match db::fault(&e) {
-                    DbFault::Unreachable => {
+                    DbFault::Unreachable | DbFault::ReadOnly => {
                         down = Some(copy_error(&e));
                         Err(ProcessError::Database(e))
                     }
                     DbFault::Data => Err(ProcessError::Payload(format!(
                         "the payload cannot be stored: {e}"
                     ))),
-                    DbFault::Conflict | DbFault::Other => Err(ProcessError::Database(e)),
+                    // A timeout or conflict is this event's (a row held elsewhere):
+                    // the others still go ahead.
+                    DbFault::Timeout | DbFault::Conflict | DbFault::Other => {
+                        Err(ProcessError::Database(e))
+                    }
                 },
             });
         }
@@ -261,7 +268,7 @@ impl Provisioner {
             attempt += 1;
             match self.run_tx(pool, &keys, &[event]).await {
                 Ok(mut outcomes) => return Ok(outcomes.remove(0)),
-                Err(e) if db::fault(&e) == DbFault::Conflict && attempt < CONFLICT_RETRIES => {
+                Err(e) if db::is_transient(&e) && attempt < CONFLICT_RETRIES => {
                     tracing::debug!(svix_id = %event.0.svix_id, error = %e, "retrying event after a conflict");
                 }
                 Err(e) => return Err(e),
@@ -360,6 +367,12 @@ impl Provisioner {
         .await?;
         Ok(())
     }
+}
+
+/// Whether PostgreSQL cannot take any transaction now (unreachable or read-only),
+/// as opposed to a fault of one transaction (a timeout, a conflict, its data).
+fn server_down(e: &sqlx::Error) -> bool {
+    matches!(db::fault(e), DbFault::Unreachable | DbFault::ReadOnly)
 }
 
 /// `sqlx::Error` is not `Clone`; one outage is reported for several events.

@@ -1,11 +1,13 @@
 //! The read side's SQL over the schema the worker writes: what the read API
 //! serves, as the records of [`model`]. Nothing here knows HTTP.
 //!
-//! Guarantee: "active member" means one thing everywhere — a `members` row with
-//! `removed_at is null` in a workspace whose status is `active`; when a user
-//! transiently has several such rows in one workspace (a re-add with a new
-//! membership id before the old removal arrived), the row with the greatest
-//! `source_version` speaks for them, so every user counts and appears once.
+//! Guarantee: "active member" means one thing everywhere — the SQL view
+//! `active_members` (migrations, docs/schema.md): a user's standing in a workspace
+//! is their newest membership row there, removed rows included, and they are an
+//! active member when that row is not removed and the workspace is `active`. So a
+//! stale row whose deletion is still on its way never speaks once a newer
+//! membership of the user was removed, and every user counts and appears once.
+//! Every membership read below goes through that view and nothing else.
 //! Onboarding writes and their audit row commit together.
 
 pub mod model;
@@ -47,10 +49,7 @@ pub struct Access {
 /// formatting, and sqlx caches them as prepared statements).
 macro_rules! acting_role {
     () => {
-        "(select m.role from members m \
-          where m.workspace_id = w.id and m.user_id = $2 and m.removed_at is null \
-            and w.status = 'active' \
-          order by m.source_version desc limit 1)"
+        "(select a.role from active_members a where a.workspace_id = w.id and a.user_id = $2)"
     };
 }
 
@@ -130,11 +129,7 @@ pub async fn workspace(
          cross join lateral ( \
              select count(*) as member_count, \
                     count(*) filter (where a.role = 'admin') as admin_count \
-             from (select distinct on (m.user_id) m.role \
-                   from members m \
-                   where m.workspace_id = w.id and m.removed_at is null \
-                     and w.status = 'active' \
-                   order by m.user_id, m.source_version desc) a \
+             from active_members a where a.workspace_id = w.id \
          ) c \
          where w.id = $1"
     ))
@@ -221,12 +216,9 @@ pub async fn members(
 ) -> Result<Vec<Member>, StoreError> {
     let rows: Vec<MemberRow> = sqlx::query_as(
         "select user_id, role, clerk_role, email, first_name, last_name, joined_at \
-         from (select distinct on (m.user_id) m.* \
-               from members m join workspaces w on w.id = m.workspace_id \
-               where m.workspace_id = $1 and m.removed_at is null and w.status = 'active' \
-                 and ($2::text is null or m.user_id = $2) \
-                 and ($3::text is null or m.user_id > $3) \
-               order by m.user_id, m.source_version desc) a \
+         from active_members a \
+         where a.workspace_id = $1 and ($2::text is null or a.user_id = $2) \
+           and ($3::text is null or a.user_id > $3) \
          order by user_id limit $4",
     )
     .bind(workspace_id)
@@ -248,13 +240,10 @@ pub async fn user_workspaces(
     keyset: Keyset<'_>,
 ) -> Result<Vec<UserWorkspace>, StoreError> {
     let rows: Vec<(String, Option<String>, Option<String>, String)> = sqlx::query_as(
-        "select workspace_id, name, slug, role \
-         from (select distinct on (m.workspace_id) m.workspace_id, w.name, w.slug, m.role \
-               from members m join workspaces w on w.id = m.workspace_id \
-               where m.user_id = $1 and m.removed_at is null and w.status = 'active' \
-                 and ($2::text is null or m.workspace_id > $2) \
-               order by m.workspace_id, m.source_version desc) a \
-         order by workspace_id limit $3",
+        "select a.workspace_id, w.name, w.slug, a.role \
+         from active_members a join workspaces w on w.id = a.workspace_id \
+         where a.user_id = $1 and ($2::text is null or a.workspace_id > $2) \
+         order by a.workspace_id limit $3",
     )
     .bind(user_id)
     .bind(keyset.after)

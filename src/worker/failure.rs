@@ -1,11 +1,15 @@
 //! What to do with an event whose processing failed.
 //!
-//! Guarantee: PostgreSQL being unreachable is never a reason to dead-letter (the
-//! event is held, then parked in the longest retry queue); other database errors go
-//! through the retry queues in order and only then are dead-lettered.
+//! Guarantee: PostgreSQL being unavailable ([`db::is_unavailable`]: unreachable,
+//! read-only, a statement or lock timeout) or a conflict that outlived provisioning's
+//! in-process retries ([`db::is_transient`]) is never a reason to dead-letter: the
+//! event is held with backoff, then parked in the longest retry queue, as for an
+//! outage. A payload PostgreSQL refuses to store is dead-lettered at once (class
+//! `payload`, decided by provisioning); other database errors go through the
+//! retry queues in order and only then are dead-lettered (`retries-exhausted`).
 
 use crate::broker::Topology;
-use crate::db::{self, DbFault};
+use crate::db;
 use crate::provision::ProcessError;
 
 use super::delivery::DeadClass;
@@ -29,7 +33,7 @@ pub enum Next {
         /// `x-attempts`.
         attempts: i64,
     },
-    /// The database is unreachable: keep the delivery and try again in process.
+    /// The database cannot take it now: keep the delivery and try again in process.
     Hold,
 }
 
@@ -42,7 +46,7 @@ pub fn after_failure(error: &ProcessError, previous: i64, topology: &Topology) -
             reason: reason.clone(),
             attempts,
         },
-        ProcessError::Database(e) if db::fault(e) == DbFault::Unreachable => Next::Hold,
+        ProcessError::Database(e) if db::is_unavailable(e) || db::is_transient(e) => Next::Hold,
         ProcessError::Database(e) => {
             match usize::try_from(previous)
                 .ok()
@@ -128,6 +132,57 @@ mod tests {
         }
         let timed_out = ProcessError::Database(sqlx::Error::PoolTimedOut);
         assert_eq!(after_failure(&timed_out, 9, &topology(&[10])), Next::Hold);
+    }
+
+    /// A database error with this SQLSTATE, as PostgreSQL sends it.
+    fn pg_error(code: &str) -> ProcessError {
+        #[derive(Debug)]
+        struct Pg(String);
+        impl std::fmt::Display for Pg {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                write!(f, "error {}", self.0)
+            }
+        }
+        impl std::error::Error for Pg {}
+        impl sqlx::error::DatabaseError for Pg {
+            fn message(&self) -> &str {
+                "error"
+            }
+            fn code(&self) -> Option<std::borrow::Cow<'_, str>> {
+                Some(self.0.as_str().into())
+            }
+            fn as_error(&self) -> &(dyn std::error::Error + Send + Sync + 'static) {
+                self
+            }
+            fn as_error_mut(&mut self) -> &mut (dyn std::error::Error + Send + Sync + 'static) {
+                self
+            }
+            fn into_error(self: Box<Self>) -> Box<dyn std::error::Error + Send + Sync + 'static> {
+                self
+            }
+            fn kind(&self) -> sqlx::error::ErrorKind {
+                sqlx::error::ErrorKind::Other
+            }
+        }
+        ProcessError::Database(sqlx::Error::Database(Box::new(Pg(code.to_owned()))))
+    }
+
+    #[test]
+    fn read_only_timeouts_conflicts_and_refused_logins_are_held_never_dead_lettered() {
+        // After every retry queue is spent, still held.
+        let t = topology(&[10]);
+        for code in [
+            "25006", "57014", "55P03", "57P04", "57P05", "28P01", "3D000", "53300", "40001",
+            "40P01", "08006",
+        ] {
+            for previous in [0, 1, 50] {
+                assert_eq!(
+                    after_failure(&pg_error(code), previous, &t),
+                    Next::Hold,
+                    "{code}"
+                );
+            }
+        }
     }
 
     #[test]

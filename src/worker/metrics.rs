@@ -29,7 +29,7 @@ pub enum Label {
     Dead,
     /// Sent to a retry queue.
     Retry,
-    /// Held in process because PostgreSQL is unreachable.
+    /// Held in process because PostgreSQL cannot take it now (docs/faults.md).
     Held,
 }
 
@@ -47,9 +47,11 @@ impl Label {
     }
 }
 
-/// Counts one event outcome.
-pub fn event(kind: &str, label: Label) {
-    counter!(EVENTS_TOTAL, "type" => kind.to_owned(), "outcome" => label.as_str()).increment(1);
+/// Counts one event outcome. `kind` is a bounded label
+/// ([`EventType::metric_label`](crate::clerk::EventType::metric_label), `other`); a
+/// `&'static str`, so no event's own type name can become a new series.
+pub fn event(kind: &'static str, label: Label) {
+    counter!(EVENTS_TOTAL, "type" => kind, "outcome" => label.as_str()).increment(1);
 }
 
 /// Records the time spent applying an event.

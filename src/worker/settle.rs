@@ -83,7 +83,8 @@ impl Engine {
     }
 
     /// Applies events until each is settled: committed and acked, sent to a retry
-    /// queue, dead-lettered, or — while PostgreSQL is unreachable — held and, once
+    /// queue, dead-lettered, or — while PostgreSQL cannot take them (see
+    /// [`failure::after_failure`]) — held with backoff and, once
     /// `worker.db_retry_max_ms` is spent, parked in the longest retry queue.
     async fn apply(&self, jobs: Vec<Job>) {
         let mut pending = jobs;
@@ -151,7 +152,7 @@ impl Engine {
                 tracing::warn!(
                     events = held.len(),
                     error = %held[0].1,
-                    "PostgreSQL unreachable; holding events and retrying"
+                    "PostgreSQL cannot take these events now (unreachable, read-only, timed out or in conflict); holding them and retrying"
                 );
             }
             let mut jobs: Vec<Job> = held.into_iter().map(|(job, _)| job).collect();
@@ -221,7 +222,7 @@ impl Engine {
         match self.publish_copy(&job.env, "", queue, headers).await {
             Ok(()) => {
                 metrics::event(job.env.metric_type(), Label::Retry);
-                tracing::info!(svix_id = %job.env.event.svix_id, retry_queue = %queue, "PostgreSQL still unreachable; event parked in the retry queue");
+                tracing::info!(svix_id = %job.env.event.svix_id, retry_queue = %queue, "PostgreSQL still cannot take the event; parked in the retry queue");
                 self.ack(&job).await;
                 None
             }

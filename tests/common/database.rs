@@ -1,8 +1,9 @@
 //! A fresh, migrated PostgreSQL database for tests that drive the library directly
-//! (no HTTP app, no broker).
+//! (no HTTP app, no broker), and the drop of every test database.
 //!
-//! Guarantee: the database is dropped when its [`TestDatabase`] goes out of scope,
-//! also when the test panics, so no test drops it by hand and a failing test
+//! Guarantee: the database of an [`Isolation`] is dropped when the last clone of
+//! that `Isolation` goes out of scope (a [`TestDatabase`] and a `TestApp` each hold
+//! one), also when the test panics, so no test drops it by hand and a failing test
 //! leaves nothing behind.
 
 use sqlx::PgPool;
@@ -18,6 +19,8 @@ pub struct TestDatabase {
     pub pool: PgPool,
     /// Its name.
     pub name: String,
+    /// Drops the database when the test database goes.
+    _iso: Isolation,
 }
 
 impl TestDatabase {
@@ -41,35 +44,37 @@ impl TestDatabase {
             url: provisioner::config::ConnectionUrl::new(url),
             max_connections,
             acquire_timeout_ms: 30_000,
+            lock_timeout_ms: 0,
+            statement_timeout_ms: 0,
         };
         let pool = provisioner::db::prepare(&settings)
             .await
             .expect("test database prepared");
         Self {
             pool,
-            name: iso.database,
+            name: iso.database.clone(),
+            _iso: iso,
         }
     }
 }
 
-impl Drop for TestDatabase {
-    /// Drops the database on a thread of its own with its own runtime: `drop` cannot
-    /// await, and the test's runtime may be unwinding or (in a `#[test]` that builds
-    /// one) already gone. Waiting for that thread means the database is gone when
-    /// the test ends; `with (force)` ends the pool's connections still open.
-    fn drop(&mut self) {
-        let name = std::mem::take(&mut self.name);
-        let dropper = std::thread::spawn(move || {
-            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            else {
-                return;
-            };
-            rt.block_on(drop_database(&name));
-        });
-        let _ = dropper.join();
-    }
+/// Drops the database `name` now, whatever the caller's context: on a thread of
+/// its own with its own runtime, because `drop` cannot await and the test's runtime
+/// may be unwinding or (in a `#[test]` that builds one) already gone. Waiting for
+/// that thread means the database is gone when the caller returns; `with (force)`
+/// ends the connections still open on it (an app's pool, a child process).
+pub(super) fn drop_database_now(name: &str) {
+    let name = name.to_owned();
+    let dropper = std::thread::spawn(move || {
+        let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        else {
+            return;
+        };
+        rt.block_on(drop_database(&name));
+    });
+    let _ = dropper.join();
 }
 
 /// Drops `name` (a missing database is a no-op; an unreachable server leaves it to

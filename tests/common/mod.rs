@@ -2,7 +2,8 @@
 //!
 //! Each `spawn_app` gets its own PostgreSQL database and its own broker names
 //! (random prefix, queues expiring after the test), so tests run in parallel
-//! against the machine's real services and leave nothing behind.
+//! against the machine's real services and leave nothing behind: the database
+//! goes with the test's last [`Isolation`], the broker names when its thread ends.
 //!
 //! Every test binary compiles this whole harness but uses only part of it: an
 //! item some binary does not use carries `#[allow(dead_code)]`, and an item no
@@ -82,7 +83,9 @@ pub struct TestOptions {
     pub database_url: Option<String>,
 }
 
-/// Isolated names for one test: database and broker prefix.
+/// Isolated names for one test: database and broker prefix. The database (when
+/// anything created it) is dropped when the last clone of its `Isolation` is
+/// dropped, also when the test panics.
 #[derive(Debug, Clone)]
 pub struct Isolation {
     /// Database name.
@@ -90,6 +93,17 @@ pub struct Isolation {
     /// Broker name prefix.
     #[allow(dead_code)]
     pub prefix: String,
+    _drop: std::sync::Arc<DropDatabase>,
+}
+
+/// Drops the database it names when dropped.
+#[derive(Debug)]
+struct DropDatabase(String);
+
+impl Drop for DropDatabase {
+    fn drop(&mut self) {
+        database::drop_database_now(&self.0);
+    }
 }
 
 /// The longest one test may run. A test still running after it aborts its test
@@ -221,8 +235,10 @@ impl Isolation {
     pub fn new() -> Self {
         let id = random_id(10);
         TestScope::register(&format!("t{id}"));
+        let database = format!("prov_test_{}_{}", now_secs(), id);
         Self {
-            database: format!("prov_test_{}_{}", now_secs(), id),
+            _drop: std::sync::Arc::new(DropDatabase(database.clone())),
+            database,
             prefix: format!("t{id}"),
         }
     }

@@ -6,7 +6,6 @@
 //! quorum queue, so the two rates compare intake against the broker alone. Both only
 //! ever touch the addresses they are given and the scratch names they create.
 
-use std::str::FromStr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -491,8 +490,7 @@ pub async fn run_teardown(settings: &Settings, args: TeardownArgs) -> anyhow::Re
     }
     let _ = conn.close(200, "teardown done".into()).await;
 
-    let admin = sqlx::postgres::PgConnectOptions::from_str(settings.database.url.expose())?
-        .database("postgres");
+    let admin = provisioner::db::options(&settings.database)?.database("postgres");
     let mut pg = sqlx::ConnectOptions::connect(&admin)
         .await
         .with_context(|| format!("cannot reach PostgreSQL at {}", settings.database.url))?;

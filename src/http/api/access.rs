@@ -5,8 +5,9 @@
 //! [`VisibleWorkspace`]); both are built only by [`WorkspaceAccess::grant`], whose
 //! rule is that the trusted caller sees every provisioned workspace and an acting
 //! user only one where they are an active member (which the store reports only
-//! for active workspaces). Everything else is the same 404 as an id that never
-//! existed, so existence does not leak.
+//! for active workspaces, and decides from the user's newest membership row there,
+//! removed rows included, so a stale row never grants access). Everything else is
+//! the same 404 as an id that never existed, so existence does not leak.
 
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;

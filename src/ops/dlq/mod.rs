@@ -443,6 +443,18 @@ pub async fn purge(settings: &Settings, selection: &Selection) -> Result<PurgeRe
     })
 }
 
+/// The svix ids more than one listed dead letter carries, in first-seen order.
+fn repeated_ids(letters: &[DeadLetter]) -> Vec<String> {
+    let mut seen = std::collections::HashSet::new();
+    let mut twice: Vec<String> = Vec::new();
+    for id in letters.iter().filter_map(|l| l.id.as_ref()) {
+        if !seen.insert(id) && !twice.contains(id) {
+            twice.push(id.clone());
+        }
+    }
+    twice
+}
+
 fn letters_table(letters: &[DeadLetter]) -> String {
     let dash = |s: &Option<String>| s.clone().unwrap_or_else(|| "-".to_owned());
     render_table(
@@ -496,6 +508,17 @@ pub async fn run(settings: &Settings, command: DlqCommand) -> anyhow::Result<()>
             } else {
                 print!("{}", letters_table(&listing.data));
                 println!("{} dead letter(s) in {}", listing.count, listing.queue);
+            }
+            let twice = repeated_ids(&listing.data);
+            if !twice.is_empty() {
+                println!(
+                    "{} id(s) appear more than once: {} (a dlq command interrupted while \
+                     putting dead letters back leaves a second copy; `dlq replay --id` \
+                     replays each copy and the worker applies an id once, `dlq purge --id` \
+                     removes every copy)",
+                    twice.len(),
+                    twice.join(", ")
+                );
             }
             if listing.arrived_during_listing > 0 {
                 println!(

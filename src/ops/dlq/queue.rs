@@ -1,42 +1,66 @@
 //! A session on the dead-letter queue: takes every dead letter without consuming it,
-//! lets the caller settle some of them, and gives the rest back in their order.
+//! lets the caller settle some of them, and puts the rest back in their order —
+//! without counting a delivery.
 //!
 //! Guarantee: a dead letter leaves the queue only through [`DeadQueue::ack`] (after
-//! its replacement, if any, was confirmed); everything else, including dead letters
-//! that arrive during the session, is back in the queue in its original order when
-//! the session ends — even when the process dies, since the broker returns unacked
-//! messages of a closed connection.
+//! its replacement, if any, was confirmed), or when its exact copy was confirmed in
+//! the queue; everything else, including dead letters that arrive during the
+//! session, is back in the queue in its original order when the session ends — even
+//! when the process dies, since the broker returns unacked messages of a closed
+//! connection.
 //!
-//! How order is kept, measured on RabbitMQ 3.10 quorum queues without a delivery
-//! limit (the dead-letter queue has none):
+//! Why a session puts back copies instead of returning what it took: a quorum queue
+//! counts every return as a delivery (`x-delivery-count`) — `basic.nack`/`reject`
+//! with requeue and a closed channel alike on 3.10; 4.x still counts `reject` and a
+//! lost channel — and RabbitMQ 4.x drops a message once the count passes the
+//! queue's delivery limit (20 unless set). Returning held messages would make each
+//! `dlq list` or `show` use up one delivery of every dead letter. So a session ends
+//! by publishing, on a confirm channel through the default exchange straight to the
+//! dead-letter queue, a copy of each unsettled message in order — same body, same
+//! properties, every header except the broker's own `x-delivery-count` (the copy
+//! has never been delivered) — and acks each original only after its copy was
+//! confirmed. Nothing is lost: an original goes only once its copy is in the queue.
+//! A process that dies between a confirm and the ack leaves both (the original
+//! comes back as the broker returns a dead connection's messages): a second
+//! message with the same svix id, which `dlq list` shows twice and `dlq show`
+//! counts in `copies`; never a silent loss. What a copy does not keep: the
+//! delivery's exchange and routing key (now the default exchange and the queue's
+//! name; the event type stays in the `type` property) and the `redelivered` flag.
+//!
+//! How order is kept (measured on RabbitMQ 3.10 quorum queues without a delivery
+//! limit):
 //! - `basic.nack(requeue)` and `basic.reject(requeue)` put a message at the BACK,
 //!   and a batch of them (`multiple`, or several in a row) comes back partly
 //!   reversed; `basic.get` followed by closing the channel returns in hash order.
-//! - A *consumer*'s unacked messages are given back in delivery order, ahead of
-//!   the ready messages, when its channel closes. With an unlimited prefetch the
-//!   consumer holds the whole queue, and messages arriving meanwhile are delivered
-//!   to it too, so closing the channel restores the exact order, arrivals last.
+//! - A *consumer* with an unlimited prefetch holds the whole queue, and messages
+//!   arriving meanwhile are delivered to it too. Cancelling it, then copying what
+//!   it held in delivery order, puts the queue back as it was, arrivals last. (A
+//!   consumer's unacked messages also come back in delivery order, ahead of the
+//!   ready ones, when its channel closes: the order survives a crash too.)
 //!
 //! So a session consumes with prefetch 0 (unlimited), never nacks, and ends by
-//! closing its channel. Sessions of different `dlq` processes must not interleave
-//! (two consumers would split the queue and give their shares back one after the
-//! other), so each session first takes a lock: the exclusive consumer of a small
-//! classic queue `<dead queue>.lock`, which the broker itself frees when the
-//! holder's connection ends, crash included. (A waiting session sees the holder in
-//! the queue's consumer count, so waiting raises no channel errors.)
+//! cancelling its consumer and putting back copies. Sessions of different `dlq`
+//! processes must not interleave (two consumers would split the queue and put their
+//! shares back one after the other), so each session first takes a lock: the
+//! exclusive consumer of a small classic queue `<dead queue>.lock`, which the broker
+//! itself frees when the holder's connection ends, crash included. (A waiting
+//! session sees the holder in the queue's consumer count, so waiting raises no
+//! channel errors.)
 
 use std::time::Duration;
 
-use futures_util::{FutureExt, StreamExt};
+use futures_util::StreamExt;
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions};
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions,
+};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
-use lapin::{Channel, Connection, Consumer, ErrorKind};
+use lapin::{BasicProperties, Channel, Connection, Consumer, ErrorKind};
 use tokio::time::Instant;
 
 use super::DlqError;
 use super::letter::DeadLetter;
-use crate::broker::headers::REPLAYED;
+use crate::broker::headers::{DELIVERY_COUNT, REPLAYED};
 use crate::broker::{self, PublishError};
 use crate::config::Settings;
 
@@ -69,6 +93,8 @@ pub struct DeadQueue {
     confirm: Option<Channel>,
     queue: String,
     redacted_url: String,
+    /// How long to wait for the confirm of each copy put back.
+    confirm_timeout: Duration,
     /// The dead letters present when the session started, head first.
     pub held: Vec<Held>,
 }
@@ -93,21 +119,14 @@ impl DeadQueue {
     pub async fn open(settings: &Settings, lock_wait: Duration) -> Result<Self, DlqError> {
         let url = &settings.broker.url;
         let redacted_url = url.redacted();
-        let password = url::Url::parse(url.expose())
-            .ok()
-            .and_then(|u| u.password().map(str::to_owned));
         let connection = crate::broker::connect(url, "provisioner-dlq")
             .await
             .map_err(|e| {
                 // Belt and braces: a lapin error has no reason to echo the URL, but
                 // the password must never reach a terminal.
-                let mut reason = e.to_string();
-                if let Some(p) = password.as_deref().filter(|p| !p.is_empty()) {
-                    reason = reason.replace(p, "***");
-                }
                 DlqError::Unreachable {
                     url: redacted_url.clone(),
-                    reason,
+                    reason: url.scrub(&e.to_string()),
                 }
             })?;
         let mut session = DeadQueue {
@@ -118,6 +137,7 @@ impl DeadQueue {
             confirm: None,
             queue: settings.broker.dead_letter_queue.clone(),
             redacted_url,
+            confirm_timeout: Duration::from_millis(settings.broker.publish_timeout_ms),
             held: Vec::new(),
         };
         match session.start(lock_wait).await {
@@ -284,15 +304,12 @@ impl DeadQueue {
         }
     }
 
-    /// Removes a held dead letter from the queue for good.
+    /// Removes a held dead letter from the queue for good, when the session closes
+    /// (with everything else it settles, in one acknowledgement: see
+    /// [`close`](Self::close)). Call it only once its replacement, if any, is
+    /// confirmed; a process that dies before closing leaves it in place.
     pub async fn ack(&mut self, index: usize) -> Result<(), DlqError> {
-        let held = &mut self.held[index];
-        held.delivery
-            .acker
-            .ack(BasicAckOptions::default())
-            .await
-            .map_err(|e| DlqError::Broker(e.to_string()))?;
-        held.settled = true;
+        self.held[index].settled = true;
         Ok(())
     }
 
@@ -360,54 +377,152 @@ impl DeadQueue {
             || !self.connection.status().connected()
     }
 
-    /// Gives back every unsettled dead letter in its order and waits until the queue
-    /// shows them again, then releases the lock.
+    /// Puts back every unsettled dead letter in its order (see the module docs:
+    /// confirmed copies, then the originals acked), arrivals behind them, and waits
+    /// until the queue shows them, then releases the lock.
     pub async fn close(mut self) -> Result<Closed, DlqError> {
-        let mut closed = Closed::default();
-        if let Some(consumer) = self.consumer.as_mut() {
-            // Arrivals already delivered to us; they go back behind the others.
-            while let Some(Some(_)) = consumer.next().now_or_never() {
-                closed.arrived += 1;
-            }
-        }
-        let unsettled = self.held.iter().filter(|h| !h.settled).count() as u32;
-        let result = self.give_back(unsettled).await;
+        let result = self.put_back().await;
         self.shutdown().await;
-        result.map(|()| closed)
+        result
     }
 
-    async fn give_back(&mut self, unsettled: u32) -> Result<(), DlqError> {
-        if let Some(channel) = self.channel.take() {
-            self.consumer = None;
+    async fn put_back(&mut self) -> Result<Closed, DlqError> {
+        let mut closed = Closed::default();
+        let Some(channel) = self.channel.clone() else {
+            return Ok(closed);
+        };
+        // Stop deliveries first, then take what was delivered before the cancel: the
+        // dead letters that arrived during the session (they go behind the others).
+        // lapin ends the stream after the deliveries it already received.
+        let mut arrived: Vec<Delivery> = Vec::new();
+        if let Some(mut consumer) = self.consumer.take() {
             channel
-                .close(200, "dlq done".into())
+                .basic_cancel(consumer.tag(), BasicCancelOptions::default())
                 .await
                 .map_err(|e| self.broker(e))?;
+            while let Ok(Some(next)) = tokio::time::timeout(QUIET, consumer.next()).await {
+                arrived.push(next.map_err(|e| self.broker(e))?);
+            }
         }
-        // The queue takes the returns asynchronously; keep the lock until they are
-        // visible so the next session sees the whole queue.
-        if unsettled > 0 {
-            let ch = self
-                .connection
-                .create_channel()
-                .await
-                .map_err(|e| self.broker(e))?;
-            let deadline = Instant::now() + Duration::from_secs(10);
-            let mut result = Ok(());
-            loop {
-                match self.ready_count(&ch).await {
-                    Ok(n) if n >= unsettled || Instant::now() >= deadline => break,
-                    Ok(_) => tokio::time::sleep(Duration::from_millis(20)).await,
-                    Err(e) => {
-                        result = Err(e);
-                        break;
-                    }
+        closed.arrived = arrived.len();
+        let pending: Vec<&Delivery> = self
+            .held
+            .iter()
+            .filter(|h| !h.settled)
+            .map(|h| &h.delivery)
+            .chain(arrived.iter())
+            .collect();
+        if pending.is_empty() {
+            // Only settled ones (a purge or replay of everything).
+            self.settle(&arrived, &[]).await?;
+            return Ok(closed);
+        }
+
+        // A channel of its own: a replay may have broken `self.confirm`.
+        let confirm = broker::confirm_channel(&self.connection)
+            .await
+            .map_err(|e| self.broker(e))?;
+        let mut copied = 0;
+        let mut failure = None;
+        for delivery in &pending {
+            match broker::publish_confirmed(
+                &confirm,
+                "",
+                &self.queue,
+                &delivery.data,
+                copy_properties(&delivery.properties),
+                self.confirm_timeout,
+            )
+            .await
+            {
+                Ok(()) => copied += 1,
+                Err(e) => {
+                    failure = Some(e);
+                    break;
                 }
             }
-            close_channel(ch).await;
-            result?;
+        }
+        close_channel(confirm).await;
+        // Only now that its copy is confirmed may an original go.
+        let kept: Vec<&Delivery> = pending[copied..].to_vec();
+        self.settle(&arrived, &kept).await?;
+        if let Some(e) = failure {
+            // The originals not copied come back when the channel closes (counting
+            // one delivery each), ahead of the copies: nothing lost or doubled.
+            return Err(DlqError::Broker(format!(
+                "could not put dead letter {} of {} back ({e}); it and the {} after it \
+                 are returned to the queue as they were, ahead of those put back",
+                copied + 1,
+                pending.len(),
+                pending.len() - copied - 1,
+            )));
+        }
+        // Acks and confirms are asynchronous to the queue's count; keep the lock
+        // until the queue shows them all, so the next session sees the whole queue.
+        self.channel = None;
+        close_channel(channel).await;
+        self.wait_until_ready(pending.len() as u32).await?;
+        Ok(closed)
+    }
+
+    /// Acknowledges every delivery of the session but `kept`: the ones settled by
+    /// [`ack`](Self::ack) and those whose copy is confirmed.
+    ///
+    /// In as few acknowledgements as possible, ideally one (`multiple` up to the last
+    /// delivery): RabbitMQ 3.10's channel holds back a quorum queue's settlements
+    /// beyond a few dozen in flight, and closing the channel drops those held back,
+    /// so a burst of single acks followed by the close gave some messages back
+    /// (measured: the last 10 of 80). One acknowledgement is sent at once, and the
+    /// queue applies it before it sees the channel close.
+    async fn settle(&self, arrived: &[Delivery], kept: &[&Delivery]) -> Result<(), DlqError> {
+        let all: Vec<&Delivery> = self
+            .held
+            .iter()
+            .map(|h| &h.delivery)
+            .chain(arrived.iter())
+            .collect();
+        let keep = |d: &Delivery| kept.iter().any(|k| k.delivery_tag == d.delivery_tag);
+        // Deliveries come in tag order: everything before the first kept one goes in
+        // one `multiple` ack, the rest one by one (only after a failed copy).
+        let first_kept = all.iter().position(|d| keep(d)).unwrap_or(all.len());
+        let ack = |d: &Delivery, multiple: bool| {
+            let acker = d.acker.clone();
+            async move {
+                acker
+                    .ack(BasicAckOptions { multiple })
+                    .await
+                    .map_err(|e| DlqError::Broker(e.to_string()))
+            }
+        };
+        if first_kept > 0 {
+            ack(all[first_kept - 1], true).await?;
+        }
+        for d in all.iter().skip(first_kept).filter(|d| !keep(d)) {
+            ack(d, false).await?;
         }
         Ok(())
+    }
+
+    async fn wait_until_ready(&self, count: u32) -> Result<(), DlqError> {
+        let ch = self
+            .connection
+            .create_channel()
+            .await
+            .map_err(|e| self.broker(e))?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut result = Ok(());
+        loop {
+            match self.ready_count(&ch).await {
+                Ok(n) if n >= count || Instant::now() >= deadline => break,
+                Ok(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
+            }
+        }
+        close_channel(ch).await;
+        result
     }
 
     /// Closes every channel explicitly (lapin would otherwise close dropped
@@ -426,6 +541,22 @@ impl DeadQueue {
         }
         let _ = self.connection.close(200, "dlq done".into()).await;
     }
+}
+
+/// The properties of the copy that replaces a dead letter: all of them, every header
+/// but the broker's delivery count (the copy has never been delivered; the broker
+/// adds the header again when it counts one).
+fn copy_properties(original: &BasicProperties) -> BasicProperties {
+    let Some(headers) = original.headers() else {
+        return original.clone();
+    };
+    let mut kept = FieldTable::default();
+    for (key, value) in headers.inner() {
+        if key.as_str() != DELIVERY_COUNT {
+            kept.insert(key.clone(), value.clone());
+        }
+    }
+    original.clone().with_headers(kept)
 }
 
 async fn close_channel(channel: Channel) {
