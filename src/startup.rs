@@ -115,8 +115,7 @@ impl Application {
         {
             anyhow::bail!("cannot reach RabbitMQ at {}", settings.broker.url);
         }
-        let listener = TcpListener::bind(settings.http.listen)
-            .await
+        let listener = crate::http::server::bind(settings.http.listen)
             .with_context(|| format!("cannot listen on {}", settings.http.listen))?;
         let sync = JustInTime::new(reconciler(&settings, &pool)?);
         let state = AppState {
@@ -205,9 +204,12 @@ impl Application {
             }
         };
         tracing::info!(listen = %addr, worker = options.worker, "serving");
-        let server = axum::serve(listener, app(state.clone()))
-            .with_graceful_shutdown(http_stop.clone().cancelled_owned())
-            .into_future();
+        let server = crate::http::server::serve(
+            listener,
+            app(state.clone()),
+            crate::http::server::Limits::of(&state.settings.http),
+            http_stop.clone(),
+        );
         // Graceful shutdown waits for every open connection; a client that never
         // finishes its request must not hold the process past the grace period.
         let deadline = async {

@@ -262,7 +262,7 @@ async fn trusted_caller_sees_deleted_workspace() {
     let (status, body) = Call::get(format!("/v1/workspaces/{ws}/members"))
         .send(&app)
         .await;
-    assert_eq!((status, body), (200, json!({"data": []})));
+    assert_eq!((status, body), (200, json!({"data": [], "next": null})));
     let (status, _) = Call::get(format!("/v1/workspaces/{ws}/members/user_a"))
         .send(&app)
         .await;
@@ -290,9 +290,9 @@ async fn members_of_a_deleted_workspace_are_not_active_even_before_cascade() {
     let (_, body) = Call::get(format!("/v1/workspaces/{ws}/members"))
         .send(&app)
         .await;
-    assert_eq!(body, json!({"data": []}));
+    assert_eq!(body, json!({"data": [], "next": null}));
     let (_, body) = Call::get("/v1/users/user_a/workspaces").send(&app).await;
-    assert_eq!(body, json!({"data": []}));
+    assert_eq!(body, json!({"data": [], "next": null}));
 }
 
 /// Members: active only, one per user (the row with the greatest source_version
@@ -317,7 +317,8 @@ async fn members_lists_active_members_once_each() {
         .await;
 
     assert_eq!(status, 200);
-    assert_eq!(keys(&body), set(&["data"]));
+    assert_eq!(keys(&body), set(&["data", "next"]));
+    assert_eq!(body["next"], Value::Null, "one page");
     let data = body["data"].as_array().unwrap();
     let users: Vec<&str> = data
         .iter()
@@ -325,8 +326,8 @@ async fn members_lists_active_members_once_each() {
         .collect();
     assert_eq!(
         users,
-        ["user_first", "user_twice", "user_custom"],
-        "oldest first, once each"
+        ["user_custom", "user_first", "user_twice"],
+        "by user id, once each"
     );
     assert_eq!(
         keys(&data[0]),
@@ -340,20 +341,20 @@ async fn members_lists_active_members_once_each() {
             "joined_at"
         ])
     );
-    assert_eq!(data[0]["role"], "admin");
-    assert_eq!(data[0]["clerk_role"], "org:admin");
-    assert_eq!(data[0]["email"], "user_first@example.com");
-    assert_eq!(data[0]["first_name"], "First user_first");
-    assert_eq!(data[0]["last_name"], "Last");
-    let joined = data[0]["joined_at"].as_str().unwrap();
+    assert_eq!(data[1]["role"], "admin");
+    assert_eq!(data[1]["clerk_role"], "org:admin");
+    assert_eq!(data[1]["email"], "user_first@example.com");
+    assert_eq!(data[1]["first_name"], "First user_first");
+    assert_eq!(data[1]["last_name"], "Last");
+    let joined = data[1]["joined_at"].as_str().unwrap();
     assert!(
         joined.starts_with("2024-") && joined.ends_with(".000Z"),
         "{joined}"
     );
-    assert_eq!(data[1]["role"], "admin", "newest row of user_twice");
-    assert_eq!(data[1]["clerk_role"], "org:admin");
-    assert_eq!(data[2]["role"], "member", "unmapped Clerk role");
-    assert_eq!(data[2]["clerk_role"], "org:billing");
+    assert_eq!(data[2]["role"], "admin", "newest row of user_twice");
+    assert_eq!(data[2]["clerk_role"], "org:admin");
+    assert_eq!(data[0]["role"], "member", "unmapped Clerk role");
+    assert_eq!(data[0]["clerk_role"], "org:billing");
 
     let (_, ws_body) = Call::get(format!("/v1/workspaces/{ws}")).send(&app).await;
     assert_eq!(ws_body["member_count"], 3);
@@ -388,7 +389,7 @@ async fn one_member_or_404() {
     }
 }
 
-/// The org switcher: active memberships of active workspaces only, by name, with
+/// The org switcher: active memberships of active workspaces only, by id, with
 /// the role; empty for an unknown user; another acting user gets 404.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn user_workspaces_lists_active_memberships_of_active_workspaces() {
@@ -409,12 +410,15 @@ async fn user_workspaces_lists_active_memberships_of_active_workspaces() {
 
     let (status, body) = Call::get("/v1/users/user_u/workspaces").send(&app).await;
     assert_eq!(status, 200);
+    let mut expected = vec![
+        json!({"workspace_id": b, "name": "Alpha team", "slug": b, "role": "admin"}),
+        json!({"workspace_id": a, "name": "Beta team", "slug": a, "role": "member"}),
+    ];
+    expected.sort_by_key(|w| w["workspace_id"].as_str().unwrap().to_owned());
     assert_eq!(
         body,
-        json!({"data": [
-            {"workspace_id": b, "name": "Alpha team", "slug": b, "role": "admin"},
-            {"workspace_id": a, "name": "Beta team", "slug": a, "role": "member"},
-        ]})
+        json!({"data": expected, "next": null}),
+        "by workspace id"
     );
 
     let (status, same) = Call::get("/v1/users/user_u/workspaces")
@@ -437,9 +441,195 @@ async fn user_workspaces_lists_active_memberships_of_active_workspaces() {
     let (status, body) = Call::get("/v1/users/user_nobody/workspaces")
         .send(&app)
         .await;
-    assert_eq!((status, body), (200, json!({"data": []})));
+    assert_eq!((status, body), (200, json!({"data": [], "next": null})));
     let (_, body) = Call::get("/v1/users/USER_U/workspaces").send(&app).await;
-    assert_eq!(body, json!({"data": []}), "user ids match exactly");
+    assert_eq!(
+        body,
+        json!({"data": [], "next": null}),
+        "user ids match exactly"
+    );
+}
+
+/// Members page by user id: 250 members in pages of 100 (the default), every
+/// member exactly once and in order, `next` null on the last page; `limit` pages
+/// alike, and a page ends where the last one did.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_page_over_250_members() {
+    let app = spawn_app().await;
+    let seed = Seed::new(&app);
+    let ws = new_id("org");
+    seed.workspace(&ws).await;
+    // Seeded in an order unlike the user ids, so the order is the API's.
+    let mut users: Vec<String> = (0..250).map(|i| format!("user_{i:03}")).collect();
+    for i in (0..250).rev() {
+        seed.member(&ws, &users[(i * 7) % 250], "org:member").await;
+    }
+    let gone = seed.member(&ws, "user_gone", "org:member").await;
+    seed.remove_membership(&gone).await;
+    users.sort();
+
+    let pages = |limit: Option<usize>| {
+        let (app, ws) = (&app, ws.clone());
+        async move {
+            let mut seen: Vec<String> = Vec::new();
+            let mut sizes: Vec<usize> = Vec::new();
+            let first = match limit {
+                Some(l) => format!("/v1/workspaces/{ws}/members?limit={l}"),
+                None => format!("/v1/workspaces/{ws}/members"),
+            };
+            let mut path = first;
+            loop {
+                let (status, page) = Call::get(path.clone()).send(app).await;
+                assert_eq!(status, 200, "{path}: {page}");
+                assert_eq!(keys(&page), set(&["data", "next"]));
+                let data = page["data"].as_array().unwrap();
+                sizes.push(data.len());
+                seen.extend(
+                    data.iter()
+                        .map(|m| m["user_id"].as_str().unwrap().to_owned()),
+                );
+                match &page["next"] {
+                    Value::Null => break,
+                    Value::String(next) => {
+                        path = match limit {
+                            Some(l) => {
+                                format!("/v1/workspaces/{ws}/members?limit={l}&after={next}")
+                            }
+                            None => format!("/v1/workspaces/{ws}/members?after={next}"),
+                        }
+                    }
+                    other => panic!("next is {other}"),
+                }
+                assert!(sizes.len() < 300, "paging does not end");
+            }
+            (seen, sizes)
+        }
+    };
+
+    let (seen, sizes) = pages(None).await;
+    assert_eq!(seen, users, "every member exactly once, by user id");
+    assert_eq!(sizes, [100, 100, 50], "default limit 100");
+
+    let (seen, sizes) = pages(Some(250)).await;
+    assert_eq!(seen, users);
+    assert_eq!(sizes, [250], "exactly one page: next is null");
+
+    let (seen, sizes) = pages(Some(7)).await;
+    assert_eq!(seen, users);
+    assert_eq!(sizes.len(), 36);
+    assert!(sizes[..35].iter().all(|n| *n == 7) && sizes[35] == 5);
+
+    let (_, body) = Call::get(format!("/v1/workspaces/{ws}/members?limit=500"))
+        .send(&app)
+        .await;
+    assert_eq!(body["data"].as_array().unwrap().len(), 250);
+}
+
+/// The org switcher pages like members, by workspace id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn user_workspaces_page_by_workspace_id() {
+    let app = spawn_app().await;
+    let seed = Seed::new(&app);
+    let user = new_id("user");
+    let mut workspaces: Vec<String> = (0..5).map(|_| new_id("org")).collect();
+    for ws in &workspaces {
+        seed.workspace(ws).await;
+        seed.member(ws, &user, "org:member").await;
+    }
+    workspaces.sort();
+
+    let mut seen: Vec<String> = Vec::new();
+    let mut path = format!("/v1/users/{user}/workspaces?limit=2");
+    let mut pages = 0;
+    loop {
+        let (status, page) = Call::get(path.clone()).send(&app).await;
+        assert_eq!(status, 200, "{path}: {page}");
+        pages += 1;
+        seen.extend(
+            page["data"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|w| w["workspace_id"].as_str().unwrap().to_owned()),
+        );
+        match page["next"].as_str() {
+            Some(next) => path = format!("/v1/users/{user}/workspaces?limit=2&after={next}"),
+            None => break,
+        }
+    }
+    assert_eq!(seen, workspaces);
+    assert_eq!(pages, 3);
+}
+
+/// A tampered cursor, a cursor of another list and a bad `limit` are 400 with the
+/// error body and their codes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_pages_reject_bad_limit_and_cursor() {
+    let app = spawn_app().await;
+    let seed = Seed::new(&app);
+    let (ws, other) = (new_id("org"), new_id("org"));
+    seed.workspace(&ws).await;
+    seed.workspace(&other).await;
+    for user in ["user_a", "user_b", "user_c"] {
+        seed.member(&ws, user, "org:member").await;
+        seed.member(&other, user, "org:member").await;
+    }
+    let (_, page) = Call::get(format!("/v1/workspaces/{ws}/members?limit=1"))
+        .send(&app)
+        .await;
+    let next = page["next"].as_str().expect("a next cursor").to_owned();
+    let (_, page) = Call::get("/v1/users/user_a/workspaces?limit=1")
+        .send(&app)
+        .await;
+    let switcher_next = page["next"].as_str().expect("a next cursor").to_owned();
+
+    // The cursor works where it was issued.
+    let (status, _) = Call::get(format!("/v1/workspaces/{ws}/members?after={next}"))
+        .send(&app)
+        .await;
+    assert_eq!(status, 200);
+
+    let mut flipped: Vec<char> = next.chars().collect();
+    let last = flipped.len() - 2;
+    flipped[last] = if flipped[last] == 'A' { 'B' } else { 'A' };
+    let flipped: String = flipped.into_iter().collect();
+    let plain = "dXNlcl9h"; // base64url("user_a"): a guess at the format
+    let members = format!("/v1/workspaces/{ws}/members");
+    let cases = [
+        (format!("{members}?after={flipped}"), "invalid_cursor"),
+        (format!("{members}?after={next}x"), "invalid_cursor"),
+        (format!("{members}?after={plain}"), "invalid_cursor"),
+        (format!("{members}?after=user_a"), "invalid_cursor"),
+        (format!("{members}?after="), "invalid_cursor"),
+        (
+            format!("/v1/workspaces/{other}/members?after={next}"),
+            "invalid_cursor",
+        ),
+        (format!("{members}?after={switcher_next}"), "invalid_cursor"),
+        (
+            format!("/v1/users/user_a/workspaces?after={next}"),
+            "invalid_cursor",
+        ),
+        (
+            format!("/v1/users/user_b/workspaces?after={switcher_next}"),
+            "invalid_cursor",
+        ),
+        (format!("{members}?limit=0"), "invalid_limit"),
+        (format!("{members}?limit=501"), "invalid_limit"),
+        (format!("{members}?limit=ten"), "invalid_limit"),
+        (format!("{members}?limit=-1"), "invalid_limit"),
+        (
+            "/v1/users/user_a/workspaces?limit=0".to_owned(),
+            "invalid_limit",
+        ),
+        (format!("{members}?limit=1&limit=2"), "invalid_query"),
+    ];
+    for (path, code) in cases {
+        let (status, body) = Call::get(path.clone()).send(&app).await;
+        assert_eq!(status, 400, "{path}: {body}");
+        assert_eq!(error_code(&body), code, "{path}");
+        assert!(body["error"]["message"].is_string(), "{path}");
+    }
 }
 
 /// Audit: newest first, every §6 field, default limit 50, `next` until the last page.
@@ -928,13 +1118,26 @@ async fn openapi_lists_every_route() {
     ] {
         assert!(doc["components"]["schemas"][schema].is_object(), "{schema}");
     }
-    let audit_params: Vec<&str> = doc["paths"]["/v1/workspaces/{id}/audit"]["get"]["parameters"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| p["name"].as_str().unwrap())
-        .collect();
-    assert_eq!(audit_params, ["id", "limit", "before"]);
+    let params = |path: &str| -> Vec<String> {
+        doc["paths"][path]["get"]["parameters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["name"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    assert_eq!(
+        params("/v1/workspaces/{id}/audit"),
+        ["id", "limit", "before", "X-Acting-User"]
+    );
+    assert_eq!(
+        params("/v1/workspaces/{id}/members"),
+        ["id", "limit", "after", "X-Acting-User"]
+    );
+    assert_eq!(
+        params("/v1/users/{user_id}/workspaces"),
+        ["user_id", "limit", "after", "X-Acting-User"]
+    );
 
     // Every documented route is real: filled in, it answers 200.
     for (method, path) in &expected {
@@ -949,6 +1152,97 @@ async fn openapi_lists_every_route() {
         };
         let (status, _) = call.send(&app).await;
         assert_eq!(status, 200, "{method} {real}");
+    }
+}
+
+/// The document declares every status each route can answer (with the error
+/// codes of its 400s), the X-Acting-User header everywhere, and the cursors' and
+/// limits' formats; the schemathesis run of .ci/schemathesis.sh checks the same
+/// against the running server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openapi_declares_every_status_and_parameter_format() {
+    let app = spawn_app().await;
+    let (status, doc) = Call::get("/v1/openapi.json").send(&app).await;
+    assert_eq!(status, 200);
+    let workspace_route = ["401", "400", "404", "503", "200"];
+    let cases: [(&str, &str, &[&str]); 8] = [
+        ("get", "/v1/workspaces/{id}", &workspace_route),
+        ("get", "/v1/workspaces/{id}/members", &workspace_route),
+        (
+            "get",
+            "/v1/workspaces/{id}/members/{user_id}",
+            &workspace_route,
+        ),
+        ("get", "/v1/workspaces/{id}/audit", &workspace_route),
+        (
+            "post",
+            "/v1/workspaces/{id}/onboarding/{step}",
+            &["200", "400", "401", "403", "404", "409", "422", "503"],
+        ),
+        ("get", "/v1/users/{user_id}/workspaces", &workspace_route),
+        ("get", "/v1/events/{svix_id}", &workspace_route),
+        ("get", "/v1/openapi.json", &["200", "400", "401"]),
+    ];
+    for (method, path, statuses) in cases {
+        let operation = &doc["paths"][path][method];
+        let declared: BTreeSet<String> = operation["responses"]
+            .as_object()
+            .unwrap_or_else(|| panic!("{method} {path}"))
+            .keys()
+            .cloned()
+            .collect();
+        let expected: BTreeSet<String> = statuses.iter().map(|s| s.to_string()).collect();
+        assert_eq!(declared, expected, "{method} {path}");
+        let bad_request = operation["responses"]["400"]["description"]
+            .as_str()
+            .unwrap();
+        assert!(
+            bad_request.contains("invalid_acting_user"),
+            "{method} {path}: {bad_request}"
+        );
+        let acting = operation["parameters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == "X-Acting-User")
+            .unwrap_or_else(|| panic!("{method} {path} declares X-Acting-User"));
+        assert_eq!(acting["in"], "header");
+        assert_eq!(acting["required"], false);
+    }
+    for (path, cursor) in [
+        ("/v1/workspaces/{id}/members", "after"),
+        ("/v1/users/{user_id}/workspaces", "after"),
+        ("/v1/workspaces/{id}/audit", "before"),
+    ] {
+        let operation = &doc["paths"][path]["get"];
+        let description = operation["responses"]["400"]["description"]
+            .as_str()
+            .unwrap();
+        for code in ["invalid_limit", "invalid_cursor", "invalid_query"] {
+            assert!(description.contains(code), "{path}: {description}");
+        }
+        let param = |name: &str| {
+            operation["parameters"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|p| p["name"] == name)
+                .unwrap_or_else(|| panic!("{path} declares {name}"))
+                .clone()
+        };
+        assert_eq!(
+            param(cursor)["schema"]["pattern"],
+            "^[A-Za-z0-9_-]+$",
+            "{path}"
+        );
+        let limit = param("limit");
+        assert_eq!(limit["schema"]["minimum"], 1, "{path}");
+        assert_eq!(limit["schema"]["maximum"], 500, "{path}");
+    }
+    for list in ["MemberList", "UserWorkspaceList", "AuditPage"] {
+        let properties = &doc["components"]["schemas"][list]["properties"];
+        assert!(properties["data"].is_object(), "{list}");
+        assert!(properties["next"].is_object(), "{list}");
     }
 }
 

@@ -324,9 +324,9 @@ async fn user_workspace_list_hides_what_the_user_may_not_see() {
     assert_eq!(status, 200);
     assert_eq!(ids(&body), [w.b.as_str()], "removed from A, still in B");
     let (_, body) = list(OF_DELETED, None).await;
-    assert_eq!(body, json!({"data": []}));
+    assert_eq!(body, json!({"data": [], "next": null}));
     let (_, body) = list(OF_DELETED_UNCASCADED, None).await;
-    assert_eq!(body, json!({"data": []}));
+    assert_eq!(body, json!({"data": [], "next": null}));
     let (_, body) = list(READDED, None).await;
     assert_eq!(ids(&body), [w.a.as_str()]);
     for (user, acting) in [
@@ -426,7 +426,11 @@ async fn a_stale_membership_row_does_not_revive_access() {
         let (status, body) =
             raw_request(&app, "GET", &format!("/v1/users/{u}/workspaces"), Some(u)).await;
         assert_eq!(status, 200, "{phase}: {body}");
-        assert_eq!(body, json!({"data": []}), "{phase}: U's workspaces");
+        assert_eq!(
+            body,
+            json!({"data": [], "next": null}),
+            "{phase}: U's workspaces"
+        );
         // The trusted caller sees the keeper alone, in the list and the counts.
         let (_, body) = raw_request(&app, "GET", &format!("/v1/workspaces/{ws}"), None).await;
         assert_eq!(

@@ -125,6 +125,17 @@ pub struct HttpSettings {
     pub retry_after_secs: u64,
     /// Drain time on SIGTERM, for the whole process (HTTP, then the worker).
     pub shutdown_grace_ms: u64,
+    /// Deadline of a request head: the first from the accept, later ones on a
+    /// kept-alive HTTP/1.1 connection from the end of the previous response.
+    pub header_read_timeout_ms: u64,
+    /// Deadline of a request body, from its head (intake answers 408 after it).
+    pub body_read_timeout_ms: u64,
+    /// A connection with no request in flight and no byte moving this long is closed.
+    pub idle_timeout_ms: u64,
+    /// Connections served at once; past it, new ones wait in the listen backlog.
+    pub max_connections: usize,
+    /// Webhook requests handled at once; past it, intake answers 503 with `Retry-After`.
+    pub max_inflight_webhooks: usize,
 }
 
 /// `[database]`
@@ -400,6 +411,20 @@ impl Settings {
     pub fn validate(&self) -> Result<(), ConfigError> {
         let positive = [
             ("http.max_body_bytes", self.http.max_body_bytes == 0),
+            (
+                "http.header_read_timeout_ms",
+                self.http.header_read_timeout_ms == 0,
+            ),
+            (
+                "http.body_read_timeout_ms",
+                self.http.body_read_timeout_ms == 0,
+            ),
+            ("http.idle_timeout_ms", self.http.idle_timeout_ms == 0),
+            ("http.max_connections", self.http.max_connections == 0),
+            (
+                "http.max_inflight_webhooks",
+                self.http.max_inflight_webhooks == 0,
+            ),
             (
                 "broker.publish_timeout_ms",
                 self.broker.publish_timeout_ms == 0,
@@ -1001,6 +1026,46 @@ gong_credentials = 6
         assert_eq!(tokens, ["t1", "t2"]);
         assert_eq!(s.log.filter, "warn");
         assert_eq!(s.log.format, LogFormat::Json);
+    }
+
+    #[test]
+    fn http_limits_come_from_the_file_and_the_environment() {
+        let s = load(None, &[]).unwrap();
+        assert_eq!(s.http.header_read_timeout_ms, 10_000);
+        assert_eq!(s.http.body_read_timeout_ms, 30_000);
+        assert_eq!(s.http.idle_timeout_ms, 60_000);
+        assert_eq!(s.http.max_connections, 1024);
+        assert_eq!(s.http.max_inflight_webhooks, 256);
+        let s = load(
+            Some("[http]\nmax_connections = 7\nidle_timeout_ms = 9\n"),
+            &[
+                ("PROVISIONER_HTTP_HEADER_READ_TIMEOUT_MS", "1"),
+                ("PROVISIONER_HTTP_BODY_READ_TIMEOUT_MS", "2"),
+                ("PROVISIONER_HTTP_IDLE_TIMEOUT_MS", "3"),
+                ("PROVISIONER_HTTP_MAX_INFLIGHT_WEBHOOKS", " 5 "),
+            ],
+        )
+        .unwrap();
+        assert_eq!(
+            (
+                s.http.header_read_timeout_ms,
+                s.http.body_read_timeout_ms,
+                s.http.idle_timeout_ms,
+                s.http.max_connections,
+                s.http.max_inflight_webhooks
+            ),
+            (1, 2, 3, 7, 5)
+        );
+        let err = load(None, &[("PROVISIONER_HTTP_MAX_CONNECTIONS", "many")]).unwrap_err();
+        assert_eq!(
+            err.setting, "http.max_connections (PROVISIONER_HTTP_MAX_CONNECTIONS)",
+            "{err}"
+        );
+        let err = load(None, &[("PROVISIONER_HTTP_IDLE_TIMEOUT_MS", "0")]).unwrap_err();
+        assert_eq!(
+            err.setting, "http.idle_timeout_ms (PROVISIONER_HTTP_IDLE_TIMEOUT_MS)",
+            "{err}"
+        );
     }
 
     #[test]

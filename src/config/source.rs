@@ -21,6 +21,26 @@ pub(super) const ENV_KEYS: [(&str, &str); 11] = [
     ("LOG_FORMAT", "log.format"),
 ];
 
+/// Environment variable → the dotted key of an integer setting it overrides; the
+/// value is read as an integer (anything else stays a string, and the setting's
+/// deserialization names it).
+pub(super) const ENV_INTEGER_KEYS: [(&str, &str); 5] = [
+    (
+        "PROVISIONER_HTTP_HEADER_READ_TIMEOUT_MS",
+        "http.header_read_timeout_ms",
+    ),
+    (
+        "PROVISIONER_HTTP_BODY_READ_TIMEOUT_MS",
+        "http.body_read_timeout_ms",
+    ),
+    ("PROVISIONER_HTTP_IDLE_TIMEOUT_MS", "http.idle_timeout_ms"),
+    ("PROVISIONER_HTTP_MAX_CONNECTIONS", "http.max_connections"),
+    (
+        "PROVISIONER_HTTP_MAX_INFLIGHT_WEBHOOKS",
+        "http.max_inflight_webhooks",
+    ),
+];
+
 /// Renamed keys: old dotted name → new one. The old name keeps working (a file
 /// written for an older release still starts) and leaves a deprecation note.
 const RENAMED: [(&str, &str); 1] = [("http.publish_timeout_ms", "broker.publish_timeout_ms")];
@@ -28,7 +48,11 @@ const RENAMED: [(&str, &str); 1] = [("http.publish_timeout_ms", "broker.publish_
 /// The name a setting goes by in errors: its dotted key, plus its environment
 /// variable when it has one (`http.listen (PROVISIONER_LISTEN)`).
 pub(super) fn setting_name(key: &str) -> String {
-    match ENV_KEYS.iter().find(|(_, k)| *k == key) {
+    match ENV_KEYS
+        .iter()
+        .chain(ENV_INTEGER_KEYS.iter())
+        .find(|(_, k)| *k == key)
+    {
         Some((var, _)) => format!("{key} ({var})"),
         None => key.to_owned(),
     }
@@ -61,6 +85,15 @@ pub(super) fn env_layer(env: impl Fn(&str) -> Option<String>) -> toml::Table {
     for (var, key) in ENV_KEYS {
         if let Some(value) = env(var).filter(|v| !v.trim().is_empty()) {
             insert(&mut layer, key, toml::Value::String(value));
+        }
+    }
+    for (var, key) in ENV_INTEGER_KEYS {
+        if let Some(value) = env(var).filter(|v| !v.trim().is_empty()) {
+            let value = match value.trim().parse::<i64>() {
+                Ok(n) => toml::Value::Integer(n),
+                Err(_) => toml::Value::String(value),
+            };
+            insert(&mut layer, key, value);
         }
     }
     layer
@@ -158,10 +191,14 @@ mod tests {
 
     #[test]
     fn every_variable_names_a_key_once() {
-        let mut keys: Vec<_> = ENV_KEYS.iter().map(|(_, k)| *k).collect();
+        let mut keys: Vec<_> = ENV_KEYS
+            .iter()
+            .chain(ENV_INTEGER_KEYS.iter())
+            .map(|(_, k)| *k)
+            .collect();
         keys.sort_unstable();
         keys.dedup();
-        assert_eq!(keys.len(), ENV_KEYS.len());
+        assert_eq!(keys.len(), ENV_KEYS.len() + ENV_INTEGER_KEYS.len());
         assert_eq!(
             setting_name("http.listen"),
             "http.listen (PROVISIONER_LISTEN)"

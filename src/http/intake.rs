@@ -11,16 +11,20 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::body::{Body, Bytes};
-use axum::extract::{Extension, State};
+use axum::extract::{Extension, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
 
 use super::AppState;
 use super::error::HttpError;
+use super::server::BodyTimeout;
 use crate::clerk::is_handled;
+use crate::config::HttpSettings;
 use crate::intake::{Envelope, VerifyError};
+use tokio::sync::Semaphore;
 
 /// How often, at most, refused webhooks are summed up in one warning.
 pub const REFUSAL_SUMMARY_INTERVAL: Duration = Duration::from_secs(10);
@@ -90,10 +94,29 @@ impl RefusalLog {
     }
 }
 
-/// The intake routes.
-pub fn router() -> Router<AppState> {
+/// The intake routes. At most `[http] max_inflight_webhooks` requests are handled
+/// at once (from the head to the answer, so bodies being read count too); past it
+/// the answer is 503 with `Retry-After` at once, and Svix retries later.
+pub fn router(http: &HttpSettings) -> Router<AppState> {
     // Built once per application, so the count is its own.
     let refusals = RefusalLog::new(REFUSAL_SUMMARY_INTERVAL);
+    let slots = Arc::new(Semaphore::new(http.max_inflight_webhooks));
+    let retry_after = http.retry_after_secs;
+    let limit = middleware::from_fn(move |request: Request, next: Next| {
+        let slots = slots.clone();
+        async move {
+            let Ok(_slot) = slots.try_acquire_owned() else {
+                outcome("overloaded");
+                return HttpError::unavailable(
+                    "overloaded",
+                    "too many webhooks in flight; retry later",
+                    retry_after,
+                )
+                .into_response();
+            };
+            next.run(request).await
+        }
+    });
     Router::new()
         .route(
             "/webhooks/clerk",
@@ -109,6 +132,7 @@ pub fn router() -> Router<AppState> {
                 r
             }),
         )
+        .route_layer(limit)
         .layer(Extension(refusals))
 }
 fn svix_id(headers: &HeaderMap) -> String {
@@ -124,7 +148,25 @@ fn outcome(outcome: &'static str) {
     metrics::counter!("webhooks_received_total", "outcome" => outcome).increment(1);
 }
 
-async fn read_body(body: Body, limit: usize, headers: &HeaderMap) -> Result<Bytes, HttpError> {
+/// 408: the body did not arrive within `[http] body_read_timeout_ms` of the head.
+fn body_timeout(timeout: Duration) -> HttpError {
+    // hyper closes the connection after this answer: the body was not read to its end.
+    HttpError::new(
+        StatusCode::REQUEST_TIMEOUT,
+        "body_timeout",
+        format!(
+            "request body not received within {} ms",
+            timeout.as_millis()
+        ),
+    )
+}
+
+async fn read_body(
+    body: Body,
+    limit: usize,
+    timeout: Duration,
+    headers: &HeaderMap,
+) -> Result<Bytes, HttpError> {
     let too_large = || {
         HttpError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -147,6 +189,8 @@ async fn read_body(body: Body, limit: usize, headers: &HeaderMap) -> Result<Byte
             || e.to_string().contains("length limit");
         if is_limit {
             too_large()
+        } else if BodyTimeout::caused(&e) {
+            body_timeout(timeout)
         } else {
             HttpError::bad_request("unreadable_body", "could not read the request body")
         }
@@ -168,9 +212,20 @@ async fn receive(
     body: Body,
 ) -> Result<Response, HttpError> {
     let settings = &state.settings;
-    let body = read_body(body, settings.http.max_body_bytes, &headers)
-        .await
-        .inspect_err(|_| outcome("too_large"))?;
+    let body = read_body(
+        body,
+        settings.http.max_body_bytes,
+        Duration::from_millis(settings.http.body_read_timeout_ms),
+        &headers,
+    )
+    .await
+    .inspect_err(|e| {
+        outcome(if e.code == "body_timeout" {
+            "body_timeout"
+        } else {
+            "too_large"
+        })
+    })?;
 
     // Verify before anything in the body is looked at.
     state.verifier.verify(&body, &headers).map_err(|e| {

@@ -10,8 +10,10 @@ pub mod api;
 pub mod error;
 pub mod health;
 pub mod intake;
+pub mod server;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::MatchedPath;
@@ -43,11 +45,20 @@ pub struct AppState {
 }
 
 /// The HTTP application: intake, read API, health and metrics.
+///
+/// Every request body must arrive within `[http] body_read_timeout_ms` of its head
+/// ([`server::body_deadline`]).
 pub fn app(state: AppState) -> Router {
+    let body_timeout = Duration::from_millis(state.settings.http.body_read_timeout_ms);
     Router::new()
-        .merge(intake::router())
+        .merge(intake::router(&state.settings.http))
         .merge(health::router())
         .merge(api::router())
+        .layer(axum::middleware::from_fn(
+            move |request: axum::extract::Request, next: axum::middleware::Next| {
+                server::body_deadline(body_timeout, request, next)
+            },
+        ))
         .layer(
             TraceLayer::new_for_http().make_span_with(|req: &Request<_>| {
                 let path = req

@@ -197,21 +197,34 @@ impl TryFrom<MemberRow> for Member {
     }
 }
 
-/// Active members of a workspace, one per user, oldest first; `user_id` narrows
-/// it to one user.
+/// Which rows of a list to read: at most `limit`, with keys greater than `after`.
+#[derive(Debug, Clone, Copy)]
+pub struct Keyset<'a> {
+    /// Rows with a key greater than this (the last key of the previous page).
+    pub after: Option<&'a str>,
+    /// Most rows to return.
+    pub limit: i64,
+}
+
+/// Active members of a workspace, one per user, by user id; `user_id` narrows it
+/// to one user.
 pub async fn members(
     db: &PgPool,
     workspace_id: &str,
     user_id: Option<&str>,
+    keyset: Keyset<'_>,
 ) -> Result<Vec<Member>, StoreError> {
     let rows: Vec<MemberRow> = sqlx::query_as(
         "select user_id, role, clerk_role, email, first_name, last_name, joined_at \
          from active_members a \
          where a.workspace_id = $1 and ($2::text is null or a.user_id = $2) \
-         order by joined_at, user_id",
+           and ($3::text is null or a.user_id > $3) \
+         order by user_id limit $4",
     )
     .bind(workspace_id)
     .bind(user_id)
+    .bind(keyset.after)
+    .bind(keyset.limit)
     .fetch_all(db)
     .await?;
     Ok(rows
@@ -220,15 +233,21 @@ pub async fn members(
         .collect::<Result<_, _>>()?)
 }
 
-/// A user's active memberships in active workspaces, by workspace name.
-pub async fn user_workspaces(db: &PgPool, user_id: &str) -> Result<Vec<UserWorkspace>, StoreError> {
+/// A user's active memberships in active workspaces, by workspace id.
+pub async fn user_workspaces(
+    db: &PgPool,
+    user_id: &str,
+    keyset: Keyset<'_>,
+) -> Result<Vec<UserWorkspace>, StoreError> {
     let rows: Vec<(String, Option<String>, Option<String>, String)> = sqlx::query_as(
         "select a.workspace_id, w.name, w.slug, a.role \
          from active_members a join workspaces w on w.id = a.workspace_id \
-         where a.user_id = $1 \
-         order by w.name, a.workspace_id",
+         where a.user_id = $1 and ($2::text is null or a.workspace_id > $2) \
+         order by a.workspace_id limit $3",
     )
     .bind(user_id)
+    .bind(keyset.after)
+    .bind(keyset.limit)
     .fetch_all(db)
     .await?;
     rows.into_iter()

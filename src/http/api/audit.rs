@@ -29,7 +29,9 @@ pub struct AuditQuery {
     /// Rows per page, 1–500 (default 50).
     #[param(value_type = Option<i64>, minimum = 1, maximum = 500)]
     pub limit: Option<String>,
-    /// The `next` of the previous page: rows older than its last row.
+    /// The `next` of the previous page (opaque, base64url): rows older than its
+    /// last row. Any other value is `400 invalid_cursor`.
+    #[param(pattern = r"^[A-Za-z0-9_-]+$")]
     pub before: Option<String>,
 }
 
@@ -68,10 +70,10 @@ fn parse_limit(raw: Option<&str>) -> Result<i64, HttpError> {
     params(("id" = String, Path, description = "Workspace id"), AuditQuery),
     responses(
         (status = 200, description = "Audit rows, newest first, and the cursor of the next page", body = AuditPage),
-        (status = 400, description = "limit outside 1–500, or a cursor this API did not issue", body = ErrorBody),
-        (status = 401, description = "Missing or invalid bearer token", body = ErrorBody),
+        (status = 400, description = "`invalid_limit` (limit outside 1–500), `invalid_cursor` (before is not a `next` this API gave), `invalid_query` (a parameter repeated)", body = ErrorBody),
+        (status = 401, description = "`unauthorized`: missing or invalid bearer token", body = ErrorBody),
         (status = 404, description = "Never provisioned, or not visible to the acting user", body = ErrorBody),
-        (status = 503, description = "Database unavailable", body = ErrorBody),
+        (status = 503, description = "`database_unavailable`, with Retry-After", body = ErrorBody),
     ),
 )]
 pub async fn list_audit(

@@ -23,9 +23,9 @@ use crate::store;
     params(("svix_id" = String, Path, description = "Svix message id")),
     responses(
         (status = 200, description = "The processing-log row", body = Event),
-        (status = 401, description = "Missing or invalid bearer token", body = ErrorBody),
+        (status = 401, description = "`unauthorized`: missing or invalid bearer token", body = ErrorBody),
         (status = 404, description = "No worker has seen it yet (or, with X-Acting-User, it is not about a workspace the user may see)", body = ErrorBody),
-        (status = 503, description = "Database unavailable", body = ErrorBody),
+        (status = 503, description = "`database_unavailable`, with Retry-After", body = ErrorBody),
     ),
 )]
 pub async fn get_event(

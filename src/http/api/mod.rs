@@ -17,6 +17,7 @@ pub mod events;
 pub mod extract;
 pub mod model;
 pub mod onboarding;
+pub mod page;
 pub mod workspaces;
 
 use std::sync::LazyLock;
@@ -80,7 +81,7 @@ pub fn router() -> Router<AppState> {
         events::get_event,
         openapi_json,
     ),
-    modifiers(&BearerAuth),
+    modifiers(&BearerAuth, &CallerContract),
     security(("bearer" = [])),
     tags(
         (name = "workspaces", description = "One workspace and what belongs to it"),
@@ -107,6 +108,72 @@ impl Modify for BearerAuth {
                     .build(),
             ),
         );
+    }
+}
+
+/// What every `/v1` route shares, declared once so no route can leave it out:
+/// the optional `X-Acting-User` header (printable ASCII, 1–255 bytes, as
+/// [`auth`] reads it) and the `400 invalid_acting_user` it answers otherwise.
+#[derive(Debug)]
+struct CallerContract;
+
+impl Modify for CallerContract {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::path::{ParameterBuilder, ParameterIn};
+        use utoipa::openapi::{
+            ContentBuilder, ObjectBuilder, Ref, RefOr, Required, ResponseBuilder, Type,
+        };
+        const ACTING: &str = "`invalid_acting_user` (X-Acting-User is empty, repeated, longer than \
+            255 bytes or not printable ASCII)";
+        for item in openapi.paths.paths.values_mut() {
+            let operations = [
+                &mut item.get,
+                &mut item.post,
+                &mut item.put,
+                &mut item.patch,
+                &mut item.delete,
+            ];
+            for operation in operations.into_iter().flatten() {
+                let header = ParameterBuilder::new()
+                    .name("X-Acting-User")
+                    .parameter_in(ParameterIn::Header)
+                    .required(Required::False)
+                    .description(Some(
+                        "The end user the main app acts for (`user_…`): workspace routes answer \
+                         404 unless they are an active member, writes need the admin role",
+                    ))
+                    .schema(Some(
+                        ObjectBuilder::new()
+                            .schema_type(Type::String)
+                            .pattern(Some("^[!-~]{1,255}$"))
+                            .min_length(Some(1))
+                            .max_length(Some(255)),
+                    ))
+                    .build();
+                operation
+                    .parameters
+                    .get_or_insert_with(Vec::new)
+                    .push(header);
+                let responses = &mut operation.responses.responses;
+                match responses.get_mut("400") {
+                    Some(RefOr::T(response)) => {
+                        response.description = format!("{}; {ACTING}", response.description);
+                    }
+                    _ => {
+                        let response = ResponseBuilder::new()
+                            .description(ACTING)
+                            .content(
+                                "application/json",
+                                ContentBuilder::new()
+                                    .schema(Some(Ref::from_schema_name("ErrorBody")))
+                                    .build(),
+                            )
+                            .build();
+                        responses.insert("400".to_owned(), RefOr::T(response));
+                    }
+                }
+            }
+        }
     }
 }
 

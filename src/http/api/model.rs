@@ -12,18 +12,24 @@ pub use crate::store::model::{
     StepStatus, StepTarget, UserWorkspace, Workspace, WorkspaceStatus,
 };
 
-/// `{"data": [...]}` of members.
+/// A page of members: `{"data": [...], "next": …}`.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct MemberList {
-    /// Active members, oldest first.
+    /// Active members, by user id.
     pub data: Vec<Member>,
+    /// Pass as `after` to get the next page; null on the last page.
+    #[schema(pattern = r"^[A-Za-z0-9_-]+$")]
+    pub next: Option<String>,
 }
 
-/// `{"data": [...]}` of a user's workspaces.
+/// A page of a user's workspaces: `{"data": [...], "next": …}`.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct UserWorkspaceList {
-    /// Active memberships of active workspaces, by name.
+    /// Active memberships of active workspaces, by workspace id.
     pub data: Vec<UserWorkspace>,
+    /// Pass as `after` to get the next page; null on the last page.
+    #[schema(pattern = r"^[A-Za-z0-9_-]+$")]
+    pub next: Option<String>,
 }
 
 /// A page of the audit log.

@@ -52,13 +52,13 @@ pub fn parse_body(body: &[u8]) -> Result<StepTarget, HttpError> {
     request_body = StepUpdate,
     responses(
         (status = 200, description = "The onboarding after the change", body = Onboarding),
-        (status = 400, description = "Body is not JSON", body = ErrorBody),
-        (status = 401, description = "Missing or invalid bearer token", body = ErrorBody),
-        (status = 403, description = "The acting user is a member but not an admin", body = ErrorBody),
+        (status = 400, description = "`invalid_json` (the body is not JSON)", body = ErrorBody),
+        (status = 401, description = "`unauthorized`: missing or invalid bearer token", body = ErrorBody),
+        (status = 403, description = "`forbidden`: the acting user is a member but not an admin", body = ErrorBody),
         (status = 404, description = "Unknown workspace or step, or not visible to the acting user", body = ErrorBody),
-        (status = 409, description = "The workspace is deleted", body = ErrorBody),
-        (status = 422, description = "status is not completed/skipped, or skips a required step", body = ErrorBody),
-        (status = 503, description = "Database unavailable", body = ErrorBody),
+        (status = 409, description = "`workspace_deleted`: the workspace is deleted", body = ErrorBody),
+        (status = 422, description = "`invalid_status` (status is not completed/skipped), `step_required` (skips a required step)", body = ErrorBody),
+        (status = 503, description = "`database_unavailable`, with Retry-After", body = ErrorBody),
     ),
 )]
 pub async fn update_step(

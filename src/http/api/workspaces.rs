@@ -3,16 +3,18 @@
 //! Guarantee: with `X-Acting-User`, a workspace answers only to its active members
 //! while it is active — every other case is the same 404 as a workspace that never
 //! existed — and a user's workspace list shows only active memberships of active
-//! workspaces.
+//! workspaces. The two lists page by key (user id, workspace id), see [`super::page`].
 
 use axum::Json;
-use axum::extract::State;
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Query, State};
 
 use super::access::{VisibleWorkspace, WorkspaceAccess, WorkspaceTarget};
 use super::auth::Caller;
 use super::extract::Ids;
 use super::model::{ErrorBody, Member, MemberList, UserWorkspaceList, Workspace};
 use super::not_found;
+use super::page::{self, List, PageQuery};
 use crate::http::AppState;
 use crate::http::error::HttpError;
 use crate::reconcile::{Found, SyncError};
@@ -26,9 +28,9 @@ use crate::store;
     params(("id" = String, Path, description = "Workspace id (Clerk organization id)")),
     responses(
         (status = 200, description = "The workspace (deleted ones only without X-Acting-User)", body = Workspace),
-        (status = 401, description = "Missing or invalid bearer token", body = ErrorBody),
+        (status = 401, description = "`unauthorized`: missing or invalid bearer token", body = ErrorBody),
         (status = 404, description = "Never provisioned, or not visible to the acting user", body = ErrorBody),
-        (status = 503, description = "Database unavailable", body = ErrorBody),
+        (status = 503, description = "`database_unavailable`, with Retry-After", body = ErrorBody),
     ),
 )]
 pub async fn get_workspace(VisibleWorkspace(workspace): VisibleWorkspace) -> Json<Workspace> {
@@ -45,9 +47,9 @@ pub async fn get_workspace(VisibleWorkspace(workspace): VisibleWorkspace) -> Jso
     params(("id" = String, Path, description = "Workspace id (Clerk organization id)")),
     responses(
         (status = 200, description = "Synced; the workspace as GET /v1/workspaces/{id} shows it", body = Workspace),
-        (status = 401, description = "Missing or invalid bearer token", body = ErrorBody),
+        (status = 401, description = "`unauthorized`: missing or invalid bearer token", body = ErrorBody),
         (status = 404, description = "Clerk has no such organization (a workspace active here is tombstoned), or the acting user is not an active member after the sync", body = ErrorBody),
-        (status = 503, description = "`clerk_unavailable`: Clerk could not be reached or refused the key; `reconcile_not_configured`: no CLERK_SECRET_KEY; `database_unavailable`", body = ErrorBody),
+        (status = 503, description = "`clerk_unavailable` (Clerk could not be reached, kept failing or refused the key), `reconcile_not_configured` (no CLERK_SECRET_KEY), `database_unavailable`; with Retry-After", body = ErrorBody),
     ),
 )]
 pub async fn sync_workspace(
@@ -94,25 +96,35 @@ pub async fn sync_workspace(
     Ok(Json(workspace))
 }
 
-/// The active members of a workspace.
+/// A page of the active members of a workspace, by user id.
 #[utoipa::path(
     get,
     path = "/v1/workspaces/{id}/members",
     tag = "workspaces",
-    params(("id" = String, Path, description = "Workspace id")),
+    params(("id" = String, Path, description = "Workspace id"), PageQuery),
     responses(
-        (status = 200, description = "Active members, oldest first (none for a deleted workspace)", body = MemberList),
-        (status = 401, description = "Missing or invalid bearer token", body = ErrorBody),
+        (status = 200, description = "Active members by user id (none for a deleted workspace), and the cursor of the next page", body = MemberList),
+        (status = 400, description = "`invalid_limit` (limit outside 1–500), `invalid_cursor` (after is not a `next` of this list), `invalid_query`", body = ErrorBody),
+        (status = 401, description = "`unauthorized`: missing or invalid bearer token", body = ErrorBody),
         (status = 404, description = "Never provisioned, or not visible to the acting user", body = ErrorBody),
-        (status = 503, description = "Database unavailable", body = ErrorBody),
+        (status = 503, description = "`database_unavailable`, with Retry-After", body = ErrorBody),
     ),
 )]
 pub async fn list_members(
     State(state): State<AppState>,
     workspace: WorkspaceAccess,
+    query: Result<Query<PageQuery>, QueryRejection>,
 ) -> Result<Json<MemberList>, HttpError> {
-    let data = store::members(&state.db, &workspace.workspace_id, None).await?;
-    Ok(Json(MemberList { data }))
+    let Query(query) = query.map_err(|_| page::invalid_query())?;
+    let list = List::Members(&workspace.workspace_id);
+    let page = list.page(&query)?;
+    let keyset = store::Keyset {
+        after: page.after.as_deref(),
+        limit: page.fetch(),
+    };
+    let rows = store::members(&state.db, &workspace.workspace_id, None, keyset).await?;
+    let (data, next) = list.finish(&page, rows, |m| &m.user_id);
+    Ok(Json(MemberList { data, next }))
 }
 
 /// One active member of a workspace.
@@ -126,9 +138,9 @@ pub async fn list_members(
     ),
     responses(
         (status = 200, description = "The member", body = Member),
-        (status = 401, description = "Missing or invalid bearer token", body = ErrorBody),
+        (status = 401, description = "`unauthorized`: missing or invalid bearer token", body = ErrorBody),
         (status = 404, description = "No such workspace or no such active member, or not visible to the acting user", body = ErrorBody),
-        (status = 503, description = "Database unavailable", body = ErrorBody),
+        (status = 503, description = "`database_unavailable`, with Retry-After", body = ErrorBody),
     ),
 )]
 pub async fn get_member(
@@ -136,7 +148,11 @@ pub async fn get_member(
     workspace: WorkspaceAccess,
     Ids((_workspace_id, user_id)): Ids<(String, String)>,
 ) -> Result<Json<Member>, HttpError> {
-    let member = store::members(&state.db, &workspace.workspace_id, Some(&user_id))
+    let one = store::Keyset {
+        after: None,
+        limit: 1,
+    };
+    let member = store::members(&state.db, &workspace.workspace_id, Some(&user_id), one)
         .await?
         .into_iter()
         .next()
@@ -149,23 +165,33 @@ pub async fn get_member(
     get,
     path = "/v1/users/{user_id}/workspaces",
     tag = "users",
-    params(("user_id" = String, Path, description = "Clerk user id")),
+    params(("user_id" = String, Path, description = "Clerk user id"), PageQuery),
     responses(
-        (status = 200, description = "Active memberships of active workspaces, by name (empty for an unknown user)", body = UserWorkspaceList),
-        (status = 401, description = "Missing or invalid bearer token", body = ErrorBody),
+        (status = 200, description = "Active memberships of active workspaces by workspace id (empty for an unknown user), and the cursor of the next page", body = UserWorkspaceList),
+        (status = 400, description = "`invalid_limit` (limit outside 1–500), `invalid_cursor` (after is not a `next` of this list), `invalid_query`", body = ErrorBody),
+        (status = 401, description = "`unauthorized`: missing or invalid bearer token", body = ErrorBody),
         (status = 404, description = "X-Acting-User names another user: one user cannot list another's workspaces", body = ErrorBody),
-        (status = 503, description = "Database unavailable", body = ErrorBody),
+        (status = 503, description = "`database_unavailable`, with Retry-After", body = ErrorBody),
     ),
 )]
 pub async fn list_user_workspaces(
     State(state): State<AppState>,
     caller: Caller,
     Ids(user_id): Ids<String>,
+    query: Result<Query<PageQuery>, QueryRejection>,
 ) -> Result<Json<UserWorkspaceList>, HttpError> {
     // Another user's memberships would reveal workspaces the acting user is not in.
     if caller.acting_user.as_ref().is_some_and(|u| *u != user_id) {
         return Err(not_found("user"));
     }
-    let data = store::user_workspaces(&state.db, &user_id).await?;
-    Ok(Json(UserWorkspaceList { data }))
+    let Query(query) = query.map_err(|_| page::invalid_query())?;
+    let list = List::UserWorkspaces(&user_id);
+    let page = list.page(&query)?;
+    let keyset = store::Keyset {
+        after: page.after.as_deref(),
+        limit: page.fetch(),
+    };
+    let rows = store::user_workspaces(&state.db, &user_id, keyset).await?;
+    let (data, next) = list.finish(&page, rows, |w| &w.workspace_id);
+    Ok(Json(UserWorkspaceList { data, next }))
 }
