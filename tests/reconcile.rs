@@ -92,6 +92,7 @@ async fn snapshot(db: &PgPool) -> Vec<String> {
         "members",
         "audit_log",
         "events",
+        "users",
     ] {
         let rows: Vec<(String,)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
             "select t::text from {table} t order by t::text"
