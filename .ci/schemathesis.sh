@@ -24,8 +24,9 @@ if [ "$("$VENV/bin/schemathesis" --version 2>/dev/null || true)" != "schemathesi
   "$VENV/bin/pip" install --quiet --disable-pip-version-check "schemathesis==$SCHEMATHESIS_VERSION"
 fi
 
+LOAD_BIN="${PROVISIONER_LOAD_BIN:-target/debug/provisioner-load}"
 if [ -z "${PROVISIONER_BIN:-}" ]; then
-  cargo build --quiet --bin provisioner
+  cargo build --quiet --bin provisioner --bin provisioner-load
 fi
 
 # --- an isolated server ----------------------------------------------------------
@@ -36,6 +37,8 @@ base="http://127.0.0.1:$port"
 database="prov_${run_id}"
 token="schemathesis-token-$run_id"
 server_pid=""
+clerk_pid=""
+clerk_port="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
 
 cleanup() {
   status=$?
@@ -45,6 +48,7 @@ cleanup() {
     kill -KILL "$server_pid" 2>/dev/null || true
     wait "$server_pid" 2>/dev/null || true
   fi
+  if [ -n "$clerk_pid" ]; then kill "$clerk_pid" 2>/dev/null || true; wait "$clerk_pid" 2>/dev/null || true; fi
   psql -q -h 127.0.0.1 -U postgres -d postgres \
     -c "drop database if exists \"$database\" with (force)" >/dev/null 2>&1 || true
   if [ "$status" -ne 0 ] && [ -f "$work/serve.log" ]; then
@@ -73,6 +77,11 @@ export PROVISIONER_LISTEN="127.0.0.1:$port"
 export PROVISIONER_API_TOKENS="$token"
 export PROVISIONER_ENV=development
 export RUST_LOG=warn
+# A fake of Clerk's Backend API, so POST /v1/workspaces/{id}/sync has a Clerk to ask.
+"$LOAD_BIN" fake-clerk --orgs 3 --members 2 --listen "127.0.0.1:$clerk_port" \
+  --key "sk_test_schemathesis_$run_id" 2>"$work/fake-clerk.log" &
+clerk_pid=$!
+export CLERK_API_URL="http://127.0.0.1:$clerk_port" CLERK_SECRET_KEY="sk_test_schemathesis_$run_id"
 
 "$BIN" serve >"$work/serve.log" 2>&1 &
 server_pid=$!
@@ -134,6 +143,11 @@ parameters = { "query.before" = "$audit_before" }
 [[operations]]
 include-path = "/v1/users/{user_id}/workspaces"
 parameters = { "query.after" = "$workspaces_after" }
+
+# An organization of the fake Clerk: a sync of the seeded one would tombstone it.
+[[operations]]
+include-path = "/v1/workspaces/{id}/sync"
+parameters = { "path.id" = "org_load0000001" }
 EOF
 
 echo "schemathesis $SCHEMATHESIS_VERSION: $MAX_EXAMPLES examples per operation, seed $SEED, against $base"

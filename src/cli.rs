@@ -58,6 +58,12 @@ pub async fn run(cli: Cli, settings: Settings) -> anyhow::Result<()> {
                 db: pool,
             };
             let token = tokio_util::sync::CancellationToken::new();
+            let reconciler = startup::reconciler(&ctx.settings, &ctx.db)?;
+            let _reconcile = crate::reconcile::spawn_scheduled(
+                reconciler.as_ref(),
+                ctx.settings.reconcile.interval_s,
+                token.clone(),
+            );
             let stop = token.clone();
             tokio::spawn(async move {
                 startup::shutdown_signal().await;

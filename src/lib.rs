@@ -16,6 +16,7 @@ pub mod http;
 pub mod intake;
 pub mod ops;
 pub mod provision;
+pub mod reconcile;
 pub mod startup;
 pub mod store;
 pub mod telemetry;

@@ -15,9 +15,12 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::broker::{Publisher, Topology};
+use crate::clerk::api::ClerkApi;
 use crate::config::Settings;
 use crate::http::{AppState, app};
 use crate::intake::Verifier;
+use crate::provision::Provisioner;
+use crate::reconcile::{JustInTime, Reconciler};
 use crate::{db, telemetry, worker};
 
 /// Which roles this process plays.
@@ -50,6 +53,21 @@ async fn declare_topology(settings: &Settings) -> anyhow::Result<()> {
         .context("declaring the broker topology")?;
     let _ = conn.close(200, "done".into()).await;
     Ok(())
+}
+
+/// The process's reconciler (one Backend API client, so every call shares one rate
+/// limit); `None` without a `CLERK_SECRET_KEY`.
+pub fn reconciler(settings: &Settings, pool: &PgPool) -> anyhow::Result<Option<Reconciler>> {
+    if settings.clerk.secret_key.is_none() {
+        return Ok(None);
+    }
+    let api = ClerkApi::new(&settings.clerk, &settings.reconcile)?;
+    Ok(Some(Reconciler::new(
+        api,
+        Provisioner::new(settings.provisioning.clone()),
+        pool.clone(),
+        settings.reconcile.max_removals,
+    )))
 }
 
 /// A built application, bound to its listener, ready to run.
@@ -99,7 +117,9 @@ impl Application {
         }
         let listener = crate::http::server::bind(settings.http.listen)
             .with_context(|| format!("cannot listen on {}", settings.http.listen))?;
+        let sync = JustInTime::new(reconciler(&settings, &pool)?);
         let state = AppState {
+            sync,
             verifier: Arc::new(Verifier::new(&settings.clerk.webhook_secrets)),
             settings: Arc::new(settings),
             publisher,
@@ -152,6 +172,12 @@ impl Application {
         } else {
             None
         };
+
+        let _reconcile = crate::reconcile::spawn_scheduled(
+            state.sync.reconciler(),
+            state.settings.reconcile.interval_s,
+            worker_stop.clone(),
+        );
 
         let http_stop = CancellationToken::new();
         // One deadline for the whole drain (HTTP, then the worker), counted from

@@ -100,6 +100,8 @@ pub struct Settings {
     pub api: ApiSettings,
     /// Worker tuning.
     pub worker: WorkerSettings,
+    /// Reconciliation with Clerk's Backend API.
+    pub reconcile: ReconcileSettings,
     /// Plans, quotas, roles and onboarding (`[provisioning]`, `[plans.*]`, `[roles]`).
     pub provisioning: ProvisioningSettings,
     /// Logging.
@@ -197,6 +199,19 @@ pub struct ClerkSettings {
     pub secret_key: Option<Secret>,
     /// Backend API base URL.
     pub api_url: String,
+}
+
+/// `[reconcile]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReconcileSettings {
+    /// Backend API requests per second, shared by every call of the process
+    /// (0 = no limit, for benchmarks against a local fake).
+    pub requests_per_second: f64,
+    /// Members plus workspaces one run may remove without `--yes`.
+    pub max_removals: u32,
+    /// Seconds between scheduled full reconciles in `serve` and `worker` (0 = off).
+    pub interval_s: u64,
 }
 
 /// `[api]`
@@ -444,6 +459,14 @@ impl Settings {
         }
         if self.broker.delivery_limit == 0 {
             return Err(ConfigError::at("broker.delivery_limit", "must be positive"));
+        }
+        if !(self.reconcile.requests_per_second.is_finite()
+            && self.reconcile.requests_per_second >= 0.0)
+        {
+            return Err(ConfigError::at(
+                "reconcile.requests_per_second",
+                "must be a number of requests per second, 0 or more",
+            ));
         }
         if !(1..=1024).contains(&self.broker.publish_channels) {
             return Err(ConfigError::at(

@@ -25,6 +25,7 @@ use tower_http::trace::TraceLayer;
 use crate::broker::Publisher;
 use crate::config::Settings;
 use crate::intake::Verifier;
+use crate::reconcile::JustInTime;
 
 /// Everything a request handler needs; cheap to clone.
 #[derive(Clone, Debug)]
@@ -39,6 +40,8 @@ pub struct AppState {
     pub verifier: Arc<Verifier>,
     /// Prometheus renderer.
     pub metrics: PrometheusHandle,
+    /// Just-in-time sync from Clerk's Backend API.
+    pub sync: JustInTime,
 }
 
 /// The HTTP application: intake, read API, health and metrics.

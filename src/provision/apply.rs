@@ -1256,6 +1256,72 @@ async fn delete_user(
     Ok(tombstoned.is_some() || ended)
 }
 
+/// Sets a workspace's quotas to its plan's configured limits (after the limits of
+/// a plan were changed in config), on `conn` inside a transaction that holds the
+/// workspace's lock. True when something changed; one `workspace.quotas_refreshed`
+/// audit row then says what.
+pub(crate) async fn refresh_quotas(
+    conn: &mut PgConnection,
+    plans: &Plans,
+    workspace_id: &str,
+    actor: &'static str,
+) -> Result<bool, sqlx::Error> {
+    lock(conn, &[ws_key(workspace_id)]).await?;
+    let plan: Option<String> =
+        sqlx::query_scalar("select plan from workspaces where id = $1 and status = 'active'")
+            .bind(workspace_id)
+            .fetch_optional(&mut *conn)
+            .await?;
+    let Some(plan) = plan else {
+        return Ok(false);
+    };
+    let (names, values) = plans.quotas(&plan);
+    let before: Vec<(String, i64)> = sqlx::query_as(
+        "select name, limit_value from workspace_quotas where workspace_id = $1 order by name",
+    )
+    .bind(workspace_id)
+    .fetch_all(&mut *conn)
+    .await?;
+    let mut after: Vec<(String, i64)> = names.iter().cloned().zip(values.iter().copied()).collect();
+    after.sort();
+    if before == after {
+        return Ok(false);
+    }
+    sqlx::query(
+        "with d as ( \
+           delete from workspace_quotas \
+           where workspace_id = $1 and not (name = any($2::text[]))) \
+         insert into workspace_quotas (workspace_id, name, limit_value) \
+         select $1, n, v from unnest($2::text[], $3::bigint[]) as t(n, v) \
+         on conflict (workspace_id, name) do update set limit_value = excluded.limit_value",
+    )
+    .bind(workspace_id)
+    .bind(names)
+    .bind(values)
+    .execute(&mut *conn)
+    .await?;
+    let map = |rows: &[(String, i64)]| -> Value {
+        rows.iter()
+            .map(|(n, v)| (n.clone(), json!(v)))
+            .collect::<serde_json::Map<_, _>>()
+            .into()
+    };
+    sqlx::query(
+        "insert into audit_log (workspace_id, action, actor, subject, details) \
+         values ($1, 'workspace.quotas_refreshed', $2, $1, $3)",
+    )
+    .bind(workspace_id)
+    .bind(actor)
+    .bind(sqlx::types::Json(json!({
+        "plan": plan,
+        "before": map(&before),
+        "after": map(&after),
+    })))
+    .execute(&mut *conn)
+    .await?;
+    Ok(true)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

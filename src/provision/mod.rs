@@ -317,6 +317,22 @@ impl Provisioner {
         Ok(outcomes)
     }
 
+    /// Sets a workspace's quotas to the configured limits of its plan (reconcile's
+    /// repair of `quotas_stale`); true when something changed. An unknown or
+    /// deleted workspace is left alone.
+    pub async fn refresh_quotas(
+        &self,
+        pool: &PgPool,
+        workspace_id: &str,
+        actor: Actor,
+    ) -> Result<bool, sqlx::Error> {
+        let mut tx = pool.begin().await?;
+        let changed =
+            apply::refresh_quotas(&mut tx, &self.plans, workspace_id, actor.as_str()).await?;
+        tx.commit().await?;
+        Ok(changed)
+    }
+
     /// Records a dead-lettered event in the processing log (status `dead`, the
     /// error, one more attempt). An event already applied (processed, ignored,
     /// superseded) keeps its status: it was applied, and a replay must stay a no-op.

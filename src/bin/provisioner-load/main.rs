@@ -14,6 +14,7 @@ use clap::{Parser, Subcommand};
 use provisioner::config::Settings;
 
 mod api;
+mod clerk;
 mod e2e;
 mod http;
 mod intake;
@@ -42,6 +43,9 @@ enum LoadTarget {
     /// The broker alone: the same events, persistent, mandatory, one confirm awaited
     /// per message, to a scratch quorum queue declared and deleted by the tool.
     Broker(intake::BrokerArgs),
+    /// A fake of Clerk's Backend API (N organizations, M members each) on this
+    /// machine, for the reconcile backfill benchmark; runs until interrupted.
+    FakeClerk(clerk::FakeClerkArgs),
     /// Delete the configured scratch topology and database after a benchmark
     /// (refuses unless every name is a `load.` / `provisioner_load` scratch name).
     Teardown(intake::TeardownArgs),
@@ -53,6 +57,7 @@ async fn run(settings: &Settings, target: LoadTarget) -> anyhow::Result<()> {
         LoadTarget::E2e(a) => e2e::run(settings, a).await,
         LoadTarget::Intake(a) => intake::run_intake(settings, a).await,
         LoadTarget::Broker(a) => intake::run_broker(settings, a).await,
+        LoadTarget::FakeClerk(a) => clerk::run(settings, a).await,
         LoadTarget::Teardown(a) => intake::run_teardown(settings, a).await,
     }
 }

@@ -107,11 +107,41 @@ impl FromRequestParts<AppState> for VisibleWorkspace {
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, HttpError> {
         let (caller, id) = caller_and_id(parts, state).await?;
-        let found = store::workspace(&state.db, &id, caller.acting_user.as_deref()).await?;
+        Self::read(&state.db, caller, id).await
+    }
+}
+
+impl VisibleWorkspace {
+    /// Reads the workspace `id` as `caller` may see it (the 404 otherwise).
+    pub async fn read(db: &PgPool, caller: Caller, id: String) -> Result<Self, HttpError> {
+        let found = store::workspace(db, &id, caller.acting_user.as_deref()).await?;
         let Some((workspace, access)) = found else {
             return Err(not_found("workspace"));
         };
         WorkspaceAccess::grant(caller, id, Some(access), "workspace")?;
         Ok(Self(workspace))
+    }
+}
+
+/// The caller and the `{id}` of a workspace route, checked in the order every
+/// route refuses (401/400 first, then an odd id), without reading the workspace:
+/// for a route that must act before it can read (the just-in-time sync).
+#[derive(Debug)]
+pub struct WorkspaceTarget {
+    /// Who is calling.
+    pub caller: Caller,
+    /// The workspace id of the path.
+    pub workspace_id: String,
+}
+
+impl FromRequestParts<AppState> for WorkspaceTarget {
+    type Rejection = HttpError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, HttpError> {
+        let (caller, workspace_id) = caller_and_id(parts, state).await?;
+        Ok(Self {
+            caller,
+            workspace_id,
+        })
     }
 }

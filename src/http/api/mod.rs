@@ -43,6 +43,7 @@ pub fn router() -> Router<AppState> {
             "/workspaces/{id}/members/{user_id}",
             get(workspaces::get_member),
         )
+        .route("/workspaces/{id}/sync", post(workspaces::sync_workspace))
         .route("/workspaces/{id}/audit", get(audit::list_audit))
         .route(
             "/workspaces/{id}/onboarding/{step}",
@@ -73,6 +74,7 @@ pub fn router() -> Router<AppState> {
         workspaces::get_workspace,
         workspaces::list_members,
         workspaces::get_member,
+        workspaces::sync_workspace,
         audit::list_audit,
         onboarding::update_step,
         workspaces::list_user_workspaces,

@@ -9,7 +9,7 @@ use axum::Json;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
 
-use super::access::{VisibleWorkspace, WorkspaceAccess};
+use super::access::{VisibleWorkspace, WorkspaceAccess, WorkspaceTarget};
 use super::auth::Caller;
 use super::extract::Ids;
 use super::model::{ErrorBody, Member, MemberList, UserWorkspaceList, Workspace};
@@ -17,6 +17,7 @@ use super::not_found;
 use super::page::{self, List, PageQuery};
 use crate::http::AppState;
 use crate::http::error::HttpError;
+use crate::reconcile::{Found, SyncError};
 use crate::store;
 
 /// One workspace: plan, quotas, onboarding and member counts.
@@ -34,6 +35,65 @@ use crate::store;
 )]
 pub async fn get_workspace(VisibleWorkspace(workspace): VisibleWorkspace) -> Json<Workspace> {
     Json(workspace)
+}
+
+/// Fetches the workspace from Clerk now and provisions it (and its memberships),
+/// then answers like `GET /v1/workspaces/{id}`: for the main app when a workspace
+/// it was just sent to is not provisioned yet.
+#[utoipa::path(
+    post,
+    path = "/v1/workspaces/{id}/sync",
+    tag = "workspaces",
+    params(("id" = String, Path, description = "Workspace id (Clerk organization id)")),
+    responses(
+        (status = 200, description = "Synced; the workspace as GET /v1/workspaces/{id} shows it", body = Workspace),
+        (status = 401, description = "`unauthorized`: missing or invalid bearer token", body = ErrorBody),
+        (status = 404, description = "Clerk has no such organization (a workspace active here is tombstoned), or the acting user is not an active member after the sync", body = ErrorBody),
+        (status = 503, description = "`clerk_unavailable` (Clerk could not be reached, kept failing or refused the key), `reconcile_not_configured` (no CLERK_SECRET_KEY), `database_unavailable`; with Retry-After", body = ErrorBody),
+    ),
+)]
+pub async fn sync_workspace(
+    State(state): State<AppState>,
+    target: WorkspaceTarget,
+) -> Result<Json<Workspace>, HttpError> {
+    let retry_after = state.settings.http.retry_after_secs;
+    match state.sync.sync(&target.workspace_id).await {
+        Ok(Found::Present) => {}
+        Ok(Found::Gone) => return Err(not_found("workspace")),
+        Err(SyncError::NotConfigured) => {
+            return Err(HttpError::unavailable(
+                "reconcile_not_configured",
+                "this service has no CLERK_SECRET_KEY, so it cannot sync from Clerk",
+                retry_after,
+            ));
+        }
+        Err(SyncError::Clerk(reason)) => {
+            tracing::warn!(workspace_id = %target.workspace_id, error = %reason, "sync from Clerk failed");
+            return Err(HttpError::unavailable(
+                "clerk_unavailable",
+                format!("Clerk could not be asked: {reason}"),
+                retry_after,
+            ));
+        }
+        Err(SyncError::Database {
+            message,
+            unavailable,
+        }) => {
+            tracing::warn!(workspace_id = %target.workspace_id, error = %message, "sync failed in the database");
+            return Err(if unavailable {
+                HttpError::unavailable(
+                    "database_unavailable",
+                    "the database is unavailable; try again",
+                    retry_after,
+                )
+            } else {
+                HttpError::internal(message)
+            });
+        }
+    }
+    let VisibleWorkspace(workspace) =
+        VisibleWorkspace::read(&state.db, target.caller, target.workspace_id).await?;
+    Ok(Json(workspace))
 }
 
 /// A page of the active members of a workspace, by user id.

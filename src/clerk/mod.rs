@@ -1,9 +1,12 @@
-//! Clerk webhook vocabulary shared by intake, worker and tools: the event types.
+//! Clerk's vocabulary shared by intake, worker and tools: the event types, and
+//! (in [`api`]) the Backend API client reconciliation reads Clerk with.
 //!
 //! Guarantee: an event type is parsed once into an [`EventType`]; whether it is
 //! handled, and which entity kind it is about, is read from that value, never by
 //! comparing strings again. Payload shapes and their tolerant decoding live in
 //! `provision::payload`.
+
+pub mod api;
 
 /// Event types this service handles; everything else is answered `ignored`.
 pub const HANDLED_TYPES: [&str; 8] = [

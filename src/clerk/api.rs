@@ -1,0 +1,522 @@
+//! Clerk's Backend API: the reads reconciliation needs (organizations, one
+//! organization, memberships), paced and retried.
+//!
+//! Guarantee: every call of one process shares one token bucket
+//! (`[reconcile] requests_per_second`), and a `429` pauses them all for its
+//! `Retry-After`; 5xx answers and connection errors are retried with backoff, a
+//! bounded number of times; `401`/`403` stops at once. The secret key is sent only
+//! in the `Authorization` header: it is never part of an error, a log line or
+//! `Debug`.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use backon::{BackoffBuilder, ExponentialBuilder};
+use serde::Deserialize;
+use serde_json::Value;
+use tokio::sync::Mutex;
+use tokio::time::Instant;
+use url::Url;
+
+use crate::config::{ClerkSettings, ReconcileSettings, Secret};
+
+/// The Backend API version every request asks for (`Clerk-API-Version`).
+pub const API_VERSION: &str = "2026-05-12";
+
+/// The largest page the list endpoints serve.
+pub const PAGE_LIMIT: u32 = 500;
+
+/// How many times a `429` is waited out for one call before it fails.
+const MAX_RATE_LIMITED: u32 = 10;
+/// The longest `Retry-After` honoured; a longer one is waited in this many seconds.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
+
+/// What went wrong talking to Clerk, in one line.
+#[derive(Debug, thiserror::Error)]
+pub enum ClerkError {
+    /// No `CLERK_SECRET_KEY` is configured.
+    #[error("CLERK_SECRET_KEY is not set: reconciling needs Clerk's Backend API")]
+    NotConfigured,
+    /// `401`/`403`: the key is wrong, revoked or of another instance.
+    #[error("CLERK_SECRET_KEY was refused ({0})")]
+    Refused(String),
+    /// Clerk answered with an error that retrying does not fix.
+    #[error("Clerk answered {status} to GET {path}: {detail}")]
+    Api {
+        /// HTTP status.
+        status: u16,
+        /// Request path.
+        path: String,
+        /// Clerk's error codes and messages, and its trace id.
+        detail: String,
+    },
+    /// Clerk could not be reached, or kept failing, within the retries.
+    #[error("Clerk is unavailable at {base} (GET {path}): {reason}")]
+    Unavailable {
+        /// Base URL (no secret in it).
+        base: String,
+        /// Request path.
+        path: String,
+        /// The last failure.
+        reason: String,
+    },
+    /// The answer was not the documented shape.
+    #[error("Clerk's answer to GET {path} could not be read: {reason}")]
+    Decode {
+        /// Request path.
+        path: String,
+        /// What was wrong.
+        reason: String,
+    },
+}
+
+/// One page of a list endpoint: `{"data": [...], "total_count": N}`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Page {
+    /// The objects, in the webhook's schema.
+    pub data: Vec<Value>,
+    /// How many there are in all (may change during a scan).
+    pub total_count: u64,
+}
+
+/// Which memberships to list.
+#[derive(Debug, Clone, Copy)]
+pub enum Memberships<'a> {
+    /// Every membership of the instance (`GET /v1/organization_memberships`).
+    All,
+    /// One organization's (`GET /v1/organizations/{id}/memberships`).
+    Of(&'a str),
+}
+
+/// A client of Clerk's Backend API. Cheap to clone; clones share the rate limit.
+#[derive(Clone)]
+pub struct ClerkApi {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    http: reqwest::Client,
+    base: Url,
+    key: Secret,
+    bucket: TokenBucket,
+    backoff: ExponentialBuilder,
+}
+
+impl fmt::Debug for ClerkApi {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClerkApi")
+            .field("base", &self.inner.base.as_str())
+            .field("key", &self.inner.key)
+            .field("requests_per_second", &self.inner.bucket.rate)
+            .finish()
+    }
+}
+
+impl ClerkApi {
+    /// A client for the configured instance; [`ClerkError::NotConfigured`] without
+    /// a secret key.
+    pub fn new(clerk: &ClerkSettings, reconcile: &ReconcileSettings) -> Result<Self, ClerkError> {
+        let key = clerk.secret_key.clone().ok_or(ClerkError::NotConfigured)?;
+        let base = Url::parse(clerk.api_url.trim_end_matches('/')).map_err(|e| {
+            ClerkError::Unavailable {
+                base: clerk.api_url.clone(),
+                path: String::new(),
+                reason: format!("CLERK_API_URL is not a URL: {e}"),
+            }
+        })?;
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(Duration::from_secs(30))
+            .user_agent(concat!("callmine-provisioner/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| ClerkError::Unavailable {
+                base: base.to_string(),
+                path: String::new(),
+                reason: e.to_string(),
+            })?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                http,
+                base,
+                key,
+                bucket: TokenBucket::new(reconcile.requests_per_second),
+                backoff: ExponentialBuilder::default()
+                    .with_min_delay(Duration::from_millis(500))
+                    .with_factor(1.5)
+                    .with_max_delay(Duration::from_secs(30))
+                    .with_max_times(5)
+                    .with_jitter(),
+            }),
+        })
+    }
+
+    /// One page of organizations, oldest first (`order_by=+created_at`, so an
+    /// organization created during a scan lands at the end, not in a page read).
+    pub async fn organizations(&self, offset: u64, limit: u32) -> Result<Page, ClerkError> {
+        let path = ["organizations"];
+        let page = self.get(&path, &list_query(offset, limit)).await?;
+        let value = page.ok_or_else(|| not_found(&path))?;
+        decode(&path, value)
+    }
+
+    /// One organization; `None` when Clerk answers 404 (it does not exist, or no
+    /// longer does).
+    pub async fn organization(&self, id: &str) -> Result<Option<Value>, ClerkError> {
+        self.get(&["organizations", id], &[]).await
+    }
+
+    /// One page of memberships, oldest first. `None` when the organization of
+    /// [`Memberships::Of`] does not exist.
+    pub async fn memberships(
+        &self,
+        which: Memberships<'_>,
+        offset: u64,
+        limit: u32,
+    ) -> Result<Option<Page>, ClerkError> {
+        let query = list_query(offset, limit);
+        match which {
+            Memberships::All => {
+                let path = ["organization_memberships"];
+                let value = self.get(&path, &query).await?;
+                decode(&path, value.ok_or_else(|| not_found(&path))?).map(Some)
+            }
+            Memberships::Of(org) => {
+                let path = ["organizations", org, "memberships"];
+                match self.get(&path, &query).await? {
+                    Some(value) => decode(&path, value).map(Some),
+                    None => Ok(None),
+                }
+            }
+        }
+    }
+
+    /// GET `/v1/<segments>?<query>`: the JSON answer, `None` on 404.
+    async fn get(
+        &self,
+        segments: &[&str],
+        query: &[(&str, String)],
+    ) -> Result<Option<Value>, ClerkError> {
+        let inner = &*self.inner;
+        let mut url = inner.base.clone();
+        url.path_segments_mut()
+            .map_err(|()| ClerkError::Unavailable {
+                base: inner.base.to_string(),
+                path: String::new(),
+                reason: "CLERK_API_URL cannot carry a path".into(),
+            })?
+            .pop_if_empty()
+            .push("v1")
+            .extend(segments);
+        let path = url.path().to_owned();
+        let mut backoff = inner.backoff.build();
+        let mut rate_limited = 0;
+        loop {
+            inner.bucket.acquire().await;
+            let sent = inner
+                .http
+                .get(url.clone())
+                .query(query)
+                .bearer_auth(inner.key.expose())
+                .header("Clerk-API-Version", API_VERSION)
+                .header(reqwest::header::ACCEPT, "application/json")
+                .send()
+                .await;
+            let failure = match sent {
+                Ok(response) => {
+                    let status = response.status();
+                    if status.is_success() {
+                        let body = response
+                            .bytes()
+                            .await
+                            .map_err(|e| ClerkError::Unavailable {
+                                base: inner.base.to_string(),
+                                path: path.clone(),
+                                reason: format!("reading the answer: {}", without_url(&e)),
+                            })?;
+                        return serde_json::from_slice(&body).map(Some).map_err(|e| {
+                            ClerkError::Decode {
+                                path: path.clone(),
+                                reason: e.to_string(),
+                            }
+                        });
+                    }
+                    let retry_after = retry_after(response.headers());
+                    let body = response.bytes().await.unwrap_or_default();
+                    let detail = describe(&body);
+                    match status.as_u16() {
+                        404 => return Ok(None),
+                        401 | 403 => {
+                            return Err(ClerkError::Refused(format!("{status}: {detail}")));
+                        }
+                        429 if rate_limited < MAX_RATE_LIMITED => {
+                            rate_limited += 1;
+                            let wait = retry_after.unwrap_or(Duration::from_secs(1));
+                            tracing::warn!(path = %path, wait_s = wait.as_secs_f64(), "Clerk rate limit hit; pausing every Backend API call");
+                            inner.bucket.pause(wait).await;
+                            continue;
+                        }
+                        s if s >= 500 || s == 429 => format!("{status}: {detail}"),
+                        s => {
+                            return Err(ClerkError::Api {
+                                status: s,
+                                path,
+                                detail,
+                            });
+                        }
+                    }
+                }
+                Err(e) => without_url(&e),
+            };
+            match backoff.next() {
+                Some(delay) => {
+                    tracing::warn!(path = %path, error = %failure, retry_in_ms = delay.as_millis() as u64, "Clerk request failed; retrying");
+                    tokio::time::sleep(delay).await;
+                }
+                None => {
+                    return Err(ClerkError::Unavailable {
+                        base: inner.base.to_string(),
+                        path,
+                        reason: failure,
+                    });
+                }
+            }
+        }
+    }
+}
+
+fn list_query(offset: u64, limit: u32) -> [(&'static str, String); 3] {
+    [
+        ("limit", limit.clamp(1, PAGE_LIMIT).to_string()),
+        ("offset", offset.to_string()),
+        ("order_by", "+created_at".to_owned()),
+    ]
+}
+
+fn not_found(path: &[&str]) -> ClerkError {
+    ClerkError::Api {
+        status: 404,
+        path: format!("/v1/{}", path.join("/")),
+        detail: "not found".into(),
+    }
+}
+
+fn decode(path: &[&str], value: Value) -> Result<Page, ClerkError> {
+    serde_json::from_value(value).map_err(|e| ClerkError::Decode {
+        path: format!("/v1/{}", path.join("/")),
+        reason: format!("expected {{\"data\": [...], \"total_count\": N}}: {e}"),
+    })
+}
+
+/// A reqwest error without its URL (the URL holds no secret, but the path is
+/// already in the message).
+fn without_url(error: &reqwest::Error) -> String {
+    let kind = if error.is_timeout() {
+        "timed out"
+    } else if error.is_connect() {
+        "connection failed"
+    } else {
+        "request failed"
+    };
+    let mut source = std::error::Error::source(error);
+    let mut causes = Vec::new();
+    while let Some(cause) = source {
+        causes.push(cause.to_string());
+        source = cause.source();
+    }
+    if causes.is_empty() {
+        kind.to_owned()
+    } else {
+        format!("{kind}: {}", causes.join(": "))
+    }
+}
+
+/// `Retry-After` in seconds (the form Clerk sends).
+fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
+    let secs: f64 = headers
+        .get(reqwest::header::RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs).min(MAX_RETRY_AFTER))
+}
+
+/// Clerk's error body (`errors[].code`, `long_message`, `clerk_trace_id`) in one line.
+pub fn describe(body: &[u8]) -> String {
+    #[derive(Deserialize)]
+    struct Errors {
+        #[serde(default)]
+        errors: Vec<Error>,
+        clerk_trace_id: Option<String>,
+    }
+    #[derive(Deserialize)]
+    struct Error {
+        code: Option<String>,
+        message: Option<String>,
+        long_message: Option<String>,
+    }
+    let one_line = |s: &str| s.split_whitespace().collect::<Vec<_>>().join(" ");
+    match serde_json::from_slice::<Errors>(body) {
+        Ok(parsed) if !parsed.errors.is_empty() => {
+            let mut line = parsed
+                .errors
+                .iter()
+                .map(|e| {
+                    let text = e
+                        .long_message
+                        .as_deref()
+                        .or(e.message.as_deref())
+                        .unwrap_or("");
+                    match &e.code {
+                        Some(code) => format!("{code}: {}", one_line(text)),
+                        None => one_line(text),
+                    }
+                })
+                .collect::<Vec<_>>()
+                .join("; ");
+            if let Some(trace) = parsed.clerk_trace_id {
+                line.push_str(&format!(" (clerk_trace_id {trace})"));
+            }
+            line
+        }
+        _ => {
+            let text = one_line(&String::from_utf8_lossy(body));
+            if text.is_empty() {
+                "no error body".to_owned()
+            } else {
+                text.chars().take(200).collect()
+            }
+        }
+    }
+}
+
+/// A token bucket shared by every call of the client: `rate` tokens a second, a
+/// burst of at most one second's worth; `pause` stops everyone until a time.
+struct TokenBucket {
+    rate: f64,
+    state: Mutex<BucketState>,
+}
+
+struct BucketState {
+    tokens: f64,
+    last: Instant,
+    paused_until: Option<Instant>,
+}
+
+impl TokenBucket {
+    fn new(rate: f64) -> Self {
+        Self {
+            rate,
+            state: Mutex::new(BucketState {
+                tokens: rate.max(1.0),
+                last: Instant::now(),
+                paused_until: None,
+            }),
+        }
+    }
+
+    async fn acquire(&self) {
+        loop {
+            let wait = {
+                let mut s = self.state.lock().await;
+                let now = Instant::now();
+                match s.paused_until {
+                    Some(until) if until > now => until - now,
+                    _ if self.rate <= 0.0 => return,
+                    _ => {
+                        let burst = self.rate.max(1.0);
+                        s.tokens = (s.tokens + (now - s.last).as_secs_f64() * self.rate).min(burst);
+                        s.last = now;
+                        if s.tokens >= 1.0 {
+                            s.tokens -= 1.0;
+                            return;
+                        }
+                        Duration::from_secs_f64((1.0 - s.tokens) / self.rate)
+                    }
+                }
+            };
+            tokio::time::sleep(wait).await;
+        }
+    }
+
+    async fn pause(&self, wait: Duration) {
+        let mut s = self.state.lock().await;
+        let until = Instant::now() + wait;
+        if s.paused_until.is_none_or(|current| current < until) {
+            s.paused_until = Some(until);
+        }
+        s.tokens = 0.0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clerk_errors_become_one_line() {
+        let body = br#"{"errors":[{"message":"not found","long_message":"No organization\nwas found","code":"resource_not_found","meta":{}}],"clerk_trace_id":"abc123"}"#;
+        assert_eq!(
+            describe(body),
+            "resource_not_found: No organization was found (clerk_trace_id abc123)"
+        );
+        assert_eq!(describe(b""), "no error body");
+        assert_eq!(
+            describe(b"<html>\n bad gateway</html>"),
+            "<html> bad gateway</html>"
+        );
+    }
+
+    #[test]
+    fn retry_after_is_seconds_capped() {
+        let mut headers = reqwest::header::HeaderMap::new();
+        headers.insert(reqwest::header::RETRY_AFTER, "2".parse().unwrap());
+        assert_eq!(retry_after(&headers), Some(Duration::from_secs(2)));
+        headers.insert(reqwest::header::RETRY_AFTER, "86400".parse().unwrap());
+        assert_eq!(retry_after(&headers), Some(MAX_RETRY_AFTER));
+        headers.insert(reqwest::header::RETRY_AFTER, "soon".parse().unwrap());
+        assert_eq!(retry_after(&headers), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_bucket_paces_calls_at_its_rate() {
+        let bucket = TokenBucket::new(5.0);
+        let start = Instant::now();
+        for _ in 0..15 {
+            bucket.acquire().await;
+        }
+        // A burst of 5, then 10 more at 5 a second.
+        let elapsed = start.elapsed();
+        assert!(elapsed >= Duration::from_millis(1990), "{elapsed:?}");
+        assert!(elapsed < Duration::from_millis(2100), "{elapsed:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_pause_holds_every_caller() {
+        let bucket = TokenBucket::new(0.0);
+        bucket.pause(Duration::from_secs(3)).await;
+        let start = Instant::now();
+        bucket.acquire().await;
+        assert!(start.elapsed() >= Duration::from_secs(3));
+    }
+
+    #[test]
+    fn debug_never_shows_the_key() {
+        let clerk = ClerkSettings {
+            webhook_secrets: Vec::new(),
+            instance_id: None,
+            secret_key: Some(Secret::new("sk_test_very_secret")),
+            api_url: "http://127.0.0.1:1".into(),
+        };
+        let reconcile = ReconcileSettings {
+            requests_per_second: 5.0,
+            max_removals: 50,
+            interval_s: 0,
+        };
+        let api = ClerkApi::new(&clerk, &reconcile).unwrap();
+        let printed = format!("{api:?}");
+        assert!(!printed.contains("very_secret"), "{printed}");
+    }
+}

@@ -1,0 +1,1142 @@
+//! Reconciliation with Clerk's Backend API: backfill, drift report and repair,
+//! and the sync of one workspace (for `reconcile --org` and the read API's
+//! just-in-time sync).
+//!
+//! Guarantees:
+//! - Repairs go through provisioning ([`Provisioner::apply_batch`]) as synthetic
+//!   Clerk events with actor `reconcile`, so the version gates and tombstones of
+//!   DESIGN §5 hold: a snapshot older than what a webhook applied never overwrites
+//!   it, and a deleted workspace is reported (`workspace_conflict`), never revived.
+//! - Deletions need proof, since a scan is not a snapshot: a workspace is
+//!   tombstoned only after `GET /v1/organizations/{id}` answers 404; a member is
+//!   removed only when Clerk's current list of its organization lacks it and its
+//!   row last changed before the scan began.
+//! - More than `max_removals` removals in one run are refused without `--yes`.
+//! - Memory is bounded by a page: what the scan saw is kept in temporary tables
+//!   and compared with anti-joins.
+//! - `dry_run` writes nothing anywhere (the temporary tables vanish with the
+//!   connection).
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use serde_json::{Value, json};
+use sqlx::PgPool;
+use sqlx::pool::PoolConnection;
+use sqlx::postgres::Postgres;
+
+use crate::clerk::EventType;
+use crate::clerk::api::{ClerkApi, ClerkError, Memberships, PAGE_LIMIT, Page};
+use crate::provision::payload::{self, Event, Membership, Organization};
+use crate::provision::{Actor, Incoming, Outcome, ProcessError, Provisioner};
+
+/// Repairs applied per transaction (as the worker's default batch).
+const APPLY_BATCH: usize = 32;
+/// Batches of repairs applied at once.
+const APPLIERS: usize = 8;
+
+/// The kinds of drift (exact strings of the `--json` report).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DriftKind {
+    /// In Clerk, not here.
+    WorkspaceMissing,
+    /// Name, slug, image or plan differ.
+    WorkspaceStale,
+    /// Active here, 404 in Clerk.
+    WorkspaceGone,
+    /// Deleted here, present in Clerk: reported, never repaired.
+    WorkspaceConflict,
+    /// A membership in Clerk that is not active here.
+    MemberMissing,
+    /// Active here, absent from Clerk's current list.
+    MemberExtra,
+    /// Role or Clerk role differ.
+    MemberRole,
+    /// Quotas differ from their plan's configured limits.
+    QuotasStale,
+}
+
+impl DriftKind {
+    /// Every kind, in report order.
+    pub const ALL: [DriftKind; 8] = [
+        DriftKind::WorkspaceMissing,
+        DriftKind::WorkspaceStale,
+        DriftKind::WorkspaceGone,
+        DriftKind::WorkspaceConflict,
+        DriftKind::MemberMissing,
+        DriftKind::MemberExtra,
+        DriftKind::MemberRole,
+        DriftKind::QuotasStale,
+    ];
+
+    /// The kind's name in reports and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DriftKind::WorkspaceMissing => "workspace_missing",
+            DriftKind::WorkspaceStale => "workspace_stale",
+            DriftKind::WorkspaceGone => "workspace_gone",
+            DriftKind::WorkspaceConflict => "workspace_conflict",
+            DriftKind::MemberMissing => "member_missing",
+            DriftKind::MemberExtra => "member_extra",
+            DriftKind::MemberRole => "member_role",
+            DriftKind::QuotasStale => "quotas_stale",
+        }
+    }
+
+    fn is_removal(self) -> bool {
+        matches!(self, DriftKind::WorkspaceGone | DriftKind::MemberExtra)
+    }
+}
+
+impl fmt::Display for DriftKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One difference between Clerk and this service.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+pub struct Drift {
+    /// What kind.
+    pub kind: DriftKind,
+    /// The workspace (organization id).
+    pub workspace_id: String,
+    /// The user, for member kinds.
+    pub user_id: Option<String>,
+    /// What differs, for a human.
+    pub detail: String,
+}
+
+/// What a run saw, found and did (the `--json` document).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Report {
+    /// Nothing was changed.
+    pub dry_run: bool,
+    /// Organizations Clerk listed (each counted once).
+    pub organizations_seen: u64,
+    /// Memberships Clerk listed (each counted once).
+    pub memberships_seen: u64,
+    /// Every difference found.
+    pub drift: Vec<Drift>,
+    /// Repairs that changed the state.
+    pub applied: u64,
+    /// Set when removals were refused (more than `max_removals` without `--yes`).
+    #[serde(skip)]
+    pub refused: Option<String>,
+    /// Drift already reported (a run may look at an item twice: a scan by offset
+    /// can list it twice, and the removal phase re-reads an organization's list).
+    #[serde(skip)]
+    reported: std::collections::HashSet<Drift>,
+}
+
+impl Report {
+    /// Drift counts per kind, in report order.
+    pub fn counts(&self) -> BTreeMap<DriftKind, u64> {
+        let mut counts = BTreeMap::new();
+        for d in &self.drift {
+            *counts.entry(d.kind).or_default() += 1;
+        }
+        counts
+    }
+
+    /// `seen N organizations, M memberships; drift: …; applied: K`.
+    pub fn summary(&self) -> String {
+        let counts = self.counts();
+        let drift = if counts.is_empty() {
+            "none".to_owned()
+        } else {
+            counts
+                .iter()
+                .map(|(k, n)| format!("{n} {k}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        format!(
+            "seen {} organizations, {} memberships; drift: {drift}; applied: {}{}",
+            self.organizations_seen,
+            self.memberships_seen,
+            self.applied,
+            if self.dry_run { " (dry run)" } else { "" }
+        )
+    }
+}
+
+/// How a run goes.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Report only.
+    pub dry_run: bool,
+    /// Allow more than `max_removals` removals.
+    pub yes: bool,
+}
+
+/// What a sync of one workspace found in Clerk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Found {
+    /// Clerk has the organization; it is provisioned (unless a dry run).
+    Present,
+    /// Clerk answered 404; a workspace that was active here is tombstoned.
+    Gone,
+}
+
+/// Why a run failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ReconcileError {
+    /// Clerk refused, failed or could not be reached.
+    #[error(transparent)]
+    Clerk(#[from] ClerkError),
+    /// PostgreSQL failed.
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+}
+
+/// Progress of a run, for a progress bar.
+pub trait Progress: Send + Sync {
+    /// A phase began; `total` items when known.
+    fn phase(&self, name: &'static str, total: Option<u64>);
+    /// `n` more items of the phase are done.
+    fn advance(&self, n: u64);
+}
+
+/// No progress shown.
+#[derive(Debug)]
+pub struct Silent;
+
+impl Progress for Silent {
+    fn phase(&self, _: &'static str, _: Option<u64>) {}
+    fn advance(&self, _: u64) {}
+}
+
+/// Compares Clerk with the database and repairs the difference.
+#[derive(Debug, Clone)]
+pub struct Reconciler {
+    api: ClerkApi,
+    provisioner: Provisioner,
+    pool: PgPool,
+    max_removals: u32,
+}
+
+/// A workspace row as the comparison needs it.
+#[derive(Debug, sqlx::FromRow)]
+struct LocalWorkspace {
+    id: String,
+    status: String,
+    name: Option<String>,
+    slug: Option<String>,
+    image_url: Option<String>,
+    plan: String,
+    source_version: Option<i64>,
+}
+
+/// A member row as the comparison needs it.
+#[derive(Debug, sqlx::FromRow)]
+struct LocalMember {
+    membership_id: String,
+    role: String,
+    clerk_role: String,
+    removed: bool,
+    removal_reason: Option<String>,
+    source_version: Option<i64>,
+}
+
+/// One run's findings and the events that repair them.
+struct Pass<'a> {
+    report: &'a mut Report,
+    events: Vec<Incoming>,
+    removals: Vec<Incoming>,
+    quotas: Vec<String>,
+}
+
+impl Pass<'_> {
+    fn drift(
+        &mut self,
+        kind: DriftKind,
+        workspace_id: &str,
+        user_id: Option<&str>,
+        detail: String,
+    ) {
+        let drift = Drift {
+            kind,
+            workspace_id: workspace_id.to_owned(),
+            user_id: user_id.map(str::to_owned),
+            detail,
+        };
+        if self.report.reported.insert(drift.clone()) {
+            self.report.drift.push(drift);
+        }
+    }
+}
+
+/// A synthetic Clerk event carrying an API snapshot, applied with actor `reconcile`.
+fn synthetic(kind: &str, id_part: &str, data: Value, timestamp_ms: i64) -> Incoming {
+    let body = json!({
+        "object": "event",
+        "type": kind,
+        "timestamp": timestamp_ms,
+        "data": data,
+    });
+    Incoming {
+        // Deterministic: the same snapshot applied twice is one processing-log row.
+        svix_id: format!("reconcile_{id_part}_{timestamp_ms}"),
+        kind: Some(EventType::parse(kind)),
+        body: body.to_string().into_bytes(),
+        received_at: Utc::now(),
+        actor: Actor::Reconcile,
+    }
+}
+
+fn decode_organization(value: &Value) -> Result<Organization, String> {
+    let body = json!({"type": "organization.updated", "timestamp": 0, "data": value});
+    match payload::decode("organization.updated", body.to_string().as_bytes()) {
+        Ok(d) => match d.event {
+            Event::OrganizationUpsert(org) => Ok(org),
+            _ => Err("not an organization".into()),
+        },
+        Err(e) => Err(e.0),
+    }
+}
+
+fn decode_membership(value: &Value) -> Result<Membership, String> {
+    let body = json!({"type": "organizationMembership.updated", "timestamp": 0, "data": value});
+    match payload::decode(
+        "organizationMembership.updated",
+        body.to_string().as_bytes(),
+    ) {
+        Ok(d) => match d.event {
+            Event::MembershipUpsert(m) => Ok(m),
+            _ => Err("not a membership".into()),
+        },
+        Err(e) => Err(e.0),
+    }
+}
+
+fn differs(field: &str, here: Option<&str>, clerk: Option<&str>, out: &mut Vec<String>) {
+    if here != clerk {
+        out.push(format!(
+            "{field}: {} here, {} in Clerk",
+            here.map_or("none".to_owned(), |s| format!("{s:?}")),
+            clerk.map_or("none".to_owned(), |s| format!("{s:?}"))
+        ));
+    }
+}
+
+impl Reconciler {
+    /// A reconciler over this client, provisioning and database.
+    pub fn new(api: ClerkApi, provisioner: Provisioner, pool: PgPool, max_removals: u32) -> Self {
+        Self {
+            api,
+            provisioner,
+            pool,
+            max_removals,
+        }
+    }
+
+    /// A full run over every organization and membership of the instance.
+    pub async fn run(
+        &self,
+        opts: &RunOptions,
+        progress: &dyn Progress,
+    ) -> Result<Report, ReconcileError> {
+        let mut report = Report {
+            dry_run: opts.dry_run,
+            ..Report::default()
+        };
+        let mut conn = self.pool.acquire().await?;
+        for table in ["reconcile_seen_orgs", "reconcile_seen_members"] {
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "create temporary table if not exists {table} (id text primary key)"
+            )))
+            .execute(&mut *conn)
+            .await?;
+            sqlx::query(sqlx::AssertSqlSafe(format!("truncate {table}")))
+                .execute(&mut *conn)
+                .await?;
+        }
+        let started: DateTime<Utc> = sqlx::query_scalar("select now()")
+            .fetch_one(&mut *conn)
+            .await?;
+
+        // Organizations, page by page.
+        let mut offset = 0u64;
+        let mut first = true;
+        loop {
+            let page = self.api.organizations(offset, PAGE_LIMIT).await?;
+            if first {
+                progress.phase("organizations", Some(page.total_count));
+                first = false;
+            }
+            offset += page.data.len() as u64;
+            let done = page.data.is_empty() || offset >= page.total_count;
+            let new = self
+                .note_seen(&mut conn, "reconcile_seen_orgs", &page)
+                .await?;
+            report.organizations_seen += new.len() as u64;
+            let organizations: Vec<&Value> = page
+                .data
+                .iter()
+                .filter(|v| new.contains(&id_of(v)))
+                .collect();
+            let mut pass = Pass::new(&mut report);
+            self.compare_organizations(&organizations, &mut pass)
+                .await?;
+            self.finish(pass, opts, false).await?;
+            progress.advance(page.data.len() as u64);
+            if done {
+                break;
+            }
+        }
+
+        // Memberships of the whole instance, page by page.
+        let mut offset = 0u64;
+        let mut first = true;
+        loop {
+            let page = self
+                .api
+                .memberships(Memberships::All, offset, PAGE_LIMIT)
+                .await?
+                .unwrap_or(Page {
+                    data: Vec::new(),
+                    total_count: 0,
+                });
+            if first {
+                progress.phase("memberships", Some(page.total_count));
+                first = false;
+            }
+            offset += page.data.len() as u64;
+            let done = page.data.is_empty() || offset >= page.total_count;
+            let new = self
+                .note_seen(&mut conn, "reconcile_seen_members", &page)
+                .await?;
+            report.memberships_seen += new.len() as u64;
+            let memberships: Vec<&Value> = page
+                .data
+                .iter()
+                .filter(|v| new.contains(&id_of(v)))
+                .collect();
+            let mut pass = Pass::new(&mut report);
+            self.compare_memberships(&memberships, &mut pass).await?;
+            self.finish(pass, opts, false).await?;
+            progress.advance(page.data.len() as u64);
+            if done {
+                break;
+            }
+        }
+
+        // What is active here and the scan did not see: prove it gone, or compare it.
+        progress.phase("removals", None);
+        let mut pass = Pass::new(&mut report);
+        let mut after = String::new();
+        loop {
+            let ids: Vec<String> = sqlx::query_scalar(
+                "select w.id from workspaces w \
+                 where w.status = 'active' and w.id > $1 \
+                   and not exists (select 1 from reconcile_seen_orgs s where s.id = w.id) \
+                 order by w.id limit 500",
+            )
+            .bind(&after)
+            .fetch_all(&mut *conn)
+            .await?;
+            let Some(last) = ids.last() else { break };
+            after = last.clone();
+            for id in ids {
+                self.sync_organization(&id, started, &mut pass).await?;
+                progress.advance(1);
+            }
+        }
+        let mut after = String::new();
+        loop {
+            let rows: Vec<(String, String)> = sqlx::query_as(
+                "select m.workspace_id, m.membership_id from members m \
+                 join reconcile_seen_orgs s on s.id = m.workspace_id \
+                 where m.removed_at is null and m.updated_at < $1 and m.membership_id > $2 \
+                   and not exists (select 1 from reconcile_seen_members x where x.id = m.membership_id) \
+                 order by m.membership_id limit 500",
+            )
+            .bind(started)
+            .bind(&after)
+            .fetch_all(&mut *conn)
+            .await?;
+            let Some((_, last)) = rows.last() else { break };
+            after = last.clone();
+            let mut by_workspace: BTreeMap<String, Vec<String>> = BTreeMap::new();
+            for (workspace, membership) in rows {
+                by_workspace.entry(workspace).or_default().push(membership);
+            }
+            for workspace in by_workspace.keys() {
+                // The scan missed them: Clerk's current list of that organization
+                // is the proof (and compares what it lists).
+                self.sync_members(workspace, started, &mut pass).await?;
+                progress.advance(1);
+            }
+        }
+        self.finish(pass, opts, true).await?;
+        drop(conn);
+        Ok(report)
+    }
+
+    /// Syncs one organization and its memberships (`reconcile --org`, and the read
+    /// API's just-in-time sync).
+    pub async fn sync_one(
+        &self,
+        id: &str,
+        opts: &RunOptions,
+    ) -> Result<(Report, Found), ReconcileError> {
+        let mut report = Report {
+            dry_run: opts.dry_run,
+            ..Report::default()
+        };
+        let started: DateTime<Utc> = sqlx::query_scalar("select now()")
+            .fetch_one(&self.pool)
+            .await?;
+        let mut pass = Pass::new(&mut report);
+        let found = self.sync_organization(id, started, &mut pass).await?;
+        self.finish(pass, opts, true).await?;
+        Ok((report, found))
+    }
+
+    /// Fetches one organization: 404 is the proof a workspace active here is gone;
+    /// otherwise compares it and its current memberships.
+    async fn sync_organization(
+        &self,
+        id: &str,
+        started: DateTime<Utc>,
+        pass: &mut Pass<'_>,
+    ) -> Result<Found, ReconcileError> {
+        match self.api.organization(id).await? {
+            None => {
+                let active: Option<bool> =
+                    sqlx::query_scalar("select status = 'active' from workspaces where id = $1")
+                        .bind(id)
+                        .fetch_optional(&self.pool)
+                        .await?;
+                if active == Some(true) {
+                    pass.drift(
+                        DriftKind::WorkspaceGone,
+                        id,
+                        None,
+                        "active here, Clerk answers 404".into(),
+                    );
+                    let now = Utc::now().timestamp_millis();
+                    pass.removals.push(synthetic(
+                        "organization.deleted",
+                        &format!("orgdel_{id}"),
+                        json!({"object": "organization", "id": id, "deleted": true}),
+                        now,
+                    ));
+                }
+                Ok(Found::Gone)
+            }
+            Some(organization) => {
+                pass.report.organizations_seen += 1;
+                self.compare_organizations(&[&organization], pass).await?;
+                self.sync_members(id, started, pass).await?;
+                Ok(Found::Present)
+            }
+        }
+    }
+
+    /// Compares one organization's current membership list with the members here:
+    /// what Clerk lacks and changed here before `started` is removed.
+    async fn sync_members(
+        &self,
+        workspace_id: &str,
+        started: DateTime<Utc>,
+        pass: &mut Pass<'_>,
+    ) -> Result<(), ReconcileError> {
+        let mut listed: HashMap<String, Value> = HashMap::new();
+        let mut offset = 0u64;
+        loop {
+            let Some(page) = self
+                .api
+                .memberships(Memberships::Of(workspace_id), offset, PAGE_LIMIT)
+                .await?
+            else {
+                // Deleted while we looked: the next run proves it with a 404.
+                return Ok(());
+            };
+            offset += page.data.len() as u64;
+            let done = page.data.is_empty() || offset >= page.total_count;
+            for m in page.data {
+                listed.insert(id_of(&m), m);
+            }
+            if done {
+                break;
+            }
+        }
+        pass.report.memberships_seen += listed.len() as u64;
+        let values: Vec<&Value> = listed.values().collect();
+        self.compare_memberships(&values, pass).await?;
+        let ids: Vec<&String> = listed.keys().collect();
+        let extra: Vec<(String, String)> = sqlx::query_as(
+            "select m.membership_id, m.user_id from members m \
+             join workspaces w on w.id = m.workspace_id and w.status = 'active' \
+             where m.workspace_id = $1 and m.removed_at is null and m.updated_at < $2 \
+               and not (m.membership_id = any($3::text[])) \
+             order by m.membership_id",
+        )
+        .bind(workspace_id)
+        .bind(started)
+        .bind(&ids)
+        .fetch_all(&self.pool)
+        .await?;
+        let now = Utc::now().timestamp_millis();
+        for (membership_id, user_id) in extra {
+            pass.drift(
+                DriftKind::MemberExtra,
+                workspace_id,
+                Some(&user_id),
+                format!("{membership_id} is active here, not in Clerk's list of the organization"),
+            );
+            pass.removals.push(synthetic(
+                "organizationMembership.deleted",
+                &format!("memdel_{membership_id}"),
+                json!({
+                    "object": "organization_membership",
+                    "id": membership_id,
+                    "organization": {"object": "organization", "id": workspace_id},
+                    "public_user_data": {"user_id": user_id},
+                }),
+                now,
+            ));
+        }
+        Ok(())
+    }
+
+    async fn compare_organizations(
+        &self,
+        values: &[&Value],
+        pass: &mut Pass<'_>,
+    ) -> Result<(), ReconcileError> {
+        let mut organizations = Vec::new();
+        for v in values {
+            match decode_organization(v) {
+                Ok(org) => organizations.push((org, *v)),
+                Err(e) => {
+                    tracing::warn!(organization = %id_of(v), error = %e, "skipping an organization Clerk listed that cannot be read")
+                }
+            }
+        }
+        let ids: Vec<&str> = organizations.iter().map(|(o, _)| o.id.as_str()).collect();
+        let local: HashMap<String, LocalWorkspace> = sqlx::query_as::<_, LocalWorkspace>(
+            "select id, status, name, slug, image_url, plan, source_version \
+             from workspaces where id = any($1)",
+        )
+        .bind(&ids)
+        .fetch_all(&self.pool)
+        .await?
+        .into_iter()
+        .map(|w| (w.id.clone(), w))
+        .collect();
+        let quotas: Vec<(String, String, i64)> = sqlx::query_as(
+            "select workspace_id, name, limit_value from workspace_quotas where workspace_id = any($1)",
+        )
+        .bind(&ids)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut quotas_of: HashMap<String, BTreeMap<String, i64>> = HashMap::new();
+        for (workspace, name, limit) in quotas {
+            quotas_of.entry(workspace).or_default().insert(name, limit);
+        }
+        let settings = self.provisioner.settings();
+        for (org, value) in organizations {
+            let Some(here) = local.get(&org.id) else {
+                pass.drift(
+                    DriftKind::WorkspaceMissing,
+                    &org.id,
+                    None,
+                    format!("{:?} is in Clerk, not here", org.name),
+                );
+                pass.events.push(synthetic(
+                    "organization.created",
+                    &format!("org_{}", org.id),
+                    value.clone(),
+                    org.updated_at,
+                ));
+                continue;
+            };
+            if here.status != "active" {
+                pass.drift(
+                    DriftKind::WorkspaceConflict,
+                    &org.id,
+                    None,
+                    "deleted here, present in Clerk; a tombstone is final, not repaired".into(),
+                );
+                continue;
+            }
+            // A snapshot older than what a webhook applied is not drift.
+            if org.updated_at >= here.source_version.unwrap_or(i64::MIN) {
+                let mut what = Vec::new();
+                differs("name", here.name.as_deref(), Some(&org.name), &mut what);
+                differs("slug", here.slug.as_deref(), org.slug.as_deref(), &mut what);
+                differs(
+                    "image_url",
+                    here.image_url.as_deref(),
+                    org.image_url.as_deref(),
+                    &mut what,
+                );
+                // An unknown plan name keeps the plan (DESIGN §5), so it is no drift.
+                let plan = match org.requested_plan.as_deref() {
+                    Some(p) if !settings.plans.contains_key(p) => here.plan.as_str(),
+                    requested => settings.plan_for(requested),
+                };
+                differs("plan", Some(&here.plan), Some(plan), &mut what);
+                if !what.is_empty() {
+                    pass.drift(DriftKind::WorkspaceStale, &org.id, None, what.join("; "));
+                    pass.events.push(synthetic(
+                        "organization.updated",
+                        &format!("org_{}", org.id),
+                        value.clone(),
+                        org.updated_at,
+                    ));
+                    // The update re-derives the quotas if the plan changes.
+                    continue;
+                }
+            }
+            let expected: BTreeMap<String, i64> = settings
+                .plans
+                .get(&here.plan)
+                .map(|q| q.iter().map(|(k, v)| (k.clone(), *v)).collect())
+                .unwrap_or_default();
+            let actual = quotas_of.remove(&org.id).unwrap_or_default();
+            if actual != expected {
+                let what: Vec<String> = expected
+                    .iter()
+                    .filter(|(k, v)| actual.get(*k) != Some(v))
+                    .map(|(k, v)| {
+                        format!(
+                            "{k}: {} here, {v} in plan {}",
+                            actual.get(k).map_or("none".into(), |a| a.to_string()),
+                            here.plan
+                        )
+                    })
+                    .chain(
+                        actual
+                            .keys()
+                            .filter(|k| !expected.contains_key(*k))
+                            .map(|k| format!("{k}: not in plan {}", here.plan)),
+                    )
+                    .collect();
+                pass.drift(DriftKind::QuotasStale, &org.id, None, what.join("; "));
+                pass.quotas.push(org.id.clone());
+            }
+        }
+        Ok(())
+    }
+
+    async fn compare_memberships(
+        &self,
+        values: &[&Value],
+        pass: &mut Pass<'_>,
+    ) -> Result<(), ReconcileError> {
+        let mut memberships = Vec::new();
+        for v in values {
+            match decode_membership(v) {
+                Ok(m) => memberships.push((m, *v)),
+                Err(e) => {
+                    tracing::warn!(membership = %id_of(v), error = %e, "skipping a membership Clerk listed that cannot be read")
+                }
+            }
+        }
+        let ids: Vec<&str> = memberships.iter().map(|(m, _)| m.id.as_str()).collect();
+        let workspaces: Vec<&str> = memberships
+            .iter()
+            .map(|(m, _)| m.organization.id.as_str())
+            .collect();
+        let local: HashMap<String, LocalMember> = sqlx::query_as::<_, LocalMember>(
+            "select membership_id, role, clerk_role, removed_at is not null as removed, \
+                    removal_reason, source_version \
+             from members where membership_id = any($1)",
+        )
+        .bind(&ids)
+        .fetch_all(&self.pool)
+        .await?
+        .into_iter()
+        .map(|m| (m.membership_id.clone(), m))
+        .collect();
+        let deleted: Vec<String> = sqlx::query_scalar(
+            "select id from workspaces where id = any($1) and status <> 'active'",
+        )
+        .bind(&workspaces)
+        .fetch_all(&self.pool)
+        .await?;
+        let settings = self.provisioner.settings();
+        for (m, value) in memberships {
+            let ws = m.organization.id.as_str();
+            let user = m.user.user_id.as_str();
+            if deleted.iter().any(|d| d == ws) {
+                // Reported as workspace_conflict with its organization.
+                continue;
+            }
+            let upsert =
+                |kind: &str| synthetic(kind, &format!("mem_{}", m.id), value.clone(), m.updated_at);
+            match local.get(&m.id) {
+                None => {
+                    pass.drift(
+                        DriftKind::MemberMissing,
+                        ws,
+                        Some(user),
+                        format!("{} ({}) is in Clerk, not here", m.id, m.role),
+                    );
+                    pass.events.push(upsert("organizationMembership.created"));
+                }
+                Some(here) if here.removed => {
+                    pass.drift(
+                        DriftKind::MemberMissing,
+                        ws,
+                        Some(user),
+                        format!(
+                            "{} is removed here ({}), listed by Clerk; a removal is final, not repaired",
+                            m.id,
+                            here.removal_reason.as_deref().unwrap_or("removed")
+                        ),
+                    );
+                }
+                Some(here) => {
+                    let role = settings.role_for(&m.role).as_str();
+                    if (here.role.as_str(), here.clerk_role.as_str()) != (role, m.role.as_str())
+                        && m.updated_at >= here.source_version.unwrap_or(i64::MIN)
+                    {
+                        pass.drift(
+                            DriftKind::MemberRole,
+                            ws,
+                            Some(user),
+                            format!(
+                                "{}: {} ({}) here, {role} ({}) in Clerk",
+                                m.id, here.role, here.clerk_role, m.role
+                            ),
+                        );
+                        pass.events.push(upsert("organizationMembership.updated"));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Records the ids of a page in a temporary table; returns those not seen before
+    /// (a scan by offset can list an item twice).
+    async fn note_seen(
+        &self,
+        conn: &mut PoolConnection<Postgres>,
+        table: &str,
+        page: &Page,
+    ) -> Result<Vec<String>, ReconcileError> {
+        let ids: Vec<String> = page.data.iter().map(id_of).collect();
+        Ok(sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "insert into {table} (id) select unnest($1::text[]) on conflict do nothing returning id"
+        )))
+        .bind(&ids)
+        .fetch_all(&mut **conn)
+        .await?)
+    }
+
+    /// Applies a pass's repairs (unless a dry run); removals only when `removals`
+    /// (at the end of a run, once they are all known) and within the budget.
+    async fn finish(
+        &self,
+        pass: Pass<'_>,
+        opts: &RunOptions,
+        removals: bool,
+    ) -> Result<(), ReconcileError> {
+        let Pass {
+            report,
+            events,
+            removals: removal_events,
+            quotas,
+        } = pass;
+        if opts.dry_run {
+            return Ok(());
+        }
+        report.applied += self.apply(&events).await?;
+        for workspace in quotas {
+            if self
+                .provisioner
+                .refresh_quotas(&self.pool, &workspace, Actor::Reconcile)
+                .await?
+            {
+                report.applied += 1;
+            }
+        }
+        if removals && !removal_events.is_empty() {
+            let count = report.drift.iter().filter(|d| d.kind.is_removal()).count();
+            if count > self.max_removals as usize && !opts.yes {
+                report.refused = Some(format!(
+                    "{count} removals exceed [reconcile] max_removals = {}; none applied (run again with --yes to apply them)",
+                    self.max_removals
+                ));
+                return Ok(());
+            }
+            report.applied += self.apply(&removal_events).await?;
+        }
+        Ok(())
+    }
+
+    /// Applies repairs as the worker would: batches of [`APPLY_BATCH`], up to
+    /// [`APPLIERS`] at once (each batch takes its advisory locks in the global
+    /// order, so concurrent batches never deadlock).
+    async fn apply(&self, events: &[Incoming]) -> Result<u64, ReconcileError> {
+        use futures_util::StreamExt;
+        use futures_util::stream::FuturesUnordered;
+        let mut chunks = events.chunks(APPLY_BATCH);
+        let mut results = FuturesUnordered::new();
+        let provisioner = &self.provisioner;
+        let pool = &self.pool;
+        for chunk in chunks.by_ref().take(APPLIERS) {
+            results.push(apply_chunk(provisioner, pool, chunk));
+        }
+        let mut applied = 0;
+        while let Some((chunk, outcomes)) = results.next().await {
+            if let Some(next) = chunks.next() {
+                results.push(apply_chunk(provisioner, pool, next));
+            }
+            for (event, result) in chunk.iter().zip(outcomes) {
+                match result {
+                    Ok(Outcome::Processed) => applied += 1,
+                    Ok(_) => {}
+                    Err(ProcessError::Database(e)) => return Err(e.into()),
+                    Err(ProcessError::Payload(e)) => {
+                        tracing::warn!(event = %event.svix_id, error = %e, "a repair could not be applied");
+                    }
+                }
+            }
+        }
+        Ok(applied)
+    }
+}
+
+async fn apply_chunk<'a>(
+    provisioner: &'a Provisioner,
+    pool: &'a PgPool,
+    chunk: &'a [Incoming],
+) -> (&'a [Incoming], Vec<Result<Outcome, ProcessError>>) {
+    (chunk, provisioner.apply_batch(pool, chunk).await)
+}
+
+impl<'a> Pass<'a> {
+    fn new(report: &'a mut Report) -> Self {
+        Self {
+            report,
+            events: Vec::new(),
+            removals: Vec::new(),
+            quotas: Vec::new(),
+        }
+    }
+}
+
+fn id_of(value: &Value) -> String {
+    value["id"].as_str().unwrap_or_default().to_owned()
+}
+
+/// Why a just-in-time sync failed (cloneable: concurrent callers share one).
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum SyncError {
+    /// No `CLERK_SECRET_KEY`.
+    #[error("CLERK_SECRET_KEY is not set: this process cannot sync from Clerk")]
+    NotConfigured,
+    /// Clerk refused, failed or could not be reached.
+    #[error("{0}")]
+    Clerk(String),
+    /// PostgreSQL failed; `unavailable` when it is down rather than wrong.
+    #[error("database error: {message}")]
+    Database {
+        /// The error, for the log.
+        message: String,
+        /// [`crate::db::DbFault::Unreachable`].
+        unavailable: bool,
+    },
+}
+
+type SharedSync = futures_util::future::Shared<
+    futures_util::future::BoxFuture<'static, Result<Found, SyncError>>,
+>;
+
+/// The read API's just-in-time sync: one organization from Clerk now, provisioned
+/// like a webhook would; concurrent syncs of one workspace share one fetch.
+#[derive(Clone)]
+pub struct JustInTime {
+    reconciler: Option<Reconciler>,
+    inflight: std::sync::Arc<std::sync::Mutex<HashMap<String, SharedSync>>>,
+}
+
+impl fmt::Debug for JustInTime {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("JustInTime")
+            .field("configured", &self.reconciler.is_some())
+            .finish()
+    }
+}
+
+impl JustInTime {
+    /// A sync service; `None` when the process has no `CLERK_SECRET_KEY`.
+    pub fn new(reconciler: Option<Reconciler>) -> Self {
+        Self {
+            reconciler,
+            inflight: Default::default(),
+        }
+    }
+
+    /// Fetches the organization `id` and its memberships and provisions them
+    /// (actor `reconcile`, same gates and proofs as a run).
+    pub async fn sync(&self, id: &str) -> Result<Found, SyncError> {
+        let Some(reconciler) = self.reconciler.clone() else {
+            return Err(SyncError::NotConfigured);
+        };
+        use futures_util::FutureExt;
+        let shared = {
+            let mut inflight = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
+            inflight
+                .entry(id.to_owned())
+                .or_insert_with(|| {
+                    let id = id.to_owned();
+                    async move {
+                        let opts = RunOptions::default();
+                        match reconciler.sync_one(&id, &opts).await {
+                            Ok((report, found)) => {
+                                if let Some(refused) = &report.refused {
+                                    tracing::warn!(workspace_id = %id, %refused, "sync left removals undone");
+                                }
+                                tracing::info!(workspace_id = %id, summary = %report.summary(), "synced from Clerk");
+                                Ok(found)
+                            }
+                            Err(ReconcileError::Clerk(ClerkError::NotConfigured)) => {
+                                Err(SyncError::NotConfigured)
+                            }
+                            Err(ReconcileError::Clerk(e)) => Err(SyncError::Clerk(e.to_string())),
+                            Err(ReconcileError::Database(e)) => Err(SyncError::Database {
+                                unavailable: crate::db::fault(&e)
+                                    == crate::db::DbFault::Unreachable,
+                                message: e.to_string(),
+                            }),
+                        }
+                    }
+                    .boxed()
+                    .shared()
+                })
+                .clone()
+        };
+        let result = shared.clone().await;
+        let mut inflight = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
+        if inflight.get(id).is_some_and(|f| f.ptr_eq(&shared)) {
+            inflight.remove(id);
+        }
+        result
+    }
+}
+
+/// Metric: scheduled runs by `result` (`ok`, `refused`, `failed`, `skipped` when
+/// another process held the run).
+pub const RUNS_TOTAL: &str = "provisioner_reconcile_runs_total";
+/// Metric: drift of the last completed run, by `kind`.
+pub const DRIFT: &str = "provisioner_reconcile_drift";
+/// Metric: duration of the last completed run, seconds.
+pub const DURATION_SECONDS: &str = "provisioner_reconcile_duration_seconds";
+
+/// The advisory lock that lets one process of a deployment run the scheduled
+/// reconcile at a time.
+const SCHEDULE_LOCK: &str = "callmine-provisioner:reconcile";
+
+impl JustInTime {
+    /// The process's reconciler, when configured.
+    pub fn reconciler(&self) -> Option<&Reconciler> {
+        self.reconciler.as_ref()
+    }
+}
+
+impl Reconciler {
+    /// One scheduled run, unless another process of the deployment is running
+    /// one (then `None`): a session advisory lock on its own connection.
+    pub async fn run_exclusive(&self) -> Result<Option<Report>, ReconcileError> {
+        let mut lock = self.pool.acquire().await?;
+        let got: bool = sqlx::query_scalar("select pg_try_advisory_lock(hashtext($1))")
+            .bind(SCHEDULE_LOCK)
+            .fetch_one(&mut *lock)
+            .await?;
+        if !got {
+            return Ok(None);
+        }
+        let result = self.run(&RunOptions::default(), &Silent).await;
+        let unlocked = sqlx::query("select pg_advisory_unlock(hashtext($1))")
+            .bind(SCHEDULE_LOCK)
+            .execute(&mut *lock)
+            .await;
+        if unlocked.is_err() {
+            // The connection is suspect: close it, which releases the lock.
+            let _ = lock.detach();
+        }
+        result.map(Some)
+    }
+}
+
+/// Runs a full reconcile every `every` until `stop`, recording the metrics.
+pub async fn scheduled(
+    reconciler: Reconciler,
+    every: std::time::Duration,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let started = std::time::Instant::now();
+        let result = tokio::select! {
+            () = stop.cancelled() => return,
+            r = reconciler.run_exclusive() => r,
+        };
+        let label = match &result {
+            Ok(None) => "skipped",
+            Ok(Some(report)) => {
+                metrics::gauge!(DURATION_SECONDS).set(started.elapsed().as_secs_f64());
+                let counts = report.counts();
+                for kind in DriftKind::ALL {
+                    let n = counts.get(&kind).copied().unwrap_or(0);
+                    metrics::gauge!(DRIFT, "kind" => kind.as_str()).set(n as f64);
+                }
+                match &report.refused {
+                    Some(refused) => {
+                        tracing::warn!(summary = %report.summary(), %refused, "scheduled reconcile refused its removals");
+                        "refused"
+                    }
+                    None => {
+                        tracing::info!(summary = %report.summary(), "scheduled reconcile done");
+                        "ok"
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "scheduled reconcile failed; next try at the next interval");
+                "failed"
+            }
+        };
+        metrics::counter!(RUNS_TOTAL, "result" => label).increment(1);
+    }
+}
+
+/// Starts [`scheduled`] when `[reconcile] interval_s` is set and the process has a
+/// reconciler; says why not otherwise.
+pub fn spawn_scheduled(
+    reconciler: Option<&Reconciler>,
+    interval_s: u64,
+    stop: tokio_util::sync::CancellationToken,
+) -> Option<tokio::task::JoinHandle<()>> {
+    if interval_s == 0 {
+        return None;
+    }
+    let Some(reconciler) = reconciler else {
+        tracing::warn!(
+            "[reconcile] interval_s is set but CLERK_SECRET_KEY is not: no scheduled reconcile"
+        );
+        return None;
+    };
+    tracing::info!(interval_s, "scheduled reconcile on");
+    Some(tokio::spawn(scheduled(
+        reconciler.clone(),
+        std::time::Duration::from_secs(interval_s),
+        stop,
+    )))
+}
