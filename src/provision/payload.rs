@@ -303,6 +303,30 @@ fn decode_object(kind: &str, root: &Map<String, Value>) -> Result<Decoded, Paylo
     })
 }
 
+/// An Organization object as Clerk's Backend API lists it (the webhook's `data`
+/// schema), decoded by the same rules as a webhook's.
+pub fn organization_object(value: &Value) -> Result<Organization, PayloadError> {
+    match value {
+        Value::Object(map) => organization(&Obj::new("data", map)),
+        other => Err(PayloadError(format!(
+            "an organization must be a JSON object, got {}",
+            type_name(other)
+        ))),
+    }
+}
+
+/// An OrganizationMembership object as Clerk's Backend API lists it, decoded by
+/// the same rules as a webhook's.
+pub fn membership_object(value: &Value) -> Result<Membership, PayloadError> {
+    match value {
+        Value::Object(map) => membership(&Obj::new("data", map)),
+        other => Err(PayloadError(format!(
+            "a membership must be a JSON object, got {}",
+            type_name(other)
+        ))),
+    }
+}
+
 fn organization(o: &Obj<'_>) -> Result<Organization, PayloadError> {
     let requested_plan = match o.opt_obj("public_metadata")? {
         // Only a string can name a plan; anything else means "no plan requested".

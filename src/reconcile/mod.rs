@@ -29,7 +29,7 @@ use sqlx::postgres::Postgres;
 
 use crate::clerk::EventType;
 use crate::clerk::api::{ClerkApi, ClerkError, Memberships, PAGE_LIMIT, Page};
-use crate::provision::payload::{self, Event, Membership, Organization};
+use crate::provision::payload::{self, Decoded, Event, Membership, Organization};
 use crate::provision::{Actor, Incoming, Outcome, ProcessError, Provisioner};
 
 /// Repairs applied per transaction (as the worker's default batch).
@@ -245,7 +245,7 @@ struct LocalMember {
 /// One run's findings and the events that repair them.
 struct Pass<'a> {
     report: &'a mut Report,
-    events: Vec<Incoming>,
+    events: Vec<Prepared>,
     removals: Vec<Incoming>,
     quotas: Vec<String>,
 }
@@ -288,29 +288,37 @@ fn synthetic(kind: &str, id_part: &str, data: Value, timestamp_ms: i64) -> Incom
     }
 }
 
-fn decode_organization(value: &Value) -> Result<Organization, String> {
-    let body = json!({"type": "organization.updated", "timestamp": 0, "data": value});
-    match payload::decode("organization.updated", body.to_string().as_bytes()) {
-        Ok(d) => match d.event {
-            Event::OrganizationUpsert(org) => Ok(org),
-            _ => Err("not an organization".into()),
-        },
-        Err(e) => Err(e.0),
+/// A repair ready to apply: the synthetic event and the snapshot it carries,
+/// already decoded (the comparison read it), so it is parsed once.
+type Prepared = (Incoming, Decoded);
+
+fn prepared(kind: &str, id_part: &str, data: &Value, timestamp_ms: i64, event: Event) -> Prepared {
+    let incoming = synthetic(kind, id_part, data.clone(), timestamp_ms);
+    let decoded = Decoded {
+        kind: EventType::parse(kind),
+        timestamp_ms: Some(timestamp_ms),
+        event,
+    };
+    (incoming, decoded)
+}
+
+/// A removal (few per run) decoded from its synthetic body.
+fn decode_removal(incoming: Incoming) -> Option<Prepared> {
+    match incoming.decode() {
+        Ok(decoded) => Some((incoming, decoded)),
+        Err(e) => {
+            tracing::warn!(event = %incoming.svix_id, error = %e.error, "a removal could not be prepared");
+            None
+        }
     }
 }
 
+fn decode_organization(value: &Value) -> Result<Organization, String> {
+    payload::organization_object(value).map_err(|e| e.0)
+}
+
 fn decode_membership(value: &Value) -> Result<Membership, String> {
-    let body = json!({"type": "organizationMembership.updated", "timestamp": 0, "data": value});
-    match payload::decode(
-        "organizationMembership.updated",
-        body.to_string().as_bytes(),
-    ) {
-        Ok(d) => match d.event {
-            Event::MembershipUpsert(m) => Ok(m),
-            _ => Err("not a membership".into()),
-        },
-        Err(e) => Err(e.0),
-    }
+    payload::membership_object(value).map_err(|e| e.0)
 }
 
 fn differs(field: &str, here: Option<&str>, clerk: Option<&str>, out: &mut Vec<String>) {
@@ -359,7 +367,10 @@ impl Reconciler {
             .fetch_one(&mut *conn)
             .await?;
 
-        // Organizations, page by page.
+        // Organizations, page by page. A page's repairs are applied while the next
+        // page is fetched and compared (pages hold different organizations, and
+        // different memberships, so their order does not matter within a phase).
+        let mut inflight: Option<tokio::task::JoinHandle<Result<u64, ReconcileError>>> = None;
         let mut offset = 0u64;
         let mut first = true;
         loop {
@@ -382,12 +393,20 @@ impl Reconciler {
             let mut pass = Pass::new(&mut report);
             self.compare_organizations(&organizations, &mut pass)
                 .await?;
-            self.finish(pass, opts, false).await?;
+            let repairs = pass.into_repairs();
+            report.applied += self.settle(inflight.take()).await?;
+            if !opts.dry_run {
+                let me = self.clone();
+                inflight = Some(tokio::spawn(async move { me.apply_repairs(repairs).await }));
+            }
             progress.advance(page.data.len() as u64);
             if done {
                 break;
             }
         }
+
+        // Every organization is in place before memberships are applied.
+        report.applied += self.settle(inflight.take()).await?;
 
         // Memberships of the whole instance, page by page.
         let mut offset = 0u64;
@@ -418,12 +437,19 @@ impl Reconciler {
                 .collect();
             let mut pass = Pass::new(&mut report);
             self.compare_memberships(&memberships, &mut pass).await?;
-            self.finish(pass, opts, false).await?;
+            let repairs = pass.into_repairs();
+            report.applied += self.settle(inflight.take()).await?;
+            if !opts.dry_run {
+                let me = self.clone();
+                inflight = Some(tokio::spawn(async move { me.apply_repairs(repairs).await }));
+            }
             progress.advance(page.data.len() as u64);
             if done {
                 break;
             }
         }
+
+        report.applied += self.settle(inflight.take()).await?;
 
         // What is active here and the scan did not see: prove it gone, or compare it.
         progress.phase("removals", None);
@@ -649,11 +675,12 @@ impl Reconciler {
                     None,
                     format!("{:?} is in Clerk, not here", org.name),
                 );
-                pass.events.push(synthetic(
+                pass.events.push(prepared(
                     "organization.created",
                     &format!("org_{}", org.id),
-                    value.clone(),
+                    value,
                     org.updated_at,
+                    Event::OrganizationUpsert(org.clone()),
                 ));
                 continue;
             };
@@ -685,11 +712,12 @@ impl Reconciler {
                 differs("plan", Some(&here.plan), Some(plan), &mut what);
                 if !what.is_empty() {
                     pass.drift(DriftKind::WorkspaceStale, &org.id, None, what.join("; "));
-                    pass.events.push(synthetic(
+                    pass.events.push(prepared(
                         "organization.updated",
                         &format!("org_{}", org.id),
-                        value.clone(),
+                        value,
                         org.updated_at,
+                        Event::OrganizationUpsert(org.clone()),
                     ));
                     // The update re-derives the quotas if the plan changes.
                     continue;
@@ -770,8 +798,15 @@ impl Reconciler {
                 // Reported as workspace_conflict with its organization.
                 continue;
             }
-            let upsert =
-                |kind: &str| synthetic(kind, &format!("mem_{}", m.id), value.clone(), m.updated_at);
+            let upsert = |kind: &str| {
+                prepared(
+                    kind,
+                    &format!("mem_{}", m.id),
+                    value,
+                    m.updated_at,
+                    Event::MembershipUpsert(m.clone()),
+                )
+            };
             match local.get(&m.id) {
                 None => {
                     pass.drift(
@@ -869,15 +904,48 @@ impl Reconciler {
                 ));
                 return Ok(());
             }
+            let removal_events: Vec<Prepared> = removal_events
+                .into_iter()
+                .filter_map(decode_removal)
+                .collect();
             report.applied += self.apply(&removal_events).await?;
         }
         Ok(())
     }
 
+    /// Waits for a page's repairs applied in the background; what they changed.
+    async fn settle(
+        &self,
+        inflight: Option<tokio::task::JoinHandle<Result<u64, ReconcileError>>>,
+    ) -> Result<u64, ReconcileError> {
+        match inflight {
+            None => Ok(0),
+            Some(task) => match task.await {
+                Ok(result) => result,
+                Err(e) => std::panic::resume_unwind(e.into_panic()),
+            },
+        }
+    }
+
+    /// Applies a page's repairs (events, then quota refreshes); what they changed.
+    async fn apply_repairs(self, repairs: Repairs) -> Result<u64, ReconcileError> {
+        let mut applied = self.apply(&repairs.events).await?;
+        for workspace in repairs.quotas {
+            if self
+                .provisioner
+                .refresh_quotas(&self.pool, &workspace, Actor::Reconcile)
+                .await?
+            {
+                applied += 1;
+            }
+        }
+        Ok(applied)
+    }
+
     /// Applies repairs as the worker would: batches of [`APPLY_BATCH`], up to
     /// [`APPLIERS`] at once (each batch takes its advisory locks in the global
     /// order, so concurrent batches never deadlock).
-    async fn apply(&self, events: &[Incoming]) -> Result<u64, ReconcileError> {
+    async fn apply(&self, events: &[Prepared]) -> Result<u64, ReconcileError> {
         use futures_util::StreamExt;
         use futures_util::stream::FuturesUnordered;
         let mut chunks = events.chunks(APPLY_BATCH);
@@ -892,7 +960,7 @@ impl Reconciler {
             if let Some(next) = chunks.next() {
                 results.push(apply_chunk(provisioner, pool, next));
             }
-            for (event, result) in chunk.iter().zip(outcomes) {
+            for ((event, _), result) in chunk.iter().zip(outcomes) {
                 match result {
                     Ok(Outcome::Processed) => applied += 1,
                     Ok(_) => {}
@@ -910,12 +978,29 @@ impl Reconciler {
 async fn apply_chunk<'a>(
     provisioner: &'a Provisioner,
     pool: &'a PgPool,
-    chunk: &'a [Incoming],
-) -> (&'a [Incoming], Vec<Result<Outcome, ProcessError>>) {
-    (chunk, provisioner.apply_batch(pool, chunk).await)
+    chunk: &'a [Prepared],
+) -> (&'a [Prepared], Vec<Result<Outcome, ProcessError>>) {
+    let ready: Vec<(&Incoming, &Decoded)> = chunk.iter().map(|(i, d)| (i, d)).collect();
+    (chunk, provisioner.apply_decoded(pool, &ready).await)
+}
+
+/// A page's repairs, owned, to apply in the background.
+struct Repairs {
+    events: Vec<Prepared>,
+    quotas: Vec<String>,
 }
 
 impl<'a> Pass<'a> {
+    /// The repairs of a page pass (which never finds removals: those are proved
+    /// at the end of a run).
+    fn into_repairs(self) -> Repairs {
+        debug_assert!(self.removals.is_empty());
+        Repairs {
+            events: self.events,
+            quotas: self.quotas,
+        }
+    }
+
     fn new(report: &'a mut Report) -> Self {
         Self {
             report,
