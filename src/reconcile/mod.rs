@@ -367,89 +367,58 @@ impl Reconciler {
             .fetch_one(&mut *conn)
             .await?;
 
-        // Organizations, page by page. A page's repairs are applied while the next
-        // page is fetched and compared (pages hold different organizations, and
-        // different memberships, so their order does not matter within a phase).
-        let mut inflight: Option<tokio::task::JoinHandle<Result<u64, ReconcileError>>> = None;
-        let mut offset = 0u64;
-        let mut first = true;
-        loop {
-            let page = self.api.organizations(offset, PAGE_LIMIT).await?;
-            if first {
-                progress.phase("organizations", Some(page.total_count));
-                first = false;
+        // Organizations, then memberships, page by page. Each page's repairs go to
+        // a pipeline of appliers that keeps working while the next page is fetched
+        // and compared; the next page is fetched while this one is compared. Pages
+        // hold different organizations, and different memberships, so their order
+        // does not matter within a phase; every organization is in place before
+        // any membership is applied.
+        for phase in [Phase::Organizations, Phase::Memberships] {
+            let mut pipeline = (!opts.dry_run).then(|| Pipeline::start(self));
+            let mut next = Some(self.prefetch(phase, 0));
+            let mut offset = 0u64;
+            let mut first = true;
+            while let Some(fetch) = next.take() {
+                let page = match fetch.await {
+                    Ok(page) => page?,
+                    Err(e) => std::panic::resume_unwind(e.into_panic()),
+                };
+                if first {
+                    progress.phase(phase.name(), Some(page.total_count));
+                    first = false;
+                }
+                offset += page.data.len() as u64;
+                if !(page.data.is_empty() || offset >= page.total_count) {
+                    next = Some(self.prefetch(phase, offset));
+                }
+                let table = phase.seen_table();
+                let new = self.note_seen(&mut conn, table, &page).await?;
+                let fresh: Vec<&Value> = page
+                    .data
+                    .iter()
+                    .filter(|v| new.contains(&id_of(v)))
+                    .collect();
+                let mut pass = Pass::new(&mut report);
+                match phase {
+                    Phase::Organizations => {
+                        pass.report.organizations_seen += new.len() as u64;
+                        self.compare_organizations(&fresh, &mut pass).await?;
+                    }
+                    Phase::Memberships => {
+                        pass.report.memberships_seen += new.len() as u64;
+                        self.compare_memberships(&fresh, &mut pass).await?;
+                    }
+                }
+                let repairs = pass.into_repairs();
+                if let Some(pipeline) = pipeline.as_mut() {
+                    pipeline.submit(repairs).await?;
+                }
+                progress.advance(page.data.len() as u64);
             }
-            offset += page.data.len() as u64;
-            let done = page.data.is_empty() || offset >= page.total_count;
-            let new = self
-                .note_seen(&mut conn, "reconcile_seen_orgs", &page)
-                .await?;
-            report.organizations_seen += new.len() as u64;
-            let organizations: Vec<&Value> = page
-                .data
-                .iter()
-                .filter(|v| new.contains(&id_of(v)))
-                .collect();
-            let mut pass = Pass::new(&mut report);
-            self.compare_organizations(&organizations, &mut pass)
-                .await?;
-            let repairs = pass.into_repairs();
-            report.applied += self.settle(inflight.take()).await?;
-            if !opts.dry_run {
-                let me = self.clone();
-                inflight = Some(tokio::spawn(async move { me.apply_repairs(repairs).await }));
-            }
-            progress.advance(page.data.len() as u64);
-            if done {
-                break;
-            }
-        }
-
-        // Every organization is in place before memberships are applied.
-        report.applied += self.settle(inflight.take()).await?;
-
-        // Memberships of the whole instance, page by page.
-        let mut offset = 0u64;
-        let mut first = true;
-        loop {
-            let page = self
-                .api
-                .memberships(Memberships::All, offset, PAGE_LIMIT)
-                .await?
-                .unwrap_or(Page {
-                    data: Vec::new(),
-                    total_count: 0,
-                });
-            if first {
-                progress.phase("memberships", Some(page.total_count));
-                first = false;
-            }
-            offset += page.data.len() as u64;
-            let done = page.data.is_empty() || offset >= page.total_count;
-            let new = self
-                .note_seen(&mut conn, "reconcile_seen_members", &page)
-                .await?;
-            report.memberships_seen += new.len() as u64;
-            let memberships: Vec<&Value> = page
-                .data
-                .iter()
-                .filter(|v| new.contains(&id_of(v)))
-                .collect();
-            let mut pass = Pass::new(&mut report);
-            self.compare_memberships(&memberships, &mut pass).await?;
-            let repairs = pass.into_repairs();
-            report.applied += self.settle(inflight.take()).await?;
-            if !opts.dry_run {
-                let me = self.clone();
-                inflight = Some(tokio::spawn(async move { me.apply_repairs(repairs).await }));
-            }
-            progress.advance(page.data.len() as u64);
-            if done {
-                break;
+            if let Some(pipeline) = pipeline {
+                report.applied += pipeline.finish().await?;
             }
         }
-
-        report.applied += self.settle(inflight.take()).await?;
 
         // What is active here and the scan did not see: prove it gone, or compare it.
         progress.phase("removals", None);
@@ -913,33 +882,37 @@ impl Reconciler {
         Ok(())
     }
 
-    /// Waits for a page's repairs applied in the background; what they changed.
-    async fn settle(
+    /// Starts fetching a page of `phase` in the background.
+    fn prefetch(
         &self,
-        inflight: Option<tokio::task::JoinHandle<Result<u64, ReconcileError>>>,
-    ) -> Result<u64, ReconcileError> {
-        match inflight {
-            None => Ok(0),
-            Some(task) => match task.await {
-                Ok(result) => result,
-                Err(e) => std::panic::resume_unwind(e.into_panic()),
-            },
-        }
+        phase: Phase,
+        offset: u64,
+    ) -> tokio::task::JoinHandle<Result<Page, ReconcileError>> {
+        let api = self.api.clone();
+        tokio::spawn(async move {
+            Ok(match phase {
+                Phase::Organizations => api.organizations(offset, PAGE_LIMIT).await?,
+                Phase::Memberships => api
+                    .memberships(Memberships::All, offset, PAGE_LIMIT)
+                    .await?
+                    .unwrap_or(Page {
+                        data: Vec::new(),
+                        total_count: 0,
+                    }),
+            })
+        })
     }
 
-    /// Applies a page's repairs (events, then quota refreshes); what they changed.
-    async fn apply_repairs(self, repairs: Repairs) -> Result<u64, ReconcileError> {
-        let mut applied = self.apply(&repairs.events).await?;
-        for workspace in repairs.quotas {
-            if self
-                .provisioner
-                .refresh_quotas(&self.pool, &workspace, Actor::Reconcile)
-                .await?
-            {
-                applied += 1;
-            }
+    /// Applies one job of a [`Pipeline`]; what it changed.
+    async fn apply_job(&self, job: Job) -> Result<u64, ReconcileError> {
+        match job {
+            Job::Events(events) => self.apply(&events).await,
+            Job::Quotas(workspace) => Ok(u64::from(
+                self.provisioner
+                    .refresh_quotas(&self.pool, &workspace, Actor::Reconcile)
+                    .await?,
+            )),
         }
-        Ok(applied)
     }
 
     /// Applies repairs as the worker would: batches of [`APPLY_BATCH`], up to
@@ -988,6 +961,141 @@ async fn apply_chunk<'a>(
 struct Repairs {
     events: Vec<Prepared>,
     quotas: Vec<String>,
+}
+
+/// The two scans of a full run.
+#[derive(Debug, Clone, Copy)]
+enum Phase {
+    Organizations,
+    Memberships,
+}
+
+impl Phase {
+    fn name(self) -> &'static str {
+        match self {
+            Phase::Organizations => "organizations",
+            Phase::Memberships => "memberships",
+        }
+    }
+
+    fn seen_table(self) -> &'static str {
+        match self {
+            Phase::Organizations => "reconcile_seen_orgs",
+            Phase::Memberships => "reconcile_seen_members",
+        }
+    }
+}
+
+/// A unit of work of the appliers: one batch of events, or one quota refresh.
+enum Job {
+    Events(Vec<Prepared>),
+    Quotas(String),
+}
+
+/// [`APPLIERS`] tasks applying repairs as the scan hands them over, so a page's
+/// last batches never leave the others idle while the next page is compared.
+struct Pipeline {
+    jobs: tokio::sync::mpsc::Sender<Job>,
+    appliers: tokio::task::JoinSet<Result<u64, ReconcileError>>,
+    failed: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Pipeline {
+    fn start(reconciler: &Reconciler) -> Self {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let (jobs, queue) = tokio::sync::mpsc::channel::<Job>(APPLIERS * 2);
+        let queue = Arc::new(tokio::sync::Mutex::new(queue));
+        let failed = Arc::new(AtomicBool::new(false));
+        let mut appliers = tokio::task::JoinSet::new();
+        for _ in 0..APPLIERS {
+            let me = reconciler.clone();
+            let queue = queue.clone();
+            let failed = failed.clone();
+            appliers.spawn(async move {
+                let mut applied = 0;
+                loop {
+                    let job = queue.lock().await.recv().await;
+                    let Some(job) = job else { break };
+                    if failed.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    match me.apply_job(job).await {
+                        Ok(n) => applied += n,
+                        Err(e) => {
+                            failed.store(true, Ordering::Relaxed);
+                            return Err(e);
+                        }
+                    }
+                }
+                Ok(applied)
+            });
+        }
+        Pipeline {
+            jobs,
+            appliers,
+            failed,
+        }
+    }
+
+    /// Hands a page's repairs to the appliers, in batches of [`APPLY_BATCH`]
+    /// (waits while they are all busy and the queue is full). An applier's
+    /// failure ends the run with its error.
+    async fn submit(&mut self, repairs: Repairs) -> Result<(), ReconcileError> {
+        let mut events = repairs.events.into_iter().peekable();
+        let batches = std::iter::from_fn(|| {
+            events.peek()?;
+            Some(Job::Events(events.by_ref().take(APPLY_BATCH).collect()))
+        });
+        for job in batches.chain(repairs.quotas.into_iter().map(Job::Quotas)) {
+            if self.failed.load(std::sync::atomic::Ordering::Relaxed)
+                || self.jobs.send(job).await.is_err()
+            {
+                return self.fail().await;
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits for every job handed over; what they changed in all.
+    async fn finish(self) -> Result<u64, ReconcileError> {
+        let Pipeline {
+            jobs, mut appliers, ..
+        } = self;
+        drop(jobs);
+        let mut applied = 0;
+        let mut first_error = None;
+        while let Some(joined) = appliers.join_next().await {
+            match joined {
+                Ok(Ok(n)) => applied += n,
+                Ok(Err(e)) => {
+                    first_error.get_or_insert(e);
+                }
+                Err(e) => std::panic::resume_unwind(e.into_panic()),
+            }
+        }
+        match first_error {
+            Some(e) => Err(e),
+            None => Ok(applied),
+        }
+    }
+
+    /// An applier failed: stop the others and return its error.
+    async fn fail(&mut self) -> Result<(), ReconcileError> {
+        let (closed, _) = tokio::sync::mpsc::channel(1);
+        let pipeline = std::mem::replace(
+            self,
+            Pipeline {
+                jobs: closed,
+                appliers: tokio::task::JoinSet::new(),
+                failed: self.failed.clone(),
+            },
+        );
+        match pipeline.finish().await {
+            Err(e) => Err(e),
+            Ok(_) => unreachable!("the appliers stop before the end only on an error"),
+        }
+    }
 }
 
 impl<'a> Pass<'a> {
