@@ -45,7 +45,9 @@ pub fn spawn(
     tokio::spawn(async move {
         let mut broker: Option<(Connection, Channel)> = None;
         let mut warned = false;
-        let mut ticks = tokio::time::interval(interval);
+        // The first poll after one interval: a process that lives shorter (a test
+        // application) never opens the connection.
+        let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
