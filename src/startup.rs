@@ -88,6 +88,9 @@ impl Application {
     /// the migrations in the background once PostgreSQL answers, and meanwhile
     /// the read API answers 503 `database_unavailable` (`db::prepare_or_defer`).
     pub async fn build(settings: Settings, options: ServeOptions) -> anyhow::Result<Self> {
+        // The recorder first: a series set before it exists (the publisher's
+        // connection gauge) would be lost.
+        let metrics = telemetry::metrics_handle();
         let shutdown = CancellationToken::new();
         // A failed build stops what it started (the background migrations).
         let stop_on_failure = shutdown.clone().drop_guard();
@@ -124,7 +127,7 @@ impl Application {
             settings: Arc::new(settings),
             publisher,
             db: pool,
-            metrics: telemetry::metrics_handle(),
+            metrics,
         };
         stop_on_failure.disarm();
         Ok(Self {
@@ -262,6 +265,7 @@ pub async fn run_worker(
     settings: Settings,
     signal: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    // The recorder first: a series set before it exists would be lost.
     let metrics = telemetry::metrics_handle();
     // Bound before the slow start, so a bad address fails at once.
     let listener = match settings.metrics.worker_listen {

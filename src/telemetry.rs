@@ -159,7 +159,18 @@ where
             Value::String(chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true)),
         );
         line.insert("level".into(), Value::String(meta.level().to_string()));
-        line.insert("target".into(), Value::String(meta.target().to_owned()));
+        // A record of the `log` crate (rustls, …) arrives with target `log` and its
+        // own in `log.target`: show it as the default formatter does.
+        let target = match line.remove("log.target") {
+            Some(Value::String(target)) => {
+                for key in ["log.module_path", "log.file", "log.line"] {
+                    line.remove(key);
+                }
+                target
+            }
+            _ => meta.target().to_owned(),
+        };
+        line.insert("target".into(), Value::String(target));
         let text = serde_json::to_string(&line).map_err(|_| fmt::Error)?;
         writeln!(writer, "{text}")
     }
