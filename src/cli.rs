@@ -52,24 +52,9 @@ pub async fn run(cli: Cli, settings: Settings) -> anyhow::Result<()> {
             app.run(signal).await
         }
         Command::Worker => {
-            let pool = startup::prepare(&settings).await?;
-            let ctx = crate::worker::WorkerContext {
-                settings: std::sync::Arc::new(settings),
-                db: pool,
-            };
-            let token = tokio_util::sync::CancellationToken::new();
-            let reconciler = startup::reconciler(&ctx.settings, &ctx.db)?;
-            let _reconcile = crate::reconcile::spawn_scheduled(
-                reconciler.as_ref(),
-                ctx.settings.reconcile.interval_s,
-                token.clone(),
-            );
-            let stop = token.clone();
-            tokio::spawn(async move {
-                startup::shutdown_signal().await;
-                stop.cancel();
-            });
-            crate::worker::run(ctx, token).await
+            // Installed first: a SIGTERM during start-up is a graceful stop too.
+            let signal = startup::shutdown_signal();
+            startup::run_worker(settings, signal).await
         }
         Command::Migrate => {
             startup::prepare(&settings).await?;

@@ -88,6 +88,9 @@ impl Application {
     /// the migrations in the background once PostgreSQL answers, and meanwhile
     /// the read API answers 503 `database_unavailable` (`db::prepare_or_defer`).
     pub async fn build(settings: Settings, options: ServeOptions) -> anyhow::Result<Self> {
+        // The recorder first: a series set before it exists (the publisher's
+        // connection gauge) would be lost.
+        let metrics = telemetry::metrics_handle();
         let shutdown = CancellationToken::new();
         // A failed build stops what it started (the background migrations).
         let stop_on_failure = shutdown.clone().drop_guard();
@@ -124,7 +127,7 @@ impl Application {
             settings: Arc::new(settings),
             publisher,
             db: pool,
-            metrics: telemetry::metrics_handle(),
+            metrics,
         };
         stop_on_failure.disarm();
         Ok(Self {
@@ -172,6 +175,14 @@ impl Application {
         } else {
             None
         };
+
+        telemetry::poll::spawn(
+            state.settings.broker.url.clone(),
+            Topology::new(&state.settings.broker, &state.settings.worker),
+            state.db.clone(),
+            Duration::from_millis(state.settings.metrics.poll_interval_ms),
+            shutdown.child_token(),
+        );
 
         let _reconcile = crate::reconcile::spawn_scheduled(
             state.sync.reconciler(),
@@ -245,6 +256,64 @@ impl Application {
         tracing::info!("stopped");
         Ok(())
     }
+}
+
+/// Runs `provisioner worker`: the worker, the scheduled reconcile, the metrics
+/// poll and, when `[metrics] worker_listen` is set, a listener for `/metrics` and
+/// `/healthz`, until `signal` completes.
+pub async fn run_worker(
+    settings: Settings,
+    signal: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    // The recorder first: a series set before it exists would be lost.
+    let metrics = telemetry::metrics_handle();
+    // Bound before the slow start, so a bad address fails at once.
+    let listener = match settings.metrics.worker_listen {
+        Some(addr) => Some(
+            crate::http::server::bind(addr)
+                .with_context(|| format!("cannot listen on {addr} (metrics.worker_listen)"))?,
+        ),
+        None => None,
+    };
+    let pool = prepare(&settings).await?;
+    let ctx = worker::WorkerContext {
+        settings: Arc::new(settings),
+        db: pool,
+    };
+    let token = CancellationToken::new();
+    let reconciler = reconciler(&ctx.settings, &ctx.db)?;
+    let _reconcile = crate::reconcile::spawn_scheduled(
+        reconciler.as_ref(),
+        ctx.settings.reconcile.interval_s,
+        token.clone(),
+    );
+    telemetry::poll::spawn(
+        ctx.settings.broker.url.clone(),
+        Topology::new(&ctx.settings.broker, &ctx.settings.worker),
+        ctx.db.clone(),
+        Duration::from_millis(ctx.settings.metrics.poll_interval_ms),
+        token.child_token(),
+    );
+    let stop = token.clone();
+    tokio::spawn(async move {
+        signal.await;
+        stop.cancel();
+    });
+    let http_stop = CancellationToken::new();
+    if let Some(listener) = listener {
+        tracing::info!(listen = %listener.local_addr()?, "serving /metrics and /healthz");
+        let limits = crate::http::server::Limits::of(&ctx.settings.http);
+        let stop = http_stop.clone();
+        tokio::spawn(async move {
+            let app = crate::http::health::worker_router(metrics);
+            if let Err(e) = crate::http::server::serve(listener, app, limits, stop).await {
+                tracing::error!(error = %e, "the metrics listener failed");
+            }
+        });
+    }
+    let result = worker::run(ctx, token).await;
+    http_stop.cancel();
+    result
 }
 
 /// Completes on SIGTERM or Ctrl-C.

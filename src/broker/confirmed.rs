@@ -41,6 +41,10 @@ pub enum PublishError {
 }
 
 impl PublishError {
+    /// Every value of [`PublishError::reason`].
+    pub const REASONS: [&'static str; 5] =
+        ["unavailable", "disconnected", "nack", "returned", "timeout"];
+
     /// A short label for metrics.
     pub fn reason(&self) -> &'static str {
         match self {

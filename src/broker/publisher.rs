@@ -329,8 +329,18 @@ async fn declare(connection: &Connection, topology: &Topology) -> Result<(), lap
     Ok(())
 }
 
+/// 1 while the named connection is up, else 0 (docs/operations.md).
+fn connected_gauge(shared: &Shared, up: bool) {
+    metrics::gauge!("broker_connected", "connection" => shared.name.clone()).set(if up {
+        1.0
+    } else {
+        0.0
+    });
+}
+
 async fn supervise(shared: Arc<Shared>, shutdown: CancellationToken) {
     let mut delay = Duration::from_millis(200);
+    connected_gauge(&shared, false);
     loop {
         if shutdown.is_cancelled() {
             return;
@@ -342,6 +352,7 @@ async fn supervise(shared: Arc<Shared>, shutdown: CancellationToken) {
                 let link = Arc::new(link);
                 *shared.link.write().await = Some(link.clone());
                 shared.connected.notify_waiters();
+                connected_gauge(&shared, true);
                 let mut last_repair: Option<Instant> = None;
                 // Watch the connection until it fails or we shut down. While it is
                 // up, a returned message or a failed channel means the topology was
@@ -370,6 +381,7 @@ async fn supervise(shared: Arc<Shared>, shutdown: CancellationToken) {
                     }
                 }
                 tracing::warn!(broker.url = %shared.url, connection = %shared.name, "broker connection lost; reconnecting");
+                connected_gauge(&shared, false);
                 shared.link.write().await.take();
                 let _ = tokio::time::timeout(
                     Duration::from_secs(2),

@@ -106,6 +106,8 @@ pub struct Settings {
     pub provisioning: ProvisioningSettings,
     /// Logging.
     pub log: LogSettings,
+    /// Prometheus metrics: the broker and database poll, the worker's own listener.
+    pub metrics: MetricsSettings,
     /// One line per deprecated setting the sources used. Loading happens before
     /// logging starts, so the caller logs these once tracing is up.
     #[serde(skip)]
@@ -293,6 +295,19 @@ pub struct LogSettings {
     pub format: LogFormat,
 }
 
+/// `[metrics]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsSettings {
+    /// How often `serve` and `worker` poll the queue depths (passive declares) and
+    /// the database connection for their gauges (ms; 0 = never).
+    pub poll_interval_ms: u64,
+    /// Address of `provisioner worker`'s own `/metrics` and `/healthz` listener;
+    /// none when unset (`serve` answers `/metrics` on its HTTP listener).
+    #[serde(default, deserialize_with = "optional_socket_addr")]
+    pub worker_listen: Option<SocketAddr>,
+}
+
 /// A setting that is missing or invalid; displays as one line naming it.
 #[derive(Debug, thiserror::Error)]
 #[error("invalid setting `{setting}`: {message}")]
@@ -323,6 +338,17 @@ fn socket_addr<'de, D: Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> 
     let raw = String::deserialize(d)?;
     raw.parse().map_err(|_| {
         serde::de::Error::custom(format!("`{raw}` is not an address like 127.0.0.1:8080"))
+    })
+}
+
+/// An optional address; an empty string is none.
+fn optional_socket_addr<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
+    let raw = String::deserialize(d)?;
+    if raw.trim().is_empty() {
+        return Ok(None);
+    }
+    raw.trim().parse().map(Some).map_err(|_| {
+        serde::de::Error::custom(format!("`{raw}` is not an address like 127.0.0.1:9090"))
     })
 }
 

@@ -7,7 +7,7 @@
 
 /// Environment variable → the dotted key it overrides. Errors about one of these
 /// keys name the variable too, so an operator finds it whichever layer set it.
-pub(super) const ENV_KEYS: [(&str, &str); 11] = [
+pub(super) const ENV_KEYS: [(&str, &str); 12] = [
     ("PROVISIONER_ENV", "environment"),
     ("PROVISIONER_LISTEN", "http.listen"),
     ("DATABASE_URL", "database.url"),
@@ -19,6 +19,7 @@ pub(super) const ENV_KEYS: [(&str, &str); 11] = [
     ("PROVISIONER_API_TOKENS", "api.tokens"),
     ("RUST_LOG", "log.filter"),
     ("LOG_FORMAT", "log.format"),
+    ("PROVISIONER_METRICS_LISTEN", "metrics.worker_listen"),
 ];
 
 /// Environment variable → the dotted key of an integer setting it overrides; the

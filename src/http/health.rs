@@ -16,6 +16,7 @@ use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::{Json, Router};
+use metrics_exporter_prometheus::PrometheusHandle;
 use serde_json::json;
 
 use crate::http::AppState;
@@ -84,6 +85,7 @@ async fn readyz(State(state): State<AppState>, cache: Arc<CachedCheck>) -> impl 
             .unwrap_or(false)
         })
         .await;
+    crate::telemetry::poll::database_connected(database);
     let broker = state.publisher.is_connected().await;
     let status = if database && broker {
         StatusCode::OK
@@ -101,10 +103,22 @@ async fn readyz(State(state): State<AppState>, cache: Arc<CachedCheck>) -> impl 
 }
 
 async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+    render(&state.metrics)
+}
+
+fn render(handle: &PrometheusHandle) -> impl IntoResponse + use<> {
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        state.metrics.render(),
+        handle.render(),
     )
+}
+
+/// `provisioner worker`'s own listener (`[metrics] worker_listen`): `/metrics`
+/// and a `/healthz` that answers while the process runs.
+pub fn worker_router(handle: PrometheusHandle) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(move || async move { render(&handle) }))
 }
 
 #[cfg(test)]

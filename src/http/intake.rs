@@ -21,10 +21,12 @@ use axum::{Json, Router};
 use super::AppState;
 use super::error::HttpError;
 use super::server::BodyTimeout;
+use crate::broker::PublishError;
 use crate::clerk::is_handled;
 use crate::config::HttpSettings;
 use crate::intake::{Envelope, VerifyError};
 use tokio::sync::Semaphore;
+use tracing::Instrument;
 
 /// How often, at most, refused webhooks are summed up in one warning.
 pub const REFUSAL_SUMMARY_INTERVAL: Duration = Duration::from_secs(10);
@@ -98,6 +100,13 @@ impl RefusalLog {
 /// at once (from the head to the answer, so bodies being read count too); past it
 /// the answer is 503 with `Retry-After` at once, and Svix retries later.
 pub fn router(http: &HttpSettings) -> Router<AppState> {
+    // Every series at 0 from the start, so rate() and increase() see the first one.
+    for o in OUTCOMES {
+        outcome_by(o, 0);
+    }
+    for reason in PublishError::REASONS {
+        metrics::counter!(PUBLISH_FAILURES_TOTAL, "reason" => reason).increment(0);
+    }
     // Built once per application, so the count is its own.
     let refusals = RefusalLog::new(REFUSAL_SUMMARY_INTERVAL);
     let slots = Arc::new(Semaphore::new(http.max_inflight_webhooks));
@@ -144,8 +153,33 @@ fn svix_id(headers: &HeaderMap) -> String {
         .to_owned()
 }
 
+/// Webhooks by what intake did with them (`outcome`, one of [`OUTCOMES`]).
+pub const RECEIVED_TOTAL: &str = "webhooks_received_total";
+/// Intake's publish to the broker's confirm or failure.
+pub const PUBLISH_SECONDS: &str = "webhook_publish_seconds";
+/// Intake publishes without a positive confirm, by `reason`.
+pub const PUBLISH_FAILURES_TOTAL: &str = "amqp_publish_failures_total";
+
+/// Every `outcome` of [`RECEIVED_TOTAL`].
+pub const OUTCOMES: [&str; 10] = [
+    "queued",
+    "ignored",
+    "missing_header",
+    "unauthorized",
+    "invalid_payload",
+    "wrong_instance",
+    "too_large",
+    "body_timeout",
+    "overloaded",
+    "unavailable",
+];
+
 fn outcome(outcome: &'static str) {
-    metrics::counter!("webhooks_received_total", "outcome" => outcome).increment(1);
+    outcome_by(outcome, 1);
+}
+
+fn outcome_by(outcome: &'static str, n: u64) {
+    metrics::counter!(RECEIVED_TOTAL, "outcome" => outcome).increment(n);
 }
 
 /// 408: the body did not arrive within `[http] body_read_timeout_ms` of the head.
@@ -251,17 +285,25 @@ async fn receive(
         HttpError::from(e)
     })?;
     let id = svix_id(&headers);
+    // From here on the request is an event's: every line carries its ids.
+    let span = crate::event_span!(id);
+    receive_verified(&state, &id, body).instrument(span).await
+}
 
+/// The rest of intake, once the signature verified: envelope, instance, publish.
+async fn receive_verified(state: &AppState, id: &str, body: Bytes) -> Result<Response, HttpError> {
+    let settings = &state.settings;
     let envelope = Envelope::parse(&body).map_err(|message| {
         outcome("invalid_payload");
         HttpError::bad_request("invalid_payload", message)
     })?;
 
+    tracing::Span::current().record(crate::telemetry::EVENT_TYPE, envelope.kind.as_str());
     if let (Some(expected), Some(actual)) = (&settings.clerk.instance_id, &envelope.instance_id)
         && expected != actual
     {
         outcome("wrong_instance");
-        tracing::warn!(svix.id = %id, clerk.instance_id = %actual, "webhook refused: event of another Clerk instance");
+        tracing::warn!(clerk.instance_id = %actual, "webhook refused: event of another Clerk instance");
         return Err(HttpError::new(
             StatusCode::UNPROCESSABLE_ENTITY,
             "wrong_instance",
@@ -279,26 +321,29 @@ async fn receive(
 
     if !is_handled(&envelope.kind) {
         outcome("ignored");
-        tracing::debug!(svix.id = %id, event.type = %envelope.kind, "webhook ignored: type not handled");
+        tracing::debug!("webhook ignored: type not handled");
         return Ok(Json(serde_json::json!({"status": "ignored", "id": id})).into_response());
     }
 
     let started = Instant::now();
     let result = state
         .publisher
-        .publish_event(&body, &id, &envelope.kind)
+        .publish_event(&body, id, &envelope.kind)
         .await;
-    metrics::histogram!("webhook_publish_seconds").record(started.elapsed().as_secs_f64());
+    metrics::histogram!(PUBLISH_SECONDS).record(started.elapsed().as_secs_f64());
     match result {
         Ok(()) => {
             outcome("queued");
-            tracing::debug!(svix.id = %id, event.type = %envelope.kind, "webhook queued");
+            tracing::debug!(
+                publish_ms = started.elapsed().as_millis() as u64,
+                "webhook queued"
+            );
             Ok(Json(serde_json::json!({"status": "queued", "id": id})).into_response())
         }
         Err(e) => {
-            metrics::counter!("amqp_publish_failures_total", "reason" => e.reason()).increment(1);
+            metrics::counter!(PUBLISH_FAILURES_TOTAL, "reason" => e.reason()).increment(1);
             outcome("unavailable");
-            tracing::warn!(svix.id = %id, event.type = %envelope.kind, error = %e, "webhook not queued; answering 503");
+            tracing::warn!(error = %e, "webhook not queued; answering 503");
             Err(HttpError::not_queued(&e, settings.http.retry_after_secs))
         }
     }

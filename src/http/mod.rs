@@ -44,6 +44,55 @@ pub struct AppState {
     pub sync: JustInTime,
 }
 
+/// Requests answered, by `method`, `route` and `status`.
+pub const REQUESTS_TOTAL: &str = "http_requests_total";
+/// Time from a request's head to its response's head, by `method`, `route`, `status`.
+pub const REQUEST_SECONDS: &str = "http_request_duration_seconds";
+
+/// The `route` label: the route's pattern (`/v1/workspaces/{id}`), never the
+/// request's own path, so no client can create series; `unmatched` otherwise.
+fn route_label(request: &axum::extract::Request) -> String {
+    request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned())
+}
+
+/// The `method` label: the standard methods, `other` for any a client invents.
+fn method_label(method: &axum::http::Method) -> &'static str {
+    use axum::http::Method;
+    match *method {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        Method::PATCH => "PATCH",
+        _ => "other",
+    }
+}
+
+/// Middleware: counts and times every request the application answers.
+async fn count_request(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let started = std::time::Instant::now();
+    let route = route_label(&request);
+    let method = method_label(request.method());
+    let response = next.run(request).await;
+    let status = response.status().as_u16().to_string();
+    let labels = [
+        ("method", method.to_owned()),
+        ("route", route),
+        ("status", status),
+    ];
+    metrics::counter!(REQUESTS_TOTAL, &labels).increment(1);
+    metrics::histogram!(REQUEST_SECONDS, &labels).record(started.elapsed().as_secs_f64());
+    response
+}
+
 /// The HTTP application: intake, read API, health and metrics.
 ///
 /// Every request body must arrive within `[http] body_read_timeout_ms` of its head
@@ -59,6 +108,7 @@ pub fn app(state: AppState) -> Router {
                 server::body_deadline(body_timeout, request, next)
             },
         ))
+        .layer(axum::middleware::from_fn(count_request))
         .layer(
             TraceLayer::new_for_http().make_span_with(|req: &Request<_>| {
                 let path = req

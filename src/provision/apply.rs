@@ -718,6 +718,7 @@ fn plan_unknown(cx: &mut Ctx<'_>, workspace_id: &str, given: &str, plan: &str, o
         plan.requested = %given,
         plan.current = %plan,
         svix.id = %cx.incoming.svix_id,
+        event.type = %cx.incoming.kind_str(),
         "organization names an unknown plan; {outcome}"
     );
     cx.audit(

@@ -269,7 +269,13 @@ impl Provisioner {
             match self.run_tx(pool, &keys, &[event]).await {
                 Ok(mut outcomes) => return Ok(outcomes.remove(0)),
                 Err(e) if db::is_transient(&e) && attempt < CONFLICT_RETRIES => {
-                    tracing::debug!(svix_id = %event.0.svix_id, error = %e, "retrying event after a conflict");
+                    tracing::debug!(
+                        svix.id = %event.0.svix_id,
+                        event.type = %event.0.kind_str(),
+                        workspace.id = event.1.workspace_id(),
+                        error = %e,
+                        "retrying event after a conflict"
+                    );
                 }
                 Err(e) => return Err(e),
             }

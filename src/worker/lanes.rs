@@ -11,6 +11,7 @@ use std::sync::Arc;
 use futures_util::FutureExt;
 use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
+use tracing::Instrument;
 
 use super::{Engine, Job};
 
@@ -102,13 +103,13 @@ async fn run_batch(engine: Arc<Engine>, jobs: Vec<Job>) {
             .is_err()
             && again.acker.usable()
         {
-            tracing::error!(
-                svix_id = %again.env.event.svix_id,
-                event_type = %again.env.type_name(),
-                delivery_count = again.env.delivery_count,
-                "processing the event panicked; returning it to the queue"
-            );
-            engine.requeue(&again).await;
+            again.span.in_scope(|| {
+                tracing::error!(
+                    delivery_count = again.env.delivery_count,
+                    "processing the event panicked; returning it to the queue"
+                )
+            });
+            engine.requeue(&again).instrument(again.span.clone()).await;
         }
     }
 }

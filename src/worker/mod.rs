@@ -67,6 +67,8 @@ pub async fn run(ctx: WorkerContext, shutdown: CancellationToken) -> anyhow::Res
         Duration::from_millis(settings.broker.publish_timeout_ms),
         publisher_stop.clone(),
     );
+    metrics::Connected::consumer_down();
+    metrics::register();
     let concurrency = usize::from(settings.worker.concurrency);
     let engine = Arc::new(Engine {
         provisioner: Provisioner::new(settings.provisioning.clone()),
@@ -153,4 +155,7 @@ struct Job {
     /// Released when the job is dropped, i.e. once the delivery is settled.
     _permit: Arc<OwnedSemaphorePermit>,
     started: Instant,
+    /// The event's span (`svix.id`, `event.type`, `workspace.id`): every line
+    /// logged while settling it is logged in it.
+    span: tracing::Span,
 }

@@ -90,6 +90,8 @@ async fn consume(
         .map_err(SessionError::Setup)?;
     tracing::info!(queue = %engine.topology.queue, prefetch = engine.prefetch, "worker consuming");
     *delay = RECONNECT_MIN;
+    // 0 again when this session ends, however it ends.
+    let _connected = super::metrics::Connected::consumer();
 
     let lanes = Lanes::start(engine, tasks);
     loop {

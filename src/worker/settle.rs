@@ -17,6 +17,7 @@ use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicRejectOptions};
 use lapin::types::FieldTable;
 use tokio::time::Instant;
+use tracing::Instrument;
 
 use super::delivery::{DeadClass, Envelope};
 use super::failure::{self, Next};
@@ -46,6 +47,13 @@ impl Engine {
             ..
         } = delivery;
         let env = Envelope::read(&properties, data, Utc::now());
+        let span = crate::event_span!(env.event.svix_id);
+        if !env.type_name().is_empty() {
+            span.record(crate::telemetry::EVENT_TYPE, env.type_name());
+        }
+        if let Some(workspace) = env.decoded.as_ref().ok().and_then(|d| d.workspace_id()) {
+            span.record(crate::telemetry::WORKSPACE_ID, workspace);
+        }
         let permit = self
             .permits
             .clone()
@@ -57,6 +65,7 @@ impl Engine {
             acker,
             _permit: Arc::new(permit),
             started: Instant::now(),
+            span,
         }
     }
 
@@ -75,7 +84,11 @@ impl Engine {
                             DeadClass::DeliveryLimit => job.env.delivery_count,
                             _ => 1,
                         };
-                    screened.push(Box::pin(self.dead_letter(job, class, reason, attempts)));
+                    let span = job.span.clone();
+                    screened.push(Box::pin(
+                        self.dead_letter(job, class, reason, attempts)
+                            .instrument(span),
+                    ));
                 }
             }
         }
@@ -89,6 +102,7 @@ impl Engine {
     async fn apply(&self, jobs: Vec<Job>) {
         let mut pending = jobs;
         let mut hold: Option<(backon::ExponentialBackoff, Instant)> = None;
+        let mut held_gauge = metrics::Held::default();
         while !pending.is_empty() {
             // Borrowed from the jobs: a hold round copies neither bodies nor decodings.
             let events: Vec<Ready<'_>> = pending
@@ -110,29 +124,38 @@ impl Engine {
             let mut held = Vec::new();
             let mut settle: Vec<Settle<'_>> = Vec::new();
             for (job, result) in pending.into_iter().zip(results.drain(..)) {
+                let span = job.span.clone();
                 match result {
-                    Ok(outcome) => settle.push(Box::pin(self.commit(job, outcome))),
+                    Ok(outcome) => {
+                        settle.push(Box::pin(self.commit(job, outcome).instrument(span)))
+                    }
                     Err(error) => {
                         match failure::after_failure(&error, job.env.attempts, &self.topology) {
                             Next::Hold => {
                                 if hold.is_none() {
                                     metrics::event(job.env.metric_type(), Label::Held);
+                                    span.in_scope(|| {
+                                        tracing::debug!(error = %error, "PostgreSQL cannot take the event now; holding it")
+                                    });
                                 }
                                 held.push((job, error));
                             }
-                            Next::Retry { queue, attempts } => {
-                                settle.push(Box::pin(self.retry(job, queue, attempts, error)));
-                            }
+                            Next::Retry { queue, attempts } => settle.push(Box::pin(
+                                self.retry(job, queue, attempts, error).instrument(span),
+                            )),
                             Next::DeadLetter {
                                 class,
                                 reason,
                                 attempts,
-                            } => settle
-                                .push(Box::pin(self.dead_letter(job, class, reason, attempts))),
+                            } => settle.push(Box::pin(
+                                self.dead_letter(job, class, reason, attempts)
+                                    .instrument(span),
+                            )),
                         }
                     }
                 }
             }
+            held_gauge.set(held.len());
             join_all(settle).await;
             if held.is_empty() {
                 return;
@@ -161,7 +184,11 @@ impl Engine {
             let pause = delays.next().unwrap_or(Duration::from_secs(5));
             if self.shutdown.is_cancelled() || Instant::now() + pause > *deadline {
                 if let Some(queue) = failure::longest_retry_queue(&self.topology) {
-                    let parked = join_all(jobs.into_iter().map(|job| self.park(job, queue))).await;
+                    let parked = join_all(jobs.into_iter().map(|job| {
+                        let span = job.span.clone();
+                        self.park(job, queue).instrument(span)
+                    }))
+                    .await;
                     jobs = parked.into_iter().flatten().collect();
                 }
                 if self.shutdown.is_cancelled() {
@@ -169,6 +196,7 @@ impl Engine {
                     return;
                 }
             }
+            held_gauge.set(jobs.len());
             if jobs.is_empty() {
                 return;
             }
@@ -188,7 +216,7 @@ impl Engine {
         if outcome != Outcome::Duplicate {
             metrics::lag(job.env.envelope_ms(), Utc::now().timestamp_millis());
         }
-        tracing::debug!(svix_id = %job.env.event.svix_id, event_type = %job.env.type_name(), outcome = ?outcome, "event committed");
+        tracing::debug!(outcome = ?outcome, "event committed");
         self.ack(&job).await;
     }
 
@@ -199,8 +227,6 @@ impl Engine {
             Ok(()) => {
                 metrics::event(job.env.metric_type(), Label::Retry);
                 tracing::warn!(
-                    svix_id = %job.env.event.svix_id,
-                    event_type = %job.env.type_name(),
                     attempts,
                     retry_queue = %queue,
                     error = %error,
@@ -209,7 +235,7 @@ impl Engine {
                 self.ack(&job).await;
             }
             Err(e) => {
-                tracing::error!(svix_id = %job.env.event.svix_id, error = %e, "cannot publish to the retry queue; returning the event to the queue");
+                tracing::error!(error = %e, "cannot publish to the retry queue; returning the event to the queue");
                 self.requeue(&job).await;
             }
         }
@@ -222,12 +248,12 @@ impl Engine {
         match self.publish_copy(&job.env, "", queue, headers).await {
             Ok(()) => {
                 metrics::event(job.env.metric_type(), Label::Retry);
-                tracing::info!(svix_id = %job.env.event.svix_id, retry_queue = %queue, "PostgreSQL still cannot take the event; parked in the retry queue");
+                tracing::info!(retry_queue = %queue, "PostgreSQL still cannot take the event; parked in the retry queue");
                 self.ack(&job).await;
                 None
             }
             Err(e) => {
-                tracing::warn!(svix_id = %job.env.event.svix_id, error = %e, "cannot park the event; still holding it");
+                tracing::warn!(error = %e, "cannot park the event; still holding it");
                 Some(job)
             }
         }
@@ -249,15 +275,13 @@ impl Engine {
             .publish_copy(env, exchange, env.routing_key(), headers)
             .await
         {
-            tracing::error!(svix_id = %env.event.svix_id, error = %e, "cannot publish the dead letter; returning the event to the queue");
+            tracing::error!(error = %e, "cannot publish the dead letter; returning the event to the queue");
             self.requeue(&job).await;
             return;
         }
         metrics::dead_lettered(class.as_str());
         metrics::event(env.metric_type(), Label::Dead);
         tracing::warn!(
-            svix_id = %env.event.svix_id,
-            event_type = %env.type_name(),
             error_class = class.as_str(),
             attempts,
             reason = %reason,
@@ -273,10 +297,10 @@ impl Engine {
             match recorded {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => {
-                    tracing::warn!(svix_id = %env.event.svix_id, error = %e, "dead letter not recorded in the processing log")
+                    tracing::warn!(error = %e, "dead letter not recorded in the processing log")
                 }
                 Err(_) => {
-                    tracing::warn!(svix_id = %env.event.svix_id, "dead letter not recorded in the processing log: timed out")
+                    tracing::warn!("dead letter not recorded in the processing log: timed out")
                 }
             }
         }
@@ -334,17 +358,17 @@ impl Engine {
             // The channel is gone: the broker redelivers the event, and the processing
             // log turns the redelivery into a no-op.
             Ok(false) => {
-                tracing::debug!(svix_id = %job.env.event.svix_id, "ack skipped: channel closed")
+                tracing::debug!("ack skipped: channel closed")
             }
             Err(e) => {
-                tracing::debug!(svix_id = %job.env.event.svix_id, error = %e, "ack failed: channel closed")
+                tracing::debug!(error = %e, "ack failed: channel closed")
             }
         }
     }
 
     pub(super) async fn requeue(&self, job: &Job) {
         if let Err(e) = job.acker.reject(BasicRejectOptions { requeue: true }).await {
-            tracing::debug!(svix_id = %job.env.event.svix_id, error = %e, "reject failed: channel closed");
+            tracing::debug!(error = %e, "reject failed: channel closed");
         }
     }
 }

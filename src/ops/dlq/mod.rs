@@ -393,12 +393,20 @@ pub async fn replay(settings: &Settings, opts: &ReplayOptions) -> Result<ReplayR
             Ok(()) => {
                 tracing::debug!(
                     svix.id = letter.id.as_deref().unwrap_or("-"),
+                    event.type = letter.kind.as_deref(),
+                    workspace.id = letter.workspace_id.as_deref(),
                     "dead letter replayed"
                 );
                 report.replayed.push(letter);
             }
             Err(reason) => {
-                tracing::debug!(svix.id = letter.id.as_deref().unwrap_or("-"), error = %reason, "dead letter not replayed; it stays dead");
+                tracing::debug!(
+                    svix.id = letter.id.as_deref().unwrap_or("-"),
+                    event.type = letter.kind.as_deref(),
+                    workspace.id = letter.workspace_id.as_deref(),
+                    error = %reason,
+                    "dead letter not replayed; it stays dead"
+                );
                 if session.publishing_broken() {
                     broken = Some(reason.clone());
                 }
