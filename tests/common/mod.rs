@@ -28,6 +28,9 @@ pub mod ops;
 #[allow(dead_code)]
 pub mod pg_cluster;
 pub mod proxy;
+// RabbitMQ nodes and clusters of a test's own: used by the cluster and fault tests.
+#[allow(dead_code)]
+pub mod rabbit;
 pub mod rows;
 pub mod story;
 // A sender that behaves like Svix; the fault suite only.
