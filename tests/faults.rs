@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 use common::children::{Process, free_port};
 use common::history::{self, Webhook};
 use common::pg_cluster::PgCluster;
+use common::rabbit::{self, RabbitNode};
 use common::svix_sender::{self, Attempt, Progress, Report, SenderConfig};
 use common::{Isolation, SECRET, base_amqp_url, base_database_url, eventually, random_id};
 use lapin::options::QueueDeclareOptions;
@@ -447,5 +448,159 @@ async fn serve_sigterm_mid_stream_and_restarted() {
     );
     stack
         .settle("serve_sigterm", &report, &oracle, &mut [&mut second])
+        .await;
+}
+
+/// 1. The broker (a RabbitMQ node of the test's own) is stopped mid-stream and
+/// started again with its data: intake answers 503 while it is away (Svix retries),
+/// the publisher and the worker reconnect by themselves, and the events queued
+/// before the stop are still there and applied once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn broker_restarted_mid_stream() {
+    let Some(node) = rabbit::or_skip(RabbitNode::start().await) else {
+        return;
+    };
+    let stack = Stack::new(&node.amqp_url(), &base_database_url()).await;
+    let mut intake = stack.serve("serve --no-worker", false).await;
+    let mut worker = stack.worker("worker");
+    let (webhooks, oracle) = stack.histories(1);
+    let (progress, sender) = stack.send(&webhooks);
+
+    wait_started(&progress, webhooks.len() / 3).await;
+    node.stop().await.expect("the node stops");
+    let down = Instant::now();
+    // Away for a while: attempts meet a broker that is not there.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    node.restart().await.expect("the node starts again");
+    let up = Instant::now();
+
+    let report = sender.await.unwrap();
+    let during = attempts_between(&report, down, up);
+    assert!(
+        during.iter().any(|a| !a.ok()),
+        "attempts during the outage were refused: {during:?}"
+    );
+    assert!(
+        during.iter().all(|a| !a.ok()),
+        "nothing was acknowledged while the broker was away: {during:?}"
+    );
+    stack
+        .settle(
+            "broker_restart",
+            &report,
+            &oracle,
+            &mut [&mut intake, &mut worker],
+        )
+        .await;
+}
+
+/// Whether the node has its free-disk alarm in effect.
+async fn disk_alarm(node: &RabbitNode) -> bool {
+    node.ctl(&["eval", "rabbit_alarm:get_alarms()."])
+        .await
+        .expect("the node answers")
+        .contains("resource_limit,disk")
+}
+
+/// Waits until the node's disk alarm is `on` (or off).
+async fn wait_disk_alarm(node: &RabbitNode, on: bool) {
+    let reached = eventually(Duration::from_secs(60), || async {
+        (disk_alarm(node).await == on).then_some(())
+    })
+    .await;
+    assert!(
+        reached.is_some(),
+        "the disk alarm is {}",
+        if on { "on" } else { "off" }
+    );
+}
+
+/// `amqp_publish_failures_total{reason="blocked"}` of the intake at `base`.
+async fn blocked_publishes(base: &str) -> f64 {
+    let text = reqwest::get(format!("{base}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .filter(|l| {
+            l.starts_with("amqp_publish_failures_total") && l.contains("reason=\"blocked\"")
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// 5. The broker node's free-disk alarm goes off mid-stream (its `disk_free_limit`
+/// set far above the free space, then back): the broker blocks publishers, and
+/// intake answers 503 to every webhook while the alarm holds (never 200, never a
+/// hang: once the broker said `connection.blocked` intake refuses at once, sending
+/// nothing), then queues again once the alarm clears; every 2xx is applied once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn disk_alarm_answers_503_until_it_clears() {
+    let Some(node) = rabbit::or_skip(RabbitNode::start().await) else {
+        return;
+    };
+    let stack = Stack::new(&node.amqp_url(), &base_database_url()).await;
+    let mut intake = stack.serve("serve --no-worker", false).await;
+    let mut worker = stack.worker("worker");
+    let (webhooks, oracle) = stack.histories(5);
+    let (progress, sender) = stack.send(&webhooks);
+
+    wait_started(&progress, webhooks.len() / 4).await;
+    node.set_disk_free_limit("100000GB")
+        .await
+        .expect("the limit is set");
+    wait_disk_alarm(&node, true).await;
+    let held_from = Instant::now();
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let held_to = Instant::now();
+    let blocked = blocked_publishes(&stack.base()).await;
+    node.set_disk_free_limit("50MB")
+        .await
+        .expect("the limit is set back");
+    wait_disk_alarm(&node, false).await;
+    let cleared = Instant::now();
+
+    let report = sender.await.unwrap();
+    // Attempts made and answered while the alarm held: all 503.
+    let during: Vec<&(Instant, Duration, Attempt)> = report
+        .attempts()
+        .filter(|(start, took, _)| *start >= held_from && *start + *took <= held_to)
+        .collect();
+    assert!(!during.is_empty(), "webhooks arrived while the alarm held");
+    assert!(
+        during.iter().all(|a| a.2 == Attempt::Status(503)),
+        "intake answered 503 to every webhook while the alarm held: {:?}",
+        during.iter().map(|a| &a.2).collect::<Vec<_>>()
+    );
+    // None hung past Svix's timeout (an attempt is a Timeout after it).
+    let hung = report
+        .attempts()
+        .filter(|(start, _, a)| *start >= held_from && *start < held_to && *a == Attempt::Timeout)
+        .count();
+    assert_eq!(hung, 0, "no webhook waited past Svix's timeout");
+    // Refused because the broker said it blocks the connection, not by waiting out
+    // the publish timeout.
+    assert!(
+        blocked > 0.0,
+        "intake refused publishes the broker blocked: {}",
+        intake.log_tail()
+    );
+    // Recovered: webhooks sent after the alarm cleared were queued.
+    assert!(
+        report
+            .attempts()
+            .any(|(start, _, a)| *start >= cleared && a.ok()),
+        "intake queues again after the alarm: {}",
+        report.summary()
+    );
+    stack
+        .settle(
+            "disk_alarm",
+            &report,
+            &oracle,
+            &mut [&mut intake, &mut worker],
+        )
         .await;
 }

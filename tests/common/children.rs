@@ -8,7 +8,14 @@ use std::time::Duration;
 
 use super::random_id;
 
-const BIN: &str = env!("CARGO_BIN_EXE_provisioner");
+/// The binary under test: cargo's build of this package, or `PROVISIONER_TEST_BIN`
+/// when set (a developer whose target directory other checkouts share points it at
+/// a copy of their own build, since `target/debug/provisioner` is whichever checkout
+/// linked it last).
+fn binary() -> String {
+    std::env::var("PROVISIONER_TEST_BIN")
+        .unwrap_or_else(|_| env!("CARGO_BIN_EXE_provisioner").to_owned())
+}
 
 /// A free TCP port on 127.0.0.1 (free when asked).
 pub fn free_port() -> u16 {
@@ -34,7 +41,7 @@ impl Process {
     pub fn start(name: &str, args: &[&str], env: &[(String, String)]) -> Self {
         let log = std::env::temp_dir().join(format!("provisioner-{name}-{}.log", random_id(8)));
         let file = std::fs::File::create(&log).expect("log file");
-        let mut cmd = Command::new(BIN);
+        let mut cmd = Command::new(binary());
         cmd.args(args)
             .env_clear()
             .stdin(Stdio::null())
