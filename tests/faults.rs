@@ -471,8 +471,10 @@ async fn broker_restarted_mid_stream() {
     let down = Instant::now();
     // Away for a while: attempts meet a broker that is not there.
     tokio::time::sleep(Duration::from_secs(3)).await;
-    node.restart().await.expect("the node starts again");
+    // Certainly away until here (the restart may let the publisher back in before
+    // it returns).
     let up = Instant::now();
+    node.restart().await.expect("the node starts again");
 
     let report = sender.await.unwrap();
     let during = attempts_between(&report, down, up);
