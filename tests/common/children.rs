@@ -39,7 +39,12 @@ impl Process {
     /// Starts `provisioner ARGS` with exactly `env` (and `PATH`), stderr and stdout
     /// to a log file.
     pub fn start(name: &str, args: &[&str], env: &[(String, String)]) -> Self {
-        let log = std::env::temp_dir().join(format!("provisioner-{name}-{}.log", random_id(8)));
+        let file_name: String = name
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+            .collect();
+        let log =
+            std::env::temp_dir().join(format!("provisioner-{file_name}-{}.log", random_id(8)));
         let file = std::fs::File::create(&log).expect("log file");
         let mut cmd = Command::new(binary());
         cmd.args(args)
