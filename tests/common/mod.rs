@@ -19,6 +19,9 @@ pub mod fake_clerk;
 #[allow(dead_code)]
 pub mod ops;
 pub mod proxy;
+// RabbitMQ nodes and clusters of a test's own: used by the cluster and fault tests.
+#[allow(dead_code)]
+pub mod rabbit;
 pub mod rows;
 pub mod story;
 #[allow(dead_code)]
