@@ -26,6 +26,10 @@ pub enum PublishError {
     /// No connection to the broker right now.
     #[error("broker unavailable")]
     Unavailable,
+    /// The broker blocks this connection's publishes (`connection.blocked`: a
+    /// memory or free-disk alarm on some node of the cluster); nothing was sent.
+    #[error("broker blocks publishers (resource alarm)")]
+    Blocked,
     /// The connection or channel failed during the publish.
     #[error("broker connection failed during publish: {0}")]
     Disconnected(String),
@@ -49,6 +53,7 @@ impl PublishError {
     pub fn reason(&self) -> &'static str {
         match self {
             PublishError::Unavailable => "unavailable",
+            PublishError::Blocked => "blocked",
             PublishError::Disconnected(_) => "disconnected",
             PublishError::Nacked => "nack",
             PublishError::Returned(_) => "returned",

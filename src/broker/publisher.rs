@@ -15,6 +15,14 @@
 //! whose publish ended without a clear answer (timeout, error, cancelled caller) is
 //! closed, never reused, so a late confirm cannot be taken for the next message's.
 //! Many channels also keep the broker's per-channel work in parallel.
+//!
+//! While the broker blocks the connection (`connection.blocked`, sent when a memory
+//! or free-disk alarm is in effect and the connection publishes), a publish fails at
+//! once with [`PublishError::Blocked`] and sends nothing: the broker would read no
+//! frame of it until the alarm clears, so waiting could only end in a timeout, and a
+//! message sent anyway would be queued later, after its caller was told it was not.
+//! Only the publishes already in flight when the block begins wait out the confirm
+//! timeout. lapin clears the state on `connection.unblocked`.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -268,11 +276,19 @@ impl Publisher {
             .await
             .clone()
             .ok_or(PublishError::Unavailable)?;
+        if link.connection.status().blocked() {
+            return Err(PublishError::Blocked);
+        }
         let disconnected = |e: lapin::Error| {
             self.shared.broken.notify_one();
             PublishError::Disconnected(e.to_string())
         };
         let lease = link.lease().await.map_err(disconnected)?;
+        // The wait for a free channel may have outlasted the start of a block.
+        if link.connection.status().blocked() {
+            lease.release();
+            return Err(PublishError::Blocked);
+        }
         let mut props = confirmed::event_properties(msg.message_id, msg.kind)
             .with_timestamp(msg.timestamp.unwrap_or_else(confirmed::now_timestamp));
         if let Some(headers) = msg.headers {
@@ -297,7 +313,7 @@ impl Publisher {
             }
             // Any other ending drops the lease, which closes the channel.
             Err(PublishError::Disconnected(_)) => self.shared.broken.notify_one(),
-            Err(PublishError::Unavailable | PublishError::Timeout(_)) => {}
+            Err(PublishError::Unavailable | PublishError::Blocked | PublishError::Timeout(_)) => {}
         }
         result
     }

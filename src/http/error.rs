@@ -91,6 +91,9 @@ impl HttpError {
     pub fn not_queued(e: &PublishError, retry_after: u64) -> Self {
         let message = match e {
             PublishError::Unavailable => "broker unavailable; retry later".to_owned(),
+            PublishError::Blocked => {
+                "broker blocks publishers (resource alarm); retry later".to_owned()
+            }
             other => format!("event not queued ({}); retry later", other.reason()),
         };
         Self::unavailable("broker_unavailable", message, retry_after)

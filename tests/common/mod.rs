@@ -10,7 +10,13 @@
 //! binary uses is deleted (to find them, drop the allows and look for the items
 //! that warn in every binary).
 
+// The real binary as child processes; the fault suite only.
+#[allow(dead_code)]
+pub mod children;
 pub mod database;
+// A long history over many organizations and its in-order oracle; the fault suite only.
+#[allow(dead_code)]
+pub mod history;
 // Used by the reconcile and Clerk client tests only.
 #[allow(dead_code)]
 pub mod fake_clerk;
@@ -18,9 +24,18 @@ pub mod fake_clerk;
 // rewritten on the one confirmed-publish path; per-item allows once they settle.
 #[allow(dead_code)]
 pub mod ops;
+// A PostgreSQL cluster of a test's own; the fault suite only.
+#[allow(dead_code)]
+pub mod pg_cluster;
 pub mod proxy;
+// RabbitMQ nodes and clusters of a test's own: used by the cluster and fault tests.
+#[allow(dead_code)]
+pub mod rabbit;
 pub mod rows;
 pub mod story;
+// A sender that behaves like Svix; the fault suite only.
+#[allow(dead_code)]
+pub mod svix_sender;
 #[allow(dead_code)]
 pub mod worker;
 

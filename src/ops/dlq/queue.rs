@@ -363,7 +363,9 @@ impl DeadQueue {
                 PublishError::Nacked => ReplayError::Nacked,
                 PublishError::Timeout(limit) => ReplayError::Timeout(limit),
                 PublishError::Disconnected(e) => ReplayError::Broker(e),
-                PublishError::Unavailable => ReplayError::Broker(e.to_string()),
+                PublishError::Unavailable | PublishError::Blocked => {
+                    ReplayError::Broker(e.to_string())
+                }
             })
     }
 
