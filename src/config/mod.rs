@@ -788,6 +788,59 @@ mod tests {
     }
 
     #[test]
+    fn amqp_url_takes_the_nodes_of_one_cluster() {
+        let urls = "amqp://u:hunter2@r1:5672/prod, amqp://u:hunter2@r2:5672/prod,amqps://u:hunter2@r3:5671/prod?heartbeat=5";
+        let s = load(None, &[("AMQP_URL", urls)]).unwrap();
+        assert_eq!(s.broker.url.addresses().len(), 3);
+        assert_eq!(s.broker.initial_group_size(), Some(3));
+        assert!(!format!("{:?} {}", s.broker, s.broker.url).contains("hunter2"));
+        let s = load(
+            None,
+            &[
+                ("AMQP_URL", urls),
+                ("PROVISIONER_BROKER_QUORUM_INITIAL_GROUP_SIZE", "2"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(s.broker.initial_group_size(), Some(2), "the setting wins");
+        let four = "amqp://r1/v,amqp://r2/v,amqp://r3/v,amqp://r4/v";
+        let s = load(None, &[("AMQP_URL", four)]).unwrap();
+        assert_eq!(s.broker.initial_group_size(), Some(3), "up to 3");
+        let s = load(None, &[("AMQP_URL", "amqp://u:p@r1/v")]).unwrap();
+        assert_eq!(
+            s.broker.initial_group_size(),
+            None,
+            "one address: the broker's default"
+        );
+
+        for (other, what) in [
+            ("amqp://u:hunter2@r2/staging", "vhost"),
+            ("amqp://v:hunter2@r2/prod", "user"),
+            ("amqp://u:swordfish@r2/prod", "password"),
+            ("http://u:hunter2@r2/prod", "amqp://"),
+        ] {
+            let value = format!("amqp://u:hunter2@r1/prod,{other}");
+            let err = load(None, &[("AMQP_URL", &value)]).unwrap_err();
+            let shown = err.to_string();
+            assert!(err.setting.contains("broker.url (AMQP_URL)"), "{shown}");
+            assert!(shown.contains(what), "{what}: {shown}");
+            assert!(
+                !shown.contains("hunter2") && !shown.contains("swordfish"),
+                "{shown}"
+            );
+        }
+        let err = load(
+            None,
+            &[("PROVISIONER_BROKER_QUORUM_INITIAL_GROUP_SIZE", "0")],
+        )
+        .unwrap_err();
+        assert!(
+            err.setting.contains("broker.quorum_initial_group_size"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn environment_overrides_the_file() {
         let s = load(
             None,
