@@ -36,7 +36,8 @@ const SENDERS: usize = 8;
 const PACE: Duration = Duration::from_millis(150);
 
 /// The node helper starts a node on its own port, stops and starts its broker
-/// application, and removes its directories when dropped.
+/// application, kills and restarts it with its data, and removes its directories
+/// when dropped.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rabbit_node_helper_starts_stops_and_cleans_up() {
     let Some(node) = rabbit::or_skip(RabbitNode::start().await) else {
@@ -60,6 +61,33 @@ async fn rabbit_node_helper_starts_stops_and_cleans_up() {
     let conn = lapin::Connection::connect(&node.amqp_url(), Default::default())
         .await
         .expect("the node answers AMQP after start_app");
+    let ch = conn.create_channel().await.unwrap();
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    ch.queue_declare("kept".into(), durable, FieldTable::default())
+        .await
+        .unwrap();
+    let _ = conn.close(200, "bye".into()).await;
+    node.set_disk_free_limit("1000GB").await.unwrap();
+    node.set_disk_free_limit("50MB").await.unwrap();
+
+    // SIGKILL, then a restart on the same name, port and data.
+    node.kill().unwrap();
+    assert!(!node.is_running().await, "the killed node is gone");
+    node.restart().await.expect("the node restarts");
+    let conn = lapin::Connection::connect(&node.amqp_url(), Default::default())
+        .await
+        .expect("the node answers AMQP after a restart");
+    let ch = conn.create_channel().await.unwrap();
+    let passive = QueueDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+    ch.queue_declare("kept".into(), passive, FieldTable::default())
+        .await
+        .expect("its durable queue survived the kill");
     let _ = conn.close(200, "bye".into()).await;
     drop(node);
     assert!(!dir.exists(), "Drop removes the node's directories");
