@@ -35,6 +35,19 @@ const ORGS: usize = 300;
 const SENDERS: usize = 8;
 const PACE: Duration = Duration::from_millis(150);
 
+/// A node that cannot start fails the test with the reason, unless
+/// `PROVISIONER_SKIP_CLUSTER=1` asks for a skip.
+#[test]
+fn a_cluster_that_cannot_start_fails_the_test_unless_skipping_is_asked_for() {
+    let why = || Err::<(), _>(rabbit::RabbitError("rabbitmq-server: not found".into()));
+    let failed = std::panic::catch_unwind(|| rabbit::or_skip_if(why(), false)).unwrap_err();
+    let message = failed.downcast_ref::<String>().cloned().unwrap_or_default();
+    assert!(message.contains("rabbitmq-server: not found"), "{message}");
+    assert!(message.contains(rabbit::SKIP_ENV), "{message}");
+    assert_eq!(rabbit::or_skip_if(why(), true), None);
+    assert_eq!(rabbit::or_skip_if(Ok(7), false), Some(7));
+}
+
 /// The node helper starts a node on its own port, stops and starts its broker
 /// application, kills and restarts it with its data, and removes its directories
 /// when dropped.

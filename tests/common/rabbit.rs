@@ -47,9 +47,14 @@ fn err(msg: impl Into<String>) -> RabbitError {
 ///
 /// `let Some(cluster) = rabbit::or_skip(RabbitCluster::start(3).await) else { return };`
 pub fn or_skip<T>(result: Result<T, RabbitError>) -> Option<T> {
+    or_skip_if(result, skip_requested())
+}
+
+/// [`or_skip`] with the skip decided by the caller.
+pub fn or_skip_if<T>(result: Result<T, RabbitError>, skip: bool) -> Option<T> {
     match result {
         Ok(value) => Some(value),
-        Err(e) if skip_requested() => {
+        Err(e) if skip => {
             eprintln!(
                 "SKIPPED: cannot start a RabbitMQ node of the test's own ({e}); {SKIP_ENV}=1 is set"
             );
