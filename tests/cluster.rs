@@ -655,6 +655,8 @@ async fn cluster_survives_losing_the_queue_leader_mid_stream() {
     )> = want
         .keys()
         .chain(got.keys())
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
         .filter(|k| want.get(*k) != got.get(*k))
         .map(|k| (k, want.get(k), got.get(k)))
         .take(10)
