@@ -20,9 +20,8 @@ use tokio::process::Command;
 /// The env var that turns "cannot start a node" from a failure into a skip.
 pub const SKIP_ENV: &str = "PROVISIONER_SKIP_CLUSTER";
 
-/// How long a node may take to register with epmd and then to boot (generous: on a
-/// loaded 2-core machine, with a cluster and a fleet of processes beside it, a boot
-/// has taken over a minute).
+/// How long a node may take to register with epmd and then to boot (generous: a
+/// loaded 2-core machine may be booting a cluster and running a fleet beside it).
 const BOOT_DEADLINE: Duration = Duration::from_secs(180);
 /// How long one CLI command may take.
 const CLI_DEADLINE: Duration = Duration::from_secs(60);
