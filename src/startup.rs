@@ -46,9 +46,8 @@ async fn declare_topology(settings: &Settings) -> anyhow::Result<()> {
     let conn = crate::broker::connect(&settings.broker.url, "provisioner-migrate")
         .await
         .with_context(|| format!("cannot reach RabbitMQ at {}", settings.broker.url))?;
-    let channel = conn.create_channel().await.context("opening a channel")?;
     topology
-        .declare(&channel)
+        .declare_on(&conn)
         .await
         .context("declaring the broker topology")?;
     let _ = conn.close(200, "done".into()).await;

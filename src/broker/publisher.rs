@@ -34,8 +34,8 @@ use lapin::{
 use tokio::sync::{Notify, OwnedSemaphorePermit, RwLock, Semaphore};
 use tokio_util::sync::CancellationToken;
 
-use super::Topology;
 use super::confirmed::{self, PublishError};
+use super::{Endpoints, Topology};
 use crate::config::ConnectionUrl;
 
 /// One message to publish.
@@ -147,6 +147,8 @@ impl Drop for Lease {
 #[derive(Debug)]
 struct Shared {
     url: ConnectionUrl,
+    /// The addresses of `url` (the nodes of a cluster) and the one to try first.
+    endpoints: Endpoints,
     topology: Topology,
     name: String,
     confirm_timeout: Duration,
@@ -196,6 +198,7 @@ impl Publisher {
         shutdown: CancellationToken,
     ) -> Self {
         let shared = Arc::new(Shared {
+            endpoints: Endpoints::new(&url),
             url,
             topology,
             name: name.to_owned(),
@@ -327,7 +330,7 @@ impl Publisher {
 }
 
 async fn open(shared: &Shared) -> Result<Link, lapin::Error> {
-    let connection = super::connect(&shared.url, &shared.name).await?;
+    let connection = shared.endpoints.connect(&shared.name).await?;
     declare(&connection, &shared.topology).await?;
     Ok(Link {
         connection,
@@ -339,10 +342,7 @@ async fn open(shared: &Shared) -> Result<Link, lapin::Error> {
 /// Declares the topology on a short-lived channel (a failed declare closes its
 /// channel, never a publishing one).
 async fn declare(connection: &Connection, topology: &Topology) -> Result<(), lapin::Error> {
-    let channel = connection.create_channel().await?;
-    topology.declare(&channel).await?;
-    let _ = channel.close(200, "declared".into()).await;
-    Ok(())
+    topology.declare_on(connection).await
 }
 
 /// 1 while the named connection is up, else 0 (docs/operations.md).
@@ -363,7 +363,7 @@ async fn supervise(shared: Arc<Shared>, shutdown: CancellationToken) {
         }
         match open(&shared).await {
             Ok(link) => {
-                tracing::info!(broker.url = %shared.url, connection = %shared.name, "connected to broker");
+                tracing::info!(broker.url = %shared.endpoints.current(), connection = %shared.name, "connected to broker");
                 delay = Duration::from_millis(200);
                 let link = Arc::new(link);
                 *shared.link.write().await = Some(link.clone());
@@ -396,8 +396,10 @@ async fn supervise(shared: Arc<Shared>, shutdown: CancellationToken) {
                         }
                     }
                 }
-                tracing::warn!(broker.url = %shared.url, connection = %shared.name, "broker connection lost; reconnecting");
+                tracing::warn!(broker.url = %shared.endpoints.current(), connection = %shared.name, "broker connection lost; reconnecting");
                 connected_gauge(&shared, false);
+                // Try the other addresses (cluster nodes) first.
+                shared.endpoints.lost();
                 shared.link.write().await.take();
                 let _ = tokio::time::timeout(
                     Duration::from_secs(2),

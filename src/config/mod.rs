@@ -161,7 +161,8 @@ pub struct DatabaseSettings {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BrokerSettings {
-    /// AMQP URL.
+    /// AMQP URL, or several comma-separated (the nodes of a cluster: same
+    /// credentials and vhost); clients connect to the first that answers.
     pub url: ConnectionUrl,
     /// Topic exchange for Clerk events.
     pub exchange: String,
@@ -177,12 +178,30 @@ pub struct BrokerSettings {
     pub delivery_limit: u32,
     /// Optional `x-expires` on every queue (tests only).
     pub queue_expires_ms: Option<u64>,
+    /// `x-quorum-initial-group-size` of every quorum queue this service declares;
+    /// unset: see [`BrokerSettings::initial_group_size`].
+    #[serde(default)]
+    pub quorum_initial_group_size: Option<u32>,
     /// Confirm channels of the intake publisher: publishes in flight at once.
     pub publish_channels: usize,
     /// Wait for a publisher confirm: intake answers 503 after it, and the worker's
     /// retry and dead-letter publishes and `dlq replay` give up after it.
     /// Formerly `[http] publish_timeout_ms`, still read with a deprecation note.
     pub publish_timeout_ms: u64,
+}
+
+impl BrokerSettings {
+    /// The `x-quorum-initial-group-size` to declare quorum queues with: the
+    /// configured one, else the number of addresses in `url` up to 3 when it lists
+    /// several, else none (the broker then places a member on every cluster node:
+    /// a client cannot count a cluster's nodes over AMQP, and one address is what a
+    /// single node or a load balancer in front of a cluster looks like).
+    pub fn initial_group_size(&self) -> Option<u32> {
+        self.quorum_initial_group_size.or_else(|| {
+            let n = self.url.addresses().len();
+            (n > 1).then(|| n.min(3) as u32)
+        })
+    }
 }
 
 /// `[clerk]`
@@ -469,7 +488,13 @@ impl Settings {
             &self.database.url,
             &["postgres", "postgresql"],
         )?;
-        check_url_scheme("broker.url", &self.broker.url, &["amqp", "amqps"])?;
+        check_broker_urls(&self.broker.url)?;
+        if self.broker.quorum_initial_group_size == Some(0) {
+            return Err(ConfigError::at(
+                "broker.quorum_initial_group_size",
+                "must be positive",
+            ));
+        }
         let names = [
             ("broker.exchange", &self.broker.exchange),
             ("broker.queue", &self.broker.queue),
@@ -629,6 +654,49 @@ fn check_url_scheme(key: &str, url: &ConnectionUrl, schemes: &[&str]) -> Result<
     }
 }
 
+/// `broker.url`: one AMQP URL or several, comma-separated, that differ only in
+/// host, port, scheme and query (the nodes of one cluster): same user, password and
+/// vhost. Errors show URLs redacted and never say what a password is.
+fn check_broker_urls(url: &ConnectionUrl) -> Result<(), ConfigError> {
+    const KEY: &str = "broker.url";
+    let addresses = url.addresses();
+    let mut parsed = Vec::with_capacity(addresses.len());
+    for (i, address) in addresses.iter().enumerate() {
+        if address.expose().is_empty() {
+            return Err(ConfigError::at(
+                KEY,
+                format!("address {} of `{}` is empty", i + 1, url.redacted()),
+            ));
+        }
+        check_url_scheme(KEY, address, &["amqp", "amqps"])?;
+        parsed.push(url::Url::parse(address.expose()).expect("checked above"));
+    }
+    let first = &parsed[0];
+    for (i, other) in parsed.iter().enumerate().skip(1) {
+        let differs = if other.username() != first.username() {
+            Some("user")
+        } else if other.password() != first.password() {
+            Some("password")
+        } else if other.path() != first.path() {
+            Some("vhost")
+        } else {
+            None
+        };
+        if let Some(what) = differs {
+            return Err(ConfigError::at(
+                KEY,
+                format!(
+                    "address {} (`{}`) has another {what} than the first (`{}`): the addresses of `{KEY}` are the nodes of one cluster and must use the same user, password and vhost",
+                    i + 1,
+                    addresses[i].redacted(),
+                    addresses[0].redacted()
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Parses one TOML source. The error keeps to one line and never quotes the
 /// source, which may hold a secret: the parser's message, the line and column, and
 /// the setting being written there when that line starts with a known setting's
@@ -742,6 +810,59 @@ mod tests {
             s.provisioning
                 .plans
                 .contains_key(&s.provisioning.default_plan)
+        );
+    }
+
+    #[test]
+    fn amqp_url_takes_the_nodes_of_one_cluster() {
+        let urls = "amqp://u:hunter2@r1:5672/prod, amqp://u:hunter2@r2:5672/prod,amqps://u:hunter2@r3:5671/prod?heartbeat=5";
+        let s = load(None, &[("AMQP_URL", urls)]).unwrap();
+        assert_eq!(s.broker.url.addresses().len(), 3);
+        assert_eq!(s.broker.initial_group_size(), Some(3));
+        assert!(!format!("{:?} {}", s.broker, s.broker.url).contains("hunter2"));
+        let s = load(
+            None,
+            &[
+                ("AMQP_URL", urls),
+                ("PROVISIONER_BROKER_QUORUM_INITIAL_GROUP_SIZE", "2"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(s.broker.initial_group_size(), Some(2), "the setting wins");
+        let four = "amqp://r1/v,amqp://r2/v,amqp://r3/v,amqp://r4/v";
+        let s = load(None, &[("AMQP_URL", four)]).unwrap();
+        assert_eq!(s.broker.initial_group_size(), Some(3), "up to 3");
+        let s = load(None, &[("AMQP_URL", "amqp://u:p@r1/v")]).unwrap();
+        assert_eq!(
+            s.broker.initial_group_size(),
+            None,
+            "one address: the broker's default"
+        );
+
+        for (other, what) in [
+            ("amqp://u:hunter2@r2/staging", "vhost"),
+            ("amqp://v:hunter2@r2/prod", "user"),
+            ("amqp://u:swordfish@r2/prod", "password"),
+            ("http://u:hunter2@r2/prod", "amqp://"),
+        ] {
+            let value = format!("amqp://u:hunter2@r1/prod,{other}");
+            let err = load(None, &[("AMQP_URL", &value)]).unwrap_err();
+            let shown = err.to_string();
+            assert!(err.setting.contains("broker.url (AMQP_URL)"), "{shown}");
+            assert!(shown.contains(what), "{what}: {shown}");
+            assert!(
+                !shown.contains("hunter2") && !shown.contains("swordfish"),
+                "{shown}"
+            );
+        }
+        let err = load(
+            None,
+            &[("PROVISIONER_BROKER_QUORUM_INITIAL_GROUP_SIZE", "0")],
+        )
+        .unwrap_err();
+        assert!(
+            err.setting.contains("broker.quorum_initial_group_size"),
+            "{err}"
         );
     }
 

@@ -64,6 +64,15 @@ impl ConnectionUrl {
         self.0.expose()
     }
 
+    /// The addresses of a comma-separated list of URLs (see [`split_url_list`]),
+    /// each its own `ConnectionUrl`; one element when the value is a single URL.
+    pub fn addresses(&self) -> Vec<ConnectionUrl> {
+        split_url_list(self.0.expose())
+            .into_iter()
+            .map(ConnectionUrl::new)
+            .collect()
+    }
+
     /// The URL with its password replaced by `***`, safe for logs and errors.
     pub fn redacted(&self) -> String {
         redact_url(self.0.expose())
@@ -110,9 +119,42 @@ pub fn is_secret_parameter(name: &str) -> bool {
         .any(|word| name.contains(word))
 }
 
+/// Splits a comma-separated list of URLs (`amqp://h1/v,amqp://h2/v`) into its
+/// URLs, trimmed. A comma splits only where the text after it (spaces aside) starts
+/// with a scheme and `://`, so a comma inside one URL (a password, a libpq host
+/// list such as `postgres://h1,h2/db`) never does. One element for a single URL.
+pub fn split_url_list(raw: &str) -> Vec<&str> {
+    fn starts_with_scheme(text: &str) -> bool {
+        let text = text.trim_start();
+        let Some((scheme, _)) = text.split_once("://") else {
+            return false;
+        };
+        let mut chars = scheme.chars();
+        chars.next().is_some_and(|c| c.is_ascii_alphabetic())
+            && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'))
+    }
+    let mut parts = Vec::new();
+    let mut start = 0;
+    for (at, _) in raw.match_indices(',') {
+        if starts_with_scheme(&raw[at + 1..]) {
+            parts.push(raw[start..at].trim());
+            start = at + 1;
+        }
+    }
+    parts.push(raw[start..].trim());
+    parts
+}
+
 /// Every password `raw` carries (userinfo, secret query parameters), as written and
-/// decoded, longest first; empty ones left out.
+/// decoded, longest first; empty ones left out. A list of URLs gives those of each.
 fn url_secrets(raw: &str) -> Vec<String> {
+    let parts = split_url_list(raw);
+    if parts.len() > 1 {
+        let mut secrets: Vec<String> = parts.into_iter().flat_map(url_secrets).collect();
+        secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
+        secrets.dedup();
+        return secrets;
+    }
     let Ok(url) = url::Url::parse(raw) else {
         return vec![raw.to_owned()];
     };
@@ -144,8 +186,17 @@ fn url_secrets(raw: &str) -> Vec<String> {
 /// ([`is_secret_parameter`]: sqlx's `password=`, `sslpassword=`, …) and the
 /// fragment (no driver reads one; there it is only a password's stray `#…`). A URL
 /// that does not parse, or has no `//` authority (`amqp:user:pw@host`, whose "path"
-/// lapin would quote), is hidden whole but for its scheme.
+/// lapin would quote), is hidden whole but for its scheme. A comma-separated list
+/// of URLs ([`split_url_list`]) is redacted URL by URL.
 pub fn redact_url(raw: &str) -> String {
+    let parts = split_url_list(raw);
+    if parts.len() > 1 {
+        return parts
+            .into_iter()
+            .map(redact_url)
+            .collect::<Vec<_>>()
+            .join(",");
+    }
     let Ok(mut url) = url::Url::parse(raw) else {
         return "[unparsable url]".to_owned();
     };
@@ -240,6 +291,16 @@ mod tests {
             ),
             // No authority: lapin would quote the whole text in its error.
             ("amqp:guest:hunter2@rabbit", "amqp:[redacted]"),
+            // A list of broker addresses: every one redacted.
+            (
+                "amqp://guest:hunter2@r1:5672/%2f, amqp://guest:hunter2@r2:5673/%2f,amqps://guest:hun%26ter2@r3/%2f",
+                "amqp://guest:***@r1:5672/%2f,amqp://guest:***@r2:5673/%2f,amqps://guest:***@r3/%2f",
+            ),
+            // A comma inside a password does not split.
+            (
+                "amqp://guest:hun,ter2@rabbit/%2f",
+                "amqp://guest:***@rabbit/%2f",
+            ),
         ] {
             assert_eq!(redact_url(raw), shown, "{raw}");
             let error = format!("driver said: {raw} and {}", raw.replace("%26", "&"));
@@ -255,5 +316,26 @@ mod tests {
                 assert!(!scrubbed.contains("hun&ter2"), "{scrubbed}");
             }
         }
+    }
+
+    #[test]
+    fn a_url_list_splits_only_before_a_scheme() {
+        assert_eq!(
+            split_url_list("amqp://a/v, amqps://b/v ,amqp://c/v"),
+            vec!["amqp://a/v", "amqps://b/v", "amqp://c/v"]
+        );
+        assert_eq!(split_url_list("amqp://u:p,q@a/v"), vec!["amqp://u:p,q@a/v"]);
+        assert_eq!(
+            split_url_list("postgres://h1,h2/db"),
+            vec!["postgres://h1,h2/db"]
+        );
+        assert_eq!(split_url_list("amqp://a/v,"), vec!["amqp://a/v,"]);
+        let url = ConnectionUrl::new("amqp://a/v,amqp://b/v");
+        let addresses: Vec<String> = url
+            .addresses()
+            .iter()
+            .map(|u| u.expose().to_owned())
+            .collect();
+        assert_eq!(addresses, vec!["amqp://a/v", "amqp://b/v"]);
     }
 }

@@ -25,7 +25,7 @@ pub(super) const ENV_KEYS: [(&str, &str); 12] = [
 /// Environment variable → the dotted key of an integer setting it overrides; the
 /// value is read as an integer (anything else stays a string, and the setting's
 /// deserialization names it).
-pub(super) const ENV_INTEGER_KEYS: [(&str, &str); 5] = [
+pub(super) const ENV_INTEGER_KEYS: [(&str, &str); 6] = [
     (
         "PROVISIONER_HTTP_HEADER_READ_TIMEOUT_MS",
         "http.header_read_timeout_ms",
@@ -39,6 +39,10 @@ pub(super) const ENV_INTEGER_KEYS: [(&str, &str); 5] = [
     (
         "PROVISIONER_HTTP_MAX_INFLIGHT_WEBHOOKS",
         "http.max_inflight_webhooks",
+    ),
+    (
+        "PROVISIONER_BROKER_QUORUM_INITIAL_GROUP_SIZE",
+        "broker.quorum_initial_group_size",
     ),
 ];
 

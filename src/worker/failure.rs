@@ -90,6 +90,7 @@ mod tests {
             retry_queue_prefix: "retry".into(),
             delivery_limit: 5,
             queue_expires_ms: None,
+            quorum_initial_group_size: None,
             publish_channels: 1,
             publish_timeout_ms: 1,
         };

@@ -36,8 +36,8 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::broker::{Publisher, Topology};
-use crate::config::{ConnectionUrl, Settings};
+use crate::broker::{Endpoints, Publisher, Topology};
+use crate::config::Settings;
 use crate::provision::Provisioner;
 
 use delivery::Envelope;
@@ -74,7 +74,7 @@ pub async fn run(ctx: WorkerContext, shutdown: CancellationToken) -> anyhow::Res
         provisioner: Provisioner::new(settings.provisioning.clone()),
         db: ctx.db,
         publisher: publisher.clone(),
-        url: settings.broker.url.clone(),
+        endpoints: Endpoints::new(&settings.broker.url),
         prefetch: settings.worker.concurrency,
         batch_size: settings.worker.batch_size.min(concurrency),
         batch_wait: Duration::from_millis(settings.worker.batch_wait_ms),
@@ -136,7 +136,8 @@ struct Engine {
     db: PgPool,
     publisher: Publisher,
     topology: Topology,
-    url: ConnectionUrl,
+    /// The broker's addresses: the consumer connects to the first that answers.
+    endpoints: Endpoints,
     prefetch: u16,
     batch_size: usize,
     batch_wait: Duration,

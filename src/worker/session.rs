@@ -18,7 +18,6 @@ use tokio_util::task::TaskTracker;
 
 use super::Engine;
 use super::lanes::Lanes;
-use crate::broker;
 
 /// Why a consumer session ended.
 #[derive(Debug, thiserror::Error)]
@@ -45,10 +44,17 @@ pub(super) async fn session(
     delay: &mut Duration,
     grace: Duration,
 ) -> Result<(), SessionError> {
-    let conn = broker::connect(&engine.url, "provisioner-worker")
+    let conn = engine
+        .endpoints
+        .connect("provisioner-worker")
         .await
         .map_err(SessionError::Connect)?;
+    tracing::info!(broker.url = %engine.endpoints.current(), "worker connected to broker");
     let result = consume(engine, tasks, &conn, delay, grace).await;
+    if result.is_err() {
+        // Reconnect to the other addresses (cluster nodes) first.
+        engine.endpoints.lost();
+    }
     // Closing requeues whatever is still unacked on this connection.
     let _ = tokio::time::timeout(
         Duration::from_secs(2),
@@ -65,12 +71,12 @@ async fn consume(
     delay: &mut Duration,
     grace: Duration,
 ) -> Result<(), SessionError> {
-    let channel = conn.create_channel().await.map_err(SessionError::Setup)?;
     engine
         .topology
-        .declare(&channel)
+        .declare_on(conn)
         .await
         .map_err(SessionError::Setup)?;
+    let channel = conn.create_channel().await.map_err(SessionError::Setup)?;
     // Per-consumer prefetch (global: false). RabbitMQ 3.10 answers global QoS on a
     // quorum queue with a connection-level NOT_IMPLEMENTED that kills every channel.
     channel
