@@ -32,8 +32,8 @@ TOML
   trap bench_cleanup EXIT
 
   # Named before the build, so the cleanup trap never meets an unset name.
-  BIN=target/release/provisioner
-  LOAD_BIN=target/release/provisioner-load
+  BIN="${CARGO_TARGET_DIR:-target}/release/provisioner"
+  LOAD_BIN="${CARGO_TARGET_DIR:-target}/release/provisioner-load"
   echo "== building (release)"
   cargo build --release --quiet --bin provisioner --bin provisioner-load
 
