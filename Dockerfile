@@ -39,10 +39,10 @@ USER 10001:10001
 ENV PROVISIONER_LISTEN=0.0.0.0:8080 \
     LOG_FORMAT=json
 EXPOSE 8080
-# Liveness of `serve`: GET /healthz on PROVISIONER_LISTEN, by bash's /dev/tcp (no
-# curl or wget in the image). `provisioner worker` has no HTTP listener: run
-# `provisioner-healthcheck worker` there instead (compose.yaml does), which checks
-# that the process holds a connection to the broker. Readiness for a load
+# Health probe (deploy/healthcheck.sh; the image has no curl or wget): for `serve`,
+# GET /healthz on PROVISIONER_LISTEN through bash's /dev/tcp; for `provisioner
+# worker`, which has no HTTP listener, that the process holds a connection to the
+# broker. It tells the two apart by the container's command. Readiness for a load
 # balancer is GET /readyz (database and broker reachable).
 HEALTHCHECK --interval=10s --timeout=3s --start-period=20s --retries=3 \
   CMD ["provisioner-healthcheck"]

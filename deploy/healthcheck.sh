@@ -2,10 +2,12 @@
 # Health probe of the container image (installed as /usr/local/bin/provisioner-healthcheck).
 # The runtime image has no curl or wget, so it speaks HTTP through bash's /dev/tcp.
 #
-#   provisioner-healthcheck [http]   `serve`: GET /healthz on PROVISIONER_LISTEN answers 200
+#   provisioner-healthcheck http     `serve`: GET /healthz on PROVISIONER_LISTEN answers 200
 #   provisioner-healthcheck worker   `worker` (no HTTP listener): the process holds an
 #                                    established TCP connection to a broker address of
 #                                    AMQP_URL (its consumer is connected)
+#   provisioner-healthcheck          either, by the container's command (PID 1):
+#                                    `provisioner worker` → worker, anything else → http
 #
 # Exit 0 = healthy, 1 = not (Docker's HEALTHCHECK convention).
 set -u
@@ -53,7 +55,14 @@ worker() {
   return 1
 }
 
-case "${1:-http}" in
+# The container's command: PID 1 is `provisioner SUBCOMMAND …` (exec-form ENTRYPOINT).
+role_of_container() {
+  local args=()
+  mapfile -d '' -t args </proc/1/cmdline 2>/dev/null || true
+  if [[ "${args[1]:-}" == worker ]]; then echo worker; else echo http; fi
+}
+
+case "${1:-$(role_of_container)}" in
   http) http ;;
   worker) worker ;;
   *) echo "usage: provisioner-healthcheck [http|worker]" >&2; exit 2 ;;
