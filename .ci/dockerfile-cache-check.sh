@@ -19,6 +19,45 @@ block="$(awk '/^# >>> dependency cache/ { on = 1; next } /^# <<< dependency cach
 SCRATCH="$(mktemp -d)"
 trap 'rm -rf "$SCRATCH"' EXIT
 
+# deploy/stub-targets.sh on a manifest with every kind of target, in every way
+# Cargo.toml may spell one: cargo must accept it afterwards (and refuse it before),
+# so a target the real manifest adds later in one of these forms is stubbed too.
+mkdir -p "$SCRATCH/self-test"
+cat >"$SCRATCH/self-test/Cargo.toml" <<'TOML'
+[package]
+name = "stub-self-test"
+version = "0.0.0"
+edition = "2024"
+build = "tools/build.rs"   # a build script elsewhere
+
+[lib]
+crate-type = ["rlib"]
+
+[[bin]]
+path = "src/bin/first/main.rs"
+name = "first"
+
+[[bin]]
+name = "second"
+
+[[bench]]
+name = "speed"
+harness = false
+
+[[test]]
+name = "it"
+
+[[example]]
+name = "demo"
+TOML
+if (cd "$SCRATCH/self-test" && cargo metadata --no-deps --offline --format-version 1 >/dev/null 2>&1); then
+  echo "self-test: cargo accepted a manifest whose targets have no files" >&2
+  exit 1
+fi
+deploy/stub-targets.sh "$SCRATCH/self-test" >/dev/null
+(cd "$SCRATCH/self-test" && cargo metadata --no-deps --offline --format-version 1 >/dev/null) \
+  || { echo "self-test: deploy/stub-targets.sh left a target without a file" >&2; exit 1; }
+
 # Instructions, with continuation lines joined; comments dropped.
 instructions="$(grep -v '^[[:space:]]*#' <<<"$block" | sed -e ':a' -e '/\\$/N; s/\\\n//; ta')"
 if grep -q '|| *true' <<<"$instructions"; then
