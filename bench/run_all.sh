@@ -55,6 +55,8 @@ if [[ "$SUMMARY_ONLY" == 1 ]]; then
   source "$OUT/lengths" 2>/dev/null || true
 else
   echo "$STARTED" >"$OUT/started"
+  # Other work on the machine skews every figure (less so the ratios): say how busy it was.
+  cut -d' ' -f1-3 /proc/loadavg >"$OUT/load"
   echo "$ARGS_TEXT" | sed 's/ *--update-readme//' >"$OUT/args"
   ARGS_TEXT="$(cat "$OUT/args")"
   echo "== building (release) once for every script"
@@ -126,7 +128,7 @@ fmt() { [[ "$1" == "?" || -z "$1" ]] && echo "?" || printf "%s" "$1"; }
 
 SUMMARY="$OUT/summary.md"
 {
-  echo "Measured $STARTED at $(git rev-parse --short HEAD 2>/dev/null || echo '?'), one sitting on $(nproc) cores: \`bench/run_all.sh${ARGS_TEXT:+ $ARGS_TEXT}\`."
+  echo "Measured $STARTED at $(git rev-parse --short HEAD 2>/dev/null || echo '?'), one sitting on $(nproc) cores (load average before: $(cat "$OUT/load" 2>/dev/null || echo '?')): \`bench/run_all.sh${ARGS_TEXT:+ $ARGS_TEXT}\`."
   echo
   echo "| benchmark | measured | machine limit, same sitting | ratio | target |"
   echo "|---|---|---|---|---|"
