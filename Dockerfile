@@ -22,9 +22,13 @@ RUN deploy/stub-targets.sh \
 # sources (COPY keeps the build context's times, which may predate the stub
 # build), so cargo rebuilds the crate itself and nothing else. Only the product
 # binary is built: the load tools (`provisioner-load`) never go into the image.
+# The release profile keeps line tables for readable backtraces; compressing
+# them (backtraces still resolve file:line) takes the binary from ~119 MB to
+# ~47 MB. Stripping them would give ~26 MB and backtraces without lines.
 COPY . .
 RUN touch src/main.rs src/lib.rs \
- && cargo build --release --locked --bin provisioner
+ && cargo build --release --locked --bin provisioner \
+ && objcopy --compress-debug-sections=zlib target/release/provisioner
 
 FROM debian:bookworm-slim AS runtime
 # CA certificates for TLS to a managed PostgreSQL, RabbitMQ (amqps) and Clerk's
