@@ -76,8 +76,8 @@ run() {
 }
 
 if [[ "$SUMMARY_ONLY" != 1 ]]; then
-  run intake bench/run_intake.sh "$INTAKE_DURATION"
-  run e2e bench/run_e2e.sh "$E2E_SECS"
+  run intake env SKIP_BUILD=1 bench/run_intake.sh "$INTAKE_DURATION"
+  run e2e env SKIP_BUILD=1 bench/run_e2e.sh "$E2E_SECS"
   run api env SKIP_BUILD=1 bench/run_api.sh --duration "$API_DURATION" --rounds 3
   run reconcile env SKIP_BUILD=1 bench/run_reconcile.sh "$RECONCILE_ORGS" "$RECONCILE_MEMBERS"
   run signature cargo bench --quiet --bench signature
