@@ -2,7 +2,7 @@
 #
 # bench_setup: scratch names for one run (`load.<tag>.*` queues and exchanges,
 #   database `provisioner_load_<tag>`), a config file naming them, a free port,
-#   the release build in $BIN, and a trap that stops what was started and deletes
+#   the release build in $BIN (SKIP_BUILD=1: the one already built), and a trap that stops what was started and deletes
 #   the scratch queues and database, whatever happens.
 # bench_start NAME ARGS...: starts `$BIN ARGS...` in the background, logging to
 #   $WORK/NAME.log; its pid is appended to BENCH_PIDS.
@@ -32,10 +32,12 @@ TOML
   trap bench_cleanup EXIT
 
   # Named before the build, so the cleanup trap never meets an unset name.
-  BIN=target/release/provisioner
-  LOAD_BIN=target/release/provisioner-load
-  echo "== building (release)"
-  cargo build --release --quiet --bin provisioner --bin provisioner-load
+  BIN="${CARGO_TARGET_DIR:-target}/release/provisioner"
+  LOAD_BIN="${CARGO_TARGET_DIR:-target}/release/provisioner-load"
+  if [[ "${SKIP_BUILD:-}" != 1 ]]; then
+    echo "== building (release)"
+    cargo build --release --quiet --bin provisioner --bin provisioner-load
+  fi
 
   psql -q "$PG_BASE/postgres" -c "create database \"$DB\"" >/dev/null
   "$BIN" migrate >/dev/null

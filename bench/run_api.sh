@@ -14,8 +14,8 @@ cd "$(dirname "$0")/.."
 PG_BASE=${PG_BASE:-postgres://postgres@127.0.0.1:5432}
 PORT=${PORT:-18480}
 DB="prov_bench_api_$$"
-BIN=${BIN:-target/release/provisioner}
-LOAD_BIN=${LOAD_BIN:-target/release/provisioner-load}
+BIN=${BIN:-${CARGO_TARGET_DIR:-target}/release/provisioner}
+LOAD_BIN=${LOAD_BIN:-${CARGO_TARGET_DIR:-target}/release/provisioner-load}
 WORKDIR=$(mktemp -d)
 SERVER_PID=""
 

@@ -16,6 +16,7 @@ PG_BASE=${PG_BASE:-postgres://postgres@127.0.0.1:5432}
 DB="prov_bench_reconcile_$$"
 PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 KEY="sk_test_load_fake_clerk"
+TARGET="${CARGO_TARGET_DIR:-target}"
 WORK=$(mktemp -d)
 FAKE_PID=""
 cleanup() {
@@ -34,20 +35,20 @@ requests_per_second = 0
 max_removals = 0
 TOML
 export PROVISIONER_CONFIG="$WORK/bench.toml" RUST_LOG=warn
-target/release/provisioner-load fake-clerk --orgs "$ORGS" --members "$MEMBERS" \
+"$TARGET"/release/provisioner-load fake-clerk --orgs "$ORGS" --members "$MEMBERS" \
     --listen "127.0.0.1:$PORT" --key "$KEY" 2>"$WORK/fake.log" &
 FAKE_PID=$!
 for _ in $(seq 1 100); do
     (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null && break
     sleep 0.2
 done
-DATABASE_URL="$PG_BASE/$DB" target/release/provisioner migrate >/dev/null 2>&1 || \
-    DATABASE_URL="$PG_BASE/$DB" AMQP_URL=amqp://guest:guest@127.0.0.1:5672/%2f target/release/provisioner migrate >/dev/null
+DATABASE_URL="$PG_BASE/$DB" "$TARGET"/release/provisioner migrate >/dev/null 2>&1 || \
+    DATABASE_URL="$PG_BASE/$DB" AMQP_URL=amqp://guest:guest@127.0.0.1:5672/%2f "$TARGET"/release/provisioner migrate >/dev/null
 
 echo "== reconcile backfill: $ORGS organizations x $MEMBERS memberships"
 start=$(date +%s.%N)
 DATABASE_URL="$PG_BASE/$DB" CLERK_API_URL="http://127.0.0.1:$PORT" CLERK_SECRET_KEY="$KEY" \
-    /usr/bin/time -f "%M" -o "$WORK/rss" target/release/provisioner reconcile --json >"$WORK/report.json"
+    /usr/bin/time -f "%M" -o "$WORK/rss" "$TARGET"/release/provisioner reconcile --json >"$WORK/report.json"
 end=$(date +%s.%N)
 applied=$(python3 -c "import json,sys; print(json.load(open('$WORK/report.json'))['applied'])")
 secs=$(python3 -c "print($end - $start)")
