@@ -48,13 +48,14 @@ DATABASE_URL="$PG_BASE/$DB" "$TARGET"/release/provisioner migrate >/dev/null 2>&
 echo "== reconcile backfill: $ORGS organizations x $MEMBERS memberships"
 start=$(date +%s.%N)
 DATABASE_URL="$PG_BASE/$DB" CLERK_API_URL="http://127.0.0.1:$PORT" CLERK_SECRET_KEY="$KEY" \
-    /usr/bin/time -f "%M" -o "$WORK/rss" "$TARGET"/release/provisioner reconcile --json >"$WORK/report.json"
+    /usr/bin/time -f "%M %U %S %e" -o "$WORK/rss" "$TARGET"/release/provisioner reconcile --json >"$WORK/report.json"
 end=$(date +%s.%N)
 applied=$(python3 -c "import json,sys; print(json.load(open('$WORK/report.json'))['applied'])")
 secs=$(python3 -c "print($end - $start)")
 rate=$(python3 -c "print(round($applied / ($end - $start)))")
-rss_kb=$(cat "$WORK/rss")
-echo "reconcile: $applied events applied in ${secs%.*}.$(echo "$secs" | cut -d. -f2 | cut -c1-2) s = $rate events/s; peak RSS $((rss_kb / 1024)) MB"
+read -r rss_kb user_s sys_s _ <"$WORK/rss"
+fake_s=$(awk -v hz="$(getconf CLK_TCK)" '{print ($14 + $15) / hz}' "/proc/$FAKE_PID/stat")
+echo "reconcile: $applied events applied in ${secs%.*}.$(echo "$secs" | cut -d. -f2 | cut -c1-2) s = $rate events/s; peak RSS $((rss_kb / 1024)) MB; CPU: reconcile ${user_s} s user + ${sys_s} s sys, fake Clerk ${fake_s} s"
 
 echo "== cargo bench --bench provision_batch (same sitting)"
 bench=$(cargo bench --quiet --bench provision_batch 2>/dev/null | tee /dev/stderr | grep "batch size 32")
