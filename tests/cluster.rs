@@ -16,6 +16,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use common::children::free_port;
 use common::database::TestDatabase;
 use common::rabbit::{self, RabbitCluster, RabbitNode};
 use common::story::{self, Event};
@@ -162,14 +163,6 @@ impl Drop for Proc {
             );
         }
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// The history: per organization a creation, memberships (some users shared with

@@ -15,6 +15,7 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use common::database::TestDatabase;
+use common::history::{row_diff, rows};
 use common::story;
 use proptest::prelude::*;
 use proptest::strategy::ValueTree;
@@ -660,50 +661,6 @@ fn expected(model: &Model, p: &Provisioner) -> State {
         );
     }
     st
-}
-
-/// Every stored row of a run, by table and key, as the JSON of all its columns
-/// with the run's prefix taken out of every value. Left out: when this service
-/// wrote a row (`created_at`, `updated_at`), which no two runs share; the audit log
-/// and the processing log are not compared at all (their rows record the delivery,
-/// which differs by design).
-async fn rows(db: &PgPool, prefix: &str) -> BTreeMap<String, String> {
-    let like = format!("{prefix}%");
-    let rows: Vec<(String, String)> = sqlx::query_as(
-        "select 'workspaces/' || id, (to_jsonb(t) - 'created_at' - 'updated_at')::text \
-           from workspaces t where id like $1 \
-         union all \
-         select 'workspace_quotas/' || workspace_id || '/' || name, to_jsonb(t)::text \
-           from workspace_quotas t where workspace_id like $1 \
-         union all \
-         select 'onboarding_steps/' || workspace_id || '/' || name, \
-                (to_jsonb(t) - 'updated_at')::text \
-           from onboarding_steps t where workspace_id like $1 \
-         union all \
-         select 'members/' || membership_id, (to_jsonb(t) - 'created_at' - 'updated_at')::text \
-           from members t where workspace_id like $1 \
-         union all \
-         select 'users/' || id, (to_jsonb(t) - 'updated_at')::text from users t where id like $1",
-    )
-    .bind(&like)
-    .fetch_all(db)
-    .await
-    .unwrap();
-    rows.into_iter()
-        .map(|(k, v)| (k.replace(prefix, ""), v.replace(prefix, "")))
-        .collect()
-}
-
-/// The rows that differ between two runs: (key, first run's row, second run's row).
-fn row_diff(
-    a: &BTreeMap<String, String>,
-    b: &BTreeMap<String, String>,
-) -> Vec<(String, Option<String>, Option<String>)> {
-    let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
-    keys.into_iter()
-        .filter(|k| a.get(*k) != b.get(*k))
-        .map(|k| ((*k).clone(), a.get(k).cloned(), b.get(k).cloned()))
-        .collect()
 }
 
 // ---- the property ---------------------------------------------------------------------

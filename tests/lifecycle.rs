@@ -3,49 +3,14 @@
 
 mod common;
 
-use std::io::Read;
-use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::Duration;
 
+use common::children::free_port;
 use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const BIN: &str = env!("CARGO_BIN_EXE_provisioner");
-
-/// A scratch file under the system temp dir, removed on drop.
-struct TempFile(PathBuf);
-
-impl TempFile {
-    fn new(name: &str, contents: &str) -> Self {
-        let path = std::env::temp_dir().join(format!("provisioner-{}-{name}", random_id(10)));
-        std::fs::write(&path, contents).unwrap();
-        Self(path)
-    }
-
-    fn read(&self) -> String {
-        let mut s = String::new();
-        std::fs::File::open(&self.0)
-            .unwrap()
-            .read_to_string(&mut s)
-            .unwrap();
-        s
-    }
-}
-
-impl Drop for TempFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// The environment of a binary run by a test: only what the test gives it (never the
 /// developer's own settings), with this test's database, queues and port.

@@ -6,11 +6,11 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::Read;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use common::children::free_port;
 use common::worker::*;
 use common::*;
 use serde_json::{Value, json};
@@ -405,40 +405,6 @@ async fn every_metric_the_dashboard_and_alerts_name_is_exported_and_documented()
 // ---------------------------------------------------------------------------
 // JSON logs of the real binary.
 
-/// A scratch file under the system temp dir, removed on drop.
-struct TempFile(PathBuf);
-
-impl TempFile {
-    fn new(name: &str) -> Self {
-        let path = std::env::temp_dir().join(format!("provisioner-{}-{name}", random_id(10)));
-        std::fs::write(&path, "").unwrap();
-        Self(path)
-    }
-
-    fn read(&self) -> String {
-        let mut s = String::new();
-        std::fs::File::open(&self.0)
-            .unwrap()
-            .read_to_string(&mut s)
-            .unwrap();
-        s
-    }
-}
-
-impl Drop for TempFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// Runs the binary with exactly `env`; stderr (the log) goes to `log`.
 fn start(args: &[&str], env: &[(String, String)], log: &TempFile) -> Child {
     let mut cmd = Command::new(BIN);
@@ -533,9 +499,9 @@ async fn json_log_lines_of_an_event_carry_its_ids() {
         format!("127.0.0.1:{metrics_port}"),
     ));
     let (intake_log, worker_log, replay_log) = (
-        TempFile::new("intake.log"),
-        TempFile::new("worker.log"),
-        TempFile::new("replay.log"),
+        TempFile::new("intake.log", ""),
+        TempFile::new("worker.log", ""),
+        TempFile::new("replay.log", ""),
     );
     let client = reqwest::Client::new();
     let base = format!("http://127.0.0.1:{http_port}");

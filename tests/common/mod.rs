@@ -14,7 +14,8 @@
 #[allow(dead_code)]
 pub mod children;
 pub mod database;
-// A long history over many organizations and its in-order oracle; the fault suite only.
+// A long history over many organizations and its in-order oracle (the fault and
+// cluster suites), and the row-by-row state comparison convergence shares.
 #[allow(dead_code)]
 pub mod history;
 // Used by the reconcile and Clerk client tests only.
@@ -626,4 +627,27 @@ pub fn envelope(kind: &str, data: serde_json::Value, timestamp_ms: i64) -> Vec<u
 pub fn fixture(name: &str) -> serde_json::Value {
     let path = format!("{}/tests/fixtures/{name}.json", env!("CARGO_MANIFEST_DIR"));
     serde_json::from_str(&std::fs::read_to_string(&path).expect("fixture exists")).unwrap()
+}
+
+/// A file under the temp dir, removed when dropped (a config or a log of a binary).
+#[allow(dead_code)]
+pub struct TempFile(pub std::path::PathBuf);
+
+#[allow(dead_code)]
+impl TempFile {
+    pub fn new(name: &str, contents: &str) -> Self {
+        let path = std::env::temp_dir().join(format!("provisioner-{}-{name}", random_id(10)));
+        std::fs::write(&path, contents).unwrap();
+        Self(path)
+    }
+
+    pub fn read(&self) -> String {
+        std::fs::read_to_string(&self.0).unwrap()
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
 }
