@@ -87,7 +87,10 @@ async fn rabbit_node_helper_starts_stops_and_cleans_up() {
     node.set_disk_free_limit("1000GB").await.unwrap();
     node.set_disk_free_limit("50MB").await.unwrap();
 
-    // SIGKILL, then a restart on the same name, port and data.
+    // SIGKILL, then a restart on the same name, port and data. The queue's record is
+    // in Mnesia's transaction log, which the broker writes lazily: flush it first, or a
+    // kill right after the declaration can lose it (seen once under load).
+    node.ctl(&["eval", "mnesia:sync_log()."]).await.unwrap();
     node.kill().unwrap();
     assert!(!node.is_running().await, "the killed node is gone");
     node.restart().await.expect("the node restarts");
