@@ -270,30 +270,51 @@ impl Pass<'_> {
     }
 }
 
+/// The envelope of a synthetic event, serialized around the snapshot by reference
+/// (a page's objects are not copied to build their repairs).
+#[derive(Serialize)]
+struct Envelope<'a> {
+    object: &'static str,
+    #[serde(rename = "type")]
+    kind: &'a str,
+    timestamp: i64,
+    data: &'a Value,
+}
+
 /// A synthetic Clerk event carrying an API snapshot, applied with actor `reconcile`.
-fn synthetic(kind: &str, id_part: &str, data: Value, timestamp_ms: i64) -> Incoming {
-    let body = json!({
-        "object": "event",
-        "type": kind,
-        "timestamp": timestamp_ms,
-        "data": data,
-    });
+fn synthetic(kind: &str, id_part: &str, data: &Value, timestamp_ms: i64) -> Incoming {
+    let body = serde_json::to_vec(&Envelope {
+        object: "event",
+        kind,
+        timestamp: timestamp_ms,
+        data,
+    })
+    .expect("a JSON value serializes");
     Incoming {
         // Deterministic: the same snapshot applied twice is one processing-log row.
         svix_id: format!("reconcile_{id_part}_{timestamp_ms}"),
         kind: Some(EventType::parse(kind)),
-        body: body.to_string().into_bytes(),
+        body,
         received_at: Utc::now(),
         actor: Actor::Reconcile,
     }
 }
 
 /// A repair ready to apply: the synthetic event and the snapshot it carries,
-/// already decoded (the comparison read it), so it is parsed once.
+/// already decoded (the comparison read it), so it is parsed once. The event's
+/// `body` stays empty: [`Provisioner::apply_decoded`] applies the decoding and the
+/// processing log keeps no bodies, so serializing a page's objects again would
+/// be work nobody reads.
 type Prepared = (Incoming, Decoded);
 
-fn prepared(kind: &str, id_part: &str, data: &Value, timestamp_ms: i64, event: Event) -> Prepared {
-    let incoming = synthetic(kind, id_part, data.clone(), timestamp_ms);
+fn prepared(kind: &str, id_part: &str, timestamp_ms: i64, event: Event) -> Prepared {
+    let incoming = Incoming {
+        svix_id: format!("reconcile_{id_part}_{timestamp_ms}"),
+        kind: Some(EventType::parse(kind)),
+        body: Vec::new(),
+        received_at: Utc::now(),
+        actor: Actor::Reconcile,
+    };
     let decoded = Decoded {
         kind: EventType::parse(kind),
         timestamp_ms: Some(timestamp_ms),
@@ -352,6 +373,7 @@ impl Reconciler {
             dry_run: opts.dry_run,
             ..Report::default()
         };
+        let clock = std::time::Instant::now();
         let mut conn = self.pool.acquire().await?;
         for table in ["reconcile_seen_orgs", "reconcile_seen_members"] {
             sqlx::query(sqlx::AssertSqlSafe(format!(
@@ -393,10 +415,11 @@ impl Reconciler {
                 }
                 let table = phase.seen_table();
                 let new = self.note_seen(&mut conn, table, &page).await?;
+                let new: std::collections::HashSet<String> = new.into_iter().collect();
                 let fresh: Vec<&Value> = page
                     .data
                     .iter()
-                    .filter(|v| new.contains(&id_of(v)))
+                    .filter(|v| new.contains(id_str(v)))
                     .collect();
                 let mut pass = Pass::new(&mut report);
                 match phase {
@@ -418,6 +441,11 @@ impl Reconciler {
             if let Some(pipeline) = pipeline {
                 report.applied += pipeline.finish().await?;
             }
+            tracing::debug!(
+                phase = phase.name(),
+                elapsed_ms = clock.elapsed().as_millis(),
+                "reconcile phase done"
+            );
         }
 
         // What is active here and the scan did not see: prove it gone, or compare it.
@@ -468,6 +496,11 @@ impl Reconciler {
             }
         }
         self.finish(pass, opts, true).await?;
+        tracing::debug!(
+            phase = "removals",
+            elapsed_ms = clock.elapsed().as_millis(),
+            "reconcile phase done"
+        );
         drop(conn);
         Ok(report)
     }
@@ -518,7 +551,7 @@ impl Reconciler {
                     pass.removals.push(synthetic(
                         "organization.deleted",
                         &format!("orgdel_{id}"),
-                        json!({"object": "organization", "id": id, "deleted": true}),
+                        &json!({"object": "organization", "id": id, "deleted": true}),
                         now,
                     ));
                 }
@@ -588,7 +621,7 @@ impl Reconciler {
             pass.removals.push(synthetic(
                 "organizationMembership.deleted",
                 &format!("memdel_{membership_id}"),
-                json!({
+                &json!({
                     "object": "organization_membership",
                     "id": membership_id,
                     "organization": {"object": "organization", "id": workspace_id},
@@ -608,13 +641,13 @@ impl Reconciler {
         let mut organizations = Vec::new();
         for v in values {
             match decode_organization(v) {
-                Ok(org) => organizations.push((org, *v)),
+                Ok(org) => organizations.push(org),
                 Err(e) => {
                     tracing::warn!(organization = %id_of(v), error = %e, "skipping an organization Clerk listed that cannot be read")
                 }
             }
         }
-        let ids: Vec<&str> = organizations.iter().map(|(o, _)| o.id.as_str()).collect();
+        let ids: Vec<&str> = organizations.iter().map(|o| o.id.as_str()).collect();
         let local: HashMap<String, LocalWorkspace> = sqlx::query_as::<_, LocalWorkspace>(
             "select id, status, name, slug, image_url, plan, source_version \
              from workspaces where id = any($1)",
@@ -636,7 +669,7 @@ impl Reconciler {
             quotas_of.entry(workspace).or_default().insert(name, limit);
         }
         let settings = self.provisioner.settings();
-        for (org, value) in organizations {
+        for org in organizations {
             let Some(here) = local.get(&org.id) else {
                 pass.drift(
                     DriftKind::WorkspaceMissing,
@@ -647,9 +680,8 @@ impl Reconciler {
                 pass.events.push(prepared(
                     "organization.created",
                     &format!("org_{}", org.id),
-                    value,
                     org.updated_at,
-                    Event::OrganizationUpsert(org.clone()),
+                    Event::OrganizationUpsert(org),
                 ));
                 continue;
             };
@@ -684,9 +716,8 @@ impl Reconciler {
                     pass.events.push(prepared(
                         "organization.updated",
                         &format!("org_{}", org.id),
-                        value,
                         org.updated_at,
-                        Event::OrganizationUpsert(org.clone()),
+                        Event::OrganizationUpsert(org),
                     ));
                     // The update re-derives the quotas if the plan changes.
                     continue;
@@ -731,16 +762,16 @@ impl Reconciler {
         let mut memberships = Vec::new();
         for v in values {
             match decode_membership(v) {
-                Ok(m) => memberships.push((m, *v)),
+                Ok(m) => memberships.push(m),
                 Err(e) => {
                     tracing::warn!(membership = %id_of(v), error = %e, "skipping a membership Clerk listed that cannot be read")
                 }
             }
         }
-        let ids: Vec<&str> = memberships.iter().map(|(m, _)| m.id.as_str()).collect();
+        let ids: Vec<&str> = memberships.iter().map(|m| m.id.as_str()).collect();
         let workspaces: Vec<&str> = memberships
             .iter()
-            .map(|(m, _)| m.organization.id.as_str())
+            .map(|m| m.organization.id.as_str())
             .collect();
         let local: HashMap<String, LocalMember> = sqlx::query_as::<_, LocalMember>(
             "select membership_id, role, clerk_role, removed_at is not null as removed, \
@@ -760,7 +791,7 @@ impl Reconciler {
         .fetch_all(&self.pool)
         .await?;
         let settings = self.provisioner.settings();
-        for (m, value) in memberships {
+        for m in memberships {
             let ws = m.organization.id.as_str();
             let user = m.user.user_id.as_str();
             if deleted.iter().any(|d| d == ws) {
@@ -771,7 +802,6 @@ impl Reconciler {
                 prepared(
                     kind,
                     &format!("mem_{}", m.id),
-                    value,
                     m.updated_at,
                     Event::MembershipUpsert(m.clone()),
                 )
@@ -854,7 +884,7 @@ impl Reconciler {
         if opts.dry_run {
             return Ok(());
         }
-        report.applied += self.apply(&events).await?;
+        report.applied += self.apply(events).await?;
         for workspace in quotas {
             if self
                 .provisioner
@@ -877,7 +907,7 @@ impl Reconciler {
                 .into_iter()
                 .filter_map(decode_removal)
                 .collect();
-            report.applied += self.apply(&removal_events).await?;
+            report.applied += self.apply(removal_events).await?;
         }
         Ok(())
     }
@@ -906,7 +936,7 @@ impl Reconciler {
     /// Applies one job of a [`Pipeline`]; what it changed.
     async fn apply_job(&self, job: Job) -> Result<u64, ReconcileError> {
         match job {
-            Job::Events(events) => self.apply(&events).await,
+            Job::Events(events) => self.apply_events(events).await,
             Job::Quotas(workspace) => Ok(u64::from(
                 self.provisioner
                     .refresh_quotas(&self.pool, &workspace, Actor::Reconcile)
@@ -915,24 +945,27 @@ impl Reconciler {
         }
     }
 
-    /// Applies repairs as the worker would: batches of [`APPLY_BATCH`], up to
-    /// [`APPLIERS`] at once (each batch takes its advisory locks in the global
-    /// order, so concurrent batches never deadlock).
-    async fn apply(&self, events: &[Prepared]) -> Result<u64, ReconcileError> {
+    /// Applies repairs as the worker would, in batches of at most [`APPLY_BATCH`],
+    /// up to [`APPLIERS`] jobs of [`batches`] at once (each batch takes its advisory
+    /// locks in the global order, so concurrent batches never deadlock).
+    async fn apply(&self, events: Vec<Prepared>) -> Result<u64, ReconcileError> {
         use futures_util::StreamExt;
-        use futures_util::stream::FuturesUnordered;
-        let mut chunks = events.chunks(APPLY_BATCH);
-        let mut results = FuturesUnordered::new();
-        let provisioner = &self.provisioner;
-        let pool = &self.pool;
-        for chunk in chunks.by_ref().take(APPLIERS) {
-            results.push(apply_chunk(provisioner, pool, chunk));
-        }
+        let mut jobs = futures_util::stream::iter(batches(events))
+            .map(|job| self.apply_events(job))
+            .buffer_unordered(APPLIERS);
         let mut applied = 0;
-        while let Some((chunk, outcomes)) = results.next().await {
-            if let Some(next) = chunks.next() {
-                results.push(apply_chunk(provisioner, pool, next));
-            }
+        while let Some(result) = jobs.next().await {
+            applied += result?;
+        }
+        Ok(applied)
+    }
+
+    /// Applies one job of [`batches`]: its batches in turn, one transaction each.
+    async fn apply_events(&self, events: Vec<Prepared>) -> Result<u64, ReconcileError> {
+        let mut applied = 0;
+        for chunk in events.chunks(APPLY_BATCH) {
+            let ready: Vec<(&Incoming, &Decoded)> = chunk.iter().map(|(i, d)| (i, d)).collect();
+            let outcomes = self.provisioner.apply_decoded(&self.pool, &ready).await;
             for ((event, _), result) in chunk.iter().zip(outcomes) {
                 match result {
                     Ok(Outcome::Processed) => applied += 1,
@@ -948,13 +981,38 @@ impl Reconciler {
     }
 }
 
-async fn apply_chunk<'a>(
-    provisioner: &'a Provisioner,
-    pool: &'a PgPool,
-    chunk: &'a [Prepared],
-) -> (&'a [Prepared], Vec<Result<Outcome, ProcessError>>) {
-    let ready: Vec<(&Incoming, &Decoded)> = chunk.iter().map(|(i, d)| (i, d)).collect();
-    (chunk, provisioner.apply_decoded(pool, &ready).await)
+/// Cuts repairs into the appliers' jobs: batches of up to [`APPLY_BATCH`] that
+/// never split one workspace's repairs, so batches applied at once do not queue on
+/// each other's workspace lock (Clerk lists a workspace's memberships side by side
+/// or scattered; either way, cut by position, neighbouring batches would share
+/// workspaces and run one after the other). A workspace with [`APPLY_BATCH`]
+/// repairs or more is a job of its own, whose batches are applied in turn. The
+/// repairs of one workspace keep their order.
+fn batches(mut events: Vec<Prepared>) -> Vec<Vec<Prepared>> {
+    // Stable: the order within a workspace is kept.
+    events.sort_by(|a, b| a.1.workspace_id().cmp(&b.1.workspace_id()));
+    let mut jobs = Vec::new();
+    let mut current: Vec<Prepared> = Vec::new();
+    let mut events = events.into_iter().peekable();
+    while let Some(first) = events.next() {
+        let workspace = first.1.workspace_id().map(str::to_owned);
+        let mut group = vec![first];
+        while let Some(next) = events.next_if(|e| e.1.workspace_id() == workspace.as_deref()) {
+            group.push(next);
+        }
+        if !current.is_empty() && current.len() + group.len() > APPLY_BATCH {
+            jobs.push(std::mem::take(&mut current));
+        }
+        if group.len() >= APPLY_BATCH {
+            jobs.push(group);
+        } else {
+            current.extend(group);
+        }
+    }
+    if !current.is_empty() {
+        jobs.push(current);
+    }
+    jobs
 }
 
 /// A page's repairs, owned, to apply in the background.
@@ -1038,16 +1096,12 @@ impl Pipeline {
         }
     }
 
-    /// Hands a page's repairs to the appliers, in batches of [`APPLY_BATCH`]
+    /// Hands a page's repairs to the appliers, as the jobs of [`batches`]
     /// (waits while they are all busy and the queue is full). An applier's
     /// failure ends the run with its error.
     async fn submit(&mut self, repairs: Repairs) -> Result<(), ReconcileError> {
-        let mut events = repairs.events.into_iter().peekable();
-        let batches = std::iter::from_fn(|| {
-            events.peek()?;
-            Some(Job::Events(events.by_ref().take(APPLY_BATCH).collect()))
-        });
-        for job in batches.chain(repairs.quotas.into_iter().map(Job::Quotas)) {
+        let jobs = batches(repairs.events).into_iter().map(Job::Events);
+        for job in jobs.chain(repairs.quotas.into_iter().map(Job::Quotas)) {
             if self.failed.load(std::sync::atomic::Ordering::Relaxed)
                 || self.jobs.send(job).await.is_err()
             {
@@ -1120,7 +1174,11 @@ impl<'a> Pass<'a> {
 }
 
 fn id_of(value: &Value) -> String {
-    value["id"].as_str().unwrap_or_default().to_owned()
+    id_str(value).to_owned()
+}
+
+fn id_str(value: &Value) -> &str {
+    value["id"].as_str().unwrap_or_default()
 }
 
 /// Why a just-in-time sync failed (cloneable: concurrent callers share one).
@@ -1332,4 +1390,92 @@ pub fn spawn_scheduled(
         std::time::Duration::from_secs(interval_s),
         stop,
     )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::send::payload as make;
+
+    fn repair(workspace: &str, n: usize) -> Prepared {
+        let org = make::organization(workspace, "Org", "user_creator", 1, 1, 1);
+        let value = make::membership(
+            &format!("orgmem_{workspace}_{n}"),
+            org,
+            &make::Person::of(&format!("user_{workspace}_{n}")),
+            "org:member",
+            2,
+            2,
+        );
+        let m = decode_membership(&value).expect("a membership");
+        prepared(
+            "organizationMembership.created",
+            &format!("mem_{}", m.id),
+            2,
+            Event::MembershipUpsert(m),
+        )
+    }
+
+    /// The membership ids of a job, with their workspaces.
+    fn ids(job: &[Prepared]) -> Vec<(String, String)> {
+        job.iter()
+            .map(|(_, d)| match &d.event {
+                Event::MembershipUpsert(m) => (m.organization.id.clone(), m.id.clone()),
+                _ => unreachable!(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn batches_never_split_a_workspace_and_keep_its_order() {
+        // Scattered, as an instance-wide list by creation time gives them, and in
+        // runs that straddle any cut by position: 7 × 5 memberships side by side,
+        // then one workspace of 40 interleaved with one of 3.
+        let mut events = Vec::new();
+        for w in 0..7 {
+            for n in 0..5 {
+                events.push(repair(&format!("org_side{w}"), n));
+            }
+        }
+        for n in 0..40 {
+            events.push(repair("org_big", n));
+            if n < 3 {
+                events.push(repair("org_small", n));
+            }
+        }
+        let all = events.len();
+        let jobs = batches(events);
+
+        let mut seen = std::collections::HashSet::new();
+        let mut job_of: HashMap<String, usize> = HashMap::new();
+        for (j, job) in jobs.iter().enumerate() {
+            let ids = ids(job);
+            let workspaces: std::collections::BTreeSet<&String> =
+                ids.iter().map(|(w, _)| w).collect();
+            assert!(
+                job.len() <= APPLY_BATCH || workspaces.len() == 1,
+                "job {j} has {} repairs of {} workspaces",
+                job.len(),
+                workspaces.len()
+            );
+            let mut last: HashMap<&String, usize> = HashMap::new();
+            for (w, id) in &ids {
+                let n: usize = id.rsplit('_').next().unwrap().parse().unwrap();
+                if let Some(prev) = last.insert(w, n) {
+                    assert!(prev < n, "{w}: {id} after number {prev}");
+                }
+                assert!(seen.insert(id.clone()), "{id} twice");
+                if let Some(other) = job_of.insert(w.clone(), j) {
+                    assert_eq!(other, j, "{w} is split between jobs {other} and {j}");
+                }
+            }
+        }
+        assert_eq!(seen.len(), all, "every repair is in a job");
+        let big = &jobs[job_of["org_big"]];
+        assert_eq!(
+            big.len(),
+            40,
+            "a workspace of 40 repairs is a job of its own"
+        );
+    }
 }
