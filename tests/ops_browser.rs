@@ -55,12 +55,19 @@ impl Driver {
         let url = format!("http://127.0.0.1:{port}");
         let status = format!("{url}/status");
         let ready = eventually(Duration::from_secs(20), || async {
-            reqwest::get(&status).await.ok().filter(|r| r.status().is_success())
+            reqwest::get(&status)
+                .await
+                .ok()
+                .filter(|r| r.status().is_success())
         })
         .await;
         assert!(ready.is_some(), "chromedriver did not answer on {url}");
         let profile = std::env::temp_dir().join(format!("provisioner-chromium-{}", random_id(10)));
-        Self { child, url, profile }
+        Self {
+            child,
+            url,
+            profile,
+        }
     }
 
     async fn browser(&self) -> Client {
@@ -108,17 +115,38 @@ async fn shot(browser: &Client, name: &str) {
     std::fs::write(dir.join(format!("{name}.png")), png).unwrap();
 }
 
+/// The text of the page as it is now (retried while a navigation replaces it).
 async fn text(browser: &Client) -> String {
-    browser
-        .find(Locator::Css("body"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
+    let read = eventually(Duration::from_secs(10), || async {
+        wait_loaded(browser).await;
+        browser
+            .find(Locator::Css("body"))
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()
+    })
+    .await;
+    read.expect("the page has a body")
 }
 
+/// Waits until the document has loaded.
+async fn wait_loaded(browser: &Client) {
+    let _ = eventually(Duration::from_secs(10), || async {
+        let state = browser
+            .execute("return document.readyState;", vec![])
+            .await
+            .ok()?;
+        (state == "complete").then_some(())
+    })
+    .await;
+}
+
+/// Clicks what `css` finds, then waits until the page it leads to has replaced
+/// this one (every click here submits a form or follows a link).
 async fn click(browser: &Client, css: &str) {
+    let old = browser.find(Locator::Css("html")).await.unwrap();
     browser
         .find(Locator::Css(css))
         .await
@@ -126,6 +154,13 @@ async fn click(browser: &Client, css: &str) {
         .click()
         .await
         .unwrap();
+    // The old document's element goes stale once the new page replaced it.
+    let replaced = eventually(Duration::from_secs(20), || async {
+        old.tag_name().await.is_err().then_some(())
+    })
+    .await;
+    assert!(replaced.is_some(), "clicking {css} led nowhere");
+    wait_loaded(browser).await;
 }
 
 /// The page's text once it contains `needle`, reloading `path` until it does.
@@ -187,7 +222,10 @@ async fn an_operator_handles_a_dead_letter_and_syncs_a_workspace_in_chromium() {
     let body = envelope("organizationMembership.created", data, now_secs() * 1000);
     let r = app.post_signed(&id, &body).await;
     assert_eq!(r.status(), 200, "intake queued it");
-    assert!(wait_status(&app.db, &id, "dead").await, "the worker dead-lettered it");
+    assert!(
+        wait_status(&app.db, &id, "dead").await,
+        "the worker dead-lettered it"
+    );
 
     let driver = Driver::start().await;
     let browser = driver.browser().await;
@@ -195,10 +233,29 @@ async fn an_operator_handles_a_dead_letter_and_syncs_a_workspace_in_chromium() {
 
     // Log in.
     browser.goto(&format!("{base}/ops")).await.unwrap();
-    assert!(browser.current_url().await.unwrap().path().ends_with("/ops/login"));
+    assert!(
+        browser
+            .current_url()
+            .await
+            .unwrap()
+            .path()
+            .ends_with("/ops/login")
+    );
     shot(&browser, "01-login").await;
-    browser.find(Locator::Css("#token")).await.unwrap().send_keys(OPS_TOKEN).await.unwrap();
-    browser.find(Locator::Css("#label")).await.unwrap().send_keys("alice").await.unwrap();
+    browser
+        .find(Locator::Css("#token"))
+        .await
+        .unwrap()
+        .send_keys(OPS_TOKEN)
+        .await
+        .unwrap();
+    browser
+        .find(Locator::Css("#label"))
+        .await
+        .unwrap()
+        .send_keys("alice")
+        .await
+        .unwrap();
     click(&browser, "form[action='/ops/login'] button").await;
     let overview = until_shown(&browser, &base, "/ops", "Overview").await;
     assert!(overview.contains("signed in as alice"), "{overview}");
@@ -206,11 +263,17 @@ async fn an_operator_handles_a_dead_letter_and_syncs_a_workspace_in_chromium() {
 
     // Find the dead letter and open it.
     let list = until_shown(&browser, &base, "/ops/dead-letters", &id).await;
-    assert!(list.contains("public_user_data"), "the reason is listed: {list}");
+    assert!(
+        list.contains("public_user_data"),
+        "the reason is listed: {list}"
+    );
     shot(&browser, "03-dead-letters").await;
     click(&browser, &format!("a[href='/ops/dead-letters/{id}']")).await;
     let detail = text(&browser).await;
-    assert!(detail.contains("Why it died") && detail.contains("organizationMembership.created"), "{detail}");
+    assert!(
+        detail.contains("Why it died") && detail.contains("organizationMembership.created"),
+        "{detail}"
+    );
     shot(&browser, "04-dead-letter").await;
 
     // Replay it without fixing anything: it dies again, and the list shows it.
@@ -219,23 +282,31 @@ async fn an_operator_handles_a_dead_letter_and_syncs_a_workspace_in_chromium() {
     assert!(after.contains(&format!("Replayed {id}")), "{after}");
     shot(&browser, "05-replayed").await;
     let attempts = eventually(Duration::from_secs(40), || async {
-        let n: Option<i32> = sqlx::query_scalar("select attempts from events where svix_id = $1 and status = 'dead'")
-            .bind(&id)
-            .fetch_optional(&app.db)
-            .await
-            .ok()
-            .flatten();
+        let n: Option<i32> = sqlx::query_scalar(
+            "select attempts from events where svix_id = $1 and status = 'dead'",
+        )
+        .bind(&id)
+        .fetch_optional(&app.db)
+        .await
+        .ok()
+        .flatten();
         n.filter(|n| *n >= 2)
     })
     .await;
-    assert!(attempts.is_some(), "the replay was processed and dead-lettered again");
+    assert!(
+        attempts.is_some(),
+        "the replay was processed and dead-lettered again"
+    );
     until_shown(&browser, &base, "/ops/dead-letters", &id).await;
     let events = until_shown(&browser, &base, &format!("/ops/events?id={id}"), "dead").await;
     assert!(events.contains("dead letter →"), "{events}");
     shot(&browser, "06-events").await;
 
     // Purge it, through the confirm step.
-    browser.goto(&format!("{base}/ops/dead-letters/{id}")).await.unwrap();
+    browser
+        .goto(&format!("{base}/ops/dead-letters/{id}"))
+        .await
+        .unwrap();
     click(&browser, ".actions-bar form[action$='/purge'] button").await;
     let confirm = text(&browser).await;
     assert!(confirm.contains("Purge this dead letter?"), "{confirm}");
@@ -247,13 +318,22 @@ async fn an_operator_handles_a_dead_letter_and_syncs_a_workspace_in_chromium() {
     shot(&browser, "08-purged").await;
 
     // Open the workspace (not provisioned: the membership never applied) and sync.
-    browser.goto(&format!("{base}/ops/workspaces/org_browser")).await.unwrap();
+    browser
+        .goto(&format!("{base}/ops/workspaces/org_browser"))
+        .await
+        .unwrap();
     assert!(text(&browser).await.contains("not provisioned here"));
     click(&browser, "form[action$='/sync'] button").await;
     let synced = text(&browser).await;
     assert!(synced.contains("Synced org_browser from Clerk"), "{synced}");
-    assert!(synced.contains("member_missing org_browser user_ada"), "the drift: {synced}");
-    assert!(synced.contains("Browser & Sons") && synced.contains("user_bob"), "{synced}");
+    assert!(
+        synced.contains("member_missing org_browser user_ada"),
+        "the drift: {synced}"
+    );
+    assert!(
+        synced.contains("Browser & Sons") && synced.contains("user_bob"),
+        "{synced}"
+    );
     shot(&browser, "09-workspace-synced").await;
 
     browser.close().await.unwrap();
@@ -262,9 +342,16 @@ async fn an_operator_handles_a_dead_letter_and_syncs_a_workspace_in_chromium() {
             .fetch_all(&app.db)
             .await
             .unwrap();
-    let actors: Vec<(&str, &str)> = actors.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
+    let actors: Vec<(&str, &str)> = actors
+        .iter()
+        .map(|(a, b)| (a.as_str(), b.as_str()))
+        .collect();
     assert_eq!(
         actors,
-        [("dead_letter.replayed", "replay"), ("dead_letter.purged", "ops"), ("workspace.synced", "ops")]
+        [
+            ("dead_letter.replayed", "replay"),
+            ("dead_letter.purged", "ops"),
+            ("workspace.synced", "ops")
+        ]
     );
 }

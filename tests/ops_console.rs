@@ -96,7 +96,8 @@ impl Console {
     }
 
     async fn get(&self, path: &str) -> Page {
-        self.send(self.http.get(format!("{}{path}", self.base))).await
+        self.send(self.http.get(format!("{}{path}", self.base)))
+            .await
     }
 
     async fn post(&self, path: &str, fields: &[(&str, &str)]) -> Page {
@@ -146,9 +147,16 @@ fn dead(kind: &str, org: &str, id: &str) -> Inject {
 }
 
 async fn audit_rows(app: &TestApp) -> Vec<(Option<String>, String, String, Option<String>, Value)> {
-    sqlx::query_as::<_, (Option<String>, String, String, Option<String>, sqlx::types::Json<Value>)>(
-        "select workspace_id, action, actor, event_id, details from audit_log order by id",
-    )
+    sqlx::query_as::<
+        _,
+        (
+            Option<String>,
+            String,
+            String,
+            Option<String>,
+            sqlx::types::Json<Value>,
+        ),
+    >("select workspace_id, action, actor, event_id, details from audit_log order by id")
     .fetch_all(&app.db)
     .await
     .unwrap()
@@ -210,7 +218,12 @@ async fn every_console_route_redirects_to_the_login_without_a_session() {
     forged.cookie = Some(format!("ops_session={}", "A".repeat(43)));
     let page = forged.get("/ops").await;
     page.assert_redirect_to_login("forged cookie");
-    assert!(page.headers[SET_COOKIE].to_str().unwrap().contains("Max-Age=0"));
+    assert!(
+        page.headers[SET_COOKIE]
+            .to_str()
+            .unwrap()
+            .contains("Max-Age=0")
+    );
 
     assert_eq!(dead_ids(&app).await, [id], "nothing replayed or purged");
     assert!(audit_rows(&app).await.is_empty());
@@ -231,8 +244,14 @@ async fn login_refuses_a_wrong_token_and_sets_a_strict_cookie_for_a_right_one() 
     for wrong in ["", "nope", &OPS_TOKEN[..OPS_TOKEN.len() - 1], TOKEN] {
         let page = console.login(wrong, "mallory").await;
         assert_eq!(page.status, StatusCode::UNAUTHORIZED, "{wrong:?}");
-        assert!(page.headers.get(SET_COOKIE).is_none(), "{wrong:?}: no cookie");
-        assert!(page.body.contains(r#"action="/ops/login""#), "the form again");
+        assert!(
+            page.headers.get(SET_COOKIE).is_none(),
+            "{wrong:?}: no cookie"
+        );
+        assert!(
+            page.body.contains(r#"action="/ops/login""#),
+            "the form again"
+        );
         assert!(page.body.contains("does not open the console"));
     }
     let sessions: i64 = sqlx::query_scalar("select count(*) from ops_sessions")
@@ -246,9 +265,17 @@ async fn login_refuses_a_wrong_token_and_sets_a_strict_cookie_for_a_right_one() 
     assert_eq!(page.location(), "/ops");
     let cookie = page.headers[SET_COOKIE].to_str().unwrap().to_owned();
     let attributes: Vec<&str> = cookie.split("; ").skip(1).collect();
-    assert_eq!(attributes, ["Path=/ops", "HttpOnly", "SameSite=Strict"], "{cookie}");
+    assert_eq!(
+        attributes,
+        ["Path=/ops", "HttpOnly", "SameSite=Strict"],
+        "{cookie}"
+    );
     // The cookie's value (256 random bits) is stored only as its SHA-256.
-    let value = cookie.split(';').next().unwrap().trim_start_matches("ops_session=");
+    let value = cookie
+        .split(';')
+        .next()
+        .unwrap()
+        .trim_start_matches("ops_session=");
     assert_eq!(value.len(), 43, "32 bytes, base64url");
     let (hash, label): (Vec<u8>, String) =
         sqlx::query_as("select id_hash, label from ops_sessions")
@@ -275,18 +302,28 @@ async fn the_session_cookie_is_secure_in_production() {
                 "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw".into(),
             ),
             ("PROVISIONER_API_TOKENS".into(), "prod-api-token".into()),
-            ("PROVISIONER_OPS_TOKENS".into(), "prod-ops-1,prod-ops-2".into()),
+            (
+                "PROVISIONER_OPS_TOKENS".into(),
+                "prod-ops-1,prod-ops-2".into(),
+            ),
         ],
         ..TestOptions::default()
     })
     .await;
     let mut console = Console::new(&app);
     let refused = console.login(OPS_TOKEN, "").await;
-    assert_eq!(refused.status, StatusCode::UNAUTHORIZED, "the dev token is not one");
+    assert_eq!(
+        refused.status,
+        StatusCode::UNAUTHORIZED,
+        "the dev token is not one"
+    );
     let page = console.login("prod-ops-2", "alice").await;
     assert_eq!(page.status, StatusCode::SEE_OTHER);
     let cookie = page.headers[SET_COOKIE].to_str().unwrap();
-    assert!(cookie.ends_with("; HttpOnly; SameSite=Strict; Secure"), "{cookie}");
+    assert!(
+        cookie.ends_with("; HttpOnly; SameSite=Strict; Secure"),
+        "{cookie}"
+    );
     let label: String = sqlx::query_scalar("select label from ops_sessions")
         .fetch_one(&app.db)
         .await
@@ -326,10 +363,23 @@ async fn every_console_response_carries_the_security_headers() {
     assert!(html.contains(r#"<script src="/ops/static/ops.js" defer></script>"#));
     assert!(!html.contains("<script>"), "no inline script");
     assert!(!html.contains("style="), "no inline style");
-    assert!(!html.contains("http://") && !html.contains("https://"), "no third-party asset");
-    assert!(pages[3].headers["content-type"].to_str().unwrap().starts_with("text/css"));
+    assert!(
+        !html.contains("http://") && !html.contains("https://"),
+        "no third-party asset"
+    );
+    assert!(
+        pages[3].headers["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/css")
+    );
     assert!(pages[3].body.contains("table.data"));
-    assert!(pages[4].headers["content-type"].to_str().unwrap().starts_with("text/javascript"));
+    assert!(
+        pages[4].headers["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/javascript")
+    );
     assert_eq!(pages[9].status, StatusCode::NOT_FOUND);
 }
 
@@ -388,7 +438,11 @@ async fn forms_without_the_right_csrf_token_are_refused_and_change_nothing() {
         .await
         .unwrap();
     assert_eq!(workspaces, 0, "the sync did not run");
-    assert_eq!(console.get("/ops").await.status, StatusCode::OK, "still signed in");
+    assert_eq!(
+        console.get("/ops").await.status,
+        StatusCode::OK,
+        "still signed in"
+    );
 }
 
 // Purge and bulk replay show a confirm step (the count, a form with confirm=yes)
@@ -409,7 +463,10 @@ async fn purge_and_bulk_replay_confirm_before_acting() {
     let (console, csrf) = Console::signed_in(&app, "alice").await;
 
     let step = console
-        .post(&format!("/ops/dead-letters/{}/purge", ids[0]), &[("csrf", &csrf)])
+        .post(
+            &format!("/ops/dead-letters/{}/purge", ids[0]),
+            &[("csrf", &csrf)],
+        )
         .await;
     assert_eq!(step.status, StatusCode::OK, "{}", step.body);
     assert!(step.body.contains("Purge this dead letter?"));
@@ -423,9 +480,16 @@ async fn purge_and_bulk_replay_confirm_before_acting() {
         )
         .await;
     assert_eq!(step.status, StatusCode::OK, "{}", step.body);
-    assert!(step.body.contains("Replay 2 dead letters?"), "{}", step.body);
+    assert!(
+        step.body.contains("Replay 2 dead letters?"),
+        "{}",
+        step.body
+    );
     assert!(step.body.contains(r#"name="confirm" value="yes""#));
-    assert!(step.body.contains(r#"name="type" value="organization.created""#));
+    assert!(
+        step.body
+            .contains(r#"name="type" value="organization.created""#)
+    );
     assert!(step.body.contains(&ids[0]) && step.body.contains(&ids[2]));
     assert!(!step.body.contains(&ids[1]), "not selected");
     // A confirm value other than `yes` is no confirmation.
@@ -470,12 +534,19 @@ async fn each_action_acts_redirects_and_is_audited() {
 
     // Replay one: gone from the dead letters, in the work queue, back to the list.
     let page = console
-        .post(&format!("/ops/dead-letters/{}/replay", ids[0]), &[("csrf", &csrf)])
+        .post(
+            &format!("/ops/dead-letters/{}/replay", ids[0]),
+            &[("csrf", &csrf)],
+        )
         .await;
     assert_eq!(page.status, StatusCode::SEE_OTHER, "{}", page.body);
     assert_eq!(page.location(), "/ops/dead-letters");
     let list = console.get("/ops/dead-letters").await;
-    assert!(list.body.contains(&format!("Replayed {}", ids[0])), "{}", list.body);
+    assert!(
+        list.body.contains(&format!("Replayed {}", ids[0])),
+        "{}",
+        list.body
+    );
     let again = console.get("/ops/dead-letters").await;
     assert!(!again.body.contains("Replayed"), "the result shows once");
     let work = drain_queue(&app.settings.broker.queue).await;
@@ -485,11 +556,18 @@ async fn each_action_acts_redirects_and_is_audited() {
     let page = console
         .post(
             "/ops/dead-letters/replay",
-            &[("csrf", &csrf), ("type", "organization.updated"), ("confirm", "yes")],
+            &[
+                ("csrf", &csrf),
+                ("type", "organization.updated"),
+                ("confirm", "yes"),
+            ],
         )
         .await;
     assert_eq!(page.status, StatusCode::SEE_OTHER);
-    assert_eq!(page.location(), "/ops/dead-letters?type=organization.updated");
+    assert_eq!(
+        page.location(),
+        "/ops/dead-letters?type=organization.updated"
+    );
     let list = console.get(page.location()).await;
     assert!(list.body.contains("Replayed 2, failed 0"), "{}", list.body);
 
@@ -497,7 +575,11 @@ async fn each_action_acts_redirects_and_is_audited() {
     let page = console
         .post(
             &format!("/ops/dead-letters/{}/purge", ids[3]),
-            &[("csrf", &csrf), ("confirm", "yes"), ("back", "/ops/dead-letters?class=payload")],
+            &[
+                ("csrf", &csrf),
+                ("confirm", "yes"),
+                ("back", "/ops/dead-letters?class=payload"),
+            ],
         )
         .await;
     assert_eq!(page.status, StatusCode::SEE_OTHER);
@@ -512,13 +594,28 @@ async fn each_action_acts_redirects_and_is_audited() {
     assert_eq!(page.location(), "/ops/workspaces/org_audit");
     let ws = console.get("/ops/workspaces/org_audit").await;
     assert_eq!(ws.status, StatusCode::OK, "{}", ws.body);
-    assert!(ws.body.contains("Synced org_audit from Clerk"), "{}", ws.body);
-    assert!(ws.body.contains("workspace_missing org_audit"), "the drift: {}", ws.body);
-    assert!(ws.body.contains("member_missing org_audit user_audit_ada"), "{}", ws.body);
+    assert!(
+        ws.body.contains("Synced org_audit from Clerk"),
+        "{}",
+        ws.body
+    );
+    assert!(
+        ws.body.contains("workspace_missing org_audit"),
+        "the drift: {}",
+        ws.body
+    );
+    assert!(
+        ws.body.contains("member_missing org_audit user_audit_ada"),
+        "{}",
+        ws.body
+    );
     assert!(ws.body.contains("Audit Inc") && ws.body.contains("user_audit_ada"));
 
     let rows = audit_rows(&app).await;
-    let console_rows: Vec<_> = rows.iter().filter(|r| r.1.starts_with("dead_letter.") || r.1 == "workspace.synced").collect();
+    let console_rows: Vec<_> = rows
+        .iter()
+        .filter(|r| r.1.starts_with("dead_letter.") || r.1 == "workspace.synced")
+        .collect();
     let summary: Vec<(Option<&str>, &str, &str, Option<&str>)> = console_rows
         .iter()
         .map(|(w, a, actor, e, _)| (w.as_deref(), a.as_str(), actor.as_str(), e.as_deref()))
@@ -526,9 +623,24 @@ async fn each_action_acts_redirects_and_is_audited() {
     assert_eq!(
         summary,
         [
-            (Some("org_audit"), "dead_letter.replayed", "replay", Some(ids[0].as_str())),
-            (Some("org_audit"), "dead_letter.replayed", "replay", Some(ids[1].as_str())),
-            (Some("org_audit"), "dead_letter.replayed", "replay", Some(ids[2].as_str())),
+            (
+                Some("org_audit"),
+                "dead_letter.replayed",
+                "replay",
+                Some(ids[0].as_str())
+            ),
+            (
+                Some("org_audit"),
+                "dead_letter.replayed",
+                "replay",
+                Some(ids[1].as_str())
+            ),
+            (
+                Some("org_audit"),
+                "dead_letter.replayed",
+                "replay",
+                Some(ids[2].as_str())
+            ),
             (None, "dead_letter.purged", "ops", Some(ids[3].as_str())),
             (Some("org_audit"), "workspace.synced", "ops", None),
         ]
@@ -536,10 +648,20 @@ async fn each_action_acts_redirects_and_is_audited() {
     for (_, action, _, _, details) in &console_rows {
         assert_eq!(details["operator"], "alice", "{action}: {details}");
     }
-    assert_eq!(console_rows[1].4["selection"], "type = organization.updated");
-    assert!(console_rows[4].4["applied"].as_u64() >= Some(1), "{}", console_rows[4].4);
+    assert_eq!(
+        console_rows[1].4["selection"],
+        "type = organization.updated"
+    );
+    assert!(
+        console_rows[4].4["applied"].as_u64() >= Some(1),
+        "{}",
+        console_rows[4].4
+    );
     // The sync's own changes keep actor `reconcile`.
-    assert!(rows.iter().any(|r| r.1 == "workspace.provisioned" && r.2 == "reconcile"));
+    assert!(
+        rows.iter()
+            .any(|r| r.1 == "workspace.provisioned" && r.2 == "reconcile")
+    );
 }
 
 // A dead letter whose body and error carry markup renders them as text.
@@ -562,18 +684,40 @@ async fn a_hostile_dead_letter_renders_as_text() {
     inject_dead(&app.settings, &[letter]).await;
     let (console, _) = Console::signed_in(&app, "<b>eve</b>").await;
 
-    for path in ["/ops/dead-letters".to_owned(), format!("/ops/dead-letters/{id}")] {
+    for path in [
+        "/ops/dead-letters".to_owned(),
+        format!("/ops/dead-letters/{id}"),
+    ] {
         let page = console.get(&path).await;
         assert_eq!(page.status, StatusCode::OK, "{path}: {}", page.body);
         for raw in ["<script>alert", "<img src=x", "<b>eve</b>"] {
-            assert!(!page.body.contains(raw), "{path} renders {raw} raw: {}", page.body);
+            assert!(
+                !page.body.contains(raw),
+                "{path} renders {raw} raw: {}",
+                page.body
+            );
         }
-        assert!(page.body.contains("&lt;img src=x onerror=alert(1)&gt;"), "{path}");
-        assert!(page.body.contains("&lt;b&gt;eve&lt;/b&gt;"), "{path}: the label too");
+        assert!(
+            page.body.contains("&lt;img src=x onerror=alert(1)&gt;"),
+            "{path}"
+        );
+        assert!(
+            page.body.contains("&lt;b&gt;eve&lt;/b&gt;"),
+            "{path}: the label too"
+        );
     }
     let detail = console.get(&format!("/ops/dead-letters/{id}")).await;
-    assert!(detail.body.contains("&lt;script&gt;alert(\\&quot;owned\\&quot;)&lt;/script&gt;"), "{}", detail.body);
-    assert!(detail.body.contains("<details class=\"json\" open>"), "the body, collapsible");
+    assert!(
+        detail
+            .body
+            .contains("&lt;script&gt;alert(\\&quot;owned\\&quot;)&lt;/script&gt;"),
+        "{}",
+        detail.body
+    );
+    assert!(
+        detail.body.contains("<details class=\"json\" open>"),
+        "the body, collapsible"
+    );
 }
 
 // Logging out deletes the session: the old cookie opens nothing again.
@@ -583,14 +727,22 @@ async fn logout_ends_the_session_for_good() {
     let (console, csrf) = Console::signed_in(&app, "alice").await;
     let page = console.post("/ops/logout", &[("csrf", &csrf)]).await;
     page.assert_redirect_to_login("logout");
-    assert!(page.headers[SET_COOKIE].to_str().unwrap().contains("Max-Age=0"));
+    assert!(
+        page.headers[SET_COOKIE]
+            .to_str()
+            .unwrap()
+            .contains("Max-Age=0")
+    );
     let sessions: i64 = sqlx::query_scalar("select count(*) from ops_sessions")
         .fetch_one(&app.db)
         .await
         .unwrap();
     assert_eq!(sessions, 0);
     // The browser would drop the cookie; an attacker who kept it gets nothing.
-    console.get("/ops").await.assert_redirect_to_login("old cookie");
+    console
+        .get("/ops")
+        .await
+        .assert_redirect_to_login("old cookie");
     console
         .post("/ops/workspaces/org_a/sync", &[("csrf", &csrf)])
         .await
@@ -619,14 +771,20 @@ async fn an_idle_session_expires_after_twelve_hours() {
         .execute(&app.db)
         .await
         .unwrap();
-    console.get("/ops/events").await.assert_redirect_to_login("expired");
+    console
+        .get("/ops/events")
+        .await
+        .assert_redirect_to_login("expired");
     let sessions: i64 = sqlx::query_scalar("select count(*) from ops_sessions")
         .fetch_one(&app.db)
         .await
         .unwrap();
     assert_eq!(sessions, 0, "the expired session is deleted");
     // Bumping the clock back does not revive it.
-    console.get("/ops/events").await.assert_redirect_to_login("still expired");
+    console
+        .get("/ops/events")
+        .await
+        .assert_redirect_to_login("still expired");
 }
 
 // A read-API token does not open the console, and the console's token or cookie
@@ -637,11 +795,19 @@ async fn ops_and_read_api_credentials_are_kept_apart() {
     let anonymous = Console::new(&app);
     // The API token as a bearer on /ops, and as the login token.
     let page = anonymous
-        .send(anonymous.http.get(format!("{}/ops", app.address)).bearer_auth(TOKEN))
+        .send(
+            anonymous
+                .http
+                .get(format!("{}/ops", app.address))
+                .bearer_auth(TOKEN),
+        )
         .await;
     page.assert_redirect_to_login("API bearer on /ops");
     let mut console = Console::new(&app);
-    assert_eq!(console.login(TOKEN, "").await.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        console.login(TOKEN, "").await.status,
+        StatusCode::UNAUTHORIZED
+    );
 
     // The ops token as a bearer on /v1, and the session cookie on /v1.
     let (console, _) = {
@@ -661,7 +827,10 @@ async fn ops_and_read_api_credentials_are_kept_apart() {
     let page = console.get("/v1/workspaces/org_a").await;
     assert_eq!(page.status, StatusCode::UNAUTHORIZED, "ops cookie on /v1");
     // And the API token still works there, the cookie still here.
-    assert_eq!(app.get_api("/v1/workspaces/org_a").await.status(), StatusCode::NOT_FOUND);
+    assert_eq!(
+        app.get_api("/v1/workspaces/org_a").await.status(),
+        StatusCode::NOT_FOUND
+    );
     assert_eq!(console.get("/ops").await.status, StatusCode::OK);
 }
 
@@ -703,22 +872,52 @@ async fn dead_letters_are_listed_filtered_paged_and_shown_whole() {
     }
     let shows = |page: &Page, expected: &[&String]| {
         for id in &ids {
-            assert_eq!(page.body.contains(id.as_str()), expected.contains(&id), "{id}: {}", page.body);
+            assert_eq!(
+                page.body.contains(id.as_str()),
+                expected.contains(&id),
+                "{id}: {}",
+                page.body
+            );
         }
     };
-    shows(&console.get("/ops/dead-letters?org=org_a").await, &[&ids[0], &ids[2]]);
-    shows(&console.get("/ops/dead-letters?type=organization.updated").await, &[&ids[1]]);
-    shows(&console.get("/ops/dead-letters?class=payload&org=org_a&type=organization.created").await, &[&ids[0]]);
-    shows(&console.get("/ops/dead-letters?limit=2").await, &[&ids[0], &ids[1]]);
+    shows(
+        &console.get("/ops/dead-letters?org=org_a").await,
+        &[&ids[0], &ids[2]],
+    );
+    shows(
+        &console
+            .get("/ops/dead-letters?type=organization.updated")
+            .await,
+        &[&ids[1]],
+    );
+    shows(
+        &console
+            .get("/ops/dead-letters?class=payload&org=org_a&type=organization.created")
+            .await,
+        &[&ids[0]],
+    );
+    shows(
+        &console.get("/ops/dead-letters?limit=2").await,
+        &[&ids[0], &ids[1]],
+    );
     let second = console.get("/ops/dead-letters?limit=2&page=2").await;
     shows(&second, &[&ids[2]]);
     assert!(second.body.contains("page 2 of 2"));
     let none = console.get("/ops/dead-letters?org=org_zzz").await;
     assert!(none.body.contains("No dead letter matches these filters."));
-    assert_eq!(console.get("/ops/dead-letters?limit=0").await.status, StatusCode::BAD_REQUEST);
+    assert_eq!(
+        console.get("/ops/dead-letters?limit=0").await.status,
+        StatusCode::BAD_REQUEST
+    );
 
     let detail = console.get(&format!("/ops/dead-letters/{}", ids[1])).await;
-    for needle in ["Why it died", "database error: pool timed out", "x-error-class", "message_id", "&quot;org_b&quot;"] {
+    for needle in [
+        "Why it died",
+        "database error: pool timed out",
+        "x-error-class",
+        "message_id",
+        "&quot;org_b&quot;",
+    ] {
         assert!(detail.body.contains(needle), "{needle}: {}", detail.body);
     }
     let missing = console.get("/ops/dead-letters/msg_none").await;
@@ -733,7 +932,13 @@ async fn dead_letters_are_listed_filtered_paged_and_shown_whole() {
 async fn the_events_page_searches_the_processing_log() {
     let app = spawn_app().await;
     let (console, _) = Console::signed_in(&app, "alice").await;
-    assert!(console.get("/ops/events").await.body.contains("The processing log is empty."));
+    assert!(
+        console
+            .get("/ops/events")
+            .await
+            .body
+            .contains("The processing log is empty.")
+    );
     for (id, kind, org, status) in [
         ("msg_e1", "organization.created", "org_a", "processed"),
         ("msg_e2", "organization.updated", "org_a", "dead"),
@@ -753,13 +958,27 @@ async fn the_events_page_searches_the_processing_log() {
     }
     let shows = |page: &Page, expected: &[&str]| {
         for id in ["msg_e1", "msg_e2", "msg_e3"] {
-            assert_eq!(page.body.contains(id), expected.contains(&id), "{id}: {}", page.body);
+            assert_eq!(
+                page.body.contains(id),
+                expected.contains(&id),
+                "{id}: {}",
+                page.body
+            );
         }
     };
-    shows(&console.get("/ops/events").await, &["msg_e1", "msg_e2", "msg_e3"]);
+    shows(
+        &console.get("/ops/events").await,
+        &["msg_e1", "msg_e2", "msg_e3"],
+    );
     shows(&console.get("/ops/events?id=msg_e3").await, &["msg_e3"]);
-    shows(&console.get("/ops/events?org=org_a").await, &["msg_e1", "msg_e2"]);
-    shows(&console.get("/ops/events?type=organization.created").await, &["msg_e1", "msg_e3"]);
+    shows(
+        &console.get("/ops/events?org=org_a").await,
+        &["msg_e1", "msg_e2"],
+    );
+    shows(
+        &console.get("/ops/events?type=organization.created").await,
+        &["msg_e1", "msg_e3"],
+    );
     let dead = console.get("/ops/events?status=dead").await;
     shows(&dead, &["msg_e2"]);
     assert!(dead.body.contains(r#"href="/ops/dead-letters/msg_e2""#));
@@ -813,7 +1032,10 @@ async fn the_overview_reports_what_it_measured() {
     let app = spawn_app().await;
     inject_dead(
         &app.settings,
-        &[dead("organization.created", "org_a", &msg_id()), dead("organization.created", "org_a", &msg_id())],
+        &[
+            dead("organization.created", "org_a", &msg_id()),
+            dead("organization.created", "org_a", &msg_id()),
+        ],
     )
     .await;
     let (console, _) = Console::signed_in(&app, "alice").await;
@@ -830,5 +1052,9 @@ async fn the_overview_reports_what_it_measured() {
     ] {
         assert!(page.body.contains(needle), "{needle}: {}", page.body);
     }
-    assert!(page.body.contains(r#"<p class="big bad">2</p>"#), "{}", page.body);
+    assert!(
+        page.body.contains(r#"<p class="big bad">2</p>"#),
+        "{}",
+        page.body
+    );
 }

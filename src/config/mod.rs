@@ -576,12 +576,7 @@ impl Settings {
         }
         // The two kinds of credentials stay apart: a token in both lists would let a
         // read-API client into the console.
-        if self
-            .ops
-            .tokens
-            .iter()
-            .any(|t| self.api.tokens.contains(t))
-        {
+        if self.ops.tokens.iter().any(|t| self.api.tokens.contains(t)) {
             return Err(ConfigError::at(
                 "ops.tokens",
                 "a token is also a read-API token (api.tokens); give the console its own",

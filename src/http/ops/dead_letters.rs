@@ -187,11 +187,7 @@ pub async fn list(
         Ok(listing) => listing,
         Err(e) => return dlq_unavailable(&operator, &e),
     };
-    let selected: Vec<&DeadLetter> = listing
-        .data
-        .iter()
-        .filter(|l| filters.matches(l))
-        .collect();
+    let selected: Vec<&DeadLetter> = listing.data.iter().filter(|l| filters.matches(l)).collect();
     let pages = selected.len().div_ceil(limit).max(1);
     let page_no = page_no.min(pages);
     let shown = selected
@@ -455,13 +451,15 @@ pub async fn replay_one(
     Path(id): Path<String>,
     Form(form): Form<ActionForm>,
 ) -> Response {
-    if let Err(refused) = operator.check_csrf(form.csrf.as_deref()) {
+    if let Some(refused) = operator.csrf_refusal(form.csrf.as_deref()) {
         return refused;
     }
     let opts = ReplayOptions::new(Selection::Ids(vec![id.clone()]));
     let flash = match dlq::replay(&state.settings, &opts).await {
         Ok(report) => audit_replay(&state, &operator, &report, None).await,
-        Err(e @ DlqError::NotFound { .. }) => Flash::failed(format!("{e} (already replayed or purged?)")),
+        Err(e @ DlqError::NotFound { .. }) => {
+            Flash::failed(format!("{e} (already replayed or purged?)"))
+        }
         Err(e) => {
             tracing::warn!(svix.id = %id, operator = %operator.label, error = %e, "ops console: replay failed");
             Flash::failed(format!("Not replayed: {e}"))
@@ -480,7 +478,7 @@ pub async fn purge_one(
     Path(id): Path<String>,
     Form(form): Form<ActionForm>,
 ) -> Response {
-    if let Err(refused) = operator.check_csrf(form.csrf.as_deref()) {
+    if let Some(refused) = operator.csrf_refusal(form.csrf.as_deref()) {
         return refused;
     }
     if !confirmed(&form.confirm) {
@@ -511,7 +509,9 @@ pub async fn purge_one(
                 report.count
             ))
         }
-        Err(e @ DlqError::NotFound { .. }) => Flash::failed(format!("{e} (already replayed or purged?)")),
+        Err(e @ DlqError::NotFound { .. }) => {
+            Flash::failed(format!("{e} (already replayed or purged?)"))
+        }
         Err(e) => {
             tracing::warn!(svix.id = %id, operator = %operator.label, error = %e, "ops console: purge failed");
             Flash::failed(format!("Not purged: {e}"))
@@ -562,7 +562,7 @@ pub async fn replay_filtered(
     State(state): State<AppState>,
     Form(form): Form<BulkForm>,
 ) -> Response {
-    if let Err(refused) = operator.check_csrf(form.csrf.as_deref()) {
+    if let Some(refused) = operator.csrf_refusal(form.csrf.as_deref()) {
         return refused;
     }
     let filters = Filters {
@@ -575,11 +575,7 @@ pub async fn replay_filtered(
         Ok(listing) => listing,
         Err(e) => return dlq_unavailable(&operator, &e),
     };
-    let selected: Vec<&DeadLetter> = listing
-        .data
-        .iter()
-        .filter(|l| filters.matches(l))
-        .collect();
+    let selected: Vec<&DeadLetter> = listing.data.iter().filter(|l| filters.matches(l)).collect();
     let mut ids: Vec<String> = selected.iter().filter_map(|l| l.id.clone()).collect();
     ids.dedup();
     let unreplayable = selected.iter().filter(|l| l.id.is_none()).count();

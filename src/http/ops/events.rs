@@ -86,7 +86,10 @@ pub async fn list(
             );
         }
     };
-    let any = id.is_some() || status.is_some() || given(&filters.org).is_some() || given(&filters.kind).is_some();
+    let any = id.is_some()
+        || status.is_some()
+        || given(&filters.org).is_some()
+        || given(&filters.kind).is_some();
     let body = html! {
         h1 { "Events" }
         p.lead { "What the worker did with each svix id it took up (the processing log), newest first." }

@@ -99,7 +99,7 @@ pub async fn logout(
     State(state): State<AppState>,
     Form(form): Form<LogoutForm>,
 ) -> Response {
-    if let Err(refused) = operator.check_csrf(form.csrf.as_deref()) {
+    if let Some(refused) = operator.csrf_refusal(form.csrf.as_deref()) {
         return refused;
     }
     if let Err(e) = session::delete(&state.db, &operator).await {

@@ -60,10 +60,19 @@ pub fn router() -> Router<AppState> {
         .route("/ops/login", get(login::form).post(login::submit))
         .route("/ops/logout", post(login::logout))
         .route("/ops/dead-letters", get(dead_letters::list))
-        .route("/ops/dead-letters/replay", post(dead_letters::replay_filtered))
+        .route(
+            "/ops/dead-letters/replay",
+            post(dead_letters::replay_filtered),
+        )
         .route("/ops/dead-letters/{id}", get(dead_letters::show))
-        .route("/ops/dead-letters/{id}/replay", post(dead_letters::replay_one))
-        .route("/ops/dead-letters/{id}/purge", post(dead_letters::purge_one))
+        .route(
+            "/ops/dead-letters/{id}/replay",
+            post(dead_letters::replay_one),
+        )
+        .route(
+            "/ops/dead-letters/{id}/purge",
+            post(dead_letters::purge_one),
+        )
         .route("/ops/events", get(events::list))
         .route("/ops/workspaces/{id}", get(workspaces::show))
         .route("/ops/workspaces/{id}/sync", post(workspaces::sync))

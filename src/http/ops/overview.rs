@@ -109,7 +109,9 @@ fn parse(text: &str) -> Series {
     text.lines()
         .filter(|l| !l.starts_with('#'))
         .filter(|l| {
-            l.starts_with(RECEIVED_TOTAL) || l.starts_with(EVENTS_TOTAL) || l.starts_with(LAG_SECONDS)
+            l.starts_with(RECEIVED_TOTAL)
+                || l.starts_with(EVENTS_TOTAL)
+                || l.starts_with(LAG_SECONDS)
         })
         .filter_map(|l| {
             let (key, value) = l.rsplit_once(' ')?;
@@ -146,7 +148,11 @@ fn quantile(buckets: &BTreeMap<String, f64>, q: f64) -> Option<String> {
     let mut bounds: Vec<(f64, f64)> = buckets
         .iter()
         .filter_map(|(le, n)| {
-            let le = if le == "+Inf" { f64::INFINITY } else { le.parse().ok()? };
+            let le = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().ok()?
+            };
             Some((le, *n))
         })
         .collect();
@@ -155,7 +161,11 @@ fn quantile(buckets: &BTreeMap<String, f64>, q: f64) -> Option<String> {
     if total <= 0.0 {
         return None;
     }
-    let finite_max = bounds.iter().rev().find(|(le, _)| le.is_finite()).map(|b| b.0);
+    let finite_max = bounds
+        .iter()
+        .rev()
+        .find(|(le, _)| le.is_finite())
+        .map(|b| b.0);
     let (le, _) = bounds.iter().find(|(_, n)| *n >= q * total)?;
     Some(if le.is_finite() {
         format!("≤ {} s", le)
@@ -165,7 +175,9 @@ fn quantile(buckets: &BTreeMap<String, f64>, q: f64) -> Option<String> {
 }
 
 /// The queues' depths, read from the broker now.
-async fn depths(state: &AppState) -> Result<Vec<(String, &'static str, Result<u32, String>)>, String> {
+async fn depths(
+    state: &AppState,
+) -> Result<Vec<(String, &'static str, Result<u32, String>)>, String> {
     let topology = Topology::new(&state.settings.broker, &state.settings.worker);
     let conn = tokio::time::timeout(
         CHECK_TIMEOUT,
@@ -220,7 +232,11 @@ fn whole(n: f64) -> String {
 }
 
 /// `GET /ops`.
-pub async fn page(operator: Operator, State(state): State<AppState>, recent: Arc<Recent>) -> Response {
+pub async fn page(
+    operator: Operator,
+    State(state): State<AppState>,
+    recent: Arc<Recent>,
+) -> Response {
     recent.start_sampler(state.metrics.clone());
     let now = read(&state.metrics);
     let base = recent.base();
@@ -247,7 +263,10 @@ pub async fn page(operator: Operator, State(state): State<AppState>, recent: Arc
     let lag_since_start = deltas(&now.series, None, &lag_key, "le");
 
     let sum = |m: &BTreeMap<String, f64>, names: &[&str]| -> f64 {
-        m.iter().filter(|(k, _)| names.contains(&k.as_str())).map(|(_, v)| v).sum()
+        m.iter()
+            .filter(|(k, _)| names.contains(&k.as_str()))
+            .map(|(_, v)| v)
+            .sum()
     };
     let refused: Vec<(String, f64)> = intake
         .iter()
@@ -368,7 +387,7 @@ fn human(d: Duration) -> String {
     let s = d.as_secs();
     if s < 60 {
         format!("{s} s")
-    } else if s % 60 == 0 {
+    } else if s.is_multiple_of(60) {
         format!("{} min", s / 60)
     } else {
         format!("{} min {} s", s / 60, s % 60)
@@ -410,7 +429,11 @@ other_total 4
     fn quantiles_are_bucket_bounds() {
         let s = parse(TEXT);
         let b = deltas(&s, None, &format!("{LAG_SECONDS}_bucket"), "le");
-        assert_eq!(quantile(&b, 0.5).as_deref(), Some("≤ 0.05 s"), "5 of 10 at most 0.05 s");
+        assert_eq!(
+            quantile(&b, 0.5).as_deref(),
+            Some("≤ 0.05 s"),
+            "5 of 10 at most 0.05 s"
+        );
         assert_eq!(quantile(&b, 0.99).as_deref(), Some("≤ 1 s"));
         assert_eq!(quantile(&BTreeMap::new(), 0.5), None);
         let mut over = BTreeMap::new();

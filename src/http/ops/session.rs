@@ -91,15 +91,15 @@ impl std::fmt::Debug for Operator {
 }
 
 impl Operator {
-    /// Ok when `given` is this session's CSRF token (constant time); else the 403
-    /// answer, and the caller changes nothing.
-    pub fn check_csrf(&self, given: Option<&str>) -> Result<(), Response> {
+    /// `None` when `given` is this session's CSRF token (compared in constant
+    /// time); else the 403 answer, and the caller changes nothing.
+    pub fn csrf_refusal(&self, given: Option<&str>) -> Option<Response> {
         let ok = given.is_some_and(|g| bool::from(g.as_bytes().ct_eq(self.csrf.as_bytes())));
         if ok {
-            Ok(())
+            None
         } else {
             tracing::warn!(operator = %self.label, "ops: form refused, missing or wrong CSRF token");
-            Err(view::forbidden(self))
+            Some(view::forbidden(self))
         }
     }
 
@@ -132,7 +132,9 @@ impl FromRequestParts<AppState> for Operator {
             Ok(None) => Err(to_login(true)),
             Err(e) => {
                 tracing::warn!(error = %e, "ops: cannot read the session");
-                Err(view::unavailable("the database does not answer; try again shortly"))
+                Err(view::unavailable(
+                    "the database does not answer; try again shortly",
+                ))
             }
         }
     }
@@ -273,11 +275,7 @@ async fn touch(db: &PgPool, id_hash: &[u8], take_flash: bool) -> sqlx::Result<Op
     Ok(Some(Operator {
         label,
         csrf,
-        flash: if take_flash {
-            flash.map(|f| f.0)
-        } else {
-            None
-        },
+        flash: if take_flash { flash.map(|f| f.0) } else { None },
         id_hash: id_hash.to_vec(),
     }))
 }
@@ -324,7 +322,10 @@ mod tests {
             HeaderValue::from_str(&format!("theme=dark; {COOKIE}={value}")).unwrap(),
         );
         assert_eq!(session_id(&h), Some(id.to_vec()));
-        h.insert(header::COOKIE, HeaderValue::from_static("ops_session=short"));
+        h.insert(
+            header::COOKIE,
+            HeaderValue::from_static("ops_session=short"),
+        );
         assert_eq!(session_id(&h), None);
         assert_eq!(session_id(&HeaderMap::new()), None);
     }

@@ -147,7 +147,9 @@ pub fn text_opt(value: Option<&str>) -> Markup {
 /// A workspace id linking to its page.
 pub fn workspace_link(id: Option<&str>) -> Markup {
     match id {
-        Some(id) => html! { a.mono href=(format!("/ops/workspaces/{}", path_segment(id))) { (id) } },
+        Some(id) => {
+            html! { a.mono href=(format!("/ops/workspaces/{}", path_segment(id))) { (id) } }
+        }
         None => dash(),
     }
 }
@@ -212,7 +214,11 @@ pub fn query(pairs: &[(&str, Option<&str>)]) -> String {
             any = true;
         }
     }
-    if any { format!("?{}", q.finish()) } else { String::new() }
+    if any {
+        format!("?{}", q.finish())
+    } else {
+        String::new()
+    }
 }
 
 /// An error page with its status.
@@ -285,12 +291,18 @@ mod tests {
         assert!(html.contains("&lt;script&gt;"), "{html}");
         let link = workspace_link(Some("org_\"><script>")).into_string();
         assert!(!link.contains("<script>"), "{link}");
-        assert!(link.contains("/ops/workspaces/org_%22%3E%3Cscript%3E"), "{link}");
+        assert!(
+            link.contains("/ops/workspaces/org_%22%3E%3Cscript%3E"),
+            "{link}"
+        );
     }
 
     #[test]
     fn queries_keep_only_given_filters() {
-        assert_eq!(query(&[("type", Some("a b")), ("org", None), ("class", Some(""))]), "?type=a+b");
+        assert_eq!(
+            query(&[("type", Some("a b")), ("org", None), ("class", Some(""))]),
+            "?type=a+b"
+        );
         assert_eq!(query(&[("org", None)]), "");
     }
 }

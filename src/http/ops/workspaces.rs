@@ -218,7 +218,7 @@ pub async fn sync(
     Path(id): Path<String>,
     Form(form): Form<SyncForm>,
 ) -> Response {
-    if let Err(refused) = operator.check_csrf(form.csrf.as_deref()) {
+    if let Some(refused) = operator.csrf_refusal(form.csrf.as_deref()) {
         return refused;
     }
     let flash = match state.sync.sync_report(&id).await {
@@ -259,10 +259,7 @@ pub async fn sync(
             .await;
             let head = match found {
                 Found::Present => format!("Synced {id} from Clerk: {}.", report.summary()),
-                Found::Gone => format!(
-                    "Clerk has no organization {id}: {}.",
-                    report.summary()
-                ),
+                Found::Gone => format!("Clerk has no organization {id}: {}.", report.summary()),
             };
             let mut lines = if drift.is_empty() {
                 vec!["No drift: this service already matched Clerk.".to_owned()]
@@ -277,9 +274,15 @@ pub async fn sync(
         Err(e) => {
             tracing::warn!(workspace.id = %id, operator = %operator.label, error = %e, "ops console: sync failed");
             let text = match e {
-                SyncError::NotConfigured => "Sync is off: this process has no CLERK_SECRET_KEY.".to_owned(),
-                SyncError::Clerk(reason) => format!("Clerk could not be asked: {reason}. Nothing changed."),
-                SyncError::Database { .. } => "The database failed during the sync; try again.".to_owned(),
+                SyncError::NotConfigured => {
+                    "Sync is off: this process has no CLERK_SECRET_KEY.".to_owned()
+                }
+                SyncError::Clerk(reason) => {
+                    format!("Clerk could not be asked: {reason}. Nothing changed.")
+                }
+                SyncError::Database { .. } => {
+                    "The database failed during the sync; try again.".to_owned()
+                }
             };
             Flash::failed(text)
         }
