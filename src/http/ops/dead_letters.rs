@@ -170,14 +170,7 @@ pub async fn list(
 ) -> Response {
     let limit = match parse_limit(Filters::given(&filters.limit)) {
         Ok(n) => n as usize,
-        Err(e) => {
-            return view::error_page(
-                StatusCode::BAD_REQUEST,
-                "Bad page size",
-                Some(&operator),
-                html! { (e.message) },
-            );
-        }
+        Err(e) => return view::bad_request(&operator, &e.message),
     };
     let page_no = Filters::given(&filters.page)
         .and_then(|p| p.parse::<usize>().ok())
@@ -371,6 +364,39 @@ fn gone(operator: &Operator, id: &str) -> Response {
     )
 }
 
+/// The audit row of an action on one dead letter; `selection` names the filters
+/// of a bulk replay. A failed write is logged by [`audit::record`]; the action
+/// itself is done.
+async fn audit_letter(
+    state: &AppState,
+    operator: &Operator,
+    letter: &DeadLetter,
+    action: &'static str,
+    actor: Actor,
+    selection: Option<&str>,
+) {
+    let mut details = json!({
+        "type": letter.kind,
+        "error_class": letter.error_class,
+        "error": letter.error,
+    });
+    if let Some(selection) = selection {
+        details["selection"] = json!(selection);
+    }
+    let _ = audit::record(
+        &state.db,
+        Action {
+            action,
+            actor,
+            workspace_id: letter.workspace_id.as_deref(),
+            event_id: letter.id.as_deref(),
+            operator: &operator.label,
+            details,
+        },
+    )
+    .await;
+}
+
 /// Audits each replayed dead letter (actor `replay`, with the operator) and
 /// words the result.
 async fn audit_replay(
@@ -380,21 +406,13 @@ async fn audit_replay(
     bulk: Option<&str>,
 ) -> Flash {
     for l in &report.replayed {
-        let _ = audit::record(
-            &state.db,
-            Action {
-                action: "dead_letter.replayed",
-                actor: Actor::Replay,
-                workspace_id: l.workspace_id.as_deref(),
-                event_id: l.id.as_deref(),
-                operator: &operator.label,
-                details: json!({
-                    "type": l.kind,
-                    "error_class": l.error_class,
-                    "error": l.error,
-                    "selection": bulk,
-                }),
-            },
+        audit_letter(
+            state,
+            operator,
+            l,
+            "dead_letter.replayed",
+            Actor::Replay,
+            bulk,
         )
         .await;
     }
@@ -443,6 +461,17 @@ fn capitalise(s: &str) -> String {
         .unwrap_or_default()
 }
 
+/// The result line of a replay or purge of `id` that did not happen.
+fn not_done(verb: &str, id: &str, operator: &Operator, e: DlqError) -> Flash {
+    match e {
+        DlqError::NotFound { .. } => Flash::failed(format!("{e} (already replayed or purged?)")),
+        e => {
+            tracing::warn!(svix.id = %id, operator = %operator.label, error = %e, "ops console: dead letter not {verb}");
+            Flash::failed(format!("Not {verb}: {e}"))
+        }
+    }
+}
+
 /// `POST /ops/dead-letters/{id}/replay` (field `csrf`): republish it, then 303 to
 /// the list (the dead letter has left the queue).
 pub async fn replay_one(
@@ -457,13 +486,7 @@ pub async fn replay_one(
     let opts = ReplayOptions::new(Selection::Ids(vec![id.clone()]));
     let flash = match dlq::replay(&state.settings, &opts).await {
         Ok(report) => audit_replay(&state, &operator, &report, None).await,
-        Err(e @ DlqError::NotFound { .. }) => {
-            Flash::failed(format!("{e} (already replayed or purged?)"))
-        }
-        Err(e) => {
-            tracing::warn!(svix.id = %id, operator = %operator.label, error = %e, "ops console: replay failed");
-            Flash::failed(format!("Not replayed: {e}"))
-        }
+        Err(e) => not_done("replayed", &id, &operator, e),
     };
     operator.set_flash(&state.db, flash).await;
     super::see_other(&back_to(&form.back))
@@ -487,35 +510,14 @@ pub async fn purge_one(
     let flash = match dlq::purge(&state.settings, &Selection::Ids(vec![id.clone()])).await {
         Ok(report) => {
             for l in &report.removed {
-                let _ = audit::record(
-                    &state.db,
-                    Action {
-                        action: "dead_letter.purged",
-                        actor: Actor::Ops,
-                        workspace_id: l.workspace_id.as_deref(),
-                        event_id: l.id.as_deref(),
-                        operator: &operator.label,
-                        details: json!({
-                            "type": l.kind,
-                            "error_class": l.error_class,
-                            "error": l.error,
-                        }),
-                    },
-                )
-                .await;
+                audit_letter(&state, &operator, l, "dead_letter.purged", Actor::Ops, None).await;
             }
             Flash::ok(format!(
                 "Purged {id}: {} dead letter(s) deleted for good.",
                 report.count
             ))
         }
-        Err(e @ DlqError::NotFound { .. }) => {
-            Flash::failed(format!("{e} (already replayed or purged?)"))
-        }
-        Err(e) => {
-            tracing::warn!(svix.id = %id, operator = %operator.label, error = %e, "ops console: purge failed");
-            Flash::failed(format!("Not purged: {e}"))
-        }
+        Err(e) => not_done("purged", &id, &operator, e),
     };
     operator.set_flash(&state.db, flash).await;
     super::see_other(&back_to(&form.back))

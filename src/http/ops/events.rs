@@ -46,14 +46,7 @@ pub async fn list(
 ) -> Response {
     let limit = match parse_limit(given(&filters.limit).as_deref()) {
         Ok(n) => n,
-        Err(e) => {
-            return view::error_page(
-                StatusCode::BAD_REQUEST,
-                "Bad page size",
-                Some(&operator),
-                html! { (e.message) },
-            );
-        }
+        Err(e) => return view::bad_request(&operator, &e.message),
     };
     let status = given(&filters.status).filter(|s| STATUSES.contains(&s.as_str()));
     let id = given(&filters.id);

@@ -235,6 +235,16 @@ pub fn error_page(
     (status, page(title, operator, Nav::None, body)).into_response()
 }
 
+/// 400 for a query the page cannot take (say, a page size out of range).
+pub fn bad_request(operator: &Operator, message: &str) -> Response {
+    error_page(
+        StatusCode::BAD_REQUEST,
+        "Bad request",
+        Some(operator),
+        html! { (message) },
+    )
+}
+
 /// 403 for a form without the session's CSRF token.
 pub fn forbidden(operator: &Operator) -> Response {
     error_page(
