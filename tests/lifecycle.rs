@@ -277,6 +277,8 @@ async fn production_refuses_the_development_secret() {
         "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw".into(),
     ));
     assert_fails_naming(&env, "PROVISIONER_API_TOKENS").await;
+    env.push(("PROVISIONER_API_TOKENS".into(), "prod-api-token".into()));
+    assert_fails_naming(&env, "PROVISIONER_OPS_TOKENS").await;
 }
 
 // Passwords and secrets never reach the logs, even at debug level and when start-up
@@ -288,6 +290,7 @@ async fn secrets_never_appear_in_logs() {
     let amqp_password = format!("amqpPw{}", random_id(12));
     let db_password = format!("pgPw{}", random_id(12));
     let token = format!("tok{}", random_id(16));
+    let ops_token = format!("ops{}", random_id(16));
     let webhook_secret = "whsec_c2VjcmV0LWZvci1sb2ctdGVzdC0xMjM0NTY3OA==";
     let closed_port = free_port();
     let mut env = base_env(&iso, &config, free_port());
@@ -308,6 +311,7 @@ async fn secrets_never_appear_in_logs() {
         ),
         ("CLERK_WEBHOOK_SECRET".to_owned(), webhook_secret.to_owned()),
         ("PROVISIONER_API_TOKENS".to_owned(), token.clone()),
+        ("PROVISIONER_OPS_TOKENS".to_owned(), ops_token.clone()),
     ]);
     for format in ["text", "json"] {
         let log = TempFile::new("stderr", "");
@@ -329,6 +333,7 @@ async fn secrets_never_appear_in_logs() {
             amqp_password.as_str(),
             db_password.as_str(),
             token.as_str(),
+            ops_token.as_str(),
             webhook_secret,
             webhook_secret.trim_start_matches("whsec_"),
         ] {

@@ -25,6 +25,8 @@ pub const DEFAULT_CONFIG: &str = include_str!("../../config/default.toml");
 pub const DEVELOPMENT_WEBHOOK_SECRET: &str = "whsec_Y2FsbG1pbmUtZGV2LXdlYmhvb2stc2VjcmV0LTAx";
 /// The development read-API token of `config/default.toml`; refused in production.
 pub const DEVELOPMENT_API_TOKEN: &str = "dev-token-callmine-provisioner";
+/// The development ops-console token of `config/default.toml`; refused in production.
+pub const DEVELOPMENT_OPS_TOKEN: &str = "dev-ops-token-callmine-provisioner";
 
 /// Quota names every plan must define.
 pub const REQUIRED_QUOTAS: [&str; 6] = [
@@ -98,6 +100,8 @@ pub struct Settings {
     pub clerk: ClerkSettings,
     /// Read API.
     pub api: ApiSettings,
+    /// The ops console (`/ops`).
+    pub ops: OpsSettings,
     /// Worker tuning.
     pub worker: WorkerSettings,
     /// Reconciliation with Clerk's Backend API.
@@ -240,6 +244,15 @@ pub struct ReconcileSettings {
 #[serde(deny_unknown_fields)]
 pub struct ApiSettings {
     /// Accepted bearer tokens. One comma-separated string in the sources.
+    #[serde(deserialize_with = "token_list")]
+    pub tokens: Vec<Secret>,
+}
+
+/// `[ops]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OpsSettings {
+    /// Tokens that open the ops console. One comma-separated string in the sources.
     #[serde(deserialize_with = "token_list")]
     pub tokens: Vec<Secret>,
 }
@@ -555,6 +568,20 @@ impl Settings {
                 "at least one token is required",
             ));
         }
+        if self.ops.tokens.is_empty() {
+            return Err(ConfigError::at(
+                "ops.tokens",
+                "at least one token is required",
+            ));
+        }
+        // The two kinds of credentials stay apart: a token in both lists would let a
+        // read-API client into the console.
+        if self.ops.tokens.iter().any(|t| self.api.tokens.contains(t)) {
+            return Err(ConfigError::at(
+                "ops.tokens",
+                "a token is also a read-API token (api.tokens); give the console its own",
+            ));
+        }
         if self.environment == Environment::Production {
             if secrets
                 .iter()
@@ -573,6 +600,17 @@ impl Settings {
             {
                 return Err(ConfigError::at(
                     "api.tokens",
+                    "the development token is refused when PROVISIONER_ENV=production",
+                ));
+            }
+            if self
+                .ops
+                .tokens
+                .iter()
+                .any(|t| t.expose() == DEVELOPMENT_OPS_TOKEN)
+            {
+                return Err(ConfigError::at(
+                    "ops.tokens",
                     "the development token is refused when PROVISIONER_ENV=production",
                 ));
             }
@@ -909,9 +947,51 @@ mod tests {
                     "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
                 ),
                 ("PROVISIONER_API_TOKENS", "prod-token"),
+                ("PROVISIONER_OPS_TOKENS", "prod-ops-token"),
             ],
         )
         .unwrap();
+    }
+
+    #[test]
+    fn production_refuses_the_development_ops_token() {
+        let production = [
+            ("PROVISIONER_ENV", "production"),
+            (
+                "CLERK_WEBHOOK_SECRET",
+                "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+            ),
+            ("PROVISIONER_API_TOKENS", "prod-token"),
+        ];
+        let err = load(None, &production).unwrap_err();
+        assert_eq!(err.setting, "ops.tokens (PROVISIONER_OPS_TOKENS)", "{err}");
+        assert!(!format!("{err} {err:?}").contains(DEVELOPMENT_OPS_TOKEN));
+        // Also among others: rotation must not smuggle it in.
+        let mut env = production.to_vec();
+        env.push((
+            "PROVISIONER_OPS_TOKENS",
+            "prod-ops-token, dev-ops-token-callmine-provisioner",
+        ));
+        let err = load(None, &env).unwrap_err();
+        assert_eq!(err.setting, "ops.tokens (PROVISIONER_OPS_TOKENS)", "{err}");
+        // Development keeps the default, so the console opens out of the box.
+        let s = load(None, &[]).unwrap();
+        let tokens: Vec<_> = s.ops.tokens.iter().map(Secret::expose).collect();
+        assert_eq!(tokens, [DEVELOPMENT_OPS_TOKEN]);
+    }
+
+    #[test]
+    fn an_ops_token_may_not_also_be_a_read_api_token() {
+        let err = load(
+            None,
+            &[
+                ("PROVISIONER_API_TOKENS", "shared-token, api-only"),
+                ("PROVISIONER_OPS_TOKENS", "ops-only,shared-token"),
+            ],
+        )
+        .unwrap_err();
+        assert_eq!(err.setting, "ops.tokens (PROVISIONER_OPS_TOKENS)", "{err}");
+        assert!(!format!("{err} {err:?}").contains("shared-token"), "{err}");
     }
 
     #[test]
@@ -1153,6 +1233,7 @@ gong_credentials = 6
                 ("CLERK_SECRET_KEY", "sk_test"),
                 ("CLERK_API_URL", "http://clerk.local"),
                 ("PROVISIONER_API_TOKENS", "t1, t2"),
+                ("PROVISIONER_OPS_TOKENS", "o1,o2 ,o3"),
                 ("RUST_LOG", "warn"),
                 ("LOG_FORMAT", "json"),
             ],
@@ -1171,6 +1252,8 @@ gong_credentials = 6
         assert_eq!(s.clerk.api_url, "http://clerk.local");
         let tokens: Vec<_> = s.api.tokens.iter().map(Secret::expose).collect();
         assert_eq!(tokens, ["t1", "t2"]);
+        let tokens: Vec<_> = s.ops.tokens.iter().map(Secret::expose).collect();
+        assert_eq!(tokens, ["o1", "o2", "o3"]);
         assert_eq!(s.log.filter, "warn");
         assert_eq!(s.log.format, LogFormat::Json);
     }
@@ -1243,12 +1326,13 @@ gong_credentials = 6
             &[
                 ("CLERK_SECRET_KEY", "sk_live_hunter3"),
                 ("PROVISIONER_API_TOKENS", "tok_hunter4"),
+                ("PROVISIONER_OPS_TOKENS", "tok_hunter6"),
             ],
         )
         .unwrap();
         let debug = format!("{s:?}");
         assert!(
-            !debug.contains("hunter3") && !debug.contains("hunter4"),
+            !debug.contains("hunter3") && !debug.contains("hunter4") && !debug.contains("hunter6"),
             "{debug}"
         );
         for (var, value) in [

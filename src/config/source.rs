@@ -7,7 +7,7 @@
 
 /// Environment variable → the dotted key it overrides. Errors about one of these
 /// keys name the variable too, so an operator finds it whichever layer set it.
-pub(super) const ENV_KEYS: [(&str, &str); 12] = [
+pub(super) const ENV_KEYS: [(&str, &str); 13] = [
     ("PROVISIONER_ENV", "environment"),
     ("PROVISIONER_LISTEN", "http.listen"),
     ("DATABASE_URL", "database.url"),
@@ -17,6 +17,7 @@ pub(super) const ENV_KEYS: [(&str, &str); 12] = [
     ("CLERK_SECRET_KEY", "clerk.secret_key"),
     ("CLERK_API_URL", "clerk.api_url"),
     ("PROVISIONER_API_TOKENS", "api.tokens"),
+    ("PROVISIONER_OPS_TOKENS", "ops.tokens"),
     ("RUST_LOG", "log.filter"),
     ("LOG_FORMAT", "log.format"),
     ("PROVISIONER_METRICS_LISTEN", "metrics.worker_listen"),

@@ -1,5 +1,5 @@
-//! The HTTP side: webhook intake, the read API, health and metrics, and the one
-//! error type they answer with.
+//! The HTTP side: webhook intake, the read API, the ops console, health and
+//! metrics, and the one error type they answer with.
 //!
 //! Guarantee: every route is built here, from the shared [`AppState`], and nothing
 //! below `http` imports it back, so the handlers depend on the service's modules
@@ -10,6 +10,7 @@ pub mod api;
 pub mod error;
 pub mod health;
 pub mod intake;
+pub mod ops;
 pub mod server;
 
 use std::sync::Arc;
@@ -93,7 +94,7 @@ async fn count_request(
     response
 }
 
-/// The HTTP application: intake, read API, health and metrics.
+/// The HTTP application: intake, read API, ops console, health and metrics.
 ///
 /// Every request body must arrive within `[http] body_read_timeout_ms` of its head
 /// ([`server::body_deadline`]).
@@ -103,6 +104,7 @@ pub fn app(state: AppState) -> Router {
         .merge(intake::router(&state.settings.http))
         .merge(health::router())
         .merge(api::router())
+        .merge(ops::router())
         .layer(axum::middleware::from_fn(
             move |request: axum::extract::Request, next: axum::middleware::Next| {
                 server::body_deadline(body_timeout, request, next)

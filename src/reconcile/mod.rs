@@ -1200,6 +1200,20 @@ pub enum SyncError {
     },
 }
 
+/// The sync's view of a failed run.
+impl From<ReconcileError> for SyncError {
+    fn from(e: ReconcileError) -> Self {
+        match e {
+            ReconcileError::Clerk(ClerkError::NotConfigured) => SyncError::NotConfigured,
+            ReconcileError::Clerk(e) => SyncError::Clerk(e.to_string()),
+            ReconcileError::Database(e) => SyncError::Database {
+                unavailable: crate::db::fault(&e) == crate::db::DbFault::Unreachable,
+                message: e.to_string(),
+            },
+        }
+    }
+}
+
 type SharedSync = futures_util::future::Shared<
     futures_util::future::BoxFuture<'static, Result<Found, SyncError>>,
 >;
@@ -1290,6 +1304,16 @@ pub const DURATION_SECONDS: &str = "provisioner_reconcile_duration_seconds";
 const SCHEDULE_LOCK: &str = "callmine-provisioner:reconcile";
 
 impl JustInTime {
+    /// Like [`sync`](Self::sync), but hands back the run's report (the drift found
+    /// and the repairs applied) for the ops console to show; not shared with
+    /// concurrent syncs of the same workspace.
+    pub async fn sync_report(&self, id: &str) -> Result<(Report, Found), SyncError> {
+        let Some(reconciler) = &self.reconciler else {
+            return Err(SyncError::NotConfigured);
+        };
+        Ok(reconciler.sync_one(id, &RunOptions::default()).await?)
+    }
+
     /// The process's reconciler, when configured.
     pub fn reconciler(&self) -> Option<&Reconciler> {
         self.reconciler.as_ref()

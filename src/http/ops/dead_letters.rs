@@ -1,0 +1,695 @@
+//! `/ops/dead-letters`: the list (filtered, paged), one dead letter whole, replay
+//! one, replay the filtered set, purge one.
+//!
+//! Guarantee: every read and change goes through `ops::dlq` — the same sessions on
+//! the dead-letter queue as `provisioner dlq` (nothing lost, order kept) — and a
+//! bulk replay or a purge happens only on a POST with `confirm=yes`; without it the
+//! answer is the confirm step (what would be done, and how many), never the action.
+
+use axum::Form;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use maud::{Markup, html};
+use serde::Deserialize;
+use serde_json::json;
+
+use super::audit::{self, Action, Actor};
+use super::session::{Flash, Operator};
+use super::view::{self, Nav};
+use crate::http::AppState;
+use crate::http::api::page::parse_limit;
+use crate::ops::dlq::{self, DeadLetter, DlqError, ReplayOptions, ReplayReport, Selection};
+
+/// The error classes the worker and RabbitMQ give (DESIGN §4).
+const CLASSES: [&str; 3] = ["payload", "retries-exhausted", "delivery-limit"];
+
+/// The list's filters and page (query string) — also the bulk replay's fields.
+#[derive(Debug, Default, Clone, Deserialize)]
+pub struct Filters {
+    /// Event type.
+    #[serde(rename = "type", default)]
+    kind: Option<String>,
+    /// Workspace (organization id).
+    #[serde(default)]
+    org: Option<String>,
+    /// Error class.
+    #[serde(default)]
+    class: Option<String>,
+    /// 1-based page.
+    #[serde(default)]
+    page: Option<String>,
+    /// Rows per page.
+    #[serde(default)]
+    limit: Option<String>,
+}
+
+impl Filters {
+    fn given(value: &Option<String>) -> Option<&str> {
+        value.as_deref().map(str::trim).filter(|v| !v.is_empty())
+    }
+
+    fn matches(&self, letter: &DeadLetter) -> bool {
+        let eq = |filter: &Option<String>, value: &Option<String>| {
+            Self::given(filter).is_none_or(|f| value.as_deref() == Some(f))
+        };
+        eq(&self.kind, &letter.kind)
+            && eq(&self.org, &letter.workspace_id)
+            && eq(&self.class, &letter.error_class)
+    }
+
+    fn any(&self) -> bool {
+        [&self.kind, &self.org, &self.class]
+            .iter()
+            .any(|f| Self::given(f).is_some())
+    }
+
+    /// The list's URL with these filters (and `page` when given).
+    fn url(&self, page: Option<usize>) -> String {
+        let page = page.filter(|p| *p > 1).map(|p| p.to_string());
+        format!(
+            "/ops/dead-letters{}",
+            view::query(&[
+                ("type", Self::given(&self.kind)),
+                ("org", Self::given(&self.org)),
+                ("class", Self::given(&self.class)),
+                ("limit", Self::given(&self.limit)),
+                ("page", page.as_deref()),
+            ])
+        )
+    }
+
+    /// The filters in words, for confirm steps and audit rows.
+    fn describe(&self) -> String {
+        let parts: Vec<String> = [
+            ("type", &self.kind),
+            ("workspace", &self.org),
+            ("class", &self.class),
+        ]
+        .iter()
+        .filter_map(|(name, v)| Self::given(v).map(|v| format!("{name} = {v}")))
+        .collect();
+        if parts.is_empty() {
+            "every dead letter".to_owned()
+        } else {
+            parts.join(", ")
+        }
+    }
+
+    fn hidden(&self) -> Markup {
+        html! {
+            @for (name, value) in [("type", &self.kind), ("org", &self.org), ("class", &self.class)] {
+                @if let Some(v) = Self::given(value) { input type="hidden" name=(name) value=(v); }
+            }
+        }
+    }
+}
+
+/// Fields of the forms that act on one dead letter.
+#[derive(Debug, Default, Deserialize)]
+pub struct ActionForm {
+    #[serde(default)]
+    csrf: Option<String>,
+    #[serde(default)]
+    confirm: Option<String>,
+    /// The list page (with its filters) to return to.
+    #[serde(default)]
+    back: Option<String>,
+}
+
+/// Fields of the bulk replay form: the list's filters, `csrf`, `confirm`.
+#[derive(Debug, Default, Deserialize)]
+pub struct BulkForm {
+    #[serde(default)]
+    csrf: Option<String>,
+    #[serde(default)]
+    confirm: Option<String>,
+    #[serde(rename = "type", default)]
+    kind: Option<String>,
+    #[serde(default)]
+    org: Option<String>,
+    #[serde(default)]
+    class: Option<String>,
+}
+
+fn confirmed(confirm: &Option<String>) -> bool {
+    confirm.as_deref() == Some("yes")
+}
+
+/// Where a form may send the operator back to: a console list page, nothing else.
+fn back_to(back: &Option<String>) -> String {
+    match back.as_deref() {
+        Some(b)
+            if b.starts_with("/ops/dead-letters")
+                && !b.contains("//")
+                && !b.contains('\\')
+                && b.chars().all(|c| c.is_ascii_graphic()) =>
+        {
+            b.to_owned()
+        }
+        _ => "/ops/dead-letters".to_owned(),
+    }
+}
+
+/// The answer when the dead-letter queue cannot be used now.
+fn dlq_unavailable(operator: &Operator, e: &DlqError) -> Response {
+    tracing::warn!(error = %e, "ops console: dead-letter queue unavailable");
+    view::error_page(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "Dead letters unavailable",
+        Some(operator),
+        html! { (e.to_string()) },
+    )
+}
+
+/// `GET /ops/dead-letters`.
+pub async fn list(
+    operator: Operator,
+    State(state): State<AppState>,
+    Query(filters): Query<Filters>,
+) -> Response {
+    let limit = match parse_limit(Filters::given(&filters.limit)) {
+        Ok(n) => n as usize,
+        Err(e) => return view::bad_request(&operator, &e.message),
+    };
+    let page_no = Filters::given(&filters.page)
+        .and_then(|p| p.parse::<usize>().ok())
+        .filter(|p| *p >= 1)
+        .unwrap_or(1);
+    let listing = match dlq::list(&state.settings).await {
+        Ok(listing) => listing,
+        Err(e) => return dlq_unavailable(&operator, &e),
+    };
+    let selected: Vec<&DeadLetter> = listing.data.iter().filter(|l| filters.matches(l)).collect();
+    let pages = selected.len().div_ceil(limit).max(1);
+    let page_no = page_no.min(pages);
+    let shown = selected
+        .iter()
+        .skip((page_no - 1) * limit)
+        .take(limit)
+        .copied()
+        .collect::<Vec<_>>();
+    let kinds = distinct(listing.data.iter().map(|l| l.kind.as_deref()));
+    let orgs = distinct(listing.data.iter().map(|l| l.workspace_id.as_deref()));
+    let here = filters.url(Some(page_no));
+
+    let body = html! {
+        h1 { "Dead letters" span.count { (listing.count) } }
+        p.lead {
+            "Events the worker could not apply, with the reason. Replay one after fixing its cause, "
+            "or purge it when it can never apply. Queue " code { (listing.queue) } "."
+        }
+        form.filters method="get" action="/ops/dead-letters" {
+            label { "Type" input name="type" list="kinds" value=[Filters::given(&filters.kind)] placeholder="any"; }
+            datalist #kinds { @for k in &kinds { option value=(k) {} } }
+            label { "Workspace" input name="org" list="orgs" value=[Filters::given(&filters.org)] placeholder="any"; }
+            datalist #orgs { @for o in &orgs { option value=(o) {} } }
+            label { "Class"
+                select name="class" {
+                    option value="" { "any" }
+                    @for c in CLASSES {
+                        option value=(c) selected[Filters::given(&filters.class) == Some(c)] { (c) }
+                    }
+                }
+            }
+            button type="submit" { "Filter" }
+            @if filters.any() { a href="/ops/dead-letters" { "Clear" } }
+        }
+        @if selected.is_empty() {
+            @if filters.any() {
+                (view::empty("No dead letter matches these filters.", html! {
+                    a href="/ops/dead-letters" { "Clear the filters" } " to see all " (listing.count) "."
+                }))
+            } @else {
+                (view::empty("No dead letters.", html! {
+                    "Nothing to do: every event the worker took was applied. When one cannot be applied "
+                    "(a malformed payload, retries exhausted), it lands here with its reason."
+                }))
+            }
+        } @else {
+            div.bar {
+                span {
+                    @if filters.any() {
+                        (selected.len()) " of " (listing.count) " match " (filters.describe())
+                    } @else {
+                        (listing.count) " in the queue, head first"
+                    }
+                }
+                form.inline method="post" action="/ops/dead-letters/replay" data-busy="Preparing the replay…" {
+                    (view::csrf(&operator))
+                    (filters.hidden())
+                    button type="submit" {
+                        @if filters.any() { "Replay these " (selected.len()) "…" } @else { "Replay all " (selected.len()) "…" }
+                    }
+                }
+            }
+            table.data {
+                thead { tr {
+                    th { "ID" } th { "Type" } th { "Workspace" } th { "Class" }
+                    th.num { "Attempts" } th { "First failed" } th { "Error" } th { "Actions" }
+                } }
+                tbody {
+                    @for l in &shown {
+                        tr {
+                            td { (view::dead_letter_link(l.id.as_deref())) }
+                            td.mono { (view::text_opt(l.kind.as_deref())) }
+                            td { (view::workspace_link(l.workspace_id.as_deref())) }
+                            td { @match &l.error_class { Some(c) => (view::badge(c)), None => (view::dash()) } }
+                            td.num { @match l.attempts { Some(a) => (a), None => (view::dash()) } }
+                            td.nowrap { (view::time_opt(l.first_failed_at)) }
+                            td.error { (view::text_opt(l.error.as_deref())) }
+                            td.actions {
+                                @if let Some(id) = &l.id {
+                                    (row_actions(&operator, id, &here))
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            @if pages > 1 {
+                nav.pager {
+                    @if page_no > 1 { a href=(filters.url(Some(page_no - 1))) rel="prev" { "← Newer" } }
+                    span { "page " (page_no) " of " (pages) }
+                    @if page_no < pages { a href=(filters.url(Some(page_no + 1))) rel="next" { "Older →" } }
+                }
+            }
+        }
+        @if listing.arrived_during_listing > 0 {
+            p.muted { (listing.arrived_during_listing) " more arrived while listing; reload to see them." }
+        }
+    };
+    view::page("Dead letters", Some(&operator), Nav::DeadLetters, body).into_response()
+}
+
+/// The values present, sorted, once each (for the filters' suggestions).
+fn distinct<'a>(values: impl Iterator<Item = Option<&'a str>>) -> Vec<&'a str> {
+    let mut v: Vec<&str> = values.flatten().collect();
+    v.sort_unstable();
+    v.dedup();
+    v
+}
+
+fn row_actions(operator: &Operator, id: &str, back: &str) -> Markup {
+    let base = format!("/ops/dead-letters/{}", view::path_segment(id));
+    html! {
+        form.inline method="post" action=(format!("{base}/replay")) data-busy="Replaying…" {
+            (view::csrf(operator))
+            input type="hidden" name="back" value=(back);
+            button.small type="submit" { "Replay" }
+        }
+        form.inline method="post" action=(format!("{base}/purge")) {
+            (view::csrf(operator))
+            input type="hidden" name="back" value=(back);
+            button.small.danger type="submit" { "Purge…" }
+        }
+    }
+}
+
+/// `GET /ops/dead-letters/{id}`.
+pub async fn show(
+    operator: Operator,
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Response {
+    let message = match dlq::show(&state.settings, &id).await {
+        Ok(m) => m,
+        Err(DlqError::NotFound { .. }) => return gone(&operator, &id),
+        Err(e) => return dlq_unavailable(&operator, &e),
+    };
+    let l = &message.letter;
+    let body = html! {
+        p.crumbs { a href="/ops/dead-letters" { "Dead letters" } " / " }
+        h1.mono { (id) }
+        div.actions-bar {
+            form.inline method="post" action=(format!("/ops/dead-letters/{}/replay", view::path_segment(&id))) data-busy="Replaying…" {
+                (view::csrf(&operator))
+                button.primary type="submit" { "Replay" }
+            }
+            form.inline method="post" action=(format!("/ops/dead-letters/{}/purge", view::path_segment(&id))) {
+                (view::csrf(&operator))
+                button.danger type="submit" { "Purge…" }
+            }
+            a href=(format!("/ops/events{}", view::query(&[("id", Some(id.as_str()))]))) { "Processing log" }
+        }
+        div.panel {
+            h2 { "Why it died" }
+            p.error-full { (view::text_opt(l.error.as_deref())) }
+        }
+        dl.facts {
+            dt { "Type" } dd.mono { (view::text_opt(l.kind.as_deref())) }
+            dt { "Workspace" } dd { (view::workspace_link(l.workspace_id.as_deref())) }
+            dt { "Error class" } dd { @match &l.error_class { Some(c) => (view::badge(c)), None => (view::dash()) } }
+            dt { "Attempts" } dd { @match l.attempts { Some(a) => (a), None => (view::dash()) } }
+            dt { "First failed" } dd { (view::time_opt(l.first_failed_at)) }
+            dt { "Received" } dd { (view::time_opt(l.received_at)) }
+            dt { "Position" } dd { (l.position) " in the queue" @if message.copies > 1 { " · " (message.copies) " copies with this id (replay takes each; purge removes every copy)" } }
+            dt { "Size" } dd { (l.size) " bytes" }
+            dt { "Last published to" } dd.mono { (if message.exchange.is_empty() { "(default exchange)" } else { message.exchange.as_str() }) " · " (message.routing_key) }
+        }
+        (view::json_block("Body", &message.body, true))
+        (view::json_block("Headers", &message.headers, false))
+        (view::json_block("Properties", &message.properties, false))
+    };
+    view::page(&id, Some(&operator), Nav::DeadLetters, body).into_response()
+}
+
+fn gone(operator: &Operator, id: &str) -> Response {
+    view::not_found(
+        operator,
+        html! {
+            "No dead letter with id " code { (id) } " is in the queue: it was replayed or purged, or "
+            "never died. " a href=(format!("/ops/events{}", view::query(&[("id", Some(id))]))) { "See what the processing log says about it" } "."
+        },
+    )
+}
+
+/// The audit row of an action on one dead letter; `selection` names the filters
+/// of a bulk replay. A failed write is logged by [`audit::record`]; the action
+/// itself is done.
+async fn audit_letter(
+    state: &AppState,
+    operator: &Operator,
+    letter: &DeadLetter,
+    action: &'static str,
+    actor: Actor,
+    selection: Option<&str>,
+) {
+    let mut details = json!({
+        "type": letter.kind,
+        "error_class": letter.error_class,
+        "error": letter.error,
+    });
+    if let Some(selection) = selection {
+        details["selection"] = json!(selection);
+    }
+    let _ = audit::record(
+        &state.db,
+        Action {
+            action,
+            actor,
+            workspace_id: letter.workspace_id.as_deref(),
+            event_id: letter.id.as_deref(),
+            operator: &operator.label,
+            details,
+        },
+    )
+    .await;
+}
+
+/// Audits each replayed dead letter (actor `replay`, with the operator) and
+/// words the result.
+async fn audit_replay(
+    state: &AppState,
+    operator: &Operator,
+    report: &ReplayReport,
+    bulk: Option<&str>,
+) -> Flash {
+    for l in &report.replayed {
+        audit_letter(
+            state,
+            operator,
+            l,
+            "dead_letter.replayed",
+            Actor::Replay,
+            bulk,
+        )
+        .await;
+    }
+    for f in &report.failed {
+        tracing::warn!(
+            svix.id = f.letter.id.as_deref().unwrap_or("-"),
+            workspace.id = f.letter.workspace_id.as_deref().unwrap_or("-"),
+            operator = %operator.label,
+            reason = %f.reason,
+            "ops console: dead letter not replayed; it stays dead"
+        );
+    }
+    let lines = report
+        .failed
+        .iter()
+        .map(|f| {
+            format!(
+                "{} stays dead: {}",
+                f.letter.id.as_deref().unwrap_or("(no id)"),
+                f.reason
+            )
+        })
+        .collect();
+    let text = match (report.replayed.as_slice(), report.failed.is_empty()) {
+        ([one], true) => format!(
+            "Replayed {} ({}). It is back in the work queue; the processing log shows how it ends.",
+            one.id.as_deref().unwrap_or("-"),
+            one.kind.as_deref().unwrap_or("-")
+        ),
+        _ => format!(
+            "{}. Replayed ones are back in the work queue.",
+            capitalise(&report.summary())
+        ),
+    };
+    Flash {
+        ok: report.failed.is_empty(),
+        text,
+        lines,
+    }
+}
+
+fn capitalise(s: &str) -> String {
+    let mut c = s.chars();
+    c.next()
+        .map(|f| f.to_uppercase().chain(c).collect())
+        .unwrap_or_default()
+}
+
+/// The result line of a replay or purge of `id` that did not happen.
+fn not_done(verb: &str, id: &str, operator: &Operator, e: DlqError) -> Flash {
+    match e {
+        DlqError::NotFound { .. } => Flash::failed(format!("{e} (already replayed or purged?)")),
+        e => {
+            tracing::warn!(svix.id = %id, operator = %operator.label, error = %e, "ops console: dead letter not {verb}");
+            Flash::failed(format!("Not {verb}: {e}"))
+        }
+    }
+}
+
+/// `POST /ops/dead-letters/{id}/replay` (field `csrf`): republish it, then 303 to
+/// the list (the dead letter has left the queue).
+pub async fn replay_one(
+    operator: Operator,
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    Form(form): Form<ActionForm>,
+) -> Response {
+    if let Some(refused) = operator.csrf_refusal(form.csrf.as_deref()) {
+        return refused;
+    }
+    let opts = ReplayOptions::new(Selection::Ids(vec![id.clone()]));
+    let flash = match dlq::replay(&state.settings, &opts).await {
+        Ok(report) => audit_replay(&state, &operator, &report, None).await,
+        Err(e) => not_done("replayed", &id, &operator, e),
+    };
+    operator.set_flash(&state.db, flash).await;
+    super::see_other(&back_to(&form.back))
+}
+
+/// `POST /ops/dead-letters/{id}/purge` (fields `csrf`, `confirm=yes`): without
+/// the confirmation the confirm step; with it, the dead letter is deleted for good
+/// and the answer is 303 to the list.
+pub async fn purge_one(
+    operator: Operator,
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    Form(form): Form<ActionForm>,
+) -> Response {
+    if let Some(refused) = operator.csrf_refusal(form.csrf.as_deref()) {
+        return refused;
+    }
+    if !confirmed(&form.confirm) {
+        return confirm_purge(&operator, &state, &id, &back_to(&form.back)).await;
+    }
+    let flash = match dlq::purge(&state.settings, &Selection::Ids(vec![id.clone()])).await {
+        Ok(report) => {
+            for l in &report.removed {
+                audit_letter(&state, &operator, l, "dead_letter.purged", Actor::Ops, None).await;
+            }
+            Flash::ok(format!(
+                "Purged {id}: {} dead letter(s) deleted for good.",
+                report.count
+            ))
+        }
+        Err(e) => not_done("purged", &id, &operator, e),
+    };
+    operator.set_flash(&state.db, flash).await;
+    super::see_other(&back_to(&form.back))
+}
+
+async fn confirm_purge(operator: &Operator, state: &AppState, id: &str, back: &str) -> Response {
+    let message = match dlq::show(&state.settings, id).await {
+        Ok(m) => m,
+        Err(DlqError::NotFound { .. }) => return gone(operator, id),
+        Err(e) => return dlq_unavailable(operator, &e),
+    };
+    let l = &message.letter;
+    let body = html! {
+        h1 { "Purge this dead letter?" }
+        div.panel.warn {
+            p {
+                "Purging deletes " strong { (message.copies) " dead letter" @if message.copies != 1 { "s" } }
+                " with id " code { (id) } " for good. The event will not be applied unless Clerk or Svix sends it again."
+            }
+            dl.facts {
+                dt { "Type" } dd.mono { (view::text_opt(l.kind.as_deref())) }
+                dt { "Workspace" } dd { (view::workspace_link(l.workspace_id.as_deref())) }
+                dt { "Error" } dd.error { (view::text_opt(l.error.as_deref())) }
+            }
+            form.inline method="post" action=(format!("/ops/dead-letters/{}/purge", view::path_segment(id))) {
+                (view::csrf(operator))
+                input type="hidden" name="confirm" value="yes";
+                input type="hidden" name="back" value=(back);
+                button.danger type="submit" { "Yes, purge " (message.copies) }
+            }
+            " "
+            a href=(format!("/ops/dead-letters/{}", view::path_segment(id))) { "Cancel" }
+        }
+    };
+    view::page("Confirm purge", Some(operator), Nav::DeadLetters, body).into_response()
+}
+
+/// `POST /ops/dead-letters/replay` (fields `type`, `org`, `class`, `csrf`,
+/// `confirm=yes`): the filtered set. Without the confirmation the confirm step
+/// (the count and the letters, like `dlq replay --dry-run`); with it the replay,
+/// then 303 to the list with the summary.
+pub async fn replay_filtered(
+    operator: Operator,
+    State(state): State<AppState>,
+    Form(form): Form<BulkForm>,
+) -> Response {
+    if let Some(refused) = operator.csrf_refusal(form.csrf.as_deref()) {
+        return refused;
+    }
+    let filters = Filters {
+        kind: form.kind,
+        org: form.org,
+        class: form.class,
+        ..Filters::default()
+    };
+    let listing = match dlq::list(&state.settings).await {
+        Ok(listing) => listing,
+        Err(e) => return dlq_unavailable(&operator, &e),
+    };
+    let selected: Vec<&DeadLetter> = listing.data.iter().filter(|l| filters.matches(l)).collect();
+    let mut ids: Vec<String> = selected.iter().filter_map(|l| l.id.clone()).collect();
+    ids.dedup();
+    let unreplayable = selected.iter().filter(|l| l.id.is_none()).count();
+    if ids.is_empty() {
+        operator
+            .set_flash(
+                &state.db,
+                Flash::failed(format!(
+                    "No dead letter with an id matches {}; nothing was replayed.",
+                    filters.describe()
+                )),
+            )
+            .await;
+        return super::see_other(&filters.url(None));
+    }
+    if !confirmed(&form.confirm) {
+        let body = html! {
+            h1 { "Replay " (selected.len()) " dead letter" @if selected.len() != 1 { "s" } "?" }
+            div.panel.warn {
+                p {
+                    "Selection: " strong { (filters.describe()) } ". Each is republished to the events exchange "
+                    "and removed from the dead-letter queue once the broker confirmed it; the worker applies "
+                    "each svix id once. One whose cause is not fixed dead-letters again."
+                }
+                @if unreplayable > 0 {
+                    p { (unreplayable) " of them carry no svix id and cannot be replayed." }
+                }
+                form.inline method="post" action="/ops/dead-letters/replay" data-busy="Replaying — the page updates when every dead letter is done…" {
+                    (view::csrf(&operator))
+                    (filters.hidden())
+                    input type="hidden" name="confirm" value="yes";
+                    button.primary type="submit" { "Yes, replay " (ids.len()) }
+                }
+                " "
+                a href=(filters.url(None)) { "Cancel" }
+            }
+            table.data {
+                thead { tr { th { "ID" } th { "Type" } th { "Workspace" } th { "Error" } } }
+                tbody {
+                    @for l in &selected {
+                        tr {
+                            td { (view::dead_letter_link(l.id.as_deref())) }
+                            td.mono { (view::text_opt(l.kind.as_deref())) }
+                            td { (view::workspace_link(l.workspace_id.as_deref())) }
+                            td.error { (view::text_opt(l.error.as_deref())) }
+                        }
+                    }
+                }
+            }
+        };
+        return view::page("Confirm replay", Some(&operator), Nav::DeadLetters, body)
+            .into_response();
+    }
+    let described = filters.describe();
+    let opts = ReplayOptions::new(Selection::Ids(ids));
+    let flash = match dlq::replay(&state.settings, &opts).await {
+        Ok(report) => audit_replay(&state, &operator, &report, Some(&described)).await,
+        Err(e) => {
+            tracing::warn!(operator = %operator.label, error = %e, "ops console: bulk replay failed");
+            Flash::failed(format!("Nothing was replayed: {e}"))
+        }
+    };
+    operator.set_flash(&state.db, flash).await;
+    super::see_other(&filters.url(None))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_console_list_pages_are_places_to_go_back_to() {
+        let ok = Some("/ops/dead-letters?type=a&page=2".to_owned());
+        assert_eq!(back_to(&ok), "/ops/dead-letters?type=a&page=2");
+        for bad in [
+            "https://evil.example/",
+            "//evil.example/ops/dead-letters",
+            "/ops/dead-letters//evil",
+            "/ops/dead-letters\\x",
+            "/v1/workspaces",
+            "/ops/dead-letters\r\nSet-Cookie: x=y",
+        ] {
+            assert_eq!(back_to(&Some(bad.to_owned())), "/ops/dead-letters", "{bad}");
+        }
+        assert_eq!(back_to(&None), "/ops/dead-letters");
+    }
+
+    #[test]
+    fn filters_combine_and_ignore_blanks() {
+        let letter = DeadLetter {
+            position: 1,
+            id: Some("msg_1".into()),
+            kind: Some("organization.created".into()),
+            workspace_id: Some("org_1".into()),
+            error_class: Some("payload".into()),
+            error: None,
+            attempts: None,
+            first_failed_at: None,
+            received_at: None,
+            size: 0,
+        };
+        let f = |kind: &str, org: &str, class: &str| Filters {
+            kind: Some(kind.into()),
+            org: Some(org.into()),
+            class: Some(class.into()),
+            ..Filters::default()
+        };
+        assert!(f("", " ", "").matches(&letter));
+        assert!(f("organization.created", "org_1", "payload").matches(&letter));
+        assert!(!f("organization.created", "org_2", "").matches(&letter));
+        assert!(!f("", "", "delivery-limit").matches(&letter));
+        assert_eq!(f("", "org_1", "").describe(), "workspace = org_1");
+        assert_eq!(f("", "", "").describe(), "every dead letter");
+    }
+}
