@@ -254,6 +254,23 @@ async fn login_refuses_a_wrong_token_and_sets_a_strict_cookie_for_a_right_one() 
         );
         assert!(page.body.contains("does not open the console"));
     }
+    // No form at all (no body, or another content type) is a wrong token too.
+    for request in [
+        console.http.post(format!("{}/ops/login", console.base)),
+        console
+            .http
+            .post(format!("{}/ops/login", console.base))
+            .header("content-type", "application/json")
+            .body(format!(r#"{{"token":"{OPS_TOKEN}"}}"#)),
+    ] {
+        let page = console.send(request).await;
+        assert_eq!(page.status, StatusCode::UNAUTHORIZED, "{}", page.body);
+        assert!(page.headers.get(SET_COOKIE).is_none(), "no cookie");
+        assert!(
+            page.body.contains(r#"action="/ops/login""#),
+            "the form again"
+        );
+    }
     let sessions: i64 = sqlx::query_scalar("select count(*) from ops_sessions")
         .fetch_one(&app.db)
         .await
@@ -428,6 +445,13 @@ async fn forms_without_the_right_csrf_token_are_refused_and_change_nothing() {
             let page = console.post(&path, &fields).await;
             assert_eq!(page.status, StatusCode::FORBIDDEN, "{path} with {token:?}");
             assert!(page.body.contains("nothing was changed"), "{}", page.body);
+            // The same POST with no form at all: still the 403, not a 415.
+            if token.is_none() {
+                let bare = console.http.post(format!("{}{path}", console.base));
+                let page = console.send(bare).await;
+                assert_eq!(page.status, StatusCode::FORBIDDEN, "{path} without a body");
+                assert!(page.body.contains("nothing was changed"), "{}", page.body);
+            }
         }
     }
 

@@ -6,7 +6,6 @@
 //! bulk replay or a purge happens only on a POST with `confirm=yes`; without it the
 //! answer is the confirm step (what would be done, and how many), never the action.
 
-use axum::Form;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -14,6 +13,7 @@ use maud::{Markup, html};
 use serde::Deserialize;
 use serde_json::json;
 
+use super::Fields;
 use super::audit::{self, Action, Actor};
 use super::session::{Flash, Operator};
 use super::view::{self, Nav};
@@ -478,7 +478,7 @@ pub async fn replay_one(
     operator: Operator,
     State(state): State<AppState>,
     Path(id): Path<String>,
-    Form(form): Form<ActionForm>,
+    Fields(form): Fields<ActionForm>,
 ) -> Response {
     if let Some(refused) = operator.csrf_refusal(form.csrf.as_deref()) {
         return refused;
@@ -499,7 +499,7 @@ pub async fn purge_one(
     operator: Operator,
     State(state): State<AppState>,
     Path(id): Path<String>,
-    Form(form): Form<ActionForm>,
+    Fields(form): Fields<ActionForm>,
 ) -> Response {
     if let Some(refused) = operator.csrf_refusal(form.csrf.as_deref()) {
         return refused;
@@ -562,7 +562,7 @@ async fn confirm_purge(operator: &Operator, state: &AppState, id: &str, back: &s
 pub async fn replay_filtered(
     operator: Operator,
     State(state): State<AppState>,
-    Form(form): Form<BulkForm>,
+    Fields(form): Fields<BulkForm>,
 ) -> Response {
     if let Some(refused) = operator.csrf_refusal(form.csrf.as_deref()) {
         return refused;

@@ -6,19 +6,19 @@
 //! cookie is `SameSite=Strict`, so another site cannot post it with a victim's
 //! session either way). Logging out deletes the session row.
 
-use axum::Form;
 use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use maud::{Markup, html};
 use serde::Deserialize;
 
+use super::Fields;
 use super::session::{self, Operator};
 use super::view::{self, Nav};
 use crate::http::AppState;
 
 /// The login form's fields.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize)]
 pub struct LoginForm {
     #[serde(default)]
     token: String,
@@ -27,7 +27,7 @@ pub struct LoginForm {
 }
 
 /// The logout form's fields.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize)]
 pub struct LogoutForm {
     #[serde(default)]
     csrf: Option<String>,
@@ -62,7 +62,7 @@ pub async fn form() -> Markup {
 }
 
 /// Checks the token; on success a new session and 303 to `/ops`.
-pub async fn submit(State(state): State<AppState>, Form(form): Form<LoginForm>) -> Response {
+pub async fn submit(State(state): State<AppState>, Fields(form): Fields<LoginForm>) -> Response {
     let label = session::clean_label(form.label.as_deref());
     let Some(index) = session::match_token(&form.token, &state.settings.ops.tokens) else {
         tracing::warn!("ops console: sign-in refused (wrong token)");
@@ -97,7 +97,7 @@ pub async fn submit(State(state): State<AppState>, Form(form): Form<LoginForm>) 
 pub async fn logout(
     operator: Operator,
     State(state): State<AppState>,
-    Form(form): Form<LogoutForm>,
+    Fields(form): Fields<LogoutForm>,
 ) -> Response {
     if let Some(refused) = operator.csrf_refusal(form.csrf.as_deref()) {
         return refused;

@@ -124,6 +124,29 @@ async fn unknown(operator: Operator) -> Response {
     )
 }
 
+/// A console form's fields. A body that is no form at all (no or another content
+/// type, not URL-encoded) reads as an empty form, so that the form's own check
+/// answers it: 403 without the CSRF token, 401 on the login, never an
+/// extractor's 415 or 422 that would tell a missing token from a wrong one.
+#[derive(Debug)]
+pub struct Fields<T>(pub T);
+
+impl<S, T> axum::extract::FromRequest<S> for Fields<T>
+where
+    S: Send + Sync,
+    T: serde::de::DeserializeOwned + Default,
+{
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request(
+        request: axum::extract::Request,
+        state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        let form = axum::Form::<T>::from_request(request, state).await;
+        Ok(Self(form.map(|axum::Form(t)| t).unwrap_or_default()))
+    }
+}
+
 /// 303 to `location` (a POST's answer; `Redirect::to` is a 303 See Other).
 fn see_other(location: &str) -> Response {
     axum::response::Redirect::to(location).into_response()

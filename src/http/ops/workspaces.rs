@@ -5,7 +5,6 @@
 //! sync is the reconcile issue's sync of one organization (actor `reconcile` on
 //! its changes) and shows the drift it found and what it applied.
 
-use axum::Form;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -13,6 +12,7 @@ use maud::{Markup, html};
 use serde::Deserialize;
 use serde_json::json;
 
+use super::Fields;
 use super::audit::{self, Action, Actor};
 use super::session::{Flash, Operator};
 use super::view::{self, Nav};
@@ -216,7 +216,7 @@ pub async fn sync(
     operator: Operator,
     State(state): State<AppState>,
     Path(id): Path<String>,
-    Form(form): Form<SyncForm>,
+    Fields(form): Fields<SyncForm>,
 ) -> Response {
     if let Some(refused) = operator.csrf_refusal(form.csrf.as_deref()) {
         return refused;
