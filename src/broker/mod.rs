@@ -136,6 +136,21 @@ async fn connect_one(url: &ConnectionUrl, name: &str) -> Result<Connection, lapi
     }
 }
 
+/// Reads a queue's counts with a passive declare: never creates or changes it.
+/// A missing queue answers 404 and closes `channel`.
+pub async fn inspect(channel: &lapin::Channel, queue: &str) -> Result<lapin::Queue, lapin::Error> {
+    channel
+        .queue_declare(
+            queue.into(),
+            lapin::options::QueueDeclareOptions {
+                passive: true,
+                ..lapin::options::QueueDeclareOptions::default()
+            },
+            lapin::types::FieldTable::default(),
+        )
+        .await
+}
+
 #[cfg(test)]
 mod tests {
     use super::{Endpoints, tuned_url};

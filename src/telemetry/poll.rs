@@ -7,8 +7,6 @@
 
 use std::time::Duration;
 
-use lapin::options::QueueDeclareOptions;
-use lapin::types::FieldTable;
 use lapin::{Channel, Connection};
 use metrics::gauge;
 use sqlx::PgPool;
@@ -117,14 +115,7 @@ async fn depths(
         // queue closes the channel; the next tick opens another).
         let declared = tokio::time::timeout(
             crate::broker::CONNECT_DEADLINE,
-            channel.queue_declare(
-                queue.as_str().into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..QueueDeclareOptions::default()
-                },
-                FieldTable::default(),
-            ),
+            crate::broker::inspect(channel, queue.as_str()),
         )
         .await
         .map_err(|_| {

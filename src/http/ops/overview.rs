@@ -17,8 +17,6 @@ use std::time::Duration;
 
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
-use lapin::options::QueueDeclareOptions;
-use lapin::types::FieldTable;
 use maud::html;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::time::Instant;
@@ -191,15 +189,7 @@ async fn depths(
         // A channel per queue: a missing queue closes its channel.
         let depth = async {
             let channel = conn.create_channel().await.map_err(|e| e.to_string())?;
-            let declared = channel
-                .queue_declare(
-                    queue.as_str().into(),
-                    QueueDeclareOptions {
-                        passive: true,
-                        ..QueueDeclareOptions::default()
-                    },
-                    FieldTable::default(),
-                )
+            let declared = crate::broker::inspect(&channel, queue.as_str())
                 .await
                 .map_err(|e| e.to_string());
             if channel.status().connected() {

@@ -288,14 +288,7 @@ impl DeadQueue {
     }
 
     async fn ready_count(&self, channel: &Channel) -> Result<u32, DlqError> {
-        let opts = QueueDeclareOptions {
-            passive: true,
-            ..QueueDeclareOptions::default()
-        };
-        match channel
-            .queue_declare(self.queue.as_str().into(), opts, FieldTable::default())
-            .await
-        {
+        match crate::broker::inspect(channel, self.queue.as_str()).await {
             Ok(q) => Ok(q.message_count()),
             Err(e) if reply_code(&e) == Some(404) => Err(DlqError::QueueMissing {
                 queue: self.queue.clone(),
