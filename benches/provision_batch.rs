@@ -29,6 +29,7 @@ fn event(svix_id: String, kind: &str, data: serde_json::Value, ts: i64) -> Incom
         body: serde_json::to_vec(&body).unwrap(),
         received_at: chrono::Utc::now(),
         actor: Actor::Clerk,
+        replayed_by: None,
     }
 }
 

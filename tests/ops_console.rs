@@ -575,6 +575,17 @@ async fn each_action_acts_redirects_and_is_audited() {
     assert!(!again.body.contains("Replayed"), "the result shows once");
     let work = drain_queue(&app.settings.broker.queue).await;
     assert_eq!(message_ids(&work), [ids[0].clone()]);
+    // The copy names the operator, for the worker's audit rows of the event.
+    let replayed_by = work[0]
+        .delivery
+        .properties
+        .headers()
+        .as_ref()
+        .and_then(|h| h.inner().get("x-replayed-by").cloned());
+    assert_eq!(
+        replayed_by,
+        Some(lapin::types::AMQPValue::LongString("alice".into()))
+    );
 
     // Bulk replay of a filtered set, confirmed.
     let page = console

@@ -271,6 +271,72 @@ async fn replayed_message_is_audited_as_replay() {
     app.stop().await.unwrap();
 }
 
+// A replay from the ops console also carries `x-replayed-by` (the operator's session
+// label): every audit row of the event keeps actor `replay` and names the operator in
+// its details. Without `x-replayed`, the header is ignored (only a replay names one).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_console_replay_names_its_operator_in_every_audit_row() {
+    trace();
+    let app = spawn_app_with(worker_opts()).await;
+    let db = app.db.clone();
+    let b = app.settings.broker.clone();
+    let replayed = format!("msg_{}", random_id(16));
+    let forged = format!("msg_{}", random_id(16));
+    for (id, headers) in [
+        (
+            &replayed,
+            vec![
+                ("x-replayed", AMQPValue::Boolean(true)),
+                ("x-replayed-by", AMQPValue::LongString("alice".into())),
+            ],
+        ),
+        (
+            &forged,
+            vec![("x-replayed-by", AMQPValue::LongString("mallory".into()))],
+        ),
+    ] {
+        let body = org_created(&format!("org_{}", random_id(12)), "Replayed");
+        let props = with_headers(
+            BasicProperties::default().with_message_id(id.as_str().into()),
+            &headers,
+        );
+        publish_raw(&b.exchange, "organization.created", &body, props).await;
+    }
+
+    for id in [&replayed, &forged] {
+        assert!(wait_status(&db, id, "processed").await, "{id}");
+    }
+    let rows: Vec<(String, String, Option<String>)> = sqlx::query_as(
+        "select event_id, actor, details->>'replayed_by' from audit_log \
+         where event_id = any($1) order by id",
+    )
+    .bind([replayed.clone(), forged.clone()])
+    .fetch_all(&db)
+    .await
+    .unwrap();
+    let of = |id: &String| -> Vec<(String, Option<String>)> {
+        rows.iter()
+            .filter(|r| &r.0 == id)
+            .map(|r| (r.1.clone(), r.2.clone()))
+            .collect()
+    };
+    let replayed_rows = of(&replayed);
+    assert!(!replayed_rows.is_empty(), "{rows:?}");
+    assert!(
+        replayed_rows
+            .iter()
+            .all(|r| r == &("replay".to_owned(), Some("alice".to_owned()))),
+        "{rows:?}"
+    );
+    let forged_rows = of(&forged);
+    assert!(!forged_rows.is_empty());
+    assert!(
+        forged_rows.iter().all(|r| r == &("clerk".to_owned(), None)),
+        "{rows:?}"
+    );
+    app.stop().await.unwrap();
+}
+
 /// Makes every write of workspace `org` fail with a plain (non-connectivity) error
 /// the first `failures` times (a sequence is not rolled back with the transaction).
 async fn inject_failures(db: &sqlx::PgPool, org: &str, failures: i64) {

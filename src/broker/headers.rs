@@ -20,6 +20,9 @@ pub const DELIVERY_COUNT: &str = "x-delivery-count";
 /// Set by `dlq replay` on a republished dead letter: the worker audits its changes
 /// with actor `replay`.
 pub const REPLAYED: &str = "x-replayed";
+/// Set by the ops console on a replay: the operator's session label (text), which
+/// the worker adds to the details of every audit row of the replayed event.
+pub const REPLAYED_BY: &str = "x-replayed-by";
 /// RabbitMQ's record of each time it dead-lettered the message.
 pub const DEATH: &str = "x-death";
 
@@ -38,6 +41,15 @@ pub const BROKER_OWNED: [&str; 7] = [
 /// An integer header of `table`, whatever integer type the sender used.
 pub fn int(table: &FieldTable, key: &str) -> Option<i64> {
     int_value(table.inner().get(key)?)
+}
+
+/// A text header of `table` (a long or short string that is UTF-8).
+pub fn text<'a>(table: &'a FieldTable, key: &str) -> Option<&'a str> {
+    match table.inner().get(key)? {
+        AMQPValue::LongString(s) => std::str::from_utf8(s.as_bytes()).ok(),
+        AMQPValue::ShortString(s) => Some(s.as_str()),
+        _ => None,
+    }
 }
 
 /// An AMQP value of any integer width, a timestamp, or a numeric string, as `i64`.

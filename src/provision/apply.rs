@@ -205,8 +205,11 @@ impl Ctx<'_> {
         workspace_id: &str,
         action: &'static str,
         subject: Option<&str>,
-        details: Value,
+        mut details: Value,
     ) {
+        if let (Some(by), Value::Object(map)) = (&self.incoming.replayed_by, &mut details) {
+            map.insert("replayed_by".to_owned(), Value::String(by.clone()));
+        }
         self.pending.audits.push(Audit {
             workspace_id: workspace_id.to_owned(),
             action,

@@ -75,6 +75,9 @@ pub struct Incoming {
     pub received_at: DateTime<Utc>,
     /// Who caused it.
     pub actor: Actor,
+    /// For a replay from the ops console: the operator's session label, added to
+    /// the details of the event's audit rows (`replayed_by`).
+    pub replayed_by: Option<String>,
 }
 
 impl Incoming {

@@ -297,6 +297,7 @@ fn synthetic(kind: &str, id_part: &str, data: &Value, timestamp_ms: i64) -> Inco
         body,
         received_at: Utc::now(),
         actor: Actor::Reconcile,
+        replayed_by: None,
     }
 }
 
@@ -314,6 +315,7 @@ fn prepared(kind: &str, id_part: &str, timestamp_ms: i64, event: Event) -> Prepa
         body: Vec::new(),
         received_at: Utc::now(),
         actor: Actor::Reconcile,
+        replayed_by: None,
     };
     let decoded = Decoded {
         kind: EventType::parse(kind),

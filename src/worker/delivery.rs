@@ -85,6 +85,9 @@ impl Envelope {
                 body,
                 received_at,
                 actor,
+                replayed_by: headers::text(&headers, headers::REPLAYED_BY)
+                    .filter(|_| actor == Actor::Replay)
+                    .map(str::to_owned),
             },
             decoded,
             timestamp,

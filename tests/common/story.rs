@@ -266,5 +266,6 @@ pub fn raw(svix_id: &str, kind: &str, body: Vec<u8>) -> Incoming {
         body,
         received_at: chrono::Utc::now(),
         actor: Actor::Clerk,
+        replayed_by: None,
     }
 }

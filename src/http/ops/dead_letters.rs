@@ -483,7 +483,10 @@ pub async fn replay_one(
     if let Some(refused) = operator.csrf_refusal(form.csrf.as_deref()) {
         return refused;
     }
-    let opts = ReplayOptions::new(Selection::Ids(vec![id.clone()]));
+    let opts = ReplayOptions {
+        by: Some(operator.label.clone()),
+        ..ReplayOptions::new(Selection::Ids(vec![id.clone()]))
+    };
     let flash = match dlq::replay(&state.settings, &opts).await {
         Ok(report) => audit_replay(&state, &operator, &report, None).await,
         Err(e) => not_done("replayed", &id, &operator, e),
@@ -632,7 +635,10 @@ pub async fn replay_filtered(
             .into_response();
     }
     let described = filters.describe();
-    let opts = ReplayOptions::new(Selection::Ids(ids));
+    let opts = ReplayOptions {
+        by: Some(operator.label.clone()),
+        ..ReplayOptions::new(Selection::Ids(ids))
+    };
     let flash = match dlq::replay(&state.settings, &opts).await {
         Ok(report) => audit_replay(&state, &operator, &report, Some(&described)).await,
         Err(e) => {

@@ -274,6 +274,9 @@ pub struct ReplayOptions {
     pub progress: bool,
     /// How long to wait for another dlq command to finish.
     pub lock_wait: Duration,
+    /// Who replays, when it is an operator of the ops console: the session label,
+    /// sent as header `x-replayed-by` so the worker's audit rows name them.
+    pub by: Option<String>,
 }
 
 impl ReplayOptions {
@@ -285,6 +288,7 @@ impl ReplayOptions {
             rate: None,
             progress: false,
             lock_wait: DEFAULT_LOCK_WAIT,
+            by: None,
         }
     }
 }
@@ -382,7 +386,12 @@ pub async fn replay(settings: &Settings, opts: &ReplayOptions) -> Result<ReplayR
             tokio::time::sleep_until(started + spacing * n as u32).await;
         }
         let result = match session
-            .republish(i, &settings.broker.exchange, confirm_timeout)
+            .republish(
+                i,
+                &settings.broker.exchange,
+                confirm_timeout,
+                opts.by.as_deref(),
+            )
             .await
         {
             // Only now that the copy is confirmed may the dead copy go.
@@ -585,6 +594,7 @@ pub async fn run(settings: &Settings, command: DlqCommand) -> anyhow::Result<()>
                 rate: args.rate,
                 progress: !args.json && std::io::stdout().is_terminal(),
                 lock_wait: DEFAULT_LOCK_WAIT,
+                by: None,
             };
             let report = replay(settings, &opts).await?;
             if args.json {

@@ -60,7 +60,7 @@ use tokio::time::Instant;
 
 use super::DlqError;
 use super::letter::DeadLetter;
-use crate::broker::headers::{DELIVERY_COUNT, REPLAYED};
+use crate::broker::headers::{DELIVERY_COUNT, REPLAYED, REPLAYED_BY};
 use crate::broker::{self, PublishError};
 use crate::config::Settings;
 
@@ -314,6 +314,7 @@ impl DeadQueue {
         index: usize,
         exchange: &str,
         confirm_timeout: Duration,
+        by: Option<&str>,
     ) -> Result<(), ReplayError> {
         let held = &self.held[index];
         let id = held.letter.id.clone().ok_or(ReplayError::NoMessageId)?;
@@ -321,6 +322,12 @@ impl DeadQueue {
         let original = &held.delivery.properties;
         let mut headers = FieldTable::default();
         headers.insert(ShortString::from(REPLAYED), AMQPValue::Boolean(true));
+        if let Some(by) = by {
+            headers.insert(
+                ShortString::from(REPLAYED_BY),
+                AMQPValue::LongString(by.into()),
+            );
+        }
         // Persistent JSON like every event of this service, keeping the original
         // content type if it had one.
         let mut props = broker::event_properties(&id, &kind)
