@@ -294,15 +294,7 @@ async fn depth(urls: &str, queue: &str) -> u32 {
         .await
         .expect("a node answers");
     let ch = conn.create_channel().await.unwrap();
-    let q = ch
-        .queue_declare(
-            queue.into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
+    let q = provisioner::broker::inspect(&ch, queue)
         .await
         .expect("the queue exists");
     let _ = conn.close(200, "bye".into()).await;

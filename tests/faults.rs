@@ -28,8 +28,6 @@ use common::pg_cluster::PgCluster;
 use common::rabbit::{self, RabbitNode};
 use common::svix_sender::{self, Attempt, Progress, Report, SenderConfig};
 use common::{Isolation, SECRET, base_amqp_url, base_database_url, eventually, random_id};
-use lapin::options::QueueDeclareOptions;
-use lapin::types::FieldTable;
 use sqlx::PgPool;
 
 /// Organizations and users of every test's history (about 330 webhooks).
@@ -275,15 +273,7 @@ async fn queue_depth_at(url: &str, queue: &str) -> u32 {
         .await
         .expect("broker reachable");
     let ch = conn.create_channel().await.unwrap();
-    let depth = ch
-        .queue_declare(
-            queue.into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
+    let depth = provisioner::broker::inspect(&ch, queue)
         .await
         .map(|q| q.message_count())
         .unwrap_or(0);

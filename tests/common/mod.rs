@@ -42,8 +42,7 @@ pub mod worker;
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use lapin::options::{BasicAckOptions, BasicGetOptions, QueueDeclareOptions, QueueDeleteOptions};
-use lapin::types::FieldTable;
+use lapin::options::{BasicAckOptions, BasicGetOptions, QueueDeleteOptions};
 use provisioner::config::Settings;
 use provisioner::startup::{Application, ServeOptions};
 use rand::Rng;
@@ -515,15 +514,7 @@ pub async fn broker_channel() -> (lapin::Connection, lapin::Channel) {
 #[allow(dead_code)]
 pub async fn queue_depth(queue: &str) -> u32 {
     let (conn, ch) = broker_channel().await;
-    let q = ch
-        .queue_declare(
-            queue.into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
+    let q = provisioner::broker::inspect(&ch, queue)
         .await
         .expect("queue exists");
     let _ = conn.close(200, "bye".into()).await;
