@@ -21,6 +21,7 @@ use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
 use sqlx::PgConnection;
 
+use super::deferred::{Deferred, NewMember, StateKeys};
 use super::payload::{Decoded, Event, Membership, Organization, Removal, User};
 use super::{Incoming, Outcome, Plans};
 use crate::config::ProvisioningSettings;
@@ -148,11 +149,26 @@ struct Audit {
 pub(crate) struct Pending {
     audits: Vec<Audit>,
     superseded: Vec<String>,
+    /// The claims and inserts a prefetched batch defers ([`Pending::defer`]).
+    deferred: Deferred,
 }
 
 impl Pending {
-    /// Writes the pending rows on `conn` (the transaction about to commit).
-    pub(crate) async fn flush(&mut self, conn: &mut PgConnection) -> Result<(), sqlx::Error> {
+    /// Defers the claims and inserts of the events applied with a prefetched state
+    /// (see [`super::deferred`]) until the first other write or the flush.
+    pub(crate) fn defer(&mut self) {
+        self.deferred.start();
+    }
+
+    /// Writes the pending rows on `conn` (the transaction about to commit): the
+    /// deferred claims and inserts first, then statuses and audit rows.
+    pub(crate) async fn flush(
+        &mut self,
+        conn: &mut PgConnection,
+        settings: &ProvisioningSettings,
+        plans: &Plans,
+    ) -> Result<(), sqlx::Error> {
+        self.deferred.stop(conn, settings, plans).await?;
         if !self.superseded.is_empty() {
             sqlx::query("update events set status = 'superseded' where svix_id = any($1)")
                 .bind(&self.superseded)
@@ -200,6 +216,14 @@ struct Ctx<'a> {
 }
 
 impl Ctx<'_> {
+    /// Before a write that is not a deferred insert: ends the batch's deferring.
+    async fn stop_deferring(&mut self, conn: &mut PgConnection) -> Result<(), sqlx::Error> {
+        self.pending
+            .deferred
+            .stop(conn, self.settings, self.plans)
+            .await
+    }
+
     fn audit(
         &mut self,
         workspace_id: &str,
@@ -221,17 +245,9 @@ impl Ctx<'_> {
     }
 }
 
-/// Applies one decoded event on `conn` (inside a transaction, possibly with other events, the
-/// caller commits after [`Pending::flush`]), processing-log row included; its audit
-/// rows and final status wait in `pending`.
-pub(crate) async fn apply_event(
-    conn: &mut PgConnection,
-    settings: &ProvisioningSettings,
-    plans: &Plans,
-    incoming: &Incoming,
-    decoded: &Decoded,
-    pending: &mut Pending,
-) -> Result<Outcome, sqlx::Error> {
+/// The processing-log status an event is claimed with, and the keys of the
+/// workspace, membership and user rows it decides on.
+pub(crate) fn state_keys(decoded: &Decoded) -> (&'static str, StateKeys<'_>) {
     let (initial, ws_id, membership_id, user_id) = match &decoded.event {
         Event::Unhandled => ("ignored", None, None, None),
         Event::OrganizationUpsert(o) => ("processed", Some(o.id.as_str()), None, None),
@@ -251,16 +267,55 @@ pub(crate) async fn apply_event(
         Event::UserUpdated(u) => ("processed", None, None, Some(u.id.as_str())),
         Event::UserDeleted { id, .. } => ("processed", None, None, Some(id.as_str())),
     };
-    let state = begin(
-        conn,
-        incoming,
-        decoded,
-        initial,
-        ws_id,
-        membership_id,
-        user_id,
-    )
-    .await?;
+    (initial, (ws_id, membership_id, user_id))
+}
+
+/// Applies one decoded event on `conn` (inside a transaction, possibly with other events, the
+/// caller commits after [`Pending::flush`]), processing-log row included; its audit
+/// rows and final status wait in `pending`.
+///
+/// `prefetched` is the event's state as [`super::deferred::prefetch`] read it for
+/// the whole batch: while the batch defers, the event claims its svix id and
+/// decides on that state (with the batch's waiting inserts laid over it) without a
+/// round trip of its own; otherwise it claims and reads in one statement.
+pub(crate) async fn apply_event(
+    conn: &mut PgConnection,
+    settings: &ProvisioningSettings,
+    plans: &Plans,
+    incoming: &Incoming,
+    decoded: &Decoded,
+    prefetched: Option<Begin>,
+    pending: &mut Pending,
+) -> Result<Outcome, sqlx::Error> {
+    let (initial, (ws_id, membership_id, user_id)) = state_keys(decoded);
+    let state = match prefetched {
+        Some(state) if pending.deferred.active() => {
+            let fresh = state.fresh
+                && pending.deferred.claim(
+                    &incoming.svix_id,
+                    decoded.kind.as_str(),
+                    decoded.workspace_id(),
+                    initial,
+                    incoming.received_at,
+                );
+            Begin {
+                fresh,
+                ..pending.deferred.overlay(state, ws_id, membership_id)
+            }
+        }
+        _ => {
+            begin(
+                conn,
+                incoming,
+                decoded,
+                initial,
+                ws_id,
+                membership_id,
+                user_id,
+            )
+            .await?
+        }
+    };
     if !state.fresh {
         return Ok(Outcome::Duplicate);
     }
@@ -270,6 +325,24 @@ pub(crate) async fn apply_event(
         incoming,
         pending,
     };
+    // Only snapshots of organizations and memberships know how to defer their
+    // inserts; every other event writes at once.
+    let defers = matches!(
+        &decoded.event,
+        Event::Unhandled
+            | Event::OrganizationUpsert(_)
+            | Event::MembershipUpsert(_)
+            | Event::MembershipDeleted {
+                removal: Removal {
+                    snapshot: Some(_),
+                    ..
+                },
+                ..
+            }
+    );
+    if !defers {
+        cx.stop_deferring(conn).await?;
+    }
     let changed = match &decoded.event {
         Event::Unhandled => return Ok(Outcome::Ignored),
         Event::OrganizationUpsert(org) => {
@@ -299,7 +372,7 @@ pub(crate) async fn apply_event(
 /// The stored state an event decides on, read in the same statement that claims
 /// its svix id in the processing log.
 #[derive(Debug, sqlx::FromRow)]
-struct Begin {
+pub(super) struct Begin {
     /// The svix id is new here, or was dead: apply it.
     fresh: bool,
     w_exists: bool,
@@ -341,6 +414,43 @@ struct Begin {
 }
 
 impl Begin {
+    /// Lays a workspace row not written yet over the state read.
+    pub(super) fn set_workspace(&mut self, w: &WorkspaceRow) {
+        self.w_exists = true;
+        self.w_name = w.name.clone();
+        self.w_slug = w.slug.clone();
+        self.w_image_url = w.image_url.clone();
+        self.w_created_by = w.created_by.clone();
+        self.w_max_allowed_memberships = w.max_allowed_memberships;
+        self.w_status = Some(w.status.clone());
+        self.w_plan = Some(w.plan.clone());
+        self.w_source_version = w.source_version;
+        self.w_plan_version = w.plan_version;
+        self.w_source_event = w.source_event.clone();
+        self.w_plan_event = w.plan_event.clone();
+        self.w_clerk_created_at = w.clerk_created_at;
+        self.w_deleted_at = w.deleted_at;
+        self.w_deleted_version = w.deleted_version;
+    }
+
+    /// Lays a membership row not written yet over the state read.
+    pub(super) fn set_member(&mut self, m: &NewMember) {
+        self.m_exists = true;
+        self.m_user_id = Some(m.user_id.clone());
+        self.m_role = Some(m.role.clone());
+        self.m_clerk_role = Some(m.clerk_role.clone());
+        self.m_email = m.email.clone();
+        self.m_first_name = m.first_name.clone();
+        self.m_last_name = m.last_name.clone();
+        self.m_image_url = m.image_url.clone();
+        self.m_source_version = Some(m.source_version);
+        self.m_profile_version = Some(m.profile_version);
+        self.m_source_event = Some(m.source_event.clone());
+        self.m_profile_event = m.profile_event.clone();
+        self.m_removed_at = m.removed_at;
+        self.m_removal_reason = m.removal_reason.clone();
+    }
+
     fn workspace(&self) -> Option<WorkspaceRow> {
         self.w_exists.then(|| WorkspaceRow {
             name: self.w_name.clone(),
@@ -382,6 +492,33 @@ impl Begin {
     }
 }
 
+/// The state columns of [`Begin`] (every column but `fresh`), read from the aliases
+/// `w` (workspaces), `m` (members) and `u` (users): shared by the one-by-one
+/// [`begin`] and the batch's [`super::deferred::prefetch`], so both read the same.
+macro_rules! begin_columns {
+    () => {
+        "w.id is not null as w_exists, w.name as w_name, w.slug as w_slug, \
+         w.image_url as w_image_url, w.created_by as w_created_by, \
+         w.max_allowed_memberships as w_max_allowed_memberships, w.status as w_status, \
+         w.plan as w_plan, w.source_version as w_source_version, \
+         w.plan_version as w_plan_version, \
+         w.source_event as w_source_event, w.plan_event as w_plan_event, \
+         w.clerk_created_at as w_clerk_created_at, w.deleted_at as w_deleted_at, \
+         w.deleted_version as w_deleted_version, \
+         m.membership_id is not null as m_exists, m.user_id as m_user_id, m.role as m_role, \
+         m.clerk_role as m_clerk_role, m.email as m_email, m.first_name as m_first_name, \
+         m.last_name as m_last_name, m.image_url as m_image_url, \
+         m.source_version as m_source_version, m.profile_version as m_profile_version, \
+         m.source_event as m_source_event, m.profile_event as m_profile_event, \
+         m.removed_at as m_removed_at, \
+         m.removal_reason as m_removal_reason, \
+         u.email as u_email, u.first_name as u_first_name, u.last_name as u_last_name, \
+         u.image_url as u_image_url, u.source_version as u_source_version, \
+         u.source_event as u_source_event, u.deleted_at as u_deleted_at"
+    };
+}
+pub(super) use begin_columns;
+
 /// Claims the svix id in the processing log and reads the workspace, member and
 /// user rows the event is about (null keys read nothing), in one round trip.
 ///
@@ -397,7 +534,7 @@ async fn begin(
     membership_id: Option<&str>,
     user_id: Option<&str>,
 ) -> Result<Begin, sqlx::Error> {
-    sqlx::query_as(
+    sqlx::query_as(concat!(
         "with log as ( \
            insert into events (svix_id, type, workspace_id, status, received_at, processed_at) \
            values ($1, $2, $3, $4, $5, clock_timestamp()) \
@@ -407,30 +544,14 @@ async fn begin(
              attempts = events.attempts + 1, processed_at = clock_timestamp() \
            where events.status = 'dead' \
            returning 1) \
-         select exists (select 1 from log) as fresh, \
-           w.id is not null as w_exists, w.name as w_name, w.slug as w_slug, \
-           w.image_url as w_image_url, w.created_by as w_created_by, \
-           w.max_allowed_memberships as w_max_allowed_memberships, w.status as w_status, \
-           w.plan as w_plan, w.source_version as w_source_version, \
-           w.plan_version as w_plan_version, \
-           w.source_event as w_source_event, w.plan_event as w_plan_event, \
-           w.clerk_created_at as w_clerk_created_at, w.deleted_at as w_deleted_at, \
-           w.deleted_version as w_deleted_version, \
-           m.membership_id is not null as m_exists, m.user_id as m_user_id, m.role as m_role, \
-           m.clerk_role as m_clerk_role, m.email as m_email, m.first_name as m_first_name, \
-           m.last_name as m_last_name, m.image_url as m_image_url, \
-           m.source_version as m_source_version, m.profile_version as m_profile_version, \
-           m.source_event as m_source_event, m.profile_event as m_profile_event, \
-           m.removed_at as m_removed_at, \
-           m.removal_reason as m_removal_reason, \
-           u.email as u_email, u.first_name as u_first_name, u.last_name as u_last_name, \
-           u.image_url as u_image_url, u.source_version as u_source_version, \
-           u.source_event as u_source_event, u.deleted_at as u_deleted_at \
+         select exists (select 1 from log) as fresh, ",
+        begin_columns!(),
+        " \
          from (select 1) as one \
          left join workspaces w on w.id = $6 \
          left join members m on m.membership_id = $7 \
-         left join users u on u.id = $8",
-    )
+         left join users u on u.id = $8"
+    ))
     .bind(&incoming.svix_id)
     .bind(decoded.kind.as_str())
     .bind(decoded.workspace_id())
@@ -447,23 +568,23 @@ async fn begin(
 
 /// A workspace row as far as provisioning decisions need it.
 #[derive(Debug, Clone)]
-struct WorkspaceRow {
-    name: Option<String>,
-    slug: Option<String>,
-    image_url: Option<String>,
-    created_by: Option<String>,
-    max_allowed_memberships: Option<i32>,
-    status: String,
-    plan: String,
-    source_version: Option<i64>,
+pub(super) struct WorkspaceRow {
+    pub(super) name: Option<String>,
+    pub(super) slug: Option<String>,
+    pub(super) image_url: Option<String>,
+    pub(super) created_by: Option<String>,
+    pub(super) max_allowed_memberships: Option<i32>,
+    pub(super) status: String,
+    pub(super) plan: String,
+    pub(super) source_version: Option<i64>,
     /// Version of the snapshot that set `plan` (null: none did).
-    plan_version: Option<i64>,
+    pub(super) plan_version: Option<i64>,
     /// Svix ids of the snapshots the data and the plan came from.
-    source_event: Option<String>,
-    plan_event: Option<String>,
-    clerk_created_at: Option<DateTime<Utc>>,
-    deleted_at: Option<DateTime<Utc>>,
-    deleted_version: Option<i64>,
+    pub(super) source_event: Option<String>,
+    pub(super) plan_event: Option<String>,
+    pub(super) clerk_created_at: Option<DateTime<Utc>>,
+    pub(super) deleted_at: Option<DateTime<Utc>>,
+    pub(super) deleted_version: Option<i64>,
 }
 
 /// The workspace after an upsert.
@@ -478,13 +599,40 @@ struct WorkspaceState {
 /// event.
 async fn insert_workspace(
     conn: &mut PgConnection,
-    cx: &Ctx<'_>,
+    cx: &mut Ctx<'_>,
     id: &str,
     org: Option<&Organization>,
     plan: &str,
     plan_version: Option<i64>,
     deleted: Option<(DateTime<Utc>, i64)>,
 ) -> Result<(), sqlx::Error> {
+    if cx.pending.deferred.active() {
+        // The same row as below; quotas and steps follow its plan when it is written.
+        let svix_id = cx.incoming.svix_id.as_str();
+        let row = WorkspaceRow {
+            name: org.map(|o| o.name.clone()),
+            slug: org.and_then(|o| o.slug.clone()),
+            image_url: org.and_then(|o| o.image_url.clone()),
+            created_by: org.and_then(|o| o.created_by.clone()),
+            max_allowed_memberships: org.and_then(|o| o.max_allowed_memberships),
+            status: if deleted.is_some() {
+                "deleted"
+            } else {
+                "active"
+            }
+            .to_owned(),
+            plan: plan.to_owned(),
+            source_version: org.map(|o| o.updated_at),
+            plan_version,
+            source_event: org.map(|_| svix_id.to_owned()),
+            plan_event: plan_version.map(|_| svix_id.to_owned()),
+            clerk_created_at: org.map(|o| ts(o.created_at)),
+            deleted_at: deleted.map(|d| d.0),
+            deleted_version: deleted.map(|d| d.1),
+        };
+        cx.pending.deferred.insert_workspace(id, row);
+        return Ok(());
+    }
     let (quota_names, quota_values) = cx.plans.quotas(plan);
     let steps: Vec<&str> = cx
         .settings
@@ -598,64 +746,46 @@ async fn upsert_workspace(
             row.plan_event.as_deref(),
         )
     };
-    if newer {
-        let clerk_created_at = ts(org.created_at);
-        sqlx::query(
-            "update workspaces set name = $2, slug = $3, image_url = $4, created_by = $5, \
-               max_allowed_memberships = $6, plan = $7, source_version = $8, \
-               clerk_created_at = $9, plan_version = $10, source_event = $11, \
-               plan_event = $12, updated_at = now() \
-             where id = $1",
-        )
-        .bind(&org.id)
-        .bind(&org.name)
-        .bind(&org.slug)
-        .bind(&org.image_url)
-        .bind(&org.created_by)
-        .bind(org.max_allowed_memberships)
-        .bind(&plan)
-        .bind(org.updated_at)
-        .bind(clerk_created_at)
-        .bind(plan_version)
-        .bind(&incoming.svix_id)
-        .bind(plan_event)
-        .execute(&mut *conn)
-        .await?;
-        if let Some(given) = unknown {
+    if let Some(waiting) = cx
+        .pending
+        .deferred
+        .update_workspace(&org.id, &row, row.plan != plan)
+    {
+        // The batch defers: the row to insert (a workspace new in this batch, whose
+        // quotas follow its plan when written) or to update (a stored one whose
+        // plan stays) takes the snapshot's fields, as the statements below would.
+        if newer {
+            waiting.name = Some(org.name.clone());
+            waiting.slug = org.slug.clone();
+            waiting.image_url = org.image_url.clone();
+            waiting.created_by = org.created_by.clone();
+            waiting.max_allowed_memberships = org.max_allowed_memberships;
+            waiting.source_version = Some(org.updated_at);
+            waiting.clerk_created_at = Some(ts(org.created_at));
+            waiting.source_event = Some(incoming.svix_id.clone());
+        }
+        waiting.plan = plan.clone();
+        waiting.plan_version = plan_version;
+        waiting.plan_event = plan_event.map(str::to_owned);
+        if newer && let Some(given) = unknown {
             plan_unknown(cx, &org.id, given, &plan, "current plan kept");
         }
     } else {
-        // Older data, but the newest snapshot naming a known plan (or none): only
-        // the plan follows it.
-        sqlx::query(
-            "update workspaces set plan = $2, plan_version = $3, plan_event = $4, \
-               updated_at = now() \
-             where id = $1",
+        cx.stop_deferring(conn).await?;
+        write_workspace_update(
+            conn,
+            cx,
+            org,
+            newer,
+            &plan,
+            plan_version,
+            plan_event,
+            unknown,
+            &row.plan,
         )
-        .bind(&org.id)
-        .bind(&plan)
-        .bind(plan_version)
-        .bind(plan_event)
-        .execute(&mut *conn)
         .await?;
     }
     if row.plan != plan {
-        let (names, values) = cx.plans.quotas(&plan);
-        // Two disjoint sets of rows (names leaving, names staying or arriving), so
-        // one statement may touch both.
-        sqlx::query(
-            "with d as ( \
-               delete from workspace_quotas \
-               where workspace_id = $1 and not (name = any($2::text[]))) \
-             insert into workspace_quotas (workspace_id, name, limit_value) \
-             select $1, n, v from unnest($2::text[], $3::bigint[]) as t(n, v) \
-             on conflict (workspace_id, name) do update set limit_value = excluded.limit_value",
-        )
-        .bind(&org.id)
-        .bind(names)
-        .bind(values)
-        .execute(&mut *conn)
-        .await?;
         cx.audit(
             &org.id,
             "workspace.plan_changed",
@@ -711,6 +841,83 @@ async fn upsert_workspace(
         changed: true,
         deleted_at: row.deleted_at,
     })
+}
+
+/// Writes an organization snapshot's update of a stored workspace: its data and
+/// plan (`newer`), or only its plan, and the plan's quotas when the plan changes.
+#[allow(clippy::too_many_arguments)]
+async fn write_workspace_update(
+    conn: &mut PgConnection,
+    cx: &mut Ctx<'_>,
+    org: &Organization,
+    newer: bool,
+    plan: &str,
+    plan_version: Option<i64>,
+    plan_event: Option<&str>,
+    unknown: Option<&str>,
+    before_plan: &str,
+) -> Result<(), sqlx::Error> {
+    let incoming = cx.incoming;
+    if newer {
+        let clerk_created_at = ts(org.created_at);
+        sqlx::query(
+            "update workspaces set name = $2, slug = $3, image_url = $4, created_by = $5, \
+               max_allowed_memberships = $6, plan = $7, source_version = $8, \
+               clerk_created_at = $9, plan_version = $10, source_event = $11, \
+               plan_event = $12, updated_at = now() \
+             where id = $1",
+        )
+        .bind(&org.id)
+        .bind(&org.name)
+        .bind(&org.slug)
+        .bind(&org.image_url)
+        .bind(&org.created_by)
+        .bind(org.max_allowed_memberships)
+        .bind(plan)
+        .bind(org.updated_at)
+        .bind(clerk_created_at)
+        .bind(plan_version)
+        .bind(&incoming.svix_id)
+        .bind(plan_event)
+        .execute(&mut *conn)
+        .await?;
+        if let Some(given) = unknown {
+            plan_unknown(cx, &org.id, given, plan, "current plan kept");
+        }
+    } else {
+        // Older data, but the newest snapshot naming a known plan (or none): only
+        // the plan follows it.
+        sqlx::query(
+            "update workspaces set plan = $2, plan_version = $3, plan_event = $4, \
+               updated_at = now() \
+             where id = $1",
+        )
+        .bind(&org.id)
+        .bind(plan)
+        .bind(plan_version)
+        .bind(plan_event)
+        .execute(&mut *conn)
+        .await?;
+    }
+    if before_plan != plan {
+        let (names, values) = cx.plans.quotas(plan);
+        // Two disjoint sets of rows (names leaving, names staying or arriving), so
+        // one statement may touch both.
+        sqlx::query(
+            "with d as ( \
+               delete from workspace_quotas \
+               where workspace_id = $1 and not (name = any($2::text[]))) \
+             insert into workspace_quotas (workspace_id, name, limit_value) \
+             select $1, n, v from unnest($2::text[], $3::bigint[]) as t(n, v) \
+             on conflict (workspace_id, name) do update set limit_value = excluded.limit_value",
+        )
+        .bind(&org.id)
+        .bind(names)
+        .bind(values)
+        .execute(&mut *conn)
+        .await?;
+    }
+    Ok(())
 }
 
 /// Records that a snapshot named a plan that is not configured: a warning with the
@@ -922,30 +1129,51 @@ async fn upsert_membership(
             Some((user, source)) if source.beats(this) => (user, source),
             _ => (snapshot, this),
         };
-        sqlx::query(
-            "insert into members (membership_id, workspace_id, user_id, role, clerk_role, \
+        if cx.pending.deferred.active() {
+            cx.pending.deferred.insert_member(NewMember {
+                membership_id: m.id.clone(),
+                workspace_id: ws_id.to_owned(),
+                user_id: user_id.to_owned(),
+                role: role.to_owned(),
+                clerk_role: m.role.clone(),
+                email: display.email.clone(),
+                first_name: display.first_name.clone(),
+                last_name: display.last_name.clone(),
+                image_url: display.image_url.clone(),
+                source_version: m.updated_at,
+                profile_version: profile.version,
+                joined_at: ts(m.created_at),
+                removed_at: end.map(|e| e.0),
+                removal_reason: end.map(|e| e.1.to_owned()),
+                source_event: incoming.svix_id.clone(),
+                profile_event: profile.event.map(str::to_owned),
+            });
+        } else {
+            sqlx::query(
+                "insert into members (membership_id, workspace_id, user_id, role, clerk_role, \
                email, first_name, last_name, image_url, source_version, profile_version, \
                joined_at, removed_at, removal_reason, source_event, profile_event) \
              values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)",
-        )
-        .bind(&m.id)
-        .bind(ws_id)
-        .bind(user_id)
-        .bind(role)
-        .bind(&m.role)
-        .bind(&display.email)
-        .bind(&display.first_name)
-        .bind(&display.last_name)
-        .bind(&display.image_url)
-        .bind(m.updated_at)
-        .bind(profile.version)
-        .bind(ts(m.created_at))
-        .bind(end.map(|e| e.0))
-        .bind(end.map(|e| e.1))
-        .bind(&incoming.svix_id)
-        .bind(profile.event)
-        .execute(&mut *conn)
-        .await?;
+            )
+            .bind(&m.id)
+            .bind(ws_id)
+            .bind(user_id)
+            .bind(role)
+            .bind(&m.role)
+            .bind(&display.email)
+            .bind(&display.first_name)
+            .bind(&display.last_name)
+            .bind(&display.image_url)
+            .bind(m.updated_at)
+            .bind(profile.version)
+            .bind(ts(m.created_at))
+            .bind(end.map(|e| e.0))
+            .bind(end.map(|e| e.1))
+            .bind(&incoming.svix_id)
+            .bind(profile.event)
+            .execute(&mut *conn)
+            .await?;
+        }
         // A membership stored as already ended was never a member here: no audit.
         if end.is_none() {
             let mut details = json!({
@@ -968,6 +1196,7 @@ async fn upsert_membership(
     if !source_new && !profile_new && !end_new {
         return Ok(ws.changed);
     }
+    cx.stop_deferring(conn).await?;
     sqlx::query(
         "update members set \
            role = case when $2 then $3 else role end, \

@@ -20,6 +20,7 @@
 //! per transaction.
 
 mod apply;
+mod deferred;
 pub mod payload;
 
 use std::collections::BTreeMap;
@@ -301,6 +302,22 @@ impl Provisioner {
         let work = async {
             apply::lock(&mut tx, keys).await?;
             let mut pending = apply::Pending::default();
+            // A batch reads the state of all its events in one statement and defers
+            // their claims and inserts to one more (see `deferred`); a single event
+            // claims and reads in one statement and writes at once.
+            let mut prefetched = if events.len() > 1 {
+                let keys: Vec<_> = events
+                    .iter()
+                    .map(|(incoming, decoded)| {
+                        (incoming.svix_id.as_str(), apply::state_keys(decoded).1)
+                    })
+                    .collect();
+                pending.defer();
+                deferred::prefetch(&mut tx, &keys).await?
+            } else {
+                Vec::new()
+            }
+            .into_iter();
             // No savepoints: any failed statement rolls the whole batch back and
             // its events are applied one per transaction, so a savepoint per event
             // would only cost a round trip and a subtransaction each.
@@ -311,12 +328,13 @@ impl Provisioner {
                     &self.plans,
                     incoming,
                     decoded,
+                    prefetched.next(),
                     &mut pending,
                 )
                 .await?;
                 outcomes.push(outcome);
             }
-            pending.flush(&mut tx).await
+            pending.flush(&mut tx, &self.settings, &self.plans).await
         };
         if let Err(e) = work.await {
             let _ = tx.rollback().await;
