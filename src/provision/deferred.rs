@@ -440,6 +440,13 @@ pub(super) type StateKeys<'a> = (Option<&'a str>, Option<&'a str>, Option<&'a st
 /// Reads, in one statement, the state every event of a batch decides on: whether
 /// its svix id is new here (absent, or dead), and its workspace, membership and
 /// user rows; one row per event, in order. Claims nothing.
+///
+/// Each lookup is a subquery of its own (`offset 0` keeps the planner from
+/// merging it into a join), so every plan of this statement probes the primary
+/// keys once per event. As plain joins, the plan PostgreSQL caches while the
+/// tables are still small (a fresh database, the first minute of a backfill)
+/// hashes whole tables, and it keeps that plan as they grow: 7.7 ms instead of
+/// 0.4 ms for 16 events against 60,000 rows.
 pub(super) async fn prefetch(
     conn: &mut PgConnection,
     events: &[(&str, StateKeys<'_>)],
@@ -453,10 +460,11 @@ pub(super) async fn prefetch(
         super::apply::begin_columns!(),
         " from unnest($1::text[], $2::text[], $3::text[], $4::text[]) \
            with ordinality as t(svix, ws, mem, usr, n) \
-         left join events e on e.svix_id = t.svix \
-         left join workspaces w on w.id = t.ws \
-         left join members m on m.membership_id = t.mem \
-         left join users u on u.id = t.usr \
+         left join lateral (select * from events where svix_id = t.svix offset 0) e on true \
+         left join lateral (select * from workspaces where id = t.ws offset 0) w on true \
+         left join lateral (select * from members where membership_id = t.mem offset 0) m \
+           on true \
+         left join lateral (select * from users where id = t.usr offset 0) u on true \
          order by t.n"
     ))
     .bind(svix)
