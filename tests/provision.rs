@@ -1441,3 +1441,153 @@ async fn deletions_keep_the_earliest_time_and_cause_in_any_order() {
         (T0 + 40, &json!("user_deleted"))
     );
 }
+
+/// The events a set-based batch defers (claims, new workspaces and members,
+/// snapshot updates of stored workspaces) and the ones that end the deferring
+/// (a plan change of a stored workspace, a user event) leave, in one batch,
+/// exactly the outcomes, state, processing log and audit trail of the same events
+/// applied one by one: a dead svix id is taken up afresh, an applied one and a
+/// repeat within the batch are duplicates.
+#[tokio::test]
+async fn a_deferring_batch_matches_the_events_applied_one_by_one() {
+    let p = provisioner();
+    let stored = org("org_s").named("Stored");
+    let fresh = org("org_n").named("New");
+    let alice = person("user_alice", "a");
+    let bob = person("user_bob", "b");
+    let before: Vec<(Incoming, Option<&str>)> = vec![
+        (stored.created(T0).svix("msg_s0").into(), None),
+        (org("org_p").created(T0).svix("msg_done").into(), None),
+        (
+            org("org_d").created(T0).svix("msg_dead").into(),
+            Some("data.id: missing"),
+        ),
+    ];
+    let batch: Vec<Incoming> = vec![
+        org("org_d").created(T0).svix("msg_dead").into(),
+        org("org_p").created(T0).svix("msg_done").into(),
+        fresh.created(T0).svix("msg_n0").into(),
+        // A newer snapshot of the organization created just before, embedded.
+        fresh
+            .clone()
+            .named("New renamed")
+            .version(T0 + 10)
+            .membership("mem_n1", &alice)
+            .created(T0 + 10)
+            .svix("msg_n1")
+            .into(),
+        fresh
+            .clone()
+            .named("New renamed")
+            .version(T0 + 10)
+            .membership("mem_n1", &alice)
+            .created(T0 + 10)
+            .svix("msg_n1")
+            .into(),
+        // A newer snapshot of a stored workspace, same plan: a deferred update.
+        stored
+            .clone()
+            .named("Stored renamed")
+            .version(T0 + 10)
+            .membership("mem_s1", &bob)
+            .created(T0 + 10)
+            .svix("msg_s1")
+            .into(),
+        // Its plan changes: the deferring ends here.
+        stored
+            .clone()
+            .named("Stored renamed")
+            .plan("team")
+            .updated(T0 + 20)
+            .svix("msg_s2")
+            .into(),
+        fresh
+            .clone()
+            .named("New renamed")
+            .version(T0 + 10)
+            .membership("mem_n2", &bob)
+            .created(T0 + 30)
+            .svix("msg_n2")
+            .into(),
+        user_updated(&person("user_alice", "a2"), T0 + 40)
+            .svix("msg_u")
+            .into(),
+    ];
+
+    let mut seen = Vec::new();
+    for together in [true, false] {
+        let db = TestDatabase::create().await;
+        for (e, dead) in &before {
+            match dead {
+                Some(reason) => p.record_dead(&db.pool, e, reason).await.unwrap(),
+                None => assert_eq!(apply_ok(&p, &db.pool, e.clone()).await, Outcome::Processed),
+            }
+        }
+        let outcomes: Vec<Outcome> = if together {
+            p.apply_batch(&db.pool, &batch)
+                .await
+                .into_iter()
+                .map(|r| r.expect("event applies"))
+                .collect()
+        } else {
+            let mut outcomes = Vec::new();
+            for e in &batch {
+                outcomes.push(apply_ok(&p, &db.pool, e.clone()).await);
+            }
+            outcomes
+        };
+        let log: Vec<(String, String, i32)> =
+            sqlx::query_as("select svix_id, status, attempts from events order by svix_id")
+                .fetch_all(&db.pool)
+                .await
+                .unwrap();
+        let mut trail = Vec::new();
+        for w in ["org_d", "org_n", "org_p", "org_s"] {
+            trail.push((
+                w,
+                audit(&db.pool, w).await,
+                audit_details(&db.pool, w).await,
+            ));
+        }
+        seen.push((
+            outcomes,
+            state_rows(&db.pool).await,
+            log,
+            format!("{trail:?}"),
+        ));
+    }
+    let (one_by_one, batched) = (seen.pop().unwrap(), seen.pop().unwrap());
+    assert_eq!(
+        batched.0,
+        [
+            Outcome::Processed,
+            Outcome::Duplicate,
+            Outcome::Processed,
+            Outcome::Processed,
+            Outcome::Duplicate,
+            Outcome::Processed,
+            Outcome::Processed,
+            Outcome::Processed,
+            Outcome::Processed,
+        ]
+    );
+    assert_eq!(batched.0, one_by_one.0, "outcomes");
+    assert_eq!(batched.1, one_by_one.1, "state");
+    assert_eq!(batched.2, one_by_one.2, "processing log");
+    assert_eq!(batched.3, one_by_one.3, "audit trail");
+    let renamed = workspace_name(&batched.1, "org_n");
+    assert_eq!(renamed, "New renamed");
+    assert_eq!(workspace_name(&batched.1, "org_s"), "Stored renamed");
+    assert!(
+        batched
+            .2
+            .contains(&("msg_dead".to_owned(), "processed".to_owned(), 2))
+    );
+}
+
+fn workspace_name(state: &std::collections::BTreeMap<String, Value>, id: &str) -> String {
+    state[&format!("workspaces/{id}")]["name"]
+        .as_str()
+        .expect("a named workspace")
+        .to_owned()
+}
