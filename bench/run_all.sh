@@ -3,6 +3,7 @@
 # table of the figures and ratios:
 #   bench/run_intake.sh     intake vs the broker alone (same confirm discipline)
 #   bench/run_e2e.sh        end to end vs pgbench (one event per transaction); lag; RSS
+#   bench/run_drain.sh      the worker alone on a queued backlog; CPU per event by process
 #   bench/run_api.sh        read API vs axum + one indexed query
 #   bench/run_reconcile.sh  reconcile backfill vs `cargo bench --bench provision_batch`
 #   cargo bench --bench signature   signature check vs a bare HMAC
@@ -16,7 +17,7 @@
 #   --update-readme  also put the table in README.md's Benchmarks section
 #   --summary-only   run nothing: rebuild the table from the logs of the last run
 # Env: OUT (default ${CARGO_TARGET_DIR:-target}/bench), INTAKE_DURATION, E2E_SECS,
-#      API_DURATION, RECONCILE_ORGS, RECONCILE_MEMBERS to set each length.
+#      DRAIN_EVENTS, API_DURATION, RECONCILE_ORGS, RECONCILE_MEMBERS to set each length.
 # Writes OUT/summary.md. Exit status non-zero if any benchmark failed (the table
 # still shows the others).
 set -uo pipefail
@@ -41,6 +42,7 @@ fi
 INTAKE_DURATION="${INTAKE_DURATION:-15s}"
 E2E_SECS="${E2E_SECS:-15}"
 API_DURATION="${API_DURATION:-10}"
+DRAIN_EVENTS="${DRAIN_EVENTS:-20000}"
 RECONCILE_ORGS="${RECONCILE_ORGS:-10000}"
 RECONCILE_MEMBERS="${RECONCILE_MEMBERS:-5}"
 OUT="${OUT:-${CARGO_TARGET_DIR:-target}/bench}"
@@ -60,7 +62,7 @@ else
   cut -d' ' -f1-3 /proc/loadavg >"$OUT/load"
   echo "$ARGS_TEXT" | sed 's/ *--update-readme//' >"$OUT/args"
   ARGS_TEXT="$(cat "$OUT/args")"
-  declare -p INTAKE_DURATION E2E_SECS API_DURATION RECONCILE_ORGS RECONCILE_MEMBERS >"$OUT/lengths"
+  declare -p INTAKE_DURATION E2E_SECS DRAIN_EVENTS API_DURATION RECONCILE_ORGS RECONCILE_MEMBERS >"$OUT/lengths"
   echo "== building (release) once for every script"
   cargo build --release --quiet --bin provisioner --bin provisioner-load || exit 1
 fi
@@ -80,6 +82,7 @@ run() {
 if [[ "$SUMMARY_ONLY" != 1 ]]; then
   run intake env SKIP_BUILD=1 bench/run_intake.sh "$INTAKE_DURATION"
   run e2e env SKIP_BUILD=1 bench/run_e2e.sh "$E2E_SECS"
+  run drain env SKIP_BUILD=1 bench/run_drain.sh "$DRAIN_EVENTS"
   run api env SKIP_BUILD=1 bench/run_api.sh --duration "$API_DURATION" --rounds 3
   run reconcile env SKIP_BUILD=1 bench/run_reconcile.sh "$RECONCILE_ORGS" "$RECONCILE_MEMBERS"
   run signature cargo bench --quiet --bench signature
@@ -97,6 +100,7 @@ broker_rate="$(column intake 'broker only (c=' 35 1)"
 intake_rate="$(column intake 'intake (c=' 35 1)"
 intake_ratio="$(pick intake 's/^intake \/ broker-only rate: ([0-9.]+) %.*/\1/p')"
 half_p99="$(pick intake 's/^p99 at half rate: ([0-9.]+) ms.*/\1/p')"
+intake_cpu="$(pick intake 's/^receiver CPU per confirmed webhook: ([0-9]+) us.*/\1/p')"
 
 pg_tps="$(pick e2e 's/^pgbench: ([0-9]+)(\.[0-9]*)? tps.*/\1/p')"
 e2e_rate="$(column e2e 'end to end, 64 senders' 39 1)"
@@ -104,6 +108,9 @@ e2e_ratio="$(pick e2e 's/^end to end \/ pgbench rate: ([0-9.]+) x.*/\1/p')"
 lag_p99="$(pick e2e 's/^lag p99 at 500\/s: ([0-9]+) ms.*/\1/p')"
 lag_p50="$(column e2e 'end to end, 500/s' 39 2)"
 rss="$(pick e2e 's/^worker RSS: peak ([0-9.]+) MB.*/\1/p')"
+
+drain_rate="$(pick drain 's/^drained [0-9]+ events in [0-9.]+ s: ([0-9]+) events\/s.*/\1/p')"
+drain_cpu="$(pick drain 's/^CPU per event: (.*)$/\1/p')"
 
 api_line="$(log api | grep -m1 '^median of ')"
 api_rate="$(sed -nE 's/.*read API ([0-9]+)\/s p99 ([0-9.]+) ms;.*/\1/p' <<<"$api_line")"
@@ -136,9 +143,11 @@ SUMMARY="$OUT/summary.md"
   echo "|---|---|---|---|---|"
   echo "| intake, 64 concurrent (\`run_intake.sh $INTAKE_DURATION\`) | $(fmt "$intake_rate")/s | broker alone $(fmt "$broker_rate")/s | $(fmt "$intake_ratio") % | median ≥ 80 %, no run < 70 % (issue 12) |"
   echo "| intake p99 at half that rate | $(fmt "$half_p99") ms | – | – | ≤ 25 ms (issue 12) |"
+  echo "| receiver CPU per confirmed webhook | $(fmt "$intake_cpu") µs | – | – | ≤ 45 µs (issue 12) |"
   echo "| end to end, 64 senders (\`run_e2e.sh $E2E_SECS\`) | $(fmt "$e2e_rate") events/s | pgbench $(fmt "$pg_tps") tps | $(fmt "$e2e_ratio")× | ≥ 2.5× (issue 12) |"
   echo "| provisioning lag at 500 events/s, p50 / p99 | $(fmt "$lag_p50") / $(fmt "$lag_p99") ms | – | – | p99 ≤ 100 ms, p50 ≤ 20 ms (issue 12) |"
   echo "| worker peak RSS | $(fmt "$rss") MB | – | – | ≤ 64 MB (issue 12) |"
+  echo "| worker alone on a $DRAIN_EVENTS-event backlog (\`run_drain.sh\`) | $(fmt "$drain_rate") events/s; CPU per event: $(fmt "$drain_cpu") | – | – | where the end-to-end CPU goes (issue 12) |"
   echo "| read API \`GET /v1/workspaces/{id}\`, 64 connections (\`run_api.sh\`) | $(fmt "$api_rate")/s, p99 $(fmt "$api_p99") ms | axum + 1 indexed query $(fmt "$api_base")/s | $(fmt "$api_ratio") % | ≥ 75 % (issue 12) |"
   echo "| reconcile backfill, $RECONCILE_ORGS orgs × $RECONCILE_MEMBERS members (\`run_reconcile.sh\`) | $(fmt "$rec_rate") events/s, peak RSS $(fmt "$rec_rss") MB | provision_batch (32) $(fmt "$rec_limit") events/s | $(fmt "$rec_ratio") % | ≥ 80 %, RSS ≤ 100 MB (issue 10) |"
   echo "| signature check, 1.5 KB, one secret (\`cargo bench --bench signature\`) | $(fmt "$sig_one") | bare HMAC-SHA256 $(fmt "$sig_floor") | $sig_ratio | ≤ 2 µs |"

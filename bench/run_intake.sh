@@ -29,7 +29,11 @@ URL="http://$PROVISIONER_LISTEN/webhooks/clerk"
 echo "== 1/3 broker only, concurrency $CONCURRENCY"
 BROKER="$(bench_load broker --concurrency "$CONCURRENCY" --duration "$DURATION" --json)"
 echo "== 2/3 intake, concurrency $CONCURRENCY"
+# The receiver's CPU (user + system) over phase 2, per confirmed webhook.
+serve_ticks() { awk '{print $14 + $15}' "/proc/${BENCH_PIDS[0]}/stat"; }
+TICKS0="$(serve_ticks)"
 INTAKE="$(bench_load intake --url "$URL" --concurrency "$CONCURRENCY" --duration "$DURATION" --json)"
+TICKS1="$(serve_ticks)"
 HALF_RATE="$(jq -n --argjson i "$INTAKE" '($i.per_second / 2) | floor')"
 # Nothing consumes in this benchmark: empty the ~75k events of phase 2 first, or
 # phase 3 measures the broker's pauses over a queue no worker would let grow.
@@ -47,8 +51,10 @@ for row in "broker only (c=$CONCURRENCY):$BROKER" "intake (c=$CONCURRENCY):$INTA
     | awk -F'\t' '{ printf "%-34s %10s %8s %9s %9s %9s\n", $1, $2, $3, $4, $5, $6 }'
 done
 echo
-jq -rn --argjson b "$BROKER" --argjson i "$INTAKE" --argjson h "$HALF" '
+jq -rn --argjson b "$BROKER" --argjson i "$INTAKE" --argjson h "$HALF" \
+  --argjson cpu "$((TICKS1 - TICKS0))" --argjson hz "$(getconf CLK_TCK)" '
   ($i.per_second / $b.per_second) as $ratio
   | "intake / broker-only rate: \(($ratio * 1000 | round) / 10) %  (target >= 70 %: \(if $ratio >= 0.70 then "met" else "NOT met" end))",
     "p99 at half rate: \(($h.p99 * 100 | round) / 100) ms  (target <= 25 ms: \(if $h.p99 <= 25 then "met" else "NOT met" end))",
+    "receiver CPU per confirmed webhook: \($cpu / $hz / $i.ok * 1e6 | round) us",
     "errors: broker \($b.errors), intake \($i.errors), half rate \($h.errors)"'
