@@ -1035,7 +1035,7 @@ gong_credentials = 6
 "#;
         let s = load(Some(file), &[]).unwrap();
         assert_eq!(s.worker.concurrency, 3);
-        assert_eq!(s.worker.batch_size, 32);
+        assert_eq!(s.worker.batch_size, 64);
         assert_eq!(s.provisioning.plans.len(), 1);
         assert_eq!(s.provisioning.plans["solo"]["gong_credentials"], 6);
     }
