@@ -131,7 +131,9 @@ criterion_mid() {
 }
 sig_one="$(criterion_mid 'verify 1\.5 KB event, one secret')"
 sig_floor="$(criterion_mid 'floor: bare HMAC-SHA256 of the same 1\.5 KB')"
-sig_ratio="$(awk -v a="${sig_one% *}" -v b="${sig_floor% *}" 'BEGIN { if (a+0 > 0 && b+0 > 0) printf "%.2f×", a / b; else print "?" }')"
+# criterion picks the unit per figure (µs, ns): compare both in ns.
+in_ns() { awk -v v="${1% *}" -v u="${1#* }" 'BEGIN { m = (u == "µs" || u == "us") ? 1000 : (u == "ms" ? 1e6 : 1); print v * m }'; }
+sig_ratio="$(awk -v a="$(in_ns "$sig_one")" -v b="$(in_ns "$sig_floor")" 'BEGIN { if (a+0 > 0 && b+0 > 0) printf "%.2f×", a / b; else print "?" }')"
 
 fmt() { [[ "$1" == "?" || -z "$1" ]] && echo "?" || printf "%s" "$1"; }
 
