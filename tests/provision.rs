@@ -1463,27 +1463,21 @@ async fn a_deferring_batch_matches_the_events_applied_one_by_one() {
             Some("data.id: missing"),
         ),
     ];
+    let renamed = fresh
+        .clone()
+        .named("New renamed")
+        .version(T0 + 10)
+        .membership("mem_n1", &alice)
+        .created(T0 + 10)
+        .svix("msg_n1");
     let batch: Vec<Incoming> = vec![
         org("org_d").created(T0).svix("msg_dead").into(),
         org("org_p").created(T0).svix("msg_done").into(),
         fresh.created(T0).svix("msg_n0").into(),
-        // A newer snapshot of the organization created just before, embedded.
-        fresh
-            .clone()
-            .named("New renamed")
-            .version(T0 + 10)
-            .membership("mem_n1", &alice)
-            .created(T0 + 10)
-            .svix("msg_n1")
-            .into(),
-        fresh
-            .clone()
-            .named("New renamed")
-            .version(T0 + 10)
-            .membership("mem_n1", &alice)
-            .created(T0 + 10)
-            .svix("msg_n1")
-            .into(),
+        // A newer snapshot of the organization created just before, embedded;
+        // then the same delivery again.
+        renamed.clone().into(),
+        renamed.into(),
         // A newer snapshot of a stored workspace, same plan: a deferred update.
         stored
             .clone()

@@ -901,22 +901,33 @@ async fn write_workspace_update(
     }
     if before_plan != plan {
         let (names, values) = cx.plans.quotas(plan);
-        // Two disjoint sets of rows (names leaving, names staying or arriving), so
-        // one statement may touch both.
-        sqlx::query(
-            "with d as ( \
-               delete from workspace_quotas \
-               where workspace_id = $1 and not (name = any($2::text[]))) \
-             insert into workspace_quotas (workspace_id, name, limit_value) \
-             select $1, n, v from unnest($2::text[], $3::bigint[]) as t(n, v) \
-             on conflict (workspace_id, name) do update set limit_value = excluded.limit_value",
-        )
-        .bind(&org.id)
-        .bind(names)
-        .bind(values)
-        .execute(&mut *conn)
-        .await?;
+        replace_quotas(conn, &org.id, names, values).await?;
     }
+    Ok(())
+}
+
+/// Sets a workspace's quotas to exactly `names` with `values`: the names leaving
+/// and the names staying or arriving are two disjoint sets of rows, so one
+/// statement may touch both.
+async fn replace_quotas(
+    conn: &mut PgConnection,
+    workspace_id: &str,
+    names: &[String],
+    values: &[i64],
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "with d as ( \
+           delete from workspace_quotas \
+           where workspace_id = $1 and not (name = any($2::text[]))) \
+         insert into workspace_quotas (workspace_id, name, limit_value) \
+         select $1, n, v from unnest($2::text[], $3::bigint[]) as t(n, v) \
+         on conflict (workspace_id, name) do update set limit_value = excluded.limit_value",
+    )
+    .bind(workspace_id)
+    .bind(names)
+    .bind(values)
+    .execute(conn)
+    .await?;
     Ok(())
 }
 
@@ -1520,19 +1531,7 @@ pub(crate) async fn refresh_quotas(
     if before == after {
         return Ok(false);
     }
-    sqlx::query(
-        "with d as ( \
-           delete from workspace_quotas \
-           where workspace_id = $1 and not (name = any($2::text[]))) \
-         insert into workspace_quotas (workspace_id, name, limit_value) \
-         select $1, n, v from unnest($2::text[], $3::bigint[]) as t(n, v) \
-         on conflict (workspace_id, name) do update set limit_value = excluded.limit_value",
-    )
-    .bind(workspace_id)
-    .bind(names)
-    .bind(values)
-    .execute(&mut *conn)
-    .await?;
+    replace_quotas(conn, workspace_id, names, values).await?;
     let map = |rows: &[(String, i64)]| -> Value {
         rows.iter()
             .map(|(n, v)| (n.clone(), json!(v)))
