@@ -361,6 +361,132 @@ async fn members_lists_active_members_once_each() {
     assert_eq!(ws_body["admin_count"], 2);
 }
 
+/// `member_standing` is each user's newest row by the rule of docs/schema.md
+/// (latest `joined_at`; on equal times a removed row first, then the greater
+/// membership id), whichever way it is read: whole, by workspace (the read API's
+/// counts and lists) or by user (the org switcher). Users with one to four rows
+/// whose times tie often, removed or not, are compared with that rule written as
+/// the anti-join "no newer row exists", and the workspace's counts with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn member_standing_is_each_users_newest_row_by_the_documented_order() {
+    let app = spawn_app().await;
+    let seed = Seed::new(&app);
+    let workspaces = [new_id("org"), new_id("org")];
+    for ws in &workspaces {
+        seed.workspace(ws).await;
+    }
+    // A small deterministic generator: the same rows on every run.
+    let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut next = move |n: u64| {
+        state = state
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        (state >> 33) % n
+    };
+    let (mut ids, mut wss, mut users, mut roles, mut joined, mut removed) =
+        (vec![], vec![], vec![], vec![], vec![], vec![]);
+    for (w, ws) in workspaces.iter().enumerate() {
+        for u in 0..60 {
+            // Users 0-29 are in both workspaces, so a read by user spans two.
+            let user = format!("user_{}", if u < 30 { u } else { u + 100 * w });
+            for r in 0..=next(4) {
+                ids.push(format!("orgmem_{w}_{u}_{}_{r}", next(1000)));
+                wss.push(ws.clone());
+                users.push(user.clone());
+                roles.push(if next(3) == 0 { "admin" } else { "member" });
+                // Three instants only, so equal times are common.
+                joined.push(t0() + chrono::Duration::seconds(next(3) as i64));
+                removed.push(next(2) == 0);
+            }
+        }
+    }
+    sqlx::query(
+        "insert into members (membership_id, workspace_id, user_id, role, clerk_role, \
+                              source_version, profile_version, joined_at, removed_at, \
+                              removal_reason) \
+         select id, ws, u, r, 'org:' || r, 1, 1, j, case when gone then j end, \
+                case when gone then 'membership_deleted' end \
+         from unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::timestamptz[], \
+                     $6::bool[]) as t(id, ws, u, r, j, gone)",
+    )
+    .bind(&ids)
+    .bind(&wss)
+    .bind(&users)
+    .bind(&roles)
+    .bind(&joined)
+    .bind(&removed)
+    .execute(&seed.db)
+    .await
+    .unwrap();
+
+    // The documented rule, written as "no newer row exists".
+    macro_rules! newest_rows {
+        () => {
+            "select m.workspace_id, m.user_id, m.membership_id from members m \
+             where not exists (select 1 from members n \
+                 where n.workspace_id = m.workspace_id and n.user_id = m.user_id \
+                   and (n.joined_at, n.removed_at is not null, n.membership_id collate \"C\") \
+                     > (m.joined_at, m.removed_at is not null, m.membership_id collate \"C\"))"
+        };
+    }
+    macro_rules! standing {
+        () => {
+            "select workspace_id, user_id, membership_id from member_standing s"
+        };
+    }
+    type Row = (String, String, String);
+    let rows = |sql: &'static str, bind: Option<&str>| {
+        let db = seed.db.clone();
+        let bind = bind.map(str::to_owned);
+        async move {
+            let mut q = sqlx::query_as::<_, Row>(sql);
+            if let Some(b) = bind {
+                q = q.bind(b);
+            }
+            let mut rows = q.fetch_all(&db).await.unwrap();
+            rows.sort();
+            rows
+        }
+    };
+    let expected = rows(newest_rows!(), None).await;
+    assert_eq!(
+        expected.len(),
+        120,
+        "one standing row per workspace and user"
+    );
+    assert_eq!(rows(standing!(), None).await, expected, "whole");
+    for ws in &workspaces {
+        let of_ws: Vec<Row> = expected.iter().filter(|r| r.0 == *ws).cloned().collect();
+        let by_ws = concat!(standing!(), " where s.workspace_id = $1");
+        assert_eq!(rows(by_ws, Some(ws)).await, of_ws, "by workspace");
+    }
+    for user in ["user_0", "user_7", "user_29", "user_130"] {
+        let of_user: Vec<Row> = expected.iter().filter(|r| r.1 == user).cloned().collect();
+        let by_user = concat!(standing!(), " where s.user_id = $1");
+        assert_eq!(rows(by_user, Some(user)).await, of_user, "by user");
+    }
+
+    // The counts the read API answers follow the same rows.
+    let (active, admins): (i64, i64) = sqlx::query_as(concat!(
+        "select count(*) filter (where m.removed_at is null), \
+                count(*) filter (where m.removed_at is null and m.role = 'admin') \
+         from members m where m.workspace_id = $1 and m.membership_id in \
+             (select membership_id from (",
+        newest_rows!(),
+        ") r)"
+    ))
+    .bind(&workspaces[0])
+    .fetch_one(&seed.db)
+    .await
+    .unwrap();
+    assert!(active > 0 && admins > 0 && active < 60, "{active} {admins}");
+    let (_, body) = Call::get(format!("/v1/workspaces/{}", workspaces[0]))
+        .send(&app)
+        .await;
+    assert_eq!(body["member_count"], active);
+    assert_eq!(body["admin_count"], admins);
+}
+
 /// One member by user id; 404 for a removed, unknown or case-changed user.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_member_or_404() {
