@@ -2,8 +2,10 @@
 # Benchmark of the read API (issue 4): GET /v1/workspaces/{id} at 64 concurrent
 # connections against a release `serve --no-worker`, and in the same run this
 # machine's "axum + one indexed query" limit (`provisioner-load api` starts that
-# server itself). Seeds a scratch database, prints both figures and the ratio, then
-# stops the server and drops the database.
+# server itself) and, on the same server, "axum + the API's statement" (the read
+# API's own query and body with nothing around them: what the answer itself costs).
+# Seeds a scratch database, prints the figures and the ratios, then stops the
+# server and drops the database.
 #
 # Usage: bench/run_api.sh [extra `provisioner-load api` flags, e.g. --duration 20 --json]
 # Env:   PG_BASE (default postgres://postgres@127.0.0.1:5432), PORT (default 18480),

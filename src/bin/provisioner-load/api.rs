@@ -6,8 +6,12 @@
 //! with the same client, concurrency and duration — a minimal axum server started
 //! here on its own runtime whose one route runs one indexed `select` on the same
 //! database (the "axum + one indexed query" limit), and reports both and their
-//! ratio. Guarantee: it only reads, is bounded in time and request count, and
-//! touches only the addresses it is given and a loopback port of its own.
+//! ratio. The same server has a second route that runs the read API's own statement
+//! (`store::workspace`) and answers its body, with no authentication, middleware or
+//! connection limits: the "same work" floor, which splits the gap into what the
+//! answer itself costs (floor ÷ limit) and what the service adds around it
+//! (API ÷ floor). Guarantee: it only reads, is bounded in time and request count,
+//! and touches only the addresses it is given and a loopback port of its own.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -97,6 +101,12 @@ pub struct ApiLoadResult {
     pub api_rounds: Vec<Round>,
     /// Every round of the baseline.
     pub baseline_rounds: Vec<Round>,
+    /// axum + the read API's own statement and body: the median round.
+    pub same_work: Option<Round>,
+    /// Every round of the same-work floor.
+    pub same_work_rounds: Vec<Round>,
+    /// `api.per_second / same_work.per_second` (medians): what the service adds.
+    pub same_work_ratio: Option<f64>,
     /// `api.per_second / baseline.per_second` (medians).
     pub ratio: Option<f64>,
     /// Concurrent connections used for both.
@@ -147,19 +157,27 @@ pub async fn run(settings: &Settings, args: ApiLoadArgs) -> anyhow::Result<()> {
             .await
             .context("starting the baseline server")?;
         let url = format!("http://{}/w/{}", server.addr, args.workspace);
-        let res = client.get(&url).send().await?;
-        anyhow::ensure!(
-            res.status().is_success(),
-            "baseline GET {url} answered {}",
-            res.status()
-        );
-        Some((server, url))
+        let same_url = format!("http://{}/same/{}", server.addr, args.workspace);
+        for url in [&url, &same_url] {
+            let mut probe = client.get(url);
+            if let Some(user) = &args.acting_user {
+                probe = probe.header(provisioner::http::api::auth::ACTING_USER, user);
+            }
+            let res = probe.send().await?;
+            anyhow::ensure!(
+                res.status().is_success(),
+                "baseline GET {url} answered {}",
+                res.status()
+            );
+        }
+        Some((server, url, same_url))
     };
 
     // Rounds alternate between the two targets, so a neighbour's burst on this
     // shared machine lands on both rather than skewing the ratio.
     let mut api_rounds = Vec::new();
     let mut baseline_rounds = Vec::new();
+    let mut same_work_rounds = Vec::new();
     let server_pid = args.server_pid;
     let serve_cpu = move || server_pid.and_then(|pid| process_cpu(&format!("/proc/{pid}")));
     for _ in 0..args.rounds.max(1) {
@@ -177,35 +195,45 @@ pub async fn run(settings: &Settings, args: ApiLoadArgs) -> anyhow::Result<()> {
             println!("{report}");
         }
         api_rounds.push(report);
-        if let Some((_, url)) = &baseline_server {
+        if let Some((_, url, same_url)) = &baseline_server {
             // The same requests, token and acting user included, so the client
-            // does the same work; the baseline ignores the headers.
-            let report = load(
-                &client,
-                &plan,
-                "axum + 1 indexed select",
-                url,
-                Some(token.expose()),
-                args.acting_user.as_deref(),
-                &baseline_cpu,
-            )
-            .await;
-            if !args.json {
-                println!("{report}");
+            // does the same work; the baseline ignores the token.
+            for (name, url, rounds) in [
+                ("axum + 1 indexed select", url, &mut baseline_rounds),
+                (
+                    "axum + the API's statement",
+                    same_url,
+                    &mut same_work_rounds,
+                ),
+            ] {
+                let report = load(
+                    &client,
+                    &plan,
+                    name,
+                    url,
+                    Some(token.expose()),
+                    args.acting_user.as_deref(),
+                    &baseline_cpu,
+                )
+                .await;
+                if !args.json {
+                    println!("{report}");
+                }
+                rounds.push(report);
             }
-            baseline_rounds.push(report);
         }
     }
-    if let Some((server, _)) = baseline_server {
+    if let Some((server, _, _)) = baseline_server {
         server.stop();
     }
 
     let api = median(&api_rounds);
     let baseline = (!baseline_rounds.is_empty()).then(|| median(&baseline_rounds));
     let api_errors: u64 = api_rounds.iter().map(|r| r.report.errors).sum();
-    let ratio = baseline
-        .as_ref()
-        .map(|b| api.report.per_second / b.report.per_second.max(1e-9));
+    let same_work = (!same_work_rounds.is_empty()).then(|| median(&same_work_rounds));
+    let ratio_to = |b: &Round| api.report.per_second / b.report.per_second.max(1e-9);
+    let ratio = baseline.as_ref().map(ratio_to);
+    let same_work_ratio = same_work.as_ref().map(ratio_to);
     if args.json {
         let result = ApiLoadResult {
             api,
@@ -214,6 +242,9 @@ pub async fn run(settings: &Settings, args: ApiLoadArgs) -> anyhow::Result<()> {
             concurrency: args.concurrency,
             api_rounds,
             baseline_rounds,
+            same_work,
+            same_work_rounds,
+            same_work_ratio,
         };
         println!("{}", serde_json::to_string_pretty(&result)?);
     } else if let (Some(ratio), Some(b)) = (ratio, &baseline) {
@@ -232,6 +263,18 @@ pub async fn run(settings: &Settings, args: ApiLoadArgs) -> anyhow::Result<()> {
             println!(
                 "server CPU per request: read API {a:.1} µs, baseline {b:.1} µs (baseline/API {:.1} %)",
                 b / a * 100.0
+            );
+        }
+        if let (Some(same_ratio), Some(s)) = (same_work_ratio, &same_work) {
+            println!(
+                "same work: axum + the API's statement {:.0}/s p99 {:.2} ms, server CPU {} µs; \
+                 its share of the limit {:.1} %, the read API's share of it {:.1} %",
+                s.report.per_second,
+                s.report.p99.as_secs_f64() * 1e3,
+                s.server_cpu_us_per_request
+                    .map_or_else(|| "?".to_owned(), |us| format!("{us:.1}")),
+                s.report.per_second / b.report.per_second.max(1e-9) * 100.0,
+                same_ratio * 100.0,
             );
         }
     }
@@ -416,6 +459,25 @@ async fn baseline_route(
     .ok_or(StatusCode::NOT_FOUND)
 }
 
+/// The read API's own statement and body for `{id}`, as `X-Acting-User` (if sent)
+/// may see it: the work of `GET /v1/workspaces/{id}` without the service around it.
+async fn same_work_route(
+    State(db): State<PgPool>,
+    Path(id): Path<String>,
+    headers: axum::http::HeaderMap,
+) -> Result<Json<provisioner::store::model::Workspace>, StatusCode> {
+    let acting = headers
+        .get(provisioner::http::api::auth::ACTING_USER)
+        .and_then(|v| v.to_str().ok());
+    match provisioner::store::workspace(&db, &id, acting).await {
+        Ok(Some((workspace, access))) if acting.is_none() || access.role.is_some() => {
+            Ok(Json(workspace))
+        }
+        Ok(_) => Err(StatusCode::NOT_FOUND),
+        Err(_) => Err(StatusCode::SERVICE_UNAVAILABLE),
+    }
+}
+
 impl Baseline {
     async fn start(settings: &Settings) -> anyhow::Result<Self> {
         let db_settings = settings.database.clone();
@@ -459,6 +521,7 @@ impl Baseline {
                     let addr = listener.local_addr();
                     let app = axum::Router::new()
                         .route("/w/{id}", get(baseline_route))
+                        .route("/same/{id}", get(same_work_route))
                         .with_state(db.clone());
                     let _ = tx.send(addr.map_err(anyhow::Error::from));
                     // No graceful drain: the load client keeps idle keep-alive
