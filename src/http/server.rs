@@ -385,12 +385,20 @@ impl BodyTimeout {
 
 /// Middleware: every request body must arrive within `limit` of the request head
 /// being read; after it, reading the body fails with [`BodyTimeout`] (intake answers
-/// 408 and the connection closes, its body unread).
+/// 408 and the connection closes, its body unread). A request whose body has
+/// already ended (a GET) has nothing to wait for and is passed on as it is; the
+/// timer of the others is made the first time their body is not ready, so a body
+/// that is all there costs no timer.
 pub async fn body_deadline(limit: Duration, request: Request, next: Next) -> Response {
+    if request.body().is_end_stream() {
+        return next.run(request).await;
+    }
+    let deadline = Instant::now() + limit;
     let request = request.map(|body| {
         Body::new(DeadlineBody {
             inner: body,
-            deadline: Box::pin(tokio::time::sleep(limit)),
+            deadline,
+            timer: None,
             limit,
             expired: false,
         })
@@ -401,7 +409,9 @@ pub async fn body_deadline(limit: Duration, request: Request, next: Next) -> Res
 /// A body that fails once its deadline has passed.
 struct DeadlineBody {
     inner: Body,
-    deadline: Pin<Box<Sleep>>,
+    deadline: Instant,
+    /// Made on the first poll that finds no frame ready.
+    timer: Option<Pin<Box<Sleep>>>,
     limit: Duration,
     expired: bool,
 }
@@ -420,7 +430,11 @@ impl HttpBody for DeadlineBody {
         if let Poll::Ready(frame) = Pin::new(&mut self.inner).poll_frame(cx) {
             return Poll::Ready(frame);
         }
-        if self.deadline.as_mut().poll(cx).is_ready() {
+        let deadline = self.deadline;
+        let timer = self
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        if timer.as_mut().poll(cx).is_ready() {
             self.expired = true;
             return Poll::Ready(Some(Err(axum::Error::new(BodyTimeout(self.limit)))));
         }
