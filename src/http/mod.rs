@@ -51,7 +51,8 @@ pub const REQUESTS_TOTAL: &str = "http_requests_total";
 pub const REQUEST_SECONDS: &str = "http_request_duration_seconds";
 
 /// The `route` label: the route's pattern (`/v1/workspaces/{id}`), never the
-/// request's own path, so no client can create series; `unmatched` otherwise.
+/// request's own path, so no client can create series; `None` when no route
+/// matched, which [`request_series`] labels `unmatched`.
 fn route_label(request: &axum::extract::Request) -> Option<MatchedPath> {
     request.extensions().get::<MatchedPath>().cloned()
 }

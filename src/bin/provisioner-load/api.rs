@@ -173,56 +173,52 @@ pub async fn run(settings: &Settings, args: ApiLoadArgs) -> anyhow::Result<()> {
         Some((server, url, same_url))
     };
 
-    // Rounds alternate between the two targets, so a neighbour's burst on this
-    // shared machine lands on both rather than skewing the ratio.
-    let mut api_rounds = Vec::new();
-    let mut baseline_rounds = Vec::new();
-    let mut same_work_rounds = Vec::new();
+    // Rounds alternate between the targets, so a neighbour's burst on this shared
+    // machine lands on all of them rather than skewing a ratio. Every target gets
+    // the same requests, token and acting user included, so the client does the
+    // same work; the baseline routes ignore the token.
     let server_pid = args.server_pid;
     let serve_cpu = move || server_pid.and_then(|pid| process_cpu(&format!("/proc/{pid}")));
+    /// Name, URL, the server's CPU time so far, and the rounds measured.
+    type Target<'a> = (
+        &'a str,
+        &'a str,
+        &'a dyn Fn() -> Option<Duration>,
+        Vec<Round>,
+    );
+    let mut targets: Vec<Target> =
+        vec![("read api GET workspace", &api_url, &serve_cpu, Vec::new())];
+    if let Some((_, url, same_url)) = &baseline_server {
+        targets.push(("axum + 1 indexed select", url, &baseline_cpu, Vec::new()));
+        targets.push((
+            "axum + the API's statement",
+            same_url,
+            &baseline_cpu,
+            Vec::new(),
+        ));
+    }
     for _ in 0..args.rounds.max(1) {
-        let report = load(
-            &client,
-            &plan,
-            "read api GET workspace",
-            &api_url,
-            Some(token.expose()),
-            args.acting_user.as_deref(),
-            &serve_cpu,
-        )
-        .await;
-        if !args.json {
-            println!("{report}");
-        }
-        api_rounds.push(report);
-        if let Some((_, url, same_url)) = &baseline_server {
-            // The same requests, token and acting user included, so the client
-            // does the same work; the baseline ignores the token.
-            for (name, url, rounds) in [
-                ("axum + 1 indexed select", url, &mut baseline_rounds),
-                (
-                    "axum + the API's statement",
-                    same_url,
-                    &mut same_work_rounds,
-                ),
-            ] {
-                let report = load(
-                    &client,
-                    &plan,
-                    name,
-                    url,
-                    Some(token.expose()),
-                    args.acting_user.as_deref(),
-                    &baseline_cpu,
-                )
-                .await;
-                if !args.json {
-                    println!("{report}");
-                }
-                rounds.push(report);
+        for (name, url, cpu, rounds) in &mut targets {
+            let report = load(
+                &client,
+                &plan,
+                name,
+                url,
+                Some(token.expose()),
+                args.acting_user.as_deref(),
+                *cpu,
+            )
+            .await;
+            if !args.json {
+                println!("{report}");
             }
+            rounds.push(report);
         }
     }
+    let mut rounds = targets.into_iter().map(|(_, _, _, rounds)| rounds);
+    let api_rounds = rounds.next().unwrap_or_default();
+    let baseline_rounds = rounds.next().unwrap_or_default();
+    let same_work_rounds = rounds.next().unwrap_or_default();
     if let Some((server, _, _)) = baseline_server {
         server.stop();
     }
