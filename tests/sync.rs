@@ -250,3 +250,50 @@ async fn scheduled_reconcile_runs_under_one_lock_and_reports_metrics() {
         "{text}"
     );
 }
+
+/// Every pooled connection carries `idle_in_transaction_session_timeout` from
+/// `[database]`, the backstop that ends a transaction nobody drives any more.
+#[tokio::test]
+async fn pooled_sessions_end_a_transaction_left_idle() {
+    let iso = common::Isolation::new();
+    let settings = common::test_settings(
+        &iso,
+        &TestOptions {
+            extra_config: "[database]\nidle_in_transaction_session_timeout_ms = 1500\n".into(),
+            ..TestOptions::default()
+        },
+    );
+    let pool = provisioner::db::prepare(&settings.database).await.unwrap();
+    let timeout: String = sqlx::query_scalar("show idle_in_transaction_session_timeout")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(timeout, "1500ms");
+    let default = Settings::from_sources(None, |_| None).unwrap();
+    assert_eq!(
+        default.database.idle_in_transaction_session_timeout_ms,
+        60_000
+    );
+
+    // A transaction left idle is ended by the server, and its lock is free.
+    let mut left = pool.begin().await.unwrap();
+    sqlx::query("select pg_advisory_xact_lock(42)")
+        .execute(&mut *left)
+        .await
+        .unwrap();
+    let freed = common::eventually(std::time::Duration::from_secs(10), || {
+        let pool = pool.clone();
+        async move {
+            sqlx::query_scalar::<_, bool>("select pg_try_advisory_xact_lock(42)")
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+                .then_some(())
+        }
+    })
+    .await;
+    assert!(freed.is_some(), "the idle transaction's lock came back");
+    drop(left);
+    pool.close().await;
+}
+
