@@ -32,6 +32,10 @@ use crate::clerk::api::{ClerkApi, ClerkError, Memberships, PAGE_LIMIT, Page};
 use crate::provision::payload::{self, Decoded, Event, Membership, Organization};
 use crate::provision::{Actor, Incoming, Outcome, ProcessError, Provisioner};
 
+mod just_in_time;
+
+pub use just_in_time::{JustInTime, SyncError};
+
 /// Repairs applied per transaction (as the worker's default batch).
 const APPLY_BATCH: usize = 32;
 /// Batches of repairs applied at once.
@@ -1183,116 +1187,6 @@ fn id_str(value: &Value) -> &str {
     value["id"].as_str().unwrap_or_default()
 }
 
-/// Why a just-in-time sync failed (cloneable: concurrent callers share one).
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum SyncError {
-    /// No `CLERK_SECRET_KEY`.
-    #[error("CLERK_SECRET_KEY is not set: this process cannot sync from Clerk")]
-    NotConfigured,
-    /// Clerk refused, failed or could not be reached.
-    #[error("{0}")]
-    Clerk(String),
-    /// PostgreSQL failed; `unavailable` when it is down rather than wrong.
-    #[error("database error: {message}")]
-    Database {
-        /// The error, for the log.
-        message: String,
-        /// [`crate::db::DbFault::Unreachable`].
-        unavailable: bool,
-    },
-}
-
-/// The sync's view of a failed run.
-impl From<ReconcileError> for SyncError {
-    fn from(e: ReconcileError) -> Self {
-        match e {
-            ReconcileError::Clerk(ClerkError::NotConfigured) => SyncError::NotConfigured,
-            ReconcileError::Clerk(e) => SyncError::Clerk(e.to_string()),
-            ReconcileError::Database(e) => SyncError::Database {
-                unavailable: crate::db::fault(&e) == crate::db::DbFault::Unreachable,
-                message: e.to_string(),
-            },
-        }
-    }
-}
-
-type SharedSync = futures_util::future::Shared<
-    futures_util::future::BoxFuture<'static, Result<Found, SyncError>>,
->;
-
-/// The read API's just-in-time sync: one organization from Clerk now, provisioned
-/// like a webhook would; concurrent syncs of one workspace share one fetch.
-#[derive(Clone)]
-pub struct JustInTime {
-    reconciler: Option<Reconciler>,
-    inflight: std::sync::Arc<std::sync::Mutex<HashMap<String, SharedSync>>>,
-}
-
-impl fmt::Debug for JustInTime {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("JustInTime")
-            .field("configured", &self.reconciler.is_some())
-            .finish()
-    }
-}
-
-impl JustInTime {
-    /// A sync service; `None` when the process has no `CLERK_SECRET_KEY`.
-    pub fn new(reconciler: Option<Reconciler>) -> Self {
-        Self {
-            reconciler,
-            inflight: Default::default(),
-        }
-    }
-
-    /// Fetches the organization `id` and its memberships and provisions them
-    /// (actor `reconcile`, same gates and proofs as a run).
-    pub async fn sync(&self, id: &str) -> Result<Found, SyncError> {
-        let Some(reconciler) = self.reconciler.clone() else {
-            return Err(SyncError::NotConfigured);
-        };
-        use futures_util::FutureExt;
-        let shared = {
-            let mut inflight = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
-            inflight
-                .entry(id.to_owned())
-                .or_insert_with(|| {
-                    let id = id.to_owned();
-                    async move {
-                        let opts = RunOptions::default();
-                        match reconciler.sync_one(&id, &opts).await {
-                            Ok((report, found)) => {
-                                if let Some(refused) = &report.refused {
-                                    tracing::warn!(workspace_id = %id, %refused, "sync left removals undone");
-                                }
-                                tracing::info!(workspace_id = %id, summary = %report.summary(), "synced from Clerk");
-                                Ok(found)
-                            }
-                            Err(ReconcileError::Clerk(ClerkError::NotConfigured)) => {
-                                Err(SyncError::NotConfigured)
-                            }
-                            Err(ReconcileError::Clerk(e)) => Err(SyncError::Clerk(e.to_string())),
-                            Err(ReconcileError::Database(e)) => Err(SyncError::Database {
-                                unavailable: crate::db::fault(&e)
-                                    == crate::db::DbFault::Unreachable,
-                                message: e.to_string(),
-                            }),
-                        }
-                    }
-                    .boxed()
-                    .shared()
-                })
-                .clone()
-        };
-        let result = shared.clone().await;
-        let mut inflight = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
-        if inflight.get(id).is_some_and(|f| f.ptr_eq(&shared)) {
-            inflight.remove(id);
-        }
-        result
-    }
-}
-
 /// Metric: scheduled runs by `result` (`ok`, `refused`, `failed`, `skipped` when
 /// another process held the run).
 pub const RUNS_TOTAL: &str = "provisioner_reconcile_runs_total";
@@ -1304,23 +1198,6 @@ pub const DURATION_SECONDS: &str = "provisioner_reconcile_duration_seconds";
 /// The advisory lock that lets one process of a deployment run the scheduled
 /// reconcile at a time.
 const SCHEDULE_LOCK: &str = "callmine-provisioner:reconcile";
-
-impl JustInTime {
-    /// Like [`sync`](Self::sync), but hands back the run's report (the drift found
-    /// and the repairs applied) for the ops console to show; not shared with
-    /// concurrent syncs of the same workspace.
-    pub async fn sync_report(&self, id: &str) -> Result<(Report, Found), SyncError> {
-        let Some(reconciler) = &self.reconciler else {
-            return Err(SyncError::NotConfigured);
-        };
-        Ok(reconciler.sync_one(id, &RunOptions::default()).await?)
-    }
-
-    /// The process's reconciler, when configured.
-    pub fn reconciler(&self) -> Option<&Reconciler> {
-        self.reconciler.as_ref()
-    }
-}
 
 impl Reconciler {
     /// One scheduled run, unless another process of the deployment is running
