@@ -30,6 +30,10 @@ pub enum SyncError {
     /// Clerk refused, failed or could not be reached.
     #[error("{0}")]
     Clerk(String),
+    /// `CLERK_SECRET_KEY` belongs to another instance than `CLERK_INSTANCE_ID`:
+    /// nothing is compared or repaired until the settings agree.
+    #[error("{0}")]
+    Misconfigured(String),
     /// PostgreSQL failed; `unavailable` when it is down rather than wrong.
     #[error("database error: {message}")]
     Database {
@@ -45,6 +49,9 @@ impl From<ReconcileError> for SyncError {
     fn from(e: ReconcileError) -> Self {
         match e {
             ReconcileError::Clerk(ClerkError::NotConfigured) => SyncError::NotConfigured,
+            ReconcileError::Clerk(e @ ClerkError::WrongInstance { .. }) => {
+                SyncError::Misconfigured(e.to_string())
+            }
             ReconcileError::Clerk(e) => SyncError::Clerk(e.to_string()),
             ReconcileError::Database(e) => SyncError::Database {
                 unavailable: crate::db::fault(&e) == crate::db::DbFault::Unreachable,
@@ -178,7 +185,7 @@ async fn run_sync(
         id: id.clone(),
         run,
     };
-    match reconciler.sync_one(&id, &RunOptions::default()).await {
+    match reconciler.sync_just_in_time(&id).await {
         Ok((report, found)) => {
             if let Some(refused) = &report.refused {
                 tracing::warn!(workspace_id = %id, %refused, "sync left removals undone");

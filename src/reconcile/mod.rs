@@ -22,7 +22,7 @@ use std::fmt;
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
-use serde_json::{Value, json};
+use serde_json::Value;
 use sqlx::PgPool;
 use sqlx::pool::PoolConnection;
 use sqlx::postgres::Postgres;
@@ -33,8 +33,10 @@ use crate::provision::payload::{self, Decoded, Event, Membership, Organization};
 use crate::provision::{Actor, Incoming, Outcome, ProcessError, Provisioner};
 
 mod just_in_time;
+mod proof;
 
 pub use just_in_time::{JustInTime, SyncError};
+use proof::{Absence, Candidate};
 
 /// Repairs applied per transaction (as the worker's default batch).
 const APPLY_BATCH: usize = 32;
@@ -182,7 +184,9 @@ pub struct RunOptions {
 pub enum Found {
     /// Clerk has the organization; it is provisioned (unless a dry run).
     Present,
-    /// Clerk answered 404; a workspace that was active here is tombstoned.
+    /// Clerk answered 404 (for `reconcile --org`, and lists no such organization
+    /// either: then a workspace active here is removed; the just-in-time sync
+    /// removes nothing).
     Gone,
 }
 
@@ -375,6 +379,9 @@ impl Reconciler {
         opts: &RunOptions,
         progress: &dyn Progress,
     ) -> Result<Report, ReconcileError> {
+        // Before anything is compared: a key of another instance would make every
+        // organization look gone.
+        self.api.check_instance().await?;
         let mut report = Report {
             dry_run: opts.dry_run,
             ..Report::default()
@@ -471,14 +478,16 @@ impl Reconciler {
             let Some(last) = ids.last() else { break };
             after = last.clone();
             for id in ids {
-                self.sync_organization(&id, started, &mut pass).await?;
+                // Absent from the complete scan: a 404 by id completes the proof.
+                self.sync_organization(&id, started, Absence::Unlisted, &mut pass)
+                    .await?;
                 progress.advance(1);
             }
         }
         let mut after = String::new();
         loop {
-            let rows: Vec<(String, String)> = sqlx::query_as(
-                "select m.workspace_id, m.membership_id from members m \
+            let rows: Vec<(String, String, String)> = sqlx::query_as(
+                "select m.workspace_id, m.membership_id, m.user_id from members m \
                  join reconcile_seen_orgs s on s.id = m.workspace_id \
                  where m.removed_at is null and m.updated_at < $1 and m.membership_id > $2 \
                    and not exists (select 1 from reconcile_seen_members x where x.id = m.membership_id) \
@@ -488,16 +497,22 @@ impl Reconciler {
             .bind(&after)
             .fetch_all(&mut *conn)
             .await?;
-            let Some((_, last)) = rows.last() else { break };
+            let Some((_, last, _)) = rows.last() else {
+                break;
+            };
             after = last.clone();
-            let mut by_workspace: BTreeMap<String, Vec<String>> = BTreeMap::new();
-            for (workspace, membership) in rows {
-                by_workspace.entry(workspace).or_default().push(membership);
+            let mut by_workspace: BTreeMap<String, Vec<Candidate>> = BTreeMap::new();
+            for (workspace, membership_id, user_id) in rows {
+                by_workspace.entry(workspace).or_default().push(Candidate {
+                    membership_id,
+                    user_id,
+                });
             }
-            for workspace in by_workspace.keys() {
-                // The scan missed them: Clerk's current list of that organization
-                // is the proof (and compares what it lists).
-                self.sync_members(workspace, started, &mut pass).await?;
+            for (workspace, candidates) in by_workspace {
+                // The scan (by offset) missed them, which proves nothing: Clerk is
+                // asked about each by its user.
+                self.remove_unless_found(&workspace, candidates, &mut pass)
+                    .await?;
                 progress.advance(1);
             }
         }
@@ -511,13 +526,32 @@ impl Reconciler {
         Ok(report)
     }
 
-    /// Syncs one organization and its memberships (`reconcile --org`, and the read
-    /// API's just-in-time sync).
+    /// Syncs one organization and its memberships (`reconcile --org`, and the ops
+    /// console's sync): a workspace is removed only when Clerk neither lists its
+    /// organization nor finds it by id.
     pub async fn sync_one(
         &self,
         id: &str,
         opts: &RunOptions,
     ) -> Result<(Report, Found), ReconcileError> {
+        self.sync_organization_run(id, opts, Absence::Confirm).await
+    }
+
+    /// The read API's just-in-time sync of one organization: like
+    /// [`sync_one`](Self::sync_one), but Clerk's 404 removes nothing (the
+    /// workspace is left as it is; the caller answers 404).
+    pub async fn sync_just_in_time(&self, id: &str) -> Result<(Report, Found), ReconcileError> {
+        self.sync_organization_run(id, &RunOptions::default(), Absence::Keep)
+            .await
+    }
+
+    async fn sync_organization_run(
+        &self,
+        id: &str,
+        opts: &RunOptions,
+        absence: Absence,
+    ) -> Result<(Report, Found), ReconcileError> {
+        self.api.check_instance().await?;
         let mut report = Report {
             dry_run: opts.dry_run,
             ..Report::default()
@@ -526,117 +560,11 @@ impl Reconciler {
             .fetch_one(&self.pool)
             .await?;
         let mut pass = Pass::new(&mut report);
-        let found = self.sync_organization(id, started, &mut pass).await?;
+        let found = self
+            .sync_organization(id, started, absence, &mut pass)
+            .await?;
         self.finish(pass, opts, true).await?;
         Ok((report, found))
-    }
-
-    /// Fetches one organization: 404 is the proof a workspace active here is gone;
-    /// otherwise compares it and its current memberships.
-    async fn sync_organization(
-        &self,
-        id: &str,
-        started: DateTime<Utc>,
-        pass: &mut Pass<'_>,
-    ) -> Result<Found, ReconcileError> {
-        match self.api.organization(id).await? {
-            None => {
-                let active: Option<bool> =
-                    sqlx::query_scalar("select status = 'active' from workspaces where id = $1")
-                        .bind(id)
-                        .fetch_optional(&self.pool)
-                        .await?;
-                if active == Some(true) {
-                    pass.drift(
-                        DriftKind::WorkspaceGone,
-                        id,
-                        None,
-                        "active here, Clerk answers 404".into(),
-                    );
-                    let now = Utc::now().timestamp_millis();
-                    pass.removals.push(synthetic(
-                        "organization.deleted",
-                        &format!("orgdel_{id}"),
-                        &json!({"object": "organization", "id": id, "deleted": true}),
-                        now,
-                    ));
-                }
-                Ok(Found::Gone)
-            }
-            Some(organization) => {
-                pass.report.organizations_seen += 1;
-                self.compare_organizations(&[&organization], pass).await?;
-                self.sync_members(id, started, pass).await?;
-                Ok(Found::Present)
-            }
-        }
-    }
-
-    /// Compares one organization's current membership list with the members here:
-    /// what Clerk lacks and changed here before `started` is removed.
-    async fn sync_members(
-        &self,
-        workspace_id: &str,
-        started: DateTime<Utc>,
-        pass: &mut Pass<'_>,
-    ) -> Result<(), ReconcileError> {
-        let mut listed: HashMap<String, Value> = HashMap::new();
-        let mut offset = 0u64;
-        loop {
-            let Some(page) = self
-                .api
-                .memberships(Memberships::Of(workspace_id), offset, PAGE_LIMIT)
-                .await?
-            else {
-                // Deleted while we looked: the next run proves it with a 404.
-                return Ok(());
-            };
-            offset += page.data.len() as u64;
-            let done = page.data.is_empty() || offset >= page.total_count;
-            for m in page.data {
-                listed.insert(id_of(&m), m);
-            }
-            if done {
-                break;
-            }
-        }
-        pass.report.memberships_seen += listed.len() as u64;
-        let values: Vec<&Value> = listed.values().collect();
-        self.compare_memberships(&values, pass).await?;
-        let ids: Vec<&String> = listed.keys().collect();
-        let extra: Vec<(String, String)> = sqlx::query_as(
-            "select m.membership_id, m.user_id from members m \
-             join workspaces w on w.id = m.workspace_id and w.status = 'active' \
-             where m.workspace_id = $1 and m.removed_at is null and m.updated_at < $2 \
-               and not (m.membership_id = any($3::text[])) \
-             order by m.membership_id",
-        )
-        .bind(workspace_id)
-        .bind(started)
-        .bind(&ids)
-        .fetch_all(&self.pool)
-        .await?;
-        let now = Utc::now().timestamp_millis();
-        for (membership_id, user_id) in extra {
-            pass.drift(
-                DriftKind::MemberExtra,
-                workspace_id,
-                Some(&user_id),
-                format!("{membership_id} is active here, not in Clerk's list of the organization"),
-            );
-            pass.removals.push(synthetic(
-                "organizationMembership.deleted",
-                &format!("memdel_{membership_id}"),
-                &json!({
-                    "object": "organization_membership",
-                    "id": membership_id,
-                    "organization": {"object": "organization", "id": workspace_id},
-                    "public_user_data": {"user_id": user_id},
-                }),
-                now,
-            ));
-        }
-        Ok(())
     }
 
     async fn compare_organizations(

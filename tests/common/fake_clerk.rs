@@ -262,14 +262,11 @@ struct ListQuery {
 }
 
 impl ListQuery {
-    /// Parses a raw query string; repeated keys are kept in order. A malformed
-    /// number is a 422, as Clerk answers it.
-    fn parse(raw: Option<&str>) -> Result<Self, Response> {
+    /// Parses a raw query string; repeated keys are kept in order. The error is
+    /// the message of Clerk's 422 (a malformed number, too many ids).
+    fn parse(raw: Option<&str>) -> Result<Self, &'static str> {
         let mut q = ListQuery::default();
-        let number = |v: &str| {
-            v.parse::<i64>()
-                .map_err(|_| error(422, "form_param_invalid", "not a number"))
-        };
+        let number = |v: &str| v.parse::<i64>().map_err(|_| "not a number");
         for (k, v) in url::form_urlencoded::parse(raw.unwrap_or("").as_bytes()) {
             match k.as_ref() {
                 "limit" => q.limit = Some(number(&v)?),
@@ -281,7 +278,7 @@ impl ListQuery {
             }
         }
         if q.user_ids.len() > 100 || q.organization_ids.len() > 100 {
-            return Err(error(422, "form_param_invalid", "at most 100 ids"));
+            return Err("at most 100 ids");
         }
         Ok(q)
     }
@@ -440,7 +437,7 @@ async fn list_organizations(
 ) -> Response {
     let q = match ListQuery::parse(raw.as_deref()) {
         Ok(q) => q,
-        Err(r) => return r,
+        Err(message) => return error(422, "form_param_invalid", message),
     };
     let path = "/v1/organizations".to_owned();
     if let Some(r) = admit(&shared, &headers, path, raw_query(&q), q.offset).await {
@@ -514,7 +511,7 @@ async fn list_org_memberships(
 ) -> Response {
     let q = match ListQuery::parse(raw.as_deref()) {
         Ok(q) => q,
-        Err(r) => return r,
+        Err(message) => return error(422, "form_param_invalid", message),
     };
     let path = format!("/v1/organizations/{id}/memberships");
     if let Some(r) = admit(&shared, &headers, path, raw_query(&q), q.offset).await {
@@ -545,7 +542,7 @@ async fn list_memberships(
 ) -> Response {
     let q = match ListQuery::parse(raw.as_deref()) {
         Ok(q) => q,
-        Err(r) => return r,
+        Err(message) => return error(422, "form_param_invalid", message),
     };
     let path = "/v1/organization_memberships".to_owned();
     if let Some(r) = admit(&shared, &headers, path, raw_query(&q), q.offset).await {
