@@ -1,16 +1,20 @@
 //! Reconciliation with Clerk's Backend API: backfill, drift report and repair,
-//! and the sync of one workspace (for `reconcile --org` and the read API's
-//! just-in-time sync).
+//! and the sync of one workspace (for `reconcile --org`, the ops console and the
+//! read API's just-in-time sync).
 //!
 //! Guarantees:
 //! - Repairs go through provisioning ([`Provisioner::apply_batch`]) as synthetic
 //!   Clerk events with actor `reconcile`, so the version gates and tombstones of
 //!   DESIGN §5 hold: a snapshot older than what a webhook applied never overwrites
-//!   it, and a deleted workspace is reported (`workspace_conflict`), never revived.
-//! - Deletions need proof, since a scan is not a snapshot: a workspace is
-//!   tombstoned only after `GET /v1/organizations/{id}` answers 404; a member is
-//!   removed only when Clerk's current list of its organization lacks it and its
-//!   row last changed before the scan began.
+//!   it, and a workspace Clerk deleted is reported (`workspace_conflict`), never
+//!   revived.
+//! - Before anything is compared, the key's instance is checked against
+//!   `CLERK_INSTANCE_ID` (when set).
+//! - Deletions need proof (`reconcile/proof.rs`): absence from a listing paged by offset,
+//!   or one 404, is not proof. The just-in-time sync never removes a workspace.
+//! - What reconcile removed on inference is not a tombstone: when Clerk lists the
+//!   membership or organization again, its snapshot is sent (with a svix id of
+//!   its own) and provisioning restores it.
 //! - More than `max_removals` removals in one run are refused without `--yes`.
 //! - Memory is bounded by a page: what the scan saw is kept in temporary tables
 //!   and compared with anti-joins.
@@ -47,17 +51,17 @@ const APPLIERS: usize = 8;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum DriftKind {
-    /// In Clerk, not here.
+    /// In Clerk, not here (or removed here by reconcile on inference).
     WorkspaceMissing,
     /// Name, slug, image or plan differ.
     WorkspaceStale,
-    /// Active here, 404 in Clerk.
+    /// Active here; Clerk neither lists it nor finds it by id.
     WorkspaceGone,
-    /// Deleted here, present in Clerk: reported, never repaired.
+    /// Deleted here by Clerk, present in Clerk: reported, never repaired.
     WorkspaceConflict,
     /// A membership in Clerk that is not active here.
     MemberMissing,
-    /// Active here, absent from Clerk's current list.
+    /// Active here; Clerk neither lists it nor returns it for its user.
     MemberExtra,
     /// Role or Clerk role differ.
     MemberRole,
@@ -237,7 +241,23 @@ struct LocalWorkspace {
     image_url: Option<String>,
     plan: String,
     source_version: Option<i64>,
+    /// Deleted by reconcile on inference (not by Clerk): a snapshot restores it.
+    deletion_inferred: bool,
+    /// When it was deleted (ms), to tell one removal's restore from another's.
+    deleted_version: Option<i64>,
 }
+
+/// Whether a workspace's deletion was an inference of reconcile (no Clerk
+/// deletion), as provisioning records it: the column `deletion_inferred` of
+/// `workspaces`. Read through `to_jsonb` so a schema without the column (before
+/// provisioning records inferences) reads `false`: every deletion is then final.
+const WORKSPACE_DELETION_INFERRED: &str =
+    "coalesce((to_jsonb(w) ->> 'deletion_inferred')::boolean, false)";
+
+/// The `removal_reason`s of a real end, one Clerk said happened (a deletion of
+/// the membership, its workspace or its user); any other reason is an inference
+/// of reconcile (provisioning's `not_in_clerk`), which a snapshot undoes.
+const REAL_REMOVAL_REASONS: [&str; 3] = ["membership_deleted", "workspace_deleted", "user_deleted"];
 
 /// A member row as the comparison needs it.
 #[derive(Debug, sqlx::FromRow)]
@@ -248,6 +268,19 @@ struct LocalMember {
     removed: bool,
     removal_reason: Option<String>,
     source_version: Option<i64>,
+    /// When it ended (ms), to tell one removal's restore from another's.
+    removed_ms: Option<i64>,
+}
+
+impl LocalMember {
+    /// Removed by reconcile on inference, not by Clerk.
+    fn removal_inferred(&self) -> bool {
+        self.removed
+            && self
+                .removal_reason
+                .as_deref()
+                .is_some_and(|r| !REAL_REMOVAL_REASONS.contains(&r))
+    }
 }
 
 /// One run's findings and the events that repair them.
@@ -582,16 +615,18 @@ impl Reconciler {
             }
         }
         let ids: Vec<&str> = organizations.iter().map(|o| o.id.as_str()).collect();
-        let local: HashMap<String, LocalWorkspace> = sqlx::query_as::<_, LocalWorkspace>(
-            "select id, status, name, slug, image_url, plan, source_version \
-             from workspaces where id = any($1)",
-        )
-        .bind(&ids)
-        .fetch_all(&self.pool)
-        .await?
-        .into_iter()
-        .map(|w| (w.id.clone(), w))
-        .collect();
+        let local: HashMap<String, LocalWorkspace> =
+            sqlx::query_as::<_, LocalWorkspace>(sqlx::AssertSqlSafe(format!(
+                "select id, status, name, slug, image_url, plan, source_version, deleted_version, \
+                        {WORKSPACE_DELETION_INFERRED} as deletion_inferred \
+                 from workspaces w where id = any($1)"
+            )))
+            .bind(&ids)
+            .fetch_all(&self.pool)
+            .await?
+            .into_iter()
+            .map(|w| (w.id.clone(), w))
+            .collect();
         let quotas: Vec<(String, String, i64)> = sqlx::query_as(
             "select workspace_id, name, limit_value from workspace_quotas where workspace_id = any($1)",
         )
@@ -619,12 +654,36 @@ impl Reconciler {
                 ));
                 continue;
             };
+            if here.status != "active" && here.deletion_inferred {
+                // Reconcile removed it for want of it in Clerk; Clerk lists it: the
+                // snapshot restores it (DESIGN §5). Its own svix id per removal,
+                // since the same snapshot may have been applied before it.
+                pass.drift(
+                    DriftKind::WorkspaceMissing,
+                    &org.id,
+                    None,
+                    "removed here by reconcile on inference, listed by Clerk: restored".into(),
+                );
+                let id_part = format!(
+                    "restore_org_{}_{}",
+                    org.id,
+                    here.deleted_version.unwrap_or_default()
+                );
+                pass.events.push(prepared(
+                    "organization.updated",
+                    &id_part,
+                    org.updated_at,
+                    Event::OrganizationUpsert(org),
+                ));
+                continue;
+            }
             if here.status != "active" {
                 pass.drift(
                     DriftKind::WorkspaceConflict,
                     &org.id,
                     None,
-                    "deleted here, present in Clerk; a tombstone is final, not repaired".into(),
+                    "deleted here by Clerk, present in Clerk; a tombstone is final, not repaired"
+                        .into(),
                 );
                 continue;
             }
@@ -709,7 +768,8 @@ impl Reconciler {
             .collect();
         let local: HashMap<String, LocalMember> = sqlx::query_as::<_, LocalMember>(
             "select membership_id, role, clerk_role, removed_at is not null as removed, \
-                    removal_reason, source_version \
+                    removal_reason, source_version, \
+                    (extract(epoch from removed_at) * 1000)::bigint as removed_ms \
              from members where membership_id = any($1)",
         )
         .bind(&ids)
@@ -718,9 +778,12 @@ impl Reconciler {
         .into_iter()
         .map(|m| (m.membership_id.clone(), m))
         .collect();
-        let deleted: Vec<String> = sqlx::query_scalar(
-            "select id from workspaces where id = any($1) and status <> 'active'",
-        )
+        // Workspaces Clerk deleted (an inferred deletion is undone by the
+        // organization's snapshot, so its members are compared as usual).
+        let deleted: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "select id from workspaces w where id = any($1) and status <> 'active' \
+               and not {WORKSPACE_DELETION_INFERRED}"
+        )))
         .bind(&workspaces)
         .fetch_all(&self.pool)
         .await?;
@@ -749,6 +812,31 @@ impl Reconciler {
                         format!("{} ({}) is in Clerk, not here", m.id, m.role),
                     );
                     pass.events.push(upsert("organizationMembership.created"));
+                }
+                Some(here) if here.removal_inferred() => {
+                    pass.drift(
+                        DriftKind::MemberMissing,
+                        ws,
+                        Some(user),
+                        format!(
+                            "{} was removed here by reconcile on inference ({}), listed by Clerk: restored",
+                            m.id,
+                            here.removal_reason.as_deref().unwrap_or("removed")
+                        ),
+                    );
+                    // Its own svix id per removal: the same snapshot may have been
+                    // applied before the removal.
+                    let id_part = format!(
+                        "restore_mem_{}_{}",
+                        m.id,
+                        here.removed_ms.unwrap_or_default()
+                    );
+                    pass.events.push(prepared(
+                        "organizationMembership.updated",
+                        &id_part,
+                        m.updated_at,
+                        Event::MembershipUpsert(m.clone()),
+                    ));
                 }
                 Some(here) if here.removed => {
                     pass.drift(

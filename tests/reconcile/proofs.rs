@@ -324,3 +324,183 @@ async fn the_cli_refuses_a_key_of_another_instance() {
         "active"
     );
 }
+
+/// What reconcile removed on inference is not a tombstone: when Clerk lists the
+/// membership (or the organization) again, the next run restores it; a removal
+/// Clerk made stays final. Passes once provisioning stores reconcile's removals
+/// as inferences (issue 19, the provisioning side of items 4 and 5).
+#[tokio::test]
+async fn what_reconcile_removed_on_inference_is_restored_when_clerk_lists_it() {
+    let db = TestDatabase::create().await;
+    let fake = FakeClerk::start(KEY).await;
+    let o = org("org_back").version(T0);
+    let ada = o
+        .membership("orgmem_back_ada", &person("user_back_ada", "a"))
+        .role("org:admin");
+    let bob = o.membership("orgmem_back_bob", &person("user_back_bob", "b"));
+    let put_all = || {
+        fake.put_organization(o.data_at(T0));
+        fake.put_membership(ada.data_at(T0));
+        fake.put_membership(bob.data_at(T0));
+    };
+    put_all();
+    let r = reconciler(&fake, &db.pool, "");
+    run(&r, false).await;
+
+    // Clerk's answers lack Bob for a while: a run removes him on inference.
+    fake.delete_membership("orgmem_back_bob");
+    run(&r, false).await;
+    assert!(member(&db.pool, "orgmem_back_bob").await.unwrap().removed);
+    fake.put_membership(bob.data_at(T0));
+    let report = run(&r, false).await;
+    assert_eq!(
+        kinds(&report),
+        vec![(
+            DriftKind::MemberMissing,
+            "org_back".to_owned(),
+            Some("user_back_bob".to_owned())
+        )]
+    );
+    assert!(!member(&db.pool, "orgmem_back_bob").await.unwrap().removed);
+
+    // The same for the organization, with its members.
+    fake.delete_organization("org_back");
+    run(&r, false).await;
+    assert_eq!(
+        workspace(&db.pool, "org_back").await.unwrap().status,
+        "deleted"
+    );
+    put_all();
+    let report = run(&r, false).await;
+    assert!(
+        kinds(&report).contains(&(DriftKind::WorkspaceMissing, "org_back".to_owned(), None)),
+        "{:?}",
+        report.drift
+    );
+    assert_eq!(
+        workspace(&db.pool, "org_back").await.unwrap().status,
+        "active"
+    );
+    for m in ["orgmem_back_ada", "orgmem_back_bob"] {
+        assert!(!member(&db.pool, m).await.unwrap().removed, "{m}");
+    }
+    assert!(run(&r, false).await.drift.is_empty(), "converged");
+
+    // Clerk's own deletion is final: reported, never restored.
+    apply(&db.pool, vec![o.deleted(T0 + 1_000).incoming()]).await;
+    let report = run(&r, false).await;
+    assert_eq!(
+        kinds(&report),
+        vec![(DriftKind::WorkspaceConflict, "org_back".to_owned(), None)]
+    );
+    assert_eq!(
+        workspace(&db.pool, "org_back").await.unwrap().status,
+        "deleted"
+    );
+}
+
+/// Reconcile's half of the restore, on its own: a membership removed with an
+/// inferred reason, and a workspace whose deletion is marked inferred (as
+/// provisioning records reconcile's removals), are reported as missing and get a
+/// snapshot of their own (a fresh svix id per removal); a removal Clerk made is
+/// reported only.
+#[tokio::test]
+async fn reconcile_sends_a_snapshot_for_what_was_removed_on_inference() {
+    let db = TestDatabase::create().await;
+    let fake = FakeClerk::start(KEY).await;
+    let kept = org("org_inferred").version(T0);
+    let real = org("org_real").version(T0);
+    let bob = kept.membership("orgmem_inf_bob", &person("user_inf_bob", "b"));
+    let eve = kept.membership("orgmem_inf_eve", &person("user_inf_eve", "e"));
+    for o in [&kept, &real] {
+        fake.put_organization(o.data_at(T0));
+    }
+    fake.put_membership(bob.data_at(T0));
+    fake.put_membership(eve.data_at(T0));
+    apply(
+        &db.pool,
+        vec![
+            kept.created(T0).incoming(),
+            real.created(T0).incoming(),
+            bob.created(T0).incoming(),
+            eve.created(T0).incoming(),
+            eve.deleted(T0 + 5).incoming(),
+        ],
+    )
+    .await;
+    // Bob was removed on inference; org_inferred too (as provisioning marks it:
+    // the schema is widened here as its migration does).
+    sqlx::query("alter table members drop constraint if exists members_removal_reason_check")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    sqlx::query(
+        "update members set removed_at = now(), removal_reason = 'not_in_clerk' \
+         where membership_id = 'orgmem_inf_bob'",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    sqlx::query("alter table workspaces add column if not exists deletion_inferred boolean")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    apply(&db.pool, vec![real.deleted(T0 + 5).incoming()]).await;
+    sqlx::query(
+        "update workspaces set status = 'deleted', deleted_at = now(), deleted_version = 1, \
+                deletion_inferred = true \
+         where id = 'org_inferred'",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+
+    let r = reconciler(&fake, &db.pool, "");
+    let dry = run(&r, true).await;
+    let mut expected = vec![
+        (DriftKind::WorkspaceMissing, "org_inferred".to_owned(), None),
+        (DriftKind::WorkspaceConflict, "org_real".to_owned(), None),
+        (
+            DriftKind::MemberMissing,
+            "org_inferred".to_owned(),
+            Some("user_inf_bob".to_owned()),
+        ),
+        (
+            DriftKind::MemberMissing,
+            "org_inferred".to_owned(),
+            Some("user_inf_eve".to_owned()),
+        ),
+    ];
+    expected.sort();
+    assert_eq!(kinds(&dry), expected);
+    let detail = |user: &str| {
+        dry.drift
+            .iter()
+            .find(|d| d.user_id.as_deref() == Some(user))
+            .unwrap()
+            .detail
+            .clone()
+    };
+    assert!(
+        detail("user_inf_bob").contains("restored"),
+        "{}",
+        detail("user_inf_bob")
+    );
+    assert!(
+        detail("user_inf_eve").contains("final"),
+        "{}",
+        detail("user_inf_eve")
+    );
+
+    run(&r, false).await;
+    let mut restores: Vec<String> = sqlx::query_scalar(
+        "select svix_id from events where svix_id like 'reconcile_restore_%' order by svix_id",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    restores.sort();
+    assert_eq!(restores.len(), 2, "{restores:?}");
+    assert!(restores[0].starts_with("reconcile_restore_mem_orgmem_inf_bob_"));
+    assert!(restores[1].starts_with("reconcile_restore_org_org_inferred_1_"));
+}
