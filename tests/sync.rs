@@ -88,15 +88,23 @@ async fn sync_answers_404_for_an_organization_clerk_does_not_have() {
     assert_eq!((status, code(&body)), (404, "not_found"), "{body}");
 }
 
+/// Without `CLERK_SECRET_KEY` the sync answers 501 `reconcile_not_configured`
+/// without Retry-After; with Clerk failing past the retries, 503
+/// `clerk_unavailable`; without a token, 401.
 #[tokio::test]
-async fn sync_without_a_key_or_clerk_is_503_with_its_code() {
+async fn sync_without_a_key_is_501_and_without_clerk_503() {
     let app = app_with_clerk(None).await;
-    let (status, body) = Call::post("/v1/workspaces/org_x/sync", "").send(&app).await;
-    assert_eq!(
-        (status, code(&body)),
-        (503, "reconcile_not_configured"),
-        "{body}"
-    );
+    let response = app
+        .client
+        .post(format!("{}/v1/workspaces/org_x/sync", app.address))
+        .bearer_auth(common::TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 501, "not configured is no passing state");
+    assert!(response.headers().get("retry-after").is_none());
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(code(&body), "reconcile_not_configured", "{body}");
 
     let fake = FakeClerk::start(KEY).await;
     let app = app_with_clerk(Some(&fake)).await;
