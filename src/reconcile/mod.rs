@@ -10,8 +10,9 @@
 //!   revived.
 //! - Before anything is compared, the key's instance is checked against
 //!   `CLERK_INSTANCE_ID` (when set).
-//! - Deletions need proof (`reconcile/proof.rs`): absence from a listing paged by offset,
-//!   or one 404, is not proof. The just-in-time sync never removes a workspace.
+//! - Deletions need proof (`reconcile/proof.rs`): absence from a listing paged
+//!   by offset, or one 404, is not proof. The just-in-time sync never removes a
+//!   workspace.
 //! - What reconcile removed on inference is not a tombstone: when Clerk lists the
 //!   membership or organization again, its snapshot is sent (with a svix id of
 //!   its own) and provisioning restores it.
