@@ -91,6 +91,7 @@ async fn main() -> anyhow::Result<()> {
         acquire_timeout_ms: 30_000,
         lock_timeout_ms: 0,
         statement_timeout_ms: 0,
+        idle_in_transaction_session_timeout_ms: 0,
     };
     let pool = provisioner::db::prepare(&db).await?;
     let settings = Settings::from_sources(None, |_| None)?;

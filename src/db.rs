@@ -138,12 +138,19 @@ pub fn options(settings: &DatabaseSettings) -> Result<PgConnectOptions, DbError>
         })
 }
 
-/// The options of the service's pool: the URL's, plus `lock_timeout` and
-/// `statement_timeout` on every session when configured (0 leaves the server's).
+/// The options of the service's pool: the URL's, plus `lock_timeout`,
+/// `statement_timeout` and `idle_in_transaction_session_timeout` on every session
+/// when configured (0 leaves the server's). The last is a backstop: a transaction
+/// whose driver stopped polling it (a bug, a lost task) would otherwise hold its
+/// advisory locks and its connection until the process exits.
 fn pool_options(settings: &DatabaseSettings) -> Result<PgConnectOptions, DbError> {
     let timeouts = [
         ("lock_timeout", settings.lock_timeout_ms),
         ("statement_timeout", settings.statement_timeout_ms),
+        (
+            "idle_in_transaction_session_timeout",
+            settings.idle_in_transaction_session_timeout_ms,
+        ),
     ];
     Ok(options(settings)?.options(timeouts.into_iter().filter(|(_, ms)| *ms > 0)))
 }

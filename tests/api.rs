@@ -1283,7 +1283,7 @@ async fn openapi_lists_every_route() {
             // against a fake Clerk is in tests/sync.rs).
             assert_eq!(
                 (status, body["error"]["code"].as_str()),
-                (503, Some("reconcile_not_configured")),
+                (501, Some("reconcile_not_configured")),
                 "{method} {real}"
             );
             continue;

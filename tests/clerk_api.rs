@@ -5,7 +5,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::fake_clerk::{FakeClerk, Scripted};
+use common::fake_clerk::{FakeClerk, INSTANCE_ID, Scripted};
 use provisioner::clerk::api::{API_VERSION, ClerkApi, ClerkError, Memberships};
 use provisioner::config::{ClerkSettings, ReconcileSettings, Secret};
 use provisioner::ops::send::payload::{Person, membership, organization};
@@ -13,9 +13,14 @@ use provisioner::ops::send::payload::{Person, membership, organization};
 const KEY: &str = "sk_test_fake_clerk_key_0123456789";
 
 fn client(fake: &FakeClerk, key: &str, rps: f64) -> ClerkApi {
+    client_of(fake, key, rps, None)
+}
+
+/// A client whose `CLERK_INSTANCE_ID` is `instance_id`.
+fn client_of(fake: &FakeClerk, key: &str, rps: f64, instance_id: Option<&str>) -> ClerkApi {
     let clerk = ClerkSettings {
         webhook_secrets: Vec::new(),
-        instance_id: None,
+        instance_id: instance_id.map(str::to_owned),
         secret_key: Some(Secret::new(key)),
         api_url: fake.url.clone(),
     };
@@ -234,4 +239,148 @@ async fn calls_share_one_rate_limit() {
         "{:?}",
         start.elapsed()
     );
+}
+
+fn instance_requests(fake: &FakeClerk) -> usize {
+    fake.requests()
+        .iter()
+        .filter(|r| r.path == "/v1/instance")
+        .count()
+}
+
+/// With `CLERK_INSTANCE_ID` set, the key's instance is asked once per process:
+/// a key of another instance is refused in one line naming both settings (and
+/// never the key), the key of the configured one passes, and without the
+/// setting nothing is asked.
+#[tokio::test]
+async fn the_key_instance_is_checked_once_against_clerk_instance_id() {
+    let fake = FakeClerk::start(KEY).await;
+    let other = client_of(&fake, KEY, 0.0, Some("ins_production"));
+    for _ in 0..2 {
+        let err = other.check_instance().await.unwrap_err();
+        assert!(matches!(err, ClerkError::WrongInstance { .. }), "{err:?}");
+        let text = err.to_string();
+        assert!(
+            text.contains("CLERK_SECRET_KEY")
+                && text.contains("CLERK_INSTANCE_ID")
+                && text.contains("ins_production")
+                && text.contains(INSTANCE_ID),
+            "{text}"
+        );
+        assert!(!text.contains('\n') && !text.contains(KEY), "{text}");
+    }
+    assert_eq!(instance_requests(&fake), 1, "asked once, the answer kept");
+
+    let same = client_of(&fake, KEY, 0.0, Some(INSTANCE_ID));
+    same.check_instance().await.unwrap();
+    same.check_instance().await.unwrap();
+    assert_eq!(instance_requests(&fake), 2);
+
+    client(&fake, KEY, 0.0).check_instance().await.unwrap();
+    assert_eq!(
+        instance_requests(&fake),
+        2,
+        "no CLERK_INSTANCE_ID: nothing asked"
+    );
+}
+
+/// A Backend API without `GET /v1/instance` (404) does not block the key; a
+/// failure to ask is not kept, so the next check asks again.
+#[tokio::test]
+async fn an_unknown_instance_route_does_not_block_and_failures_are_not_kept() {
+    let fake = FakeClerk::start(KEY).await;
+    let api = client_of(&fake, KEY, 0.0, Some("ins_production"));
+    fake.fail_next((0..6).map(|_| Scripted {
+        status: 503,
+        retry_after: None,
+    }));
+    let err = api.check_instance().await.unwrap_err();
+    assert!(matches!(err, ClerkError::Unavailable { .. }), "{err:?}");
+    fake.set_instance(None);
+    api.check_instance().await.unwrap();
+    api.check_instance().await.unwrap();
+    assert_eq!(
+        instance_requests(&fake),
+        7,
+        "six failures, then one 404 kept"
+    );
+}
+
+/// Memberships asked by user id: at most 100 `user_id` a call, only those
+/// users' memberships of that organization, `None` for an organization Clerk
+/// does not have.
+#[tokio::test]
+async fn memberships_are_asked_by_user_at_most_100_a_call() {
+    let fake = FakeClerk::start(KEY).await;
+    let o = org(1);
+    let other = org(2);
+    fake.put_organization(o.clone());
+    fake.put_organization(other.clone());
+    for n in 0..150 {
+        fake.put_membership(membership(
+            &format!("orgmem_u{n:03}"),
+            o.clone(),
+            &Person::of(&format!("user_u{n:03}")),
+            "org:member",
+            1_700_000_000_100,
+            1_700_000_000_100,
+        ));
+    }
+    // The same user in another organization is not an answer.
+    fake.put_membership(membership(
+        "orgmem_other",
+        other,
+        &Person::of("user_u000"),
+        "org:member",
+        1_700_000_000_100,
+        1_700_000_000_100,
+    ));
+    let api = client(&fake, KEY, 0.0);
+    let mut users: Vec<String> = (0..150)
+        .step_by(2)
+        .map(|n| format!("user_u{n:03}"))
+        .collect();
+    users.extend((0..60).map(|n| format!("user_gone{n}")));
+    let asked: Vec<&str> = users.iter().map(String::as_str).collect();
+    let found = api
+        .memberships_of_users("org_fake00001", &asked)
+        .await
+        .unwrap()
+        .expect("the organization exists");
+    let mut ids: Vec<&str> = found.iter().map(|m| m["id"].as_str().unwrap()).collect();
+    ids.sort();
+    let expected: Vec<String> = (0..150)
+        .step_by(2)
+        .map(|n| format!("orgmem_u{n:03}"))
+        .collect();
+    assert_eq!(ids, expected);
+    let calls: Vec<usize> = fake
+        .requests()
+        .iter()
+        .filter(|r| r.path == "/v1/organizations/org_fake00001/memberships")
+        .map(|r| r.query.matches("user_id=").count())
+        .collect();
+    assert_eq!(calls, vec![100, 35], "135 users in two calls");
+    assert!(
+        api.memberships_of_users("org_nope", &["user_u000"])
+            .await
+            .unwrap()
+            .is_none()
+    );
+}
+
+/// Organizations asked by id: only those Clerk lists among the ids.
+#[tokio::test]
+async fn organizations_are_listed_by_id() {
+    let fake = FakeClerk::start(KEY).await;
+    for n in 0..5 {
+        fake.put_organization(org(n));
+    }
+    let api = client(&fake, KEY, 0.0);
+    let found = api
+        .organizations_with_ids(&["org_fake00001", "org_fake00003", "org_gone"])
+        .await
+        .unwrap();
+    let ids: Vec<&str> = found.iter().map(|o| o["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, ["org_fake00001", "org_fake00003"]);
 }

@@ -59,6 +59,7 @@ impl Stack {
             acquire_timeout_ms: 30_000,
             lock_timeout_ms: 0,
             statement_timeout_ms: 0,
+            idle_in_transaction_session_timeout_ms: 0,
         };
         let db = provisioner::db::prepare(&settings)
             .await

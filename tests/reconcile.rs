@@ -3,6 +3,9 @@
 //! deletions need, version gates, the removal budget, and the CLI's report.
 
 mod common;
+// The proofs removals need (issue 19 items 4 and 5), in a file of their own.
+#[path = "reconcile/proofs.rs"]
+mod proofs;
 
 use common::Isolation;
 use common::database::TestDatabase;

@@ -1,12 +1,14 @@
 //! Clerk's Backend API: the reads reconciliation needs (organizations, one
-//! organization, memberships), paced and retried.
+//! organization, memberships, the key's instance), paced and retried.
 //!
 //! Guarantee: every call of one process shares one token bucket
 //! (`[reconcile] requests_per_second`), and a `429` pauses them all for its
 //! `Retry-After`; 5xx answers and connection errors are retried with backoff, a
 //! bounded number of times; `401`/`403` stops at once. The secret key is sent only
 //! in the `Authorization` header: it is never part of an error, a log line or
-//! `Debug`.
+//! `Debug`. When `CLERK_INSTANCE_ID` is set, [`ClerkApi::check_instance`] asks
+//! once per process which instance the key belongs to and refuses a key of
+//! another one (whose 404s would say every organization is gone).
 
 use std::fmt;
 use std::sync::Arc;
@@ -15,17 +17,23 @@ use std::time::Duration;
 use backon::{BackoffBuilder, ExponentialBuilder};
 use serde::Deserialize;
 use serde_json::Value;
-use tokio::sync::Mutex;
-use tokio::time::Instant;
 use url::Url;
 
 use crate::config::{ClerkSettings, ReconcileSettings, Secret};
+
+mod bucket;
+
+use bucket::TokenBucket;
 
 /// The Backend API version every request asks for (`Clerk-API-Version`).
 pub const API_VERSION: &str = "2026-05-12";
 
 /// The largest page the list endpoints serve.
 pub const PAGE_LIMIT: u32 = 500;
+
+/// The most ids one filter of a list endpoint accepts (`user_id`,
+/// `organization_id`: "Accepts up to 100").
+pub const FILTER_LIMIT: usize = 100;
 
 /// How many times a `429` is waited out for one call before it fails.
 const MAX_RATE_LIMITED: u32 = 10;
@@ -60,6 +68,17 @@ pub enum ClerkError {
         path: String,
         /// The last failure.
         reason: String,
+    },
+    /// `CLERK_SECRET_KEY` belongs to another instance than `CLERK_INSTANCE_ID`.
+    #[error(
+        "CLERK_SECRET_KEY belongs to Clerk instance {actual}, not to CLERK_INSTANCE_ID {expected}: \
+         refusing to reconcile (a key of another instance answers 404 for every organization)"
+    )]
+    WrongInstance {
+        /// `CLERK_INSTANCE_ID`.
+        expected: String,
+        /// The key's instance, as `GET /v1/instance` answers it.
+        actual: String,
     },
     /// The answer was not the documented shape.
     #[error("Clerk's answer to GET {path} could not be read: {reason}")]
@@ -101,6 +120,21 @@ struct Inner {
     key: Secret,
     bucket: TokenBucket,
     backoff: ExponentialBuilder,
+    /// `CLERK_INSTANCE_ID`, when set.
+    instance_id: Option<String>,
+    /// What `GET /v1/instance` answered, asked once per process.
+    key_instance: tokio::sync::OnceCell<KeyInstance>,
+}
+
+/// Which instance the secret key belongs to.
+#[derive(Debug, Clone)]
+enum KeyInstance {
+    /// The configured one.
+    Configured,
+    /// Another one.
+    Other(String),
+    /// Clerk does not say (`GET /v1/instance` answered 404).
+    Unknown,
 }
 
 impl fmt::Debug for ClerkApi {
@@ -147,8 +181,52 @@ impl ClerkApi {
                     .with_max_delay(Duration::from_secs(30))
                     .with_max_times(5)
                     .with_jitter(),
+                instance_id: clerk.instance_id.clone(),
+                key_instance: tokio::sync::OnceCell::new(),
             }),
         })
+    }
+
+    /// When `CLERK_INSTANCE_ID` is set, checks that the secret key belongs to that
+    /// instance (`GET /v1/instance`, asked once per process; the answer is kept,
+    /// a failure to ask is not): [`ClerkError::WrongInstance`] otherwise. Every
+    /// repair path calls it first, since a key of another instance (staging's,
+    /// deployed with production's instance id) answers 404 for every
+    /// organization. A Backend API that does not know `/v1/instance` (404) cannot
+    /// tell: that is logged once and not held against the key.
+    pub async fn check_instance(&self) -> Result<(), ClerkError> {
+        let Some(expected) = &self.inner.instance_id else {
+            return Ok(());
+        };
+        let answer = self
+            .inner
+            .key_instance
+            .get_or_try_init(|| async {
+                let path = ["instance"];
+                let Some(value) = self.get(&path, &[]).await? else {
+                    tracing::warn!(
+                        instance_id = %expected,
+                        "Clerk's Backend API has no GET /v1/instance: the instance of CLERK_SECRET_KEY cannot be checked against CLERK_INSTANCE_ID"
+                    );
+                    return Ok(KeyInstance::Unknown);
+                };
+                match value["id"].as_str() {
+                    Some(id) if id == expected => Ok(KeyInstance::Configured),
+                    Some(id) => Ok(KeyInstance::Other(id.to_owned())),
+                    None => Err(ClerkError::Decode {
+                        path: "/v1/instance".into(),
+                        reason: "expected {\"id\": \"ins_…\"}".into(),
+                    }),
+                }
+            })
+            .await?;
+        match answer {
+            KeyInstance::Other(actual) => Err(ClerkError::WrongInstance {
+                expected: expected.clone(),
+                actual: actual.clone(),
+            }),
+            KeyInstance::Configured | KeyInstance::Unknown => Ok(()),
+        }
     }
 
     /// One page of organizations, oldest first (`order_by=+created_at`, so an
@@ -189,6 +267,56 @@ impl ClerkApi {
                 }
             }
         }
+    }
+
+    /// The organizations among `ids` that Clerk lists (`GET /v1/organizations`
+    /// filtered by `organization_id`, [`FILTER_LIMIT`] ids a call): a complete
+    /// listing of those ids, to tell an organization that is gone from one a GET
+    /// could not find.
+    pub async fn organizations_with_ids(&self, ids: &[&str]) -> Result<Vec<Value>, ClerkError> {
+        let path = ["organizations"];
+        let mut found = Vec::new();
+        for chunk in ids.chunks(FILTER_LIMIT) {
+            let mut query: Vec<(&str, String)> = list_query(0, PAGE_LIMIT).into();
+            query.extend(chunk.iter().map(|id| ("organization_id", (*id).to_owned())));
+            let value = self.get(&path, &query).await?;
+            let page = decode(&path, value.ok_or_else(|| not_found(&path))?)?;
+            found.extend(page.data);
+        }
+        Ok(found)
+    }
+
+    /// The memberships of `organization` held by any of `user_ids` (`GET
+    /// /v1/organizations/{id}/memberships` filtered by `user_id`, [`FILTER_LIMIT`]
+    /// users a call): asked of each membership a listing by offset did not show,
+    /// before it is taken as gone. `None` when the organization does not exist.
+    pub async fn memberships_of_users(
+        &self,
+        organization: &str,
+        user_ids: &[&str],
+    ) -> Result<Option<Vec<Value>>, ClerkError> {
+        let path = ["organizations", organization, "memberships"];
+        let mut found = Vec::new();
+        for chunk in user_ids.chunks(FILTER_LIMIT) {
+            // A user holds at most one membership of an organization, so one page
+            // holds the answer; more pages are read if Clerk says otherwise.
+            let mut offset = 0u64;
+            loop {
+                let mut query: Vec<(&str, String)> = list_query(offset, PAGE_LIMIT).into();
+                query.extend(chunk.iter().map(|id| ("user_id", (*id).to_owned())));
+                let Some(value) = self.get(&path, &query).await? else {
+                    return Ok(None);
+                };
+                let page = decode(&path, value)?;
+                offset += page.data.len() as u64;
+                let done = page.data.is_empty() || offset >= page.total_count;
+                found.extend(page.data);
+                if done {
+                    break;
+                }
+            }
+        }
+        Ok(Some(found))
     }
 
     /// GET `/v1/<segments>?<query>`: the JSON answer, `None` on 404.
@@ -392,65 +520,6 @@ pub fn describe(body: &[u8]) -> String {
     }
 }
 
-/// A token bucket shared by every call of the client: `rate` tokens a second, a
-/// burst of at most one second's worth; `pause` stops everyone until a time.
-struct TokenBucket {
-    rate: f64,
-    state: Mutex<BucketState>,
-}
-
-struct BucketState {
-    tokens: f64,
-    last: Instant,
-    paused_until: Option<Instant>,
-}
-
-impl TokenBucket {
-    fn new(rate: f64) -> Self {
-        Self {
-            rate,
-            state: Mutex::new(BucketState {
-                tokens: rate.max(1.0),
-                last: Instant::now(),
-                paused_until: None,
-            }),
-        }
-    }
-
-    async fn acquire(&self) {
-        loop {
-            let wait = {
-                let mut s = self.state.lock().await;
-                let now = Instant::now();
-                match s.paused_until {
-                    Some(until) if until > now => until - now,
-                    _ if self.rate <= 0.0 => return,
-                    _ => {
-                        let burst = self.rate.max(1.0);
-                        s.tokens = (s.tokens + (now - s.last).as_secs_f64() * self.rate).min(burst);
-                        s.last = now;
-                        if s.tokens >= 1.0 {
-                            s.tokens -= 1.0;
-                            return;
-                        }
-                        Duration::from_secs_f64((1.0 - s.tokens) / self.rate)
-                    }
-                }
-            };
-            tokio::time::sleep(wait).await;
-        }
-    }
-
-    async fn pause(&self, wait: Duration) {
-        let mut s = self.state.lock().await;
-        let until = Instant::now() + wait;
-        if s.paused_until.is_none_or(|current| current < until) {
-            s.paused_until = Some(until);
-        }
-        s.tokens = 0.0;
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -478,28 +547,6 @@ mod tests {
         assert_eq!(retry_after(&headers), Some(MAX_RETRY_AFTER));
         headers.insert(reqwest::header::RETRY_AFTER, "soon".parse().unwrap());
         assert_eq!(retry_after(&headers), None);
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn the_bucket_paces_calls_at_its_rate() {
-        let bucket = TokenBucket::new(5.0);
-        let start = Instant::now();
-        for _ in 0..15 {
-            bucket.acquire().await;
-        }
-        // A burst of 5, then 10 more at 5 a second.
-        let elapsed = start.elapsed();
-        assert!(elapsed >= Duration::from_millis(1990), "{elapsed:?}");
-        assert!(elapsed < Duration::from_millis(2100), "{elapsed:?}");
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_pause_holds_every_caller() {
-        let bucket = TokenBucket::new(0.0);
-        bucket.pause(Duration::from_secs(3)).await;
-        let start = Instant::now();
-        bucket.acquire().await;
-        assert!(start.elapsed() >= Duration::from_secs(3));
     }
 
     #[test]

@@ -159,6 +159,11 @@ pub struct DatabaseSettings {
     pub lock_timeout_ms: u64,
     /// `statement_timeout` of every session (ms; 0 leaves the server's).
     pub statement_timeout_ms: u64,
+    /// `idle_in_transaction_session_timeout` of every session (ms; 0 leaves the
+    /// server's): a backstop that ends a session whose transaction waits longer
+    /// than this between statements, so its locks and connection come back even
+    /// if the code driving it stopped.
+    pub idle_in_transaction_session_timeout_ms: u64,
 }
 
 /// `[broker]`

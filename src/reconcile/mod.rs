@@ -1,16 +1,21 @@
 //! Reconciliation with Clerk's Backend API: backfill, drift report and repair,
-//! and the sync of one workspace (for `reconcile --org` and the read API's
-//! just-in-time sync).
+//! and the sync of one workspace (for `reconcile --org`, the ops console and the
+//! read API's just-in-time sync).
 //!
 //! Guarantees:
 //! - Repairs go through provisioning ([`Provisioner::apply_batch`]) as synthetic
 //!   Clerk events with actor `reconcile`, so the version gates and tombstones of
 //!   DESIGN §5 hold: a snapshot older than what a webhook applied never overwrites
-//!   it, and a deleted workspace is reported (`workspace_conflict`), never revived.
-//! - Deletions need proof, since a scan is not a snapshot: a workspace is
-//!   tombstoned only after `GET /v1/organizations/{id}` answers 404; a member is
-//!   removed only when Clerk's current list of its organization lacks it and its
-//!   row last changed before the scan began.
+//!   it, and a workspace Clerk deleted is reported (`workspace_conflict`), never
+//!   revived.
+//! - Before anything is compared, the key's instance is checked against
+//!   `CLERK_INSTANCE_ID` (when set).
+//! - Deletions need proof (`reconcile/proof.rs`): absence from a listing paged
+//!   by offset, or one 404, is not proof. The just-in-time sync never removes a
+//!   workspace.
+//! - What reconcile removed on inference is not a tombstone: when Clerk lists the
+//!   membership or organization again, its snapshot is sent (with a svix id of
+//!   its own) and provisioning restores it.
 //! - More than `max_removals` removals in one run are refused without `--yes`.
 //! - Memory is bounded by a page: what the scan saw is kept in temporary tables
 //!   and compared with anti-joins.
@@ -22,7 +27,7 @@ use std::fmt;
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
-use serde_json::{Value, json};
+use serde_json::Value;
 use sqlx::PgPool;
 use sqlx::pool::PoolConnection;
 use sqlx::postgres::Postgres;
@@ -31,6 +36,12 @@ use crate::clerk::EventType;
 use crate::clerk::api::{ClerkApi, ClerkError, Memberships, PAGE_LIMIT, Page};
 use crate::provision::payload::{self, Decoded, Event, Membership, Organization};
 use crate::provision::{Actor, Incoming, Outcome, ProcessError, Provisioner};
+
+mod just_in_time;
+mod proof;
+
+pub use just_in_time::{JustInTime, SyncError};
+use proof::{Absence, Candidate};
 
 /// Repairs applied per transaction (as the worker's default batch).
 const APPLY_BATCH: usize = 32;
@@ -41,17 +52,17 @@ const APPLIERS: usize = 8;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum DriftKind {
-    /// In Clerk, not here.
+    /// In Clerk, not here (or removed here by reconcile on inference).
     WorkspaceMissing,
     /// Name, slug, image or plan differ.
     WorkspaceStale,
-    /// Active here, 404 in Clerk.
+    /// Active here; Clerk neither lists it nor finds it by id.
     WorkspaceGone,
-    /// Deleted here, present in Clerk: reported, never repaired.
+    /// Deleted here by Clerk, present in Clerk: reported, never repaired.
     WorkspaceConflict,
     /// A membership in Clerk that is not active here.
     MemberMissing,
-    /// Active here, absent from Clerk's current list.
+    /// Active here; Clerk neither lists it nor returns it for its user.
     MemberExtra,
     /// Role or Clerk role differ.
     MemberRole,
@@ -178,7 +189,9 @@ pub struct RunOptions {
 pub enum Found {
     /// Clerk has the organization; it is provisioned (unless a dry run).
     Present,
-    /// Clerk answered 404; a workspace that was active here is tombstoned.
+    /// Clerk answered 404 (for `reconcile --org`, and lists no such organization
+    /// either: then a workspace active here is removed; the just-in-time sync
+    /// removes nothing).
     Gone,
 }
 
@@ -229,7 +242,23 @@ struct LocalWorkspace {
     image_url: Option<String>,
     plan: String,
     source_version: Option<i64>,
+    /// Deleted by reconcile on inference (not by Clerk): a snapshot restores it.
+    deletion_inferred: bool,
+    /// When it was deleted (ms), to tell one removal's restore from another's.
+    deleted_version: Option<i64>,
 }
+
+/// Whether a workspace's deletion was an inference of reconcile (no Clerk
+/// deletion), as provisioning records it: the column `deletion_inferred` of
+/// `workspaces`. Read through `to_jsonb` so a schema without the column (before
+/// provisioning records inferences) reads `false`: every deletion is then final.
+const WORKSPACE_DELETION_INFERRED: &str =
+    "coalesce((to_jsonb(w) ->> 'deletion_inferred')::boolean, false)";
+
+/// The `removal_reason`s of a real end, one Clerk said happened (a deletion of
+/// the membership, its workspace or its user); any other reason is an inference
+/// of reconcile (provisioning's `not_in_clerk`), which a snapshot undoes.
+const REAL_REMOVAL_REASONS: [&str; 3] = ["membership_deleted", "workspace_deleted", "user_deleted"];
 
 /// A member row as the comparison needs it.
 #[derive(Debug, sqlx::FromRow)]
@@ -240,6 +269,19 @@ struct LocalMember {
     removed: bool,
     removal_reason: Option<String>,
     source_version: Option<i64>,
+    /// When it ended (ms), to tell one removal's restore from another's.
+    removed_ms: Option<i64>,
+}
+
+impl LocalMember {
+    /// Removed by reconcile on inference, not by Clerk.
+    fn removal_inferred(&self) -> bool {
+        self.removed
+            && self
+                .removal_reason
+                .as_deref()
+                .is_some_and(|r| !REAL_REMOVAL_REASONS.contains(&r))
+    }
 }
 
 /// One run's findings and the events that repair them.
@@ -371,6 +413,9 @@ impl Reconciler {
         opts: &RunOptions,
         progress: &dyn Progress,
     ) -> Result<Report, ReconcileError> {
+        // Before anything is compared: a key of another instance would make every
+        // organization look gone.
+        self.api.check_instance().await?;
         let mut report = Report {
             dry_run: opts.dry_run,
             ..Report::default()
@@ -467,14 +512,16 @@ impl Reconciler {
             let Some(last) = ids.last() else { break };
             after = last.clone();
             for id in ids {
-                self.sync_organization(&id, started, &mut pass).await?;
+                // Absent from the complete scan: a 404 by id completes the proof.
+                self.sync_organization(&id, started, Absence::Unlisted, &mut pass)
+                    .await?;
                 progress.advance(1);
             }
         }
         let mut after = String::new();
         loop {
-            let rows: Vec<(String, String)> = sqlx::query_as(
-                "select m.workspace_id, m.membership_id from members m \
+            let rows: Vec<(String, String, String)> = sqlx::query_as(
+                "select m.workspace_id, m.membership_id, m.user_id from members m \
                  join reconcile_seen_orgs s on s.id = m.workspace_id \
                  where m.removed_at is null and m.updated_at < $1 and m.membership_id > $2 \
                    and not exists (select 1 from reconcile_seen_members x where x.id = m.membership_id) \
@@ -484,16 +531,22 @@ impl Reconciler {
             .bind(&after)
             .fetch_all(&mut *conn)
             .await?;
-            let Some((_, last)) = rows.last() else { break };
+            let Some((_, last, _)) = rows.last() else {
+                break;
+            };
             after = last.clone();
-            let mut by_workspace: BTreeMap<String, Vec<String>> = BTreeMap::new();
-            for (workspace, membership) in rows {
-                by_workspace.entry(workspace).or_default().push(membership);
+            let mut by_workspace: BTreeMap<String, Vec<Candidate>> = BTreeMap::new();
+            for (workspace, membership_id, user_id) in rows {
+                by_workspace.entry(workspace).or_default().push(Candidate {
+                    membership_id,
+                    user_id,
+                });
             }
-            for workspace in by_workspace.keys() {
-                // The scan missed them: Clerk's current list of that organization
-                // is the proof (and compares what it lists).
-                self.sync_members(workspace, started, &mut pass).await?;
+            for (workspace, candidates) in by_workspace {
+                // The scan (by offset) missed them, which proves nothing: Clerk is
+                // asked about each by its user.
+                self.remove_unless_found(&workspace, candidates, &mut pass)
+                    .await?;
                 progress.advance(1);
             }
         }
@@ -507,13 +560,32 @@ impl Reconciler {
         Ok(report)
     }
 
-    /// Syncs one organization and its memberships (`reconcile --org`, and the read
-    /// API's just-in-time sync).
+    /// Syncs one organization and its memberships (`reconcile --org`, and the ops
+    /// console's sync): a workspace is removed only when Clerk neither lists its
+    /// organization nor finds it by id.
     pub async fn sync_one(
         &self,
         id: &str,
         opts: &RunOptions,
     ) -> Result<(Report, Found), ReconcileError> {
+        self.sync_organization_run(id, opts, Absence::Confirm).await
+    }
+
+    /// The read API's just-in-time sync of one organization: like
+    /// [`sync_one`](Self::sync_one), but Clerk's 404 removes nothing (the
+    /// workspace is left as it is; the caller answers 404).
+    pub async fn sync_just_in_time(&self, id: &str) -> Result<(Report, Found), ReconcileError> {
+        self.sync_organization_run(id, &RunOptions::default(), Absence::Keep)
+            .await
+    }
+
+    async fn sync_organization_run(
+        &self,
+        id: &str,
+        opts: &RunOptions,
+        absence: Absence,
+    ) -> Result<(Report, Found), ReconcileError> {
+        self.api.check_instance().await?;
         let mut report = Report {
             dry_run: opts.dry_run,
             ..Report::default()
@@ -522,117 +594,11 @@ impl Reconciler {
             .fetch_one(&self.pool)
             .await?;
         let mut pass = Pass::new(&mut report);
-        let found = self.sync_organization(id, started, &mut pass).await?;
+        let found = self
+            .sync_organization(id, started, absence, &mut pass)
+            .await?;
         self.finish(pass, opts, true).await?;
         Ok((report, found))
-    }
-
-    /// Fetches one organization: 404 is the proof a workspace active here is gone;
-    /// otherwise compares it and its current memberships.
-    async fn sync_organization(
-        &self,
-        id: &str,
-        started: DateTime<Utc>,
-        pass: &mut Pass<'_>,
-    ) -> Result<Found, ReconcileError> {
-        match self.api.organization(id).await? {
-            None => {
-                let active: Option<bool> =
-                    sqlx::query_scalar("select status = 'active' from workspaces where id = $1")
-                        .bind(id)
-                        .fetch_optional(&self.pool)
-                        .await?;
-                if active == Some(true) {
-                    pass.drift(
-                        DriftKind::WorkspaceGone,
-                        id,
-                        None,
-                        "active here, Clerk answers 404".into(),
-                    );
-                    let now = Utc::now().timestamp_millis();
-                    pass.removals.push(synthetic(
-                        "organization.deleted",
-                        &format!("orgdel_{id}"),
-                        &json!({"object": "organization", "id": id, "deleted": true}),
-                        now,
-                    ));
-                }
-                Ok(Found::Gone)
-            }
-            Some(organization) => {
-                pass.report.organizations_seen += 1;
-                self.compare_organizations(&[&organization], pass).await?;
-                self.sync_members(id, started, pass).await?;
-                Ok(Found::Present)
-            }
-        }
-    }
-
-    /// Compares one organization's current membership list with the members here:
-    /// what Clerk lacks and changed here before `started` is removed.
-    async fn sync_members(
-        &self,
-        workspace_id: &str,
-        started: DateTime<Utc>,
-        pass: &mut Pass<'_>,
-    ) -> Result<(), ReconcileError> {
-        let mut listed: HashMap<String, Value> = HashMap::new();
-        let mut offset = 0u64;
-        loop {
-            let Some(page) = self
-                .api
-                .memberships(Memberships::Of(workspace_id), offset, PAGE_LIMIT)
-                .await?
-            else {
-                // Deleted while we looked: the next run proves it with a 404.
-                return Ok(());
-            };
-            offset += page.data.len() as u64;
-            let done = page.data.is_empty() || offset >= page.total_count;
-            for m in page.data {
-                listed.insert(id_of(&m), m);
-            }
-            if done {
-                break;
-            }
-        }
-        pass.report.memberships_seen += listed.len() as u64;
-        let values: Vec<&Value> = listed.values().collect();
-        self.compare_memberships(&values, pass).await?;
-        let ids: Vec<&String> = listed.keys().collect();
-        let extra: Vec<(String, String)> = sqlx::query_as(
-            "select m.membership_id, m.user_id from members m \
-             join workspaces w on w.id = m.workspace_id and w.status = 'active' \
-             where m.workspace_id = $1 and m.removed_at is null and m.updated_at < $2 \
-               and not (m.membership_id = any($3::text[])) \
-             order by m.membership_id",
-        )
-        .bind(workspace_id)
-        .bind(started)
-        .bind(&ids)
-        .fetch_all(&self.pool)
-        .await?;
-        let now = Utc::now().timestamp_millis();
-        for (membership_id, user_id) in extra {
-            pass.drift(
-                DriftKind::MemberExtra,
-                workspace_id,
-                Some(&user_id),
-                format!("{membership_id} is active here, not in Clerk's list of the organization"),
-            );
-            pass.removals.push(synthetic(
-                "organizationMembership.deleted",
-                &format!("memdel_{membership_id}"),
-                &json!({
-                    "object": "organization_membership",
-                    "id": membership_id,
-                    "organization": {"object": "organization", "id": workspace_id},
-                    "public_user_data": {"user_id": user_id},
-                }),
-                now,
-            ));
-        }
-        Ok(())
     }
 
     async fn compare_organizations(
@@ -650,16 +616,18 @@ impl Reconciler {
             }
         }
         let ids: Vec<&str> = organizations.iter().map(|o| o.id.as_str()).collect();
-        let local: HashMap<String, LocalWorkspace> = sqlx::query_as::<_, LocalWorkspace>(
-            "select id, status, name, slug, image_url, plan, source_version \
-             from workspaces where id = any($1)",
-        )
-        .bind(&ids)
-        .fetch_all(&self.pool)
-        .await?
-        .into_iter()
-        .map(|w| (w.id.clone(), w))
-        .collect();
+        let local: HashMap<String, LocalWorkspace> =
+            sqlx::query_as::<_, LocalWorkspace>(sqlx::AssertSqlSafe(format!(
+                "select id, status, name, slug, image_url, plan, source_version, deleted_version, \
+                        {WORKSPACE_DELETION_INFERRED} as deletion_inferred \
+                 from workspaces w where id = any($1)"
+            )))
+            .bind(&ids)
+            .fetch_all(&self.pool)
+            .await?
+            .into_iter()
+            .map(|w| (w.id.clone(), w))
+            .collect();
         let quotas: Vec<(String, String, i64)> = sqlx::query_as(
             "select workspace_id, name, limit_value from workspace_quotas where workspace_id = any($1)",
         )
@@ -687,12 +655,36 @@ impl Reconciler {
                 ));
                 continue;
             };
+            if here.status != "active" && here.deletion_inferred {
+                // Reconcile removed it for want of it in Clerk; Clerk lists it: the
+                // snapshot restores it (DESIGN §5). Its own svix id per removal,
+                // since the same snapshot may have been applied before it.
+                pass.drift(
+                    DriftKind::WorkspaceMissing,
+                    &org.id,
+                    None,
+                    "removed here by reconcile on inference, listed by Clerk: restored".into(),
+                );
+                let id_part = format!(
+                    "restore_org_{}_{}",
+                    org.id,
+                    here.deleted_version.unwrap_or_default()
+                );
+                pass.events.push(prepared(
+                    "organization.updated",
+                    &id_part,
+                    org.updated_at,
+                    Event::OrganizationUpsert(org),
+                ));
+                continue;
+            }
             if here.status != "active" {
                 pass.drift(
                     DriftKind::WorkspaceConflict,
                     &org.id,
                     None,
-                    "deleted here, present in Clerk; a tombstone is final, not repaired".into(),
+                    "deleted here by Clerk, present in Clerk; a tombstone is final, not repaired"
+                        .into(),
                 );
                 continue;
             }
@@ -777,7 +769,8 @@ impl Reconciler {
             .collect();
         let local: HashMap<String, LocalMember> = sqlx::query_as::<_, LocalMember>(
             "select membership_id, role, clerk_role, removed_at is not null as removed, \
-                    removal_reason, source_version \
+                    removal_reason, source_version, \
+                    (extract(epoch from removed_at) * 1000)::bigint as removed_ms \
              from members where membership_id = any($1)",
         )
         .bind(&ids)
@@ -786,9 +779,12 @@ impl Reconciler {
         .into_iter()
         .map(|m| (m.membership_id.clone(), m))
         .collect();
-        let deleted: Vec<String> = sqlx::query_scalar(
-            "select id from workspaces where id = any($1) and status <> 'active'",
-        )
+        // Workspaces Clerk deleted (an inferred deletion is undone by the
+        // organization's snapshot, so its members are compared as usual).
+        let deleted: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "select id from workspaces w where id = any($1) and status <> 'active' \
+               and not {WORKSPACE_DELETION_INFERRED}"
+        )))
         .bind(&workspaces)
         .fetch_all(&self.pool)
         .await?;
@@ -817,6 +813,31 @@ impl Reconciler {
                         format!("{} ({}) is in Clerk, not here", m.id, m.role),
                     );
                     pass.events.push(upsert("organizationMembership.created"));
+                }
+                Some(here) if here.removal_inferred() => {
+                    pass.drift(
+                        DriftKind::MemberMissing,
+                        ws,
+                        Some(user),
+                        format!(
+                            "{} was removed here by reconcile on inference ({}), listed by Clerk: restored",
+                            m.id,
+                            here.removal_reason.as_deref().unwrap_or("removed")
+                        ),
+                    );
+                    // Its own svix id per removal: the same snapshot may have been
+                    // applied before the removal.
+                    let id_part = format!(
+                        "restore_mem_{}_{}",
+                        m.id,
+                        here.removed_ms.unwrap_or_default()
+                    );
+                    pass.events.push(prepared(
+                        "organizationMembership.updated",
+                        &id_part,
+                        m.updated_at,
+                        Event::MembershipUpsert(m.clone()),
+                    ));
                 }
                 Some(here) if here.removed => {
                     pass.drift(
@@ -1183,116 +1204,6 @@ fn id_str(value: &Value) -> &str {
     value["id"].as_str().unwrap_or_default()
 }
 
-/// Why a just-in-time sync failed (cloneable: concurrent callers share one).
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum SyncError {
-    /// No `CLERK_SECRET_KEY`.
-    #[error("CLERK_SECRET_KEY is not set: this process cannot sync from Clerk")]
-    NotConfigured,
-    /// Clerk refused, failed or could not be reached.
-    #[error("{0}")]
-    Clerk(String),
-    /// PostgreSQL failed; `unavailable` when it is down rather than wrong.
-    #[error("database error: {message}")]
-    Database {
-        /// The error, for the log.
-        message: String,
-        /// [`crate::db::DbFault::Unreachable`].
-        unavailable: bool,
-    },
-}
-
-/// The sync's view of a failed run.
-impl From<ReconcileError> for SyncError {
-    fn from(e: ReconcileError) -> Self {
-        match e {
-            ReconcileError::Clerk(ClerkError::NotConfigured) => SyncError::NotConfigured,
-            ReconcileError::Clerk(e) => SyncError::Clerk(e.to_string()),
-            ReconcileError::Database(e) => SyncError::Database {
-                unavailable: crate::db::fault(&e) == crate::db::DbFault::Unreachable,
-                message: e.to_string(),
-            },
-        }
-    }
-}
-
-type SharedSync = futures_util::future::Shared<
-    futures_util::future::BoxFuture<'static, Result<Found, SyncError>>,
->;
-
-/// The read API's just-in-time sync: one organization from Clerk now, provisioned
-/// like a webhook would; concurrent syncs of one workspace share one fetch.
-#[derive(Clone)]
-pub struct JustInTime {
-    reconciler: Option<Reconciler>,
-    inflight: std::sync::Arc<std::sync::Mutex<HashMap<String, SharedSync>>>,
-}
-
-impl fmt::Debug for JustInTime {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("JustInTime")
-            .field("configured", &self.reconciler.is_some())
-            .finish()
-    }
-}
-
-impl JustInTime {
-    /// A sync service; `None` when the process has no `CLERK_SECRET_KEY`.
-    pub fn new(reconciler: Option<Reconciler>) -> Self {
-        Self {
-            reconciler,
-            inflight: Default::default(),
-        }
-    }
-
-    /// Fetches the organization `id` and its memberships and provisions them
-    /// (actor `reconcile`, same gates and proofs as a run).
-    pub async fn sync(&self, id: &str) -> Result<Found, SyncError> {
-        let Some(reconciler) = self.reconciler.clone() else {
-            return Err(SyncError::NotConfigured);
-        };
-        use futures_util::FutureExt;
-        let shared = {
-            let mut inflight = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
-            inflight
-                .entry(id.to_owned())
-                .or_insert_with(|| {
-                    let id = id.to_owned();
-                    async move {
-                        let opts = RunOptions::default();
-                        match reconciler.sync_one(&id, &opts).await {
-                            Ok((report, found)) => {
-                                if let Some(refused) = &report.refused {
-                                    tracing::warn!(workspace_id = %id, %refused, "sync left removals undone");
-                                }
-                                tracing::info!(workspace_id = %id, summary = %report.summary(), "synced from Clerk");
-                                Ok(found)
-                            }
-                            Err(ReconcileError::Clerk(ClerkError::NotConfigured)) => {
-                                Err(SyncError::NotConfigured)
-                            }
-                            Err(ReconcileError::Clerk(e)) => Err(SyncError::Clerk(e.to_string())),
-                            Err(ReconcileError::Database(e)) => Err(SyncError::Database {
-                                unavailable: crate::db::fault(&e)
-                                    == crate::db::DbFault::Unreachable,
-                                message: e.to_string(),
-                            }),
-                        }
-                    }
-                    .boxed()
-                    .shared()
-                })
-                .clone()
-        };
-        let result = shared.clone().await;
-        let mut inflight = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
-        if inflight.get(id).is_some_and(|f| f.ptr_eq(&shared)) {
-            inflight.remove(id);
-        }
-        result
-    }
-}
-
 /// Metric: scheduled runs by `result` (`ok`, `refused`, `failed`, `skipped` when
 /// another process held the run).
 pub const RUNS_TOTAL: &str = "provisioner_reconcile_runs_total";
@@ -1304,23 +1215,6 @@ pub const DURATION_SECONDS: &str = "provisioner_reconcile_duration_seconds";
 /// The advisory lock that lets one process of a deployment run the scheduled
 /// reconcile at a time.
 const SCHEDULE_LOCK: &str = "callmine-provisioner:reconcile";
-
-impl JustInTime {
-    /// Like [`sync`](Self::sync), but hands back the run's report (the drift found
-    /// and the repairs applied) for the ops console to show; not shared with
-    /// concurrent syncs of the same workspace.
-    pub async fn sync_report(&self, id: &str) -> Result<(Report, Found), SyncError> {
-        let Some(reconciler) = &self.reconciler else {
-            return Err(SyncError::NotConfigured);
-        };
-        Ok(reconciler.sync_one(id, &RunOptions::default()).await?)
-    }
-
-    /// The process's reconciler, when configured.
-    pub fn reconciler(&self) -> Option<&Reconciler> {
-        self.reconciler.as_ref()
-    }
-}
 
 impl Reconciler {
     /// One scheduled run, unless another process of the deployment is running

@@ -46,6 +46,7 @@ impl TestDatabase {
             acquire_timeout_ms: 30_000,
             lock_timeout_ms: 0,
             statement_timeout_ms: 0,
+            idle_in_transaction_session_timeout_ms: 0,
         };
         let pool = provisioner::db::prepare(&settings)
             .await

@@ -3,20 +3,22 @@
 //! `../shared/reference/clerk-backend-api.md`: `{"data", "total_count"}` pages
 //! with `limit` (1–500, default 10), `offset` and `order_by` (`±created_at`),
 //! `404 resource_not_found` for a missing organization, `401` for a wrong key, and
-//! the `ClerkErrors` body on every error.
+//! the `ClerkErrors` body on every error; the list filters reconcile relies on
+//! (repeatable `user_id` on an organization's memberships, repeatable
+//! `organization_id` on the organizations), and `GET /v1/instance`.
 //!
-//! Tests script faults (`fail_next`), read what was asked (`requests`) and can
-//! stop a request halfway (`gate`) to change the world while a scan is running.
+//! Tests script faults (`fail_next`), read what was asked (`requests`), can stop
+//! a request halfway (`gate`) and can change the world between two page fetches
+//! (`before_page`), as Clerk's lists shift while they are paged by offset.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::sync::{mpsc, oneshot};
 
@@ -48,6 +50,24 @@ struct Gate {
     release: Option<oneshot::Receiver<()>>,
 }
 
+/// A change of the world the fake makes on its own, as Clerk would between two
+/// page fetches of a scan.
+#[derive(Debug, Clone)]
+pub enum Change {
+    /// The membership leaves Clerk.
+    DeleteMembership(String),
+    /// The organization is deleted, with its memberships.
+    DeleteOrganization(String),
+}
+
+/// A [`Change`] made when a list request of `path` at `offset` arrives, before it
+/// is answered.
+struct PageHook {
+    path: String,
+    offset: i64,
+    change: Option<Change>,
+}
+
 #[derive(Default)]
 struct World {
     organizations: Vec<Value>,
@@ -56,7 +76,27 @@ struct World {
     seen: Vec<Seen>,
     gates: Vec<Gate>,
     hidden: Vec<String>,
+    unfindable: Vec<String>,
+    hooks: Vec<PageHook>,
+    /// `GET /v1/instance`'s id; `None` answers 404 (an API without it).
+    instance: Option<String>,
 }
+
+impl World {
+    fn apply(&mut self, change: Change) {
+        match change {
+            Change::DeleteMembership(id) => self.memberships.retain(|m| m["id"] != id.as_str()),
+            Change::DeleteOrganization(id) => {
+                self.organizations.retain(|o| o["id"] != id.as_str());
+                self.memberships
+                    .retain(|m| m["organization"]["id"] != id.as_str());
+            }
+        }
+    }
+}
+
+/// The instance id the fake's key belongs to unless a test says otherwise.
+pub const INSTANCE_ID: &str = "ins_fake_clerk";
 
 #[derive(Clone)]
 struct Shared {
@@ -87,7 +127,10 @@ impl Drop for StopOnDrop {
 impl FakeClerk {
     /// Starts a fake on a free local port that accepts `key`.
     pub async fn start(key: &str) -> Self {
-        let world = Arc::new(Mutex::new(World::default()));
+        let world = Arc::new(Mutex::new(World {
+            instance: Some(INSTANCE_ID.to_owned()),
+            ..World::default()
+        }));
         let shared = Shared {
             key: key.to_owned(),
             world: world.clone(),
@@ -100,6 +143,7 @@ impl FakeClerk {
                 get(list_org_memberships),
             )
             .route("/v1/organization_memberships", get(list_memberships))
+            .route("/v1/instance", get(get_instance))
             .fallback(|| async { error(404, "resource_not_found", "no such route") })
             .with_state(shared);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -159,6 +203,29 @@ impl FakeClerk {
         self.world.lock().unwrap().hidden.push(id.to_owned());
     }
 
+    /// `GET /v1/organizations/{id}` answers 404 for it, while the list still
+    /// shows it (a GET that cannot find what exists).
+    pub fn unfindable_by_id(&self, id: &str) {
+        self.world.lock().unwrap().unfindable.push(id.to_owned());
+    }
+
+    /// Makes `change` when the first list request of `path` (e.g.
+    /// `/v1/organizations`) at `offset` arrives, before answering it: the world
+    /// shifts between two page fetches.
+    pub fn before_page(&self, path: &str, offset: i64, change: Change) {
+        self.world.lock().unwrap().hooks.push(PageHook {
+            path: path.to_owned(),
+            offset,
+            change: Some(change),
+        });
+    }
+
+    /// The instance the key belongs to (`GET /v1/instance`); `None` makes that
+    /// route answer 404, as an API without it would.
+    pub fn set_instance(&self, id: Option<&str>) {
+        self.world.lock().unwrap().instance = id.map(str::to_owned);
+    }
+
     /// The next requests get these answers, in order, before real ones again.
     pub fn fail_next(&self, answers: impl IntoIterator<Item = Scripted>) {
         self.world.lock().unwrap().script.extend(answers);
@@ -183,11 +250,38 @@ impl FakeClerk {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default)]
 struct ListQuery {
     limit: Option<i64>,
     offset: Option<i64>,
     order_by: Option<String>,
+    /// Repeatable `user_id` filter (an organization's memberships).
+    user_ids: Vec<String>,
+    /// Repeatable `organization_id` filter (the organizations).
+    organization_ids: Vec<String>,
+}
+
+impl ListQuery {
+    /// Parses a raw query string; repeated keys are kept in order. The error is
+    /// the message of Clerk's 422 (a malformed number, too many ids).
+    fn parse(raw: Option<&str>) -> Result<Self, &'static str> {
+        let mut q = ListQuery::default();
+        let number = |v: &str| v.parse::<i64>().map_err(|_| "not a number");
+        for (k, v) in url::form_urlencoded::parse(raw.unwrap_or("").as_bytes()) {
+            match k.as_ref() {
+                "limit" => q.limit = Some(number(&v)?),
+                "offset" => q.offset = Some(number(&v)?),
+                "order_by" => q.order_by = Some(v.into_owned()),
+                "user_id" => q.user_ids.push(v.into_owned()),
+                "organization_id" => q.organization_ids.push(v.into_owned()),
+                _ => {}
+            }
+        }
+        if q.user_ids.len() > 100 || q.organization_ids.len() > 100 {
+            return Err("at most 100 ids");
+        }
+        Ok(q)
+    }
 }
 
 fn error(status: u16, code: &str, message: &str) -> Response {
@@ -198,8 +292,31 @@ fn error(status: u16, code: &str, message: &str) -> Response {
     (StatusCode::from_u16(status).unwrap(), Json(body)).into_response()
 }
 
-/// Records the request, checks the key, serves a scripted fault or waits at a gate.
+/// Records the request, checks the key, serves a scripted fault or waits at a
+/// gate; then makes the change hooked on this page, if any.
 async fn admit(
+    shared: &Shared,
+    headers: &HeaderMap,
+    path: String,
+    query: String,
+    offset: Option<i64>,
+) -> Option<Response> {
+    let answer = admit_checked(shared, headers, path.clone(), query).await;
+    if answer.is_none() {
+        let mut w = shared.world.lock().unwrap();
+        let change = w
+            .hooks
+            .iter_mut()
+            .find(|h| h.path == path && Some(h.offset) == offset && h.change.is_some())
+            .and_then(|h| h.change.take());
+        if let Some(change) = change {
+            w.apply(change);
+        }
+    }
+    answer
+}
+
+async fn admit_checked(
     shared: &Shared,
     headers: &HeaderMap,
     path: String,
@@ -295,18 +412,35 @@ fn page(mut items: Vec<Value>, q: &ListQuery) -> Response {
 }
 
 fn raw_query(q: &ListQuery) -> String {
-    format!(
+    let mut raw = format!(
         "limit={:?}&offset={:?}&order_by={:?}",
         q.limit, q.offset, q.order_by
-    )
+    );
+    for u in &q.user_ids {
+        raw.push_str(&format!("&user_id={u}"));
+    }
+    for o in &q.organization_ids {
+        raw.push_str(&format!("&organization_id={o}"));
+    }
+    raw
+}
+
+/// Whether `id` passes a repeatable id filter (none given: everything does).
+fn selected(filter: &[String], id: &Value) -> bool {
+    filter.is_empty() || filter.iter().any(|f| id == f.as_str())
 }
 
 async fn list_organizations(
     State(shared): State<Shared>,
     headers: HeaderMap,
-    Query(q): Query<ListQuery>,
+    RawQuery(raw): RawQuery,
 ) -> Response {
-    if let Some(r) = admit(&shared, &headers, "/v1/organizations".into(), raw_query(&q)).await {
+    let q = match ListQuery::parse(raw.as_deref()) {
+        Ok(q) => q,
+        Err(message) => return error(422, "form_param_invalid", message),
+    };
+    let path = "/v1/organizations".to_owned();
+    if let Some(r) = admit(&shared, &headers, path, raw_query(&q), q.offset).await {
         return r;
     }
     let items = {
@@ -314,10 +448,36 @@ async fn list_organizations(
         w.organizations
             .iter()
             .filter(|o| !w.hidden.iter().any(|h| o["id"] == h.as_str()))
+            .filter(|o| selected(&q.organization_ids, &o["id"]))
             .cloned()
             .collect()
     };
     page(items, &q)
+}
+
+async fn get_instance(State(shared): State<Shared>, headers: HeaderMap) -> Response {
+    if let Some(r) = admit(
+        &shared,
+        &headers,
+        "/v1/instance".into(),
+        String::new(),
+        None,
+    )
+    .await
+    {
+        return r;
+    }
+    let instance = shared.world.lock().unwrap().instance.clone();
+    match instance {
+        Some(id) => Json(json!({
+            "object": "instance",
+            "id": id,
+            "environment_type": "development",
+            "allowed_origins": null,
+        }))
+        .into_response(),
+        None => error(404, "resource_not_found", "Resource not found"),
+    }
 }
 
 async fn get_organization(
@@ -326,17 +486,17 @@ async fn get_organization(
     Path(id): Path<String>,
 ) -> Response {
     let path = format!("/v1/organizations/{id}");
-    if let Some(r) = admit(&shared, &headers, path, String::new()).await {
+    if let Some(r) = admit(&shared, &headers, path, String::new(), None).await {
         return r;
     }
-    let found = shared
-        .world
-        .lock()
-        .unwrap()
-        .organizations
-        .iter()
-        .find(|o| o["id"] == id.as_str() || o["slug"] == id.as_str())
-        .cloned();
+    let found = {
+        let w = shared.world.lock().unwrap();
+        w.organizations
+            .iter()
+            .filter(|o| !w.unfindable.iter().any(|u| o["id"] == u.as_str()))
+            .find(|o| o["id"] == id.as_str() || o["slug"] == id.as_str())
+            .cloned()
+    };
     match found {
         Some(o) => Json(o).into_response(),
         None => error(404, "resource_not_found", "Resource not found"),
@@ -347,10 +507,14 @@ async fn list_org_memberships(
     State(shared): State<Shared>,
     headers: HeaderMap,
     Path(id): Path<String>,
-    Query(q): Query<ListQuery>,
+    RawQuery(raw): RawQuery,
 ) -> Response {
+    let q = match ListQuery::parse(raw.as_deref()) {
+        Ok(q) => q,
+        Err(message) => return error(422, "form_param_invalid", message),
+    };
     let path = format!("/v1/organizations/{id}/memberships");
-    if let Some(r) = admit(&shared, &headers, path, raw_query(&q)).await {
+    if let Some(r) = admit(&shared, &headers, path, raw_query(&q), q.offset).await {
         return r;
     }
     let (exists, items) = {
@@ -360,6 +524,7 @@ async fn list_org_memberships(
             .memberships
             .iter()
             .filter(|m| m["organization"]["id"] == id.as_str())
+            .filter(|m| selected(&q.user_ids, &m["public_user_data"]["user_id"]))
             .cloned()
             .collect();
         (exists, items)
@@ -373,10 +538,14 @@ async fn list_org_memberships(
 async fn list_memberships(
     State(shared): State<Shared>,
     headers: HeaderMap,
-    Query(q): Query<ListQuery>,
+    RawQuery(raw): RawQuery,
 ) -> Response {
+    let q = match ListQuery::parse(raw.as_deref()) {
+        Ok(q) => q,
+        Err(message) => return error(422, "form_param_invalid", message),
+    };
     let path = "/v1/organization_memberships".to_owned();
-    if let Some(r) = admit(&shared, &headers, path, raw_query(&q)).await {
+    if let Some(r) = admit(&shared, &headers, path, raw_query(&q), q.offset).await {
         return r;
     }
     let items = shared.world.lock().unwrap().memberships.clone();

@@ -8,6 +8,7 @@
 use axum::Json;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
+use axum::http::StatusCode;
 
 use super::access::{VisibleWorkspace, WorkspaceAccess, WorkspaceTarget};
 use super::auth::Caller;
@@ -48,8 +49,9 @@ pub async fn get_workspace(VisibleWorkspace(workspace): VisibleWorkspace) -> Jso
     responses(
         (status = 200, description = "Synced; the workspace as GET /v1/workspaces/{id} shows it", body = Workspace),
         (status = 401, description = "`unauthorized`: missing or invalid bearer token", body = ErrorBody),
-        (status = 404, description = "Clerk has no such organization (a workspace active here is tombstoned), or the acting user is not an active member after the sync", body = ErrorBody),
-        (status = 503, description = "`clerk_unavailable` (Clerk could not be reached, kept failing or refused the key), `reconcile_not_configured` (no CLERK_SECRET_KEY), `database_unavailable`; with Retry-After", body = ErrorBody),
+        (status = 404, description = "Clerk has no such organization (the workspace is left as it is), or the acting user is not an active member after the sync", body = ErrorBody),
+        (status = 501, description = "`reconcile_not_configured`: this service has no CLERK_SECRET_KEY (no Retry-After)", body = ErrorBody),
+        (status = 503, description = "`clerk_unavailable` (Clerk could not be reached, kept failing or refused the key), `database_unavailable`, with Retry-After; `clerk_misconfigured` (CLERK_SECRET_KEY belongs to another Clerk instance than CLERK_INSTANCE_ID), without", body = ErrorBody),
     ),
 )]
 pub async fn sync_workspace(
@@ -61,10 +63,11 @@ pub async fn sync_workspace(
         Ok(Found::Present) => {}
         Ok(Found::Gone) => return Err(not_found("workspace")),
         Err(SyncError::NotConfigured) => {
-            return Err(HttpError::unavailable(
+            // Not a passing state: no Retry-After (DESIGN §6).
+            return Err(HttpError::new(
+                StatusCode::NOT_IMPLEMENTED,
                 "reconcile_not_configured",
                 "this service has no CLERK_SECRET_KEY, so it cannot sync from Clerk",
-                retry_after,
             ));
         }
         Err(SyncError::Clerk(reason)) => {
@@ -73,6 +76,15 @@ pub async fn sync_workspace(
                 "clerk_unavailable",
                 format!("Clerk could not be asked: {reason}"),
                 retry_after,
+            ));
+        }
+        Err(SyncError::Misconfigured(reason)) => {
+            tracing::error!(workspace_id = %target.workspace_id, error = %reason, "sync refused");
+            // No Retry-After: trying again does not help until ops fix the settings.
+            return Err(HttpError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "clerk_misconfigured",
+                reason,
             ));
         }
         Err(SyncError::Database {

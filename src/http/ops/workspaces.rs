@@ -280,6 +280,7 @@ pub async fn sync(
                 SyncError::Clerk(reason) => {
                     format!("Clerk could not be asked: {reason}. Nothing changed.")
                 }
+                SyncError::Misconfigured(reason) => format!("{reason}. Nothing changed."),
                 SyncError::Database { .. } => {
                     "The database failed during the sync; try again.".to_owned()
                 }
