@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use common::proxy::Proxy;
 use common::*;
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -267,37 +268,130 @@ async fn past_max_connections_new_clients_wait_for_a_free_slot() {
     app.stop().await.unwrap();
 }
 
-/// Past `max_inflight_webhooks` intake answers 503 with `Retry-After` and the error
-/// body at once (Svix retries), queues nothing, and the read API still answers;
-/// once a slot frees, webhooks are queued again.
+/// `max_inflight_webhooks` clients trickling unsigned webhook bodies take no
+/// webhook slot: a genuine signed webhook sent meanwhile gets its 200 while every
+/// trickle is still open. The trickles are answered 408 at the short
+/// `webhook_body_timeout_ms`, while a read-API body keeps `body_read_timeout_ms`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn past_max_inflight_webhooks_intake_answers_503_with_retry_after() {
+async fn trickling_webhook_bodies_do_not_starve_genuine_webhooks() {
+    let webhook_deadline = Duration::from_secs(3);
     let app = spawn_app_with(TestOptions {
-        extra_config: "[http]\nmax_inflight_webhooks = 2\nbody_read_timeout_ms = 60000\nretry_after_secs = 7\n".into(),
+        extra_config: format!(
+            "[http]\nmax_inflight_webhooks = 4\nbody_read_timeout_ms = 60000\n\
+             webhook_body_timeout_ms = {}\n",
+            webhook_deadline.as_millis()
+        ),
         ..Default::default()
     })
     .await;
-    // Two webhooks whose bodies never finish hold both slots.
-    let mut held = Vec::new();
-    for _ in 0..2 {
-        let mut s = TcpStream::connect(("127.0.0.1", app.port)).await.unwrap();
-        s.write_all(
-            b"POST /webhooks/clerk HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
-              Content-Length: 100\r\n\r\n{",
-        )
-        .await
-        .unwrap();
-        held.push(s);
+    let closed = Arc::new(AtomicUsize::new(0));
+    let mut trickles = tokio::task::JoinSet::new();
+    for _ in 0..4 {
+        let (port, closed) = (app.port, closed.clone());
+        trickles.spawn(slow_client(
+            port,
+            Slow::WebhookBody,
+            closed,
+            Duration::from_secs(30),
+        ));
     }
+    let api_body = tokio::spawn(slow_client(
+        app.port,
+        Slow::ApiBody,
+        Arc::new(AtomicUsize::new(0)),
+        webhook_deadline * 3,
+    ));
+    // Every trickle has sent its head and is sending its body.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+
+    let body = serde_json::to_vec(&fixture("organization.created")).unwrap();
+    let id = format!("msg_{}", random_id(24));
+    let res = app.post_signed(&id, &body).await;
+    let closed_by_then = closed.load(Ordering::SeqCst);
+
+    assert_eq!(res.status(), 200, "a genuine webhook is not refused");
+    let answer: serde_json::Value = res.json().await.unwrap();
+    assert_eq!(answer, json!({"status": "queued", "id": id}));
+    assert_eq!(
+        closed_by_then, 0,
+        "answered before the trickle deadline, every trickle still open"
+    );
+    while let Some(trickle) = trickles.join_next().await {
+        let c = trickle.unwrap().expect("the trickle is closed");
+        assert!(c.after >= webhook_deadline, "{c:?}");
+        assert!(c.after < webhook_deadline * 3, "{c:?}");
+        assert!(
+            c.answer.starts_with("HTTP/1.1 408") && c.answer.contains("body_timeout"),
+            "{}",
+            c.answer
+        );
+    }
+    assert!(
+        api_body.await.unwrap().is_none(),
+        "a read-API body still has body_read_timeout_ms"
+    );
+    app.stop().await.unwrap();
+}
+
+/// Past `max_inflight_webhooks` webhooks being verified and published (here held
+/// by a broker that does not confirm), intake answers 503 with `Retry-After` and
+/// the error body at once (Svix retries), queues nothing, and the read API still
+/// answers; once a slot frees, webhooks are queued again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_max_inflight_webhooks_intake_answers_503_with_retry_after() {
+    let proxy = Proxy::start("127.0.0.1:5672".parse().unwrap()).await;
+    let app = spawn_app_with(TestOptions {
+        amqp_url: Some(format!("amqp://guest:guest@{}/%2f", proxy.addr)),
+        extra_config: "[http]\nmax_inflight_webhooks = 2\nretry_after_secs = 7\n\
+                       [broker]\npublish_timeout_ms = 60000\n"
+            .into(),
+        ..Default::default()
+    })
+    .await;
     let body = serde_json::to_vec(&fixture("organization.created")).unwrap();
     let post = || async {
         app.post_signed(&format!("msg_{}", random_id(24)), &body)
             .await
     };
+    // Two webhooks whose publishes the stalled broker does not confirm hold both
+    // slots.
+    proxy.stall();
+    let mut held = tokio::task::JoinSet::new();
+    for _ in 0..2 {
+        let (client, address, body) = (app.client.clone(), app.address.clone(), body.clone());
+        let id = format!("msg_{}", random_id(24));
+        let timestamp = now_secs();
+        let signature = app.sign(&id, timestamp, &body);
+        held.spawn(async move {
+            loop {
+                let status = client
+                    .post(format!("{address}/webhooks/clerk"))
+                    .header("content-type", "application/json")
+                    .header("svix-id", &id)
+                    .header("svix-timestamp", timestamp.to_string())
+                    .header("svix-signature", &signature)
+                    .body(body.clone())
+                    .send()
+                    .await
+                    .map(|res| res.status());
+                // Refused only if a probe below came first and took the slot: as
+                // Svix would, try again once it has given up.
+                if !matches!(status, Ok(s) if s == 503) {
+                    return status;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        });
+    }
 
-    // The held requests take their slots as soon as hyper hands them over.
+    // The held requests take their slots once they reach the server; a probe that
+    // comes first takes one itself and hangs with them, so it gives up after a
+    // second (its slot is freed when its connection goes).
+    tokio::time::sleep(Duration::from_millis(300)).await;
     let refused = eventually(Duration::from_secs(10), || async {
-        let res = post().await;
+        let res = tokio::time::timeout(Duration::from_secs(1), post())
+            .await
+            .ok()?;
         (res.status() == 503).then_some(res)
     })
     .await
@@ -326,7 +420,14 @@ async fn past_max_inflight_webhooks_intake_answers_503_with_retry_after() {
         "other routes are not limited"
     );
 
-    drop(held);
+    proxy.unstall();
+    while let Some(status) = held.join_next().await {
+        assert_eq!(
+            status.unwrap().unwrap(),
+            200,
+            "the held webhooks are queued"
+        );
+    }
     let id = format!("msg_{}", random_id(24));
     let queued = eventually(Duration::from_secs(10), || async {
         let res = app.post_signed(&id, &body).await;

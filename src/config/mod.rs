@@ -140,8 +140,15 @@ pub struct HttpSettings {
     pub idle_timeout_ms: u64,
     /// Connections served at once; past it, new ones wait in the listen backlog.
     pub max_connections: usize,
-    /// Webhook requests handled at once; past it, intake answers 503 with `Retry-After`.
+    /// Webhooks verified and published at once (a slot is taken once the body is
+    /// read); past it, intake answers 503 with `Retry-After`.
     pub max_inflight_webhooks: usize,
+    /// Deadline of a webhook's body, from its head (the shorter of this and
+    /// `body_read_timeout_ms` applies): Svix sends a few KB at once.
+    pub webhook_body_timeout_ms: u64,
+    /// A connection this old is told to close (then closed after
+    /// `shutdown_grace_ms`); 0: no limit.
+    pub max_connection_age_ms: u64,
 }
 
 /// `[database]`
@@ -487,6 +494,10 @@ impl Settings {
             (
                 "http.max_inflight_webhooks",
                 self.http.max_inflight_webhooks == 0,
+            ),
+            (
+                "http.webhook_body_timeout_ms",
+                self.http.webhook_body_timeout_ms == 0,
             ),
             (
                 "broker.publish_timeout_ms",
@@ -1299,6 +1310,47 @@ gong_credentials = 6
         let err = load(None, &[("PROVISIONER_HTTP_IDLE_TIMEOUT_MS", "0")]).unwrap_err();
         assert_eq!(
             err.setting, "http.idle_timeout_ms (PROVISIONER_HTTP_IDLE_TIMEOUT_MS)",
+            "{err}"
+        );
+    }
+
+    /// The webhook body deadline and the connection age default to 5 s and 5 min,
+    /// come from the file and from their variables, and only the age may be 0.
+    #[test]
+    fn webhook_body_timeout_and_connection_age_come_from_file_and_environment() {
+        let s = load(None, &[]).unwrap();
+        assert_eq!(s.http.webhook_body_timeout_ms, 5_000);
+        assert_eq!(s.http.max_connection_age_ms, 300_000);
+        let s = load(
+            Some("[http]\nwebhook_body_timeout_ms = 7\nmax_connection_age_ms = 8\n"),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(
+            (s.http.webhook_body_timeout_ms, s.http.max_connection_age_ms),
+            (7, 8)
+        );
+        let s = load(
+            None,
+            &[
+                ("PROVISIONER_HTTP_WEBHOOK_BODY_TIMEOUT_MS", "9"),
+                ("PROVISIONER_HTTP_MAX_CONNECTION_AGE_MS", "0"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(
+            (s.http.webhook_body_timeout_ms, s.http.max_connection_age_ms),
+            (9, 0),
+            "an age of 0 turns the limit off"
+        );
+        let err = load(None, &[("PROVISIONER_HTTP_WEBHOOK_BODY_TIMEOUT_MS", "0")]).unwrap_err();
+        assert_eq!(
+            err.setting, "http.webhook_body_timeout_ms (PROVISIONER_HTTP_WEBHOOK_BODY_TIMEOUT_MS)",
+            "{err}"
+        );
+        let err = load(None, &[("PROVISIONER_HTTP_MAX_CONNECTION_AGE_MS", "soon")]).unwrap_err();
+        assert_eq!(
+            err.setting, "http.max_connection_age_ms (PROVISIONER_HTTP_MAX_CONNECTION_AGE_MS)",
             "{err}"
         );
     }

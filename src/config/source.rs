@@ -26,7 +26,7 @@ pub(super) const ENV_KEYS: [(&str, &str); 13] = [
 /// Environment variable → the dotted key of an integer setting it overrides; the
 /// value is read as an integer (anything else stays a string, and the setting's
 /// deserialization names it).
-pub(super) const ENV_INTEGER_KEYS: [(&str, &str); 6] = [
+pub(super) const ENV_INTEGER_KEYS: [(&str, &str); 8] = [
     (
         "PROVISIONER_HTTP_HEADER_READ_TIMEOUT_MS",
         "http.header_read_timeout_ms",
@@ -40,6 +40,14 @@ pub(super) const ENV_INTEGER_KEYS: [(&str, &str); 6] = [
     (
         "PROVISIONER_HTTP_MAX_INFLIGHT_WEBHOOKS",
         "http.max_inflight_webhooks",
+    ),
+    (
+        "PROVISIONER_HTTP_WEBHOOK_BODY_TIMEOUT_MS",
+        "http.webhook_body_timeout_ms",
+    ),
+    (
+        "PROVISIONER_HTTP_MAX_CONNECTION_AGE_MS",
+        "http.max_connection_age_ms",
     ),
     (
         "PROVISIONER_BROKER_QUORUM_INITIAL_GROUP_SIZE",

@@ -2,10 +2,13 @@
 //!
 //! Guarantee: nothing is read from a request before its Svix signature verifies;
 //! 200 `queued` is answered only after the broker confirmed the unchanged body was
-//! routed to a queue; every refusal queues nothing. A refused signature is logged at
-//! debug level only, and summed up in at most one warning per
-//! [`REFUSAL_SUMMARY_INTERVAL`]: a flood of forged requests cannot flood the log,
-//! nor write the ids it chose into it above debug.
+//! routed to a queue; every refusal queues nothing. A body that trickles holds no
+//! `max_inflight_webhooks` slot (one is taken only once the body is in, for verify
+//! and publish) and holds its connection no longer than the short webhook body
+//! deadline, so clients without the secret cannot starve genuine deliveries. A
+//! refused signature is logged at debug level only, and summed up in at most one
+//! warning per [`REFUSAL_SUMMARY_INTERVAL`]: a flood of forged requests cannot
+//! flood the log, nor write the ids it chose into it above debug.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -20,12 +23,12 @@ use axum::{Json, Router};
 
 use super::AppState;
 use super::error::HttpError;
-use super::server::BodyTimeout;
+use super::server::{BodyTimeout, body_deadline};
 use crate::broker::PublishError;
 use crate::clerk::is_handled;
 use crate::config::HttpSettings;
 use crate::intake::{Envelope, VerifyError};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracing::Instrument;
 
 /// How often, at most, refused webhooks are summed up in one warning.
@@ -96,9 +99,41 @@ impl RefusalLog {
     }
 }
 
-/// The intake routes. At most `[http] max_inflight_webhooks` requests are handled
-/// at once (from the head to the answer, so bodies being read count too); past it
-/// the answer is 503 with `Retry-After` at once, and Svix retries later.
+/// The `[http] max_inflight_webhooks` slots of one application: a webhook holds
+/// one from the end of its body to its answer (verify and publish), never while
+/// its body is still arriving, so clients that trickle bodies without the secret
+/// cannot take them from genuine deliveries.
+#[derive(Debug, Clone)]
+struct Slots {
+    free: Arc<Semaphore>,
+    retry_after: u64,
+}
+
+impl Slots {
+    /// A slot, or the 503 that Svix retries later.
+    fn take(&self) -> Result<OwnedSemaphorePermit, HttpError> {
+        self.free.clone().try_acquire_owned().map_err(|_| {
+            outcome("overloaded");
+            HttpError::unavailable(
+                "overloaded",
+                "too many webhooks in flight; retry later",
+                self.retry_after,
+            )
+        })
+    }
+}
+
+/// The deadline of a webhook's body: `[http] webhook_body_timeout_ms`, or
+/// `body_read_timeout_ms` when that is shorter (the application's deadline also
+/// runs, and the earlier one would fire first).
+pub fn webhook_body_timeout(http: &HttpSettings) -> Duration {
+    Duration::from_millis(http.webhook_body_timeout_ms.min(http.body_read_timeout_ms))
+}
+
+/// The intake routes. A webhook's body must arrive within
+/// [`webhook_body_timeout`] of its head (408 after it); at most `[http]
+/// max_inflight_webhooks` webhooks are verified and published at once ([`Slots`]);
+/// past it the answer is 503 with `Retry-After` at once, and Svix retries later.
 pub fn router(http: &HttpSettings) -> Router<AppState> {
     // Every series at 0 from the start, so rate() and increase() see the first one.
     for o in OUTCOMES {
@@ -109,22 +144,13 @@ pub fn router(http: &HttpSettings) -> Router<AppState> {
     }
     // Built once per application, so the count is its own.
     let refusals = RefusalLog::new(REFUSAL_SUMMARY_INTERVAL);
-    let slots = Arc::new(Semaphore::new(http.max_inflight_webhooks));
-    let retry_after = http.retry_after_secs;
-    let limit = middleware::from_fn(move |request: Request, next: Next| {
-        let slots = slots.clone();
-        async move {
-            let Ok(_slot) = slots.try_acquire_owned() else {
-                outcome("overloaded");
-                return HttpError::unavailable(
-                    "overloaded",
-                    "too many webhooks in flight; retry later",
-                    retry_after,
-                )
-                .into_response();
-            };
-            next.run(request).await
-        }
+    let slots = Slots {
+        free: Arc::new(Semaphore::new(http.max_inflight_webhooks)),
+        retry_after: http.retry_after_secs,
+    };
+    let body_timeout = webhook_body_timeout(http);
+    let deadline = middleware::from_fn(move |request: Request, next: Next| {
+        body_deadline(body_timeout, request, next)
     });
     Router::new()
         .route(
@@ -141,9 +167,11 @@ pub fn router(http: &HttpSettings) -> Router<AppState> {
                 r
             }),
         )
-        .route_layer(limit)
+        .route_layer(deadline)
         .layer(Extension(refusals))
+        .layer(Extension(slots))
 }
+
 fn svix_id(headers: &HeaderMap) -> String {
     headers
         .get("svix-id")
@@ -182,7 +210,7 @@ fn outcome_by(outcome: &'static str, n: u64) {
     metrics::counter!(RECEIVED_TOTAL, "outcome" => outcome).increment(n);
 }
 
-/// 408: the body did not arrive within `[http] body_read_timeout_ms` of the head.
+/// 408: the body did not arrive within [`webhook_body_timeout`] of the head.
 fn body_timeout(timeout: Duration) -> HttpError {
     // hyper closes the connection after this answer: the body was not read to its end.
     HttpError::new(
@@ -242,6 +270,7 @@ fn loggable(value: &str) -> &str {
 async fn receive(
     State(state): State<AppState>,
     Extension(refusals): Extension<Arc<RefusalLog>>,
+    Extension(slots): Extension<Slots>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, HttpError> {
@@ -249,7 +278,7 @@ async fn receive(
     let body = read_body(
         body,
         settings.http.max_body_bytes,
-        Duration::from_millis(settings.http.body_read_timeout_ms),
+        webhook_body_timeout(&settings.http),
         &headers,
     )
     .await
@@ -260,6 +289,8 @@ async fn receive(
             "too_large"
         })
     })?;
+    // Only now, with the whole body here: the slot bounds verify and publish.
+    let _slot = slots.take()?;
 
     // Verify before anything in the body is looked at.
     state.verifier.verify(&body, &headers).map_err(|e| {

@@ -139,7 +139,8 @@ async fn count_request(
 /// The HTTP application: intake, read API, ops console, health and metrics.
 ///
 /// Every request body must arrive within `[http] body_read_timeout_ms` of its head
-/// ([`server::body_deadline`]).
+/// ([`server::body_deadline`]); a webhook's within the shorter
+/// [`intake::webhook_body_timeout`], which intake's routes add inside this one.
 pub fn app(state: AppState) -> Router {
     let body_timeout = Duration::from_millis(state.settings.http.body_read_timeout_ms);
     Router::new()

@@ -1,17 +1,28 @@
 //! The HTTP server under [`super::app`]: accepts connections up to `[http]
-//! max_connections` and serves each with hyper (HTTP/1.1, or HTTP/2 with prior
-//! knowledge), closing what a slow or idle client holds.
+//! max_connections` and serves each with hyper's HTTP/1.1, closing what a slow,
+//! idle or long-lived client holds.
 //!
 //! Guarantee: no client holds a connection slot, a task or a buffer longer than
 //! the configured deadlines allow — a request head must arrive within
 //! `header_read_timeout_ms` (the first one counted from the accept, later ones on
-//! a kept-alive HTTP/1.1 connection from the end of the previous response), a body
-//! within `body_read_timeout_ms` of its head (see [`body_deadline`]), and a
-//! connection with no request in flight and no byte moving for `idle_timeout_ms`
-//! is closed. Past `max_connections` the listener stops accepting (new clients wait
-//! in the kernel's backlog) until a connection ends. On `stop` the listener closes
-//! and every connection finishes its requests and closes; dropping the future of
-//! [`serve`] ends every connection at once.
+//! a kept-alive connection from the end of the previous response), a body within
+//! `body_read_timeout_ms` of its head (see [`body_deadline`]), a connection with
+//! no request in flight for `idle_timeout_ms` since its last request ended is
+//! closed (bytes that are no request, such as blank lines, do not count), and a
+//! connection older than `max_connection_age_ms` is told to close (`Connection:
+//! close` on the response in flight, or closed at once when none is) and is closed
+//! for good after `shutdown_grace_ms` more. So a client that keeps its connection
+//! busy still gives its slot back. Past `max_connections` the listener stops
+//! accepting (new clients wait in the kernel's backlog) until a connection ends. On
+//! `stop` the listener closes and every connection finishes its requests and
+//! closes; dropping the future of [`serve`] ends every connection at once.
+//!
+//! Only HTTP/1.1 (and 1.0) is spoken: no client of this service needs cleartext
+//! HTTP/2 (Svix, the main application and Prometheus speak HTTP/1.1, and a TLS
+//! proxy in front speaks HTTP/1.1 to its upstreams unless told otherwise), and
+//! HTTP/2 would multiply every per-connection bound by its concurrent streams and
+//! bring control frames (PING, SETTINGS, resets) that move bytes without a
+//! request. A client that opens with the HTTP/2 preface is closed at once.
 
 use std::io;
 use std::net::SocketAddr;
@@ -28,9 +39,8 @@ use axum::middleware::Next;
 use axum::response::Response;
 use http_body::Frame;
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
@@ -45,10 +55,16 @@ use crate::config::HttpSettings;
 pub struct Limits {
     /// Deadline of a request head.
     pub header_read: Duration,
-    /// A connection with nothing in flight and no byte moving this long is closed.
+    /// A connection with no request in flight this long since its last request
+    /// ended is closed.
     pub idle: Duration,
     /// Connections served at once.
     pub max_connections: usize,
+    /// A connection this old is told to close; `None`: no limit.
+    pub max_age: Option<Duration>,
+    /// How long a connection told to close for its age may still finish the
+    /// request it has in flight before it is closed hard.
+    pub age_grace: Duration,
 }
 
 impl Limits {
@@ -58,6 +74,9 @@ impl Limits {
             header_read: Duration::from_millis(http.header_read_timeout_ms),
             idle: Duration::from_millis(http.idle_timeout_ms),
             max_connections: http.max_connections,
+            max_age: (http.max_connection_age_ms > 0)
+                .then(|| Duration::from_millis(http.max_connection_age_ms)),
+            age_grace: Duration::from_millis(http.shutdown_grace_ms),
         }
     }
 }
@@ -163,10 +182,6 @@ async fn connection(
     _slot: OwnedSemaphorePermit,
 ) {
     let activity = Arc::new(Activity::new());
-    let io = TokioIo::new(Tracked {
-        inner: stream,
-        activity: activity.clone(),
-    });
     let service = {
         let activity = activity.clone();
         hyper::service::service_fn(move |request: Request<Incoming>| {
@@ -179,17 +194,14 @@ async fn connection(
             }
         })
     };
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
+    let conn = http1::Builder::new()
         .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read);
-    builder.http2().timer(TokioTimer::new());
-    let conn = builder.serve_connection(io, service);
+        .header_read_timeout(limits.header_read)
+        .serve_connection(TokioIo::new(stream), service);
     tokio::pin!(conn);
 
     let mut closing = false;
-    // Once this process closes an idle or slow connection, it gets this long to go.
+    // Once this process closes a connection of its own accord, it gets this long to go.
     let mut hard_deadline: Option<Instant> = None;
     loop {
         let check = activity.next_check(&limits);
@@ -205,10 +217,12 @@ async fn connection(
                 conn.as_mut().graceful_shutdown();
             }
             _ = tokio::time::sleep_until(check), if !closing => {
-                if let Some(reason) = activity.expired(&limits) {
-                    tracing::debug!(reason, "closing an HTTP connection");
+                if let Some(close) = activity.expired(&limits) {
+                    tracing::debug!(reason = close.reason(), "closing an HTTP connection");
                     closing = true;
-                    hard_deadline = Some(Instant::now() + limits.header_read);
+                    hard_deadline = Some(Instant::now() + close.grace(&limits));
+                    // HTTP/1.1: an idle connection closes now; one with a request in
+                    // flight answers it with `Connection: close`, then closes.
                     conn.as_mut().graceful_shutdown();
                 }
             }
@@ -225,12 +239,44 @@ async fn sleep_until_some(deadline: Option<Instant>) {
     }
 }
 
-/// What a connection has been doing, for its watchdog.
+/// Why the watchdog closes a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Close {
+    /// No request began within the header read timeout of the accept.
+    NoRequest,
+    /// No request in flight for the idle timeout since the last one ended.
+    Idle,
+    /// Older than `max_connection_age_ms`, whatever it is doing.
+    Age,
+}
+
+impl Close {
+    fn reason(self) -> &'static str {
+        match self {
+            Self::NoRequest => "no request within the header read timeout",
+            Self::Idle => "idle",
+            Self::Age => "older than max_connection_age_ms",
+        }
+    }
+
+    /// How long the connection may take to finish before it is closed hard: a
+    /// connection closed for its age may have a genuine request in flight, which
+    /// gets the shutdown grace; the others have nothing in flight to wait for.
+    fn grace(self, limits: &Limits) -> Duration {
+        match self {
+            Self::Age => limits.age_grace,
+            Self::NoRequest | Self::Idle => limits.header_read,
+        }
+    }
+}
+
+/// What a connection has been doing, for its watchdog. Only requests count: bytes
+/// that move without one (blank lines between requests, a response still being
+/// written after its handler answered) never keep a connection open.
 #[derive(Debug)]
 struct Activity {
     opened: Instant,
-    /// Milliseconds since `opened` of the last byte read or written, or the last
-    /// request ending.
+    /// Milliseconds since `opened` of the last request ending.
     last_ms: AtomicU64,
     in_flight: AtomicUsize,
     requests: AtomicU64,
@@ -258,16 +304,19 @@ impl Activity {
     }
 
     /// Why the connection should close now, if it should.
-    fn expired(&self, limits: &Limits) -> Option<&'static str> {
+    fn expired(&self, limits: &Limits) -> Option<Close> {
         let now = Instant::now();
+        if limits.max_age.is_some_and(|age| now >= self.opened + age) {
+            return Some(Close::Age);
+        }
         // Until its first request starts, a connection has the header deadline from
-        // the accept, whatever it trickles: it covers the protocol sniffing and the
-        // HTTP/2 handshake, which hyper's own header timer does not.
+        // the accept, whatever it trickles (hyper's own header timer says the same;
+        // this one does not depend on hyper polling for a head).
         if self.requests.load(Ordering::Relaxed) == 0 && now >= self.opened + limits.header_read {
-            return Some("no request within the header read timeout");
+            return Some(Close::NoRequest);
         }
         if self.in_flight.load(Ordering::Relaxed) == 0 && now >= self.last() + limits.idle {
-            return Some("idle");
+            return Some(Close::Idle);
         }
         None
     }
@@ -276,12 +325,16 @@ impl Activity {
     /// watchdog, through `ended`).
     fn next_check(&self, limits: &Limits) -> Instant {
         let idle = self.last() + limits.idle;
-        if self.requests.load(Ordering::Relaxed) == 0 {
+        let check = if self.requests.load(Ordering::Relaxed) == 0 {
             idle.min(self.opened + limits.header_read)
         } else if self.in_flight.load(Ordering::Relaxed) > 0 {
             Instant::now() + limits.idle
         } else {
             idle
+        };
+        match limits.max_age {
+            Some(age) => check.min(self.opened + age),
+            None => check,
         }
     }
 }
@@ -302,65 +355,6 @@ impl Drop for Busy {
         self.0.touch();
         self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
         self.0.ended.notify_one();
-    }
-}
-
-/// The socket, noting each byte that moves.
-struct Tracked {
-    inner: TcpStream,
-    activity: Arc<Activity>,
-}
-
-impl AsyncRead for Tracked {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let before = buf.filled().len();
-        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
-        if buf.filled().len() > before {
-            self.activity.touch();
-        }
-        polled
-    }
-}
-
-impl AsyncWrite for Tracked {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
-        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
-            self.activity.touch();
-        }
-        polled
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        let polled = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
-        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
-            self.activity.touch();
-        }
-        polled
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 
