@@ -1,7 +1,7 @@
 //! `GET /ops/login`, `POST /ops/login`, `POST /ops/logout`.
 //!
-//! Guarantee: a wrong token answers 401 with the form again and sets no cookie; a
-//! right one creates a session and its cookie, and redirects (303) to `/ops`. The
+//! Guarantee: a wrong token answers 401 with the form again and sets no cookie; a right one creates a
+//! session bound to that token and its cookie, and redirects (303) to `/ops`. The
 //! login form is the one form without a CSRF token (there is no session yet; the
 //! cookie is `SameSite=Strict`, so another site cannot post it with a victim's
 //! session either way). Logging out deletes the session row.
@@ -76,7 +76,10 @@ pub async fn submit(State(state): State<AppState>, Fields(form): Fields<LoginFor
             .into_response();
     };
     let label = label.unwrap_or_else(|| format!("ops token {index}"));
-    match session::create(&state.db, &label).await {
+    let ops = &state.settings.ops;
+    let digest = session::token_digest(&ops.tokens[index - 1]);
+    let live = session::Liveness::of(ops);
+    match session::create(&state.db, &label, &digest, &live).await {
         Ok(id) => {
             tracing::info!(operator = %label, "ops console: signed in");
             let mut response = super::see_other("/ops");

@@ -3,7 +3,8 @@
 //!
 //! Guarantees:
 //! - Its own credentials: an ops token (`[ops] tokens`, `PROVISIONER_OPS_TOKENS`)
-//!   opens a server-side session ([`session`]); without a live session every page
+//!   opens a server-side session ([`session`]) that ends with the token, after
+//!   `[ops] session_max_age_h` and when idle; without a live session every page
 //!   and form answers 303 to `/ops/login`. A read-API token opens nothing here and
 //!   the session cookie (path `/ops`) nothing under `/v1`.
 //! - Every state change is a POST carrying the session's CSRF token (403 and no
