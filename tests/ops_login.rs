@@ -258,3 +258,56 @@ async fn a_session_ends_after_its_max_age_however_active() {
         "the row is deleted"
     );
 }
+
+/// The 11th failed sign-in from one address within a minute answers 429 with
+/// `Retry-After`, and so does the right token from that address then (no
+/// session); another address still signs in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_sign_ins_are_throttled_per_client_address() {
+    let app = spawn_app().await;
+    let token = provisioner::config::DEVELOPMENT_OPS_TOKEN;
+    let mut guesser = Browser::new(&app);
+    for i in 0..10 {
+        let answer = guesser.login(&format!("guess-{i}"), "mallory").await;
+        assert_eq!(answer.status, StatusCode::UNAUTHORIZED, "guess {i}");
+        assert!(answer.headers.get(RETRY_AFTER).is_none());
+    }
+
+    let throttled = guesser.login("guess-10", "mallory").await;
+    assert_eq!(
+        throttled.status,
+        StatusCode::TOO_MANY_REQUESTS,
+        "{}",
+        throttled.body
+    );
+    let retry_after: u64 = throttled.headers[RETRY_AFTER]
+        .to_str()
+        .unwrap()
+        .parse()
+        .expect("Retry-After in seconds");
+    assert!((1..=60).contains(&retry_after), "{retry_after}");
+    assert!(
+        throttled.body.contains("Too many failed sign-ins"),
+        "{}",
+        throttled.body
+    );
+    assert!(throttled.headers.get(SET_COOKIE).is_none());
+    // While throttled, not even the right token is compared.
+    let right = guesser.login(token, "mallory").await;
+    assert_eq!(right.status, StatusCode::TOO_MANY_REQUESTS);
+    assert!(right.headers.get(SET_COOKIE).is_none());
+    assert_eq!(sessions_labelled(&app, "mallory").await, 0);
+
+    // Another client address is not limited: a wrong token is a plain 401, and
+    // the right one signs in.
+    let mut other = Browser::from_address(&app, Some("127.0.0.2".parse().unwrap()));
+    assert_eq!(
+        other.login("wrong", "bob").await.status,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        other.login(token, "bob").await.status,
+        StatusCode::SEE_OTHER
+    );
+    assert_eq!(other.get("/ops").await.status, StatusCode::OK);
+}
