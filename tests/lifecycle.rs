@@ -300,6 +300,40 @@ async fn production_refuses_the_development_secret() {
     assert!(!stderr.contains("prod-ops-token"), "{stderr}");
 }
 
+/// The real binary never prints a secret it refuses: a token, webhook secret or
+/// key written as a number in the config file, and a `CLERK_API_URL` with
+/// user-info or `?password=`, each fail in one line naming the setting without
+/// the value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_secrets_never_appear_in_the_start_up_error() {
+    let iso = Isolation::new();
+    let port = free_port();
+    for (table, key, variable) in [
+        ("api", "tokens", "PROVISIONER_API_TOKENS"),
+        ("ops", "tokens", "PROVISIONER_OPS_TOKENS"),
+        ("clerk", "webhook_secrets", "CLERK_WEBHOOK_SECRET"),
+        ("clerk", "secret_key", "CLERK_SECRET_KEY"),
+    ] {
+        let config = TempFile::new(
+            "config.toml",
+            &format!("{}\n[{table}]\n{key} = 982451653\n", iso.broker_toml()),
+        );
+        let stderr = assert_fails_naming(&base_env(&iso, &config, port), variable).await;
+        assert!(!stderr.contains("982451653"), "{table}.{key}: {stderr}");
+    }
+    let config = TempFile::new("config.toml", &iso.broker_toml());
+    for url in [
+        "https://clerk_user:hunter10@api.clerk.com",
+        "https://api.clerk.com/?password=hunter10",
+        "https://hunter10@api.clerk.com",
+    ] {
+        let mut env = base_env(&iso, &config, port);
+        env.push(("CLERK_API_URL".into(), url.into()));
+        let stderr = assert_fails_naming(&env, "CLERK_API_URL").await;
+        assert!(!stderr.contains("hunter10"), "{url}: {stderr}");
+    }
+}
+
 /// The image defaults to production: the Dockerfile sets `PROVISIONER_ENV=
 /// production` (and listens on 0.0.0.0:8080), and the binary run with the
 /// image's environment and no secrets of its own refuses to start.
