@@ -40,7 +40,13 @@ RUN apt-get update \
 COPY --from=build /src/target/release/provisioner /usr/local/bin/provisioner
 COPY deploy/healthcheck.sh /usr/local/bin/provisioner-healthcheck
 USER 10001:10001
-ENV PROVISIONER_LISTEN=0.0.0.0:8080 \
+# Production unless told otherwise: the image refuses to start with the
+# development secret and tokens compiled into the binary (and with API or ops
+# tokens shorter than 32 characters), so a container that listens on 0.0.0.0
+# never serves with the secrets everybody can read in config/default.toml. A
+# local stack sets PROVISIONER_ENV=development itself (compose.yaml).
+ENV PROVISIONER_ENV=production \
+    PROVISIONER_LISTEN=0.0.0.0:8080 \
     LOG_FORMAT=json
 EXPOSE 8080
 # Health probe (deploy/healthcheck.sh; the image has no curl or wget): for `serve`,

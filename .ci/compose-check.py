@@ -9,7 +9,11 @@
   cannot silently fall back to a default;
 - every service that keeps running has an enabled health check; `depends_on` names
   services that exist (in the file, or in compose.yaml for an override file) with a
-  condition compose knows, and a provisioner service waits for `migrate`.
+  condition compose knows, and a provisioner service waits for `migrate`;
+- the image defaults to production (the Dockerfile's ENV sets
+  PROVISIONER_ENV=production), every provisioner service of compose.yaml says which
+  environment it runs in, and one that runs in development (with the development
+  secrets) publishes its ports on 127.0.0.1 only.
 
 Usage: .ci/compose-check.py [FILE...]   (default: compose.yaml compose.cluster.yaml)
 """
@@ -69,7 +73,23 @@ def main(files):
     env_lines = re.findall(r"^ENV\s+((?:.*\\\n)*.*)$", dockerfile, re.M)
     check_vars("Dockerfile ENV", {m for line in env_lines for m in re.findall(r"([A-Z][A-Z0-9_]*)=", line)})
 
+    image_env = {m[0]: m[1] for line in env_lines for m in re.findall(r"([A-Z][A-Z0-9_]*)=(\S+)", line)}
+    if image_env.get("PROVISIONER_ENV") != "production":
+        errors.append("Dockerfile ENV: PROVISIONER_ENV must default to production")
+
     base = yaml.safe_load((ROOT / "compose.yaml").read_text())["services"]
+    for name, service in base.items():
+        if not is_provisioner(service):
+            continue
+        environment = service.get("environment") or {}
+        if isinstance(environment, list):
+            environment = dict(item.split("=", 1) for item in environment if "=" in item)
+        if "PROVISIONER_ENV" not in environment:
+            errors.append(f"compose.yaml: service {name}: set PROVISIONER_ENV (the image defaults to production)")
+        elif environment["PROVISIONER_ENV"] == "development":
+            for port in service.get("ports") or []:
+                if not str(port).startswith("127.0.0.1:"):
+                    errors.append(f"compose.yaml: service {name}: development secrets on a port open beyond 127.0.0.1 ({port})")
     for file in files:
         doc = yaml.safe_load((ROOT / file).read_text())
         services = doc.get("services") or {}

@@ -861,6 +861,130 @@ async fn audit_cursor_is_stable_while_rows_arrive() {
     assert_eq!(pages, 3);
 }
 
+/// A member's view of the audit (X-Acting-User) shows console rows (actor `ops`,
+/// and a console replay's `replay` row) with their time, action, subject and
+/// event id but no operator, drift or dead-letter error, and provisioning rows
+/// without `replayed_by`; the service's own view keeps every row whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_never_see_operator_details_in_the_audit() {
+    use provisioner::http::ops::audit::{Action, Actor, record};
+    let app = spawn_app().await;
+    let seed = Seed::new(&app);
+    let ws = new_id("org");
+    seed.workspace(&ws).await;
+    let membership = seed.member(&ws, "user_member", "org:member").await;
+    // Rows as the console writes them: a sync, a purge, a replay.
+    let console = [
+        (
+            "workspace.synced",
+            Actor::Ops,
+            None,
+            json!({"found": true, "summary": "1 repair", "applied": 1, "refused": null,
+                   "drift": ["member_missing org_x user_secret: Clerk lists user_secret"]}),
+        ),
+        (
+            "dead_letter.purged",
+            Actor::Ops,
+            Some("msg_purged"),
+            json!({"type": "organization.updated", "error_class": "payload",
+                   "error": "data.name: invalid type, payload {\"secret\":1}"}),
+        ),
+        (
+            "dead_letter.replayed",
+            Actor::Replay,
+            Some("msg_replayed"),
+            json!({"type": "organizationMembership.created", "error_class": "payload",
+                   "error": "data.role missing", "selection": "type=organizationMembership.created"}),
+        ),
+    ];
+    for (action, actor, event_id, details) in console {
+        record(
+            &app.db,
+            Action {
+                action,
+                actor,
+                workspace_id: Some(&ws),
+                event_id,
+                operator: "alice (on-call)",
+                details,
+            },
+        )
+        .await
+        .unwrap();
+    }
+    // What the worker writes for an event the console replayed.
+    sqlx::query(
+        "insert into audit_log (workspace_id, action, actor, subject, details, event_id) \
+         values ($1, 'member.added', 'replay', 'user_member', $2, 'msg_replayed')",
+    )
+    .bind(&ws)
+    .bind(sqlx::types::Json(json!({
+        "membership_id": membership, "role": "member", "clerk_role": "org:member",
+        "after": {"email": "user_member@example.com"}, "replayed_by": "alice (on-call)",
+    })))
+    .execute(&app.db)
+    .await
+    .unwrap();
+
+    let (status, member_view) = Call::get(format!("/v1/workspaces/{ws}/audit"))
+        .acting("user_member")
+        .send(&app)
+        .await;
+    let (_, service_view) = Call::get(format!("/v1/workspaces/{ws}/audit"))
+        .send(&app)
+        .await;
+
+    assert_eq!(status, 200);
+    let rows = member_view["data"].as_array().unwrap();
+    let whole = service_view["data"].as_array().unwrap();
+    assert_eq!(rows.len(), 5, "a member still sees every row");
+    let text = member_view.to_string();
+    for hidden in [
+        "alice",
+        "on-call",
+        "user_secret",
+        "secret",
+        "data.role",
+        "selection",
+    ] {
+        assert!(!text.contains(hidden), "{hidden} in {text}");
+    }
+    assert_eq!(rows[0]["action"], "member.added");
+    assert_eq!(
+        rows[0]["details"],
+        json!({"membership_id": membership, "role": "member", "clerk_role": "org:member",
+               "after": {"email": "user_member@example.com"}}),
+        "provisioning keys stay, replayed_by goes"
+    );
+    for (row, action, actor, event_id) in [
+        (
+            &rows[1],
+            "dead_letter.replayed",
+            "replay",
+            json!("msg_replayed"),
+        ),
+        (&rows[2], "dead_letter.purged", "ops", json!("msg_purged")),
+        (&rows[3], "workspace.synced", "ops", Value::Null),
+    ] {
+        assert_eq!(row["action"], action);
+        assert_eq!(row["actor"], actor);
+        assert_eq!(row["event_id"], event_id);
+        assert!(row["at"].as_str().unwrap().ends_with('Z'));
+        assert!(row["subject"].is_string(), "{row}");
+        assert_eq!(row["details"], json!({}), "{action}: no operator details");
+    }
+    // The service's own view (no acting user) is whole.
+    assert_eq!(whole[0]["details"]["replayed_by"], "alice (on-call)");
+    assert_eq!(whole[1]["details"]["operator"], "alice (on-call)");
+    assert_eq!(whole[2]["details"]["error_class"], "payload");
+    assert!(
+        whole[3]["details"]["drift"][0]
+            .as_str()
+            .unwrap()
+            .contains("user_secret")
+    );
+}
+
 /// Bad `limit` values and cursors this API did not issue are 400.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn audit_rejects_bad_limit_and_cursor() {

@@ -86,7 +86,7 @@ async fn wait_healthy(client: &reqwest::Client, base: &str, child: &mut Child, l
 
 /// A one-line error naming `setting` and a non-zero exit, from a run that fails
 /// before serving.
-async fn assert_fails_naming(env: &[(String, String)], setting: &str) {
+async fn assert_fails_naming(env: &[(String, String)], setting: &str) -> String {
     let log = TempFile::new("stderr", "");
     let mut child = start(&["serve"], env, &log);
     let status = wait_exit(&mut child, Duration::from_secs(30)).await;
@@ -95,6 +95,7 @@ async fn assert_fails_naming(env: &[(String, String)], setting: &str) {
     let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
     assert_eq!(lines.len(), 1, "{setting}: one line: {stderr:?}");
     assert!(lines[0].contains(setting), "{setting}: named in {stderr:?}");
+    stderr
 }
 
 // `serve --no-worker` starts, answers /healthz, queues events, and on SIGTERM stops
@@ -264,7 +265,9 @@ async fn a_bad_setting_fails_with_one_line_naming_it() {
     .await;
 }
 
-// PROVISIONER_ENV=production refuses to start with the development secret or token.
+/// PROVISIONER_ENV=production refuses to start with the development secret or
+/// tokens, or with an API or ops token shorter than 32 characters, naming the
+/// setting in one line that never shows the token.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn production_refuses_the_development_secret() {
     let iso = Isolation::new();
@@ -277,8 +280,116 @@ async fn production_refuses_the_development_secret() {
         "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw".into(),
     ));
     assert_fails_naming(&env, "PROVISIONER_API_TOKENS").await;
+    // A short API token, beside a long ops token.
     env.push(("PROVISIONER_API_TOKENS".into(), "prod-api-token".into()));
+    env.push((
+        "PROVISIONER_OPS_TOKENS".into(),
+        "prod-ops-token-0123456789abcdefghij".into(),
+    ));
+    let stderr = assert_fails_naming(&env, "PROVISIONER_API_TOKENS").await;
+    assert!(stderr.contains("32 characters"), "{stderr}");
+    assert!(!stderr.contains("prod-api-token"), "{stderr}");
+    env.push((
+        "PROVISIONER_API_TOKENS".into(),
+        "prod-api-token-0123456789abcdefghij".into(),
+    ));
+    env.retain(|(k, _)| k != "PROVISIONER_OPS_TOKENS");
     assert_fails_naming(&env, "PROVISIONER_OPS_TOKENS").await;
+    env.push(("PROVISIONER_OPS_TOKENS".into(), "prod-ops-token".into()));
+    let stderr = assert_fails_naming(&env, "PROVISIONER_OPS_TOKENS").await;
+    assert!(!stderr.contains("prod-ops-token"), "{stderr}");
+}
+
+/// The real binary never prints a secret it refuses: a token, webhook secret or
+/// key written as a number in the config file, and a `CLERK_API_URL` with
+/// user-info or `?password=`, each fail in one line naming the setting without
+/// the value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_secrets_never_appear_in_the_start_up_error() {
+    let iso = Isolation::new();
+    let port = free_port();
+    for (table, key, variable) in [
+        ("api", "tokens", "PROVISIONER_API_TOKENS"),
+        ("ops", "tokens", "PROVISIONER_OPS_TOKENS"),
+        ("clerk", "webhook_secrets", "CLERK_WEBHOOK_SECRET"),
+        ("clerk", "secret_key", "CLERK_SECRET_KEY"),
+    ] {
+        let config = TempFile::new(
+            "config.toml",
+            &format!("{}\n[{table}]\n{key} = 982451653\n", iso.broker_toml()),
+        );
+        let stderr = assert_fails_naming(&base_env(&iso, &config, port), variable).await;
+        assert!(!stderr.contains("982451653"), "{table}.{key}: {stderr}");
+    }
+    let config = TempFile::new("config.toml", &iso.broker_toml());
+    for url in [
+        "https://clerk_user:hunter10@api.clerk.com",
+        "https://api.clerk.com/?password=hunter10",
+        "https://hunter10@api.clerk.com",
+    ] {
+        let mut env = base_env(&iso, &config, port);
+        env.push(("CLERK_API_URL".into(), url.into()));
+        let stderr = assert_fails_naming(&env, "CLERK_API_URL").await;
+        assert!(!stderr.contains("hunter10"), "{url}: {stderr}");
+    }
+}
+
+/// The image defaults to production: the Dockerfile sets `PROVISIONER_ENV=
+/// production` (and listens on 0.0.0.0:8080), and the binary run with the
+/// image's environment and no secrets of its own refuses to start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_image_defaults_to_production_and_refuses_development_secrets() {
+    let dockerfile =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/Dockerfile")).unwrap();
+    let image_env = dockerfile_env(&dockerfile);
+    let value = |name: &str| {
+        image_env
+            .iter()
+            .rev()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    };
+    assert_eq!(
+        value("PROVISIONER_ENV"),
+        Some("production"),
+        "{image_env:?}"
+    );
+    assert_eq!(
+        value("PROVISIONER_LISTEN"),
+        Some("0.0.0.0:8080"),
+        "{image_env:?}"
+    );
+
+    // The image's variables, then only this test's database, broker names and a
+    // local port (so a broken image cannot serve on 0.0.0.0:8080 here).
+    let iso = Isolation::new();
+    let config = TempFile::new("config.toml", &iso.broker_toml());
+    let mut env = image_env.clone();
+    env.extend(base_env(&iso, &config, free_port()));
+    env.retain(|(k, _)| k != "RUST_LOG");
+    assert_fails_naming(&env, "CLERK_WEBHOOK_SECRET").await;
+}
+
+/// The variables the Dockerfile's `ENV` instructions set (`ENV A=1 \ B=2` form).
+fn dockerfile_env(dockerfile: &str) -> Vec<(String, String)> {
+    let mut env = Vec::new();
+    let mut lines = dockerfile.lines();
+    while let Some(line) = lines.next() {
+        let Some(rest) = line.strip_prefix("ENV ") else {
+            continue;
+        };
+        let mut text = rest.trim().to_owned();
+        while text.ends_with('\\') {
+            text.pop();
+            text.push(' ');
+            text.push_str(lines.next().unwrap_or_default().trim());
+        }
+        for pair in text.split_whitespace() {
+            let (k, v) = pair.split_once('=').expect("ENV KEY=value");
+            env.push((k.to_owned(), v.trim_matches('"').to_owned()));
+        }
+    }
+    env
 }
 
 // Passwords and secrets never reach the logs, even at debug level and when start-up

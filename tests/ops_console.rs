@@ -16,6 +16,9 @@ use serde_json::{Value, json};
 const OPS_TOKEN: &str = provisioner::config::DEVELOPMENT_OPS_TOKEN;
 const CLERK_KEY: &str = "sk_test_ops_console_fake_key_0123";
 const T0: i64 = 1_750_000_000_000;
+/// Ops tokens of a production test app (32 characters or more).
+const PROD_OPS_1: &str = "prod-ops-1-0123456789abcdefghijklmn";
+const PROD_OPS_2: &str = "prod-ops-2-0123456789abcdefghijklmn";
 
 /// The exact policy the issue asks for.
 const CSP: &str = "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; \
@@ -318,10 +321,14 @@ async fn the_session_cookie_is_secure_in_production() {
                 "CLERK_WEBHOOK_SECRET".into(),
                 "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw".into(),
             ),
-            ("PROVISIONER_API_TOKENS".into(), "prod-api-token".into()),
+            // Production tokens are 32 characters or more.
+            (
+                "PROVISIONER_API_TOKENS".into(),
+                "prod-api-token-0123456789abcdefghij".into(),
+            ),
             (
                 "PROVISIONER_OPS_TOKENS".into(),
-                "prod-ops-1,prod-ops-2".into(),
+                format!("{PROD_OPS_1},{PROD_OPS_2}"),
             ),
         ],
         ..TestOptions::default()
@@ -334,7 +341,7 @@ async fn the_session_cookie_is_secure_in_production() {
         StatusCode::UNAUTHORIZED,
         "the dev token is not one"
     );
-    let page = console.login("prod-ops-2", "alice").await;
+    let page = console.login(PROD_OPS_2, "alice").await;
     assert_eq!(page.status, StatusCode::SEE_OTHER);
     let cookie = page.headers[SET_COOKIE].to_str().unwrap();
     assert!(

@@ -19,7 +19,7 @@ use serde::Deserialize;
 use serde_json::Value;
 use url::Url;
 
-use crate::config::{ClerkSettings, ReconcileSettings, Secret};
+use crate::config::{ClerkSettings, ReconcileSettings, Secret, redact_url};
 
 mod bucket;
 
@@ -117,6 +117,9 @@ pub struct ClerkApi {
 struct Inner {
     http: reqwest::Client,
     base: Url,
+    /// `base` as errors and `Debug` show it: no user-info, secret parameters
+    /// redacted (the settings refuse such a URL; this is the second guard).
+    shown: String,
     key: Secret,
     bucket: TokenBucket,
     backoff: ExponentialBuilder,
@@ -140,7 +143,7 @@ enum KeyInstance {
 impl fmt::Debug for ClerkApi {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ClerkApi")
-            .field("base", &self.inner.base.as_str())
+            .field("base", &self.inner.shown)
             .field("key", &self.inner.key)
             .field("requests_per_second", &self.inner.bucket.rate)
             .finish()
@@ -154,7 +157,7 @@ impl ClerkApi {
         let key = clerk.secret_key.clone().ok_or(ClerkError::NotConfigured)?;
         let base = Url::parse(clerk.api_url.trim_end_matches('/')).map_err(|e| {
             ClerkError::Unavailable {
-                base: clerk.api_url.clone(),
+                base: redact_url(&clerk.api_url),
                 path: String::new(),
                 reason: format!("CLERK_API_URL is not a URL: {e}"),
             }
@@ -165,13 +168,14 @@ impl ClerkApi {
             .user_agent(concat!("callmine-provisioner/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|e| ClerkError::Unavailable {
-                base: base.to_string(),
+                base: shown(&base),
                 path: String::new(),
                 reason: e.to_string(),
             })?;
         Ok(Self {
             inner: Arc::new(Inner {
                 http,
+                shown: shown(&base),
                 base,
                 key,
                 bucket: TokenBucket::new(reconcile.requests_per_second),
@@ -329,7 +333,7 @@ impl ClerkApi {
         let mut url = inner.base.clone();
         url.path_segments_mut()
             .map_err(|()| ClerkError::Unavailable {
-                base: inner.base.to_string(),
+                base: inner.shown.clone(),
                 path: String::new(),
                 reason: "CLERK_API_URL cannot carry a path".into(),
             })?
@@ -358,7 +362,7 @@ impl ClerkApi {
                             .bytes()
                             .await
                             .map_err(|e| ClerkError::Unavailable {
-                                base: inner.base.to_string(),
+                                base: inner.shown.clone(),
                                 path: path.clone(),
                                 reason: format!("reading the answer: {}", without_url(&e)),
                             })?;
@@ -403,7 +407,7 @@ impl ClerkApi {
                 }
                 None => {
                     return Err(ClerkError::Unavailable {
-                        base: inner.base.to_string(),
+                        base: inner.shown.clone(),
                         path,
                         reason: failure,
                     });
@@ -411,6 +415,15 @@ impl ClerkApi {
             }
         }
     }
+}
+
+/// A base URL as errors and `Debug` may show it: without user-info (a user name
+/// alone may be a token) and redacted by [`redact_url`].
+fn shown(url: &Url) -> String {
+    let mut url = url.clone();
+    let _ = url.set_username("");
+    let _ = url.set_password(None);
+    redact_url(url.as_str())
 }
 
 fn list_query(offset: u64, limit: u32) -> [(&'static str, String); 3] {
@@ -565,5 +578,37 @@ mod tests {
         let api = ClerkApi::new(&clerk, &reconcile).unwrap();
         let printed = format!("{api:?}");
         assert!(!printed.contains("very_secret"), "{printed}");
+    }
+
+    /// A base URL with credentials (the settings refuse one; this is the second
+    /// guard) never reaches an error or `Debug`: neither user-info nor a password
+    /// parameter nor an unparsable value.
+    #[tokio::test]
+    async fn credentials_in_the_base_url_never_reach_errors_or_debug() {
+        let reconcile = ReconcileSettings {
+            requests_per_second: 0.0,
+            max_removals: 50,
+            interval_s: 0,
+        };
+        let clerk = |url: &str| ClerkSettings {
+            webhook_secrets: Vec::new(),
+            instance_id: None,
+            secret_key: Some(Secret::new("sk_test_key")),
+            api_url: url.into(),
+        };
+        let api = ClerkApi::new(
+            &clerk("http://user_hunter9:hunter9@127.0.0.1:1/?password=hunter9"),
+            &reconcile,
+        )
+        .unwrap();
+        let printed = format!("{api:?}");
+        assert!(!printed.contains("hunter9"), "{printed}");
+        assert!(printed.contains("127.0.0.1"), "{printed}");
+        let err = ClerkApi::new(&clerk("http://u:hunter9@[::1"), &reconcile).unwrap_err();
+        assert!(!format!("{err} {err:?}").contains("hunter9"), "{err}");
+        // A base that cannot carry a path fails at once, quoting the base.
+        let api = ClerkApi::new(&clerk("mailto:u:hunter9@clerk"), &reconcile).unwrap();
+        let err = api.organization("org_1").await.unwrap_err();
+        assert!(!format!("{err} {err:?}").contains("hunter9"), "{err}");
     }
 }

@@ -7,6 +7,7 @@
 //! setting fails [`Settings::load`] with one line naming the setting — and no secret
 //! it holds can reach a log line through `Debug`, `Display` or a load error.
 
+mod guard;
 mod secret;
 mod source;
 
@@ -16,6 +17,7 @@ use std::net::SocketAddr;
 use serde::{Deserialize, Deserializer};
 
 use crate::domain::Role;
+pub use guard::{MIN_PRODUCTION_TOKEN_CHARS, SECRET_KEYS};
 pub use secret::{ConnectionUrl, Secret, redact_url};
 
 /// The committed defaults, compiled into the binary so it runs from any directory.
@@ -267,6 +269,8 @@ pub struct OpsSettings {
     /// Tokens that open the ops console. One comma-separated string in the sources.
     #[serde(deserialize_with = "token_list")]
     pub tokens: Vec<Secret>,
+    /// Hours a console session lasts from its sign-in, however active it is.
+    pub session_max_age_h: u64,
 }
 
 /// `[worker]`
@@ -572,12 +576,7 @@ impl Settings {
                 ));
             }
         }
-        if url::Url::parse(&self.clerk.api_url).is_err() {
-            return Err(ConfigError::at(
-                "clerk.api_url",
-                format!("`{}` is not a URL", self.clerk.api_url),
-            ));
-        }
+        guard::clerk_api_url(&self.clerk.api_url)?;
         if self.api.tokens.is_empty() {
             return Err(ConfigError::at(
                 "api.tokens",
@@ -631,6 +630,8 @@ impl Settings {
                 ));
             }
         }
+        guard::production_tokens(self)?;
+        guard::ops(self)?;
 
         if self.worker.concurrency == 0 {
             return Err(ConfigError::at("worker.concurrency", "must be positive"));
@@ -831,7 +832,7 @@ fn deserialize_error(e: serde_path_to_error::Error<toml::de::Error>) -> ConfigEr
     if key == "." || key.is_empty() {
         ConfigError::new("PROVISIONER_CONFIG", message)
     } else {
-        ConfigError::at(key, message)
+        ConfigError::at(key, guard::deserialize_message(key, message))
     }
 }
 
@@ -962,8 +963,15 @@ mod tests {
                     "CLERK_WEBHOOK_SECRET",
                     "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
                 ),
-                ("PROVISIONER_API_TOKENS", "prod-token"),
-                ("PROVISIONER_OPS_TOKENS", "prod-ops-token"),
+                // Production tokens are 32 characters or more (guard.rs).
+                (
+                    "PROVISIONER_API_TOKENS",
+                    "prod-token-0123456789abcdefghijklm",
+                ),
+                (
+                    "PROVISIONER_OPS_TOKENS",
+                    "prod-ops-token-0123456789abcdefghijklm",
+                ),
             ],
         )
         .unwrap();
@@ -1248,8 +1256,15 @@ gong_credentials = 6
                 ("CLERK_INSTANCE_ID", "ins_2"),
                 ("CLERK_SECRET_KEY", "sk_test"),
                 ("CLERK_API_URL", "http://clerk.local"),
-                ("PROVISIONER_API_TOKENS", "t1, t2"),
-                ("PROVISIONER_OPS_TOKENS", "o1,o2 ,o3"),
+                // Production: tokens of 32 characters or more.
+                (
+                    "PROVISIONER_API_TOKENS",
+                    "t1-0123456789abcdefghijklmnopqrstu, t2-0123456789abcdefghijklmnopqrstu",
+                ),
+                (
+                    "PROVISIONER_OPS_TOKENS",
+                    "o1-0123456789abcdefghijklmnopqrstu,o2-0123456789abcdefghijklmnopqrstu ,o3-0123456789abcdefghijklmnopqrstu",
+                ),
                 ("RUST_LOG", "warn"),
                 ("LOG_FORMAT", "json"),
             ],
@@ -1267,9 +1282,10 @@ gong_credentials = 6
         );
         assert_eq!(s.clerk.api_url, "http://clerk.local");
         let tokens: Vec<_> = s.api.tokens.iter().map(Secret::expose).collect();
-        assert_eq!(tokens, ["t1", "t2"]);
+        let long = |t: &str| format!("{t}-0123456789abcdefghijklmnopqrstu");
+        assert_eq!(tokens, [long("t1"), long("t2")], "split and trimmed");
         let tokens: Vec<_> = s.ops.tokens.iter().map(Secret::expose).collect();
-        assert_eq!(tokens, ["o1", "o2", "o3"]);
+        assert_eq!(tokens, [long("o1"), long("o2"), long("o3")]);
         assert_eq!(s.log.filter, "warn");
         assert_eq!(s.log.format, LogFormat::Json);
     }

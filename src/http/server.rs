@@ -34,7 +34,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::body::{Body, Bytes, HttpBody};
-use axum::extract::Request;
+use axum::extract::{ConnectInfo, Request};
 use axum::middleware::Next;
 use axum::response::Response;
 use http_body::Frame;
@@ -135,10 +135,10 @@ pub async fn serve(
                 }
             }
         };
-        let stream = tokio::select! {
+        let (stream, peer) = tokio::select! {
             _ = stop.cancelled() => break,
             accepted = listener.accept() => match accepted {
-                Ok((stream, _peer)) => stream,
+                Ok(accepted) => accepted,
                 Err(e) => {
                     if !is_connection_error(&e) {
                         // Out of file descriptors and the like: accepting again at once
@@ -153,6 +153,7 @@ pub async fn serve(
         let _ = stream.set_nodelay(true);
         connections.spawn(connection(
             stream,
+            peer,
             app.clone(),
             limits,
             stop.clone(),
@@ -176,6 +177,7 @@ fn is_connection_error(e: &io::Error) -> bool {
 /// Serves one connection, holding its slot until it ends.
 async fn connection(
     stream: TcpStream,
+    peer: SocketAddr,
     app: Router,
     limits: Limits,
     stop: CancellationToken,
@@ -187,8 +189,12 @@ async fn connection(
         hyper::service::service_fn(move |request: Request<Incoming>| {
             let busy = Busy::start(&activity);
             let app = app.clone();
+            // The TCP peer, as axum's `ConnectInfo`: the console's sign-in
+            // throttle counts failures per client address.
+            let mut request = request.map(Body::new);
+            request.extensions_mut().insert(ConnectInfo(peer));
             async move {
-                let response = app.oneshot(request.map(Body::new)).await;
+                let response = app.oneshot(request).await;
                 drop(busy);
                 response
             }

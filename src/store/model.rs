@@ -244,12 +244,13 @@ pub struct AuditEntry {
     /// What changed (`workspace.provisioned`, `member.added`, `onboarding.step_updated`, …).
     #[schema(example = "member.added")]
     pub action: String,
-    /// Who caused it: `clerk`, `reconcile`, `replay` or `api`.
+    /// Who caused it: `clerk`, `reconcile`, `replay`, `api` or `ops` (the ops console).
     #[schema(example = "clerk")]
     pub actor: String,
-    /// What it is about: a user id, a step name, the workspace id.
+    /// What it is about: a user id, a step name, the workspace id, a svix id.
     pub subject: Option<String>,
-    /// Before/after values and context.
+    /// Before/after values and context; in a member's view (`X-Acting-User`) only
+    /// the keys members may see for the actor (see the route's description).
     #[schema(value_type = Object)]
     pub details: serde_json::Value,
     /// Svix id of the event that caused it; null for API changes.

@@ -3,8 +3,10 @@
 //!
 //! Guarantees:
 //! - Its own credentials: an ops token (`[ops] tokens`, `PROVISIONER_OPS_TOKENS`)
-//!   opens a server-side session ([`session`]); without a live session every page
-//!   and form answers 303 to `/ops/login`. A read-API token opens nothing here and
+//!   opens a server-side session ([`session`]) that ends with the token, after
+//!   `[ops] session_max_age_h` and when idle; without a live session every page
+//!   and form answers 303 to `/ops/login`. Failed sign-ins are throttled per
+//!   client address and overall ([`throttle`]). A read-API token opens nothing here and
 //!   the session cookie (path `/ops`) nothing under `/v1`.
 //! - Every state change is a POST carrying the session's CSRF token (403 and no
 //!   change otherwise); destructive ones also carry `confirm=yes` from a confirm
@@ -22,6 +24,7 @@ mod events;
 mod login;
 mod overview;
 pub mod session;
+pub mod throttle;
 pub mod view;
 mod workspaces;
 
@@ -50,6 +53,8 @@ const JS: &str = include_str!("static/ops.js");
 pub fn router() -> Router<AppState> {
     // Built once per application: the overview's own samples of the metrics.
     let recent = Arc::new(overview::Recent::default());
+    // Likewise the sign-in throttle: failures are counted per application.
+    let throttle = throttle::Throttle::new(throttle::Limits::default(), throttle::SUMMARY_INTERVAL);
     Router::new()
         .route(
             "/ops",
@@ -57,7 +62,16 @@ pub fn router() -> Router<AppState> {
                 overview::page(operator, state, recent.clone())
             }),
         )
-        .route("/ops/login", get(login::form).post(login::submit))
+        .route(
+            "/ops/login",
+            get(login::form).post(
+                move |peer: throttle::PeerAddress,
+                      state: State<AppState>,
+                      form: Fields<login::LoginForm>| {
+                    login::submit(throttle.clone(), peer, state, form)
+                },
+            ),
+        )
         .route("/ops/logout", post(login::logout))
         .route("/ops/dead-letters", get(dead_letters::list))
         .route(

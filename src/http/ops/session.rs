@@ -3,7 +3,12 @@
 //!
 //! Guarantee: a console handler that takes an [`Operator`] never runs without a
 //! live session — a cookie whose id names a row of `ops_sessions` (by SHA-256; the
-//! id itself is stored nowhere) seen within [`IDLE_EXPIRY`]; every request bumps
+//! id itself is stored nowhere) that was seen within [`IDLE_EXPIRY`], was created
+//! within `[ops] session_max_age_h` however active it has been since, and was
+//! opened with a token that is still configured (the row keeps the token's
+//! SHA-256, never the token). A request that finds its session failing any of
+//! these deletes the row, so removing a token from `PROVISIONER_OPS_TOKENS` ends
+//! the sessions it opened at their next request. Every request bumps
 //! `last_seen_at`, logging out deletes the row, so an old cookie opens nothing
 //! again. Tokens are compared in constant time against every configured one, and
 //! the CSRF token likewise; neither is ever logged.
@@ -20,7 +25,7 @@ use sqlx::PgPool;
 use sqlx::types::Json;
 use subtle::{ConditionallySelectable, ConstantTimeEq};
 
-use crate::config::{Environment, Secret};
+use crate::config::{Environment, OpsSettings, Secret};
 use crate::http::AppState;
 use crate::http::ops::view;
 
@@ -127,7 +132,8 @@ impl FromRequestParts<AppState> for Operator {
         // A page shows the last result once; a POST leaves it for the page it
         // redirects to.
         let take_flash = parts.method == Method::GET;
-        match touch(&state.db, &hash(&id), take_flash).await {
+        let live = Liveness::of(&state.settings.ops);
+        match touch(&state.db, &hash(&id), take_flash, &live).await {
             Ok(Some(operator)) => Ok(operator),
             Ok(None) => Err(to_login(true)),
             Err(e) => {
@@ -195,6 +201,41 @@ fn hash(id: &[u8]) -> Vec<u8> {
     digest::digest(&digest::SHA256, id).as_ref().to_vec()
 }
 
+/// The SHA-256 of an ops token: what a session keeps of the token that opened it.
+pub fn token_digest(token: &Secret) -> Vec<u8> {
+    hash(token.expose().as_bytes())
+}
+
+/// What keeps a session alive besides its idle time: the tokens configured now
+/// (by digest) and the absolute lifetime.
+#[derive(Clone)]
+pub struct Liveness {
+    /// Digests of every configured ops token.
+    pub token_digests: Vec<Vec<u8>>,
+    /// `[ops] session_max_age_h`.
+    pub max_age: std::time::Duration,
+}
+
+impl std::fmt::Debug for Liveness {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // A digest of a short token can be reversed by guessing: counted, not shown.
+        f.debug_struct("Liveness")
+            .field("tokens", &self.token_digests.len())
+            .field("max_age", &self.max_age)
+            .finish()
+    }
+}
+
+impl Liveness {
+    /// From the `[ops]` settings.
+    pub fn of(ops: &OpsSettings) -> Self {
+        Self {
+            token_digests: ops.tokens.iter().map(token_digest).collect(),
+            max_age: std::time::Duration::from_secs(ops.session_max_age_h * 3600),
+        }
+    }
+}
+
 fn random_token() -> Result<String, aws_lc_rs::error::Unspecified> {
     let mut bytes = [0u8; 32];
     aws_lc_rs::rand::fill(&mut bytes)?;
@@ -227,49 +268,86 @@ pub fn clean_label(raw: Option<&str>) -> Option<String> {
     (!cleaned.is_empty()).then_some(cleaned)
 }
 
-/// A new session for `label`: its cookie value (the id, base64url), stored as a
-/// hash with a fresh CSRF token. Sessions idle past the expiry are swept here.
-pub async fn create(db: &PgPool, label: &str) -> anyhow::Result<String> {
+/// A new session for `label`, opened with the token of `token_digest`: its cookie
+/// value (the id, base64url), stored as a hash with a fresh CSRF token. Sessions
+/// idle past the expiry or older than the lifetime are swept here.
+pub async fn create(
+    db: &PgPool,
+    label: &str,
+    token_digest: &[u8],
+    live: &Liveness,
+) -> anyhow::Result<String> {
     let id = random_token().map_err(|_| anyhow::anyhow!("no randomness for a session id"))?;
     let csrf = random_token().map_err(|_| anyhow::anyhow!("no randomness for a CSRF token"))?;
     let raw = URL_SAFE_NO_PAD.decode(&id)?;
-    sqlx::query("delete from ops_sessions where last_seen_at < now() - make_interval(secs => $1)")
-        .bind(IDLE_EXPIRY.as_secs_f64())
-        .execute(db)
-        .await?;
-    sqlx::query("insert into ops_sessions (id_hash, csrf, label) values ($1, $2, $3)")
-        .bind(hash(&raw))
-        .bind(csrf)
-        .bind(label)
-        .execute(db)
-        .await?;
+    sqlx::query(
+        "delete from ops_sessions \
+         where last_seen_at < now() - make_interval(secs => $1) \
+            or created_at < now() - make_interval(secs => $2)",
+    )
+    .bind(IDLE_EXPIRY.as_secs_f64())
+    .bind(live.max_age.as_secs_f64())
+    .execute(db)
+    .await?;
+    sqlx::query(
+        "insert into ops_sessions (id_hash, csrf, label, token_digest) values ($1, $2, $3, $4)",
+    )
+    .bind(hash(&raw))
+    .bind(csrf)
+    .bind(label)
+    .bind(token_digest)
+    .execute(db)
+    .await?;
     Ok(id)
 }
 
 /// The live session of `id_hash`, its `last_seen_at` bumped (and its flash taken
-/// when `take_flash`); `None` when there is none or it idled past the expiry (an
-/// expired row is deleted on the spot).
-async fn touch(db: &PgPool, id_hash: &[u8], take_flash: bool) -> sqlx::Result<Option<Operator>> {
+/// when `take_flash`); `None` when there is none, or it idled past the expiry, is
+/// older than the lifetime or was opened with a token no longer configured (such
+/// a row is deleted on the spot).
+async fn touch(
+    db: &PgPool,
+    id_hash: &[u8],
+    take_flash: bool,
+    live: &Liveness,
+) -> sqlx::Result<Option<Operator>> {
     // `old` is the row before the update, so its flash is returned while the row's
-    // is cleared in the same statement.
+    // is cleared in the same statement. A row without a digest (opened before
+    // digests were kept) matches no token: `null = any(…)` is not true.
     let row: Option<(String, String, Option<Json<Flash>>)> = sqlx::query_as(
         "update ops_sessions s \
          set last_seen_at = now(), flash = case when $2 then null else s.flash end \
          from (select id_hash, flash from ops_sessions where id_hash = $1 for update) old \
          where s.id_hash = old.id_hash \
            and s.last_seen_at >= now() - make_interval(secs => $3) \
+           and s.created_at >= now() - make_interval(secs => $4) \
+           and s.token_digest = any($5) \
          returning s.label, s.csrf, old.flash",
     )
     .bind(id_hash)
     .bind(take_flash)
     .bind(IDLE_EXPIRY.as_secs_f64())
+    .bind(live.max_age.as_secs_f64())
+    .bind(&live.token_digests)
     .fetch_optional(db)
     .await?;
     let Some((label, csrf, flash)) = row else {
-        sqlx::query("delete from ops_sessions where id_hash = $1")
-            .bind(id_hash)
-            .execute(db)
-            .await?;
+        let ended: Option<(String, bool)> = sqlx::query_as(
+            "delete from ops_sessions where id_hash = $1 \
+             returning label, coalesce(token_digest = any($2), false)",
+        )
+        .bind(id_hash)
+        .bind(&live.token_digests)
+        .fetch_optional(db)
+        .await?;
+        if let Some((label, token_ok)) = ended {
+            let why = if token_ok {
+                "expired (idle or past [ops] session_max_age_h)"
+            } else {
+                "its token is no longer configured"
+            };
+            tracing::info!(operator = %label, "ops console: session ended, {why}");
+        }
         return Ok(None);
     };
     Ok(Some(Operator {
