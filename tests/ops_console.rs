@@ -55,6 +55,22 @@ impl Page {
         rest[..rest.find('"').unwrap()].to_owned()
     }
 
+    /// The value of the page's hidden input `name` (HTML entities decoded).
+    fn hidden(&self, name: &str) -> String {
+        let start = format!(r#"type="hidden" name="{name}" value=""#);
+        let at = self
+            .body
+            .find(&start)
+            .unwrap_or_else(|| panic!("no hidden {name} in {}", self.body));
+        let rest = &self.body[at + start.len()..];
+        rest[..rest.find('"').unwrap()]
+            .replace("&quot;", "\"")
+            .replace("&lt;", "<")
+            .replace("&gt;", ">")
+            .replace("&#39;", "'")
+            .replace("&amp;", "&")
+    }
+
     fn assert_redirect_to_login(&self, what: &str) {
         assert_eq!(self.status, StatusCode::SEE_OTHER, "{what}: {}", self.body);
         assert_eq!(self.location(), "/ops/login", "{what}");
@@ -587,13 +603,22 @@ async fn each_action_acts_redirects_and_is_audited() {
         Some(lapin::types::AMQPValue::LongString("alice".into()))
     );
 
-    // Bulk replay of a filtered set, confirmed.
+    // Bulk replay of a filtered set, confirmed from its confirm step (which carries
+    // the ids it shows).
+    let step = console
+        .post(
+            "/ops/dead-letters/replay",
+            &[("csrf", &csrf), ("type", "organization.updated")],
+        )
+        .await;
+    let shown = step.hidden("ids");
     let page = console
         .post(
             "/ops/dead-letters/replay",
             &[
                 ("csrf", &csrf),
                 ("type", "organization.updated"),
+                ("ids", &shown),
                 ("confirm", "yes"),
             ],
         )
