@@ -5,6 +5,7 @@ mod common;
 
 use std::time::Duration;
 
+use common::children::Process;
 use common::ops::*;
 use common::*;
 use lapin::options::{BasicGetOptions, BasicRejectOptions, QueueDeclareOptions};
@@ -688,6 +689,164 @@ async fn a_missing_dead_letter_queue_is_a_clear_error() {
     let err = dlq::list(&settings).await.unwrap_err();
     assert!(matches!(err, DlqError::QueueMissing { .. }), "{err}");
     assert!(err.to_string().contains(&settings.broker.dead_letter_queue));
+}
+
+/// A page reads the queue only down to its own rows: the letters after it are not
+/// even delivered (no delivery counted), and the queue's count comes from the broker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_page_reads_the_queue_only_down_to_itself() {
+    let (_iso, settings) = ops::broker_only(&TestOptions::default()).await;
+    let msgs = many_letters("msg_page", 60, 0);
+    inject_dead_routed(&settings, &msgs).await;
+
+    let page = dlq::page(&settings, None, dlq::PageRequest { page: 2, limit: 20 })
+        .await
+        .unwrap();
+
+    assert_eq!(
+        (page.in_queue, page.matching, page.page, page.pages),
+        (60, 60, 2, 3)
+    );
+    let rows: Vec<String> = page.rows.iter().map(|l| l.id.clone().unwrap()).collect();
+    let expected: Vec<String> = (20..40).map(|i| format!("msg_page_{i:03}")).collect();
+    assert_eq!(rows, expected);
+    let left = drain_queue(&settings.broker.dead_letter_queue).await;
+    assert_intact(&left, &msgs, &settings.broker.dead_letter_exchange);
+    assert_eq!(
+        message_ids(&left)[..3],
+        ["msg_page_000", "msg_page_001", "msg_page_002"]
+    );
+    let count = |m: &lapin::message::BasicGetMessage| {
+        header(m, "x-delivery-count").and_then(provisioner::broker::headers::int_value)
+    };
+    for (i, m) in left.iter().enumerate() {
+        // RabbitMQ 3.10 writes the count on every delivery, 0 on the first: the
+        // drain's own delivery shows 1 for a letter the page read, 0 for the rest.
+        let expected = if i < 40 { Some(1) } else { Some(0) };
+        assert_eq!(
+            count(m),
+            expected,
+            "letter {i}: read only when the page needed it"
+        );
+    }
+}
+
+/// A filtered page looks at every letter but keeps only its rows and a count; a
+/// page past the end shows the last one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_filtered_page_counts_every_match_and_keeps_its_rows() {
+    let (_iso, settings) = ops::broker_only(&TestOptions::default()).await;
+    let msgs = many_letters("msg_filter", 50, 0);
+    inject_dead(&settings, &msgs).await;
+    let users = |l: &dlq::DeadLetter| l.kind.as_deref() == Some("user.deleted");
+
+    let second = dlq::page(
+        &settings,
+        Some(&users),
+        dlq::PageRequest { page: 2, limit: 10 },
+    )
+    .await
+    .unwrap();
+    let past = dlq::page(
+        &settings,
+        Some(&users),
+        dlq::PageRequest { page: 9, limit: 10 },
+    )
+    .await
+    .unwrap();
+
+    let ids = |p: &dlq::Page| {
+        p.rows
+            .iter()
+            .map(|l| l.id.clone().unwrap())
+            .collect::<Vec<_>>()
+    };
+    let users_at: Vec<String> = (0..50)
+        .filter(|i| i % 3 == 2)
+        .map(|i| format!("msg_filter_{i:03}"))
+        .collect();
+    assert_eq!(
+        (second.in_queue, second.matching, second.pages),
+        (50, 16, 2)
+    );
+    assert_eq!(ids(&second), users_at[10..]);
+    assert_eq!(past.page, 2, "a page past the end shows the last");
+    assert_eq!(ids(&past), users_at[10..]);
+    assert_eq!(
+        message_ids(&drain_queue(&settings.broker.dead_letter_queue).await),
+        msgs.iter()
+            .map(|m| m.message_id.clone().unwrap())
+            .collect::<Vec<_>>(),
+        "the queue as it was, in order"
+    );
+}
+
+/// Purging letters spread through a long queue removes exactly those, once the
+/// others are back, and keeps the others in their order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn purging_letters_spread_through_the_queue_removes_exactly_those() {
+    let (_iso, settings) = ops::broker_only(&TestOptions::default()).await;
+    let msgs = many_letters("msg_spread", 90, 0);
+    inject_dead(&settings, &msgs).await;
+    let all: Vec<String> = msgs.iter().map(|m| m.message_id.clone().unwrap()).collect();
+    let pick = |every: fn(usize) -> bool| -> Vec<String> {
+        (0..all.len())
+            .filter(|i| every(*i))
+            .map(|i| all[i].clone())
+            .collect()
+    };
+    let gone = pick(|i| i % 3 == 1);
+    let kept = pick(|i| i % 3 != 1);
+
+    let report = dlq::purge(&settings, &Selection::Ids(gone.clone()))
+        .await
+        .unwrap();
+
+    assert_eq!(report.count, 30);
+    assert_eq!(
+        message_ids(&drain_queue(&settings.broker.dead_letter_queue).await),
+        kept
+    );
+}
+
+/// A `dlq list` killed (SIGKILL) while it reads leaves the queue exactly as it was:
+/// the same letters, each once, with their headers, exchange and routing key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_dlq_list_leaves_the_queue_as_it_was() {
+    let (iso, settings) = ops::broker_only(&TestOptions::default()).await;
+    let msgs = many_letters("msg_kill", 150, 100_000);
+    inject_dead_routed(&settings, &msgs).await;
+    let cfg = config_file(&iso, "");
+    let env: Vec<(String, String)> = vec![
+        ("PROVISIONER_CONFIG".into(), cfg.display().to_string()),
+        ("AMQP_URL".into(), base_amqp_url()),
+        ("PROVISIONER_ENV".into(), "development".into()),
+        ("RUST_LOG".into(), "warn".into()),
+    ];
+
+    // Killed at several points of its read (and, before this release, of its
+    // putting copies back).
+    for delay_ms in [150, 400, 700, 1000, 1400, 2000] {
+        let mut list = Process::start("dlq list", &["dlq", "list"], &env);
+        tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+        list.sigkill();
+    }
+
+    // The broker returns a dead connection's messages by itself.
+    let dead = settings.broker.dead_letter_queue.as_str();
+    let whole = eventually(Duration::from_secs(30), || async {
+        (queue_depth(dead).await >= 150).then_some(())
+    })
+    .await;
+    assert!(
+        whole.is_some(),
+        "the letters came back: {}",
+        queue_depth(dead).await
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let left = drain_queue(dead).await;
+    assert_intact(&left, &msgs, &settings.broker.dead_letter_exchange);
+    let _ = std::fs::remove_file(cfg);
 }
 
 // ---- the binary -------------------------------------------------------------------

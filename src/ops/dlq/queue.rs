@@ -120,10 +120,15 @@ pub struct DeadQueue {
     redacted_url: String,
     /// Ready messages when the session began: the most it reads.
     total: usize,
+    /// The most the caller wants read (at most `total`).
+    wanted: usize,
     /// Letters handed to the caller so far.
     read: usize,
-    /// Deliveries of the current consumer.
+    /// Deliveries of the current consumer, and its prefetch.
     in_window: u16,
+    window: u16,
+    /// The channel's prefetch for new consumers.
+    prefetch: u16,
     /// Consumers started (for unique tags).
     consumers: u32,
     /// Deliveries received but not handed out yet (only after a cancel).
@@ -178,8 +183,11 @@ impl DeadQueue {
             queue: settings.broker.dead_letter_queue.clone(),
             redacted_url,
             total: 0,
+            wanted: 0,
             read: 0,
             in_window: 0,
+            window: 0,
+            prefetch: 0,
             consumers: 0,
             pending: VecDeque::new(),
             tags: Vec::new(),
@@ -216,15 +224,16 @@ impl DeadQueue {
             .create_channel()
             .await
             .map_err(|e| self.broker(e))?;
-        // Per consumer (never `global`: quorum queues refuse it, killing the
-        // connection): each consumer of the session is sent at most WINDOW.
-        channel
-            .basic_qos(WINDOW, BasicQosOptions::default())
-            .await
-            .map_err(|e| self.broker(e))?;
         self.channel = Some(channel);
         self.total = self.ready_count().await? as usize;
+        self.wanted = self.total;
         Ok(())
+    }
+
+    /// Reads no more than `n` letters (a page needs no more): the session is not
+    /// even sent the ones after them.
+    pub fn read_at_most(&mut self, n: usize) {
+        self.wanted = n.min(self.total);
     }
 
     /// Ready messages in the queue now (passive declare).
@@ -273,7 +282,7 @@ impl DeadQueue {
     /// start was read (or the rest is held by another consumer). The letter stays
     /// in the queue unless [`remove`](Self::remove)d.
     pub async fn next(&mut self) -> Result<Option<Taken>, DlqError> {
-        if self.read >= self.total || self.exhausted {
+        if self.read >= self.wanted || self.exhausted {
             return Ok(None);
         }
         let delivery = match self.pending.pop_front() {
@@ -296,13 +305,25 @@ impl DeadQueue {
 
     /// One delivery from the consumer chain; `None` when none comes for [`QUIET`].
     async fn receive(&mut self) -> Result<Option<Delivery>, DlqError> {
-        if self.in_window >= WINDOW {
+        if self.in_window >= self.window {
             // This consumer was sent its whole window and gets nothing more while
             // those are unacknowledged: the next consumer gets the next window.
             self.stop_consumer().await?;
         }
         if self.consumer.is_none() {
             let channel = self.read_channel()?;
+            // Per consumer (never `global`: quorum queues refuse it, killing the
+            // connection): a consumer is sent WINDOW, or what is left to read.
+            let left = self.wanted - self.read - self.pending.len();
+            let window = u16::try_from(left).unwrap_or(WINDOW).clamp(1, WINDOW);
+            if window != self.prefetch {
+                channel
+                    .basic_qos(window, BasicQosOptions::default())
+                    .await
+                    .map_err(|e| self.broker(e))?;
+                self.prefetch = window;
+            }
+            self.window = window;
             self.consumers += 1;
             let tag = format!("provisioner-dlq-{}-{}", std::process::id(), self.consumers);
             let consumer = channel
@@ -359,7 +380,7 @@ impl DeadQueue {
             self.unread += 1;
             // Its body is not needed unless it is read next; keep it only while
             // the session may still hand it out.
-            if self.read + self.pending.len() < self.total {
+            if self.read + self.pending.len() < self.wanted {
                 self.pending.push_back(delivery);
             }
         }
@@ -387,6 +408,7 @@ impl DeadQueue {
         let tags = std::mem::take(&mut self.tags);
         self.give_back(&tags).await?;
         self.total = self.ready_count().await? as usize;
+        self.wanted = self.total;
         self.read = 0;
         self.unread = 0;
         self.in_window = 0;

@@ -204,6 +204,7 @@ pub async fn page(
                 page.pages = total.div_ceil(limit).max(1);
                 page.page = want.page.clamp(1, page.pages);
                 let first = (page.page - 1) * limit;
+                session.read_at_most(first + limit);
                 while session.read() < first + limit {
                     let Some(taken) = session.next().await? else {
                         break;
