@@ -1253,8 +1253,13 @@ async fn interrupted_console_views_leave_the_dead_letters_as_they_were() {
     // A view that stays waits its turn after every session begun before it.
     let full = console.get("/ops/dead-letters?limit=500").await;
 
-    assert_eq!(full.status, StatusCode::OK, "{}", full.body);
-    assert!(full.body.contains("120 in the queue"), "{}", full.body);
+    assert_eq!(full.status, StatusCode::OK);
+    let count = full
+        .body
+        .split(r#"<span class="count">"#)
+        .nth(1)
+        .and_then(|rest| rest.split('<').next());
+    assert_eq!(count, Some("120"), "letters in the queue after the views");
     let left = drain_queue(&app.settings.broker.dead_letter_queue).await;
     assert_intact(&left, &msgs, &app.settings.broker.dead_letter_exchange);
 }
