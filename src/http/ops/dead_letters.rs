@@ -9,14 +9,15 @@
 //! - Each session runs detached from its request ([`detached`]): a client that goes
 //!   away does not cancel it, so it always ends by giving the letters back (and an
 //!   action by auditing what it did). This process runs one such session at a
-//!   time; the others wait their turn while their client waits.
+//!   time on a queue; the others wait their turn while their client waits.
 //! - A bulk replay or a purge happens only on a POST with `confirm=yes`; without it
 //!   the answer is the confirm step (what would be done), never the action.
 
 mod bulk;
 
+use std::collections::HashMap;
 use std::future::Future;
-use std::sync::{Arc, LazyLock};
+use std::sync::{Arc, LazyLock, Mutex};
 
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
@@ -154,10 +155,21 @@ fn back_to(back: &Option<String>) -> String {
     }
 }
 
-/// The dead-letter sessions this process runs at once: one. A session holds the
-/// queue's lock (so another could only wait for it anyway) and runs detached, so
-/// without this bound a client could pile up sessions by asking and leaving.
-static SESSIONS: LazyLock<Arc<Semaphore>> = LazyLock::new(|| Arc::new(Semaphore::new(1)));
+/// The dead-letter sessions this process runs at once on a dead-letter queue: one
+/// (a deployment has one queue, so one per process). A session holds the queue's
+/// lock (so another could only wait for it anyway) and runs detached, so without
+/// this bound a client could pile up sessions by asking and leaving.
+static SESSIONS: LazyLock<Mutex<HashMap<String, Arc<Semaphore>>>> = LazyLock::new(Mutex::default);
+
+/// The turns of the sessions on `queue`.
+fn turns(queue: &str) -> Arc<Semaphore> {
+    let mut all = SESSIONS
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    all.entry(queue.to_owned())
+        .or_insert_with(|| Arc::new(Semaphore::new(1)))
+        .clone()
+}
 
 /// Runs `work` (a dead-letter session, and for an action its audit rows and result
 /// line) in a task of its own, after the sessions ahead of it, and waits for its
@@ -169,10 +181,11 @@ async fn detached<T: Send + 'static>(
     state: &AppState,
     work: impl Future<Output = Result<T, DlqError>> + Send + 'static,
 ) -> Result<T, DlqError> {
-    let turn = tokio::time::timeout(DEFAULT_LOCK_WAIT, SESSIONS.clone().acquire_owned()).await;
+    let queue = &state.settings.broker.dead_letter_queue;
+    let turn = tokio::time::timeout(DEFAULT_LOCK_WAIT, turns(queue).acquire_owned()).await;
     let Ok(Ok(permit)) = turn else {
         return Err(DlqError::Busy {
-            queue: state.settings.broker.dead_letter_queue.clone(),
+            queue: queue.clone(),
             waited: DEFAULT_LOCK_WAIT,
         });
     };
