@@ -731,8 +731,50 @@ async fn a_page_reads_the_queue_only_down_to_itself() {
     }
 }
 
+/// Pages keep the queue's order after earlier views: RabbitMQ 3.10 puts a letter
+/// given back behind the letters given back before it, so a page reads on past its
+/// rows through those, to the first letter never delivered, and stops soon after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pages_keep_the_order_of_a_queue_viewed_before() {
+    let (_iso, settings) = ops::broker_only(&TestOptions::default()).await;
+    let msgs = many_letters("msg_again", 100, 0);
+    inject_dead(&settings, &msgs[..60]).await;
+    dlq::list(&settings).await.unwrap();
+    inject_dead(&settings, &msgs[60..]).await;
+    let all: Vec<String> = msgs.iter().map(|m| m.message_id.clone().unwrap()).collect();
+
+    let want = |page| dlq::PageRequest { page, limit: 10 };
+    let first = dlq::page(&settings, None, want(1)).await.unwrap();
+    let second = dlq::page(&settings, None, want(2)).await.unwrap();
+
+    let ids = |p: &dlq::Page| {
+        p.rows
+            .iter()
+            .map(|l| l.id.clone().unwrap())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(ids(&first), all[..10]);
+    assert_eq!(ids(&second), all[10..20], "page 2 follows page 1");
+    let left = drain_queue(&settings.broker.dead_letter_queue).await;
+    assert_eq!(message_ids(&left), all, "the queue in its order");
+    let count = |m: &lapin::message::BasicGetMessage| {
+        header(m, "x-delivery-count").and_then(provisioner::broker::headers::int_value)
+    };
+    // The list and both pages read the first 60. A page stops at the first letter
+    // never delivered, with at most the rest of its window (15) sent after it: page
+    // 1 at index 60 (so read at most to 75), page 2 at index 76 at the latest (so
+    // read at most to 91).
+    assert!(left[..60].iter().all(|m| count(m) == Some(3)));
+    assert_eq!(
+        count(&left[60]),
+        Some(2),
+        "both pages read the first fresh letter"
+    );
+    assert!(left[92..].iter().all(|m| count(m) == Some(0)), "never sent");
+}
+
 /// A filtered page looks at every letter but keeps only its rows and a count; a
-/// page past the end shows the last one.
+/// page past the end (however far) shows the last one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_filtered_page_counts_every_match_and_keeps_its_rows() {
     let (_iso, settings) = ops::broker_only(&TestOptions::default()).await;
@@ -754,6 +796,11 @@ async fn a_filtered_page_counts_every_match_and_keeps_its_rows() {
     )
     .await
     .unwrap();
+    let far = dlq::PageRequest {
+        page: usize::MAX,
+        limit: 500,
+    };
+    let farthest = dlq::page(&settings, Some(&users), far).await.unwrap();
 
     let ids = |p: &dlq::Page| {
         p.rows
@@ -772,6 +819,7 @@ async fn a_filtered_page_counts_every_match_and_keeps_its_rows() {
     assert_eq!(ids(&second), users_at[10..]);
     assert_eq!(past.page, 2, "a page past the end shows the last");
     assert_eq!(ids(&past), users_at[10..]);
+    assert_eq!((farthest.page, ids(&farthest)), (1, users_at.clone()));
     assert_eq!(
         message_ids(&drain_queue(&settings.broker.dead_letter_queue).await),
         msgs.iter()

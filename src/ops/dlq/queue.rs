@@ -69,7 +69,7 @@ use tokio::time::Instant;
 
 use super::DlqError;
 use super::letter::DeadLetter;
-use crate::broker::headers::{REPLAYED, REPLAYED_BY};
+use crate::broker::headers::{DELIVERY_COUNT, REPLAYED, REPLAYED_BY};
 use crate::broker::{self, PublishError};
 use crate::config::Settings;
 
@@ -124,6 +124,8 @@ pub struct DeadQueue {
     wanted: usize,
     /// Letters handed to the caller so far.
     read: usize,
+    /// Whether the last letter read had been given back before.
+    given_back_before: bool,
     /// Deliveries of the current consumer, and its prefetch.
     in_window: u16,
     window: u16,
@@ -185,6 +187,7 @@ impl DeadQueue {
             total: 0,
             wanted: 0,
             read: 0,
+            given_back_before: false,
             in_window: 0,
             window: 0,
             prefetch: 0,
@@ -230,10 +233,24 @@ impl DeadQueue {
         Ok(())
     }
 
-    /// Reads no more than `n` letters (a page needs no more): the session is not
-    /// even sent the ones after them.
+    /// Reads `n` letters (a page needs no more), and past them only as far as the
+    /// queue's order needs: while the letters read are ones given back before
+    /// (`x-delivery-count` > 0), up to and including the first never delivered.
+    /// RabbitMQ 3.10 puts a letter given back behind the letters given back before
+    /// it (ahead of those never delivered), so a session that stopped among them
+    /// would leave the queue rotated. Of the letters after that, at most the rest of
+    /// the last consumer's window (15) is sent, and given back in order too.
     pub fn read_at_most(&mut self, n: usize) {
         self.wanted = n.min(self.total);
+    }
+
+    /// How far reading may go now (see [`read_at_most`](Self::read_at_most)).
+    fn reach(&self) -> usize {
+        if self.read >= self.wanted && self.given_back_before {
+            self.total
+        } else {
+            self.wanted
+        }
     }
 
     /// Ready messages in the queue now (passive declare).
@@ -282,7 +299,7 @@ impl DeadQueue {
     /// start was read (or the rest is held by another consumer). The letter stays
     /// in the queue unless [`remove`](Self::remove)d.
     pub async fn next(&mut self) -> Result<Option<Taken>, DlqError> {
-        if self.read >= self.wanted || self.exhausted {
+        if self.read >= self.reach() || self.exhausted {
             return Ok(None);
         }
         let delivery = match self.pending.pop_front() {
@@ -299,6 +316,13 @@ impl DeadQueue {
             },
         };
         self.read += 1;
+        self.given_back_before = delivery
+            .properties
+            .headers()
+            .as_ref()
+            .and_then(|h| h.inner().get(DELIVERY_COUNT))
+            .and_then(crate::broker::headers::int_value)
+            .is_some_and(|n| n > 0);
         let letter = DeadLetter::from_message(self.read, &delivery.properties, &delivery.data);
         Ok(Some(Taken { letter, delivery }))
     }
@@ -314,7 +338,7 @@ impl DeadQueue {
             let channel = self.read_channel()?;
             // Per consumer (never `global`: quorum queues refuse it, killing the
             // connection): a consumer is sent WINDOW, or what is left to read.
-            let left = self.wanted - self.read - self.pending.len();
+            let left = self.reach() - self.read - self.pending.len();
             let window = u16::try_from(left).unwrap_or(WINDOW).clamp(1, WINDOW);
             if window != self.prefetch {
                 channel
@@ -380,7 +404,7 @@ impl DeadQueue {
             self.unread += 1;
             // Its body is not needed unless it is read next; keep it only while
             // the session may still hand it out.
-            if self.read + self.pending.len() < self.wanted {
+            if self.read + self.pending.len() < self.total {
                 self.pending.push_back(delivery);
             }
         }
@@ -410,6 +434,7 @@ impl DeadQueue {
         self.total = self.ready_count().await? as usize;
         self.wanted = self.total;
         self.read = 0;
+        self.given_back_before = false;
         self.unread = 0;
         self.in_window = 0;
         self.exhausted = false;
@@ -545,6 +570,9 @@ impl DeadQueue {
         let channel = self.read_channel()?;
         let base = self.ready_count().await? as usize;
         let mut returned = 0;
+        // Waiting keeps the order; once the queue fails to show a chunk in time
+        // (someone else is taking letters), later chunks are not waited for.
+        let mut patient = true;
         for chunk in tags.chunks(RETURN_CHUNK) {
             for &tag in chunk {
                 channel
@@ -565,7 +593,7 @@ impl DeadQueue {
             }
             returned += chunk.len();
             let deadline = Instant::now() + RETURN_WAIT;
-            loop {
+            while patient {
                 let ready = self.ready_count().await? as usize;
                 if ready >= base + returned {
                     break;
@@ -575,8 +603,10 @@ impl DeadQueue {
                         queue = %self.queue,
                         expected = base + returned,
                         ready,
-                        "the dead-letter queue is slow to show returned letters; going on"
+                        "the dead-letter queue does not show the returned letters; going on \
+                         without waiting (their order may change, nothing else)"
                     );
+                    patient = false;
                     break;
                 }
                 tokio::time::sleep(Duration::from_millis(2)).await;

@@ -205,18 +205,17 @@ pub async fn page(
                 page.page = want.page.clamp(1, page.pages);
                 let first = (page.page - 1) * limit;
                 session.read_at_most(first + limit);
-                while session.read() < first + limit {
-                    let Some(taken) = session.next().await? else {
-                        break;
-                    };
+                // The session may read past the page to keep the queue's order.
+                while let Some(taken) = session.next().await? {
                     seen.note(&taken.letter);
-                    if taken.letter.position > first {
+                    if (first + 1..=first + limit).contains(&taken.letter.position) {
                         page.rows.push(taken.letter);
                     }
                 }
             }
             Some(filter) => {
                 let first = (want.page.max(1) - 1).saturating_mul(limit);
+                let end = first.saturating_add(limit);
                 // The last `limit` matches, for a page past the end.
                 let mut tail: VecDeque<DeadLetter> = VecDeque::with_capacity(limit);
                 while let Some(taken) = session.next().await? {
@@ -226,7 +225,7 @@ pub async fn page(
                     }
                     let index = page.matching;
                     page.matching += 1;
-                    if (first..first + limit).contains(&index) {
+                    if (first..end).contains(&index) {
                         page.rows.push(taken.letter.clone());
                     }
                     if tail.len() == limit {
