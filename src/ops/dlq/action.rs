@@ -12,8 +12,12 @@ use std::time::Duration;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
-use super::queue::{DEFAULT_LOCK_WAIT, DeadQueue};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+
+use super::queue::{DEFAULT_LOCK_WAIT, DeadQueue, Taken};
 use super::{DeadLetter, DlqError, Selection};
+use crate::broker::headers::{REPLAYED, REPLAYED_BY};
+use crate::broker::{self, PublishError};
 use crate::config::Settings;
 
 /// How to replay.
@@ -231,14 +235,14 @@ async fn replay_in(
             tokio::time::sleep_until(started + spacing * attempts).await;
         }
         attempts += 1;
-        let result = session
-            .republish(
-                &taken,
-                &settings.broker.exchange,
-                confirm_timeout,
-                opts.by.as_deref(),
-            )
-            .await;
+        let result = republish(
+            session,
+            &taken,
+            &settings.broker.exchange,
+            confirm_timeout,
+            opts.by.as_deref(),
+        )
+        .await;
         match result {
             Ok(()) => {
                 // Only now that the copy is confirmed may the dead copy go.
@@ -322,4 +326,88 @@ pub async fn purge(settings: &Settings, selection: &Selection) -> Result<PurgeRe
         count: removed.len(),
         removed,
     })
+}
+
+/// Publishes a copy of a letter to `exchange` (routing key = its type, same
+/// body, `message_id`, `type` and intake timestamp, header `x-replayed`) and
+/// waits for the broker's confirm. Does not remove the dead copy.
+pub async fn republish(
+    session: &mut DeadQueue,
+    taken: &Taken,
+    exchange: &str,
+    confirm_timeout: Duration,
+    by: Option<&str>,
+) -> Result<(), ReplayError> {
+    let id = taken.letter.id.clone().ok_or(ReplayError::NoMessageId)?;
+    let kind = taken.letter.kind.clone().ok_or(ReplayError::NoType)?;
+    let original = &taken.delivery.properties;
+    let mut headers = FieldTable::default();
+    headers.insert(ShortString::from(REPLAYED), AMQPValue::Boolean(true));
+    if let Some(by) = by {
+        headers.insert(
+            ShortString::from(REPLAYED_BY),
+            AMQPValue::LongString(by.into()),
+        );
+    }
+    // Persistent JSON like every event of this service, keeping the original
+    // content type if it had one.
+    let mut props = broker::event_properties(&id, &kind)
+        .with_content_type(
+            original
+                .content_type()
+                .clone()
+                .unwrap_or_else(|| broker::CONTENT_TYPE.into()),
+        )
+        .with_headers(headers);
+    // Keep the intake time: the processing log's `received_at` comes from it.
+    if let Some(ts) = original.timestamp() {
+        props = props.with_timestamp(*ts);
+    }
+
+    let channel = session
+        .confirm_channel()
+        .await
+        .map_err(|e| ReplayError::Broker(e.to_string()))?;
+    broker::publish_confirmed(
+        channel,
+        exchange,
+        &kind,
+        &taken.delivery.data,
+        props,
+        confirm_timeout,
+    )
+    .await
+    .map_err(|e| match e {
+        PublishError::Returned(returned) => ReplayError::Unroutable(format!(
+            "{} (no queue bound to {exchange} for {kind})",
+            returned.reply_text
+        )),
+        PublishError::Nacked => ReplayError::Nacked,
+        PublishError::Timeout(limit) => ReplayError::Timeout(limit),
+        PublishError::Disconnected(e) => ReplayError::Broker(e),
+        PublishError::Unavailable | PublishError::Blocked => ReplayError::Broker(e.to_string()),
+    })
+}
+
+/// Why one dead letter could not be replayed (it stays dead).
+#[derive(Debug, thiserror::Error)]
+pub enum ReplayError {
+    /// No `message_id`: the worker could not deduplicate it.
+    #[error("it has no message_id (svix id)")]
+    NoMessageId,
+    /// No `type` property and no `type` in the body: no routing key.
+    #[error("it has no event type (no `type` property, no `type` in the body)")]
+    NoType,
+    /// The copy was not routed to any queue.
+    #[error("the copy was returned unroutable: {0}")]
+    Unroutable(String),
+    /// The broker refused the copy.
+    #[error("the broker refused the copy (nack)")]
+    Nacked,
+    /// No confirm in time; the copy may or may not be queued (the dead copy stays).
+    #[error("no publisher confirm within {0:?}")]
+    Timeout(Duration),
+    /// The connection or channel failed.
+    #[error("broker error: {0}")]
+    Broker(String),
 }

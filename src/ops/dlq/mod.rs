@@ -23,9 +23,11 @@ use serde_json::Value;
 
 use crate::config::Settings;
 use crate::ops::{fmt_time, render_table};
-pub use action::{PurgeReport, ReplayFailure, ReplayOptions, ReplayReport, purge, replay};
+pub use action::{
+    PurgeReport, ReplayError, ReplayFailure, ReplayOptions, ReplayReport, purge, replay, republish,
+};
 pub use letter::DeadLetter;
-pub use queue::{DEFAULT_LOCK_WAIT, DeadQueue, ReplayError, Taken};
+pub use queue::{DEFAULT_LOCK_WAIT, DeadQueue, Taken};
 pub use view::{DeadMessage, Listing, Page, PageRequest, list, page, show};
 
 /// `dlq` subcommands.

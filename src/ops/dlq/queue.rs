@@ -24,11 +24,15 @@
 //!
 //! How (measured on RabbitMQ 3.10.8, quorum queue with `x-delivery-limit`, as the
 //! dead-letter queue is declared):
-//! - A message given back with `basic.nack`/`basic.reject` (requeue) goes to the
-//!   HEAD of this queue, not its back: RabbitMQ moves requeued messages to the back
-//!   only for quorum queues without a delivery limit. A consumer that gives back
-//!   each delivery as it reads it is therefore handed the same few messages again
-//!   and again. So a session gives nothing back until it has finished reading.
+//! - A message given back with `basic.nack`/`basic.reject` (requeue) does not go
+//!   to the back: RabbitMQ does that only for quorum queues without a delivery
+//!   limit. It goes behind the messages given back before it that still wait, ahead
+//!   of every message never delivered, which the queue serves after them. A
+//!   consumer that gives back each delivery as it reads it is therefore handed the
+//!   same few messages again and again. So a session gives nothing back until it
+//!   has finished reading; and a session reading only part of the queue reads on
+//!   through the messages given back before (see [`DeadQueue::read_at_most`]), or
+//!   it would leave the queue rotated.
 //! - To read a queue of any length without holding it all in the client, the
 //!   session reads through a chain of consumers, each with a prefetch of
 //!   [`WINDOW`]: a consumer is sent `WINDOW` messages and then nothing more while
@@ -37,11 +41,12 @@
 //!   next `WINDOW`.
 //! - Given back one by one in delivery order, at most [`RETURN_CHUNK`] in flight
 //!   (the session waits for the queue's ready count to show each chunk), the
-//!   messages return to the head in that order: the queue is exactly as before.
+//!   messages return in that order: the queue is exactly as before.
 //!   Larger bursts (`multiple`, or more than ~32 outstanding) are reordered by the
 //!   broker's quorum-queue client, which batches settlements beyond that.
 //! - A channel that closes with consumers' messages unacknowledged (a killed
-//!   process) also returns them to the head in delivery order.
+//!   process) returns them the same way, in delivery order; a session killed
+//!   among messages given back before leaves the queue rotated, every letter once.
 //! - Removals are one `basic.ack` with `multiple`, after every other message was
 //!   given back (so it covers exactly the removed ones): one settlement, sent before
 //!   the channel closes, which the broker applies before it sees the close. A burst
@@ -53,7 +58,7 @@
 //! nothing here depends on where a returned message goes.
 //!
 //! Sessions must not interleave (two would split the queue between them and read
-//! only part of it each), so each session first takes [`super::lock`].
+//! only part of it each), so each session first takes the queue's lock (`lock.rs`).
 
 use std::collections::{BTreeSet, VecDeque};
 use std::time::Duration;
@@ -63,14 +68,14 @@ use lapin::message::Delivery;
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
 };
-use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::types::FieldTable;
 use lapin::{Channel, Connection, Consumer, ErrorKind};
 use tokio::time::Instant;
 
 use super::DlqError;
 use super::letter::DeadLetter;
-use crate::broker::headers::{DELIVERY_COUNT, REPLAYED, REPLAYED_BY};
-use crate::broker::{self, PublishError};
+use crate::broker;
+use crate::broker::headers::DELIVERY_COUNT;
 use crate::config::Settings;
 
 /// How long a session waits for another `dlq` command to release the queue.
@@ -441,70 +446,13 @@ impl DeadQueue {
         Ok(())
     }
 
-    /// Publishes a copy of a letter to `exchange` (routing key = its type, same
-    /// body, `message_id`, `type` and intake timestamp, header `x-replayed`) and
-    /// waits for the broker's confirm. Does not remove the dead copy.
-    pub async fn republish(
-        &mut self,
-        taken: &Taken,
-        exchange: &str,
-        confirm_timeout: Duration,
-        by: Option<&str>,
-    ) -> Result<(), ReplayError> {
-        let id = taken.letter.id.clone().ok_or(ReplayError::NoMessageId)?;
-        let kind = taken.letter.kind.clone().ok_or(ReplayError::NoType)?;
-        let original = &taken.delivery.properties;
-        let mut headers = FieldTable::default();
-        headers.insert(ShortString::from(REPLAYED), AMQPValue::Boolean(true));
-        if let Some(by) = by {
-            headers.insert(
-                ShortString::from(REPLAYED_BY),
-                AMQPValue::LongString(by.into()),
-            );
-        }
-        // Persistent JSON like every event of this service, keeping the original
-        // content type if it had one.
-        let mut props = broker::event_properties(&id, &kind)
-            .with_content_type(
-                original
-                    .content_type()
-                    .clone()
-                    .unwrap_or_else(|| broker::CONTENT_TYPE.into()),
-            )
-            .with_headers(headers);
-        // Keep the intake time: the processing log's `received_at` comes from it.
-        if let Some(ts) = original.timestamp() {
-            props = props.with_timestamp(*ts);
-        }
-
-        if self.confirm.is_none() {
-            let ch = broker::confirm_channel(&self.connection)
-                .await
-                .map_err(|e| ReplayError::Broker(e.to_string()))?;
-            self.confirm = Some(ch);
-        }
-        let Some(channel) = self.confirm.as_ref() else {
-            return Err(ReplayError::Broker("no confirm channel".to_owned()));
+    /// The session's publisher-confirm channel (opened on first use), for replays.
+    pub async fn confirm_channel(&mut self) -> Result<&Channel, lapin::Error> {
+        let channel = match self.confirm.take() {
+            Some(channel) => channel,
+            None => broker::confirm_channel(&self.connection).await?,
         };
-        broker::publish_confirmed(
-            channel,
-            exchange,
-            &kind,
-            &taken.delivery.data,
-            props,
-            confirm_timeout,
-        )
-        .await
-        .map_err(|e| match e {
-            PublishError::Returned(returned) => ReplayError::Unroutable(format!(
-                "{} (no queue bound to {exchange} for {kind})",
-                returned.reply_text
-            )),
-            PublishError::Nacked => ReplayError::Nacked,
-            PublishError::Timeout(limit) => ReplayError::Timeout(limit),
-            PublishError::Disconnected(e) => ReplayError::Broker(e),
-            PublishError::Unavailable | PublishError::Blocked => ReplayError::Broker(e.to_string()),
-        })
+        Ok(self.confirm.insert(channel))
     }
 
     /// Whether the confirm channel broke (e.g. the exchange does not exist); later
@@ -643,27 +591,4 @@ async fn close_channel(channel: Channel) {
     if channel.status().connected() {
         let _ = channel.close(200, "dlq done".into()).await;
     }
-}
-
-/// Why one dead letter could not be replayed (it stays dead).
-#[derive(Debug, thiserror::Error)]
-pub enum ReplayError {
-    /// No `message_id`: the worker could not deduplicate it.
-    #[error("it has no message_id (svix id)")]
-    NoMessageId,
-    /// No `type` property and no `type` in the body: no routing key.
-    #[error("it has no event type (no `type` property, no `type` in the body)")]
-    NoType,
-    /// The copy was not routed to any queue.
-    #[error("the copy was returned unroutable: {0}")]
-    Unroutable(String),
-    /// The broker refused the copy.
-    #[error("the broker refused the copy (nack)")]
-    Nacked,
-    /// No confirm in time; the copy may or may not be queued (the dead copy stays).
-    #[error("no publisher confirm within {0:?}")]
-    Timeout(Duration),
-    /// The connection or channel failed.
-    #[error("broker error: {0}")]
-    Broker(String),
 }

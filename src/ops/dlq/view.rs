@@ -2,10 +2,10 @@
 //!
 //! Guarantee: a view changes no letter. It reads through a [`DeadQueue`] session,
 //! which gives every letter back as it was (see [`super::queue`]), and it keeps
-//! summaries, never bodies — but the one body `show` returns. A console page reads
-//! no further than the page it shows (plus the queue's count from a passive
-//! declare) unless a filter needs every letter looked at; it then keeps the page's
-//! rows and a count.
+//! summaries, never bodies — but the one body `show` returns. A console page keeps
+//! its own rows and takes the queue's count from a passive declare; it reads down
+//! to its rows and on only as far as the queue's order requires
+//! ([`DeadQueue::read_at_most`]), unless a filter needs every letter looked at.
 
 use std::collections::{BTreeSet, HashSet, VecDeque};
 
