@@ -6,9 +6,15 @@
 mod common;
 
 use common::fake_clerk::FakeClerk;
-use common::ops::{Inject, inject_dead, message_ids};
+use std::time::Duration;
+
+use common::ops::{
+    Inject, Served, assert_intact, header, inject_dead, inject_dead_routed, many_letters,
+    message_ids, reset_peak, resident,
+};
 use common::story::{org, person};
 use common::*;
+use provisioner::ops::dlq::{DeadQueue, Selection};
 use reqwest::StatusCode;
 use reqwest::header::{HeaderMap, LOCATION, SET_COOKIE};
 use serde_json::{Value, json};
@@ -58,6 +64,22 @@ impl Page {
         rest[..rest.find('"').unwrap()].to_owned()
     }
 
+    /// The value of the page's hidden input `name` (HTML entities decoded).
+    fn hidden(&self, name: &str) -> String {
+        let start = format!(r#"type="hidden" name="{name}" value=""#);
+        let at = self
+            .body
+            .find(&start)
+            .unwrap_or_else(|| panic!("no hidden {name} in {}", self.body));
+        let rest = &self.body[at + start.len()..];
+        rest[..rest.find('"').unwrap()]
+            .replace("&quot;", "\"")
+            .replace("&lt;", "<")
+            .replace("&gt;", ">")
+            .replace("&#39;", "'")
+            .replace("&amp;", "&")
+    }
+
     fn assert_redirect_to_login(&self, what: &str) {
         assert_eq!(self.status, StatusCode::SEE_OTHER, "{what}: {}", self.body);
         assert_eq!(self.location(), "/ops/login", "{what}");
@@ -74,8 +96,13 @@ fn form(pairs: &[(&str, &str)]) -> String {
 
 impl Console {
     fn new(app: &TestApp) -> Self {
+        Self::at(&app.address)
+    }
+
+    /// A console of the server at `base`.
+    fn at(base: &str) -> Self {
         Self {
-            base: app.address.clone(),
+            base: base.to_owned(),
             http: reqwest::Client::builder()
                 .redirect(reqwest::redirect::Policy::none())
                 .timeout(std::time::Duration::from_secs(60))
@@ -111,6 +138,25 @@ impl Console {
                 .body(form(fields)),
         )
         .await
+    }
+
+    /// Sends a GET (or a POST of `fields`) and goes away after `after`, whatever
+    /// the answer: a client that disconnects mid-request.
+    async fn abandon(&self, path: &str, fields: Option<&[(&str, &str)]>, after: Duration) {
+        let url = format!("{}{path}", self.base);
+        let req = match fields {
+            None => self.http.get(url),
+            Some(fields) => self
+                .http
+                .post(url)
+                .header("content-type", "application/x-www-form-urlencoded")
+                .body(form(fields)),
+        };
+        let req = match &self.cookie {
+            Some(c) => req.header("cookie", c),
+            None => req,
+        };
+        let _ = tokio::time::timeout(after, req.send()).await;
     }
 
     /// Signs in; keeps the cookie.
@@ -594,13 +640,22 @@ async fn each_action_acts_redirects_and_is_audited() {
         Some(lapin::types::AMQPValue::LongString("alice".into()))
     );
 
-    // Bulk replay of a filtered set, confirmed.
+    // Bulk replay of a filtered set, confirmed from its confirm step (which carries
+    // the ids it shows).
+    let step = console
+        .post(
+            "/ops/dead-letters/replay",
+            &[("csrf", &csrf), ("type", "organization.updated")],
+        )
+        .await;
+    let shown = step.hidden("ids");
     let page = console
         .post(
             "/ops/dead-letters/replay",
             &[
                 ("csrf", &csrf),
                 ("type", "organization.updated"),
+                ("ids", &shown),
                 ("confirm", "yes"),
             ],
         )
@@ -1099,4 +1154,291 @@ async fn the_overview_reports_what_it_measured() {
         "{}",
         page.body
     );
+}
+
+// ---- dead letters: bounded, detached, non-destructive views (issue 19) -------------
+
+/// The ids a confirm step's form carries.
+fn carried_ids(step: &Page) -> Vec<String> {
+    serde_json::from_str(&step.hidden("ids")).expect("a JSON array of ids")
+}
+
+/// A confirmed bulk replay replays exactly the letters its confirm step showed: a
+/// matching letter that arrived after the step stays dead, and a shown one that
+/// left meanwhile is reported, not replayed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bulk_replay_replays_exactly_what_its_confirm_step_showed() {
+    let app = spawn_app().await;
+    let ids: Vec<String> = (0..4).map(|_| msg_id()).collect();
+    inject_dead(
+        &app.settings,
+        &[
+            dead("organization.updated", "org_a", &ids[0]),
+            dead("organization.created", "org_a", &ids[1]),
+            dead("organization.updated", "org_b", &ids[2]),
+            dead("organization.updated", "org_c", &ids[3]),
+        ],
+    )
+    .await;
+    let (console, csrf) = Console::signed_in(&app, "alice").await;
+    let step = console
+        .post(
+            "/ops/dead-letters/replay",
+            &[("csrf", &csrf), ("type", "organization.updated")],
+        )
+        .await;
+    assert!(
+        step.body.contains("Replay 3 dead letters?"),
+        "{}",
+        step.body
+    );
+    let shown = vec![ids[0].clone(), ids[2].clone(), ids[3].clone()];
+    assert_eq!(carried_ids(&step), shown, "the step carries what it lists");
+    for id in &shown {
+        assert!(step.body.contains(id.as_str()), "{id} listed");
+    }
+
+    // Meanwhile one more matching letter arrives and one shown is purged elsewhere.
+    let late = msg_id();
+    inject_dead(
+        &app.settings,
+        &[dead("organization.updated", "org_d", &late)],
+    )
+    .await;
+    provisioner::ops::dlq::purge(&app.settings, &Selection::Ids(vec![ids[3].clone()]))
+        .await
+        .unwrap();
+    let page = console
+        .post(
+            "/ops/dead-letters/replay",
+            &[
+                ("csrf", &csrf),
+                ("type", "organization.updated"),
+                ("ids", &step.hidden("ids")),
+                ("confirm", "yes"),
+            ],
+        )
+        .await;
+
+    assert_eq!(page.status, StatusCode::SEE_OTHER, "{}", page.body);
+    let mut work = message_ids(&drain_queue(&app.settings.broker.queue).await);
+    work.sort();
+    let mut expected = vec![ids[0].clone(), ids[2].clone()];
+    expected.sort();
+    assert_eq!(work, expected, "exactly the shown letters still there");
+    assert_eq!(dead_ids(&app).await, [ids[1].clone(), late.clone()]);
+    let list = console.get(page.location()).await;
+    assert!(list.body.contains("Replayed 2, failed 0"), "{}", list.body);
+    assert!(
+        list.body
+            .contains(&format!("{} was no longer in the queue", ids[3])),
+        "{}",
+        list.body
+    );
+}
+
+/// Console views whose clients go away mid-read leave the queue exactly as it was:
+/// the same letters, each once, with their headers, exchange and routing key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn interrupted_console_views_leave_the_dead_letters_as_they_were() {
+    let app = spawn_app().await;
+    let msgs = many_letters(&format!("msg_{}", random_id(6)), 120, 100_000);
+    inject_dead_routed(&app.settings, &msgs).await;
+    let (console, _) = Console::signed_in(&app, "alice").await;
+
+    // A filtered page looks at every letter; each client leaves at another point
+    // of the read (and, before this release, of putting copies back).
+    for after_ms in [100, 300, 600, 900, 1300, 1800, 2500] {
+        console
+            .abandon(
+                "/ops/dead-letters?class=payload",
+                None,
+                Duration::from_millis(after_ms),
+            )
+            .await;
+    }
+    // A view that stays waits its turn after every session begun before it.
+    let full = console.get("/ops/dead-letters?limit=500").await;
+
+    assert_eq!(full.status, StatusCode::OK);
+    let count = full
+        .body
+        .split(r#"<span class="count">"#)
+        .nth(1)
+        .and_then(|rest| rest.split('<').next());
+    assert_eq!(count, Some("120"), "letters in the queue after the views");
+    let left = drain_queue(&app.settings.broker.dead_letter_queue).await;
+    assert_intact(&left, &msgs, &app.settings.broker.dead_letter_exchange);
+}
+
+/// A page of the console reads the queue only down to its own rows: the letters
+/// after it are not even delivered, and the page still counts them all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_console_page_reads_the_queue_only_down_to_itself() {
+    let app = spawn_app().await;
+    let msgs = many_letters(&format!("msg_{}", random_id(6)), 60, 0);
+    inject_dead_routed(&app.settings, &msgs).await;
+    let (console, _) = Console::signed_in(&app, "alice").await;
+
+    let page = console.get("/ops/dead-letters?limit=20&page=2").await;
+
+    assert_eq!(page.status, StatusCode::OK, "{}", page.body);
+    assert!(page.body.contains("60 in the queue") && page.body.contains("page 2 of 3"));
+    for (i, m) in msgs.iter().enumerate() {
+        let id = m.message_id.as_deref().unwrap();
+        assert_eq!(page.body.contains(id), (20..40).contains(&i), "{id}");
+    }
+    let left = drain_queue(&app.settings.broker.dead_letter_queue).await;
+    assert_intact(&left, &msgs, &app.settings.broker.dead_letter_exchange);
+    // RabbitMQ 3.10 counts every delivery (0 on the first): the drain's own
+    // delivery shows 1 for a letter the page read and gave back, 0 for the rest.
+    for (i, m) in left.iter().enumerate() {
+        let count = header(m, "x-delivery-count").and_then(provisioner::broker::headers::int_value);
+        let expected = if i < 40 { Some(1) } else { Some(0) };
+        assert_eq!(count, expected, "letter {i}");
+    }
+}
+
+/// Views asked for and abandoned while the queue is busy do not pile up sessions:
+/// the first one's session runs when the queue frees, the others never start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abandoned_views_do_not_pile_up_sessions() {
+    let app = spawn_app().await;
+    let ids: Vec<String> = (0..3).map(|_| msg_id()).collect();
+    let msgs: Vec<Inject> = ids
+        .iter()
+        .map(|id| dead("organization.created", "org_a", id))
+        .collect();
+    inject_dead(&app.settings, &msgs).await;
+    let (console, _) = Console::signed_in(&app, "alice").await;
+
+    // Another session (a `dlq` command) holds the queue while five views come and go.
+    let holder = DeadQueue::open(&app.settings, Duration::from_secs(10))
+        .await
+        .unwrap();
+    for _ in 0..5 {
+        console
+            .abandon("/ops/dead-letters", None, Duration::from_millis(400))
+            .await;
+    }
+    holder.close().await.unwrap();
+    // This view waits for the sessions begun before it, and reads every letter too.
+    let page = console.get("/ops/dead-letters").await;
+
+    assert_eq!(page.status, StatusCode::OK, "{}", page.body);
+    let left = drain_queue(&app.settings.broker.dead_letter_queue).await;
+    assert_eq!(message_ids(&left), ids);
+    for m in &left {
+        // Each session that read a letter counted one delivery: two sessions, the
+        // first abandoned view's and the last view's.
+        let count = header(m, "x-delivery-count").and_then(provisioner::broker::headers::int_value);
+        assert_eq!(count, Some(2), "sessions that read it");
+    }
+}
+
+/// A replay whose client left while it waited for the queue is still carried out
+/// when the queue frees: replayed once, removed from the dead letters, audited.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_whose_client_left_is_still_carried_out_and_audited() {
+    let app = spawn_app().await;
+    let ids: Vec<String> = (0..2).map(|_| msg_id()).collect();
+    inject_dead(
+        &app.settings,
+        &[
+            dead("organization.created", "org_gone", &ids[0]),
+            dead("organization.created", "org_gone", &ids[1]),
+        ],
+    )
+    .await;
+    let (console, csrf) = Console::signed_in(&app, "alice").await;
+
+    let holder = DeadQueue::open(&app.settings, Duration::from_secs(10))
+        .await
+        .unwrap();
+    console
+        .abandon(
+            &format!("/ops/dead-letters/{}/replay", ids[0]),
+            Some(&[("csrf", &csrf)]),
+            Duration::from_millis(700),
+        )
+        .await;
+    holder.close().await.unwrap();
+
+    let done = eventually(Duration::from_secs(30), || async {
+        let rows = audit_rows(&app).await;
+        rows.iter()
+            .any(|r| r.1 == "dead_letter.replayed" && r.3.as_deref() == Some(ids[0].as_str()))
+            .then_some(())
+    })
+    .await;
+    assert!(done.is_some(), "the replay was audited");
+    assert_eq!(
+        message_ids(&drain_queue(&app.settings.broker.queue).await),
+        [ids[0].clone()]
+    );
+    assert_eq!(dead_ids(&app).await, [ids[1].clone()]);
+}
+
+/// Listing 200 dead letters of 500 KB through the console keeps `serve`'s peak
+/// resident memory under its idle resident memory + 32 MB.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listing_large_dead_letters_keeps_serve_memory_bounded() {
+    let iso = Isolation::new();
+    let settings = test_settings(&iso, &TestOptions::default());
+    let served = Served::start(&iso).await;
+    let pid = served.process.pid();
+    let mut console = Console::at(&served.base);
+    let login = console.login(OPS_TOKEN, "alice").await;
+    assert_eq!(login.status, StatusCode::SEE_OTHER, "{}", login.body);
+    // Warm the page's code path on an empty queue, then fill it.
+    assert_eq!(
+        console.get("/ops/dead-letters").await.status,
+        StatusCode::OK
+    );
+    let msgs = many_letters(&format!("msg_{}", random_id(6)), 200, 500_000);
+    inject_dead(&settings, &msgs).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (idle, _) = resident(pid);
+    reset_peak(pid);
+
+    let sampling = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let sampler = tokio::spawn({
+        let sampling = sampling.clone();
+        async move {
+            let mut peak = 0;
+            while sampling.load(std::sync::atomic::Ordering::Relaxed) {
+                peak = peak.max(resident(pid).0);
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            peak
+        }
+    });
+    // Page 2 reads all 200; a filter looks at every letter; a show keeps one body.
+    let second = console.get("/ops/dead-letters?page=2").await;
+    let filtered = console.get("/ops/dead-letters?class=payload").await;
+    let last = msgs[199].message_id.clone().unwrap();
+    let shown = console.get(&format!("/ops/dead-letters/{last}")).await;
+    sampling.store(false, std::sync::atomic::Ordering::Relaxed);
+    let sampled = sampler.await.unwrap();
+    let (_, high_water) = resident(pid);
+
+    for page in [&second, &filtered, &shown] {
+        assert_eq!(
+            page.status,
+            StatusCode::OK,
+            "{}",
+            &page.body[..page.body.len().min(2000)]
+        );
+    }
+    assert!(second.body.contains(&last), "page 2 shows the last letter");
+    let peak = sampled.max(high_water);
+    let mb = |b: u64| b as f64 / 1_048_576.0;
+    assert!(
+        peak < idle + 32 * 1_048_576,
+        "peak {:.1} MB against idle {:.1} MB",
+        mb(peak),
+        mb(idle)
+    );
+    let left = drain_queue(&settings.broker.dead_letter_queue).await;
+    assert_eq!(left.len(), 200, "every letter still there");
 }

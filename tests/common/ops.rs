@@ -66,6 +66,15 @@ impl Inject {
         }
     }
 
+    /// Makes the body about `bytes` longer (a `padding` string in `data`), still
+    /// the same event.
+    pub fn padded(mut self, bytes: usize) -> Self {
+        let mut body: serde_json::Value = serde_json::from_slice(&self.body).expect("JSON body");
+        body["data"]["padding"] = serde_json::Value::from("x".repeat(bytes));
+        self.body = serde_json::to_vec(&body).unwrap();
+        self
+    }
+
     /// Adds the headers the worker puts on a dead letter.
     pub fn worker_headers(
         mut self,
@@ -119,6 +128,21 @@ impl Inject {
 /// Publishes messages (in order, each confirmed) to `exchange` with `routing_key`
 /// (`""` + a queue name = straight into that queue).
 pub async fn inject(exchange: &str, routing_key: &str, messages: &[Inject]) {
+    inject_each(exchange, messages, |_| routing_key.to_owned()).await;
+}
+
+/// Puts messages in the dead-letter queue of `settings` the way the worker does:
+/// through the dead-letter exchange, routed by their type.
+pub async fn inject_dead_routed(settings: &Settings, messages: &[Inject]) {
+    inject_each(&settings.broker.dead_letter_exchange, messages, |m| {
+        m.kind.clone().unwrap_or_default()
+    })
+    .await;
+}
+
+/// Publishes messages (in order, each confirmed) to `exchange`, each with the
+/// routing key `key` gives it.
+async fn inject_each(exchange: &str, messages: &[Inject], key: impl Fn(&Inject) -> String) {
     let (conn, _) = broker_channel().await;
     let ch = broker::confirm_channel(&conn).await.unwrap();
     for m in messages {
@@ -140,7 +164,7 @@ pub async fn inject(exchange: &str, routing_key: &str, messages: &[Inject]) {
         let result = broker::publish_confirmed(
             &ch,
             exchange,
-            routing_key,
+            &key(m),
             &m.body,
             props,
             Duration::from_secs(30),
@@ -259,4 +283,148 @@ pub fn error_line(out: &Output) -> String {
 /// A long string AMQP value.
 pub fn text(s: &str) -> AMQPValue {
     AMQPValue::LongString(LongString::from(s))
+}
+
+/// Headers without the broker's own delivery count (the one thing a session that
+/// read a letter and gave it back changes).
+pub fn headers_but_delivery_count(headers: Option<&FieldTable>) -> FieldTable {
+    let mut out = FieldTable::default();
+    for (k, v) in headers.map(|h| h.inner().iter()).into_iter().flatten() {
+        if k.as_str() != "x-delivery-count" {
+            out.insert(k.clone(), v.clone());
+        }
+    }
+    out
+}
+
+/// Asserts that `left` (a drained dead-letter queue) holds exactly the letters
+/// `injected` put there through `exchange`: each once, with its body, properties,
+/// headers (but the broker's delivery count), exchange and routing key.
+pub fn assert_intact(
+    left: &[lapin::message::BasicGetMessage],
+    injected: &[Inject],
+    exchange: &str,
+) {
+    let mut ids = message_ids(left);
+    ids.sort();
+    let mut expected: Vec<String> = injected
+        .iter()
+        .map(|m| m.message_id.clone().unwrap_or_default())
+        .collect();
+    expected.sort();
+    assert_eq!(
+        ids.len(),
+        expected.len(),
+        "as many letters as were put there"
+    );
+    assert_eq!(ids, expected, "every letter exactly once");
+    for m in left {
+        let id = m
+            .delivery
+            .properties
+            .message_id()
+            .as_ref()
+            .unwrap()
+            .as_str();
+        let original = injected
+            .iter()
+            .find(|i| i.message_id.as_deref() == Some(id))
+            .unwrap();
+        let p = &m.delivery.properties;
+        assert!(m.delivery.data == original.body, "{id}: body unchanged");
+        assert_eq!(
+            headers_but_delivery_count(p.headers().as_ref()),
+            headers_but_delivery_count(original.headers.as_ref()),
+            "{id}: headers unchanged"
+        );
+        assert_eq!(m.delivery.exchange.as_str(), exchange, "{id}: exchange");
+        assert_eq!(
+            Some(m.delivery.routing_key.as_str()),
+            original.kind.as_deref(),
+            "{id}: routing key"
+        );
+        assert_eq!(
+            p.kind().as_ref().map(|k| k.as_str()),
+            original.kind.as_deref()
+        );
+        assert_eq!(p.timestamp(), &original.timestamp, "{id}: timestamp");
+    }
+}
+
+/// Dead letters of every kind a session meets — worker-made, made by RabbitMQ's
+/// delivery limit (`x-death`), put there by hand — `bytes` long each, ids
+/// `{prefix}_000`…
+pub fn many_letters(prefix: &str, n: usize, bytes: usize) -> Vec<Inject> {
+    (0..n)
+        .map(|i| {
+            let id = format!("{prefix}_{i:03}");
+            let letter = match i % 3 {
+                0 => Inject::event("organization.updated", &format!("org_{i}"), &id)
+                    .worker_headers("payload", "data.name is missing", 1, 1_716_883_201_500),
+                1 => Inject::event("organizationMembership.created", "org_m", &id)
+                    .x_death_only("provisioner.events", 1_716_883_203),
+                _ => Inject::event("user.deleted", "-", &id),
+            };
+            letter.padded(bytes)
+        })
+        .collect()
+}
+
+/// `provisioner serve` as a child process on a test's own database and broker
+/// names, answering on `base`.
+pub struct Served {
+    /// The process.
+    pub process: super::children::Process,
+    /// `http://127.0.0.1:PORT`.
+    pub base: String,
+    config: PathBuf,
+}
+
+impl Served {
+    /// Starts it and waits until it is healthy.
+    pub async fn start(iso: &Isolation) -> Self {
+        let config = config_file(iso, "");
+        let port = super::children::free_port();
+        let base = format!("http://127.0.0.1:{port}");
+        let env: Vec<(String, String)> = vec![
+            ("DATABASE_URL".into(), iso.database_url()),
+            ("AMQP_URL".into(), base_amqp_url()),
+            ("PROVISIONER_LISTEN".into(), format!("127.0.0.1:{port}")),
+            ("PROVISIONER_CONFIG".into(), config.display().to_string()),
+            ("PROVISIONER_ENV".into(), "development".into()),
+            ("RUST_LOG".into(), "warn".into()),
+        ];
+        let mut process = super::children::Process::start("serve", &["serve"], &env);
+        process.wait_healthy(&base).await;
+        Self {
+            process,
+            base,
+            config,
+        }
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.config);
+    }
+}
+
+/// A process's resident memory now and its peak (`VmRSS`, `VmHWM`), in bytes.
+pub fn resident(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc status");
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .map(|kb| kb * 1024)
+            .unwrap_or_else(|| panic!("{name} in {status}"))
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+/// Resets a process's peak resident memory (`VmHWM`) to what it uses now.
+pub fn reset_peak(pid: u32) {
+    std::fs::write(format!("/proc/{pid}/clear_refs"), "5").expect("clear_refs");
 }

@@ -1,10 +1,23 @@
 //! `/ops/dead-letters`: the list (filtered, paged), one dead letter whole, replay
-//! one, replay the filtered set, purge one.
+//! one, replay the filtered set ([`bulk`]), purge one.
 //!
-//! Guarantee: every read and change goes through `ops::dlq` — the same sessions on
-//! the dead-letter queue as `provisioner dlq` (nothing lost, order kept) — and a
-//! bulk replay or a purge happens only on a POST with `confirm=yes`; without it the
-//! answer is the confirm step (what would be done, and how many), never the action.
+//! Guarantees:
+//! - Every read and change goes through `ops::dlq` — the same sessions on the
+//!   dead-letter queue as `provisioner dlq`: a view changes no letter and keeps no
+//!   body but the one shown; a page reads the queue only down to the rows it shows
+//!   (or every letter, summaries only, when a filter needs them).
+//! - Each session runs detached from its request ([`detached`]): a client that goes
+//!   away does not cancel it, so it always ends by giving the letters back (and an
+//!   action by auditing what it did). This process runs one such session at a
+//!   time on a queue; the others wait their turn while their client waits.
+//! - A bulk replay or a purge happens only on a POST with `confirm=yes`; without it
+//!   the answer is the confirm step (what would be done), never the action.
+
+mod bulk;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, LazyLock, Mutex};
 
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
@@ -12,6 +25,9 @@ use axum::response::{IntoResponse, Response};
 use maud::{Markup, html};
 use serde::Deserialize;
 use serde_json::json;
+use tokio::sync::Semaphore;
+
+pub use bulk::replay_filtered;
 
 use super::Fields;
 use super::audit::{self, Action, Actor};
@@ -19,7 +35,10 @@ use super::session::{Flash, Operator};
 use super::view::{self, Nav};
 use crate::http::AppState;
 use crate::http::api::page::parse_limit;
-use crate::ops::dlq::{self, DeadLetter, DlqError, ReplayOptions, ReplayReport, Selection};
+use crate::ops::dlq::{
+    self, DEFAULT_LOCK_WAIT, DeadLetter, DlqError, PageRequest, ReplayOptions, ReplayReport,
+    Selection,
+};
 
 /// The error classes the worker and RabbitMQ give (DESIGN §4).
 const CLASSES: [&str; 3] = ["payload", "retries-exhausted", "delivery-limit"];
@@ -117,21 +136,6 @@ pub struct ActionForm {
     back: Option<String>,
 }
 
-/// Fields of the bulk replay form: the list's filters, `csrf`, `confirm`.
-#[derive(Debug, Default, Deserialize)]
-pub struct BulkForm {
-    #[serde(default)]
-    csrf: Option<String>,
-    #[serde(default)]
-    confirm: Option<String>,
-    #[serde(rename = "type", default)]
-    kind: Option<String>,
-    #[serde(default)]
-    org: Option<String>,
-    #[serde(default)]
-    class: Option<String>,
-}
-
 fn confirmed(confirm: &Option<String>) -> bool {
     confirm.as_deref() == Some("yes")
 }
@@ -148,6 +152,53 @@ fn back_to(back: &Option<String>) -> String {
             b.to_owned()
         }
         _ => "/ops/dead-letters".to_owned(),
+    }
+}
+
+/// The dead-letter sessions this process runs at once on a dead-letter queue: one
+/// (a deployment has one queue, so one per process). A session holds the queue's
+/// lock (so another could only wait for it anyway) and runs detached, so without
+/// this bound a client could pile up sessions by asking and leaving.
+static SESSIONS: LazyLock<Mutex<HashMap<String, Arc<Semaphore>>>> = LazyLock::new(Mutex::default);
+
+/// The turns of the sessions on `queue`.
+fn turns(queue: &str) -> Arc<Semaphore> {
+    let mut all = SESSIONS
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    all.entry(queue.to_owned())
+        .or_insert_with(|| Arc::new(Semaphore::new(1)))
+        .clone()
+}
+
+/// Runs `work` (a dead-letter session, and for an action its audit rows and result
+/// line) in a task of its own, after the sessions ahead of it, and waits for its
+/// result. The caller going away (a client that disconnects drops its handler)
+/// cancels only the wait: once started, `work` runs to its end. Waiting for a turn
+/// is bounded like the queue's lock; a request that leaves while waiting gives up
+/// its turn and starts nothing.
+async fn detached<T: Send + 'static>(
+    state: &AppState,
+    work: impl Future<Output = Result<T, DlqError>> + Send + 'static,
+) -> Result<T, DlqError> {
+    let queue = &state.settings.broker.dead_letter_queue;
+    let turn = tokio::time::timeout(DEFAULT_LOCK_WAIT, turns(queue).acquire_owned()).await;
+    let Ok(Ok(permit)) = turn else {
+        return Err(DlqError::Busy {
+            queue: queue.clone(),
+            waited: DEFAULT_LOCK_WAIT,
+        });
+    };
+    let task = tokio::spawn(async move {
+        let result = work.await;
+        drop(permit);
+        result
+    });
+    match task.await {
+        Ok(result) => result,
+        Err(e) => Err(DlqError::Broker(format!(
+            "the dead-letter session ended abnormally ({e}); its letters went back to the queue"
+        ))),
     }
 }
 
@@ -172,38 +223,38 @@ pub async fn list(
         Ok(n) => n as usize,
         Err(e) => return view::bad_request(&operator, &e.message),
     };
-    let page_no = Filters::given(&filters.page)
-        .and_then(|p| p.parse::<usize>().ok())
-        .filter(|p| *p >= 1)
-        .unwrap_or(1);
-    let listing = match dlq::list(&state.settings).await {
-        Ok(listing) => listing,
+    let want = PageRequest {
+        page: Filters::given(&filters.page)
+            .and_then(|p| p.parse::<usize>().ok())
+            .filter(|p| *p >= 1)
+            .unwrap_or(1),
+        limit,
+    };
+    let settings = state.settings.clone();
+    let wanted = filters.clone();
+    let read = detached(&state, async move {
+        let matches = |l: &DeadLetter| wanted.matches(l);
+        let filter: Option<dlq::view::Filter<'_>> = wanted.any().then_some(&matches);
+        dlq::page(&settings, filter, want).await
+    })
+    .await;
+    let page = match read {
+        Ok(page) => page,
         Err(e) => return dlq_unavailable(&operator, &e),
     };
-    let selected: Vec<&DeadLetter> = listing.data.iter().filter(|l| filters.matches(l)).collect();
-    let pages = selected.len().div_ceil(limit).max(1);
-    let page_no = page_no.min(pages);
-    let shown = selected
-        .iter()
-        .skip((page_no - 1) * limit)
-        .take(limit)
-        .copied()
-        .collect::<Vec<_>>();
-    let kinds = distinct(listing.data.iter().map(|l| l.kind.as_deref()));
-    let orgs = distinct(listing.data.iter().map(|l| l.workspace_id.as_deref()));
-    let here = filters.url(Some(page_no));
+    let here = filters.url(Some(page.page));
 
     let body = html! {
-        h1 { "Dead letters" span.count { (listing.count) } }
+        h1 { "Dead letters" span.count { (page.in_queue) } }
         p.lead {
             "Events the worker could not apply, with the reason. Replay one after fixing its cause, "
-            "or purge it when it can never apply. Queue " code { (listing.queue) } "."
+            "or purge it when it can never apply. Queue " code { (page.queue) } "."
         }
         form.filters method="get" action="/ops/dead-letters" {
             label { "Type" input name="type" list="kinds" value=[Filters::given(&filters.kind)] placeholder="any"; }
-            datalist #kinds { @for k in &kinds { option value=(k) {} } }
+            datalist #kinds { @for k in &page.kinds { option value=(k) {} } }
             label { "Workspace" input name="org" list="orgs" value=[Filters::given(&filters.org)] placeholder="any"; }
-            datalist #orgs { @for o in &orgs { option value=(o) {} } }
+            datalist #orgs { @for o in &page.orgs { option value=(o) {} } }
             label { "Class"
                 select name="class" {
                     option value="" { "any" }
@@ -215,10 +266,10 @@ pub async fn list(
             button type="submit" { "Filter" }
             @if filters.any() { a href="/ops/dead-letters" { "Clear" } }
         }
-        @if selected.is_empty() {
+        @if page.matching == 0 {
             @if filters.any() {
                 (view::empty("No dead letter matches these filters.", html! {
-                    a href="/ops/dead-letters" { "Clear the filters" } " to see all " (listing.count) "."
+                    a href="/ops/dead-letters" { "Clear the filters" } " to see all " (page.in_queue) "."
                 }))
             } @else {
                 (view::empty("No dead letters.", html! {
@@ -230,16 +281,16 @@ pub async fn list(
             div.bar {
                 span {
                     @if filters.any() {
-                        (selected.len()) " of " (listing.count) " match " (filters.describe())
+                        (page.matching) " of " (page.in_queue) " match " (filters.describe())
                     } @else {
-                        (listing.count) " in the queue, head first"
+                        (page.in_queue) " in the queue, head first"
                     }
                 }
                 form.inline method="post" action="/ops/dead-letters/replay" data-busy="Preparing the replay…" {
                     (view::csrf(&operator))
                     (filters.hidden())
                     button type="submit" {
-                        @if filters.any() { "Replay these " (selected.len()) "…" } @else { "Replay all " (selected.len()) "…" }
+                        @if filters.any() { "Replay these " (page.matching) "…" } @else { "Replay all " (page.matching) "…" }
                     }
                 }
             }
@@ -249,7 +300,7 @@ pub async fn list(
                     th.num { "Attempts" } th { "First failed" } th { "Error" } th { "Actions" }
                 } }
                 tbody {
-                    @for l in &shown {
+                    @for l in &page.rows {
                         tr {
                             td { (view::dead_letter_link(l.id.as_deref())) }
                             td.mono { (view::text_opt(l.kind.as_deref())) }
@@ -267,27 +318,19 @@ pub async fn list(
                     }
                 }
             }
-            @if pages > 1 {
+            @if page.pages > 1 {
                 nav.pager {
-                    @if page_no > 1 { a href=(filters.url(Some(page_no - 1))) rel="prev" { "← Newer" } }
-                    span { "page " (page_no) " of " (pages) }
-                    @if page_no < pages { a href=(filters.url(Some(page_no + 1))) rel="next" { "Older →" } }
+                    @if page.page > 1 { a href=(filters.url(Some(page.page - 1))) rel="prev" { "← Newer" } }
+                    span { "page " (page.page) " of " (page.pages) }
+                    @if page.page < page.pages { a href=(filters.url(Some(page.page + 1))) rel="next" { "Older →" } }
                 }
             }
         }
-        @if listing.arrived_during_listing > 0 {
-            p.muted { (listing.arrived_during_listing) " more arrived while listing; reload to see them." }
+        @if page.arrived > 0 {
+            p.muted { (page.arrived) " more arrived while listing; reload to see them." }
         }
     };
     view::page("Dead letters", Some(&operator), Nav::DeadLetters, body).into_response()
-}
-
-/// The values present, sorted, once each (for the filters' suggestions).
-fn distinct<'a>(values: impl Iterator<Item = Option<&'a str>>) -> Vec<&'a str> {
-    let mut v: Vec<&str> = values.flatten().collect();
-    v.sort_unstable();
-    v.dedup();
-    v
 }
 
 fn row_actions(operator: &Operator, id: &str, back: &str) -> Markup {
@@ -306,13 +349,20 @@ fn row_actions(operator: &Operator, id: &str, back: &str) -> Markup {
     }
 }
 
+/// One dead letter whole, read in a detached session.
+async fn show_detached(state: &AppState, id: &str) -> Result<dlq::DeadMessage, DlqError> {
+    let settings = state.settings.clone();
+    let id = id.to_owned();
+    detached(state, async move { dlq::show(&settings, &id).await }).await
+}
+
 /// `GET /ops/dead-letters/{id}`.
 pub async fn show(
     operator: Operator,
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Response {
-    let message = match dlq::show(&state.settings, &id).await {
+    let message = match show_detached(&state, &id).await {
         Ok(m) => m,
         Err(DlqError::NotFound { .. }) => return gone(&operator, &id),
         Err(e) => return dlq_unavailable(&operator, &e),
@@ -435,8 +485,12 @@ async fn audit_replay(
                 f.reason
             )
         })
+        .chain(report.not_found.iter().map(|id| {
+            format!("{id} was no longer in the queue (replayed or purged meanwhile): not replayed")
+        }))
         .collect();
-    let text = match (report.replayed.as_slice(), report.failed.is_empty()) {
+    let alone = report.failed.is_empty() && report.not_found.is_empty();
+    let text = match (report.replayed.as_slice(), alone) {
         ([one], true) => format!(
             "Replayed {} ({}). It is back in the work queue; the processing log shows how it ends.",
             one.id.as_deref().unwrap_or("-"),
@@ -483,15 +537,24 @@ pub async fn replay_one(
     if let Some(refused) = operator.csrf_refusal(form.csrf.as_deref()) {
         return refused;
     }
-    let opts = ReplayOptions {
-        by: Some(operator.label.clone()),
-        ..ReplayOptions::new(Selection::Ids(vec![id.clone()]))
-    };
-    let flash = match dlq::replay(&state.settings, &opts).await {
-        Ok(report) => audit_replay(&state, &operator, &report, None).await,
-        Err(e) => not_done("replayed", &id, &operator, e),
-    };
-    operator.set_flash(&state.db, flash).await;
+    let (st, op, one) = (state.clone(), operator.clone(), id.clone());
+    let done = detached(&state, async move {
+        let opts = ReplayOptions {
+            by: Some(op.label.clone()),
+            ..ReplayOptions::new(Selection::Ids(vec![one.clone()]))
+        };
+        let flash = match dlq::replay(&st.settings, &opts).await {
+            Ok(report) => audit_replay(&st, &op, &report, None).await,
+            Err(e) => not_done("replayed", &one, &op, e),
+        };
+        op.set_flash(&st.db, flash).await;
+        Ok(())
+    })
+    .await;
+    if let Err(e) = done {
+        let flash = not_done("replayed", &id, &operator, e);
+        operator.set_flash(&state.db, flash).await;
+    }
     super::see_other(&back_to(&form.back))
 }
 
@@ -510,24 +573,33 @@ pub async fn purge_one(
     if !confirmed(&form.confirm) {
         return confirm_purge(&operator, &state, &id, &back_to(&form.back)).await;
     }
-    let flash = match dlq::purge(&state.settings, &Selection::Ids(vec![id.clone()])).await {
-        Ok(report) => {
-            for l in &report.removed {
-                audit_letter(&state, &operator, l, "dead_letter.purged", Actor::Ops, None).await;
+    let (st, op, one) = (state.clone(), operator.clone(), id.clone());
+    let done = detached(&state, async move {
+        let flash = match dlq::purge(&st.settings, &Selection::Ids(vec![one.clone()])).await {
+            Ok(report) => {
+                for l in &report.removed {
+                    audit_letter(&st, &op, l, "dead_letter.purged", Actor::Ops, None).await;
+                }
+                Flash::ok(format!(
+                    "Purged {one}: {} dead letter(s) deleted for good.",
+                    report.count
+                ))
             }
-            Flash::ok(format!(
-                "Purged {id}: {} dead letter(s) deleted for good.",
-                report.count
-            ))
-        }
-        Err(e) => not_done("purged", &id, &operator, e),
-    };
-    operator.set_flash(&state.db, flash).await;
+            Err(e) => not_done("purged", &one, &op, e),
+        };
+        op.set_flash(&st.db, flash).await;
+        Ok(())
+    })
+    .await;
+    if let Err(e) = done {
+        let flash = not_done("purged", &id, &operator, e);
+        operator.set_flash(&state.db, flash).await;
+    }
     super::see_other(&back_to(&form.back))
 }
 
 async fn confirm_purge(operator: &Operator, state: &AppState, id: &str, back: &str) -> Response {
-    let message = match dlq::show(&state.settings, id).await {
+    let message = match show_detached(state, id).await {
         Ok(m) => m,
         Err(DlqError::NotFound { .. }) => return gone(operator, id),
         Err(e) => return dlq_unavailable(operator, &e),
@@ -556,98 +628,6 @@ async fn confirm_purge(operator: &Operator, state: &AppState, id: &str, back: &s
         }
     };
     view::page("Confirm purge", Some(operator), Nav::DeadLetters, body).into_response()
-}
-
-/// `POST /ops/dead-letters/replay` (fields `type`, `org`, `class`, `csrf`,
-/// `confirm=yes`): the filtered set. Without the confirmation the confirm step
-/// (the count and the letters, like `dlq replay --dry-run`); with it the replay,
-/// then 303 to the list with the summary.
-pub async fn replay_filtered(
-    operator: Operator,
-    State(state): State<AppState>,
-    Fields(form): Fields<BulkForm>,
-) -> Response {
-    if let Some(refused) = operator.csrf_refusal(form.csrf.as_deref()) {
-        return refused;
-    }
-    let filters = Filters {
-        kind: form.kind,
-        org: form.org,
-        class: form.class,
-        ..Filters::default()
-    };
-    let listing = match dlq::list(&state.settings).await {
-        Ok(listing) => listing,
-        Err(e) => return dlq_unavailable(&operator, &e),
-    };
-    let selected: Vec<&DeadLetter> = listing.data.iter().filter(|l| filters.matches(l)).collect();
-    let mut ids: Vec<String> = selected.iter().filter_map(|l| l.id.clone()).collect();
-    ids.dedup();
-    let unreplayable = selected.iter().filter(|l| l.id.is_none()).count();
-    if ids.is_empty() {
-        operator
-            .set_flash(
-                &state.db,
-                Flash::failed(format!(
-                    "No dead letter with an id matches {}; nothing was replayed.",
-                    filters.describe()
-                )),
-            )
-            .await;
-        return super::see_other(&filters.url(None));
-    }
-    if !confirmed(&form.confirm) {
-        let body = html! {
-            h1 { "Replay " (selected.len()) " dead letter" @if selected.len() != 1 { "s" } "?" }
-            div.panel.warn {
-                p {
-                    "Selection: " strong { (filters.describe()) } ". Each is republished to the events exchange "
-                    "and removed from the dead-letter queue once the broker confirmed it; the worker applies "
-                    "each svix id once. One whose cause is not fixed dead-letters again."
-                }
-                @if unreplayable > 0 {
-                    p { (unreplayable) " of them carry no svix id and cannot be replayed." }
-                }
-                form.inline method="post" action="/ops/dead-letters/replay" data-busy="Replaying — the page updates when every dead letter is done…" {
-                    (view::csrf(&operator))
-                    (filters.hidden())
-                    input type="hidden" name="confirm" value="yes";
-                    button.primary type="submit" { "Yes, replay " (ids.len()) }
-                }
-                " "
-                a href=(filters.url(None)) { "Cancel" }
-            }
-            table.data {
-                thead { tr { th { "ID" } th { "Type" } th { "Workspace" } th { "Error" } } }
-                tbody {
-                    @for l in &selected {
-                        tr {
-                            td { (view::dead_letter_link(l.id.as_deref())) }
-                            td.mono { (view::text_opt(l.kind.as_deref())) }
-                            td { (view::workspace_link(l.workspace_id.as_deref())) }
-                            td.error { (view::text_opt(l.error.as_deref())) }
-                        }
-                    }
-                }
-            }
-        };
-        return view::page("Confirm replay", Some(&operator), Nav::DeadLetters, body)
-            .into_response();
-    }
-    let described = filters.describe();
-    let opts = ReplayOptions {
-        by: Some(operator.label.clone()),
-        ..ReplayOptions::new(Selection::Ids(ids))
-    };
-    let flash = match dlq::replay(&state.settings, &opts).await {
-        Ok(report) => audit_replay(&state, &operator, &report, Some(&described)).await,
-        Err(e) => {
-            tracing::warn!(operator = %operator.label, error = %e, "ops console: bulk replay failed");
-            Flash::failed(format!("Nothing was replayed: {e}"))
-        }
-    };
-    operator.set_flash(&state.db, flash).await;
-    super::see_other(&filters.url(None))
 }
 
 #[cfg(test)]

@@ -1,28 +1,34 @@
 //! `provisioner dlq`: inspect, replay and purge dead letters (DESIGN §1, §4).
 //!
-//! Guarantee: nothing here loses a dead letter. `list` and `show` leave the queue
-//! exactly as they found it (same messages, same order); `replay` removes a dead
-//! copy only after the broker confirmed its republished copy, so a crash mid-replay
-//! duplicates (the worker deduplicates by svix id) but never loses; `purge` removes
-//! only what it names and only with `--yes`. Dead letters not selected, and those
-//! arriving meanwhile, stay in their order. See [`queue`] for how.
+//! Guarantee: nothing here loses or duplicates a dead letter. `list` and `show`
+//! ([`view`]) change no letter (the broker's delivery count aside) and keep no
+//! bodies but the one shown; `replay` ([`action`]) removes a dead copy only after
+//! the broker confirmed its republished copy, so a crash mid-replay duplicates (the
+//! worker deduplicates by svix id) but never loses; `purge` removes only what it
+//! names and only with `--yes`. Dead letters not selected, and those arriving
+//! meanwhile, stay in their order. See [`queue`] for how.
 
+pub mod action;
 pub mod letter;
+mod lock;
 pub mod queue;
+pub mod view;
 
 use std::io::IsTerminal;
 use std::time::Duration;
 
 use clap::{ArgGroup, Args, Subcommand};
-use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
-use serde_json::{Value, json};
+use serde_json::Value;
 
 use crate::config::Settings;
 use crate::ops::{fmt_time, render_table};
+pub use action::{
+    PurgeReport, ReplayError, ReplayFailure, ReplayOptions, ReplayReport, purge, replay, republish,
+};
 pub use letter::DeadLetter;
-use letter::{body_to_json, properties_to_json, table_to_json};
-pub use queue::{DEFAULT_LOCK_WAIT, DeadQueue, ReplayError};
+pub use queue::{DEFAULT_LOCK_WAIT, DeadQueue, Taken};
+pub use view::{DeadMessage, Listing, Page, PageRequest, list, page, show};
 
 /// `dlq` subcommands.
 #[derive(Debug, Subcommand)]
@@ -167,311 +173,6 @@ impl Selection {
     }
 }
 
-/// Ids named by a selection that no held dead letter carries.
-fn missing_ids(selection: &Selection, session: &DeadQueue) -> Vec<String> {
-    let Selection::Ids(ids) = selection else {
-        return Vec::new();
-    };
-    let mut missing: Vec<String> = ids
-        .iter()
-        .filter(|id| {
-            !session
-                .held
-                .iter()
-                .any(|h| h.letter.id.as_ref() == Some(id))
-        })
-        .cloned()
-        .collect();
-    missing.dedup();
-    missing
-}
-
-/// The dead-letter queue's content, head first.
-#[derive(Debug, Clone, Serialize)]
-pub struct Listing {
-    /// Queue name.
-    pub queue: String,
-    /// Number of dead letters listed.
-    pub count: usize,
-    /// The dead letters, head first.
-    pub data: Vec<DeadLetter>,
-    /// Dead letters that arrived while listing (kept behind these, not listed).
-    pub arrived_during_listing: usize,
-}
-
-/// Lists the dead letters without removing or reordering any.
-pub async fn list(settings: &Settings) -> Result<Listing, DlqError> {
-    let session = DeadQueue::open(settings, DEFAULT_LOCK_WAIT).await?;
-    let data: Vec<DeadLetter> = session.held.iter().map(|h| h.letter.clone()).collect();
-    let closed = session.close().await?;
-    Ok(Listing {
-        queue: settings.broker.dead_letter_queue.clone(),
-        count: data.len(),
-        data,
-        arrived_during_listing: closed.arrived,
-    })
-}
-
-/// One dead letter whole.
-#[derive(Debug, Clone, Serialize)]
-pub struct DeadMessage {
-    /// Its summary.
-    #[serde(flatten)]
-    pub letter: DeadLetter,
-    /// Exchange it was last published to.
-    pub exchange: String,
-    /// Routing key it was last published with.
-    pub routing_key: String,
-    /// AMQP properties (`message_id`, `type`, `timestamp`, …).
-    pub properties: Value,
-    /// Headers (`x-error`, `x-death`, …).
-    pub headers: Value,
-    /// The body, parsed when it is JSON.
-    pub body: Value,
-    /// How many dead letters carry this id (the first is shown).
-    pub copies: usize,
-}
-
-/// Shows one dead letter (the first of its copies) without removing it.
-pub async fn show(settings: &Settings, id: &str) -> Result<DeadMessage, DlqError> {
-    let session = DeadQueue::open(settings, DEFAULT_LOCK_WAIT).await?;
-    let copies: Vec<&queue::Held> = session
-        .held
-        .iter()
-        .filter(|h| h.letter.id.as_deref() == Some(id))
-        .collect();
-    let found = copies.first().map(|h| DeadMessage {
-        letter: h.letter.clone(),
-        exchange: h.delivery.exchange.as_str().to_owned(),
-        routing_key: h.delivery.routing_key.as_str().to_owned(),
-        properties: properties_to_json(&h.delivery.properties),
-        headers: h
-            .delivery
-            .properties
-            .headers()
-            .as_ref()
-            .map(table_to_json)
-            .unwrap_or_else(|| json!({})),
-        body: body_to_json(&h.delivery.data),
-        copies: copies.len(),
-    });
-    session.close().await?;
-    found.ok_or_else(|| DlqError::NotFound {
-        ids: vec![id.to_owned()],
-    })
-}
-
-/// How to replay.
-#[derive(Debug, Clone)]
-pub struct ReplayOptions {
-    /// What to replay.
-    pub selection: Selection,
-    /// List only.
-    pub dry_run: bool,
-    /// At most this many replays per second.
-    pub rate: Option<u32>,
-    /// Draw a progress bar (on a terminal).
-    pub progress: bool,
-    /// How long to wait for another dlq command to finish.
-    pub lock_wait: Duration,
-    /// Who replays, when it is an operator of the ops console: the session label,
-    /// sent as header `x-replayed-by` so the worker's audit rows name them.
-    pub by: Option<String>,
-}
-
-impl ReplayOptions {
-    /// Replay `selection` now, no rate limit, no progress bar.
-    pub fn new(selection: Selection) -> Self {
-        Self {
-            selection,
-            dry_run: false,
-            rate: None,
-            progress: false,
-            lock_wait: DEFAULT_LOCK_WAIT,
-            by: None,
-        }
-    }
-}
-
-/// A dead letter that could not be replayed, and why (it is still dead).
-#[derive(Debug, Clone, Serialize)]
-pub struct ReplayFailure {
-    /// The dead letter.
-    #[serde(flatten)]
-    pub letter: DeadLetter,
-    /// Why.
-    pub reason: String,
-}
-
-/// What a replay did.
-#[derive(Debug, Clone, Serialize)]
-pub struct ReplayReport {
-    /// Whether it was a dry run (nothing changed).
-    pub dry_run: bool,
-    /// Dead letters selected (head first).
-    pub selected: Vec<DeadLetter>,
-    /// Republished (confirmed) and removed from the dead-letter queue.
-    pub replayed: Vec<DeadLetter>,
-    /// Still dead.
-    pub failed: Vec<ReplayFailure>,
-}
-
-impl ReplayReport {
-    /// `replayed N, failed M` (or the dry-run equivalent).
-    pub fn summary(&self) -> String {
-        if self.dry_run {
-            format!(
-                "would replay {} (dry run; nothing changed)",
-                self.selected.len()
-            )
-        } else {
-            format!(
-                "replayed {}, failed {}",
-                self.replayed.len(),
-                self.failed.len()
-            )
-        }
-    }
-}
-
-/// Replays the selected dead letters: republish with confirm, then ack the dead copy.
-pub async fn replay(settings: &Settings, opts: &ReplayOptions) -> Result<ReplayReport, DlqError> {
-    let mut session = DeadQueue::open(settings, opts.lock_wait).await?;
-    let missing = missing_ids(&opts.selection, &session);
-    if !missing.is_empty() {
-        session.close().await?;
-        return Err(DlqError::NotFound { ids: missing });
-    }
-    let selected: Vec<usize> = (0..session.held.len())
-        .filter(|i| opts.selection.matches(&session.held[*i].letter))
-        .collect();
-    let mut report = ReplayReport {
-        dry_run: opts.dry_run,
-        selected: selected
-            .iter()
-            .map(|i| session.held[*i].letter.clone())
-            .collect(),
-        replayed: Vec::new(),
-        failed: Vec::new(),
-    };
-    if opts.dry_run || selected.is_empty() {
-        session.close().await?;
-        return Ok(report);
-    }
-
-    let bar = if opts.progress {
-        ProgressBar::new(selected.len() as u64)
-    } else {
-        ProgressBar::hidden()
-    };
-    if let Ok(style) = ProgressStyle::with_template("{bar:40} {pos}/{len} replayed {msg}") {
-        bar.set_style(style);
-    }
-    let confirm_timeout = Duration::from_millis(settings.broker.publish_timeout_ms);
-    let spacing = opts
-        .rate
-        .map(|n| Duration::from_secs_f64(1.0 / f64::from(n)));
-    let started = tokio::time::Instant::now();
-    let mut broken: Option<String> = None;
-    for (n, &i) in selected.iter().enumerate() {
-        let letter = session.held[i].letter.clone();
-        if let Some(reason) = &broken {
-            report.failed.push(ReplayFailure {
-                letter,
-                reason: format!("not attempted: {reason}"),
-            });
-            continue;
-        }
-        if let Some(spacing) = spacing {
-            tokio::time::sleep_until(started + spacing * n as u32).await;
-        }
-        let result = match session
-            .republish(
-                i,
-                &settings.broker.exchange,
-                confirm_timeout,
-                opts.by.as_deref(),
-            )
-            .await
-        {
-            // Only now that the copy is confirmed may the dead copy go.
-            Ok(()) => session.ack(i).await.map_err(|e| e.to_string()),
-            Err(e) => Err(e.to_string()),
-        };
-        match result {
-            Ok(()) => {
-                tracing::debug!(
-                    svix.id = letter.id.as_deref().unwrap_or("-"),
-                    event.type = letter.kind.as_deref(),
-                    workspace.id = letter.workspace_id.as_deref(),
-                    "dead letter replayed"
-                );
-                report.replayed.push(letter);
-            }
-            Err(reason) => {
-                tracing::debug!(
-                    svix.id = letter.id.as_deref().unwrap_or("-"),
-                    event.type = letter.kind.as_deref(),
-                    workspace.id = letter.workspace_id.as_deref(),
-                    error = %reason,
-                    "dead letter not replayed; it stays dead"
-                );
-                if session.publishing_broken() {
-                    broken = Some(reason.clone());
-                }
-                report.failed.push(ReplayFailure { letter, reason });
-            }
-        }
-        bar.inc(1);
-    }
-    bar.finish_and_clear();
-    session.close().await?;
-    Ok(report)
-}
-
-/// What a purge removed.
-#[derive(Debug, Clone, Serialize)]
-pub struct PurgeReport {
-    /// Number removed.
-    pub count: usize,
-    /// The removed dead letters.
-    pub removed: Vec<DeadLetter>,
-}
-
-/// Removes the selected dead letters for good (`Ids` or `All`).
-pub async fn purge(settings: &Settings, selection: &Selection) -> Result<PurgeReport, DlqError> {
-    let mut session = DeadQueue::open(settings, DEFAULT_LOCK_WAIT).await?;
-    let missing = missing_ids(selection, &session);
-    if !missing.is_empty() {
-        session.close().await?;
-        return Err(DlqError::NotFound { ids: missing });
-    }
-    let mut removed = Vec::new();
-    for i in 0..session.held.len() {
-        if selection.matches(&session.held[i].letter) {
-            session.ack(i).await?;
-            removed.push(session.held[i].letter.clone());
-        }
-    }
-    session.close().await?;
-    Ok(PurgeReport {
-        count: removed.len(),
-        removed,
-    })
-}
-
-/// The svix ids more than one listed dead letter carries, in first-seen order.
-fn repeated_ids(letters: &[DeadLetter]) -> Vec<String> {
-    let mut seen = std::collections::HashSet::new();
-    let mut twice: Vec<String> = Vec::new();
-    for id in letters.iter().filter_map(|l| l.id.as_ref()) {
-        if !seen.insert(id) && !twice.contains(id) {
-            twice.push(id.clone());
-        }
-    }
-    twice
-}
-
 fn letters_table(letters: &[DeadLetter]) -> String {
     let dash = |s: &Option<String>| s.clone().unwrap_or_else(|| "-".to_owned());
     render_table(
@@ -526,13 +227,13 @@ pub async fn run(settings: &Settings, command: DlqCommand) -> anyhow::Result<()>
                 print!("{}", letters_table(&listing.data));
                 println!("{} dead letter(s) in {}", listing.count, listing.queue);
             }
-            let twice = repeated_ids(&listing.data);
+            let twice = view::repeated_ids(&listing.data);
             if !twice.is_empty() {
                 println!(
-                    "{} id(s) appear more than once: {} (a dlq command interrupted while \
-                     putting dead letters back leaves a second copy; `dlq replay --id` \
-                     replays each copy and the worker applies an id once, `dlq purge --id` \
-                     removes every copy)",
+                    "{} id(s) appear more than once: {} (a replay interrupted between \
+                     republishing and removing the dead copy, or a message put in the queue \
+                     twice, leaves a second copy; `dlq replay --id` replays each copy and the \
+                     worker applies an id once, `dlq purge --id` removes every copy)",
                     twice.len(),
                     twice.join(", ")
                 );
@@ -595,6 +296,7 @@ pub async fn run(settings: &Settings, command: DlqCommand) -> anyhow::Result<()>
                 progress: !args.json && std::io::stdout().is_terminal(),
                 lock_wait: DEFAULT_LOCK_WAIT,
                 by: None,
+                skip_missing: false,
             };
             let report = replay(settings, &opts).await?;
             if args.json {

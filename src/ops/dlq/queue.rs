@@ -1,85 +1,111 @@
-//! A session on the dead-letter queue: takes every dead letter without consuming it,
-//! lets the caller settle some of them, and puts the rest back in their order —
-//! without counting a delivery.
+//! A session on the dead-letter queue: reads the dead letters one at a time,
+//! head first, lets the caller remove some of them, and gives every other one
+//! back unchanged.
 //!
-//! Guarantee: a dead letter leaves the queue only through [`DeadQueue::ack`] (after
-//! its replacement, if any, was confirmed), or when its exact copy was confirmed in
-//! the queue; everything else, including dead letters that arrive during the
-//! session, is back in the queue in its original order when the session ends — even
-//! when the process dies, since the broker returns unacked messages of a closed
-//! connection.
+//! Guarantees:
+//! - Never a duplicate, never a loss. A session publishes nothing into the
+//!   dead-letter queue: a dead letter it read stays the same message (same body,
+//!   properties, headers, `x-death`, exchange and routing key), unacknowledged, until
+//!   the session gives it back (`basic.nack` with requeue) or removes it (`basic.ack`,
+//!   only through [`DeadQueue::remove`], after a replay's copy was confirmed). A
+//!   session that ends any other way — a dropped future, a killed process, a lost
+//!   connection — leaves its messages unacknowledged, and the broker returns them.
+//!   The only change a session makes to a letter it gives back is the broker's own
+//!   delivery count (`x-delivery-count`, +1 per session that read it), which the
+//!   dead-letter queue's limit of 2^31 − 1 (`broker::DEAD_LETTER_DELIVERY_LIMIT`)
+//!   never reaches.
+//! - Bounded memory whatever the queue's size: at most [`WINDOW`] deliveries are
+//!   on their way to the session at once, and the caller decides which bodies to
+//!   keep (views keep summaries only); what the session itself keeps per letter read
+//!   is a delivery tag.
+//! - Each dead letter present when the session began is read at most once, and
+//!   letters that arrive meanwhile are not chased: a session reads at most the
+//!   number of ready messages a passive declare counted at its start.
 //!
-//! Why a session puts back copies instead of returning what it took: a quorum queue
-//! counts every return as a delivery (`x-delivery-count`) — `basic.nack`/`reject`
-//! with requeue and a closed channel alike on 3.10; 4.x still counts `reject` and a
-//! lost channel — and RabbitMQ 4.x drops a message once the count passes the
-//! queue's delivery limit (20 unless set). Returning held messages would make each
-//! `dlq list` or `show` use up one delivery of every dead letter. So a session ends
-//! by publishing, on a confirm channel through the default exchange straight to the
-//! dead-letter queue, a copy of each unsettled message in order — same body, same
-//! properties, every header except the broker's own `x-delivery-count` (the copy
-//! has never been delivered) — and acks each original only after its copy was
-//! confirmed. Nothing is lost: an original goes only once its copy is in the queue.
-//! A process that dies between a confirm and the ack leaves both (the original
-//! comes back as the broker returns a dead connection's messages): a second
-//! message with the same svix id, which `dlq list` shows twice and `dlq show`
-//! counts in `copies`; never a silent loss. What a copy does not keep: the
-//! delivery's exchange and routing key (now the default exchange and the queue's
-//! name; the event type stays in the `type` property) and the `redelivered` flag.
+//! How (measured on RabbitMQ 3.10.8, quorum queue with `x-delivery-limit`, as the
+//! dead-letter queue is declared):
+//! - A message given back with `basic.nack`/`basic.reject` (requeue) does not go
+//!   to the back: RabbitMQ does that only for quorum queues without a delivery
+//!   limit. It goes behind the messages given back before it that still wait, ahead
+//!   of every message never delivered, which the queue serves after them. A
+//!   consumer that gives back each delivery as it reads it is therefore handed the
+//!   same few messages again and again. So a session gives nothing back until it
+//!   has finished reading; and a session reading only part of the queue reads on
+//!   through the messages given back before (see [`DeadQueue::read_at_most`]), or
+//!   it would leave the queue rotated.
+//! - To read a queue of any length without holding it all in the client, the
+//!   session reads through a chain of consumers, each with a prefetch of
+//!   [`WINDOW`]: a consumer is sent `WINDOW` messages and then nothing more while
+//!   they are unacknowledged; the session cancels it (its messages stay
+//!   unacknowledged, held by the channel) and starts the next one, which is sent the
+//!   next `WINDOW`.
+//! - Given back one by one in delivery order, at most [`RETURN_CHUNK`] in flight
+//!   (the session waits for the queue's ready count to show each chunk), the
+//!   messages return in that order: the queue is exactly as before.
+//!   Larger bursts (`multiple`, or more than ~32 outstanding) are reordered by the
+//!   broker's quorum-queue client, which batches settlements beyond that.
+//! - A channel that closes with consumers' messages unacknowledged (a killed
+//!   process) returns them the same way, in delivery order; a session killed
+//!   among messages given back before leaves the queue rotated, every letter once.
+//! - Removals are one `basic.ack` with `multiple`, after every other message was
+//!   given back (so it covers exactly the removed ones): one settlement, sent before
+//!   the channel closes, which the broker applies before it sees the close. A burst
+//!   of single acks right before a close can be dropped by RabbitMQ 3.10's
+//!   quorum-queue client (measured: the last 10 of 80 came back).
 //!
-//! How order is kept (measured on RabbitMQ 3.10 quorum queues without a delivery
-//! limit):
-//! - `basic.nack(requeue)` and `basic.reject(requeue)` put a message at the BACK,
-//!   and a batch of them (`multiple`, or several in a row) comes back partly
-//!   reversed; `basic.get` followed by closing the channel returns in hash order.
-//! - A *consumer* with an unlimited prefetch holds the whole queue, and messages
-//!   arriving meanwhile are delivered to it too. Cancelling it, then copying what
-//!   it held in delivery order, puts the queue back as it was, arrivals last. (A
-//!   consumer's unacked messages also come back in delivery order, ahead of the
-//!   ready ones, when its channel closes: the order survives a crash too.)
+//! Where a RabbitMQ version returns requeued messages to the back instead, a session
+//! leaves the queue rotated by the letters it read — never duplicated or dropped:
+//! nothing here depends on where a returned message goes.
 //!
-//! So a session consumes with prefetch 0 (unlimited), never nacks, and ends by
-//! cancelling its consumer and putting back copies. Sessions of different `dlq`
-//! processes must not interleave (two consumers would split the queue and put their
-//! shares back one after the other), so each session first takes a lock: the
-//! exclusive consumer of a small classic queue `<dead queue>.lock`, which the broker
-//! itself frees when the holder's connection ends, crash included. (A waiting
-//! session sees the holder in the queue's consumer count, so waiting raises no
-//! channel errors.)
+//! Sessions must not interleave (two would split the queue between them and read
+//! only part of it each), so each session first takes the queue's lock (`lock.rs`).
 
+use std::collections::{BTreeSet, VecDeque};
 use std::time::Duration;
 
 use futures_util::StreamExt;
 use lapin::message::Delivery;
 use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions,
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
 };
-use lapin::types::{AMQPValue, FieldTable, ShortString};
-use lapin::{BasicProperties, Channel, Connection, Consumer, ErrorKind};
+use lapin::types::FieldTable;
+use lapin::{Channel, Connection, Consumer, ErrorKind};
 use tokio::time::Instant;
 
 use super::DlqError;
 use super::letter::DeadLetter;
-use crate::broker::headers::{DELIVERY_COUNT, REPLAYED, REPLAYED_BY};
-use crate::broker::{self, PublishError};
+use crate::broker;
+use crate::broker::headers::DELIVERY_COUNT;
 use crate::config::Settings;
 
 /// How long a session waits for another `dlq` command to release the queue.
 pub const DEFAULT_LOCK_WAIT: Duration = Duration::from_secs(120);
 
-/// A gap in deliveries this long, before the whole queue arrived, means the
-/// missing messages are held by someone else (e.g. a management UI "get").
+/// Prefetch of each consumer of a session: the most deliveries (and so bodies) on
+/// their way to the session at once.
+pub const WINDOW: u16 = 16;
+
+/// Messages given back before waiting for the queue to show them (below the ~32
+/// outstanding settlements past which the broker's client batches and reorders).
+pub const RETURN_CHUNK: usize = 16;
+
+/// A gap in deliveries this long, before every letter counted at the start was
+/// read, means the missing ones are held by someone else (e.g. a management UI
+/// "get").
 const QUIET: Duration = Duration::from_secs(2);
 
-/// One dead letter held by the session.
+/// How long to wait for the queue to show a chunk of returned messages before
+/// going on regardless (the order may then suffer; nothing else does).
+const RETURN_WAIT: Duration = Duration::from_secs(10);
+
+/// One dead letter read by a session: its summary and the message itself. Drop it
+/// to drop the body; the session keeps only its delivery tag.
 #[derive(Debug)]
-pub struct Held {
-    /// Its summary.
+pub struct Taken {
+    /// Its summary (`position` = 1-based place in the queue at the session's start).
     pub letter: DeadLetter,
-    /// The message itself.
+    /// The message.
     pub delivery: Delivery,
-    /// Acked (gone from the queue).
-    pub settled: bool,
 }
 
 /// An open session; see the module docs.
@@ -88,15 +114,40 @@ pub struct DeadQueue {
     connection: Connection,
     /// The lock: its channel and exclusive consumer (dropping either frees it).
     lock: Option<(Channel, Consumer)>,
+    /// Consumers, returns and removals.
     channel: Option<Channel>,
-    consumer: Option<Consumer>,
+    /// Passive declares (a failed one closes its channel, so not `channel`).
+    inspect: Option<Channel>,
+    /// Replays' publishes.
     confirm: Option<Channel>,
+    consumer: Option<Consumer>,
     queue: String,
     redacted_url: String,
-    /// How long to wait for the confirm of each copy put back.
-    confirm_timeout: Duration,
-    /// The dead letters present when the session started, head first.
-    pub held: Vec<Held>,
+    /// Ready messages when the session began: the most it reads.
+    total: usize,
+    /// The most the caller wants read (at most `total`).
+    wanted: usize,
+    /// Letters handed to the caller so far.
+    read: usize,
+    /// Whether the last letter read had been given back before.
+    given_back_before: bool,
+    /// Deliveries of the current consumer, and its prefetch.
+    in_window: u16,
+    window: u16,
+    /// The channel's prefetch for new consumers.
+    prefetch: u16,
+    /// Consumers started (for unique tags).
+    consumers: u32,
+    /// Deliveries received but not handed out yet (only after a cancel).
+    pending: VecDeque<Delivery>,
+    /// Every delivery tag of the session, in delivery order.
+    tags: Vec<u64>,
+    /// Tags to remove (acknowledge) when the session closes.
+    removed: BTreeSet<u64>,
+    /// Deliveries received beyond what was handed out (read by nobody).
+    unread: usize,
+    /// The rest is held by someone else: stop reading.
+    exhausted: bool,
 }
 
 /// What closing a session found.
@@ -106,7 +157,7 @@ pub struct Closed {
     pub arrived: usize,
 }
 
-fn reply_code(e: &lapin::Error) -> Option<u16> {
+pub(super) fn reply_code(e: &lapin::Error) -> Option<u16> {
     match e.kind() {
         ErrorKind::ProtocolError(amqp) => Some(amqp.get_id()),
         _ => None,
@@ -114,8 +165,8 @@ fn reply_code(e: &lapin::Error) -> Option<u16> {
 }
 
 impl DeadQueue {
-    /// Connects, takes the lock (waiting up to `lock_wait`) and takes every dead
-    /// letter present now, without removing any.
+    /// Connects, takes the lock (waiting up to `lock_wait`) and counts the dead
+    /// letters present now; reads none yet.
     pub async fn open(settings: &Settings, lock_wait: Duration) -> Result<Self, DlqError> {
         let url = &settings.broker.url;
         let redacted_url = url.redacted();
@@ -133,17 +184,28 @@ impl DeadQueue {
             connection,
             lock: None,
             channel: None,
-            consumer: None,
+            inspect: None,
             confirm: None,
+            consumer: None,
             queue: settings.broker.dead_letter_queue.clone(),
             redacted_url,
-            confirm_timeout: Duration::from_millis(settings.broker.publish_timeout_ms),
-            held: Vec::new(),
+            total: 0,
+            wanted: 0,
+            read: 0,
+            given_back_before: false,
+            in_window: 0,
+            window: 0,
+            prefetch: 0,
+            consumers: 0,
+            pending: VecDeque::new(),
+            tags: Vec::new(),
+            removed: BTreeSet::new(),
+            unread: 0,
+            exhausted: false,
         };
         match session.start(lock_wait).await {
             Ok(()) => Ok(session),
             Err(e) => {
-                // Whatever was taken goes back with the channel.
                 session.shutdown().await;
                 Err(e)
             }
@@ -154,141 +216,66 @@ impl DeadQueue {
         DlqError::Broker(format!("{e} (broker {})", self.redacted_url))
     }
 
-    async fn lock(&self, lock_wait: Duration) -> Result<(Channel, Consumer), DlqError> {
-        let name = format!("{}.lock", self.queue);
-        let deadline = Instant::now() + lock_wait;
-        let mut warned = false;
-        let mut channel = self
-            .connection
-            .create_channel()
+    async fn start(&mut self, lock_wait: Duration) -> Result<(), DlqError> {
+        let lock = super::lock::take(&self.connection, &self.queue, lock_wait)
             .await
-            .map_err(|e| self.broker(e))?;
-        loop {
-            let mut args = FieldTable::default();
-            // A plain classic queue that only ever has one (exclusive) consumer;
-            // it disappears with that consumer, or after a minute unused.
-            args.insert(
-                "x-queue-type".into(),
-                AMQPValue::LongString("classic".into()),
-            );
-            args.insert("x-expires".into(), AMQPValue::LongLongInt(60_000));
-            let opts = QueueDeclareOptions {
-                auto_delete: true,
-                durable: false,
-                ..QueueDeclareOptions::default()
-            };
-            let free = match channel
-                .queue_declare(name.as_str().into(), opts, args)
-                .await
-            {
-                Ok(q) => q.consumer_count() == 0,
-                Err(e) => return Err(self.broker(e)),
-            };
-            if free {
-                let consume = channel
-                    .basic_consume(
-                        name.as_str().into(),
-                        "provisioner-dlq-lock".into(),
-                        BasicConsumeOptions {
-                            exclusive: true,
-                            ..BasicConsumeOptions::default()
-                        },
-                        FieldTable::default(),
-                    )
-                    .await;
-                match consume {
-                    // Held until this channel closes (with the connection, on a crash).
-                    Ok(consumer) => return Ok((channel, consumer)),
-                    // 403 ACCESS_REFUSED (another process won the race) or 404 (the
-                    // queue was auto-deleted in between): the channel is gone, retry.
-                    Err(e) if matches!(reply_code(&e), Some(403 | 404)) => {
-                        tracing::debug!(error = %e, "lost the race for the dlq lock");
-                        channel = self
-                            .connection
-                            .create_channel()
-                            .await
-                            .map_err(|e| self.broker(e))?;
-                    }
-                    Err(e) => return Err(self.broker(e)),
-                }
-            }
-            if Instant::now() >= deadline {
-                return Err(DlqError::Busy {
+            .map_err(|e| match e {
+                super::lock::LockError::Broker(e) => self.broker(e),
+                super::lock::LockError::Busy => DlqError::Busy {
                     queue: self.queue.clone(),
                     waited: lock_wait,
-                });
-            }
-            if !warned {
-                tracing::warn!(queue = %self.queue, "another dlq command is using the dead-letter queue; waiting for it");
-                warned = true;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-
-    async fn start(&mut self, lock_wait: Duration) -> Result<(), DlqError> {
-        self.lock = Some(self.lock(lock_wait).await?);
+                },
+            })?;
+        self.lock = Some(lock);
         let channel = self
             .connection
             .create_channel()
             .await
             .map_err(|e| self.broker(e))?;
-        self.channel = Some(channel.clone());
-        let count = self.ready_count(&channel).await?;
-        if count > 0 {
-            // Unlimited prefetch: the session must hold the whole queue to see it
-            // without requeueing anything (see the module docs).
-            channel
-                .basic_qos(0, BasicQosOptions::default())
-                .await
-                .map_err(|e| self.broker(e))?;
-            let mut consumer = channel
-                .basic_consume(
-                    self.queue.as_str().into(),
-                    format!("provisioner-dlq-{}", std::process::id()).into(),
-                    BasicConsumeOptions::default(),
-                    FieldTable::default(),
-                )
-                .await
-                .map_err(|e| self.broker(e))?;
-            while self.held.len() < count as usize {
-                match tokio::time::timeout(QUIET, consumer.next()).await {
-                    Ok(Some(Ok(delivery))) => {
-                        let letter = DeadLetter::from_message(
-                            self.held.len() + 1,
-                            &delivery.properties,
-                            &delivery.data,
-                        );
-                        self.held.push(Held {
-                            letter,
-                            delivery,
-                            settled: false,
-                        });
-                    }
-                    Ok(Some(Err(e))) => return Err(self.broker(e)),
-                    Ok(None) => {
-                        return Err(DlqError::Broker(
-                            "the broker cancelled the dead-letter consumer".to_owned(),
-                        ));
-                    }
-                    Err(_) => {
-                        tracing::warn!(
-                            queue = %self.queue,
-                            expected = count,
-                            got = self.held.len(),
-                            "some dead letters are held by another consumer; they are not included"
-                        );
-                        break;
-                    }
-                }
-            }
-            self.consumer = Some(consumer);
-        }
+        self.channel = Some(channel);
+        self.total = self.ready_count().await? as usize;
+        self.wanted = self.total;
         Ok(())
     }
 
-    async fn ready_count(&self, channel: &Channel) -> Result<u32, DlqError> {
-        match crate::broker::inspect(channel, self.queue.as_str()).await {
+    /// Reads `n` letters (a page needs no more), and past them only as far as the
+    /// queue's order needs: while the letters read are ones given back before
+    /// (`x-delivery-count` > 0), up to and including the first never delivered.
+    /// RabbitMQ 3.10 puts a letter given back behind the letters given back before
+    /// it (ahead of those never delivered), so a session that stopped among them
+    /// would leave the queue rotated. Of the letters after that, at most the rest of
+    /// the last consumer's window (15) is sent, and given back in order too.
+    pub fn read_at_most(&mut self, n: usize) {
+        self.wanted = n.min(self.total);
+    }
+
+    /// How far reading may go now (see [`read_at_most`](Self::read_at_most)).
+    fn reach(&self) -> usize {
+        if self.read >= self.wanted && self.given_back_before {
+            self.total
+        } else {
+            self.wanted
+        }
+    }
+
+    /// Ready messages in the queue now (passive declare).
+    async fn ready_count(&mut self) -> Result<u32, DlqError> {
+        if self
+            .inspect
+            .as_ref()
+            .is_none_or(|c| !c.status().connected())
+        {
+            let ch = self
+                .connection
+                .create_channel()
+                .await
+                .map_err(|e| self.broker(e))?;
+            self.inspect = Some(ch);
+        }
+        let Some(ch) = self.inspect.as_ref() else {
+            return Err(DlqError::Broker("no channel".to_owned()));
+        };
+        match crate::broker::inspect(ch, self.queue.as_str()).await {
             Ok(q) => Ok(q.message_count()),
             Err(e) if reply_code(&e) == Some(404) => Err(DlqError::QueueMissing {
                 queue: self.queue.clone(),
@@ -297,76 +284,175 @@ impl DeadQueue {
         }
     }
 
-    /// Removes a held dead letter from the queue for good, when the session closes
-    /// (with everything else it settles, in one acknowledgement: see
-    /// [`close`](Self::close)). Call it only once its replacement, if any, is
-    /// confirmed; a process that dies before closing leaves it in place.
-    pub async fn ack(&mut self, index: usize) -> Result<(), DlqError> {
-        self.held[index].settled = true;
+    /// Dead letters in the queue when the session began (the most it reads).
+    pub fn total(&self) -> usize {
+        self.total
+    }
+
+    /// Dead letters read so far.
+    pub fn read(&self) -> usize {
+        self.read
+    }
+
+    fn read_channel(&self) -> Result<Channel, DlqError> {
+        self.channel
+            .clone()
+            .ok_or_else(|| DlqError::Broker("the session is closed".to_owned()))
+    }
+
+    /// The next dead letter, head first; `None` once every letter counted at the
+    /// start was read (or the rest is held by another consumer). The letter stays
+    /// in the queue unless [`remove`](Self::remove)d.
+    pub async fn next(&mut self) -> Result<Option<Taken>, DlqError> {
+        if self.read >= self.reach() || self.exhausted {
+            return Ok(None);
+        }
+        let delivery = match self.pending.pop_front() {
+            Some(d) => {
+                self.unread -= 1;
+                d
+            }
+            None => match self.receive().await? {
+                Some(d) => d,
+                None => {
+                    self.exhausted = true;
+                    return Ok(None);
+                }
+            },
+        };
+        self.read += 1;
+        self.given_back_before = delivery
+            .properties
+            .headers()
+            .as_ref()
+            .and_then(|h| h.inner().get(DELIVERY_COUNT))
+            .and_then(crate::broker::headers::int_value)
+            .is_some_and(|n| n > 0);
+        let letter = DeadLetter::from_message(self.read, &delivery.properties, &delivery.data);
+        Ok(Some(Taken { letter, delivery }))
+    }
+
+    /// One delivery from the consumer chain; `None` when none comes for [`QUIET`].
+    async fn receive(&mut self) -> Result<Option<Delivery>, DlqError> {
+        if self.in_window >= self.window {
+            // This consumer was sent its whole window and gets nothing more while
+            // those are unacknowledged: the next consumer gets the next window.
+            self.stop_consumer().await?;
+        }
+        if self.consumer.is_none() {
+            let channel = self.read_channel()?;
+            // Per consumer (never `global`: quorum queues refuse it, killing the
+            // connection): a consumer is sent WINDOW, or what is left to read.
+            let left = self.reach() - self.read - self.pending.len();
+            let window = u16::try_from(left).unwrap_or(WINDOW).clamp(1, WINDOW);
+            if window != self.prefetch {
+                channel
+                    .basic_qos(window, BasicQosOptions::default())
+                    .await
+                    .map_err(|e| self.broker(e))?;
+                self.prefetch = window;
+            }
+            self.window = window;
+            self.consumers += 1;
+            let tag = format!("provisioner-dlq-{}-{}", std::process::id(), self.consumers);
+            let consumer = channel
+                .basic_consume(
+                    self.queue.as_str().into(),
+                    tag.as_str().into(),
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
+                .map_err(|e| self.broker(e))?;
+            self.consumer = Some(consumer);
+            self.in_window = 0;
+        }
+        let Some(consumer) = self.consumer.as_mut() else {
+            return Ok(None);
+        };
+        match tokio::time::timeout(QUIET, consumer.next()).await {
+            Ok(Some(Ok(delivery))) => {
+                self.in_window += 1;
+                self.tags.push(delivery.delivery_tag);
+                Ok(Some(delivery))
+            }
+            Ok(Some(Err(e))) => Err(self.broker(e)),
+            Ok(None) => Err(DlqError::Broker(
+                "the broker cancelled the dead-letter consumer".to_owned(),
+            )),
+            Err(_) => {
+                tracing::warn!(
+                    queue = %self.queue,
+                    expected = self.total,
+                    got = self.read,
+                    "some dead letters are held by another consumer; they are not included"
+                );
+                Ok(None)
+            }
+        }
+    }
+
+    /// Cancels the current consumer. What it was sent before the cancel took effect
+    /// (lapin ends the stream after those) stays in the session, unread.
+    async fn stop_consumer(&mut self) -> Result<(), DlqError> {
+        let Some(mut consumer) = self.consumer.take() else {
+            return Ok(());
+        };
+        let channel = self.read_channel()?;
+        channel
+            .basic_cancel(consumer.tag(), BasicCancelOptions::default())
+            .await
+            .map_err(|e| self.broker(e))?;
+        while let Ok(Some(next)) = tokio::time::timeout(QUIET, consumer.next()).await {
+            let delivery = next.map_err(|e| self.broker(e))?;
+            self.tags.push(delivery.delivery_tag);
+            self.unread += 1;
+            // Its body is not needed unless it is read next; keep it only while
+            // the session may still hand it out.
+            if self.read + self.pending.len() < self.total {
+                self.pending.push_back(delivery);
+            }
+        }
         Ok(())
     }
 
-    /// Publishes a copy of a held dead letter to `exchange` (routing key = its type,
-    /// same body, `message_id`, `type` and intake timestamp, header `x-replayed`) and
-    /// waits for the broker's confirm. Does not ack the dead copy.
-    pub async fn republish(
-        &mut self,
-        index: usize,
-        exchange: &str,
-        confirm_timeout: Duration,
-        by: Option<&str>,
-    ) -> Result<(), ReplayError> {
-        let held = &self.held[index];
-        let id = held.letter.id.clone().ok_or(ReplayError::NoMessageId)?;
-        let kind = held.letter.kind.clone().ok_or(ReplayError::NoType)?;
-        let original = &held.delivery.properties;
-        let mut headers = FieldTable::default();
-        headers.insert(ShortString::from(REPLAYED), AMQPValue::Boolean(true));
-        if let Some(by) = by {
-            headers.insert(
-                ShortString::from(REPLAYED_BY),
-                AMQPValue::LongString(by.into()),
-            );
-        }
-        // Persistent JSON like every event of this service, keeping the original
-        // content type if it had one.
-        let mut props = broker::event_properties(&id, &kind)
-            .with_content_type(
-                original
-                    .content_type()
-                    .clone()
-                    .unwrap_or_else(|| broker::CONTENT_TYPE.into()),
-            )
-            .with_headers(headers);
-        // Keep the intake time: the processing log's `received_at` comes from it.
-        if let Some(ts) = original.timestamp() {
-            props = props.with_timestamp(*ts);
-        }
-        let body = held.delivery.data.clone();
+    /// Removes a letter read by this session from the queue for good when the
+    /// session closes. Call it only once its replacement, if any, is confirmed; a
+    /// session that does not close normally leaves it in place.
+    pub fn remove(&mut self, taken: &Taken) {
+        self.removed.insert(taken.delivery.delivery_tag);
+    }
 
-        if self.confirm.is_none() {
-            let ch = broker::confirm_channel(&self.connection)
-                .await
-                .map_err(|e| ReplayError::Broker(e.to_string()))?;
-            self.confirm = Some(ch);
-        }
-        let Some(channel) = self.confirm.as_ref() else {
-            return Err(ReplayError::Broker("no confirm channel".to_owned()));
+    /// Keeps every letter the session was going to remove (nothing is removed).
+    pub fn keep_all(&mut self) {
+        self.removed.clear();
+    }
+
+    /// Gives back everything read so far and starts reading again from the head
+    /// (the letters counted anew), keeping the lock. Nothing may be removed yet.
+    pub async fn rewind(&mut self) -> Result<(), DlqError> {
+        debug_assert!(self.removed.is_empty(), "rewind drops nothing");
+        self.stop_consumer().await?;
+        self.pending.clear();
+        let tags = std::mem::take(&mut self.tags);
+        self.give_back(&tags).await?;
+        self.total = self.ready_count().await? as usize;
+        self.wanted = self.total;
+        self.read = 0;
+        self.given_back_before = false;
+        self.unread = 0;
+        self.in_window = 0;
+        self.exhausted = false;
+        Ok(())
+    }
+
+    /// The session's publisher-confirm channel (opened on first use), for replays.
+    pub async fn confirm_channel(&mut self) -> Result<&Channel, lapin::Error> {
+        let channel = match self.confirm.take() {
+            Some(channel) => channel,
+            None => broker::confirm_channel(&self.connection).await?,
         };
-        broker::publish_confirmed(channel, exchange, &kind, &body, props, confirm_timeout)
-            .await
-            .map_err(|e| match e {
-                PublishError::Returned(returned) => ReplayError::Unroutable(format!(
-                    "{} (no queue bound to {exchange} for {kind})",
-                    returned.reply_text
-                )),
-                PublishError::Nacked => ReplayError::Nacked,
-                PublishError::Timeout(limit) => ReplayError::Timeout(limit),
-                PublishError::Disconnected(e) => ReplayError::Broker(e),
-                PublishError::Unavailable | PublishError::Blocked => {
-                    ReplayError::Broker(e.to_string())
-                }
-            })
+        Ok(self.confirm.insert(channel))
     }
 
     /// Whether the confirm channel broke (e.g. the exchange does not exist); later
@@ -379,161 +465,117 @@ impl DeadQueue {
             || !self.connection.status().connected()
     }
 
-    /// Puts back every unsettled dead letter in its order (see the module docs:
-    /// confirmed copies, then the originals acked), arrivals behind them, and waits
-    /// until the queue shows them, then releases the lock.
+    /// Gives back every letter not removed, in delivery order, waiting until the
+    /// queue shows them; then removes the removed ones and releases the lock.
     pub async fn close(mut self) -> Result<Closed, DlqError> {
-        let result = self.put_back().await;
+        let result = self.finish().await;
         self.shutdown().await;
-        result
+        result.map_err(|e| match e {
+            DlqError::Broker(reason) if !self.removed.is_empty() => DlqError::Broker(format!(
+                "{reason}; the {} dead letter(s) to be removed (replayed or purged) were not, \
+                 and are still in the queue with the others",
+                self.removed.len()
+            )),
+            e => e,
+        })
     }
 
-    async fn put_back(&mut self) -> Result<Closed, DlqError> {
-        let mut closed = Closed::default();
-        let Some(channel) = self.channel.clone() else {
-            return Ok(closed);
-        };
-        // Stop deliveries first, then take what was delivered before the cancel: the
-        // dead letters that arrived during the session (they go behind the others).
-        // lapin ends the stream after the deliveries it already received.
-        let mut arrived: Vec<Delivery> = Vec::new();
-        if let Some(mut consumer) = self.consumer.take() {
+    async fn finish(&mut self) -> Result<Closed, DlqError> {
+        if self.channel.is_none() {
+            return Ok(Closed::default());
+        }
+        self.stop_consumer().await?;
+        self.pending.clear();
+        // Ready now: letters not read plus arrivals not delivered to the session;
+        // with those delivered but unread, this tells the arrivals apart.
+        let ready = self.ready_count().await? as usize;
+        let arrived = (ready + self.unread).saturating_sub(self.total - self.read);
+        let back: Vec<u64> = self
+            .tags
+            .iter()
+            .copied()
+            .filter(|t| !self.removed.contains(t))
+            .collect();
+        self.give_back(&back).await?;
+        if let Some(&last) = self.removed.last() {
+            // Every other delivery of the channel was given back: `multiple` up to
+            // the last removed one acknowledges exactly the removed ones, in one
+            // settlement the broker applies before it sees the channel close.
+            let channel = self.read_channel()?;
             channel
-                .basic_cancel(consumer.tag(), BasicCancelOptions::default())
+                .basic_ack(last, BasicAckOptions { multiple: true })
                 .await
                 .map_err(|e| self.broker(e))?;
-            while let Ok(Some(next)) = tokio::time::timeout(QUIET, consumer.next()).await {
-                arrived.push(next.map_err(|e| self.broker(e))?);
-            }
         }
-        closed.arrived = arrived.len();
-        let pending: Vec<&Delivery> = self
-            .held
-            .iter()
-            .filter(|h| !h.settled)
-            .map(|h| &h.delivery)
-            .chain(arrived.iter())
-            .collect();
-        if pending.is_empty() {
-            // Only settled ones (a purge or replay of everything).
-            self.settle(&arrived, &[]).await?;
-            return Ok(closed);
-        }
-
-        // A channel of its own: a replay may have broken `self.confirm`.
-        let confirm = broker::confirm_channel(&self.connection)
-            .await
-            .map_err(|e| self.broker(e))?;
-        let mut copied = 0;
-        let mut failure = None;
-        for delivery in &pending {
-            match broker::publish_confirmed(
-                &confirm,
-                "",
-                &self.queue,
-                &delivery.data,
-                copy_properties(&delivery.properties),
-                self.confirm_timeout,
-            )
-            .await
-            {
-                Ok(()) => copied += 1,
-                Err(e) => {
-                    failure = Some(e);
-                    break;
-                }
-            }
-        }
-        close_channel(confirm).await;
-        // Only now that its copy is confirmed may an original go.
-        let kept: Vec<&Delivery> = pending[copied..].to_vec();
-        self.settle(&arrived, &kept).await?;
-        if let Some(e) = failure {
-            // The originals not copied come back when the channel closes (counting
-            // one delivery each), ahead of the copies: nothing lost or doubled.
-            return Err(DlqError::Broker(format!(
-                "could not put dead letter {} of {} back ({e}); it and the {} after it \
-                 are returned to the queue as they were, ahead of those put back",
-                copied + 1,
-                pending.len(),
-                pending.len() - copied - 1,
-            )));
-        }
-        // Acks and confirms are asynchronous to the queue's count; keep the lock
-        // until the queue shows them all, so the next session sees the whole queue.
-        self.channel = None;
-        close_channel(channel).await;
-        self.wait_until_ready(pending.len() as u32).await?;
-        Ok(closed)
+        Ok(Closed { arrived })
     }
 
-    /// Acknowledges every delivery of the session but `kept`: the ones settled by
-    /// [`ack`](Self::ack) and those whose copy is confirmed.
-    ///
-    /// In as few acknowledgements as possible, ideally one (`multiple` up to the last
-    /// delivery): RabbitMQ 3.10's channel holds back a quorum queue's settlements
-    /// beyond a few dozen in flight, and closing the channel drops those held back,
-    /// so a burst of single acks followed by the close gave some messages back
-    /// (measured: the last 10 of 80). One acknowledgement is sent at once, and the
-    /// queue applies it before it sees the channel close.
-    async fn settle(&self, arrived: &[Delivery], kept: &[&Delivery]) -> Result<(), DlqError> {
-        let all: Vec<&Delivery> = self
-            .held
-            .iter()
-            .map(|h| &h.delivery)
-            .chain(arrived.iter())
-            .collect();
-        let keep = |d: &Delivery| kept.iter().any(|k| k.delivery_tag == d.delivery_tag);
-        // Deliveries come in tag order: everything before the first kept one goes in
-        // one `multiple` ack, the rest one by one (only after a failed copy).
-        let first_kept = all.iter().position(|d| keep(d)).unwrap_or(all.len());
-        let ack = |d: &Delivery, multiple: bool| {
-            let acker = d.acker.clone();
-            async move {
-                acker
-                    .ack(BasicAckOptions { multiple })
-                    .await
-                    .map_err(|e| DlqError::Broker(e.to_string()))
-            }
-        };
-        if first_kept > 0 {
-            ack(all[first_kept - 1], true).await?;
+    /// Returns `tags` to the queue in this order (see the module docs).
+    async fn give_back(&mut self, tags: &[u64]) -> Result<(), DlqError> {
+        if tags.is_empty() {
+            return Ok(());
         }
-        for d in all.iter().skip(first_kept).filter(|d| !keep(d)) {
-            ack(d, false).await?;
+        let channel = self.read_channel()?;
+        let base = self.ready_count().await? as usize;
+        let mut returned = 0;
+        // Waiting keeps the order; once the queue fails to show a chunk in time
+        // (someone else is taking letters), later chunks are not waited for.
+        let mut patient = true;
+        for chunk in tags.chunks(RETURN_CHUNK) {
+            for &tag in chunk {
+                channel
+                    .basic_nack(
+                        tag,
+                        BasicNackOptions {
+                            multiple: false,
+                            requeue: true,
+                        },
+                    )
+                    .await
+                    .map_err(|e| {
+                        DlqError::Broker(format!(
+                            "{e}: the dead letters not yet given back return to the queue as \
+                             the channel closes"
+                        ))
+                    })?;
+            }
+            returned += chunk.len();
+            let deadline = Instant::now() + RETURN_WAIT;
+            while patient {
+                let ready = self.ready_count().await? as usize;
+                if ready >= base + returned {
+                    break;
+                }
+                if Instant::now() >= deadline {
+                    tracing::warn!(
+                        queue = %self.queue,
+                        expected = base + returned,
+                        ready,
+                        "the dead-letter queue does not show the returned letters; going on \
+                         without waiting (their order may change, nothing else)"
+                    );
+                    patient = false;
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
         }
         Ok(())
     }
 
-    async fn wait_until_ready(&self, count: u32) -> Result<(), DlqError> {
-        let ch = self
-            .connection
-            .create_channel()
-            .await
-            .map_err(|e| self.broker(e))?;
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let mut result = Ok(());
-        loop {
-            match self.ready_count(&ch).await {
-                Ok(n) if n >= count || Instant::now() >= deadline => break,
-                Ok(_) => tokio::time::sleep(Duration::from_millis(20)).await,
-                Err(e) => {
-                    result = Err(e);
-                    break;
-                }
-            }
-        }
-        close_channel(ch).await;
-        result
-    }
-
     /// Closes every channel explicitly (lapin would otherwise close dropped
-    /// channels behind our back, racing the connection close), lock last.
+    /// channels behind our back, racing the connection close), lock last. Letters
+    /// still unacknowledged go back with their channel.
     async fn shutdown(&mut self) {
         self.consumer = None;
-        for ch in [self.channel.take(), self.confirm.take()]
-            .into_iter()
-            .flatten()
+        self.pending.clear();
+        for ch in [
+            self.channel.take(),
+            self.inspect.take(),
+            self.confirm.take(),
+        ]
+        .into_iter()
+        .flatten()
         {
             close_channel(ch).await;
         }
@@ -545,47 +587,8 @@ impl DeadQueue {
     }
 }
 
-/// The properties of the copy that replaces a dead letter: all of them, every header
-/// but the broker's delivery count (the copy has never been delivered; the broker
-/// adds the header again when it counts one).
-fn copy_properties(original: &BasicProperties) -> BasicProperties {
-    let Some(headers) = original.headers() else {
-        return original.clone();
-    };
-    let mut kept = FieldTable::default();
-    for (key, value) in headers.inner() {
-        if key.as_str() != DELIVERY_COUNT {
-            kept.insert(key.clone(), value.clone());
-        }
-    }
-    original.clone().with_headers(kept)
-}
-
 async fn close_channel(channel: Channel) {
     if channel.status().connected() {
         let _ = channel.close(200, "dlq done".into()).await;
     }
-}
-
-/// Why one dead letter could not be replayed (it stays dead).
-#[derive(Debug, thiserror::Error)]
-pub enum ReplayError {
-    /// No `message_id`: the worker could not deduplicate it.
-    #[error("it has no message_id (svix id)")]
-    NoMessageId,
-    /// No `type` property and no `type` in the body: no routing key.
-    #[error("it has no event type (no `type` property, no `type` in the body)")]
-    NoType,
-    /// The copy was not routed to any queue.
-    #[error("the copy was returned unroutable: {0}")]
-    Unroutable(String),
-    /// The broker refused the copy.
-    #[error("the broker refused the copy (nack)")]
-    Nacked,
-    /// No confirm in time; the copy may or may not be queued (the dead copy stays).
-    #[error("no publisher confirm within {0:?}")]
-    Timeout(Duration),
-    /// The connection or channel failed.
-    #[error("broker error: {0}")]
-    Broker(String),
 }
