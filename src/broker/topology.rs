@@ -38,9 +38,10 @@ pub struct Topology {
 /// queue has no dead-letter exchange of its own). `-1`, 4.x's "unlimited", is
 /// refused by 3.x (`PRECONDITION_FAILED`, and no policy takes it either), so the
 /// one value every supported version (3.10 to 4.x) accepts and treats alike is the
-/// largest the argument holds: 2^31 − 1 deliveries is never reached. `dlq list` and
-/// `show` do not count a delivery anyway (see `ops::dlq::queue`); this is the net
-/// under a crashed session, which does.
+/// largest the argument holds: 2^31 − 1 deliveries is never reached. Every view
+/// (`dlq list`, `show`, a console page) counts one delivery of each letter it reads,
+/// since it gives the letters back unchanged rather than copying them (see
+/// `ops::dlq::queue`), so the limit must be one no view will ever reach.
 pub const DEAD_LETTER_DELIVERY_LIMIT: i32 = i32::MAX;
 
 fn quorum_args(expires: Option<u64>, group_size: Option<u32>) -> FieldTable {
