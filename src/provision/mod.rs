@@ -21,7 +21,9 @@
 
 mod apply;
 mod deferred;
+mod members;
 pub mod payload;
+mod users;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

@@ -1,0 +1,371 @@
+//! Membership rows: the effect of membership snapshots and removals, and the end
+//! of every membership of a deleted workspace or user (DESIGN §5).
+//!
+//! Guarantee: run under the event's advisory locks inside the caller's
+//! transaction, each function leaves a member row whose every field is a function
+//! of the set of events applied (see [`super::apply`]): the membership's data follows
+//! its standing snapshot, the display fields their standing source, and the end
+//! its earliest cause; a removed row never becomes active again.
+
+use chrono::{DateTime, Utc};
+use serde_json::{Value, json};
+use sqlx::PgConnection;
+
+use super::apply::{Begin, Ctx, Source, earliest, ts, upsert_workspace};
+use super::deferred::NewMember;
+use super::payload::{Membership, Removal};
+
+/// Whose active memberships end, and so the reason recorded on them.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Ending<'a> {
+    /// Every membership of this workspace (`workspace_deleted`).
+    Workspace(&'a str),
+    /// Every membership of this user (`user_deleted`).
+    User(&'a str),
+}
+
+/// Ends the memberships `of` at `at`: the active ones, and the ended ones whose
+/// end is later (or, at the same time, has a reason later in byte order), so the
+/// earliest cause stands whatever the order of arrival. A `member.removed` audit
+/// row goes to each membership's workspace for those that were active; true when
+/// any row changed.
+pub(super) async fn end_memberships(
+    conn: &mut PgConnection,
+    cx: &mut Ctx<'_>,
+    of: Ending<'_>,
+    at: DateTime<Utc>,
+) -> Result<bool, sqlx::Error> {
+    // One static statement per case, so each keeps its own index-friendly plan.
+    let (sql, id, reason) = match of {
+        Ending::Workspace(id) => (
+            "update members m set removed_at = $2, removal_reason = $3, updated_at = now() \
+             from members o \
+             where o.membership_id = m.membership_id and m.workspace_id = $1 \
+               and (m.removed_at is null \
+                    or (m.removed_at, m.removal_reason collate \"C\") \
+                       > ($2, $3::text collate \"C\")) \
+             returning m.membership_id, m.workspace_id, m.user_id, o.removed_at is null",
+            id,
+            "workspace_deleted",
+        ),
+        Ending::User(id) => (
+            "update members m set removed_at = $2, removal_reason = $3, updated_at = now() \
+             from members o \
+             where o.membership_id = m.membership_id and m.user_id = $1 \
+               and (m.removed_at is null \
+                    or (m.removed_at, m.removal_reason collate \"C\") \
+                       > ($2, $3::text collate \"C\")) \
+             returning m.membership_id, m.workspace_id, m.user_id, o.removed_at is null",
+            id,
+            "user_deleted",
+        ),
+    };
+    let ended: Vec<(String, String, String, bool)> = sqlx::query_as(sql)
+        .bind(id)
+        .bind(at)
+        .bind(reason)
+        .fetch_all(&mut *conn)
+        .await?;
+    let any = !ended.is_empty();
+    for (membership_id, workspace_id, user_id, _) in ended.into_iter().filter(|e| e.3) {
+        cx.audit(
+            &workspace_id,
+            "member.removed",
+            Some(&user_id),
+            json!({ "membership_id": membership_id, "reason": reason }),
+        );
+    }
+    Ok(any)
+}
+
+/// Display fields of a member, with the version of their source.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub(super) struct Display {
+    pub(super) email: Option<String>,
+    pub(super) first_name: Option<String>,
+    pub(super) last_name: Option<String>,
+    pub(super) image_url: Option<String>,
+}
+
+impl Display {
+    pub(super) fn json(&self) -> Value {
+        json!({
+            "email": self.email, "first_name": self.first_name,
+            "last_name": self.last_name, "image_url": self.image_url,
+        })
+    }
+}
+
+/// `organizationMembership.created/updated` (`deleted_at_ms` None) and
+/// `organizationMembership.deleted` (`deleted_at_ms` = envelope timestamp).
+///
+/// Three groups of fields, each decided on its own: the membership's data (role,
+/// Clerk role, `joined_at`) follows the standing membership snapshot; the display
+/// fields follow the standing source among the membership's snapshots and the
+/// user's user.updated; the end is the earliest cause known ([`earliest`]). A
+/// removed row keeps taking the snapshots that describe the membership while it
+/// existed (versions up to its end), so its fields do not depend on whether they
+/// arrived before or after the removal; it never becomes active again.
+pub(super) async fn upsert_membership(
+    conn: &mut PgConnection,
+    cx: &mut Ctx<'_>,
+    m: &Membership,
+    deleted_at_ms: Option<i64>,
+    st: &Begin,
+) -> Result<bool, sqlx::Error> {
+    let ws = upsert_workspace(conn, cx, &m.organization, st.workspace()).await?;
+    let incoming = cx.incoming;
+    let this = Source::new(m.updated_at, &incoming.svix_id);
+    let ws_id = m.organization.id.as_str();
+    let user_id = m.user.user_id.as_str();
+    let role = cx.settings.role_for(&m.role).as_str();
+    // Every cause known now that ends this membership; the earliest stands.
+    let end = earliest([
+        st.m_end(),
+        deleted_at_ms.map(|at| (ts(at), "membership_deleted")),
+        ws.deleted_at.map(|at| (at, "workspace_deleted")),
+        st.u_deleted_at.map(|at| (at, "user_deleted")),
+    ]);
+    let snapshot = Display {
+        email: m.user.identifier.clone(),
+        first_name: m.user.first_name.clone(),
+        last_name: m.user.last_name.clone(),
+        image_url: m.user.image_url.clone(),
+    };
+
+    if !st.m_exists {
+        // Display fields from whichever source stands: this snapshot or the user's
+        // own record from user.updated.
+        let (display, profile) = match st.user_profile() {
+            Some((user, source)) if source.beats(this) => (user, source),
+            _ => (snapshot, this),
+        };
+        if cx.pending.deferred.active() {
+            cx.pending.deferred.insert_member(NewMember {
+                membership_id: m.id.clone(),
+                workspace_id: ws_id.to_owned(),
+                user_id: user_id.to_owned(),
+                role: role.to_owned(),
+                clerk_role: m.role.clone(),
+                email: display.email.clone(),
+                first_name: display.first_name.clone(),
+                last_name: display.last_name.clone(),
+                image_url: display.image_url.clone(),
+                source_version: m.updated_at,
+                profile_version: profile.version,
+                joined_at: ts(m.created_at),
+                removed_at: end.map(|e| e.0),
+                removal_reason: end.map(|e| e.1.to_owned()),
+                source_event: incoming.svix_id.clone(),
+                profile_event: profile.event.map(str::to_owned),
+            });
+        } else {
+            sqlx::query(
+                "insert into members (membership_id, workspace_id, user_id, role, clerk_role, \
+               email, first_name, last_name, image_url, source_version, profile_version, \
+               joined_at, removed_at, removal_reason, source_event, profile_event) \
+             values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)",
+            )
+            .bind(&m.id)
+            .bind(ws_id)
+            .bind(user_id)
+            .bind(role)
+            .bind(&m.role)
+            .bind(&display.email)
+            .bind(&display.first_name)
+            .bind(&display.last_name)
+            .bind(&display.image_url)
+            .bind(m.updated_at)
+            .bind(profile.version)
+            .bind(ts(m.created_at))
+            .bind(end.map(|e| e.0))
+            .bind(end.map(|e| e.1))
+            .bind(&incoming.svix_id)
+            .bind(profile.event)
+            .execute(&mut *conn)
+            .await?;
+        }
+        // A membership stored as already ended was never a member here: no audit.
+        if end.is_none() {
+            let mut details = json!({
+                "membership_id": m.id, "role": role, "clerk_role": m.role,
+            });
+            details["after"] = display.json();
+            cx.audit(ws_id, "member.added", Some(user_id), details);
+        }
+        return Ok(true);
+    }
+
+    // Clerk changes no membership after it ended: a snapshot newer than the end
+    // describes nothing Clerk had, and only the end may still apply.
+    let describes = end.is_none_or(|(at, _)| m.updated_at <= at.timestamp_millis());
+    let source_new =
+        describes && this.beats_stored(Source::stored(st.m_source_version, &st.m_source_event));
+    let profile_new =
+        describes && this.beats_stored(Source::stored(st.m_profile_version, &st.m_profile_event));
+    let end_new = end != st.m_end();
+    if !source_new && !profile_new && !end_new {
+        return Ok(ws.changed);
+    }
+    cx.stop_deferring(conn).await?;
+    sqlx::query(
+        "update members set \
+           role = case when $2 then $3 else role end, \
+           clerk_role = case when $2 then $4 else clerk_role end, \
+           joined_at = case when $2 then $5 else joined_at end, \
+           source_version = case when $2 then $6 else source_version end, \
+           source_event = case when $2 then $7 else source_event end, \
+           email = case when $8 then $9 else email end, \
+           first_name = case when $8 then $10 else first_name end, \
+           last_name = case when $8 then $11 else last_name end, \
+           image_url = case when $8 then $12 else image_url end, \
+           profile_version = case when $8 then $6 else profile_version end, \
+           profile_event = case when $8 then $7 else profile_event end, \
+           removed_at = $13, removal_reason = $14, updated_at = now() \
+         where membership_id = $1",
+    )
+    .bind(&m.id)
+    .bind(source_new)
+    .bind(role)
+    .bind(&m.role)
+    .bind(ts(m.created_at))
+    .bind(m.updated_at)
+    .bind(&incoming.svix_id)
+    .bind(profile_new)
+    .bind(&snapshot.email)
+    .bind(&snapshot.first_name)
+    .bind(&snapshot.last_name)
+    .bind(&snapshot.image_url)
+    .bind(end.map(|e| e.0))
+    .bind(end.map(|e| e.1))
+    .execute(&mut *conn)
+    .await?;
+    if st.m_removed_at.is_some() {
+        // Not a member before: the changes of a removed row are not audited.
+        return Ok(true);
+    }
+    if let Some((_, reason)) = end {
+        cx.audit(
+            ws_id,
+            "member.removed",
+            Some(user_id),
+            json!({ "membership_id": m.id, "reason": reason }),
+        );
+        return Ok(true);
+    }
+    let old_role = st.m_role.as_deref().unwrap_or_default();
+    let old_clerk_role = st.m_clerk_role.as_deref().unwrap_or_default();
+    if source_new && (old_role != role || old_clerk_role != m.role) {
+        cx.audit(
+            ws_id,
+            "member.role_changed",
+            Some(user_id),
+            json!({
+                "membership_id": m.id,
+                "before": { "role": old_role, "clerk_role": old_clerk_role },
+                "after": { "role": role, "clerk_role": m.role },
+            }),
+        );
+    }
+    let before = Display {
+        email: st.m_email.clone(),
+        first_name: st.m_first_name.clone(),
+        last_name: st.m_last_name.clone(),
+        image_url: st.m_image_url.clone(),
+    };
+    if profile_new && snapshot != before {
+        cx.audit(
+            ws_id,
+            "member.updated",
+            Some(user_id),
+            json!({ "membership_id": m.id, "before": before.json(), "after": snapshot.json() }),
+        );
+    }
+    Ok(true)
+}
+
+/// `organizationMembership.deleted` without a complete membership snapshot: end
+/// the membership from its ids alone, leaving every other stored field as it is.
+/// An unknown membership of a known workspace and user is stored as a tombstone
+/// holding no snapshot (versions 0, so any snapshot of it later fills its fields
+/// in), so its late `created` cannot grant the access Clerk already took away.
+pub(super) async fn remove_membership(
+    conn: &mut PgConnection,
+    cx: &mut Ctx<'_>,
+    r: &Removal,
+    at_ms: i64,
+    st: &Begin,
+) -> Result<bool, sqlx::Error> {
+    let at = ts(at_ms);
+    let this = Some((at, "membership_deleted"));
+    if st.m_exists {
+        let end = earliest([st.m_end(), this]);
+        if end == st.m_end() {
+            // Ended already, as early or earlier.
+            return Ok(false);
+        }
+        let Some((removed_at, reason)) = end else {
+            return Ok(false);
+        };
+        let workspace_id: String = sqlx::query_scalar(
+            "update members set removed_at = $2, removal_reason = $3, updated_at = now() \
+             where membership_id = $1 \
+             returning workspace_id",
+        )
+        .bind(&r.id)
+        .bind(removed_at)
+        .bind(reason)
+        .fetch_one(&mut *conn)
+        .await?;
+        if st.m_removed_at.is_none() {
+            cx.audit(
+                &workspace_id,
+                "member.removed",
+                st.m_user_id.as_deref(),
+                json!({ "membership_id": r.id, "reason": reason }),
+            );
+        }
+        return Ok(true);
+    }
+    // Without the workspace row or the user id there is nothing a tombstone could
+    // hang on; the membership was never stored here, so no access to take away.
+    let (true, Some(user_id)) = (st.w_exists, r.user_id.as_deref()) else {
+        return Ok(true);
+    };
+    let Some((removed_at, reason)) = earliest([
+        this,
+        st.w_deleted_at.map(|t| (t, "workspace_deleted")),
+        st.u_deleted_at.map(|t| (t, "user_deleted")),
+    ]) else {
+        return Ok(true);
+    };
+    // The user's own record, when there is one, gives the display fields, as it
+    // would have to a membership stored from its snapshot.
+    let (display, profile) = match st.user_profile() {
+        Some((user, source)) => (user, Some(source)),
+        None => (Display::default(), None),
+    };
+    // Never a member here: no audit row, like a full removal of an unknown membership.
+    sqlx::query(
+        "insert into members (membership_id, workspace_id, user_id, role, clerk_role, \
+           email, first_name, last_name, image_url, source_version, profile_version, \
+           profile_event, joined_at, removed_at, removal_reason) \
+         values ($1, $2, $3, 'member', '', $4, $5, $6, $7, 0, $8, $9, $10, $11, $12) \
+         on conflict (membership_id) do nothing",
+    )
+    .bind(&r.id)
+    .bind(&r.organization_id)
+    .bind(user_id)
+    .bind(&display.email)
+    .bind(&display.first_name)
+    .bind(&display.last_name)
+    .bind(&display.image_url)
+    .bind(profile.map_or(0, |p| p.version))
+    .bind(profile.and_then(|p| p.event))
+    .bind(at)
+    .bind(removed_at)
+    .bind(reason)
+    .execute(&mut *conn)
+    .await?;
+    Ok(true)
+}
