@@ -3,6 +3,8 @@
 //! malformed payloads and batches with a poisoned event.
 
 mod common;
+#[path = "provision/removals.rs"]
+mod removals;
 
 use common::database::TestDatabase;
 use common::rows::*;

@@ -416,6 +416,8 @@ pub(super) struct Begin {
     pub(super) u_source_version: Option<i64>,
     pub(super) u_source_event: Option<String>,
     pub(super) u_deleted_at: Option<DateTime<Utc>>,
+    /// The earliest real removal recorded for the membership (`membership_removals`).
+    pub(super) r_removed_at: Option<DateTime<Utc>>,
 }
 
 impl Begin {
@@ -498,7 +500,7 @@ impl Begin {
 }
 
 /// The state columns of [`Begin`] (every column but `fresh`), read from the aliases
-/// `w` (workspaces), `m` (members) and `u` (users): shared by the one-by-one
+/// `w` (workspaces), `m` (members), `u` (users) and `r` (membership_removals): shared by the one-by-one
 /// [`begin`] and the batch's [`super::deferred::prefetch`], so both read the same.
 macro_rules! begin_columns {
     () => {
@@ -519,7 +521,8 @@ macro_rules! begin_columns {
          m.removal_reason as m_removal_reason, \
          u.email as u_email, u.first_name as u_first_name, u.last_name as u_last_name, \
          u.image_url as u_image_url, u.source_version as u_source_version, \
-         u.source_event as u_source_event, u.deleted_at as u_deleted_at"
+         u.source_event as u_source_event, u.deleted_at as u_deleted_at, \
+         r.removed_at as r_removed_at"
     };
 }
 pub(super) use begin_columns;
@@ -555,7 +558,8 @@ async fn begin(
          from (select 1) as one \
          left join workspaces w on w.id = $6 \
          left join members m on m.membership_id = $7 \
-         left join users u on u.id = $8"
+         left join users u on u.id = $8 \
+         left join membership_removals r on r.membership_id = $7"
     ))
     .bind(&incoming.svix_id)
     .bind(decoded.kind.as_str())

@@ -12,7 +12,7 @@ use serde_json::{Value, json};
 use sqlx::PgConnection;
 
 use super::apply::{Begin, Ctx, Source, earliest, ts, upsert_workspace};
-use super::deferred::NewMember;
+use super::deferred::{NewMember, NewRemoval};
 use super::payload::{Membership, Removal};
 
 /// Whose active memberships end, and so the reason recorded on them.
@@ -119,10 +119,27 @@ pub(super) async fn upsert_membership(
     let ws_id = m.organization.id.as_str();
     let user_id = m.user.user_id.as_str();
     let role = cx.settings.role_for(&m.role).as_str();
-    // Every cause known now that ends this membership; the earliest stands.
+    let removal = deleted_at_ms.map(ts);
+    let mut recorded = false;
+    if let Some(at) = removal {
+        recorded = record_removal(
+            conn,
+            cx,
+            st,
+            NewRemoval {
+                membership_id: m.id.clone(),
+                workspace_id: ws_id.to_owned(),
+                user_id: Some(user_id.to_owned()),
+                removed_at: at,
+            },
+        )
+        .await?;
+    }
+    // Every cause known now that ends this membership (a removal recorded before
+    // its snapshot arrived among them); the earliest stands.
     let end = earliest([
         st.m_end(),
-        deleted_at_ms.map(|at| (ts(at), "membership_deleted")),
+        recorded_removal(st, removal).map(|at| (at, "membership_deleted")),
         ws.deleted_at.map(|at| (at, "workspace_deleted")),
         st.u_deleted_at.map(|at| (at, "user_deleted")),
     ]);
@@ -204,7 +221,10 @@ pub(super) async fn upsert_membership(
     let profile_new =
         describes && this.beats_stored(Source::stored(st.m_profile_version, &st.m_profile_event));
     let end_new = end != st.m_end();
-    if !source_new && !profile_new && !end_new {
+    // A row holding no snapshot joined when it was first removed.
+    let placeholder = st.m_source_version == Some(0) && st.m_source_event.is_none();
+    let joined_new = placeholder && recorded;
+    if !source_new && !profile_new && !end_new && !joined_new {
         return Ok(ws.changed);
     }
     cx.stop_deferring(conn).await?;
@@ -212,7 +232,9 @@ pub(super) async fn upsert_membership(
         "update members set \
            role = case when $2 then $3 else role end, \
            clerk_role = case when $2 then $4 else clerk_role end, \
-           joined_at = case when $2 then $5 else joined_at end, \
+           joined_at = case when $2 then $5 \
+             when source_version = 0 and source_event is null then least(joined_at, $15) \
+             else joined_at end, \
            source_version = case when $2 then $6 else source_version end, \
            source_event = case when $2 then $7 else source_event end, \
            email = case when $8 then $9 else email end, \
@@ -238,6 +260,7 @@ pub(super) async fn upsert_membership(
     .bind(&snapshot.image_url)
     .bind(end.map(|e| e.0))
     .bind(end.map(|e| e.1))
+    .bind(recorded_removal(st, removal))
     .execute(&mut *conn)
     .await?;
     if st.m_removed_at.is_some() {
@@ -284,11 +307,55 @@ pub(super) async fn upsert_membership(
     Ok(true)
 }
 
-/// `organizationMembership.deleted` without a complete membership snapshot: end
-/// the membership from its ids alone, leaving every other stored field as it is.
-/// An unknown membership of a known workspace and user is stored as a tombstone
-/// holding no snapshot (versions 0, so any snapshot of it later fills its fields
-/// in), so its late `created` cannot grant the access Clerk already took away.
+/// Records a real removal of membership `id` (`membership_removals`: the earliest
+/// time, the user when named), whether or not its workspace or row is known; in a
+/// deferring batch the record waits with the batch's inserts. True when the
+/// earliest time recorded changed.
+async fn record_removal(
+    conn: &mut PgConnection,
+    cx: &mut Ctx<'_>,
+    st: &Begin,
+    removal: NewRemoval,
+) -> Result<bool, sqlx::Error> {
+    let changed = st.r_removed_at.is_none_or(|t| removal.removed_at < t);
+    if cx.pending.deferred.active() {
+        cx.pending.deferred.record_removal(removal);
+        return Ok(changed);
+    }
+    sqlx::query(
+        "insert into membership_removals (membership_id, workspace_id, user_id, removed_at) \
+         values ($1, $2, $3, $4) \
+         on conflict (membership_id) do update set \
+           removed_at = least(membership_removals.removed_at, excluded.removed_at), \
+           workspace_id = least(membership_removals.workspace_id collate \"C\", \
+             excluded.workspace_id collate \"C\"), \
+           user_id = least(membership_removals.user_id collate \"C\", excluded.user_id collate \"C\")",
+    )
+    .bind(&removal.membership_id)
+    .bind(&removal.workspace_id)
+    .bind(&removal.user_id)
+    .bind(removal.removed_at)
+    .execute(&mut *conn)
+    .await?;
+    Ok(changed)
+}
+
+/// The earliest real removal of a membership known to this event: the one
+/// recorded and its own (`at`, when it is one).
+fn recorded_removal(st: &Begin, at: Option<DateTime<Utc>>) -> Option<DateTime<Utc>> {
+    [st.r_removed_at, at].into_iter().flatten().min()
+}
+
+/// `organizationMembership.deleted` without a complete membership snapshot: record
+/// the removal by its ids, and end the membership row if there is one, leaving
+/// every other stored field as it is.
+///
+/// An unknown membership whose user the removal names is stored at once as a
+/// removed row holding no snapshot (versions 0, `joined_at` = the earliest
+/// removal, so any snapshot of it later fills its fields in), whether or not its
+/// workspace is known, so it hides an older row of the same user; one whose user
+/// is not named waits in the record for its snapshot. Either way the late
+/// `created` cannot grant the access Clerk already took away.
 pub(super) async fn remove_membership(
     conn: &mut PgConnection,
     cx: &mut Ctx<'_>,
@@ -297,24 +364,42 @@ pub(super) async fn remove_membership(
     st: &Begin,
 ) -> Result<bool, sqlx::Error> {
     let at = ts(at_ms);
-    let this = Some((at, "membership_deleted"));
+    let recorded = record_removal(
+        conn,
+        cx,
+        st,
+        NewRemoval {
+            membership_id: r.id.clone(),
+            workspace_id: r.organization_id.clone(),
+            user_id: r.user_id.clone(),
+            removed_at: at,
+        },
+    )
+    .await?;
+    let removed = recorded_removal(st, Some(at)).expect("this removal's time");
+    let this = Some((removed, "membership_deleted"));
     if st.m_exists {
         let end = earliest([st.m_end(), this]);
-        if end == st.m_end() {
-            // Ended already, as early or earlier.
+        if end == st.m_end() && !recorded {
+            // Ended already, as early or earlier, and recorded so.
             return Ok(false);
         }
         let Some((removed_at, reason)) = end else {
-            return Ok(false);
+            return Ok(recorded);
         };
+        // A row holding no snapshot joined when it was first removed.
         let workspace_id: String = sqlx::query_scalar(
-            "update members set removed_at = $2, removal_reason = $3, updated_at = now() \
+            "update members set removed_at = $2, removal_reason = $3, \
+               joined_at = case when source_version = 0 and source_event is null \
+                 then least(joined_at, $4) else joined_at end, \
+               updated_at = now() \
              where membership_id = $1 \
              returning workspace_id",
         )
         .bind(&r.id)
         .bind(removed_at)
         .bind(reason)
+        .bind(removed)
         .fetch_one(&mut *conn)
         .await?;
         if st.m_removed_at.is_none() {
@@ -327,10 +412,10 @@ pub(super) async fn remove_membership(
         }
         return Ok(true);
     }
-    // Without the workspace row or the user id there is nothing a tombstone could
-    // hang on; the membership was never stored here, so no access to take away.
-    let (true, Some(user_id)) = (st.w_exists, r.user_id.as_deref()) else {
-        return Ok(true);
+    // Without the user id there is no row to hang it on: the record waits for the
+    // membership's snapshot, which takes the end from it.
+    let Some(user_id) = r.user_id.as_deref() else {
+        return Ok(recorded);
     };
     let Some((removed_at, reason)) = earliest([
         this,
@@ -362,7 +447,7 @@ pub(super) async fn remove_membership(
     .bind(&display.image_url)
     .bind(profile.map_or(0, |p| p.version))
     .bind(profile.and_then(|p| p.event))
-    .bind(at)
+    .bind(removed)
     .bind(removed_at)
     .bind(reason)
     .execute(&mut *conn)
