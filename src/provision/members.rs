@@ -11,7 +11,7 @@ use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
 use sqlx::PgConnection;
 
-use super::apply::{Begin, Ctx, Source, earliest, ts, upsert_workspace};
+use super::apply::{Begin, Ctx, End, Source, earliest, ts, upsert_workspace};
 use super::deferred::{NewMember, NewRemoval};
 use super::payload::{Membership, Removal};
 
@@ -29,6 +29,11 @@ pub(super) enum Ending<'a> {
 /// earliest cause stands whatever the order of arrival. A `member.removed` audit
 /// row goes to each membership's workspace for those that were active; true when
 /// any row changed.
+///
+/// A workspace's deletion holds the workspace's lock and a user's the user's, not
+/// each other's: both lock the rows they end first (in membership id order, so
+/// they never deadlock on each other) and decide on them as they are then, so the
+/// earlier end stands and the rows that were active are told right.
 pub(super) async fn end_memberships(
     conn: &mut PgConnection,
     cx: &mut Ctx<'_>,
@@ -38,44 +43,54 @@ pub(super) async fn end_memberships(
     // One static statement per case, so each keeps its own index-friendly plan.
     let (sql, id, reason) = match of {
         Ending::Workspace(id) => (
-            "update members m set removed_at = $2, removal_reason = $3, updated_at = now() \
-             from members o \
-             where o.membership_id = m.membership_id and m.workspace_id = $1 \
+            "select membership_id, workspace_id, user_id, removed_at is null from members m \
+             where m.workspace_id = $1 \
                and (m.removed_at is null \
                     or (m.removed_at, m.removal_reason collate \"C\") \
                        > ($2, $3::text collate \"C\")) \
-             returning m.membership_id, m.workspace_id, m.user_id, o.removed_at is null",
+             order by m.membership_id for update",
             id,
             "workspace_deleted",
         ),
         Ending::User(id) => (
-            "update members m set removed_at = $2, removal_reason = $3, updated_at = now() \
-             from members o \
-             where o.membership_id = m.membership_id and m.user_id = $1 \
+            "select membership_id, workspace_id, user_id, removed_at is null from members m \
+             where m.user_id = $1 \
                and (m.removed_at is null \
                     or (m.removed_at, m.removal_reason collate \"C\") \
                        > ($2, $3::text collate \"C\")) \
-             returning m.membership_id, m.workspace_id, m.user_id, o.removed_at is null",
+             order by m.membership_id for update",
             id,
             "user_deleted",
         ),
     };
-    let ended: Vec<(String, String, String, bool)> = sqlx::query_as(sql)
+    let ending: Vec<(String, String, String, bool)> = sqlx::query_as(sql)
         .bind(id)
         .bind(at)
         .bind(reason)
         .fetch_all(&mut *conn)
         .await?;
-    let any = !ended.is_empty();
-    for (membership_id, workspace_id, user_id, _) in ended.into_iter().filter(|e| e.3) {
+    if ending.is_empty() {
+        return Ok(false);
+    }
+    let ids: Vec<&str> = ending.iter().map(|e| e.0.as_str()).collect();
+    sqlx::query(
+        "update members set removed_at = $2, removal_reason = $3, updated_at = now() \
+         where membership_id = any($1)",
+    )
+    .bind(&ids)
+    .bind(at)
+    .bind(reason)
+    .execute(&mut *conn)
+    .await?;
+    for (membership_id, workspace_id, user_id, _) in ending.iter().filter(|e| e.3) {
         cx.audit(
-            &workspace_id,
+            workspace_id,
             "member.removed",
-            Some(&user_id),
+            Some(user_id),
             json!({ "membership_id": membership_id, "reason": reason }),
         );
     }
-    Ok(any)
+    Ok(true)
 }
 
 /// Display fields of a member, with the version of their source.
@@ -307,6 +322,43 @@ pub(super) async fn upsert_membership(
     Ok(true)
 }
 
+/// A member row as it is once this transaction holds its row lock.
+#[derive(Debug, sqlx::FromRow)]
+struct Locked {
+    workspace_id: String,
+    user_id: String,
+    removed_at: Option<DateTime<Utc>>,
+    removal_reason: Option<String>,
+}
+
+impl Locked {
+    fn end(&self) -> Option<End<'_>> {
+        self.removed_at.map(|at| {
+            (
+                at,
+                self.removal_reason
+                    .as_deref()
+                    .unwrap_or("membership_deleted"),
+            )
+        })
+    }
+}
+
+/// Locks a member row and reads it as it is now: after any transaction that
+/// changed it meanwhile has committed. The advisory locks serialize events on one
+/// workspace or one user; a row belongs to both, and an event holding only one of
+/// them (a removal naming no user holds the workspace's, `user.deleted` the
+/// user's) decides on the row under its row lock instead.
+async fn lock_member(conn: &mut PgConnection, id: &str) -> Result<Locked, sqlx::Error> {
+    sqlx::query_as(
+        "select workspace_id, user_id, removed_at, removal_reason from members \
+         where membership_id = $1 for update",
+    )
+    .bind(id)
+    .fetch_one(conn)
+    .await
+}
+
 /// Records a real removal of membership `id` (`membership_removals`: the earliest
 /// time, the user when named), whether or not its workspace or row is known; in a
 /// deferring batch the record waits with the batch's inserts. True when the
@@ -379,8 +431,13 @@ pub(super) async fn remove_membership(
     let removed = recorded_removal(st, Some(at)).expect("this removal's time");
     let this = Some((removed, "membership_deleted"));
     if st.m_exists {
-        let end = earliest([st.m_end(), this]);
-        if end == st.m_end() && !recorded {
+        // The removal may not name the user, so this event need not hold the
+        // user's lock: their user.deleted may be ending this row right now. Lock
+        // the row and decide on it as it is then (item 16: the earlier end stands).
+        let row = lock_member(conn, &r.id).await?;
+        let stored = row.end();
+        let end = earliest([stored, this]);
+        if end == stored && !recorded {
             // Ended already, as early or earlier, and recorded so.
             return Ok(false);
         }
@@ -388,25 +445,24 @@ pub(super) async fn remove_membership(
             return Ok(recorded);
         };
         // A row holding no snapshot joined when it was first removed.
-        let workspace_id: String = sqlx::query_scalar(
+        sqlx::query(
             "update members set removed_at = $2, removal_reason = $3, \
                joined_at = case when source_version = 0 and source_event is null \
                  then least(joined_at, $4) else joined_at end, \
                updated_at = now() \
-             where membership_id = $1 \
-             returning workspace_id",
+             where membership_id = $1",
         )
         .bind(&r.id)
         .bind(removed_at)
         .bind(reason)
         .bind(removed)
-        .fetch_one(&mut *conn)
+        .execute(&mut *conn)
         .await?;
-        if st.m_removed_at.is_none() {
+        if row.removed_at.is_none() {
             cx.audit(
-                &workspace_id,
+                &row.workspace_id,
                 "member.removed",
-                st.m_user_id.as_deref(),
+                Some(&row.user_id),
                 json!({ "membership_id": r.id, "reason": reason }),
             );
         }
