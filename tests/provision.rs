@@ -3,6 +3,8 @@
 //! malformed payloads and batches with a poisoned event.
 
 mod common;
+#[path = "provision/display.rs"]
+mod display;
 #[path = "provision/races.rs"]
 mod races;
 #[path = "provision/removals.rs"]

@@ -22,7 +22,9 @@ use serde_json::{Value, json};
 use sqlx::PgConnection;
 
 use super::deferred::{Deferred, NewMember, StateKeys};
-use super::members::{Display, Ending, end_memberships, remove_membership, upsert_membership};
+use super::members::{
+    Display, Ending, Profile, end_memberships, remove_membership, upsert_membership,
+};
 use super::payload::{Decoded, Event, Organization, Removal};
 use super::users::{delete_user, update_user};
 use super::{Incoming, Outcome, Plans};
@@ -409,6 +411,10 @@ pub(super) struct Begin {
     pub(super) m_profile_event: Option<String>,
     pub(super) m_removed_at: Option<DateTime<Utc>>,
     pub(super) m_removal_reason: Option<String>,
+    pub(super) m_snapshot_email: Option<String>,
+    pub(super) m_snapshot_first_name: Option<String>,
+    pub(super) m_snapshot_last_name: Option<String>,
+    pub(super) m_snapshot_image_url: Option<String>,
     pub(super) u_email: Option<String>,
     pub(super) u_first_name: Option<String>,
     pub(super) u_last_name: Option<String>,
@@ -456,6 +462,10 @@ impl Begin {
         self.m_profile_event = m.profile_event.clone();
         self.m_removed_at = m.removed_at;
         self.m_removal_reason = m.removal_reason.clone();
+        self.m_snapshot_email = m.snapshot.email.clone();
+        self.m_snapshot_first_name = m.snapshot.first_name.clone();
+        self.m_snapshot_last_name = m.snapshot.last_name.clone();
+        self.m_snapshot_image_url = m.snapshot.image_url.clone();
     }
 
     pub(super) fn workspace(&self) -> Option<WorkspaceRow> {
@@ -477,16 +487,48 @@ impl Begin {
         })
     }
 
-    /// The user's own record (from user.updated) as a source of display fields.
-    pub(super) fn user_profile(&self) -> Option<(Display, Source<'_>)> {
-        let source = Source::stored(self.u_source_version, &self.u_source_event)?;
-        let display = Display {
-            email: self.u_email.clone(),
-            first_name: self.u_first_name.clone(),
-            last_name: self.u_last_name.clone(),
-            image_url: self.u_image_url.clone(),
-        };
-        Some((display, source))
+    /// The user's own record (from user.updated): their standing snapshot.
+    pub(super) fn user_profile(&self) -> Option<Profile> {
+        Some(Profile {
+            version: self.u_source_version?,
+            event: self.u_source_event.clone(),
+            display: Display {
+                email: self.u_email.clone(),
+                first_name: self.u_first_name.clone(),
+                last_name: self.u_last_name.clone(),
+                image_url: self.u_image_url.clone(),
+            },
+        })
+    }
+
+    /// The stored membership's own snapshot as a source of display fields; `None`
+    /// for a row holding no snapshot (known from a removal only).
+    pub(super) fn m_snapshot(&self) -> Option<Profile> {
+        let version = self.m_source_version?;
+        (version != 0 || self.m_source_event.is_some()).then(|| Profile {
+            version,
+            event: self.m_source_event.clone(),
+            display: Display {
+                email: self.m_snapshot_email.clone(),
+                first_name: self.m_snapshot_first_name.clone(),
+                last_name: self.m_snapshot_last_name.clone(),
+                image_url: self.m_snapshot_image_url.clone(),
+            },
+        })
+    }
+
+    /// The stored membership's display fields and their source.
+    pub(super) fn m_profile(&self) -> Profile {
+        Profile {
+            version: self.m_profile_version.unwrap_or_default(),
+            event: self.m_profile_event.clone(),
+            display: Display {
+                email: self.m_email.clone(),
+                first_name: self.m_first_name.clone(),
+                last_name: self.m_last_name.clone(),
+                image_url: self.m_image_url.clone(),
+            },
+        }
     }
 
     /// How the stored membership ended, if it did.
@@ -519,6 +561,9 @@ macro_rules! begin_columns {
          m.source_event as m_source_event, m.profile_event as m_profile_event, \
          m.removed_at as m_removed_at, \
          m.removal_reason as m_removal_reason, \
+         m.snapshot_email as m_snapshot_email, m.snapshot_first_name as m_snapshot_first_name, \
+         m.snapshot_last_name as m_snapshot_last_name, \
+         m.snapshot_image_url as m_snapshot_image_url, \
          u.email as u_email, u.first_name as u_first_name, u.last_name as u_last_name, \
          u.image_url as u_image_url, u.source_version as u_source_version, \
          u.source_event as u_source_event, u.deleted_at as u_deleted_at, \

@@ -18,6 +18,7 @@ use sqlx::PgConnection;
 
 use super::Plans;
 use super::apply::{Begin, WorkspaceRow};
+use super::members::Display;
 use crate::config::ProvisioningSettings;
 
 /// One processing-log claim: the event's row, as the one-by-one `begin` writes it.
@@ -56,6 +57,8 @@ pub(super) struct NewMember {
     pub removal_reason: Option<String>,
     pub source_event: String,
     pub profile_event: Option<String>,
+    /// The display fields of the membership snapshot itself.
+    pub snapshot: Display,
 }
 
 /// A real removal of a membership to record (`membership_removals`).
@@ -313,11 +316,12 @@ impl Deferred {
              m as ( \
                insert into members (membership_id, workspace_id, user_id, role, clerk_role, \
                  email, first_name, last_name, image_url, source_version, profile_version, \
-                 joined_at, removed_at, removal_reason, source_event, profile_event) \
+                 joined_at, removed_at, removal_reason, source_event, profile_event, \
+                 snapshot_email, snapshot_first_name, snapshot_last_name, snapshot_image_url) \
                select * from unnest($28::text[], $29::text[], $30::text[], $31::text[], \
                  $32::text[], $33::text[], $34::text[], $35::text[], $36::text[], $37::int8[], \
                  $38::int8[], $39::timestamptz[], $40::timestamptz[], $41::text[], $42::text[], \
-                 $43::text[])), \
+                 $43::text[], $60::text[], $61::text[], $62::text[], $63::text[])), \
              u as ( \
                update workspaces w set name = u.name, slug = u.slug, image_url = u.image_url, \
                  created_by = u.created_by, max_allowed_memberships = u.max_allowed_memberships, \
@@ -492,6 +496,26 @@ impl Deferred {
         )
         .bind(r.iter().map(|r| r.user_id.as_deref()).collect::<Vec<_>>())
         .bind(r.iter().map(|r| r.removed_at).collect::<Vec<_>>())
+        .bind(
+            m.iter()
+                .map(|m| m.snapshot.email.as_deref())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            m.iter()
+                .map(|m| m.snapshot.first_name.as_deref())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            m.iter()
+                .map(|m| m.snapshot.last_name.as_deref())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            m.iter()
+                .map(|m| m.snapshot.image_url.as_deref())
+                .collect::<Vec<_>>(),
+        )
         .execute(&mut *conn)
         .await?;
         self.claims.clear();

@@ -13,7 +13,37 @@ use sqlx::PgConnection;
 
 use super::apply::{Begin, Ctx, End, Source, earliest, ts, upsert_workspace};
 use super::deferred::{NewMember, NewRemoval};
-use super::payload::{Membership, Removal};
+use super::payload::{Membership, PublicUser, Removal};
+
+/// The standing display source of member row `m` were it to end at `$end` (ms; a
+/// null end: it is active), in SQL, for the statements that end rows of many users
+/// at once: among the membership's own snapshot and the user's `user.updated`
+/// snapshots not after the end, the newest, on equal versions the smaller svix id
+/// (as [`Source::beats`]); nothing known: null fields, version 0. A row-valued
+/// subquery for `set (email, first_name, last_name, image_url, profile_version,
+/// profile_event) = …`.
+macro_rules! standing_display {
+    ($end:literal) => {
+        concat!(
+            "(select c.email, c.first_name, c.last_name, c.image_url, c.v, c.e from ( \
+               select m.source_version as v, m.source_event as e, m.snapshot_email as email, \
+                 m.snapshot_first_name as first_name, m.snapshot_last_name as last_name, \
+                 m.snapshot_image_url as image_url \
+               where m.source_version <> 0 or m.source_event is not null \
+               union all \
+               select p.version, p.svix_id, p.email, p.first_name, p.last_name, p.image_url \
+               from user_profiles p \
+               where p.user_id = m.user_id and (",
+            $end,
+            "::int8 is null or p.version <= ",
+            $end,
+            ") \
+               union all \
+               select 0, null, null, null, null, null) c \
+             order by c.v desc, c.e collate \"C\" nulls last limit 1)"
+        )
+    };
+}
 
 /// Whose active memberships end, and so the reason recorded on them.
 #[derive(Debug, Clone, Copy)]
@@ -73,13 +103,18 @@ pub(super) async fn end_memberships(
         return Ok(false);
     }
     let ids: Vec<&str> = ending.iter().map(|e| e.0.as_str()).collect();
-    sqlx::query(
-        "update members set removed_at = $2, removal_reason = $3, updated_at = now() \
-         where membership_id = any($1)",
-    )
+    // Each row's display falls back to its best source not after the end.
+    sqlx::query(concat!(
+        "update members m set removed_at = $2, removal_reason = $3, \
+           (email, first_name, last_name, image_url, profile_version, profile_event) = ",
+        standing_display!("$4"),
+        ", updated_at = now() \
+         where membership_id = any($1)"
+    ))
     .bind(&ids)
     .bind(at)
     .bind(reason)
+    .bind(at.timestamp_millis())
     .execute(&mut *conn)
     .await?;
     for (membership_id, workspace_id, user_id, _) in ending.iter().filter(|e| e.3) {
@@ -93,7 +128,7 @@ pub(super) async fn end_memberships(
     Ok(true)
 }
 
-/// Display fields of a member, with the version of their source.
+/// Display fields of a member.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub(super) struct Display {
     pub(super) email: Option<String>,
@@ -109,18 +144,105 @@ impl Display {
             "last_name": self.last_name, "image_url": self.image_url,
         })
     }
+
+    fn of(user: &PublicUser) -> Self {
+        Self {
+            email: user.identifier.clone(),
+            first_name: user.first_name.clone(),
+            last_name: user.last_name.clone(),
+            image_url: user.image_url.clone(),
+        }
+    }
+}
+
+/// Display fields with the source they came from: a membership snapshot or a
+/// `user.updated` (version 0 and no svix id: nothing known).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub(super) struct Profile {
+    pub(super) display: Display,
+    pub(super) version: i64,
+    pub(super) event: Option<String>,
+}
+
+impl Profile {
+    fn source(&self) -> Source<'_> {
+        Source {
+            version: self.version,
+            event: self.event.as_deref(),
+        }
+    }
+}
+
+/// The source that stands between two ([`Source::beats`]).
+fn standing(a: Option<Profile>, b: Option<Profile>) -> Option<Profile> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(if b.source().beats(a.source()) { b } else { a }),
+        (a, b) => a.or(b),
+    }
+}
+
+/// The user's standing `user.updated` snapshot among those not after `end` (all of
+/// them when `end` is `None`): the user record when it is not after the end, else
+/// the best of the user's kept snapshots (`user_profiles`) that is. Called under
+/// the user's lock, so the snapshots read are all there are.
+async fn user_source_until(
+    conn: &mut PgConnection,
+    st: &Begin,
+    user_id: &str,
+    end: Option<End<'_>>,
+) -> Result<Option<Profile>, sqlx::Error> {
+    let Some(user) = st.user_profile() else {
+        // No user.updated was ever applied.
+        return Ok(None);
+    };
+    let Some(until) = end.map(|(at, _)| at.timestamp_millis()) else {
+        return Ok(Some(user));
+    };
+    if user.version <= until {
+        return Ok(Some(user));
+    }
+    #[derive(sqlx::FromRow)]
+    struct Kept {
+        version: i64,
+        svix_id: String,
+        email: Option<String>,
+        first_name: Option<String>,
+        last_name: Option<String>,
+        image_url: Option<String>,
+    }
+    let kept: Option<Kept> = sqlx::query_as(
+        "select version, svix_id, email, first_name, last_name, image_url \
+         from user_profiles where user_id = $1 and version <= $2 \
+         order by version desc, svix_id collate \"C\" limit 1",
+    )
+    .bind(user_id)
+    .bind(until)
+    .fetch_optional(conn)
+    .await?;
+    Ok(kept.map(|k| Profile {
+        version: k.version,
+        event: Some(k.svix_id),
+        display: Display {
+            email: k.email,
+            first_name: k.first_name,
+            last_name: k.last_name,
+            image_url: k.image_url,
+        },
+    }))
 }
 
 /// `organizationMembership.created/updated` (`deleted_at_ms` None) and
 /// `organizationMembership.deleted` (`deleted_at_ms` = envelope timestamp).
 ///
 /// Three groups of fields, each decided on its own: the membership's data (role,
-/// Clerk role, `joined_at`) follows the standing membership snapshot; the display
-/// fields follow the standing source among the membership's snapshots and the
-/// user's user.updated; the end is the earliest cause known ([`earliest`]). A
-/// removed row keeps taking the snapshots that describe the membership while it
-/// existed (versions up to its end), so its fields do not depend on whether they
-/// arrived before or after the removal; it never becomes active again.
+/// Clerk role, `joined_at`, and the snapshot's own display fields) follows the
+/// standing membership snapshot; the display fields follow the standing source
+/// among that snapshot and the user's `user.updated` snapshots not after the
+/// membership's end (all of them while it is active: only active rows follow the
+/// user); the end is the earliest cause known ([`earliest`]). A removed row keeps
+/// taking the snapshots that describe the membership while it existed (versions
+/// up to its end), so its fields do not depend on whether they arrived before or
+/// after the removal; it never becomes active again.
 pub(super) async fn upsert_membership(
     conn: &mut PgConnection,
     cx: &mut Ctx<'_>,
@@ -158,20 +280,15 @@ pub(super) async fn upsert_membership(
         ws.deleted_at.map(|at| (at, "workspace_deleted")),
         st.u_deleted_at.map(|at| (at, "user_deleted")),
     ]);
-    let snapshot = Display {
-        email: m.user.identifier.clone(),
-        first_name: m.user.first_name.clone(),
-        last_name: m.user.last_name.clone(),
-        image_url: m.user.image_url.clone(),
+    let snapshot = Profile {
+        display: Display::of(&m.user),
+        version: m.updated_at,
+        event: Some(incoming.svix_id.clone()),
     };
 
     if !st.m_exists {
-        // Display fields from whichever source stands: this snapshot or the user's
-        // own record from user.updated.
-        let (display, profile) = match st.user_profile() {
-            Some((user, source)) if source.beats(this) => (user, source),
-            _ => (snapshot, this),
-        };
+        let user = user_source_until(conn, st, user_id, end).await?;
+        let profile = standing(Some(snapshot.clone()), user).unwrap_or_default();
         if cx.pending.deferred.active() {
             cx.pending.deferred.insert_member(NewMember {
                 membership_id: m.id.clone(),
@@ -179,41 +296,48 @@ pub(super) async fn upsert_membership(
                 user_id: user_id.to_owned(),
                 role: role.to_owned(),
                 clerk_role: m.role.clone(),
-                email: display.email.clone(),
-                first_name: display.first_name.clone(),
-                last_name: display.last_name.clone(),
-                image_url: display.image_url.clone(),
+                email: profile.display.email.clone(),
+                first_name: profile.display.first_name.clone(),
+                last_name: profile.display.last_name.clone(),
+                image_url: profile.display.image_url.clone(),
                 source_version: m.updated_at,
                 profile_version: profile.version,
                 joined_at: ts(m.created_at),
                 removed_at: end.map(|e| e.0),
                 removal_reason: end.map(|e| e.1.to_owned()),
                 source_event: incoming.svix_id.clone(),
-                profile_event: profile.event.map(str::to_owned),
+                profile_event: profile.event.clone(),
+                snapshot: snapshot.display,
             });
         } else {
             sqlx::query(
                 "insert into members (membership_id, workspace_id, user_id, role, clerk_role, \
-               email, first_name, last_name, image_url, source_version, profile_version, \
-               joined_at, removed_at, removal_reason, source_event, profile_event) \
-             values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)",
+                   email, first_name, last_name, image_url, source_version, profile_version, \
+                   joined_at, removed_at, removal_reason, source_event, profile_event, \
+                   snapshot_email, snapshot_first_name, snapshot_last_name, snapshot_image_url) \
+                 values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, \
+                   $17, $18, $19, $20)",
             )
             .bind(&m.id)
             .bind(ws_id)
             .bind(user_id)
             .bind(role)
             .bind(&m.role)
-            .bind(&display.email)
-            .bind(&display.first_name)
-            .bind(&display.last_name)
-            .bind(&display.image_url)
+            .bind(&profile.display.email)
+            .bind(&profile.display.first_name)
+            .bind(&profile.display.last_name)
+            .bind(&profile.display.image_url)
             .bind(m.updated_at)
             .bind(profile.version)
             .bind(ts(m.created_at))
             .bind(end.map(|e| e.0))
             .bind(end.map(|e| e.1))
             .bind(&incoming.svix_id)
-            .bind(profile.event)
+            .bind(&profile.event)
+            .bind(&snapshot.display.email)
+            .bind(&snapshot.display.first_name)
+            .bind(&snapshot.display.last_name)
+            .bind(&snapshot.display.image_url)
             .execute(&mut *conn)
             .await?;
         }
@@ -222,7 +346,7 @@ pub(super) async fn upsert_membership(
             let mut details = json!({
                 "membership_id": m.id, "role": role, "clerk_role": m.role,
             });
-            details["after"] = display.json();
+            details["after"] = profile.display.json();
             cx.audit(ws_id, "member.added", Some(user_id), details);
         }
         return Ok(true);
@@ -233,11 +357,18 @@ pub(super) async fn upsert_membership(
     let describes = end.is_none_or(|(at, _)| m.updated_at <= at.timestamp_millis());
     let source_new =
         describes && this.beats_stored(Source::stored(st.m_source_version, &st.m_source_event));
-    let profile_new =
-        describes && this.beats_stored(Source::stored(st.m_profile_version, &st.m_profile_event));
+    let own = if source_new {
+        Some(snapshot.clone())
+    } else {
+        st.m_snapshot()
+    };
+    let user = user_source_until(conn, st, user_id, end).await?;
+    let profile = standing(own, user).unwrap_or_default();
+    let before = st.m_profile();
+    let profile_new = profile != before;
     let end_new = end != st.m_end();
     // A row holding no snapshot joined when it was first removed.
-    let placeholder = st.m_source_version == Some(0) && st.m_source_event.is_none();
+    let placeholder = st.m_snapshot().is_none();
     let joined_new = placeholder && recorded;
     if !source_new && !profile_new && !end_new && !joined_new {
         return Ok(ws.changed);
@@ -252,12 +383,12 @@ pub(super) async fn upsert_membership(
              else joined_at end, \
            source_version = case when $2 then $6 else source_version end, \
            source_event = case when $2 then $7 else source_event end, \
-           email = case when $8 then $9 else email end, \
-           first_name = case when $8 then $10 else first_name end, \
-           last_name = case when $8 then $11 else last_name end, \
-           image_url = case when $8 then $12 else image_url end, \
-           profile_version = case when $8 then $6 else profile_version end, \
-           profile_event = case when $8 then $7 else profile_event end, \
+           snapshot_email = case when $2 then $16 else snapshot_email end, \
+           snapshot_first_name = case when $2 then $17 else snapshot_first_name end, \
+           snapshot_last_name = case when $2 then $18 else snapshot_last_name end, \
+           snapshot_image_url = case when $2 then $19 else snapshot_image_url end, \
+           email = $8, first_name = $9, last_name = $10, image_url = $11, \
+           profile_version = $12, profile_event = $20, \
            removed_at = $13, removal_reason = $14, updated_at = now() \
          where membership_id = $1",
     )
@@ -268,14 +399,19 @@ pub(super) async fn upsert_membership(
     .bind(ts(m.created_at))
     .bind(m.updated_at)
     .bind(&incoming.svix_id)
-    .bind(profile_new)
-    .bind(&snapshot.email)
-    .bind(&snapshot.first_name)
-    .bind(&snapshot.last_name)
-    .bind(&snapshot.image_url)
+    .bind(&profile.display.email)
+    .bind(&profile.display.first_name)
+    .bind(&profile.display.last_name)
+    .bind(&profile.display.image_url)
+    .bind(profile.version)
     .bind(end.map(|e| e.0))
     .bind(end.map(|e| e.1))
     .bind(recorded_removal(st, removal))
+    .bind(&snapshot.display.email)
+    .bind(&snapshot.display.first_name)
+    .bind(&snapshot.display.last_name)
+    .bind(&snapshot.display.image_url)
+    .bind(&profile.event)
     .execute(&mut *conn)
     .await?;
     if st.m_removed_at.is_some() {
@@ -305,18 +441,16 @@ pub(super) async fn upsert_membership(
             }),
         );
     }
-    let before = Display {
-        email: st.m_email.clone(),
-        first_name: st.m_first_name.clone(),
-        last_name: st.m_last_name.clone(),
-        image_url: st.m_image_url.clone(),
-    };
-    if profile_new && snapshot != before {
+    if profile.display != before.display {
         cx.audit(
             ws_id,
             "member.updated",
             Some(user_id),
-            json!({ "membership_id": m.id, "before": before.json(), "after": snapshot.json() }),
+            json!({
+                "membership_id": m.id,
+                "before": before.display.json(),
+                "after": profile.display.json(),
+            }),
         );
     }
     Ok(true)
@@ -444,18 +578,24 @@ pub(super) async fn remove_membership(
         let Some((removed_at, reason)) = end else {
             return Ok(recorded);
         };
-        // A row holding no snapshot joined when it was first removed.
-        sqlx::query(
-            "update members set removed_at = $2, removal_reason = $3, \
+        // A row holding no snapshot joined when it was first removed. Its display
+        // falls back to the best source not after the end; the row lock held makes
+        // every user.updated of its user either applied already or waiting to see
+        // the end.
+        sqlx::query(concat!(
+            "update members m set removed_at = $2, removal_reason = $3, \
                joined_at = case when source_version = 0 and source_event is null \
                  then least(joined_at, $4) else joined_at end, \
-               updated_at = now() \
-             where membership_id = $1",
-        )
+               (email, first_name, last_name, image_url, profile_version, profile_event) = ",
+            standing_display!("$5"),
+            ", updated_at = now() \
+             where membership_id = $1"
+        ))
         .bind(&r.id)
         .bind(removed_at)
         .bind(reason)
         .bind(removed)
+        .bind(removed_at.timestamp_millis())
         .execute(&mut *conn)
         .await?;
         if row.removed_at.is_none() {
@@ -480,12 +620,12 @@ pub(super) async fn remove_membership(
     ]) else {
         return Ok(true);
     };
-    // The user's own record, when there is one, gives the display fields, as it
+    // The user's own snapshots not after the end give the display fields, as they
     // would have to a membership stored from its snapshot.
-    let (display, profile) = match st.user_profile() {
-        Some((user, source)) => (user, Some(source)),
-        None => (Display::default(), None),
-    };
+    let profile = user_source_until(conn, st, user_id, Some((removed_at, reason)))
+        .await?
+        .unwrap_or_default();
+    let display = &profile.display;
     // Never a member here: no audit row, like a full removal of an unknown membership.
     sqlx::query(
         "insert into members (membership_id, workspace_id, user_id, role, clerk_role, \
@@ -501,8 +641,8 @@ pub(super) async fn remove_membership(
     .bind(&display.first_name)
     .bind(&display.last_name)
     .bind(&display.image_url)
-    .bind(profile.map_or(0, |p| p.version))
-    .bind(profile.and_then(|p| p.event))
+    .bind(profile.version)
+    .bind(&profile.event)
     .bind(removed)
     .bind(removed_at)
     .bind(reason)

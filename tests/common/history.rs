@@ -227,7 +227,11 @@ pub async fn rows(db: &PgPool, prefix: &str) -> BTreeMap<String, String> {
          select 'users/' || id, (to_jsonb(t) - 'updated_at')::text from users t where id like $1 \
          union all \
          select 'membership_removals/' || membership_id, to_jsonb(t)::text \
-           from membership_removals t where membership_id like $1",
+           from membership_removals t where membership_id like $1 \
+         union all \
+         select 'user_profiles/' || user_id || '/' || version || '/' || svix_id, \
+                to_jsonb(t)::text \
+           from user_profiles t where user_id like $1",
     )
     .bind(&like)
     .fetch_all(db)

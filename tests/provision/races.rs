@@ -204,3 +204,80 @@ async fn a_removal_and_user_deleted_in_one_batch_keep_the_earlier_end() {
         }
     }
 }
+
+/// Issue 19 item 13 under concurrency: a workspace's deletion or a removal naming
+/// no user (each holding the workspace's lock only) ends a row while an older
+/// `user.updated` of its user (holding the user's lock only) is being applied; the
+/// update is held at its first write by a test transaction until the end has had
+/// its chance to run. The row ends showing that update, the best source not after
+/// its end, not the membership's older snapshot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_end_racing_an_older_user_update_falls_back_to_it() {
+    let db = TestDatabase::create_with_pool_size(8).await;
+    let p = provisioner();
+    for (n, ids_only) in [(1, false), (2, true)] {
+        let (ws, user, id) = (
+            format!("org_f{n}"),
+            format!("user_f{n}"),
+            format!("mem_f{n}"),
+        );
+        let acme = org(&ws).named("Acme").version(T0);
+        let mem = acme.membership(&id, &person(&user, "snap")).since(T0);
+        apply_ok(&p, &db.pool, mem.created(T0)).await;
+        apply_ok(
+            &p,
+            &db.pool,
+            story::user_updated(&person(&user, "after"), T0 + 20),
+        )
+        .await;
+        let end: Incoming = if ids_only {
+            let (id, ws) = (id.clone(), ws.clone());
+            mem.deleted(T0)
+                .sent_at(T0 + 10)
+                .with(move |d| *d = json!({ "id": id, "organization": { "id": ws } }))
+                .into()
+        } else {
+            acme.deleted(T0 + 10).into()
+        };
+        let svix = format!("msg_before_{n}");
+        let before: Incoming = story::user_updated(&person(&user, "before"), T0 + 5)
+            .svix(&svix)
+            .into();
+        // The holder's copy of the update's kept snapshot makes the update wait.
+        let mut holder = db.pool.begin().await.unwrap();
+        sqlx::query("insert into user_profiles (user_id, version, svix_id) values ($1, $2, $3)")
+            .bind(&user)
+            .bind(T0 + 5)
+            .bind(&svix)
+            .execute(&mut *holder)
+            .await
+            .unwrap();
+        let (p1, db1) = (p.clone(), db.pool.clone());
+        let update = tokio::spawn(async move { p1.apply_batch(&db1, &[before]).await.remove(0) });
+        until_waiting(&db.pool, 1).await;
+        let (p2, db2) = (p.clone(), db.pool.clone());
+        let ending = tokio::spawn(async move { p2.apply_batch(&db2, &[end]).await.remove(0) });
+        // The end either runs through now or queues behind the update.
+        for _ in 0..300 {
+            if ending.is_finished() || lock_waiters(&db.pool).await >= 2 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        holder.rollback().await.unwrap();
+        update.await.unwrap().expect("the update applies");
+        ending.await.unwrap().expect("the end applies");
+        let (email, reason): (Option<String>, Option<String>) =
+            sqlx::query_as("select email, removal_reason from members where membership_id = $1")
+                .bind(&id)
+                .fetch_one(&db.pool)
+                .await
+                .unwrap();
+        assert!(reason.is_some(), "ended");
+        assert_eq!(
+            email.as_deref(),
+            Some(format!("{user}.before@example.com").as_str()),
+            "ids only: {ids_only}"
+        );
+    }
+}
