@@ -5,6 +5,8 @@
 mod common;
 #[path = "provision/display.rs"]
 mod display;
+#[path = "provision/inferred.rs"]
+mod inferred;
 #[path = "provision/races.rs"]
 mod races;
 #[path = "provision/removals.rs"]

@@ -22,12 +22,13 @@ use serde_json::{Value, json};
 use sqlx::PgConnection;
 
 use super::deferred::{Deferred, NewMember, StateKeys};
+use super::inferred::{infer_membership_gone, infer_workspace_gone, restore_workspace};
 use super::members::{
-    Display, Ending, Profile, end_memberships, remove_membership, upsert_membership,
+    Display, Ending, Profile, end_memberships, inferred, remove_membership, upsert_membership,
 };
 use super::payload::{Decoded, Event, Organization, Removal};
 use super::users::{delete_user, update_user};
-use super::{Incoming, Outcome, Plans};
+use super::{Actor, Incoming, Outcome, Plans};
 use crate::config::ProvisioningSettings;
 
 /// Advisory-lock keys of an event, in the global lock order (workspaces before
@@ -332,6 +333,9 @@ pub(crate) async fn apply_event(
         incoming,
         pending,
     };
+    // A deletion reconcile applies is an inference, not Clerk's word: it is stored
+    // apart from a tombstone (see `inferred`).
+    let inference = incoming.actor == Actor::Reconcile;
     // Only snapshots of organizations and memberships know how to defer their
     // inserts; every other event writes at once.
     let defers = matches!(
@@ -346,7 +350,7 @@ pub(crate) async fn apply_event(
                 },
                 ..
             }
-    );
+    ) && !(inference && matches!(&decoded.event, Event::MembershipDeleted { .. }));
     if !defers {
         cx.stop_deferring(conn).await?;
     }
@@ -357,10 +361,16 @@ pub(crate) async fn apply_event(
                 .await?
                 .changed
         }
+        Event::OrganizationDeleted { id, at_ms } if inference => {
+            infer_workspace_gone(conn, &mut cx, id, *at_ms, state.workspace()).await?
+        }
         Event::OrganizationDeleted { id, at_ms } => {
             delete_workspace(conn, &mut cx, id, *at_ms, state.workspace()).await?
         }
         Event::MembershipUpsert(m) => upsert_membership(conn, &mut cx, m, None, &state).await?,
+        Event::MembershipDeleted { removal, at_ms } if inference => {
+            infer_membership_gone(conn, &mut cx, removal, *at_ms, &state).await?
+        }
         Event::MembershipDeleted { removal, at_ms } => match &removal.snapshot {
             Some(m) => upsert_membership(conn, &mut cx, m, Some(*at_ms), &state).await?,
             None => remove_membership(conn, &mut cx, removal, *at_ms, &state).await?,
@@ -397,6 +407,7 @@ pub(super) struct Begin {
     pub(super) w_clerk_created_at: Option<DateTime<Utc>>,
     pub(super) w_deleted_at: Option<DateTime<Utc>>,
     pub(super) w_deleted_version: Option<i64>,
+    pub(super) w_deletion_inferred: Option<bool>,
     pub(super) m_exists: bool,
     pub(super) m_user_id: Option<String>,
     pub(super) m_role: Option<String>,
@@ -444,6 +455,7 @@ impl Begin {
         self.w_clerk_created_at = w.clerk_created_at;
         self.w_deleted_at = w.deleted_at;
         self.w_deleted_version = w.deleted_version;
+        self.w_deletion_inferred = Some(w.deletion_inferred);
     }
 
     /// Lays a membership row not written yet over the state read.
@@ -484,6 +496,7 @@ impl Begin {
             clerk_created_at: self.w_clerk_created_at,
             deleted_at: self.w_deleted_at,
             deleted_version: self.w_deleted_version,
+            deletion_inferred: self.w_deletion_inferred.unwrap_or(false),
         })
     }
 
@@ -531,6 +544,12 @@ impl Begin {
         }
     }
 
+    /// How the stored membership ended by Clerk's deletion of it, its user or its
+    /// workspace, if it did (an end reconcile only inferred is not one).
+    pub(super) fn m_real_end(&self) -> Option<End<'_>> {
+        self.m_end().filter(|(_, reason)| !inferred(reason))
+    }
+
     /// How the stored membership ended, if it did.
     pub(super) fn m_end(&self) -> Option<End<'_>> {
         let reason = self
@@ -554,6 +573,7 @@ macro_rules! begin_columns {
          w.source_event as w_source_event, w.plan_event as w_plan_event, \
          w.clerk_created_at as w_clerk_created_at, w.deleted_at as w_deleted_at, \
          w.deleted_version as w_deleted_version, \
+         w.deletion_inferred as w_deletion_inferred, \
          m.membership_id is not null as m_exists, m.user_id as m_user_id, m.role as m_role, \
          m.clerk_role as m_clerk_role, m.email as m_email, m.first_name as m_first_name, \
          m.last_name as m_last_name, m.image_url as m_image_url, \
@@ -571,6 +591,30 @@ macro_rules! begin_columns {
     };
 }
 pub(super) use begin_columns;
+
+/// Reads the state of a membership event again, within its transaction (after a
+/// write of its own changed it: an inferred deletion of its workspace lifted).
+pub(super) async fn read_state(
+    conn: &mut PgConnection,
+    ws_id: &str,
+    membership_id: &str,
+    user_id: &str,
+) -> Result<Begin, sqlx::Error> {
+    sqlx::query_as(concat!(
+        "select true as fresh, ",
+        begin_columns!(),
+        " from (select 1) as one \
+         left join workspaces w on w.id = $1 \
+         left join members m on m.membership_id = $2 \
+         left join users u on u.id = $3 \
+         left join membership_removals r on r.membership_id = $2"
+    ))
+    .bind(ws_id)
+    .bind(membership_id)
+    .bind(user_id)
+    .fetch_one(conn)
+    .await
+}
 
 /// Claims the svix id in the processing log and reads the workspace, member and
 /// user rows the event is about (null keys read nothing), in one round trip.
@@ -639,13 +683,19 @@ pub(super) struct WorkspaceRow {
     pub(super) clerk_created_at: Option<DateTime<Utc>>,
     pub(super) deleted_at: Option<DateTime<Utc>>,
     pub(super) deleted_version: Option<i64>,
+    /// Its deletion is only inferred by reconcile (not a tombstone).
+    pub(super) deletion_inferred: bool,
 }
 
 /// The workspace after an upsert.
 pub(super) struct WorkspaceState {
     pub(super) changed: bool,
-    /// Set when the workspace is tombstoned.
+    /// Set when the workspace is tombstoned (by Clerk: an inferred deletion is
+    /// lifted by the snapshot).
     pub(super) deleted_at: Option<DateTime<Utc>>,
+    /// The snapshot lifted an inferred deletion, and restored the memberships it
+    /// had ended.
+    pub(super) restored: bool,
 }
 
 /// Inserts a new workspace with its quotas and onboarding steps, in one statement;
@@ -683,6 +733,7 @@ async fn insert_workspace(
             clerk_created_at: org.map(|o| ts(o.created_at)),
             deleted_at: deleted.map(|d| d.0),
             deleted_version: deleted.map(|d| d.1),
+            deletion_inferred: false,
         };
         cx.pending.deferred.insert_workspace(id, row);
         return Ok(());
@@ -778,8 +829,21 @@ pub(super) async fn upsert_workspace(
         return Ok(WorkspaceState {
             changed: true,
             deleted_at: None,
+            restored: false,
         });
     };
+    // A deletion reconcile only inferred is lifted by any snapshot of the
+    // organization: Clerk has it.
+    let mut row = row;
+    let restored = row.deletion_inferred;
+    if restored {
+        cx.stop_deferring(conn).await?;
+        restore_workspace(conn, cx, &org.id).await?;
+        row.status = "active".to_owned();
+        row.deleted_at = None;
+        row.deleted_version = None;
+        row.deletion_inferred = false;
+    }
     let incoming = cx.incoming;
     let this = Source::new(org.updated_at, &incoming.svix_id);
     let newer = this.beats_stored(Source::stored(row.source_version, &row.source_event));
@@ -787,8 +851,9 @@ pub(super) async fn upsert_workspace(
         unknown.is_none() && this.beats_stored(Source::stored(row.plan_version, &row.plan_event));
     if !newer && !plan_newer {
         return Ok(WorkspaceState {
-            changed: false,
+            changed: restored,
             deleted_at: row.deleted_at,
+            restored,
         });
     }
     let (plan, plan_version, plan_event) = if plan_newer {
@@ -851,6 +916,7 @@ pub(super) async fn upsert_workspace(
         return Ok(WorkspaceState {
             changed: true,
             deleted_at: row.deleted_at,
+            restored,
         });
     }
     let clerk_created_at = ts(org.created_at);
@@ -894,6 +960,7 @@ pub(super) async fn upsert_workspace(
     Ok(WorkspaceState {
         changed: true,
         deleted_at: row.deleted_at,
+        restored,
     })
 }
 
@@ -1029,10 +1096,11 @@ async fn delete_workspace(
             changed = true;
         }
         Some(row) if row.status == "deleted" => {
-            if row.deleted_version.is_none_or(|v| at_ms < v) {
+            // A deletion by Clerk replaces an inferred one whatever the times.
+            if row.deletion_inferred || row.deleted_version.is_none_or(|v| at_ms < v) {
                 sqlx::query(
                     "update workspaces set deleted_at = $2, deleted_version = $3, \
-                       updated_at = now() \
+                       deletion_inferred = false, updated_at = now() \
                      where id = $1",
                 )
                 .bind(id)

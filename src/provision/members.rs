@@ -11,7 +11,7 @@ use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
 use sqlx::PgConnection;
 
-use super::apply::{Begin, Ctx, End, Source, earliest, ts, upsert_workspace};
+use super::apply::{Begin, Ctx, End, Source, earliest, read_state, ts, upsert_workspace};
 use super::deferred::{NewMember, NewRemoval};
 use super::payload::{Membership, PublicUser, Removal};
 
@@ -44,6 +44,18 @@ macro_rules! standing_display {
         )
     };
 }
+pub(super) use standing_display;
+
+/// `removal_reason` of a membership reconcile did not find in Clerk's listing.
+pub(super) const NOT_IN_CLERK: &str = "not_in_clerk";
+/// `removal_reason` of a membership ended with its workspace's inferred deletion.
+pub(super) const WORKSPACE_NOT_IN_CLERK: &str = "workspace_not_in_clerk";
+
+/// Whether an end is only inferred by reconcile: any real end replaces it, and a
+/// later snapshot lifts it.
+pub(super) fn inferred(reason: &str) -> bool {
+    reason == NOT_IN_CLERK || reason == WORKSPACE_NOT_IN_CLERK
+}
 
 /// Whose active memberships end, and so the reason recorded on them.
 #[derive(Debug, Clone, Copy)]
@@ -52,11 +64,16 @@ pub(super) enum Ending<'a> {
     Workspace(&'a str),
     /// Every membership of this user (`user_deleted`).
     User(&'a str),
+    /// The active memberships of this workspace, whose deletion reconcile inferred
+    /// (`workspace_not_in_clerk`).
+    WorkspaceInferred(&'a str),
 }
 
-/// Ends the memberships `of` at `at`: the active ones, and the ended ones whose
-/// end is later (or, at the same time, has a reason later in byte order), so the
-/// earliest cause stands whatever the order of arrival. A `member.removed` audit
+/// Ends the memberships `of` at `at`: the active ones, the ones whose end reconcile
+/// only inferred (a real end replaces it whatever the times), and the ended ones
+/// whose end is later (or, at the same time, has a reason later in byte order), so
+/// the earliest cause stands whatever the order of arrival; an inferred end
+/// (`WorkspaceInferred`) takes the active ones only. A `member.removed` audit
 /// row goes to each membership's workspace for those that were active; true when
 /// any row changed.
 ///
@@ -76,16 +93,26 @@ pub(super) async fn end_memberships(
             "select membership_id, workspace_id, user_id, removed_at is null from members m \
              where m.workspace_id = $1 \
                and (m.removed_at is null \
+                    or m.removal_reason in ('not_in_clerk', 'workspace_not_in_clerk') \
                     or (m.removed_at, m.removal_reason collate \"C\") \
                        > ($2, $3::text collate \"C\")) \
              order by m.membership_id for update",
             id,
             "workspace_deleted",
         ),
+        Ending::WorkspaceInferred(id) => (
+            "select membership_id, workspace_id, user_id, true from members m \
+             where m.workspace_id = $1 and m.removed_at is null \
+               and $2::timestamptz is not null and $3::text is not null \
+             order by m.membership_id for update",
+            id,
+            WORKSPACE_NOT_IN_CLERK,
+        ),
         Ending::User(id) => (
             "select membership_id, workspace_id, user_id, removed_at is null from members m \
              where m.user_id = $1 \
                and (m.removed_at is null \
+                    or m.removal_reason in ('not_in_clerk', 'workspace_not_in_clerk') \
                     or (m.removed_at, m.removal_reason collate \"C\") \
                        > ($2, $3::text collate \"C\")) \
              order by m.membership_id for update",
@@ -251,6 +278,15 @@ pub(super) async fn upsert_membership(
     st: &Begin,
 ) -> Result<bool, sqlx::Error> {
     let ws = upsert_workspace(conn, cx, &m.organization, st.workspace()).await?;
+    // Lifting an inferred deletion of the workspace restored its memberships,
+    // perhaps this one: decide on them as they are now.
+    let restored;
+    let st = if ws.restored {
+        restored = read_state(conn, &m.organization.id, &m.id, &m.user.user_id).await?;
+        &restored
+    } else {
+        st
+    };
     let incoming = cx.incoming;
     let this = Source::new(m.updated_at, &incoming.svix_id);
     let ws_id = m.organization.id.as_str();
@@ -273,9 +309,11 @@ pub(super) async fn upsert_membership(
         .await?;
     }
     // Every cause known now that ends this membership (a removal recorded before
-    // its snapshot arrived among them); the earliest stands.
+    // its snapshot arrived among them); the earliest stands. An end reconcile only
+    // inferred is not one: this snapshot of the membership lifts it, a real end
+    // replaces it.
     let end = earliest([
-        st.m_end(),
+        st.m_real_end(),
         recorded_removal(st, removal).map(|at| (at, "membership_deleted")),
         ws.deleted_at.map(|at| (at, "workspace_deleted")),
         st.u_deleted_at.map(|at| (at, "user_deleted")),
@@ -414,8 +452,20 @@ pub(super) async fn upsert_membership(
     .bind(&profile.event)
     .execute(&mut *conn)
     .await?;
-    if st.m_removed_at.is_some() {
-        // Not a member before: the changes of a removed row are not audited.
+    if let Some((_, was)) = st.m_end() {
+        // Not a member before: the changes of a removed row are not audited, but
+        // the end of an inference lifted is.
+        if end.is_none() {
+            cx.audit(
+                ws_id,
+                "member.restored",
+                Some(user_id),
+                json!({
+                    "membership_id": m.id, "reason": was, "role": role,
+                    "clerk_role": m.role, "after": profile.display.json(),
+                }),
+            );
+        }
         return Ok(true);
     }
     if let Some((_, reason)) = end {
@@ -475,6 +525,11 @@ impl Locked {
                     .unwrap_or("membership_deleted"),
             )
         })
+    }
+
+    /// [`Locked::end`] unless reconcile only inferred it.
+    fn real_end(&self) -> Option<End<'_>> {
+        self.end().filter(|(_, reason)| !inferred(reason))
     }
 }
 
@@ -570,7 +625,8 @@ pub(super) async fn remove_membership(
         // the row and decide on it as it is then (item 16: the earlier end stands).
         let row = lock_member(conn, &r.id).await?;
         let stored = row.end();
-        let end = earliest([stored, this]);
+        // A real removal replaces an end reconcile only inferred.
+        let end = earliest([row.real_end(), this]);
         if end == stored && !recorded {
             // Ended already, as early or earlier, and recorded so.
             return Ok(false);
@@ -613,9 +669,12 @@ pub(super) async fn remove_membership(
     let Some(user_id) = r.user_id.as_deref() else {
         return Ok(recorded);
     };
+    let workspace_deleted = st
+        .w_deleted_at
+        .filter(|_| st.w_deletion_inferred != Some(true));
     let Some((removed_at, reason)) = earliest([
         this,
-        st.w_deleted_at.map(|t| (t, "workspace_deleted")),
+        workspace_deleted.map(|t| (t, "workspace_deleted")),
         st.u_deleted_at.map(|t| (t, "user_deleted")),
     ]) else {
         return Ok(true);

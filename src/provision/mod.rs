@@ -21,6 +21,7 @@
 
 mod apply;
 mod deferred;
+mod inferred;
 mod members;
 pub mod payload;
 mod users;

@@ -4,8 +4,11 @@
 //! database and read back through the read API: once every event has arrived, the
 //! removed user gets 404 on every workspace route, is missing from the member list,
 //! the org switcher and the counts, while the member who stays is counted.
+//!
+//! Also the read side of a removal reconcile infers (items 4 and 5): access goes
+//! at once, and comes back when a later snapshot lifts the inference.
 
-use provisioner::provision::{Incoming, Provisioner};
+use provisioner::provision::{Actor, Incoming, Provisioner};
 use serde_json::{Value, json};
 
 use super::{assert_not_found, routes_of};
@@ -201,4 +204,37 @@ async fn a_sparse_removal_of_a_readded_member_keeps_the_stale_row_dead() {
     .await
     .unwrap();
     assert_eq!(removed.as_deref(), Some("membership_deleted"), "orgmem_2");
+}
+
+/// A membership reconcile did not find in Clerk (actor `reconcile`, ids and user
+/// only, timestamp now) is removed at once: its user gets 404 on every route and
+/// leaves the counts. A later snapshot of the membership (Clerk lists it after all)
+/// gives the access back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_inferred_removal_takes_access_at_once_and_a_snapshot_gives_it_back() {
+    let s = Story::new().await;
+    let (ws, u, keeper) = (new_id("org"), "user_inferred", "user_keeper");
+    let acme = workspace_with_keeper(&s, &ws, keeper).await;
+    let id = new_id("orgmem");
+    let mem = acme.membership(&id, &person(u, "u")).since(T0 + 10);
+    s.apply(mem.created(T0 + 10)).await;
+    let now = chrono::Utc::now().timestamp_millis();
+    let removal = story::Event::new(
+        "organizationMembership.deleted",
+        json!({
+            "object": "organization_membership", "id": id,
+            "organization": { "object": "organization", "id": ws },
+            "public_user_data": { "user_id": u },
+        }),
+        now,
+    )
+    .svix(&format!("reconcile_memdel_{id}_{now}"))
+    .by(Actor::Reconcile);
+    s.apply(removal).await;
+    s.assert_locked_out(&ws, u, keeper, "after the inferred removal")
+        .await;
+    s.apply(mem.updated(T0 + 20)).await;
+    let (status, body) = raw_request(&s.app, "GET", &format!("/v1/workspaces/{ws}"), Some(u)).await;
+    assert_eq!(status, 200, "restored: {body}");
+    assert_eq!(body["member_count"], json!(2));
 }
