@@ -5,13 +5,21 @@
 //! state is the one Clerk's history describes.
 //!
 //! Histories include snapshots with equal `updated_at` and different content
-//! (decided by the smaller svix id, docs/schema.md) and deletions Clerk sends again
-//! later as new messages (the earliest time stands).
+//! (decided by the smaller svix id, docs/schema.md), deletions Clerk sends again
+//! later as new messages (the earliest time stands), every kind of deletion in its
+//! sparse form (ids and the envelope timestamp only: no `public_user_data`, the
+//! organization as `{id}`), users removed and re-added under new membership ids,
+//! and reconcile's snapshots of organizations and memberships (actor `reconcile`,
+//! its deterministic svix ids) interleaved with the webhooks. Deliveries put the
+//! deletions first in some cases, so removals arrive before their memberships and
+//! before their workspaces are known. Besides every column, the check compares who
+//! may read what (`active_members`, what every read route decides on) and the
+//! display fields of removed rows (only active rows follow the user) with the model.
 
 mod common;
 
 use std::cmp::Reverse;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use common::database::TestDatabase;
@@ -22,7 +30,8 @@ use proptest::strategy::ValueTree;
 use proptest::test_runner::{Config as ProptestConfig, TestCaseError, TestRunner};
 use provisioner::config::Settings;
 use provisioner::ops::send::payload::{self, Person};
-use provisioner::provision::{Incoming, Outcome, Provisioner};
+use provisioner::provision::{Actor, Incoming, Outcome, Provisioner};
+use serde_json::json;
 use sqlx::PgPool;
 
 const ORGS: usize = 3;
@@ -65,11 +74,21 @@ enum Ev {
     OrgDeleted {
         idx: usize,
     },
+    /// Reconcile's snapshot of an organization (the standing one, as Clerk lists it).
+    OrgListed {
+        org: OrgSnap,
+    },
     MemUpsert {
         created: bool,
         mem: MemSnap,
     },
     MemDeleted {
+        mem: MemSnap,
+        form: Form,
+    },
+    /// Reconcile's snapshot of an active membership, as Clerk lists it now: its
+    /// standing snapshot's version, with the organization and the user as they are.
+    MemListed {
         mem: MemSnap,
     },
     /// `version` is the user's `updated_at` (a tie repeats an earlier one).
@@ -83,10 +102,22 @@ enum Ev {
     },
 }
 
-/// One webhook of the history: its position (svix id), envelope time and content.
+/// How much an `organizationMembership.deleted` carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Form {
+    /// The membership as it was.
+    Full,
+    /// Ids, `public_user_data: {user_id}` and the envelope timestamp.
+    IdsWithUser,
+    /// Ids and the envelope timestamp only: no `public_user_data`, organization `{id}`.
+    IdsOnly,
+}
+
+/// One event of the history: its svix id (without the run's prefix), envelope time
+/// and content.
 #[derive(Debug, Clone)]
 struct HistEvent {
-    seq: usize,
+    svix: String,
     ts: i64,
     ev: Ev,
 }
@@ -148,6 +179,8 @@ struct Model {
     /// Deletions sent so far (Clerk may send one again, later, as a new message).
     deletes: Vec<Ev>,
     history: Vec<HistEvent>,
+    /// Svix ids used (reconcile's repeat for an unchanged snapshot).
+    svix_used: BTreeSet<String>,
 }
 
 impl Model {
@@ -160,6 +193,7 @@ impl Model {
             mem_cands: Vec::new(),
             deletes: Vec::new(),
             history: Vec::new(),
+            svix_used: BTreeSet::new(),
         }
     }
 
@@ -169,18 +203,31 @@ impl Model {
         self.clock
     }
 
-    /// Sends `ev` at `ts`, recording every snapshot it carries.
+    /// Sends `ev` at `ts`, recording every snapshot it carries. A reconcile
+    /// snapshot's svix id is reconcile's (kind, id, version): one already sent is
+    /// the same message again, a duplicate whatever it carries, so it is not sent.
     fn emit(&mut self, ts: i64, ev: Ev) {
-        let seq = self.history.len();
-        let svix = format!("msg_{seq}");
+        let svix = match &ev {
+            Ev::OrgListed { org } => format!("reconcile_org_org_{}_{}", org.idx, org.updated_at),
+            Ev::MemListed { mem } => format!("reconcile_mem_mem_{}_{}", mem.id, mem.updated_at),
+            _ => format!("msg_{}", self.history.len()),
+        };
+        if !self.svix_used.insert(svix.clone()) {
+            return;
+        }
         let cand = |version, value| Cand::new(version, &svix, value);
         match &ev {
-            Ev::OrgUpsert { org, .. } => {
+            Ev::OrgUpsert { org, .. } | Ev::OrgListed { org } => {
                 self.orgs[org.idx]
                     .cands
                     .push(cand(org.updated_at, org.clone()));
             }
-            Ev::MemUpsert { mem, .. } | Ev::MemDeleted { mem } => {
+            Ev::MemUpsert { mem, .. }
+            | Ev::MemListed { mem }
+            | Ev::MemDeleted {
+                mem,
+                form: Form::Full,
+            } => {
                 self.orgs[mem.org.idx]
                     .cands
                     .push(cand(mem.org.updated_at, mem.org.clone()));
@@ -198,7 +245,7 @@ impl Model {
                     .cands
                     .push(Cand::new(*version, &svix, tag.clone()));
             }
-            Ev::OrgDeleted { .. } | Ev::UserDeleted { .. } => {}
+            Ev::OrgDeleted { .. } | Ev::UserDeleted { .. } | Ev::MemDeleted { .. } => {}
         }
         if matches!(
             ev,
@@ -206,7 +253,7 @@ impl Model {
         ) {
             self.deletes.push(ev.clone());
         }
-        self.history.push(HistEvent { seq, ts, ev });
+        self.history.push(HistEvent { svix, ts, ev });
     }
 
     /// The organization's standing snapshot (deleted or not).
@@ -243,8 +290,8 @@ impl Model {
             .or_else(|| self.mems.iter().position(|(_, a)| *a))
     }
 
-    /// Ends membership `i` with an organizationMembership.deleted webhook.
-    fn delete_mem(&mut self, i: usize) {
+    /// Ends membership `i` with an organizationMembership.deleted webhook of `form`.
+    fn delete_mem(&mut self, i: usize, form: Form) {
         let ts = self.tick();
         let mut mem = self.mems[i].0.clone();
         // The webhook carries the current organization and user data.
@@ -253,7 +300,27 @@ impl Model {
         }
         mem.tag = self.tag(mem.user);
         self.mems[i].1 = false;
-        self.emit(ts, Ev::MemDeleted { mem });
+        self.emit(ts, Ev::MemDeleted { mem, form });
+    }
+
+    /// Adds user `u` to organization `o` under a new membership id.
+    fn add_mem(&mut self, o: usize, u: usize, p: u8) {
+        let Some(org) = self.live_org(o) else { return };
+        if self.users[u].deleted || self.active_mem(o, u).is_some() {
+            return;
+        }
+        let ts = self.tick();
+        let mem = MemSnap {
+            id: self.mems.len(),
+            org,
+            user: u,
+            tag: self.tag(u),
+            role: ROLES[usize::from(p) % ROLES.len()],
+            created_at: ts,
+            updated_at: ts,
+        };
+        self.mems.push((mem.clone(), true));
+        self.emit(ts, Ev::MemUpsert { created: true, mem });
     }
 
     /// Applies one random operation; operations that make no sense in the current
@@ -294,7 +361,7 @@ impl Model {
                 let cascade = p % 3;
                 if cascade == 1 {
                     for &i in &members {
-                        self.delete_mem(i);
+                        self.delete_mem(i, form(p / 3));
                     }
                 }
                 let ts = self.tick();
@@ -302,31 +369,14 @@ impl Model {
                 self.emit(ts, Ev::OrgDeleted { idx: o });
                 for &i in &members {
                     if cascade == 2 {
-                        self.delete_mem(i);
+                        self.delete_mem(i, form(p / 3));
                     } else {
                         self.mems[i].1 = false;
                     }
                 }
             }
             // add a member (a re-add after a removal gets a new membership id)
-            4..=7 | 15 => {
-                let Some(org) = self.live_org(o) else { return };
-                if self.users[u].deleted || self.active_mem(o, u).is_some() {
-                    return;
-                }
-                let ts = self.tick();
-                let mem = MemSnap {
-                    id: self.mems.len(),
-                    org,
-                    user: u,
-                    tag: self.tag(u),
-                    role: ROLES[usize::from(p) % ROLES.len()],
-                    created_at: ts,
-                    updated_at: ts,
-                };
-                self.mems.push((mem.clone(), true));
-                self.emit(ts, Ev::MemUpsert { created: true, mem });
-            }
+            4..=7 | 15 => self.add_mem(o, u, p),
             // change a member's role
             8 | 9 => {
                 let Some(i) = self.some_active_mem(o, u) else {
@@ -351,7 +401,7 @@ impl Model {
             // remove a member
             10 => {
                 if let Some(i) = self.some_active_mem(o, u) {
-                    self.delete_mem(i);
+                    self.delete_mem(i, form(p));
                 }
             }
             // a user changes their name and email
@@ -378,7 +428,7 @@ impl Model {
                     .collect();
                 if p % 2 == 1 {
                     for &i in &members {
-                        self.delete_mem(i);
+                        self.delete_mem(i, form(p / 2));
                     }
                 }
                 let ts = self.tick();
@@ -440,6 +490,34 @@ impl Model {
                     },
                 );
             }
+            // a member removed and added back at once, under a new membership id
+            20 => {
+                if let Some(i) = self.active_mem(o, u) {
+                    self.delete_mem(i, form(p));
+                    self.add_mem(o, u, p / 3);
+                }
+            }
+            // reconcile lists the organization as it is
+            21 => {
+                if let Some(org) = self.live_org(o) {
+                    let ts = self.tick();
+                    self.emit(ts, Ev::OrgListed { org });
+                }
+            }
+            // reconcile lists a membership as it is: its standing version, with the
+            // organization and the user's details of now
+            22 => {
+                let Some(i) = self.some_active_mem(o, u) else {
+                    return;
+                };
+                let mut mem = self.mems[i].0.clone();
+                mem.org = self
+                    .live_org(mem.org.idx)
+                    .expect("active membership of a live org");
+                mem.tag = self.tag(mem.user);
+                let ts = self.tick();
+                self.emit(ts, Ev::MemListed { mem });
+            }
             // a deletion sent again, later, as a new message
             _ => {
                 if self.deletes.is_empty() {
@@ -450,6 +528,15 @@ impl Model {
                 self.emit(ts, ev);
             }
         }
+    }
+}
+
+/// The form of a membership removal, from a random byte.
+fn form(p: u8) -> Form {
+    match p % 3 {
+        0 => Form::Full,
+        1 => Form::IdsWithUser,
+        _ => Form::IdsOnly,
     }
 }
 
@@ -494,21 +581,47 @@ fn render(prefix: &str, e: &HistEvent) -> Incoming {
             created: false,
             org,
         } => org_of(prefix, org).updated(org.updated_at),
-        Ev::OrgDeleted { idx } => story::org(&format!("{prefix}org_{idx}")).deleted(e.ts),
+        // Deletions of organizations and users in their sparse form: `{id}` only.
+        Ev::OrgDeleted { idx } => story::org(&format!("{prefix}org_{idx}"))
+            .deleted(e.ts)
+            .with(|d| *d = json!({ "id": format!("{prefix}org_{idx}") })),
+        Ev::OrgListed { org } => org_of(prefix, org)
+            .created(org.updated_at)
+            .by(Actor::Reconcile),
         Ev::MemUpsert { created: true, mem } => membership_of(prefix, mem).created(mem.updated_at),
         Ev::MemUpsert {
             created: false,
             mem,
         } => membership_of(prefix, mem).updated(mem.updated_at),
-        Ev::MemDeleted { mem } => membership_of(prefix, mem).deleted(mem.updated_at),
+        Ev::MemDeleted { mem, form } => {
+            let deleted = membership_of(prefix, mem).deleted(mem.updated_at);
+            let ids = json!({
+                "object": "organization_membership",
+                "id": format!("{prefix}mem_{}", mem.id),
+                "organization": { "id": format!("{prefix}org_{}", mem.org.idx) },
+            });
+            match form {
+                Form::Full => deleted,
+                Form::IdsOnly => deleted.with(|d| *d = ids),
+                Form::IdsWithUser => deleted.with(|d| {
+                    *d = ids;
+                    d["public_user_data"] =
+                        json!({ "user_id": format!("{prefix}user_{}", mem.user) });
+                }),
+            }
+        }
+        Ev::MemListed { mem } => membership_of(prefix, mem)
+            .created(mem.updated_at)
+            .by(Actor::Reconcile),
         Ev::UserUpdated { user, tag, version } => {
             story::user_updated(&person(prefix, *user, tag), *version)
         }
-        Ev::UserDeleted { user } => story::user_deleted(&format!("{prefix}user_{user}"), e.ts),
+        Ev::UserDeleted { user } => story::user_deleted(&format!("{prefix}user_{user}"), e.ts)
+            .with(|d| *d = json!({ "id": format!("{prefix}user_{user}") })),
     };
     event
         .sent_at(e.ts)
-        .svix(&format!("{prefix}msg_{}", e.seq))
+        .svix(&format!("{prefix}{}", e.svix))
         .into()
 }
 
@@ -520,19 +633,26 @@ struct State {
     workspaces: BTreeMap<String, (Option<String>, Option<String>, String, String)>,
     /// (workspace, quota) -> limit
     quotas: BTreeMap<(String, String), i64>,
-    /// membership id -> (workspace, user, role, clerk_role, email, first, last)
+    /// membership id -> its row, removed ones included
     members: BTreeMap<String, MemberView>,
+    /// (workspace, user) -> role of every active member (`active_members`: what
+    /// every read route decides access, member lists, counts and the org switcher on)
+    access: BTreeMap<(String, String), String>,
 }
 
-type MemberView = (
-    String,
-    String,
-    String,
-    String,
-    Option<String>,
-    Option<String>,
-    Option<String>,
-);
+/// A member row: workspace, user, role, Clerk role, email, first and last name,
+/// and whether it is removed.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+struct MemberView {
+    workspace_id: String,
+    user_id: String,
+    role: String,
+    clerk_role: String,
+    email: Option<String>,
+    first_name: Option<String>,
+    last_name: Option<String>,
+    removed: bool,
+}
 
 async fn state(db: &PgPool, prefix: &str) -> State {
     let like = format!("{prefix}%");
@@ -559,37 +679,75 @@ async fn state(db: &PgPool, prefix: &str) -> State {
         .into_iter()
         .map(|(w, n, v)| ((strip(w), n), v))
         .collect();
-    type Row = (
-        String,
-        String,
-        String,
-        String,
-        String,
-        Option<String>,
-        Option<String>,
-        Option<String>,
-    );
-    let rows: Vec<Row> = sqlx::query_as(
-        "select membership_id, workspace_id, user_id, role, clerk_role, email, first_name, last_name \
-         from members where workspace_id like $1 and removed_at is null",
+    let rows: Vec<(String, MemberView)> = sqlx::query_as::<
+        _,
+        (
+            String,
+            String,
+            String,
+            String,
+            String,
+            Option<String>,
+            Option<String>,
+            Option<String>,
+            bool,
+        ),
+    >(
+        "select membership_id, workspace_id, user_id, role, clerk_role, email, first_name, \
+           last_name, removed_at is not null \
+         from members where workspace_id like $1",
+    )
+    .bind(&like)
+    .fetch_all(db)
+    .await
+    .unwrap()
+    .into_iter()
+    .map(
+        |(m, w, u, role, clerk_role, email, first_name, last_name, removed)| {
+            (
+                m,
+                MemberView {
+                    workspace_id: w,
+                    user_id: u,
+                    role,
+                    clerk_role,
+                    email,
+                    first_name,
+                    last_name,
+                    removed,
+                },
+            )
+        },
+    )
+    .collect();
+    let members = rows
+        .into_iter()
+        .map(|(m, v)| {
+            let v = MemberView {
+                workspace_id: strip(v.workspace_id),
+                user_id: strip(v.user_id),
+                email: v.email.map(|e| e.replace(prefix, "")),
+                ..v
+            };
+            (strip(m), v)
+        })
+        .collect();
+    let rows: Vec<(String, String, String)> = sqlx::query_as(
+        "select workspace_id, user_id, role from active_members where workspace_id like $1",
     )
     .bind(&like)
     .fetch_all(db)
     .await
     .unwrap();
-    let members = rows
+    let access = rows
         .into_iter()
-        .map(|(m, w, u, role, clerk_role, email, first, last)| {
-            (
-                strip(m),
-                (strip(w), strip(u), role, clerk_role, email, first, last),
-            )
-        })
+        .map(|(w, u, role)| ((strip(w), strip(u)), role))
         .collect();
     State {
         workspaces,
         quotas,
         members,
+        access,
     }
 }
 
@@ -600,6 +758,7 @@ fn expected(model: &Model, p: &Provisioner) -> State {
         workspaces: BTreeMap::new(),
         quotas: BTreeMap::new(),
         members: BTreeMap::new(),
+        access: BTreeMap::new(),
     };
     for (i, org) in model.orgs.iter().enumerate() {
         let id = format!("org_{i}");
@@ -630,12 +789,34 @@ fn expected(model: &Model, p: &Provisioner) -> State {
             (Some(snap.name.clone()), Some(slug), status.to_owned(), plan),
         );
     }
+    // When each membership ended: the earliest of its own removals, its
+    // organization's deletion and its user's (every send of each counts).
+    let mut mem_end: BTreeMap<usize, i64> = BTreeMap::new();
+    let mut org_end: BTreeMap<usize, i64> = BTreeMap::new();
+    let mut user_end: BTreeMap<usize, i64> = BTreeMap::new();
+    for e in &model.history {
+        let (map, key) = match &e.ev {
+            Ev::MemDeleted { mem, .. } => (&mut mem_end, mem.id),
+            Ev::OrgDeleted { idx } => (&mut org_end, *idx),
+            Ev::UserDeleted { user } => (&mut user_end, *user),
+            _ => continue,
+        };
+        let t = map.entry(key).or_insert(e.ts);
+        *t = (*t).min(e.ts);
+    }
     for (m, active) in &model.mems {
-        if !active {
-            continue;
-        }
+        let end = [
+            mem_end.get(&m.id),
+            org_end.get(&m.org.idx),
+            user_end.get(&m.user),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+        .copied();
+        assert_eq!(end.is_none(), *active, "the model ends what it removes");
         // Display fields: the standing source among the membership's snapshots
-        // and the user's user.updated.
+        // and the user's user.updated, those not after its end for a removed one.
         let sources: Vec<Cand<String>> = model.mem_cands[m.id]
             .iter()
             .map(|c| Cand {
@@ -643,21 +824,33 @@ fn expected(model: &Model, p: &Provisioner) -> State {
                 svix: c.svix.clone(),
                 value: c.value.tag.clone(),
             })
-            .chain(model.users[m.user].cands.iter().cloned())
+            .chain(
+                model.users[m.user]
+                    .cands
+                    .iter()
+                    .filter(|c| end.is_none_or(|t| c.version <= t))
+                    .cloned(),
+            )
             .collect();
         let tag = best(&sources).expect("a membership has a snapshot");
         let who = person("", m.user, tag);
+        let role = s.role_for(m.role).as_str().to_owned();
+        let (ws, user) = (format!("org_{}", m.org.idx), who.user_id.clone());
+        if *active && !model.orgs[m.org.idx].deleted {
+            st.access.insert((ws.clone(), user.clone()), role.clone());
+        }
         st.members.insert(
             format!("mem_{}", m.id),
-            (
-                format!("org_{}", m.org.idx),
-                who.user_id,
-                s.role_for(m.role).as_str().to_owned(),
-                m.role.to_owned(),
-                Some(who.email),
-                Some(who.first_name),
-                Some(who.last_name),
-            ),
+            MemberView {
+                workspace_id: ws,
+                user_id: user,
+                role,
+                clerk_role: m.role.to_owned(),
+                email: Some(who.email),
+                first_name: Some(who.first_name),
+                last_name: Some(who.last_name),
+                removed: !*active,
+            },
         );
     }
     st
@@ -675,27 +868,41 @@ struct Case {
     duplicates: Vec<(u16, u16)>,
     /// Sizes of the batches handed to apply_batch in the shuffled run.
     batches: Vec<usize>,
+    /// Deliver every deletion first (still shuffled among themselves): removals
+    /// before their memberships, their users' and their workspaces' snapshots.
+    deletions_first: bool,
 }
 
 fn case_strategy() -> impl Strategy<Value = Case> {
     (
-        prop::collection::vec((0u8..20, 0..ORGS, 0..USERS, any::<u8>()), 6..60),
+        prop::collection::vec((0u8..23, 0..ORGS, 0..USERS, any::<u8>()), 6..60),
         prop::collection::vec(any::<u32>(), 128),
         prop::collection::vec((any::<u16>(), any::<u16>()), 0..10),
         prop::collection::vec(1usize..10, 128),
+        prop::bool::weighted(0.3),
     )
-        .prop_map(|(ops, shuffle, duplicates, batches)| Case {
-            ops,
-            shuffle,
-            duplicates,
-            batches,
-        })
+        .prop_map(
+            |(ops, shuffle, duplicates, batches, deletions_first)| Case {
+                ops,
+                shuffle,
+                duplicates,
+                batches,
+                deletions_first,
+            },
+        )
 }
 
 /// The shuffled delivery: a permutation of the history plus duplicate deliveries.
 fn delivery(case: &Case, history: &[HistEvent]) -> Vec<HistEvent> {
     let mut order: Vec<usize> = (0..history.len()).collect();
-    order.sort_by_key(|&i| (case.shuffle[i % case.shuffle.len()], i));
+    let first = |e: &HistEvent| {
+        case.deletions_first
+            && matches!(
+                e.ev,
+                Ev::MemDeleted { .. } | Ev::OrgDeleted { .. } | Ev::UserDeleted { .. }
+            )
+    };
+    order.sort_by_key(|&i| (!first(&history[i]), case.shuffle[i % case.shuffle.len()], i));
     let mut out: Vec<HistEvent> = order.into_iter().map(|i| history[i].clone()).collect();
     if !history.is_empty() {
         for &(which, at) in &case.duplicates {
@@ -789,10 +996,12 @@ fn provisioner() -> Provisioner {
 }
 
 /// 500 random histories over 3 organizations and 4 users (creates, renames, plan
-/// changes, role changes, removals, re-adds, user updates and deletions, organization
-/// deletions with and without membership webhooks, snapshots tying on `updated_at`
-/// with other content, deletions sent again later), delivered shuffled with
-/// duplicates in batches, end in the state of the in-order history, column by column.
+/// changes, role changes, removals full and sparse, re-adds under new ids, user
+/// updates and deletions, organization deletions with and without membership
+/// webhooks, snapshots tying on `updated_at` with other content, deletions sent
+/// again later, reconcile's snapshots), delivered shuffled (deletions first in some)
+/// with duplicates in batches, end in the state of the in-order history, column by
+/// column, and in the access and removed rows' display the history describes.
 #[test]
 fn shuffled_duplicated_histories_converge() {
     let rt = tokio::runtime::Runtime::new().unwrap();
