@@ -22,10 +22,9 @@ use serde_json::{Value, json};
 use sqlx::PgConnection;
 
 use super::deferred::{Deferred, NewMember, StateKeys};
+use super::display::{Display, Profile};
 use super::inferred::{infer_membership_gone, infer_workspace_gone, restore_workspace};
-use super::members::{
-    Display, Ending, Profile, end_memberships, inferred, remove_membership, upsert_membership,
-};
+use super::members::{Ending, end_memberships, inferred, remove_membership, upsert_membership};
 use super::payload::{Decoded, Event, Organization, Removal};
 use super::users::{delete_user, update_user};
 use super::{Actor, Incoming, Outcome, Plans};

@@ -18,7 +18,7 @@ use sqlx::PgConnection;
 
 use super::Plans;
 use super::apply::{Begin, WorkspaceRow};
-use super::members::Display;
+use super::display::Display;
 use crate::config::ProvisioningSettings;
 
 /// One processing-log claim: the event's row, as the one-by-one `begin` writes it.

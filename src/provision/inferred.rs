@@ -16,9 +16,8 @@ use serde_json::json;
 use sqlx::PgConnection;
 
 use super::apply::{Begin, Ctx, WorkspaceRow, ts};
-use super::members::{
-    Ending, NOT_IN_CLERK, WORKSPACE_NOT_IN_CLERK, end_memberships, standing_display,
-};
+use super::display::standing_display;
+use super::members::{Ending, NOT_IN_CLERK, WORKSPACE_NOT_IN_CLERK, end_memberships};
 use super::payload::Removal;
 
 /// `organization.deleted` applied by reconcile: an active workspace becomes

@@ -25,6 +25,7 @@
 
 mod apply;
 mod deferred;
+mod display;
 mod inferred;
 mod members;
 pub mod payload;

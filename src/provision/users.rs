@@ -9,7 +9,8 @@ use serde_json::json;
 use sqlx::PgConnection;
 
 use super::apply::{Begin, Ctx, Source, ts};
-use super::members::{Display, Ending, end_memberships};
+use super::display::Display;
+use super::members::{Ending, end_memberships};
 use super::payload::User;
 
 /// `user.updated`: keep the snapshot (every one, in `user_profiles`, for the
