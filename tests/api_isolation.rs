@@ -6,6 +6,8 @@
 
 mod api_support;
 mod common;
+#[path = "api_isolation/removal_first.rs"]
+mod removal_first;
 
 use api_support::*;
 use common::*;

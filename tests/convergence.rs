@@ -5,453 +5,36 @@
 //! state is the one Clerk's history describes.
 //!
 //! Histories include snapshots with equal `updated_at` and different content
-//! (decided by the smaller svix id, docs/schema.md) and deletions Clerk sends again
-//! later as new messages (the earliest time stands).
+//! (decided by the smaller svix id, docs/schema.md), deletions Clerk sends again
+//! later as new messages (the earliest time stands), every kind of deletion in its
+//! sparse form (ids and the envelope timestamp only: no `public_user_data`, the
+//! organization as `{id}`), users removed and re-added under new membership ids,
+//! and reconcile's snapshots of organizations and memberships (actor `reconcile`,
+//! its deterministic svix ids) interleaved with the webhooks. Deliveries put the
+//! deletions first in some cases, so removals arrive before their memberships and
+//! before their workspaces are known. Besides every column, the check compares who
+//! may read what (`active_members`, what every read route decides on) and the
+//! display fields of removed rows (only active rows follow the user) with the model.
 
 mod common;
+#[path = "convergence/model.rs"]
+mod model;
 
-use std::cmp::Reverse;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use common::database::TestDatabase;
 use common::history::{row_diff, rows};
 use common::story;
+use model::*;
 use proptest::prelude::*;
 use proptest::strategy::ValueTree;
 use proptest::test_runner::{Config as ProptestConfig, TestCaseError, TestRunner};
 use provisioner::config::Settings;
 use provisioner::ops::send::payload::{self, Person};
-use provisioner::provision::{Incoming, Outcome, Provisioner};
+use provisioner::provision::{Actor, Incoming, Outcome, Provisioner};
+use serde_json::json;
 use sqlx::PgPool;
-
-const ORGS: usize = 3;
-const USERS: usize = 4;
-const T0: i64 = 1_760_000_000_000;
-/// Plans an organization's metadata may ask for; `gold` is not configured.
-const PLANS: [Option<&str>; 4] = [None, Some("team"), Some("enterprise"), Some("gold")];
-/// Clerk roles; `org:billing` is mapped to admin in this test's `[roles]`.
-const ROLES: [&str; 4] = ["org:admin", "org:member", "org:billing", "org:viewer"];
-const ROLE_MAP: &str = "[roles]\n\"org:billing\" = \"admin\"\n";
-
-// ---- the history model: what Clerk did -------------------------------------------------
-
-#[derive(Debug, Clone)]
-struct OrgSnap {
-    idx: usize,
-    name: String,
-    plan: Option<&'static str>,
-    updated_at: i64,
-}
-
-#[derive(Debug, Clone)]
-struct MemSnap {
-    id: usize,
-    org: OrgSnap,
-    user: usize,
-    /// The user's display tag when the snapshot was taken.
-    tag: String,
-    role: &'static str,
-    created_at: i64,
-    updated_at: i64,
-}
-
-#[derive(Debug, Clone)]
-enum Ev {
-    OrgUpsert {
-        created: bool,
-        org: OrgSnap,
-    },
-    OrgDeleted {
-        idx: usize,
-    },
-    MemUpsert {
-        created: bool,
-        mem: MemSnap,
-    },
-    MemDeleted {
-        mem: MemSnap,
-    },
-    /// `version` is the user's `updated_at` (a tie repeats an earlier one).
-    UserUpdated {
-        user: usize,
-        tag: String,
-        version: i64,
-    },
-    UserDeleted {
-        user: usize,
-    },
-}
-
-/// One webhook of the history: its position (svix id), envelope time and content.
-#[derive(Debug, Clone)]
-struct HistEvent {
-    seq: usize,
-    ts: i64,
-    ev: Ev,
-}
-
-/// A snapshot as some webhook delivered it: its version, the svix id that carried
-/// it (without the run's prefix) and its content.
-#[derive(Debug, Clone)]
-struct Cand<T> {
-    version: i64,
-    svix: String,
-    value: T,
-}
-
-impl<T> Cand<T> {
-    fn new(version: i64, svix: &str, value: T) -> Self {
-        Self {
-            version,
-            svix: svix.to_owned(),
-            value,
-        }
-    }
-}
-
-/// The snapshot that stands among `cands` by the rule of docs/schema.md: the newest
-/// version, and on equal versions the smallest svix id. Every run prefixes its svix
-/// ids with one string, so comparing the unprefixed ids compares the real ones.
-fn best<T>(cands: &[Cand<T>]) -> Option<&T> {
-    cands
-        .iter()
-        .max_by(|a, b| (a.version, Reverse(&a.svix)).cmp(&(b.version, Reverse(&b.svix))))
-        .map(|c| &c.value)
-}
-
-#[derive(Debug, Clone, Default)]
-struct OrgState {
-    /// Every organization snapshot delivered (own events and embedded ones).
-    cands: Vec<Cand<OrgSnap>>,
-    deleted: bool,
-}
-
-#[derive(Debug, Clone, Default)]
-struct UserState {
-    /// (version, svix, tag) of every user.updated.
-    cands: Vec<Cand<String>>,
-    deleted: bool,
-}
-
-/// Clerk's side of the story, advanced by random operations.
-#[derive(Debug)]
-struct Model {
-    clock: i64,
-    orgs: Vec<OrgState>,
-    users: Vec<UserState>,
-    /// Memberships ever created (the standing snapshot); `active` until removed by
-    /// any cause.
-    mems: Vec<(MemSnap, bool)>,
-    /// Every snapshot of each membership delivered.
-    mem_cands: Vec<Vec<Cand<MemSnap>>>,
-    /// Deletions sent so far (Clerk may send one again, later, as a new message).
-    deletes: Vec<Ev>,
-    history: Vec<HistEvent>,
-}
-
-impl Model {
-    fn new() -> Self {
-        Self {
-            clock: T0,
-            orgs: vec![OrgState::default(); ORGS],
-            users: vec![UserState::default(); USERS],
-            mems: Vec::new(),
-            mem_cands: Vec::new(),
-            deletes: Vec::new(),
-            history: Vec::new(),
-        }
-    }
-
-    /// A strictly increasing clock shared by versions and envelope timestamps.
-    fn tick(&mut self) -> i64 {
-        self.clock += 10;
-        self.clock
-    }
-
-    /// Sends `ev` at `ts`, recording every snapshot it carries.
-    fn emit(&mut self, ts: i64, ev: Ev) {
-        let seq = self.history.len();
-        let svix = format!("msg_{seq}");
-        let cand = |version, value| Cand::new(version, &svix, value);
-        match &ev {
-            Ev::OrgUpsert { org, .. } => {
-                self.orgs[org.idx]
-                    .cands
-                    .push(cand(org.updated_at, org.clone()));
-            }
-            Ev::MemUpsert { mem, .. } | Ev::MemDeleted { mem } => {
-                self.orgs[mem.org.idx]
-                    .cands
-                    .push(cand(mem.org.updated_at, mem.org.clone()));
-                if self.mem_cands.len() <= mem.id {
-                    self.mem_cands.resize(mem.id + 1, Vec::new());
-                }
-                self.mem_cands[mem.id].push(Cand::new(mem.updated_at, &svix, mem.clone()));
-                let standing = best(&self.mem_cands[mem.id]).cloned().expect("a snapshot");
-                if let Some(m) = self.mems.get_mut(mem.id) {
-                    m.0 = standing;
-                }
-            }
-            Ev::UserUpdated { user, tag, version } => {
-                self.users[*user]
-                    .cands
-                    .push(Cand::new(*version, &svix, tag.clone()));
-            }
-            Ev::OrgDeleted { .. } | Ev::UserDeleted { .. } => {}
-        }
-        if matches!(
-            ev,
-            Ev::OrgDeleted { .. } | Ev::MemDeleted { .. } | Ev::UserDeleted { .. }
-        ) {
-            self.deletes.push(ev.clone());
-        }
-        self.history.push(HistEvent { seq, ts, ev });
-    }
-
-    /// The organization's standing snapshot (deleted or not).
-    fn org_snap(&self, o: usize) -> Option<OrgSnap> {
-        best(&self.orgs[o].cands).cloned()
-    }
-
-    fn live_org(&self, o: usize) -> Option<OrgSnap> {
-        if self.orgs[o].deleted {
-            None
-        } else {
-            self.org_snap(o)
-        }
-    }
-
-    /// The user's display tag as their standing user.updated says ("0" before any).
-    fn tag(&self, u: usize) -> String {
-        best(&self.users[u].cands)
-            .cloned()
-            .unwrap_or_else(|| "0".to_owned())
-    }
-
-    fn active_mem(&self, o: usize, u: usize) -> Option<usize> {
-        self.mems
-            .iter()
-            .position(|(m, active)| *active && m.org.idx == o && m.user == u)
-    }
-
-    /// The active membership of user `u` in organization `o`, else any active
-    /// membership of `o`, else any active membership at all.
-    fn some_active_mem(&self, o: usize, u: usize) -> Option<usize> {
-        self.active_mem(o, u)
-            .or_else(|| self.mems.iter().position(|(m, a)| *a && m.org.idx == o))
-            .or_else(|| self.mems.iter().position(|(_, a)| *a))
-    }
-
-    /// Ends membership `i` with an organizationMembership.deleted webhook.
-    fn delete_mem(&mut self, i: usize) {
-        let ts = self.tick();
-        let mut mem = self.mems[i].0.clone();
-        // The webhook carries the current organization and user data.
-        if let Some(org) = self.org_snap(mem.org.idx) {
-            mem.org = org;
-        }
-        mem.tag = self.tag(mem.user);
-        self.mems[i].1 = false;
-        self.emit(ts, Ev::MemDeleted { mem });
-    }
-
-    /// Applies one random operation; operations that make no sense in the current
-    /// state (e.g. updating a deleted organization) are skipped.
-    fn step(&mut self, op: u8, o: usize, u: usize, p: u8) {
-        match op {
-            // create an organization, or update it if it exists
-            0..=2 => {
-                if self.orgs[o].deleted {
-                    return;
-                }
-                let created = self.orgs[o].cands.is_empty();
-                let ts = self.tick();
-                let mut snap = self.org_snap(o).unwrap_or(OrgSnap {
-                    idx: o,
-                    name: format!("Org {o}"),
-                    plan: None,
-                    updated_at: ts,
-                });
-                if created || op == 1 {
-                    snap.name = format!("Org {o} v{}", p % 5);
-                }
-                if created || op == 2 {
-                    snap.plan = PLANS[usize::from(p) % PLANS.len()];
-                }
-                snap.updated_at = ts;
-                let ev = Ev::OrgUpsert { created, org: snap };
-                self.emit(ts, ev);
-            }
-            // delete an organization, with or without membership webhooks (before or after)
-            3 => {
-                if self.live_org(o).is_none() {
-                    return;
-                }
-                let members: Vec<usize> = (0..self.mems.len())
-                    .filter(|&i| self.mems[i].1 && self.mems[i].0.org.idx == o)
-                    .collect();
-                let cascade = p % 3;
-                if cascade == 1 {
-                    for &i in &members {
-                        self.delete_mem(i);
-                    }
-                }
-                let ts = self.tick();
-                self.orgs[o].deleted = true;
-                self.emit(ts, Ev::OrgDeleted { idx: o });
-                for &i in &members {
-                    if cascade == 2 {
-                        self.delete_mem(i);
-                    } else {
-                        self.mems[i].1 = false;
-                    }
-                }
-            }
-            // add a member (a re-add after a removal gets a new membership id)
-            4..=7 | 15 => {
-                let Some(org) = self.live_org(o) else { return };
-                if self.users[u].deleted || self.active_mem(o, u).is_some() {
-                    return;
-                }
-                let ts = self.tick();
-                let mem = MemSnap {
-                    id: self.mems.len(),
-                    org,
-                    user: u,
-                    tag: self.tag(u),
-                    role: ROLES[usize::from(p) % ROLES.len()],
-                    created_at: ts,
-                    updated_at: ts,
-                };
-                self.mems.push((mem.clone(), true));
-                self.emit(ts, Ev::MemUpsert { created: true, mem });
-            }
-            // change a member's role
-            8 | 9 => {
-                let Some(i) = self.some_active_mem(o, u) else {
-                    return;
-                };
-                let ts = self.tick();
-                let (o, u) = (self.mems[i].0.org.idx, self.mems[i].0.user);
-                let org = self.live_org(o).expect("active membership of a live org");
-                let mut mem = self.mems[i].0.clone();
-                mem.role = ROLES[usize::from(p) % ROLES.len()];
-                mem.org = org;
-                mem.tag = self.tag(u);
-                mem.updated_at = ts;
-                self.emit(
-                    ts,
-                    Ev::MemUpsert {
-                        created: false,
-                        mem,
-                    },
-                );
-            }
-            // remove a member
-            10 => {
-                if let Some(i) = self.some_active_mem(o, u) {
-                    self.delete_mem(i);
-                }
-            }
-            // a user changes their name and email
-            11..=13 => {
-                if self.users[u].deleted {
-                    return;
-                }
-                let ts = self.tick();
-                let tag = format!("{}", ts - T0);
-                let ev = Ev::UserUpdated {
-                    user: u,
-                    tag,
-                    version: ts,
-                };
-                self.emit(ts, ev);
-            }
-            // delete a user, with or without membership webhooks
-            14 => {
-                if self.users[u].deleted {
-                    return;
-                }
-                let members: Vec<usize> = (0..self.mems.len())
-                    .filter(|&i| self.mems[i].1 && self.mems[i].0.user == u)
-                    .collect();
-                if p % 2 == 1 {
-                    for &i in &members {
-                        self.delete_mem(i);
-                    }
-                }
-                let ts = self.tick();
-                self.users[u].deleted = true;
-                for &i in &members {
-                    self.mems[i].1 = false;
-                }
-                self.emit(ts, Ev::UserDeleted { user: u });
-            }
-            // a second organization snapshot at the same updated_at, other content
-            16 => {
-                let Some(mut snap) = self.live_org(o) else {
-                    return;
-                };
-                let ts = self.tick();
-                snap.name = format!("Org {o} t{}", p % 5);
-                if p.is_multiple_of(2) {
-                    snap.plan = PLANS[usize::from(p / 2) % PLANS.len()];
-                }
-                let ev = Ev::OrgUpsert {
-                    created: false,
-                    org: snap,
-                };
-                self.emit(ts, ev);
-            }
-            // a second membership snapshot at the same updated_at, another role
-            17 => {
-                let Some(i) = self.some_active_mem(o, u) else {
-                    return;
-                };
-                let ts = self.tick();
-                let (o, u) = (self.mems[i].0.org.idx, self.mems[i].0.user);
-                let mut mem = self.mems[i].0.clone();
-                mem.role = ROLES[usize::from(p) % ROLES.len()];
-                mem.org = self.live_org(o).expect("active membership of a live org");
-                mem.tag = self.tag(u);
-                let ev = Ev::MemUpsert {
-                    created: false,
-                    mem,
-                };
-                self.emit(ts, ev);
-            }
-            // a second user.updated at the same updated_at, other names
-            18 => {
-                let Some(version) = self.users[u].cands.iter().map(|c| c.version).max() else {
-                    return;
-                };
-                if self.users[u].deleted {
-                    return;
-                }
-                let ts = self.tick();
-                let tag = format!("{}t{}", version - T0, p % 5);
-                self.emit(
-                    ts,
-                    Ev::UserUpdated {
-                        user: u,
-                        tag,
-                        version,
-                    },
-                );
-            }
-            // a deletion sent again, later, as a new message
-            _ => {
-                if self.deletes.is_empty() {
-                    return;
-                }
-                let ev = self.deletes[usize::from(p) % self.deletes.len()].clone();
-                let ts = self.tick();
-                self.emit(ts, ev);
-            }
-        }
-    }
-}
 
 // ---- rendering the history as webhooks for one set of ids ----------------------------
 
@@ -494,21 +77,47 @@ fn render(prefix: &str, e: &HistEvent) -> Incoming {
             created: false,
             org,
         } => org_of(prefix, org).updated(org.updated_at),
-        Ev::OrgDeleted { idx } => story::org(&format!("{prefix}org_{idx}")).deleted(e.ts),
+        // Deletions of organizations and users in their sparse form: `{id}` only.
+        Ev::OrgDeleted { idx } => story::org(&format!("{prefix}org_{idx}"))
+            .deleted(e.ts)
+            .with(|d| *d = json!({ "id": format!("{prefix}org_{idx}") })),
+        Ev::OrgListed { org } => org_of(prefix, org)
+            .created(org.updated_at)
+            .by(Actor::Reconcile),
         Ev::MemUpsert { created: true, mem } => membership_of(prefix, mem).created(mem.updated_at),
         Ev::MemUpsert {
             created: false,
             mem,
         } => membership_of(prefix, mem).updated(mem.updated_at),
-        Ev::MemDeleted { mem } => membership_of(prefix, mem).deleted(mem.updated_at),
+        Ev::MemDeleted { mem, form } => {
+            let deleted = membership_of(prefix, mem).deleted(mem.updated_at);
+            let ids = json!({
+                "object": "organization_membership",
+                "id": format!("{prefix}mem_{}", mem.id),
+                "organization": { "id": format!("{prefix}org_{}", mem.org.idx) },
+            });
+            match form {
+                Form::Full => deleted,
+                Form::IdsOnly => deleted.with(|d| *d = ids),
+                Form::IdsWithUser => deleted.with(|d| {
+                    *d = ids;
+                    d["public_user_data"] =
+                        json!({ "user_id": format!("{prefix}user_{}", mem.user) });
+                }),
+            }
+        }
+        Ev::MemListed { mem } => membership_of(prefix, mem)
+            .created(mem.updated_at)
+            .by(Actor::Reconcile),
         Ev::UserUpdated { user, tag, version } => {
             story::user_updated(&person(prefix, *user, tag), *version)
         }
-        Ev::UserDeleted { user } => story::user_deleted(&format!("{prefix}user_{user}"), e.ts),
+        Ev::UserDeleted { user } => story::user_deleted(&format!("{prefix}user_{user}"), e.ts)
+            .with(|d| *d = json!({ "id": format!("{prefix}user_{user}") })),
     };
     event
         .sent_at(e.ts)
-        .svix(&format!("{prefix}msg_{}", e.seq))
+        .svix(&format!("{prefix}{}", e.svix))
         .into()
 }
 
@@ -520,19 +129,26 @@ struct State {
     workspaces: BTreeMap<String, (Option<String>, Option<String>, String, String)>,
     /// (workspace, quota) -> limit
     quotas: BTreeMap<(String, String), i64>,
-    /// membership id -> (workspace, user, role, clerk_role, email, first, last)
+    /// membership id -> its row, removed ones included
     members: BTreeMap<String, MemberView>,
+    /// (workspace, user) -> role of every active member (`active_members`: what
+    /// every read route decides access, member lists, counts and the org switcher on)
+    access: BTreeMap<(String, String), String>,
 }
 
-type MemberView = (
-    String,
-    String,
-    String,
-    String,
-    Option<String>,
-    Option<String>,
-    Option<String>,
-);
+/// A member row: workspace, user, role, Clerk role, email, first and last name,
+/// and whether it is removed.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+struct MemberView {
+    workspace_id: String,
+    user_id: String,
+    role: String,
+    clerk_role: String,
+    email: Option<String>,
+    first_name: Option<String>,
+    last_name: Option<String>,
+    removed: bool,
+}
 
 async fn state(db: &PgPool, prefix: &str) -> State {
     let like = format!("{prefix}%");
@@ -559,37 +175,75 @@ async fn state(db: &PgPool, prefix: &str) -> State {
         .into_iter()
         .map(|(w, n, v)| ((strip(w), n), v))
         .collect();
-    type Row = (
-        String,
-        String,
-        String,
-        String,
-        String,
-        Option<String>,
-        Option<String>,
-        Option<String>,
-    );
-    let rows: Vec<Row> = sqlx::query_as(
-        "select membership_id, workspace_id, user_id, role, clerk_role, email, first_name, last_name \
-         from members where workspace_id like $1 and removed_at is null",
+    let rows: Vec<(String, MemberView)> = sqlx::query_as::<
+        _,
+        (
+            String,
+            String,
+            String,
+            String,
+            String,
+            Option<String>,
+            Option<String>,
+            Option<String>,
+            bool,
+        ),
+    >(
+        "select membership_id, workspace_id, user_id, role, clerk_role, email, first_name, \
+           last_name, removed_at is not null \
+         from members where workspace_id like $1",
+    )
+    .bind(&like)
+    .fetch_all(db)
+    .await
+    .unwrap()
+    .into_iter()
+    .map(
+        |(m, w, u, role, clerk_role, email, first_name, last_name, removed)| {
+            (
+                m,
+                MemberView {
+                    workspace_id: w,
+                    user_id: u,
+                    role,
+                    clerk_role,
+                    email,
+                    first_name,
+                    last_name,
+                    removed,
+                },
+            )
+        },
+    )
+    .collect();
+    let members = rows
+        .into_iter()
+        .map(|(m, v)| {
+            let v = MemberView {
+                workspace_id: strip(v.workspace_id),
+                user_id: strip(v.user_id),
+                email: v.email.map(|e| e.replace(prefix, "")),
+                ..v
+            };
+            (strip(m), v)
+        })
+        .collect();
+    let rows: Vec<(String, String, String)> = sqlx::query_as(
+        "select workspace_id, user_id, role from active_members where workspace_id like $1",
     )
     .bind(&like)
     .fetch_all(db)
     .await
     .unwrap();
-    let members = rows
+    let access = rows
         .into_iter()
-        .map(|(m, w, u, role, clerk_role, email, first, last)| {
-            (
-                strip(m),
-                (strip(w), strip(u), role, clerk_role, email, first, last),
-            )
-        })
+        .map(|(w, u, role)| ((strip(w), strip(u)), role))
         .collect();
     State {
         workspaces,
         quotas,
         members,
+        access,
     }
 }
 
@@ -600,6 +254,7 @@ fn expected(model: &Model, p: &Provisioner) -> State {
         workspaces: BTreeMap::new(),
         quotas: BTreeMap::new(),
         members: BTreeMap::new(),
+        access: BTreeMap::new(),
     };
     for (i, org) in model.orgs.iter().enumerate() {
         let id = format!("org_{i}");
@@ -630,12 +285,34 @@ fn expected(model: &Model, p: &Provisioner) -> State {
             (Some(snap.name.clone()), Some(slug), status.to_owned(), plan),
         );
     }
+    // When each membership ended: the earliest of its own removals, its
+    // organization's deletion and its user's (every send of each counts).
+    let mut mem_end: BTreeMap<usize, i64> = BTreeMap::new();
+    let mut org_end: BTreeMap<usize, i64> = BTreeMap::new();
+    let mut user_end: BTreeMap<usize, i64> = BTreeMap::new();
+    for e in &model.history {
+        let (map, key) = match &e.ev {
+            Ev::MemDeleted { mem, .. } => (&mut mem_end, mem.id),
+            Ev::OrgDeleted { idx } => (&mut org_end, *idx),
+            Ev::UserDeleted { user } => (&mut user_end, *user),
+            _ => continue,
+        };
+        let t = map.entry(key).or_insert(e.ts);
+        *t = (*t).min(e.ts);
+    }
     for (m, active) in &model.mems {
-        if !active {
-            continue;
-        }
+        let end = [
+            mem_end.get(&m.id),
+            org_end.get(&m.org.idx),
+            user_end.get(&m.user),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+        .copied();
+        assert_eq!(end.is_none(), *active, "the model ends what it removes");
         // Display fields: the standing source among the membership's snapshots
-        // and the user's user.updated.
+        // and the user's user.updated, those not after its end for a removed one.
         let sources: Vec<Cand<String>> = model.mem_cands[m.id]
             .iter()
             .map(|c| Cand {
@@ -643,21 +320,33 @@ fn expected(model: &Model, p: &Provisioner) -> State {
                 svix: c.svix.clone(),
                 value: c.value.tag.clone(),
             })
-            .chain(model.users[m.user].cands.iter().cloned())
+            .chain(
+                model.users[m.user]
+                    .cands
+                    .iter()
+                    .filter(|c| end.is_none_or(|t| c.version <= t))
+                    .cloned(),
+            )
             .collect();
         let tag = best(&sources).expect("a membership has a snapshot");
         let who = person("", m.user, tag);
+        let role = s.role_for(m.role).as_str().to_owned();
+        let (ws, user) = (format!("org_{}", m.org.idx), who.user_id.clone());
+        if *active && !model.orgs[m.org.idx].deleted {
+            st.access.insert((ws.clone(), user.clone()), role.clone());
+        }
         st.members.insert(
             format!("mem_{}", m.id),
-            (
-                format!("org_{}", m.org.idx),
-                who.user_id,
-                s.role_for(m.role).as_str().to_owned(),
-                m.role.to_owned(),
-                Some(who.email),
-                Some(who.first_name),
-                Some(who.last_name),
-            ),
+            MemberView {
+                workspace_id: ws,
+                user_id: user,
+                role,
+                clerk_role: m.role.to_owned(),
+                email: Some(who.email),
+                first_name: Some(who.first_name),
+                last_name: Some(who.last_name),
+                removed: !*active,
+            },
         );
     }
     st
@@ -675,27 +364,41 @@ struct Case {
     duplicates: Vec<(u16, u16)>,
     /// Sizes of the batches handed to apply_batch in the shuffled run.
     batches: Vec<usize>,
+    /// Deliver every deletion first (still shuffled among themselves): removals
+    /// before their memberships, their users' and their workspaces' snapshots.
+    deletions_first: bool,
 }
 
 fn case_strategy() -> impl Strategy<Value = Case> {
     (
-        prop::collection::vec((0u8..20, 0..ORGS, 0..USERS, any::<u8>()), 6..60),
+        prop::collection::vec((0u8..23, 0..ORGS, 0..USERS, any::<u8>()), 6..60),
         prop::collection::vec(any::<u32>(), 128),
         prop::collection::vec((any::<u16>(), any::<u16>()), 0..10),
         prop::collection::vec(1usize..10, 128),
+        prop::bool::weighted(0.3),
     )
-        .prop_map(|(ops, shuffle, duplicates, batches)| Case {
-            ops,
-            shuffle,
-            duplicates,
-            batches,
-        })
+        .prop_map(
+            |(ops, shuffle, duplicates, batches, deletions_first)| Case {
+                ops,
+                shuffle,
+                duplicates,
+                batches,
+                deletions_first,
+            },
+        )
 }
 
 /// The shuffled delivery: a permutation of the history plus duplicate deliveries.
 fn delivery(case: &Case, history: &[HistEvent]) -> Vec<HistEvent> {
     let mut order: Vec<usize> = (0..history.len()).collect();
-    order.sort_by_key(|&i| (case.shuffle[i % case.shuffle.len()], i));
+    let first = |e: &HistEvent| {
+        case.deletions_first
+            && matches!(
+                e.ev,
+                Ev::MemDeleted { .. } | Ev::OrgDeleted { .. } | Ev::UserDeleted { .. }
+            )
+    };
+    order.sort_by_key(|&i| (!first(&history[i]), case.shuffle[i % case.shuffle.len()], i));
     let mut out: Vec<HistEvent> = order.into_iter().map(|i| history[i].clone()).collect();
     if !history.is_empty() {
         for &(which, at) in &case.duplicates {
@@ -789,10 +492,12 @@ fn provisioner() -> Provisioner {
 }
 
 /// 500 random histories over 3 organizations and 4 users (creates, renames, plan
-/// changes, role changes, removals, re-adds, user updates and deletions, organization
-/// deletions with and without membership webhooks, snapshots tying on `updated_at`
-/// with other content, deletions sent again later), delivered shuffled with
-/// duplicates in batches, end in the state of the in-order history, column by column.
+/// changes, role changes, removals full and sparse, re-adds under new ids, user
+/// updates and deletions, organization deletions with and without membership
+/// webhooks, snapshots tying on `updated_at` with other content, deletions sent
+/// again later, reconcile's snapshots), delivered shuffled (deletions first in some)
+/// with duplicates in batches, end in the state of the in-order history, column by
+/// column, and in the access and removed rows' display the history describes.
 #[test]
 fn shuffled_duplicated_histories_converge() {
     let rt = tokio::runtime::Runtime::new().unwrap();

@@ -3,6 +3,14 @@
 //! malformed payloads and batches with a poisoned event.
 
 mod common;
+#[path = "provision/display.rs"]
+mod display;
+#[path = "provision/inferred.rs"]
+mod inferred;
+#[path = "provision/races.rs"]
+mod races;
+#[path = "provision/removals.rs"]
+mod removals;
 
 use common::database::TestDatabase;
 use common::rows::*;

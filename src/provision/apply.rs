@@ -22,8 +22,12 @@ use serde_json::{Value, json};
 use sqlx::PgConnection;
 
 use super::deferred::{Deferred, NewMember, StateKeys};
-use super::payload::{Decoded, Event, Membership, Organization, Removal, User};
-use super::{Incoming, Outcome, Plans};
+use super::display::{Display, Profile};
+use super::inferred::{infer_membership_gone, infer_workspace_gone, restore_workspace};
+use super::members::{Ending, end_memberships, inferred, remove_membership, upsert_membership};
+use super::payload::{Decoded, Event, Organization, Removal};
+use super::users::{delete_user, update_user};
+use super::{Actor, Incoming, Outcome, Plans};
 use crate::config::ProvisioningSettings;
 
 /// Advisory-lock keys of an event, in the global lock order (workspaces before
@@ -73,20 +77,20 @@ pub(crate) async fn lock(conn: &mut PgConnection, keys: &[String]) -> Result<(),
 }
 
 /// Converts a Clerk ms timestamp (range checked when decoding) to a timestamp.
-fn ts(ms: i64) -> DateTime<Utc> {
+pub(super) fn ts(ms: i64) -> DateTime<Utc> {
     DateTime::from_timestamp_millis(ms).unwrap_or(DateTime::<Utc>::MIN_UTC)
 }
 
 /// Where a group of stored fields came from: the snapshot's version and the svix id
 /// that carried it (`None` for rows written before svix ids were kept).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Source<'a> {
-    version: i64,
-    event: Option<&'a str>,
+pub(super) struct Source<'a> {
+    pub(super) version: i64,
+    pub(super) event: Option<&'a str>,
 }
 
 impl<'a> Source<'a> {
-    fn new(version: i64, event: &'a str) -> Self {
+    pub(super) fn new(version: i64, event: &'a str) -> Self {
         Self {
             version,
             event: Some(event),
@@ -94,7 +98,7 @@ impl<'a> Source<'a> {
     }
 
     /// The stored source of a group (`None`: nothing applied yet).
-    fn stored(version: Option<i64>, event: &'a Option<String>) -> Option<Self> {
+    pub(super) fn stored(version: Option<i64>, event: &'a Option<String>) -> Option<Self> {
         version.map(|version| Self {
             version,
             event: event.as_deref(),
@@ -104,7 +108,7 @@ impl<'a> Source<'a> {
     /// Whether this snapshot replaces `other`: a newer version wins; on equal
     /// versions the smaller svix id does (a fixed rule, so the outcome does not
     /// depend on which arrived first), and a known svix id beats an unknown one.
-    fn beats(self, other: Source<'_>) -> bool {
+    pub(super) fn beats(self, other: Source<'_>) -> bool {
         match self.version.cmp(&other.version) {
             std::cmp::Ordering::Greater => true,
             std::cmp::Ordering::Less => false,
@@ -117,18 +121,18 @@ impl<'a> Source<'a> {
     }
 
     /// [`Source::beats`] the stored source, if any.
-    fn beats_stored(self, stored: Option<Source<'_>>) -> bool {
+    pub(super) fn beats_stored(self, stored: Option<Source<'_>>) -> bool {
         stored.is_none_or(|s| self.beats(s))
     }
 }
 
 /// Why and since when a membership ended.
-type End<'a> = (DateTime<Utc>, &'a str);
+pub(super) type End<'a> = (DateTime<Utc>, &'a str);
 
 /// The end that stands among several causes: the earliest time, and on equal
 /// times the reason first in byte order (`membership_deleted`, `user_deleted`,
-/// `workspace_deleted`), the same order as `collate "C"` in [`end_memberships`].
-fn earliest<'a>(ends: impl IntoIterator<Item = Option<End<'a>>>) -> Option<End<'a>> {
+/// `workspace_deleted`), the same order as `collate "C"` in [`super::members::end_memberships`].
+pub(super) fn earliest<'a>(ends: impl IntoIterator<Item = Option<End<'a>>>) -> Option<End<'a>> {
     ends.into_iter().flatten().min()
 }
 
@@ -148,9 +152,9 @@ struct Audit {
 #[derive(Default)]
 pub(crate) struct Pending {
     audits: Vec<Audit>,
-    superseded: Vec<String>,
+    pub(super) superseded: Vec<String>,
     /// The claims and inserts a prefetched batch defers ([`Pending::defer`]).
-    deferred: Deferred,
+    pub(super) deferred: Deferred,
 }
 
 impl Pending {
@@ -208,23 +212,26 @@ impl Pending {
 }
 
 /// What one event is doing: settings, identity and the pending rows it adds to.
-struct Ctx<'a> {
-    settings: &'a ProvisioningSettings,
-    plans: &'a Plans,
-    incoming: &'a Incoming,
-    pending: &'a mut Pending,
+pub(super) struct Ctx<'a> {
+    pub(super) settings: &'a ProvisioningSettings,
+    pub(super) plans: &'a Plans,
+    pub(super) incoming: &'a Incoming,
+    pub(super) pending: &'a mut Pending,
 }
 
 impl Ctx<'_> {
     /// Before a write that is not a deferred insert: ends the batch's deferring.
-    async fn stop_deferring(&mut self, conn: &mut PgConnection) -> Result<(), sqlx::Error> {
+    pub(super) async fn stop_deferring(
+        &mut self,
+        conn: &mut PgConnection,
+    ) -> Result<(), sqlx::Error> {
         self.pending
             .deferred
             .stop(conn, self.settings, self.plans)
             .await
     }
 
-    fn audit(
+    pub(super) fn audit(
         &mut self,
         workspace_id: &str,
         action: &'static str,
@@ -325,6 +332,9 @@ pub(crate) async fn apply_event(
         incoming,
         pending,
     };
+    // A deletion reconcile applies is an inference, not Clerk's word: it is stored
+    // apart from a tombstone (see `inferred`).
+    let inference = incoming.actor == Actor::Reconcile;
     // Only snapshots of organizations and memberships know how to defer their
     // inserts; every other event writes at once.
     let defers = matches!(
@@ -339,7 +349,7 @@ pub(crate) async fn apply_event(
                 },
                 ..
             }
-    );
+    ) && !(inference && matches!(&decoded.event, Event::MembershipDeleted { .. }));
     if !defers {
         cx.stop_deferring(conn).await?;
     }
@@ -350,10 +360,16 @@ pub(crate) async fn apply_event(
                 .await?
                 .changed
         }
+        Event::OrganizationDeleted { id, at_ms } if inference => {
+            infer_workspace_gone(conn, &mut cx, id, *at_ms, state.workspace()).await?
+        }
         Event::OrganizationDeleted { id, at_ms } => {
             delete_workspace(conn, &mut cx, id, *at_ms, state.workspace()).await?
         }
         Event::MembershipUpsert(m) => upsert_membership(conn, &mut cx, m, None, &state).await?,
+        Event::MembershipDeleted { removal, at_ms } if inference => {
+            infer_membership_gone(conn, &mut cx, removal, *at_ms, &state).await?
+        }
         Event::MembershipDeleted { removal, at_ms } => match &removal.snapshot {
             Some(m) => upsert_membership(conn, &mut cx, m, Some(*at_ms), &state).await?,
             None => remove_membership(conn, &mut cx, removal, *at_ms, &state).await?,
@@ -374,43 +390,50 @@ pub(crate) async fn apply_event(
 #[derive(Debug, sqlx::FromRow)]
 pub(super) struct Begin {
     /// The svix id is new here, or was dead: apply it.
-    fresh: bool,
-    w_exists: bool,
-    w_name: Option<String>,
-    w_slug: Option<String>,
-    w_image_url: Option<String>,
-    w_created_by: Option<String>,
-    w_max_allowed_memberships: Option<i32>,
-    w_status: Option<String>,
-    w_plan: Option<String>,
-    w_source_version: Option<i64>,
-    w_plan_version: Option<i64>,
-    w_source_event: Option<String>,
-    w_plan_event: Option<String>,
-    w_clerk_created_at: Option<DateTime<Utc>>,
-    w_deleted_at: Option<DateTime<Utc>>,
-    w_deleted_version: Option<i64>,
-    m_exists: bool,
-    m_user_id: Option<String>,
-    m_role: Option<String>,
-    m_clerk_role: Option<String>,
-    m_email: Option<String>,
-    m_first_name: Option<String>,
-    m_last_name: Option<String>,
-    m_image_url: Option<String>,
-    m_source_version: Option<i64>,
-    m_profile_version: Option<i64>,
-    m_source_event: Option<String>,
-    m_profile_event: Option<String>,
-    m_removed_at: Option<DateTime<Utc>>,
-    m_removal_reason: Option<String>,
-    u_email: Option<String>,
-    u_first_name: Option<String>,
-    u_last_name: Option<String>,
-    u_image_url: Option<String>,
-    u_source_version: Option<i64>,
-    u_source_event: Option<String>,
-    u_deleted_at: Option<DateTime<Utc>>,
+    pub(super) fresh: bool,
+    pub(super) w_exists: bool,
+    pub(super) w_name: Option<String>,
+    pub(super) w_slug: Option<String>,
+    pub(super) w_image_url: Option<String>,
+    pub(super) w_created_by: Option<String>,
+    pub(super) w_max_allowed_memberships: Option<i32>,
+    pub(super) w_status: Option<String>,
+    pub(super) w_plan: Option<String>,
+    pub(super) w_source_version: Option<i64>,
+    pub(super) w_plan_version: Option<i64>,
+    pub(super) w_source_event: Option<String>,
+    pub(super) w_plan_event: Option<String>,
+    pub(super) w_clerk_created_at: Option<DateTime<Utc>>,
+    pub(super) w_deleted_at: Option<DateTime<Utc>>,
+    pub(super) w_deleted_version: Option<i64>,
+    pub(super) w_deletion_inferred: Option<bool>,
+    pub(super) m_exists: bool,
+    pub(super) m_user_id: Option<String>,
+    pub(super) m_role: Option<String>,
+    pub(super) m_clerk_role: Option<String>,
+    pub(super) m_email: Option<String>,
+    pub(super) m_first_name: Option<String>,
+    pub(super) m_last_name: Option<String>,
+    pub(super) m_image_url: Option<String>,
+    pub(super) m_source_version: Option<i64>,
+    pub(super) m_profile_version: Option<i64>,
+    pub(super) m_source_event: Option<String>,
+    pub(super) m_profile_event: Option<String>,
+    pub(super) m_removed_at: Option<DateTime<Utc>>,
+    pub(super) m_removal_reason: Option<String>,
+    pub(super) m_snapshot_email: Option<String>,
+    pub(super) m_snapshot_first_name: Option<String>,
+    pub(super) m_snapshot_last_name: Option<String>,
+    pub(super) m_snapshot_image_url: Option<String>,
+    pub(super) u_email: Option<String>,
+    pub(super) u_first_name: Option<String>,
+    pub(super) u_last_name: Option<String>,
+    pub(super) u_image_url: Option<String>,
+    pub(super) u_source_version: Option<i64>,
+    pub(super) u_source_event: Option<String>,
+    pub(super) u_deleted_at: Option<DateTime<Utc>>,
+    /// The earliest real removal recorded for the membership (`membership_removals`).
+    pub(super) r_removed_at: Option<DateTime<Utc>>,
 }
 
 impl Begin {
@@ -431,6 +454,7 @@ impl Begin {
         self.w_clerk_created_at = w.clerk_created_at;
         self.w_deleted_at = w.deleted_at;
         self.w_deleted_version = w.deleted_version;
+        self.w_deletion_inferred = Some(w.deletion_inferred);
     }
 
     /// Lays a membership row not written yet over the state read.
@@ -449,9 +473,13 @@ impl Begin {
         self.m_profile_event = m.profile_event.clone();
         self.m_removed_at = m.removed_at;
         self.m_removal_reason = m.removal_reason.clone();
+        self.m_snapshot_email = m.snapshot.email.clone();
+        self.m_snapshot_first_name = m.snapshot.first_name.clone();
+        self.m_snapshot_last_name = m.snapshot.last_name.clone();
+        self.m_snapshot_image_url = m.snapshot.image_url.clone();
     }
 
-    fn workspace(&self) -> Option<WorkspaceRow> {
+    pub(super) fn workspace(&self) -> Option<WorkspaceRow> {
         self.w_exists.then(|| WorkspaceRow {
             name: self.w_name.clone(),
             slug: self.w_slug.clone(),
@@ -467,23 +495,62 @@ impl Begin {
             clerk_created_at: self.w_clerk_created_at,
             deleted_at: self.w_deleted_at,
             deleted_version: self.w_deleted_version,
+            deletion_inferred: self.w_deletion_inferred.unwrap_or(false),
         })
     }
 
-    /// The user's own record (from user.updated) as a source of display fields.
-    fn user_profile(&self) -> Option<(Display, Source<'_>)> {
-        let source = Source::stored(self.u_source_version, &self.u_source_event)?;
-        let display = Display {
-            email: self.u_email.clone(),
-            first_name: self.u_first_name.clone(),
-            last_name: self.u_last_name.clone(),
-            image_url: self.u_image_url.clone(),
-        };
-        Some((display, source))
+    /// The user's own record (from user.updated): their standing snapshot.
+    pub(super) fn user_profile(&self) -> Option<Profile> {
+        Some(Profile {
+            version: self.u_source_version?,
+            event: self.u_source_event.clone(),
+            display: Display {
+                email: self.u_email.clone(),
+                first_name: self.u_first_name.clone(),
+                last_name: self.u_last_name.clone(),
+                image_url: self.u_image_url.clone(),
+            },
+        })
+    }
+
+    /// The stored membership's own snapshot as a source of display fields; `None`
+    /// for a row holding no snapshot (known from a removal only).
+    pub(super) fn m_snapshot(&self) -> Option<Profile> {
+        let version = self.m_source_version?;
+        (version != 0 || self.m_source_event.is_some()).then(|| Profile {
+            version,
+            event: self.m_source_event.clone(),
+            display: Display {
+                email: self.m_snapshot_email.clone(),
+                first_name: self.m_snapshot_first_name.clone(),
+                last_name: self.m_snapshot_last_name.clone(),
+                image_url: self.m_snapshot_image_url.clone(),
+            },
+        })
+    }
+
+    /// The stored membership's display fields and their source.
+    pub(super) fn m_profile(&self) -> Profile {
+        Profile {
+            version: self.m_profile_version.unwrap_or_default(),
+            event: self.m_profile_event.clone(),
+            display: Display {
+                email: self.m_email.clone(),
+                first_name: self.m_first_name.clone(),
+                last_name: self.m_last_name.clone(),
+                image_url: self.m_image_url.clone(),
+            },
+        }
+    }
+
+    /// How the stored membership ended by Clerk's deletion of it, its user or its
+    /// workspace, if it did (an end reconcile only inferred is not one).
+    pub(super) fn m_real_end(&self) -> Option<End<'_>> {
+        self.m_end().filter(|(_, reason)| !inferred(reason))
     }
 
     /// How the stored membership ended, if it did.
-    fn m_end(&self) -> Option<End<'_>> {
+    pub(super) fn m_end(&self) -> Option<End<'_>> {
         let reason = self
             .m_removal_reason
             .as_deref()
@@ -493,7 +560,7 @@ impl Begin {
 }
 
 /// The state columns of [`Begin`] (every column but `fresh`), read from the aliases
-/// `w` (workspaces), `m` (members) and `u` (users): shared by the one-by-one
+/// `w` (workspaces), `m` (members), `u` (users) and `r` (membership_removals): shared by the one-by-one
 /// [`begin`] and the batch's [`super::deferred::prefetch`], so both read the same.
 macro_rules! begin_columns {
     () => {
@@ -505,6 +572,7 @@ macro_rules! begin_columns {
          w.source_event as w_source_event, w.plan_event as w_plan_event, \
          w.clerk_created_at as w_clerk_created_at, w.deleted_at as w_deleted_at, \
          w.deleted_version as w_deleted_version, \
+         w.deletion_inferred as w_deletion_inferred, \
          m.membership_id is not null as m_exists, m.user_id as m_user_id, m.role as m_role, \
          m.clerk_role as m_clerk_role, m.email as m_email, m.first_name as m_first_name, \
          m.last_name as m_last_name, m.image_url as m_image_url, \
@@ -512,12 +580,40 @@ macro_rules! begin_columns {
          m.source_event as m_source_event, m.profile_event as m_profile_event, \
          m.removed_at as m_removed_at, \
          m.removal_reason as m_removal_reason, \
+         m.snapshot_email as m_snapshot_email, m.snapshot_first_name as m_snapshot_first_name, \
+         m.snapshot_last_name as m_snapshot_last_name, \
+         m.snapshot_image_url as m_snapshot_image_url, \
          u.email as u_email, u.first_name as u_first_name, u.last_name as u_last_name, \
          u.image_url as u_image_url, u.source_version as u_source_version, \
-         u.source_event as u_source_event, u.deleted_at as u_deleted_at"
+         u.source_event as u_source_event, u.deleted_at as u_deleted_at, \
+         r.removed_at as r_removed_at"
     };
 }
 pub(super) use begin_columns;
+
+/// Reads the state of a membership event again, within its transaction (after a
+/// write of its own changed it: an inferred deletion of its workspace lifted).
+pub(super) async fn read_state(
+    conn: &mut PgConnection,
+    ws_id: &str,
+    membership_id: &str,
+    user_id: &str,
+) -> Result<Begin, sqlx::Error> {
+    sqlx::query_as(concat!(
+        "select true as fresh, ",
+        begin_columns!(),
+        " from (select 1) as one \
+         left join workspaces w on w.id = $1 \
+         left join members m on m.membership_id = $2 \
+         left join users u on u.id = $3 \
+         left join membership_removals r on r.membership_id = $2"
+    ))
+    .bind(ws_id)
+    .bind(membership_id)
+    .bind(user_id)
+    .fetch_one(conn)
+    .await
+}
 
 /// Claims the svix id in the processing log and reads the workspace, member and
 /// user rows the event is about (null keys read nothing), in one round trip.
@@ -550,7 +646,8 @@ async fn begin(
          from (select 1) as one \
          left join workspaces w on w.id = $6 \
          left join members m on m.membership_id = $7 \
-         left join users u on u.id = $8"
+         left join users u on u.id = $8 \
+         left join membership_removals r on r.membership_id = $7"
     ))
     .bind(&incoming.svix_id)
     .bind(decoded.kind.as_str())
@@ -585,13 +682,19 @@ pub(super) struct WorkspaceRow {
     pub(super) clerk_created_at: Option<DateTime<Utc>>,
     pub(super) deleted_at: Option<DateTime<Utc>>,
     pub(super) deleted_version: Option<i64>,
+    /// Its deletion is only inferred by reconcile (not a tombstone).
+    pub(super) deletion_inferred: bool,
 }
 
 /// The workspace after an upsert.
-struct WorkspaceState {
-    changed: bool,
-    /// Set when the workspace is tombstoned.
-    deleted_at: Option<DateTime<Utc>>,
+pub(super) struct WorkspaceState {
+    pub(super) changed: bool,
+    /// Set when the workspace is tombstoned (by Clerk: an inferred deletion is
+    /// lifted by the snapshot).
+    pub(super) deleted_at: Option<DateTime<Utc>>,
+    /// The snapshot lifted an inferred deletion, and restored the memberships it
+    /// had ended.
+    pub(super) restored: bool,
 }
 
 /// Inserts a new workspace with its quotas and onboarding steps, in one statement;
@@ -629,6 +732,7 @@ async fn insert_workspace(
             clerk_created_at: org.map(|o| ts(o.created_at)),
             deleted_at: deleted.map(|d| d.0),
             deleted_version: deleted.map(|d| d.1),
+            deletion_inferred: false,
         };
         cx.pending.deferred.insert_workspace(id, row);
         return Ok(());
@@ -696,7 +800,7 @@ async fn insert_workspace(
 /// those that name a configured plan or none (an unknown name never downgrades a
 /// workspace, it keeps its plan; a new workspace gets the default plan); a
 /// tombstoned workspace takes the data but stays deleted.
-async fn upsert_workspace(
+pub(super) async fn upsert_workspace(
     conn: &mut PgConnection,
     cx: &mut Ctx<'_>,
     org: &Organization,
@@ -724,8 +828,21 @@ async fn upsert_workspace(
         return Ok(WorkspaceState {
             changed: true,
             deleted_at: None,
+            restored: false,
         });
     };
+    // A deletion reconcile only inferred is lifted by any snapshot of the
+    // organization: Clerk has it.
+    let mut row = row;
+    let restored = row.deletion_inferred;
+    if restored {
+        cx.stop_deferring(conn).await?;
+        restore_workspace(conn, cx, &org.id).await?;
+        row.status = "active".to_owned();
+        row.deleted_at = None;
+        row.deleted_version = None;
+        row.deletion_inferred = false;
+    }
     let incoming = cx.incoming;
     let this = Source::new(org.updated_at, &incoming.svix_id);
     let newer = this.beats_stored(Source::stored(row.source_version, &row.source_event));
@@ -733,8 +850,9 @@ async fn upsert_workspace(
         unknown.is_none() && this.beats_stored(Source::stored(row.plan_version, &row.plan_event));
     if !newer && !plan_newer {
         return Ok(WorkspaceState {
-            changed: false,
+            changed: restored,
             deleted_at: row.deleted_at,
+            restored,
         });
     }
     let (plan, plan_version, plan_event) = if plan_newer {
@@ -797,6 +915,7 @@ async fn upsert_workspace(
         return Ok(WorkspaceState {
             changed: true,
             deleted_at: row.deleted_at,
+            restored,
         });
     }
     let clerk_created_at = ts(org.created_at);
@@ -840,6 +959,7 @@ async fn upsert_workspace(
     Ok(WorkspaceState {
         changed: true,
         deleted_at: row.deleted_at,
+        restored,
     })
 }
 
@@ -975,10 +1095,11 @@ async fn delete_workspace(
             changed = true;
         }
         Some(row) if row.status == "deleted" => {
-            if row.deleted_version.is_none_or(|v| at_ms < v) {
+            // A deletion by Clerk replaces an inferred one whatever the times.
+            if row.deletion_inferred || row.deleted_version.is_none_or(|v| at_ms < v) {
                 sqlx::query(
                     "update workspaces set deleted_at = $2, deleted_version = $3, \
-                       updated_at = now() \
+                       deletion_inferred = false, updated_at = now() \
                      where id = $1",
                 )
                 .bind(id)
@@ -1011,493 +1132,6 @@ async fn delete_workspace(
     }
     let ended = end_memberships(conn, cx, Ending::Workspace(id), at).await?;
     Ok(changed || ended)
-}
-
-/// Whose active memberships end, and so the reason recorded on them.
-#[derive(Debug, Clone, Copy)]
-enum Ending<'a> {
-    /// Every membership of this workspace (`workspace_deleted`).
-    Workspace(&'a str),
-    /// Every membership of this user (`user_deleted`).
-    User(&'a str),
-}
-
-/// Ends the memberships `of` at `at`: the active ones, and the ended ones whose
-/// end is later (or, at the same time, has a reason later in byte order), so the
-/// earliest cause stands whatever the order of arrival. A `member.removed` audit
-/// row goes to each membership's workspace for those that were active; true when
-/// any row changed.
-async fn end_memberships(
-    conn: &mut PgConnection,
-    cx: &mut Ctx<'_>,
-    of: Ending<'_>,
-    at: DateTime<Utc>,
-) -> Result<bool, sqlx::Error> {
-    // One static statement per case, so each keeps its own index-friendly plan.
-    let (sql, id, reason) = match of {
-        Ending::Workspace(id) => (
-            "update members m set removed_at = $2, removal_reason = $3, updated_at = now() \
-             from members o \
-             where o.membership_id = m.membership_id and m.workspace_id = $1 \
-               and (m.removed_at is null \
-                    or (m.removed_at, m.removal_reason collate \"C\") \
-                       > ($2, $3::text collate \"C\")) \
-             returning m.membership_id, m.workspace_id, m.user_id, o.removed_at is null",
-            id,
-            "workspace_deleted",
-        ),
-        Ending::User(id) => (
-            "update members m set removed_at = $2, removal_reason = $3, updated_at = now() \
-             from members o \
-             where o.membership_id = m.membership_id and m.user_id = $1 \
-               and (m.removed_at is null \
-                    or (m.removed_at, m.removal_reason collate \"C\") \
-                       > ($2, $3::text collate \"C\")) \
-             returning m.membership_id, m.workspace_id, m.user_id, o.removed_at is null",
-            id,
-            "user_deleted",
-        ),
-    };
-    let ended: Vec<(String, String, String, bool)> = sqlx::query_as(sql)
-        .bind(id)
-        .bind(at)
-        .bind(reason)
-        .fetch_all(&mut *conn)
-        .await?;
-    let any = !ended.is_empty();
-    for (membership_id, workspace_id, user_id, _) in ended.into_iter().filter(|e| e.3) {
-        cx.audit(
-            &workspace_id,
-            "member.removed",
-            Some(&user_id),
-            json!({ "membership_id": membership_id, "reason": reason }),
-        );
-    }
-    Ok(any)
-}
-
-// ---- members -----------------------------------------------------------------------
-
-/// Display fields of a member, with the version of their source.
-#[derive(Debug, Clone, Default, PartialEq)]
-struct Display {
-    email: Option<String>,
-    first_name: Option<String>,
-    last_name: Option<String>,
-    image_url: Option<String>,
-}
-
-impl Display {
-    fn json(&self) -> Value {
-        json!({
-            "email": self.email, "first_name": self.first_name,
-            "last_name": self.last_name, "image_url": self.image_url,
-        })
-    }
-}
-
-/// `organizationMembership.created/updated` (`deleted_at_ms` None) and
-/// `organizationMembership.deleted` (`deleted_at_ms` = envelope timestamp).
-///
-/// Three groups of fields, each decided on its own: the membership's data (role,
-/// Clerk role, `joined_at`) follows the standing membership snapshot; the display
-/// fields follow the standing source among the membership's snapshots and the
-/// user's user.updated; the end is the earliest cause known ([`earliest`]). A
-/// removed row keeps taking the snapshots that describe the membership while it
-/// existed (versions up to its end), so its fields do not depend on whether they
-/// arrived before or after the removal; it never becomes active again.
-async fn upsert_membership(
-    conn: &mut PgConnection,
-    cx: &mut Ctx<'_>,
-    m: &Membership,
-    deleted_at_ms: Option<i64>,
-    st: &Begin,
-) -> Result<bool, sqlx::Error> {
-    let ws = upsert_workspace(conn, cx, &m.organization, st.workspace()).await?;
-    let incoming = cx.incoming;
-    let this = Source::new(m.updated_at, &incoming.svix_id);
-    let ws_id = m.organization.id.as_str();
-    let user_id = m.user.user_id.as_str();
-    let role = cx.settings.role_for(&m.role).as_str();
-    // Every cause known now that ends this membership; the earliest stands.
-    let end = earliest([
-        st.m_end(),
-        deleted_at_ms.map(|at| (ts(at), "membership_deleted")),
-        ws.deleted_at.map(|at| (at, "workspace_deleted")),
-        st.u_deleted_at.map(|at| (at, "user_deleted")),
-    ]);
-    let snapshot = Display {
-        email: m.user.identifier.clone(),
-        first_name: m.user.first_name.clone(),
-        last_name: m.user.last_name.clone(),
-        image_url: m.user.image_url.clone(),
-    };
-
-    if !st.m_exists {
-        // Display fields from whichever source stands: this snapshot or the user's
-        // own record from user.updated.
-        let (display, profile) = match st.user_profile() {
-            Some((user, source)) if source.beats(this) => (user, source),
-            _ => (snapshot, this),
-        };
-        if cx.pending.deferred.active() {
-            cx.pending.deferred.insert_member(NewMember {
-                membership_id: m.id.clone(),
-                workspace_id: ws_id.to_owned(),
-                user_id: user_id.to_owned(),
-                role: role.to_owned(),
-                clerk_role: m.role.clone(),
-                email: display.email.clone(),
-                first_name: display.first_name.clone(),
-                last_name: display.last_name.clone(),
-                image_url: display.image_url.clone(),
-                source_version: m.updated_at,
-                profile_version: profile.version,
-                joined_at: ts(m.created_at),
-                removed_at: end.map(|e| e.0),
-                removal_reason: end.map(|e| e.1.to_owned()),
-                source_event: incoming.svix_id.clone(),
-                profile_event: profile.event.map(str::to_owned),
-            });
-        } else {
-            sqlx::query(
-                "insert into members (membership_id, workspace_id, user_id, role, clerk_role, \
-               email, first_name, last_name, image_url, source_version, profile_version, \
-               joined_at, removed_at, removal_reason, source_event, profile_event) \
-             values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)",
-            )
-            .bind(&m.id)
-            .bind(ws_id)
-            .bind(user_id)
-            .bind(role)
-            .bind(&m.role)
-            .bind(&display.email)
-            .bind(&display.first_name)
-            .bind(&display.last_name)
-            .bind(&display.image_url)
-            .bind(m.updated_at)
-            .bind(profile.version)
-            .bind(ts(m.created_at))
-            .bind(end.map(|e| e.0))
-            .bind(end.map(|e| e.1))
-            .bind(&incoming.svix_id)
-            .bind(profile.event)
-            .execute(&mut *conn)
-            .await?;
-        }
-        // A membership stored as already ended was never a member here: no audit.
-        if end.is_none() {
-            let mut details = json!({
-                "membership_id": m.id, "role": role, "clerk_role": m.role,
-            });
-            details["after"] = display.json();
-            cx.audit(ws_id, "member.added", Some(user_id), details);
-        }
-        return Ok(true);
-    }
-
-    // Clerk changes no membership after it ended: a snapshot newer than the end
-    // describes nothing Clerk had, and only the end may still apply.
-    let describes = end.is_none_or(|(at, _)| m.updated_at <= at.timestamp_millis());
-    let source_new =
-        describes && this.beats_stored(Source::stored(st.m_source_version, &st.m_source_event));
-    let profile_new =
-        describes && this.beats_stored(Source::stored(st.m_profile_version, &st.m_profile_event));
-    let end_new = end != st.m_end();
-    if !source_new && !profile_new && !end_new {
-        return Ok(ws.changed);
-    }
-    cx.stop_deferring(conn).await?;
-    sqlx::query(
-        "update members set \
-           role = case when $2 then $3 else role end, \
-           clerk_role = case when $2 then $4 else clerk_role end, \
-           joined_at = case when $2 then $5 else joined_at end, \
-           source_version = case when $2 then $6 else source_version end, \
-           source_event = case when $2 then $7 else source_event end, \
-           email = case when $8 then $9 else email end, \
-           first_name = case when $8 then $10 else first_name end, \
-           last_name = case when $8 then $11 else last_name end, \
-           image_url = case when $8 then $12 else image_url end, \
-           profile_version = case when $8 then $6 else profile_version end, \
-           profile_event = case when $8 then $7 else profile_event end, \
-           removed_at = $13, removal_reason = $14, updated_at = now() \
-         where membership_id = $1",
-    )
-    .bind(&m.id)
-    .bind(source_new)
-    .bind(role)
-    .bind(&m.role)
-    .bind(ts(m.created_at))
-    .bind(m.updated_at)
-    .bind(&incoming.svix_id)
-    .bind(profile_new)
-    .bind(&snapshot.email)
-    .bind(&snapshot.first_name)
-    .bind(&snapshot.last_name)
-    .bind(&snapshot.image_url)
-    .bind(end.map(|e| e.0))
-    .bind(end.map(|e| e.1))
-    .execute(&mut *conn)
-    .await?;
-    if st.m_removed_at.is_some() {
-        // Not a member before: the changes of a removed row are not audited.
-        return Ok(true);
-    }
-    if let Some((_, reason)) = end {
-        cx.audit(
-            ws_id,
-            "member.removed",
-            Some(user_id),
-            json!({ "membership_id": m.id, "reason": reason }),
-        );
-        return Ok(true);
-    }
-    let old_role = st.m_role.as_deref().unwrap_or_default();
-    let old_clerk_role = st.m_clerk_role.as_deref().unwrap_or_default();
-    if source_new && (old_role != role || old_clerk_role != m.role) {
-        cx.audit(
-            ws_id,
-            "member.role_changed",
-            Some(user_id),
-            json!({
-                "membership_id": m.id,
-                "before": { "role": old_role, "clerk_role": old_clerk_role },
-                "after": { "role": role, "clerk_role": m.role },
-            }),
-        );
-    }
-    let before = Display {
-        email: st.m_email.clone(),
-        first_name: st.m_first_name.clone(),
-        last_name: st.m_last_name.clone(),
-        image_url: st.m_image_url.clone(),
-    };
-    if profile_new && snapshot != before {
-        cx.audit(
-            ws_id,
-            "member.updated",
-            Some(user_id),
-            json!({ "membership_id": m.id, "before": before.json(), "after": snapshot.json() }),
-        );
-    }
-    Ok(true)
-}
-
-/// `organizationMembership.deleted` without a complete membership snapshot: end
-/// the membership from its ids alone, leaving every other stored field as it is.
-/// An unknown membership of a known workspace and user is stored as a tombstone
-/// holding no snapshot (versions 0, so any snapshot of it later fills its fields
-/// in), so its late `created` cannot grant the access Clerk already took away.
-async fn remove_membership(
-    conn: &mut PgConnection,
-    cx: &mut Ctx<'_>,
-    r: &Removal,
-    at_ms: i64,
-    st: &Begin,
-) -> Result<bool, sqlx::Error> {
-    let at = ts(at_ms);
-    let this = Some((at, "membership_deleted"));
-    if st.m_exists {
-        let end = earliest([st.m_end(), this]);
-        if end == st.m_end() {
-            // Ended already, as early or earlier.
-            return Ok(false);
-        }
-        let Some((removed_at, reason)) = end else {
-            return Ok(false);
-        };
-        let workspace_id: String = sqlx::query_scalar(
-            "update members set removed_at = $2, removal_reason = $3, updated_at = now() \
-             where membership_id = $1 \
-             returning workspace_id",
-        )
-        .bind(&r.id)
-        .bind(removed_at)
-        .bind(reason)
-        .fetch_one(&mut *conn)
-        .await?;
-        if st.m_removed_at.is_none() {
-            cx.audit(
-                &workspace_id,
-                "member.removed",
-                st.m_user_id.as_deref(),
-                json!({ "membership_id": r.id, "reason": reason }),
-            );
-        }
-        return Ok(true);
-    }
-    // Without the workspace row or the user id there is nothing a tombstone could
-    // hang on; the membership was never stored here, so no access to take away.
-    let (true, Some(user_id)) = (st.w_exists, r.user_id.as_deref()) else {
-        return Ok(true);
-    };
-    let Some((removed_at, reason)) = earliest([
-        this,
-        st.w_deleted_at.map(|t| (t, "workspace_deleted")),
-        st.u_deleted_at.map(|t| (t, "user_deleted")),
-    ]) else {
-        return Ok(true);
-    };
-    // The user's own record, when there is one, gives the display fields, as it
-    // would have to a membership stored from its snapshot.
-    let (display, profile) = match st.user_profile() {
-        Some((user, source)) => (user, Some(source)),
-        None => (Display::default(), None),
-    };
-    // Never a member here: no audit row, like a full removal of an unknown membership.
-    sqlx::query(
-        "insert into members (membership_id, workspace_id, user_id, role, clerk_role, \
-           email, first_name, last_name, image_url, source_version, profile_version, \
-           profile_event, joined_at, removed_at, removal_reason) \
-         values ($1, $2, $3, 'member', '', $4, $5, $6, $7, 0, $8, $9, $10, $11, $12) \
-         on conflict (membership_id) do nothing",
-    )
-    .bind(&r.id)
-    .bind(&r.organization_id)
-    .bind(user_id)
-    .bind(&display.email)
-    .bind(&display.first_name)
-    .bind(&display.last_name)
-    .bind(&display.image_url)
-    .bind(profile.map_or(0, |p| p.version))
-    .bind(profile.and_then(|p| p.event))
-    .bind(at)
-    .bind(removed_at)
-    .bind(reason)
-    .execute(&mut *conn)
-    .await?;
-    Ok(true)
-}
-
-// ---- users -------------------------------------------------------------------------
-
-/// `user.updated`: keep the standing user snapshot and refresh the display fields
-/// of every membership of the user, removed ones included, whose fields come from a
-/// source it beats (removed rows too, so their fields do not depend on whether the
-/// update arrived before or after the removal).
-async fn update_user(
-    conn: &mut PgConnection,
-    cx: &mut Ctx<'_>,
-    u: &User,
-    st: &Begin,
-) -> Result<bool, sqlx::Error> {
-    let incoming = cx.incoming;
-    let this = Source::new(u.updated_at, &incoming.svix_id);
-    if !this.beats_stored(Source::stored(st.u_source_version, &st.u_source_event)) {
-        // Every member row already carries a source at least as strong.
-        return Ok(false);
-    }
-    sqlx::query(
-        "insert into users (id, email, first_name, last_name, image_url, source_version, \
-           source_event) \
-         values ($1, $2, $3, $4, $5, $6, $7) \
-         on conflict (id) do update set email = excluded.email, \
-           first_name = excluded.first_name, last_name = excluded.last_name, \
-           image_url = excluded.image_url, source_version = excluded.source_version, \
-           source_event = excluded.source_event, updated_at = now()",
-    )
-    .bind(&u.id)
-    .bind(&u.email)
-    .bind(&u.first_name)
-    .bind(&u.last_name)
-    .bind(&u.image_url)
-    .bind(u.updated_at)
-    .bind(&incoming.svix_id)
-    .execute(&mut *conn)
-    .await?;
-    #[derive(sqlx::FromRow)]
-    struct Row {
-        membership_id: String,
-        workspace_id: String,
-        active: bool,
-        email: Option<String>,
-        first_name: Option<String>,
-        last_name: Option<String>,
-        image_url: Option<String>,
-        profile_version: i64,
-        profile_event: Option<String>,
-    }
-    // The user's rows are written only under the user's lock, which this event holds.
-    let rows: Vec<Row> = sqlx::query_as(
-        "select membership_id, workspace_id, removed_at is null as active, email, first_name, \
-           last_name, image_url, profile_version, profile_event \
-         from members where user_id = $1",
-    )
-    .bind(&u.id)
-    .fetch_all(&mut *conn)
-    .await?;
-    let after = Display {
-        email: u.email.clone(),
-        first_name: u.first_name.clone(),
-        last_name: u.last_name.clone(),
-        image_url: u.image_url.clone(),
-    };
-    let mut refreshed = Vec::new();
-    for row in rows {
-        let stored = Source {
-            version: row.profile_version,
-            event: row.profile_event.as_deref(),
-        };
-        if !this.beats(stored) {
-            continue;
-        }
-        let before = Display {
-            email: row.email,
-            first_name: row.first_name,
-            last_name: row.last_name,
-            image_url: row.image_url,
-        };
-        if row.active && before != after {
-            cx.audit(
-                &row.workspace_id,
-                "member.updated",
-                Some(&u.id),
-                json!({ "membership_id": row.membership_id, "before": before.json(), "after": after.json() }),
-            );
-        }
-        refreshed.push(row.membership_id);
-    }
-    if !refreshed.is_empty() {
-        sqlx::query(
-            "update members set email = $2, first_name = $3, last_name = $4, image_url = $5, \
-               profile_version = $6, profile_event = $7, updated_at = now() \
-             where membership_id = any($1)",
-        )
-        .bind(&refreshed)
-        .bind(&u.email)
-        .bind(&u.first_name)
-        .bind(&u.last_name)
-        .bind(&u.image_url)
-        .bind(u.updated_at)
-        .bind(&incoming.svix_id)
-        .execute(&mut *conn)
-        .await?;
-    }
-    Ok(true)
-}
-
-/// `user.deleted`: tombstone the user (the earliest deletion time kept, whatever
-/// the order the deletes arrive in) and end every membership of theirs.
-async fn delete_user(
-    conn: &mut PgConnection,
-    cx: &mut Ctx<'_>,
-    id: &str,
-    at_ms: i64,
-) -> Result<bool, sqlx::Error> {
-    let at = ts(at_ms);
-    let tombstoned: Option<i32> = sqlx::query_scalar(
-        "insert into users (id, deleted_at) values ($1, $2) \
-         on conflict (id) do update set deleted_at = excluded.deleted_at, updated_at = now() \
-         where users.deleted_at is null or users.deleted_at > excluded.deleted_at \
-         returning 1",
-    )
-    .bind(id)
-    .bind(at)
-    .fetch_optional(&mut *conn)
-    .await?;
-    let ended = end_memberships(conn, cx, Ending::User(id), at).await?;
-    Ok(tombstoned.is_some() || ended)
 }
 
 /// Sets a workspace's quotas to its plan's configured limits (after the limits of

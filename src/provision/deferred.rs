@@ -18,6 +18,7 @@ use sqlx::PgConnection;
 
 use super::Plans;
 use super::apply::{Begin, WorkspaceRow};
+use super::display::Display;
 use crate::config::ProvisioningSettings;
 
 /// One processing-log claim: the event's row, as the one-by-one `begin` writes it.
@@ -56,6 +57,30 @@ pub(super) struct NewMember {
     pub removal_reason: Option<String>,
     pub source_event: String,
     pub profile_event: Option<String>,
+    /// The display fields of the membership snapshot itself.
+    pub snapshot: Display,
+}
+
+/// A real removal of a membership to record (`membership_removals`).
+#[derive(Debug, Clone)]
+pub(super) struct NewRemoval {
+    pub membership_id: String,
+    pub workspace_id: String,
+    pub user_id: Option<String>,
+    pub removed_at: DateTime<Utc>,
+}
+
+impl NewRemoval {
+    /// Merges another removal of the same membership as the table does: the
+    /// earliest time, the smaller ids (a fixed rule, whatever the order).
+    fn merge(&mut self, other: NewRemoval) {
+        self.removed_at = self.removed_at.min(other.removed_at);
+        self.workspace_id = self.workspace_id.clone().min(other.workspace_id);
+        self.user_id = match (self.user_id.take(), other.user_id) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+    }
 }
 
 /// The writes a batch defers, and whether it still defers.
@@ -69,6 +94,9 @@ pub(super) struct Deferred {
     workspace_index: HashMap<String, usize>,
     members: Vec<NewMember>,
     member_index: HashMap<String, usize>,
+    /// Removal records, one per membership (merged).
+    removals: Vec<NewRemoval>,
+    removal_index: HashMap<String, usize>,
 }
 
 impl Deferred {
@@ -158,6 +186,18 @@ impl Deferred {
         self.members.push(member);
     }
 
+    /// Defers a removal record, merged with any waiting for the same membership.
+    pub(super) fn record_removal(&mut self, removal: NewRemoval) {
+        match self.removal_index.get(&removal.membership_id) {
+            Some(&i) => self.removals[i].merge(removal),
+            None => {
+                self.removal_index
+                    .insert(removal.membership_id.clone(), self.removals.len());
+                self.removals.push(removal);
+            }
+        }
+    }
+
     /// The prefetched state of an event with the rows waiting here laid over it.
     pub(super) fn overlay(
         &self,
@@ -176,6 +216,12 @@ impl Deferred {
             .map(|&i| &self.members[i])
         {
             b.set_member(m);
+        }
+        if let Some(r) = membership
+            .and_then(|id| self.removal_index.get(id))
+            .map(|&i| &self.removals[i])
+        {
+            b.r_removed_at = Some(b.r_removed_at.map_or(r.removed_at, |t| t.min(r.removed_at)));
         }
         b
     }
@@ -204,7 +250,11 @@ impl Deferred {
         settings: &ProvisioningSettings,
         plans: &Plans,
     ) -> Result<(), sqlx::Error> {
-        if self.claims.is_empty() && self.workspaces.is_empty() && self.members.is_empty() {
+        if self.claims.is_empty()
+            && self.workspaces.is_empty()
+            && self.members.is_empty()
+            && self.removals.is_empty()
+        {
             return Ok(());
         }
         let c = &self.claims;
@@ -238,6 +288,7 @@ impl Deferred {
             }
         }
         let m = &self.members;
+        let r = &self.removals;
         sqlx::query(
             "with e as ( \
                insert into events (svix_id, type, workspace_id, status, received_at, processed_at) \
@@ -265,11 +316,12 @@ impl Deferred {
              m as ( \
                insert into members (membership_id, workspace_id, user_id, role, clerk_role, \
                  email, first_name, last_name, image_url, source_version, profile_version, \
-                 joined_at, removed_at, removal_reason, source_event, profile_event) \
+                 joined_at, removed_at, removal_reason, source_event, profile_event, \
+                 snapshot_email, snapshot_first_name, snapshot_last_name, snapshot_image_url) \
                select * from unnest($28::text[], $29::text[], $30::text[], $31::text[], \
                  $32::text[], $33::text[], $34::text[], $35::text[], $36::text[], $37::int8[], \
                  $38::int8[], $39::timestamptz[], $40::timestamptz[], $41::text[], $42::text[], \
-                 $43::text[])), \
+                 $43::text[], $60::text[], $61::text[], $62::text[], $63::text[])), \
              u as ( \
                update workspaces w set name = u.name, slug = u.slug, image_url = u.image_url, \
                  created_by = u.created_by, max_allowed_memberships = u.max_allowed_memberships, \
@@ -281,7 +333,16 @@ impl Deferred {
                  $54::text[], $55::text[]) \
                  as u(id, name, slug, image_url, created_by, max_allowed_memberships, plan, \
                    source_version, clerk_created_at, plan_version, source_event, plan_event) \
-               where w.id = u.id) \
+               where w.id = u.id), \
+             r as ( \
+               insert into membership_removals (membership_id, workspace_id, user_id, removed_at) \
+               select * from unnest($56::text[], $57::text[], $58::text[], $59::timestamptz[]) \
+               on conflict (membership_id) do update set \
+                 removed_at = least(membership_removals.removed_at, excluded.removed_at), \
+                 workspace_id = least(membership_removals.workspace_id collate \"C\", \
+                   excluded.workspace_id collate \"C\"), \
+                 user_id = least(membership_removals.user_id collate \"C\", \
+                   excluded.user_id collate \"C\")) \
              select 1",
         )
         .bind(c.iter().map(|c| c.svix_id.as_str()).collect::<Vec<_>>())
@@ -423,9 +484,43 @@ impl Deferred {
                 .map(|(_, r)| r.plan_event.as_deref())
                 .collect::<Vec<_>>(),
         )
+        .bind(
+            r.iter()
+                .map(|r| r.membership_id.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            r.iter()
+                .map(|r| r.workspace_id.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(r.iter().map(|r| r.user_id.as_deref()).collect::<Vec<_>>())
+        .bind(r.iter().map(|r| r.removed_at).collect::<Vec<_>>())
+        .bind(
+            m.iter()
+                .map(|m| m.snapshot.email.as_deref())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            m.iter()
+                .map(|m| m.snapshot.first_name.as_deref())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            m.iter()
+                .map(|m| m.snapshot.last_name.as_deref())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            m.iter()
+                .map(|m| m.snapshot.image_url.as_deref())
+                .collect::<Vec<_>>(),
+        )
         .execute(&mut *conn)
         .await?;
         self.claims.clear();
+        self.removals.clear();
+        self.removal_index.clear();
         self.workspaces.clear();
         self.workspace_index.clear();
         self.members.clear();
@@ -465,6 +560,8 @@ pub(super) async fn prefetch(
          left join lateral (select * from members where membership_id = t.mem offset 0) m \
            on true \
          left join lateral (select * from users where id = t.usr offset 0) u on true \
+         left join lateral (select * from membership_removals where membership_id = t.mem \
+           offset 0) r on true \
          order by t.n"
     ))
     .bind(svix)

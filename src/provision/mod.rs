@@ -14,14 +14,22 @@
 //! Concurrency: before reading anything, a transaction takes transaction-scoped
 //! advisory locks on the workspaces and users its events touch, in one global order
 //! (workspaces, then users, each by id), so concurrent workers never interleave on
-//! an entity and never deadlock on these locks. A batch takes the union of its
+//! an entity and never deadlock on these locks. A membership row belongs to a
+//! workspace and a user; an event that writes rows holding only one of the two
+//! locks (a workspace's deletion, a removal naming no user, `user.updated`,
+//! `user.deleted`) locks those rows first, in membership id order, and decides on
+//! them as they are then. A batch takes the union of its
 //! events' locks up front and applies its events in order in one transaction; if
 //! any statement fails, the whole batch rolls back and its events are applied one
 //! per transaction.
 
 mod apply;
 mod deferred;
+mod display;
+mod inferred;
+mod members;
 pub mod payload;
+mod users;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

@@ -224,7 +224,14 @@ pub async fn rows(db: &PgPool, prefix: &str) -> BTreeMap<String, String> {
          select 'members/' || membership_id, (to_jsonb(t) - 'created_at' - 'updated_at')::text \
            from members t where workspace_id like $1 \
          union all \
-         select 'users/' || id, (to_jsonb(t) - 'updated_at')::text from users t where id like $1",
+         select 'users/' || id, (to_jsonb(t) - 'updated_at')::text from users t where id like $1 \
+         union all \
+         select 'membership_removals/' || membership_id, to_jsonb(t)::text \
+           from membership_removals t where membership_id like $1 \
+         union all \
+         select 'user_profiles/' || user_id || '/' || version || '/' || svix_id, \
+                to_jsonb(t)::text \
+           from user_profiles t where user_id like $1",
     )
     .bind(&like)
     .fetch_all(db)

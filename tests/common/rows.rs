@@ -155,7 +155,7 @@ pub async fn audit_count(db: &PgPool) -> i64 {
 }
 
 /// Every provisioned row of the database (workspaces, quotas, onboarding steps,
-/// members, users), keyed by table and primary key, as JSON of all its columns but
+/// members, users, removal records, kept user snapshots), keyed by table and primary key, as JSON of all its columns but
 /// the times this service wrote the row (`created_at`, `updated_at`): what must be
 /// equal after any two deliveries of one history.
 #[allow(dead_code)]
@@ -172,7 +172,13 @@ pub async fn state_rows(db: &PgPool) -> std::collections::BTreeMap<String, serde
          select 'members/' || membership_id, to_jsonb(t) - 'created_at' - 'updated_at' \
            from members t \
          union all \
-         select 'users/' || id, to_jsonb(t) - 'updated_at' from users t",
+         select 'users/' || id, to_jsonb(t) - 'updated_at' from users t \
+         union all \
+         select 'membership_removals/' || membership_id, to_jsonb(t) \
+           from membership_removals t \
+         union all \
+         select 'user_profiles/' || user_id || '/' || version || '/' || svix_id, to_jsonb(t) \
+           from user_profiles t",
     )
     .fetch_all(db)
     .await
