@@ -33,6 +33,18 @@ fn membership_created(org: &str, user: &str) -> Vec<u8> {
     envelope("organizationMembership.created", data, now_secs() * 1000)
 }
 
+/// `organizationMembership.created` whose embedded organization is a newer snapshot
+/// (`name` at `version`), so applying it writes the workspace row.
+fn membership_created_renaming(org: &str, user: &str, name: &str, version: i64) -> Vec<u8> {
+    let mut data = fixture("organizationMembership.created")["data"].clone();
+    data["id"] = json!(format!("orgmem_{user}"));
+    data["organization"]["id"] = json!(org);
+    data["organization"]["name"] = json!(name);
+    data["organization"]["updated_at"] = json!(version);
+    data["public_user_data"]["user_id"] = json!(user);
+    envelope("organizationMembership.created", data, now_secs() * 1000)
+}
+
 /// A connection to the server's `postgres` database, for `ALTER DATABASE`.
 async fn admin() -> sqlx::PgConnection {
     sqlx::PgConnection::connect(&format!("{}/postgres", base_database_url()))
@@ -267,7 +279,15 @@ async fn row_locked_past_lock_timeout_holds_events_and_dead_letters_none() {
                 version + 10 + i,
             )
         } else {
-            membership_created(&locked, &format!("user_{run}_{i}"))
+            // A membership of a known workspace writes the workspace row only when
+            // its embedded organization is newer (members have no foreign key to
+            // workspaces, so inserting one takes no lock on the row).
+            membership_created_renaming(
+                &locked,
+                &format!("user_{run}_{i}"),
+                &format!("Renamed {i}"),
+                version + 10 + i,
+            )
         };
         let res = app.post_signed(&format!("msg_{run}_{i}"), &body).await;
         assert_eq!(res.status(), 200);
@@ -323,7 +343,7 @@ async fn row_locked_past_lock_timeout_holds_events_and_dead_letters_none() {
         .fetch_one(&direct)
         .await
         .unwrap();
-    assert_eq!(name, "Renamed 8", "the newest update won");
+    assert_eq!(name, "Renamed 9", "the newest snapshot won");
     app.stop().await.unwrap();
 }
 
