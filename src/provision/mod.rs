@@ -24,12 +24,7 @@
 //! per transaction.
 
 mod apply;
-mod deferred;
-mod display;
-mod inferred;
-mod members;
 pub mod payload;
-mod users;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -104,7 +99,13 @@ impl Incoming {
 /// An event ready to apply: the message and its decoded body, both borrowed, so
 /// a caller that tries again (the worker holding events through an outage) never
 /// copies either.
-pub type Ready<'a> = (&'a Incoming, &'a Decoded);
+#[derive(Debug, Clone, Copy)]
+pub struct ReadyEvent<'a> {
+    /// The message.
+    pub incoming: &'a Incoming,
+    /// Its body, decoded from [`Incoming::body`] (or built by the caller).
+    pub decoded: &'a Decoded,
+}
 
 /// What applying an event did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -201,10 +202,15 @@ impl Provisioner {
     ) -> Vec<Result<Outcome, ProcessError>> {
         let decoded: Vec<Result<Decoded, Undecodable>> =
             events.iter().map(Incoming::decode).collect();
-        let ready: Vec<Ready<'_>> = events
+        let ready: Vec<ReadyEvent<'_>> = events
             .iter()
             .zip(&decoded)
-            .filter_map(|(event, d)| Some((event, d.as_ref().ok()?)))
+            .filter_map(|(incoming, d)| {
+                Some(ReadyEvent {
+                    incoming,
+                    decoded: d.as_ref().ok()?,
+                })
+            })
             .collect();
         let mut applied = self.apply_decoded(pool, &ready).await.into_iter();
         decoded
@@ -221,11 +227,11 @@ impl Provisioner {
     pub async fn apply_decoded(
         &self,
         pool: &PgPool,
-        events: &[Ready<'_>],
+        events: &[ReadyEvent<'_>],
     ) -> Vec<Result<Outcome, ProcessError>> {
         if events.len() > 1 {
             // The union of the events' locks, taken upfront in the global order.
-            let mut keys: Vec<String> = events.iter().flat_map(|(_, d)| lock_keys(d)).collect();
+            let mut keys: Vec<String> = events.iter().flat_map(|e| lock_keys(e.decoded)).collect();
             apply::order_keys(&mut keys);
             match self.run_tx(pool, &keys, events).await {
                 Ok(outcomes) => return outcomes.into_iter().map(Ok).collect(),
@@ -272,8 +278,12 @@ impl Provisioner {
 
     /// Applies one event in its own transaction, retrying deadlocks and
     /// serialization failures a few times.
-    async fn apply_one(&self, pool: &PgPool, event: Ready<'_>) -> Result<Outcome, sqlx::Error> {
-        let mut keys = lock_keys(event.1);
+    async fn apply_one(
+        &self,
+        pool: &PgPool,
+        event: ReadyEvent<'_>,
+    ) -> Result<Outcome, sqlx::Error> {
+        let mut keys = lock_keys(event.decoded);
         apply::order_keys(&mut keys);
         let mut attempt = 0;
         loop {
@@ -282,9 +292,9 @@ impl Provisioner {
                 Ok(mut outcomes) => return Ok(outcomes.remove(0)),
                 Err(e) if db::is_transient(&e) && attempt < CONFLICT_RETRIES => {
                     tracing::debug!(
-                        svix.id = %event.0.svix_id,
-                        event.type = %event.0.kind_str(),
-                        workspace.id = event.1.workspace_id(),
+                        svix.id = %event.incoming.svix_id,
+                        event.type = %event.incoming.kind_str(),
+                        workspace.id = event.decoded.workspace_id(),
                         error = %e,
                         "retrying event after a conflict"
                     );
@@ -303,51 +313,17 @@ impl Provisioner {
         &self,
         pool: &PgPool,
         keys: &[String],
-        events: &[Ready<'_>],
+        events: &[ReadyEvent<'_>],
     ) -> Result<Vec<Outcome>, sqlx::Error> {
         let mut tx = pool.begin().await?;
-        let mut outcomes = Vec::with_capacity(events.len());
-        let work = async {
-            apply::lock(&mut tx, keys).await?;
-            let mut pending = apply::Pending::default();
-            // A batch reads the state of all its events in one statement and defers
-            // their claims and inserts to one more (see `deferred`); a single event
-            // claims and reads in one statement and writes at once.
-            let mut prefetched = if events.len() > 1 {
-                let keys: Vec<_> = events
-                    .iter()
-                    .map(|(incoming, decoded)| {
-                        (incoming.svix_id.as_str(), apply::state_keys(decoded).1)
-                    })
-                    .collect();
-                pending.defer();
-                deferred::prefetch(&mut tx, &keys).await?
-            } else {
-                Vec::new()
+        let applied = apply::apply_events(&mut tx, &self.settings, &self.plans, keys, events).await;
+        let outcomes = match applied {
+            Ok(outcomes) => outcomes,
+            Err(e) => {
+                let _ = tx.rollback().await;
+                return Err(e);
             }
-            .into_iter();
-            // No savepoints: any failed statement rolls the whole batch back and
-            // its events are applied one per transaction, so a savepoint per event
-            // would only cost a round trip and a subtransaction each.
-            for (incoming, decoded) in events {
-                let outcome = apply::apply_event(
-                    &mut tx,
-                    &self.settings,
-                    &self.plans,
-                    incoming,
-                    decoded,
-                    prefetched.next(),
-                    &mut pending,
-                )
-                .await?;
-                outcomes.push(outcome);
-            }
-            pending.flush(&mut tx, &self.settings, &self.plans).await
         };
-        if let Err(e) = work.await {
-            let _ = tx.rollback().await;
-            return Err(e);
-        }
         tx.commit().await?;
         Ok(outcomes)
     }

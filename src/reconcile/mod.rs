@@ -35,7 +35,7 @@ use sqlx::postgres::Postgres;
 use crate::clerk::EventType;
 use crate::clerk::api::{ClerkApi, ClerkError, Memberships, PAGE_LIMIT, Page};
 use crate::provision::payload::{self, Decoded, Event, Membership, Organization};
-use crate::provision::{Actor, Incoming, Outcome, ProcessError, Provisioner};
+use crate::provision::{Actor, Incoming, Outcome, ProcessError, Provisioner, ReadyEvent};
 
 mod just_in_time;
 mod proof;
@@ -987,7 +987,10 @@ impl Reconciler {
     async fn apply_events(&self, events: Vec<Prepared>) -> Result<u64, ReconcileError> {
         let mut applied = 0;
         for chunk in events.chunks(APPLY_BATCH) {
-            let ready: Vec<(&Incoming, &Decoded)> = chunk.iter().map(|(i, d)| (i, d)).collect();
+            let ready: Vec<ReadyEvent<'_>> = chunk
+                .iter()
+                .map(|(incoming, decoded)| ReadyEvent { incoming, decoded })
+                .collect();
             let outcomes = self.provisioner.apply_decoded(&self.pool, &ready).await;
             for ((event, _), result) in chunk.iter().zip(outcomes) {
                 match result {
