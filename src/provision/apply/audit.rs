@@ -10,8 +10,9 @@ use serde_json::Value;
 use sqlx::PgConnection;
 
 use super::deferred::Deferred;
+use super::plans::Plans;
 use crate::config::ProvisioningSettings;
-use crate::provision::{Incoming, Plans};
+use crate::provision::event::Incoming;
 
 /// One audit row waiting to be written with its event.
 struct Audit {

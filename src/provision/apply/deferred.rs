@@ -18,9 +18,9 @@ use chrono::{DateTime, Utc};
 use sqlx::PgConnection;
 
 use super::display::Display;
+use super::plans::Plans;
 use super::state::{Begin, WorkspaceRow};
 use crate::config::ProvisioningSettings;
-use crate::provision::Plans;
 
 /// One processing-log claim: the event's row, as the one-by-one `begin` writes it.
 struct Claim {

@@ -29,6 +29,7 @@ mod display;
 mod inferred;
 mod locks;
 mod membership;
+mod plans;
 mod rules;
 mod state;
 mod user;
@@ -42,12 +43,13 @@ use self::membership::{remove_membership, upsert_membership};
 use self::state::{Begin, begin, state_keys};
 use self::user::{delete_user, update_user};
 use self::workspace::{delete_workspace, upsert_workspace};
+use super::event::{Actor, Outcome, ReadyEvent};
 use super::payload::{Event, Membership, Removal};
-use super::{Actor, Outcome, Plans, ReadyEvent};
 use crate::config::ProvisioningSettings;
 
 pub use self::locks::lock_keys;
 pub(super) use self::locks::order_keys;
+pub(super) use self::plans::Plans;
 pub(super) use self::workspace::refresh_quotas;
 
 /// Applies `events` in order on `conn`, a transaction the caller commits: takes the

@@ -13,7 +13,7 @@ use sqlx::PgConnection;
 
 use super::display::{Display, Profile};
 use super::rules::{End, inferred};
-use crate::provision::Incoming;
+use crate::provision::event::Incoming;
 use crate::provision::payload::{Decoded, Event};
 
 /// The keys an event's state is read by: its workspace, membership and user.

@@ -14,9 +14,9 @@ use super::audit::Ctx;
 use super::inferred::restore_workspace;
 use super::locks::{lock, ws_key};
 use super::membership::{Ending, end_memberships};
+use super::plans::Plans;
 use super::rules::{Source, ts};
 use super::state::{WorkspaceRow, WorkspaceState};
-use crate::provision::Plans;
 use crate::provision::payload::Organization;
 
 /// Inserts a new workspace with its quotas and onboarding steps, in one statement;
