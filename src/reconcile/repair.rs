@@ -110,6 +110,8 @@ pub(super) fn synthetic(kind: &str, id_part: &str, data: &Value, timestamp_ms: i
 /// `body` stays empty: [`Provisioner::apply_decoded`] applies the decoding and the
 /// processing log keeps no bodies, so serializing a page's objects again would
 /// be work nobody reads.
+///
+/// [`Provisioner::apply_decoded`]: crate::provision::Provisioner::apply_decoded
 pub(super) struct Repair {
     /// The synthetic message (its `body` empty unless it was decoded from one).
     pub(super) incoming: Incoming,

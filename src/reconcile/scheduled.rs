@@ -5,8 +5,8 @@
 //! is skipped, never run twice at once; a failed run is logged and tried again at
 //! the next interval, and every tick records its result.
 
-use super::report::DriftKind;
-use super::{ReconcileError, Reconciler, Report, RunOptions, Silent};
+use super::report::{DriftKind, Report};
+use super::{ReconcileError, Reconciler, RunOptions, Silent};
 
 /// Metric: scheduled runs by `result` (`ok`, `refused`, `failed`, `skipped` when
 /// another process held the run).

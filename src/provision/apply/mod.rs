@@ -3,15 +3,15 @@
 //!
 //! Guarantee: run under the event's advisory locks (see [`lock_keys`]), an event
 //! writes its processing-log row and its effect on the caller's transaction, and
-//! leaves its audit rows and final status in [`audit::Pending`], which the caller flushes
-//! into the same transaction before committing: all commit or roll back together.
+//! leaves its audit rows and final status in [`audit::Pending`], which is flushed
+//! into the same transaction before it commits: all commit or roll back together.
 //!
 //! Every stored field is a function of the set of events applied, not of their
 //! order or repetition (docs/schema.md, "Versions and tombstones"):
 //! - each group of fields that follows a snapshot (a workspace's data, its plan, a
 //!   member's role, a member's display fields, a user) keeps the snapshot that
-//!   [`rules::Source::beats`] every other: the newest version (`data.updated_at`), and on
-//!   equal versions the smaller svix id;
+//!   [`rules::Source::beats`] every other: the newest version (`data.updated_at`),
+//!   and on equal versions the smaller svix id;
 //! - deletions keep the earliest time; a membership's end keeps the earliest cause,
 //!   and on equal times the reason first in byte order ([`rules::earliest`]);
 //! - tombstones are final: a deleted workspace or removed membership never becomes
@@ -20,8 +20,9 @@
 //! This module is the dispatcher: it reads an event's state and hands the event to
 //! the part that decides on its rows. Below it, each part has one home: the rules
 //! ([`rules`]), the lock order ([`locks`]), the state read ([`state`]), the audit
-//! buffer ([`audit`]), a batch's deferred writes ([`deferred`]), and workspaces,
-//! memberships (with their display fields and inferred removals) and users.
+//! buffer ([`audit`]), a batch's deferred writes ([`deferred`]), workspaces,
+//! memberships and their display fields, users, and the removals reconcile
+//! infers ([`inferred`]).
 
 mod audit;
 mod deferred;
