@@ -182,7 +182,7 @@ fn svix_id(headers: &HeaderMap) -> String {
 }
 
 /// Webhooks by what intake did with them (`outcome`, one of [`OUTCOMES`]).
-pub const RECEIVED_TOTAL: &str = "webhooks_received_total";
+pub use crate::telemetry::series::RECEIVED_TOTAL;
 /// Intake's publish to the broker's confirm or failure.
 pub const PUBLISH_SECONDS: &str = "webhook_publish_seconds";
 /// Intake publishes without a positive confirm, by `reason`.

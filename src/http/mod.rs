@@ -7,10 +7,10 @@
 //! it exactly as production serves it.
 
 pub mod api;
+pub mod console;
 pub mod error;
 pub mod health;
 pub mod intake;
-pub mod ops;
 pub mod server;
 
 use std::sync::{Arc, PoisonError, RwLock};
@@ -147,7 +147,7 @@ pub fn app(state: AppState) -> Router {
         .merge(intake::router(&state.settings.http))
         .merge(health::router())
         .merge(api::router())
-        .merge(ops::router())
+        .merge(console::router())
         .layer(axum::middleware::from_fn(
             move |request: axum::extract::Request, next: axum::middleware::Next| {
                 server::body_deadline(body_timeout, request, next)

@@ -27,7 +27,7 @@ use subtle::{ConditionallySelectable, ConstantTimeEq};
 
 use crate::config::{Environment, OpsSettings, Secret};
 use crate::http::AppState;
-use crate::http::ops::view;
+use crate::http::console::view;
 
 /// The session cookie's name.
 pub const COOKIE: &str = "ops_session";
