@@ -15,6 +15,7 @@ pub mod domain;
 pub mod http;
 pub mod intake;
 pub mod ops;
+pub mod progress;
 pub mod provision;
 pub mod reconcile;
 pub mod startup;
