@@ -11,6 +11,7 @@ pub mod clerk;
 pub mod cli;
 pub mod config;
 pub mod db;
+pub mod dead_letters;
 pub mod domain;
 pub mod http;
 pub mod intake;

@@ -2,7 +2,7 @@
 //! one, replay the filtered set ([`bulk`]), purge one.
 //!
 //! Guarantees:
-//! - Every read and change goes through `ops::dlq` — the same sessions on the
+//! - Every read and change goes through `dead_letters` — the same sessions on the
 //!   dead-letter queue as `provisioner dlq`: a view changes no letter and keeps no
 //!   body but the one shown; a page reads the queue only down to the rows it shows
 //!   (or every letter, summaries only, when a filter needs them).
@@ -33,12 +33,13 @@ use super::Fields;
 use super::audit::{self, Action, Actor};
 use super::session::{Flash, Operator};
 use super::view::{self, Nav};
-use crate::http::AppState;
-use crate::http::api::page::parse_limit;
-use crate::ops::dlq::{
-    self, DEFAULT_LOCK_WAIT, DeadLetter, DlqError, PageRequest, ReplayOptions, ReplayReport,
+use crate::dead_letters::{
+    self as dlq, DEFAULT_LOCK_WAIT, DeadLetter, DlqError, PageRequest, ReplayOptions, ReplayReport,
     Selection,
 };
+use crate::http::AppState;
+use crate::http::api::page::parse_limit;
+use crate::progress::Silent;
 
 /// The error classes the worker and RabbitMQ give (DESIGN §4).
 const CLASSES: [&str; 3] = ["payload", "retries-exhausted", "delivery-limit"];
@@ -543,7 +544,7 @@ pub async fn replay_one(
             by: Some(op.label.clone()),
             ..ReplayOptions::new(Selection::Ids(vec![one.clone()]))
         };
-        let flash = match dlq::replay(&st.settings, &opts).await {
+        let flash = match dlq::replay(&st.settings, &opts, &Silent).await {
             Ok(report) => audit_replay(&st, &op, &report, None).await,
             Err(e) => not_done("replayed", &one, &op, e),
         };

@@ -69,11 +69,12 @@ use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
 };
 use lapin::types::FieldTable;
-use lapin::{Channel, Connection, Consumer, ErrorKind};
+use lapin::{Channel, Connection, Consumer};
 use tokio::time::Instant;
 
 use super::DlqError;
 use super::letter::DeadLetter;
+use super::lock::{self, LockError, reply_code};
 use crate::broker;
 use crate::broker::headers::DELIVERY_COUNT;
 use crate::config::Settings;
@@ -157,13 +158,6 @@ pub struct Closed {
     pub arrived: usize,
 }
 
-pub(super) fn reply_code(e: &lapin::Error) -> Option<u16> {
-    match e.kind() {
-        ErrorKind::ProtocolError(amqp) => Some(amqp.get_id()),
-        _ => None,
-    }
-}
-
 impl DeadQueue {
     /// Connects, takes the lock (waiting up to `lock_wait`) and counts the dead
     /// letters present now; reads none yet.
@@ -217,11 +211,11 @@ impl DeadQueue {
     }
 
     async fn start(&mut self, lock_wait: Duration) -> Result<(), DlqError> {
-        let lock = super::lock::take(&self.connection, &self.queue, lock_wait)
+        let lock = lock::take(&self.connection, &self.queue, lock_wait)
             .await
             .map_err(|e| match e {
-                super::lock::LockError::Broker(e) => self.broker(e),
-                super::lock::LockError::Busy => DlqError::Busy {
+                LockError::Broker(e) => self.broker(e),
+                LockError::Busy => DlqError::Busy {
                     queue: self.queue.clone(),
                     waited: lock_wait,
                 },
