@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use common::worker::{count, wait_depth, wait_status};
 use common::*;
+use provisioner::cli::send::{self, Scenario, SendArgs};
 use provisioner::dead_letters::{self as dlq, ReplayOptions, Selection};
-use provisioner::ops::send::{self, Scenario, SendArgs};
 use provisioner::progress::Silent;
 use serde_json::json;
 

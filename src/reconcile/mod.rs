@@ -1299,7 +1299,7 @@ pub fn spawn_scheduled(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ops::send::payload as make;
+    use crate::clerk::sample as make;
 
     fn repair(workspace: &str, n: usize) -> Prepared {
         let org = make::organization(workspace, "Org", "user_creator", 1, 1, 1);

@@ -10,8 +10,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use clap::Args;
+use provisioner::clerk::sample::{Person, membership, organization};
 use provisioner::config::Settings;
-use provisioner::ops::send::payload::{Person, membership, organization};
 use serde::Deserialize;
 use serde_json::{Value, json};
 

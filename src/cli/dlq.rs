@@ -11,11 +11,11 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 use serde_json::Value;
 
+use super::{fmt_time, render_table};
 use crate::config::Settings;
 use crate::dead_letters::{
     DEFAULT_LOCK_WAIT, DeadLetter, ReplayOptions, Selection, list, purge, replay, show, view,
 };
-use crate::ops::{fmt_time, render_table};
 use crate::progress::Progress;
 
 /// `dlq` subcommands.
