@@ -80,8 +80,8 @@ struct RequestSeries {
 
 /// The series each (method, route, status) records into, looked up in the
 /// recorder once each: building a metric key and finding it in the recorder's
-/// registry on every request cost about 10 µs of the read API's 80 (`bench/run_api.sh`,
-/// issue 12). The labels are bounded (see [`route_label`] and [`method_label`];
+/// registry on every request was a measurable share of a read (`bench/run_api.sh`;
+/// figures in docs/benchmarks.md, issue 12). The labels are bounded (see [`route_label`] and [`method_label`];
 /// statuses are three digits), so the list is as short as the set of answers the
 /// routes give, and each entry is leaked once. The recorder never drops a series
 /// (no idle timeout is configured in `telemetry`), so a handle stays live.

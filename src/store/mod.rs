@@ -81,7 +81,7 @@ fn access_of((status, role): (String, Option<String>)) -> Result<Access, StoreEr
 }
 
 #[derive(sqlx::FromRow)]
-struct WorkspaceRow {
+struct WorkspaceReadRow {
     id: String,
     name: Option<String>,
     slug: Option<String>,
@@ -111,7 +111,7 @@ pub async fn workspace(
     workspace_id: &str,
     acting_user: Option<&str>,
 ) -> Result<Option<(Workspace, Access)>, StoreError> {
-    let row: Option<WorkspaceRow> = sqlx::query_as(concat!(
+    let row: Option<WorkspaceReadRow> = sqlx::query_as(concat!(
         "select w.id, w.name, w.slug, w.status, w.plan, \
                 coalesce(w.clerk_created_at, w.created_at) as created_at, \
                 w.updated_at, w.deleted_at, \

@@ -9,7 +9,7 @@
 //!
 //! Flow, one file each: [`session`] holds one consumer connection (per-consumer
 //! prefetch = `worker.concurrency`) and reads each delivery once
-//! ([`delivery::Envelope::read`] is the one parse of its body); [`lanes`] deals
+//! ([`delivery::DeliveredEvent::read`] is the one parse of its body); [`lanes`] deals
 //! deliveries into lanes by the first advisory lock they take (the organization,
 //! or the user of a user event), so two lanes never wait for each other's
 //! workspace locks. Each lane gathers up to `worker.batch_size` deliveries for at
@@ -40,7 +40,7 @@ use crate::broker::{Endpoints, Publisher, Topology};
 use crate::config::Settings;
 use crate::provision::Provisioner;
 
-use delivery::Envelope;
+use delivery::DeliveredEvent;
 use session::{RECONNECT_MAX, RECONNECT_MIN, session};
 
 /// What a worker needs.
@@ -151,7 +151,7 @@ struct Engine {
 /// One delivery being worked on.
 #[derive(Debug, Clone)]
 struct Job {
-    env: Arc<Envelope>,
+    env: Arc<DeliveredEvent>,
     acker: Acker,
     /// Released when the job is dropped, i.e. once the delivery is settled.
     _permit: Arc<OwnedSemaphorePermit>,

@@ -22,6 +22,7 @@ pub mod audit;
 mod dead_letters;
 mod events;
 mod login;
+pub mod operator;
 mod overview;
 pub mod session;
 pub mod throttle;
