@@ -132,7 +132,7 @@ pub fn webhook_body_timeout(http: &HttpSettings) -> Duration {
 
 /// The intake routes. A webhook's body must arrive within
 /// [`webhook_body_timeout`] of its head (408 after it); at most `[http]
-/// max_inflight_webhooks` webhooks are verified and published at once ([`Slots`]);
+/// max_inflight_webhooks` webhooks are verified and published at once (`Slots`);
 /// past it the answer is 503 with `Retry-After` at once, and Svix retries later.
 pub fn router(http: &HttpSettings) -> Router<AppState> {
     // Every series at 0 from the start, so rate() and increase() see the first one.

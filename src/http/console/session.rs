@@ -195,7 +195,7 @@ pub fn match_token(given: &str, tokens: &[Secret]) -> Option<usize> {
 }
 
 /// The label an operator gives on the login form, cleaned: control characters
-/// dropped, trimmed, at most [`MAX_LABEL`] characters; `None` when nothing is left.
+/// dropped, trimmed, at most `MAX_LABEL` characters; `None` when nothing is left.
 pub fn clean_label(raw: Option<&str>) -> Option<String> {
     let cleaned: String = raw?
         .chars()
