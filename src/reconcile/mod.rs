@@ -38,6 +38,7 @@ use sqlx::pool::PoolConnection;
 use sqlx::postgres::Postgres;
 
 use crate::clerk::api::{ClerkApi, ClerkError, Memberships, PAGE_LIMIT, Page};
+use crate::progress::{Progress, Silent};
 use crate::provision::Provisioner;
 use compare::{id_of, id_str};
 use proof::{Absence, Candidate};
@@ -76,23 +77,6 @@ pub enum ReconcileError {
     /// PostgreSQL failed.
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
-}
-
-/// Progress of a run, for a progress bar.
-pub trait Progress: Send + Sync {
-    /// A phase began; `total` items when known.
-    fn phase(&self, name: &'static str, total: Option<u64>);
-    /// `n` more items of the phase are done.
-    fn advance(&self, n: u64);
-}
-
-/// No progress shown.
-#[derive(Debug)]
-pub struct Silent;
-
-impl Progress for Silent {
-    fn phase(&self, _: &'static str, _: Option<u64>) {}
-    fn advance(&self, _: u64) {}
 }
 
 /// Compares Clerk with the database and repairs the difference.

@@ -403,7 +403,7 @@ mod tests {
 
     use super::super::compare::decode_membership;
     use super::*;
-    use crate::ops::send::payload as make;
+    use crate::clerk::sample as make;
 
     fn repair(workspace: &str, n: usize) -> Repair {
         let org = make::organization(workspace, "Org", "user_creator", 1, 1, 1);

@@ -18,9 +18,6 @@ pub mod database;
 // cluster suites), and the row-by-row state comparison convergence shares.
 #[allow(dead_code)]
 pub mod history;
-// Used by the reconcile and Clerk client tests only.
-#[allow(dead_code)]
-pub mod fake_clerk;
 // The broker and binary helpers of the worker and operator tests are being
 // rewritten on the one confirmed-publish path; per-item allows once they settle.
 #[allow(dead_code)]
@@ -609,7 +606,7 @@ async fn sweep_old_databases() {
 /// A Clerk-shaped envelope around `data`.
 #[allow(dead_code)]
 pub fn envelope(kind: &str, data: serde_json::Value, timestamp_ms: i64) -> Vec<u8> {
-    let event = provisioner::ops::send::payload::envelope(kind, data, timestamp_ms, "ins_test");
+    let event = provisioner::clerk::sample::envelope(kind, data, timestamp_ms, "ins_test");
     serde_json::to_vec(&event).unwrap()
 }
 

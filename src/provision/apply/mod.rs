@@ -139,7 +139,7 @@ async fn apply_event(apply: Apply<'_>) -> Result<Outcome, sqlx::Error> {
                     &incoming.svix_id,
                     decoded.kind.as_str(),
                     decoded.workspace_id(),
-                    initial,
+                    initial.as_str(),
                     incoming.received_at,
                 );
             Begin {
@@ -152,7 +152,7 @@ async fn apply_event(apply: Apply<'_>) -> Result<Outcome, sqlx::Error> {
                 conn,
                 incoming,
                 decoded,
-                initial,
+                initial.as_str(),
                 ws_id,
                 membership_id,
                 user_id,

@@ -13,6 +13,7 @@ use sqlx::PgConnection;
 
 use super::display::{Display, Profile};
 use super::rules::{End, inferred};
+use crate::domain::EventStatus;
 use crate::provision::event::Incoming;
 use crate::provision::payload::{Decoded, Event};
 
@@ -21,25 +22,25 @@ pub(super) type StateKeys<'a> = (Option<&'a str>, Option<&'a str>, Option<&'a st
 
 /// The processing-log status an event is claimed with, and the keys of the
 /// workspace, membership and user rows it decides on.
-pub(super) fn state_keys(decoded: &Decoded) -> (&'static str, StateKeys<'_>) {
+pub(super) fn state_keys(decoded: &Decoded) -> (EventStatus, StateKeys<'_>) {
     let (initial, ws_id, membership_id, user_id) = match &decoded.event {
-        Event::Unhandled => ("ignored", None, None, None),
-        Event::OrganizationUpsert(o) => ("processed", Some(o.id.as_str()), None, None),
-        Event::OrganizationDeleted { id, .. } => ("processed", Some(id.as_str()), None, None),
+        Event::Unhandled => (EventStatus::Ignored, None, None, None),
+        Event::OrganizationUpsert(o) => (EventStatus::Processed, Some(o.id.as_str()), None, None),
+        Event::OrganizationDeleted { id, .. } => (EventStatus::Processed, Some(id.as_str()), None, None),
         Event::MembershipUpsert(m) => (
-            "processed",
+            EventStatus::Processed,
             Some(m.organization.id.as_str()),
             Some(m.id.as_str()),
             Some(m.user.user_id.as_str()),
         ),
         Event::MembershipDeleted { removal: r, .. } => (
-            "processed",
+            EventStatus::Processed,
             Some(r.organization_id.as_str()),
             Some(r.id.as_str()),
             r.user_id.as_deref(),
         ),
-        Event::UserUpdated(u) => ("processed", None, None, Some(u.id.as_str())),
-        Event::UserDeleted { id, .. } => ("processed", None, None, Some(id.as_str())),
+        Event::UserUpdated(u) => (EventStatus::Processed, None, None, Some(u.id.as_str())),
+        Event::UserDeleted { id, .. } => (EventStatus::Processed, None, None, Some(id.as_str())),
     };
     (initial, (ws_id, membership_id, user_id))
 }
