@@ -21,10 +21,11 @@
 //! the part that decides on its rows. Below it, each part has one home: the rules
 //! ([`rules`]), the lock order ([`locks`]), the state read ([`state`]), the audit
 //! buffer ([`audit`]), a batch's deferred writes ([`deferred`]), workspaces,
-//! memberships and their display fields, users, and the removals reconcile
-//! infers ([`inferred`]).
+//! memberships and their display fields, users, billing ([`billing`]), and the
+//! removals reconcile infers ([`inferred`]).
 
 mod audit;
+mod billing;
 mod deferred;
 mod display;
 mod inferred;
@@ -213,6 +214,7 @@ async fn apply_event(apply: Apply<'_>) -> Result<Outcome, sqlx::Error> {
         },
         Event::UserUpdated(u) => update_user(conn, &mut cx, u, &state).await?,
         Event::UserDeleted { id, at_ms } => delete_user(conn, &mut cx, id, *at_ms).await?,
+        Event::Billing(b) => billing::store_billing(conn, &mut cx, b).await?,
     };
     if changed {
         Ok(Outcome::Processed)

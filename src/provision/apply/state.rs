@@ -26,7 +26,9 @@ pub(super) fn state_keys(decoded: &Decoded) -> (EventStatus, StateKeys<'_>) {
     let (initial, ws_id, membership_id, user_id) = match &decoded.event {
         Event::Unhandled => (EventStatus::Ignored, None, None, None),
         Event::OrganizationUpsert(o) => (EventStatus::Processed, Some(o.id.as_str()), None, None),
-        Event::OrganizationDeleted { id, .. } => (EventStatus::Processed, Some(id.as_str()), None, None),
+        Event::OrganizationDeleted { id, .. } => {
+            (EventStatus::Processed, Some(id.as_str()), None, None)
+        }
         Event::MembershipUpsert(m) => (
             EventStatus::Processed,
             Some(m.organization.id.as_str()),
@@ -41,6 +43,12 @@ pub(super) fn state_keys(decoded: &Decoded) -> (EventStatus, StateKeys<'_>) {
         ),
         Event::UserUpdated(u) => (EventStatus::Processed, None, None, Some(u.id.as_str())),
         Event::UserDeleted { id, .. } => (EventStatus::Processed, None, None, Some(id.as_str())),
+        Event::Billing(b) => (
+            EventStatus::Processed,
+            Some(b.organization_id.as_str()),
+            None,
+            None,
+        ),
     };
     (initial, (ws_id, membership_id, user_id))
 }
