@@ -3,5 +3,7 @@
 //! user payers ignored, billing before its organization, deleted workspaces.
 
 mod common;
+#[path = "billing/pipeline.rs"]
+mod pipeline;
 #[path = "billing/storage.rs"]
 mod storage;
