@@ -12,7 +12,7 @@ use sqlx::PgPool;
 
 use crate::common::database::TestDatabase;
 use crate::common::rows::*;
-use crate::common::story::{Event, org};
+use crate::common::story::{Event, org, person};
 
 const T0: i64 = 1_750_000_000_000;
 const DAY: i64 = 86_400_000;
@@ -294,7 +294,15 @@ fn history() -> Vec<Event> {
         status: "past_due".to_owned(),
         ..free_active.clone()
     };
+    let acme = org("org_a");
+    let jane = person("user_jane", "a");
     vec![
+        // The organization and a member: in a batch, their inserts are deferred
+        // while billing writes at once.
+        acme.created(T0 + DAY).svix("msg_00"),
+        acme.membership("orgmem_jane", &jane)
+            .created(T0 + DAY)
+            .svix("msg_08"),
         sub_event("org_a", "created", "active", None, T0, &[trial]).svix("msg_01"),
         item_event("org_a", "updated", &paid).svix("msg_02"),
         item_event("org_a", "canceled", &canceled).svix("msg_03"),
@@ -343,14 +351,17 @@ fn shuffled<T: Clone>(items: &[T], seed: u64) -> Vec<T> {
 }
 
 async fn reset(db: &PgPool) {
-    sqlx::query("truncate billing_items, billing_subscriptions, events")
-        .execute(db)
-        .await
-        .unwrap();
+    sqlx::query(
+        "truncate billing_items, billing_subscriptions, events, workspaces, workspace_quotas, \
+         onboarding_steps, members, users, membership_removals, user_profiles, audit_log",
+    )
+    .execute(db)
+    .await
+    .unwrap();
 }
 
 /// The history applied in order is the oracle; any permutation with duplicates,
-/// one by one or in batches, ends in the same billing rows.
+/// one by one or in batches, ends in the same rows (billing, workspace, members).
 #[tokio::test]
 async fn any_order_with_duplicates_converges() {
     let db = TestDatabase::create().await;
@@ -360,6 +371,8 @@ async fn any_order_with_duplicates_converges() {
         apply(&p, &db.pool, e).await;
     }
     let oracle = billing_rows(&db.pool).await;
+    let oracle_state = state_rows(&db.pool).await;
+    assert!(oracle_state.contains_key("members/orgmem_jane"));
     // The in-order result as §5b describes it.
     assert_eq!(oracle["sub/csub_1"]["status"], "past_due");
     assert_eq!(oracle["sub/csub_1"]["source_event"], "msg_07");
@@ -389,5 +402,6 @@ async fn any_order_with_duplicates_converges() {
             }
         }
         assert_eq!(billing_rows(&db.pool).await, oracle, "seed {seed}");
+        assert_eq!(state_rows(&db.pool).await, oracle_state, "seed {seed}");
     }
 }

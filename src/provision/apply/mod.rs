@@ -174,10 +174,13 @@ async fn apply_event(apply: Apply<'_>) -> Result<Outcome, sqlx::Error> {
     // apart from a tombstone (see `inferred`).
     let inference = incoming.actor == Actor::Reconcile;
     // Only snapshots of organizations and memberships know how to defer their
-    // inserts; every other event writes at once.
+    // inserts; every other event writes at once. Billing writes at once too, but
+    // only its own tables, which no prefetched state reads and no waiting insert
+    // touches: it need not end the deferring.
     let defers = matches!(
         &decoded.event,
         Event::Unhandled
+            | Event::Billing(_)
             | Event::OrganizationUpsert(_)
             | Event::MembershipUpsert(_)
             | Event::MembershipDeleted {
