@@ -9,13 +9,11 @@
 
 use crate::common;
 use std::collections::{BTreeMap, HashMap};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use crate::common::children::free_port;
+use crate::common::children::{Process, free_port};
 use crate::common::database::TestDatabase;
 use crate::common::rabbit::{self, RabbitCluster, RabbitNode};
 use crate::common::story::{self, Event};
@@ -26,7 +24,6 @@ use provisioner::config::ConnectionUrl;
 use provisioner::provision::{Incoming, Provisioner};
 use tokio::sync::watch;
 
-const BIN: &str = env!("CARGO_BIN_EXE_provisioner");
 const T0: i64 = 1_765_000_000_000;
 /// Organizations in the stream.
 const ORGS: usize = 300;
@@ -107,64 +104,6 @@ async fn rabbit_node_helper_starts_stops_and_cleans_up() {
     let _ = conn.close(200, "bye".into()).await;
     drop(node);
     assert!(!dir.exists(), "Drop removes the node's directories");
-}
-
-/// A child process of the built binary, killed when dropped; stderr goes to a file.
-struct Proc {
-    name: String,
-    child: Child,
-    log: PathBuf,
-}
-
-impl Proc {
-    fn spawn(name: &str, args: &[&str], env: &[(String, String)]) -> Self {
-        let log =
-            std::env::temp_dir().join(format!("provisioner-cluster-{}-{name}.log", random_id(8)));
-        let mut cmd = Command::new(BIN);
-        cmd.args(args)
-            .env_clear()
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap());
-        if let Ok(path) = std::env::var("PATH") {
-            cmd.env("PATH", path);
-        }
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        Self {
-            name: name.to_owned(),
-            child: cmd.spawn().expect("the binary starts"),
-            log,
-        }
-    }
-
-    fn running(&mut self) -> bool {
-        self.child.try_wait().unwrap().is_none()
-    }
-
-    fn log_tail(&self) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(15)..].join("\n")
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if !std::thread::panicking() {
-            let _ = std::fs::remove_file(&self.log);
-        } else {
-            eprintln!(
-                "--- {} ({}):\n{}",
-                self.name,
-                self.log.display(),
-                self.log_tail()
-            );
-        }
-    }
 }
 
 /// The history: per organization a creation, memberships (some users shared with
@@ -364,7 +303,7 @@ async fn cluster_survives_losing_the_queue_leader_mid_stream() {
     let ports = [free_port(), free_port()];
     let mut procs = Vec::new();
     for (i, port) in ports.iter().enumerate() {
-        procs.push(Proc::spawn(
+        procs.push(Process::start(
             &format!("intake{i}"),
             &["serve", "--no-worker"],
             &env(
@@ -374,7 +313,7 @@ async fn cluster_survives_losing_the_queue_leader_mid_stream() {
         ));
     }
     for i in 0..3 {
-        procs.push(Proc::spawn(
+        procs.push(Process::start(
             &format!("worker{i}"),
             &["worker"],
             &env(&urls, &[]),
@@ -660,12 +599,7 @@ async fn cluster_survives_losing_the_queue_leader_mid_stream() {
 
     // No process needed a restart: every one is the one started.
     for p in &mut procs {
-        assert!(
-            p.running(),
-            "{} is still running:\n{}",
-            p.name,
-            p.log_tail()
-        );
+        p.assert_running();
     }
     // `quorum_initial_group_size`: a new queue gets that many members; queues that
     // exist (declared with 3) are re-declared without complaint when it changes.

@@ -8,6 +8,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use crate::common;
 use crate::common::children::free_port;
 use crate::common::worker::*;
 use crate::common::*;
@@ -478,7 +479,7 @@ fn field<'a>(line: &'a Value, key: &str) -> Option<&'a str> {
 async fn json_log_lines_of_an_event_carry_its_ids() {
     // Arrange: intake and a worker as separate processes, as in production.
     let iso = Isolation::new();
-    let config = write_config(&iso, "");
+    let config = common::ops::config_file(&iso, "");
     let (http_port, metrics_port) = (free_port(), free_port());
     let env: Vec<(String, String)> = vec![
         ("DATABASE_URL".into(), iso.database_url()),

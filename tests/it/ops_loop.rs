@@ -6,7 +6,9 @@
 use crate::common;
 use std::time::Duration;
 
-use crate::common::worker::{count, wait_depth, wait_status};
+use crate::common::worker::{
+    count, fail_workspace_writes, heal_workspace_writes, wait_depth, wait_status,
+};
 use crate::common::*;
 use provisioner::ops::dlq::{self, ReplayOptions, Selection};
 use provisioner::ops::send::{self, Scenario, SendArgs};
@@ -19,42 +21,12 @@ fn worker_opts() -> TestOptions {
     }
 }
 
-/// Makes every write of workspace `org` fail until [`heal`] (a cause outside the
-/// event, like a broken constraint or a bad migration).
-async fn break_writes_of(db: &sqlx::PgPool, org: &str) {
-    let sql = format!(
-        "create function ops_loop_break() returns trigger language plpgsql as $$
-         begin
-           if new.id = '{org}' then raise exception 'workspace writes are broken'; end if;
-           return new;
-         end $$"
-    );
-    sqlx::query(sqlx::AssertSqlSafe(sql))
-        .execute(db)
-        .await
-        .unwrap();
-    sqlx::query(
-        "create trigger ops_loop_break before insert or update on workspaces
-         for each row execute function ops_loop_break()",
-    )
-    .execute(db)
-    .await
-    .unwrap();
-}
-
-async fn heal(db: &sqlx::PgPool) {
-    sqlx::query("drop trigger ops_loop_break on workspaces")
-        .execute(db)
-        .await
-        .unwrap();
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_letter_replayed_after_its_cause_is_gone_is_provisioned() {
     // Arrange: an event that fails every attempt while workspace writes are broken.
     let app = spawn_app_with(worker_opts()).await;
     let org = format!("org_{}", random_id(16));
-    break_writes_of(&app.db, &org).await;
+    fail_workspace_writes(&app.db, &org, None, "workspace writes are broken").await;
     let mut args = SendArgs::event("organization.created");
     args.url = Some(format!("{}/webhooks/clerk", app.address));
     args.org = Some(org.clone());
@@ -86,7 +58,7 @@ async fn a_dead_letter_replayed_after_its_cause_is_gone_is_provisioned() {
     assert!(l.first_failed_at.is_some());
 
     // Act: the cause goes away, then ops replay it.
-    heal(&app.db).await;
+    heal_workspace_writes(&app.db).await;
     let report = dlq::replay(
         &app.settings,
         &ReplayOptions::new(Selection::Org(org.clone())),

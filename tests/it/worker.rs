@@ -335,35 +335,6 @@ async fn a_console_replay_names_its_operator_in_every_audit_row() {
     app.stop().await.unwrap();
 }
 
-/// Makes every write of workspace `org` fail with a plain (non-connectivity) error
-/// the first `failures` times (a sequence is not rolled back with the transaction).
-async fn inject_failures(db: &sqlx::PgPool, org: &str, failures: i64) {
-    sqlx::query("create sequence injected_failures")
-        .execute(db)
-        .await
-        .unwrap();
-    let sql = format!(
-        "create function inject_failure() returns trigger language plpgsql as $$
-         begin
-           if new.id = '{org}' and nextval('injected_failures') <= {failures} then
-             raise exception 'injected failure';
-           end if;
-           return new;
-         end $$"
-    );
-    sqlx::query(sqlx::AssertSqlSafe(sql))
-        .execute(db)
-        .await
-        .unwrap();
-    sqlx::query(
-        "create trigger inject_failure before insert or update on workspaces
-         for each row execute function inject_failure()",
-    )
-    .execute(db)
-    .await
-    .unwrap();
-}
-
 // A database error that is not an outage goes through the retry queues in order and
 // the event is applied once the error stops (retries carry x-attempts).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -373,7 +344,7 @@ async fn failing_event_is_retried_through_the_retry_queues() {
     let db = app.db.clone();
     let b = app.settings.broker.clone();
     let org = format!("org_{}", random_id(12));
-    inject_failures(&db, &org, 2).await;
+    fail_workspace_writes(&db, &org, Some(2), "injected failure").await;
     let id = format!("msg_{}", random_id(16));
 
     assert_eq!(
@@ -417,7 +388,7 @@ async fn event_failing_every_retry_is_dead_lettered_as_exhausted() {
     let db = app.db.clone();
     let b = app.settings.broker.clone();
     let org = format!("org_{}", random_id(12));
-    inject_failures(&db, &org, 1_000).await;
+    fail_workspace_writes(&db, &org, Some(1_000), "injected failure").await;
     let id = format!("msg_{}", random_id(16));
 
     assert_eq!(

@@ -5,6 +5,7 @@
 use std::process::Stdio;
 use std::time::Duration;
 
+use crate::common;
 use crate::common::proxy::Proxy;
 use crate::common::worker::*;
 use crate::common::*;
@@ -182,7 +183,7 @@ async fn killed_worker_process_loses_and_doubles_nothing() {
     let app = spawn_app().await;
     let iso = app.iso.clone();
     let b = app.settings.broker.clone();
-    let config = write_config(
+    let config = common::ops::config_file(
         &iso,
         "[worker]\nconcurrency = 16\nbatch_size = 8\nbatch_wait_ms = 2\nretry_delays_ms = [200, 400]\n",
     );

@@ -157,7 +157,12 @@ impl Drop for Process {
         if !std::thread::panicking() {
             let _ = std::fs::remove_file(&self.log);
         } else {
-            eprintln!("log of {} kept at {}", self.name, self.log.display());
+            eprintln!(
+                "--- {} (log kept at {}):\n{}",
+                self.name,
+                self.log.display(),
+                self.log_tail()
+            );
         }
     }
 }

@@ -4,13 +4,13 @@
 
 use std::path::PathBuf;
 use std::process::Output;
-use std::time::Duration;
 
 use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldArray, FieldTable, ShortString};
-use provisioner::broker::{self, Topology};
+use provisioner::broker::Topology;
 use provisioner::config::Settings;
 
+use super::worker::publish_each;
 use super::{Isolation, TestOptions, base_amqp_url, broker_channel, random_id, test_settings};
 
 /// Settings and declared topology (exchanges, work, dead and retry queues) for a
@@ -48,6 +48,26 @@ pub struct Inject {
 }
 
 impl Inject {
+    /// Its AMQP properties: persistent JSON with whichever of the rest it has.
+    fn properties(&self) -> BasicProperties {
+        let mut props = BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_content_type("application/json".into());
+        if let Some(id) = &self.message_id {
+            props = props.with_message_id(id.as_str().into());
+        }
+        if let Some(k) = &self.kind {
+            props = props.with_type(k.as_str().into());
+        }
+        if let Some(h) = &self.headers {
+            props = props.with_headers(h.clone());
+        }
+        if let Some(ts) = self.timestamp {
+            props = props.with_timestamp(ts);
+        }
+        props
+    }
+
     /// A Clerk-shaped event body of `kind` about workspace `org` (by the type's shape).
     pub fn event(kind: &str, org: &str, id: &str) -> Self {
         let data = if kind.starts_with("organizationMembership.") {
@@ -143,39 +163,12 @@ pub async fn inject_dead_routed(settings: &Settings, messages: &[Inject]) {
 /// Publishes messages (in order, each confirmed) to `exchange`, each with the
 /// routing key `key` gives it.
 async fn inject_each(exchange: &str, messages: &[Inject], key: impl Fn(&Inject) -> String) {
-    let (conn, _) = broker_channel().await;
-    let ch = broker::confirm_channel(&conn).await.unwrap();
-    for m in messages {
-        let mut props = BasicProperties::default()
-            .with_delivery_mode(2)
-            .with_content_type("application/json".into());
-        if let Some(id) = &m.message_id {
-            props = props.with_message_id(id.as_str().into());
-        }
-        if let Some(k) = &m.kind {
-            props = props.with_type(k.as_str().into());
-        }
-        if let Some(h) = &m.headers {
-            props = props.with_headers(h.clone());
-        }
-        if let Some(ts) = m.timestamp {
-            props = props.with_timestamp(ts);
-        }
-        let result = broker::publish_confirmed(
-            &ch,
-            exchange,
-            &key(m),
-            &m.body,
-            props,
-            Duration::from_secs(30),
-        )
-        .await;
-        assert!(
-            result.is_ok(),
-            "injected message routed and confirmed: {result:?}"
-        );
-    }
-    let _ = conn.close(200, "bye".into()).await;
+    let keys: Vec<String> = messages.iter().map(key).collect();
+    let each = messages
+        .iter()
+        .zip(&keys)
+        .map(|(m, k)| (k.as_str(), m.body.as_slice(), m.properties()));
+    publish_each(exchange, each).await;
 }
 
 /// Puts messages straight into the dead-letter queue of `settings`, in order.

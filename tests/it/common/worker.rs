@@ -1,7 +1,6 @@
 //! Helpers for the worker's tests: publishing raw messages, reading dead letters'
 //! headers, waiting on the processing log, and configuration for child processes.
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use lapin::BasicProperties;
@@ -25,12 +24,24 @@ pub async fn direct_pool(iso: &Isolation) -> PgPool {
 
 /// Publishes one persistent message with confirm and asserts it was routed.
 pub async fn publish_raw(exchange: &str, routing_key: &str, body: &[u8], props: BasicProperties) {
+    publish_each(exchange, [(routing_key, body, props)]).await;
+}
+
+/// Publishes messages in order on one connection, each persistent and confirmed;
+/// asserts each was routed.
+pub async fn publish_each<'a>(
+    exchange: &str,
+    messages: impl IntoIterator<Item = (&'a str, &'a [u8], BasicProperties)>,
+) {
     let (conn, _) = broker_channel().await;
     let ch = broker::confirm_channel(&conn).await.unwrap();
-    let props = props.with_delivery_mode(2);
-    let result =
-        broker::publish_confirmed(&ch, exchange, routing_key, body, props, PUBLISH_TIMEOUT).await;
-    assert!(result.is_ok(), "message routed and confirmed: {result:?}");
+    for (routing_key, body, props) in messages {
+        let props = props.with_delivery_mode(2);
+        let result =
+            broker::publish_confirmed(&ch, exchange, routing_key, body, props, PUBLISH_TIMEOUT)
+                .await;
+        assert!(result.is_ok(), "message routed and confirmed: {result:?}");
+    }
     let _ = conn.close(200, "bye".into()).await;
 }
 
@@ -100,13 +111,45 @@ pub async fn count(db: &PgPool, sql: &'static str, bind: &str) -> i64 {
         .unwrap()
 }
 
-/// Writes a config file with the test's broker names and `extra` TOML, for a child
-/// `provisioner` process (`PROVISIONER_CONFIG`).
-pub fn write_config(iso: &Isolation, extra: &str) -> PathBuf {
-    let path = std::env::temp_dir().join(format!("{}.toml", iso.database));
-    let text = format!("{}\n{}", iso.broker_toml(), extra);
-    std::fs::write(&path, text).expect("config written");
-    path
+/// Makes writes of workspace `org` fail with `message`, a plain (non-connectivity)
+/// error: the first `times` writes (a sequence counts them: it is not rolled back
+/// with the transaction), or with `None` every write until [`heal_workspace_writes`]
+/// (a cause outside the event, like a broken constraint or a bad migration).
+pub async fn fail_workspace_writes(db: &PgPool, org: &str, times: Option<i64>, message: &str) {
+    sqlx::query("create sequence injected_failures")
+        .execute(db)
+        .await
+        .unwrap();
+    let fails = match times {
+        Some(n) => format!("nextval('injected_failures') <= {n}"),
+        None => "true".to_owned(),
+    };
+    let sql = format!(
+        "create function fail_workspace_write() returns trigger language plpgsql as $$
+         begin
+           if new.id = '{org}' and {fails} then raise exception '{message}'; end if;
+           return new;
+         end $$"
+    );
+    sqlx::query(sqlx::AssertSqlSafe(sql))
+        .execute(db)
+        .await
+        .unwrap();
+    sqlx::query(
+        "create trigger fail_workspace_write before insert or update on workspaces
+         for each row execute function fail_workspace_write()",
+    )
+    .execute(db)
+    .await
+    .unwrap();
+}
+
+/// Ends [`fail_workspace_writes`]: workspace writes succeed again.
+pub async fn heal_workspace_writes(db: &PgPool) {
+    sqlx::query("drop trigger fail_workspace_write on workspaces")
+        .execute(db)
+        .await
+        .unwrap();
 }
 
 /// A confirmed publisher on the machine's broker with the test's topology.
