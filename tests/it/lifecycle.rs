@@ -1,14 +1,11 @@
 //! The real `provisioner` binary: start-up, health, configuration errors, secrets in
 //! logs, and graceful shutdown on SIGTERM.
 
-use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::Duration;
 
-use crate::common::children::free_port;
+use crate::common::children::{Process, free_port};
 use crate::common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-const BIN: &str = env!("CARGO_BIN_EXE_provisioner");
 
 /// The environment of a binary run by a test: only what the test gives it (never the
 /// developer's own settings), with this test's database, queues and port.
@@ -22,73 +19,12 @@ fn base_env(iso: &Isolation, config: &TempFile, port: u16) -> Vec<(String, Strin
     ]
 }
 
-/// Runs the binary with exactly `env`; stderr goes to a file the test reads.
-fn start(args: &[&str], env: &[(String, String)], stderr: &TempFile) -> Child {
-    let mut cmd = Command::new(BIN);
-    cmd.args(args)
-        .env_clear()
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&stderr.0).unwrap());
-    if let Ok(path) = std::env::var("PATH") {
-        cmd.env("PATH", path);
-    }
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    cmd.spawn().expect("the binary starts")
-}
-
-/// Waits for the process to exit, up to `limit`; kills it (and fails) otherwise.
-async fn wait_exit(child: &mut Child, limit: Duration) -> ExitStatus {
-    let deadline = tokio::time::Instant::now() + limit;
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return status;
-        }
-        if tokio::time::Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("the process did not exit within {limit:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-fn sigterm(child: &Child) {
-    let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .expect("kill runs");
-    assert!(status.success());
-}
-
-async fn wait_healthy(client: &reqwest::Client, base: &str, child: &mut Child, log: &TempFile) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            panic!("the service exited early ({status}): {}", log.read());
-        }
-        if let Ok(res) = client.get(format!("{base}/healthz")).send().await
-            && res.status() == 200
-        {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "/healthz answers 200: {}",
-            log.read()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// A one-line error naming `setting` and a non-zero exit, from a run that fails
 /// before serving.
 async fn assert_fails_naming(env: &[(String, String)], setting: &str) -> String {
-    let log = TempFile::new("stderr", "");
-    let mut child = start(&["serve"], env, &log);
-    let status = wait_exit(&mut child, Duration::from_secs(30)).await;
-    let stderr = log.read();
+    let mut child = Process::start("serve", &["serve"], env);
+    let status = child.wait_exit(Duration::from_secs(30)).await;
+    let stderr = child.log();
     assert!(!status.success(), "{setting}: exits non-zero");
     let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
     assert_eq!(lines.len(), 1, "{setting}: one line: {stderr:?}");
@@ -96,23 +32,22 @@ async fn assert_fails_naming(env: &[(String, String)], setting: &str) -> String 
     stderr
 }
 
-// `serve --no-worker` starts, answers /healthz, queues events, and on SIGTERM stops
-// accepting, completes the request in flight (its event is queued) and exits 0.
+/// `serve --no-worker` starts, answers /healthz, queues events, and on SIGTERM stops
+/// accepting, completes the request in flight (its event is queued) and exits 0.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_in_flight_requests_and_exits_zero() {
     // Arrange
     let iso = Isolation::new();
     let config = TempFile::new("config.toml", &iso.broker_toml());
     let port = free_port();
-    let log = TempFile::new("stderr", "");
-    let mut child = start(
+    let mut child = Process::start(
+        "serve",
         &["serve", "--no-worker"],
         &base_env(&iso, &config, port),
-        &log,
     );
     let base = format!("http://127.0.0.1:{port}");
     let client = reqwest::Client::new();
-    wait_healthy(&client, &base, &mut child, &log).await;
+    child.wait_healthy(&base).await;
     let queue = format!("{}.provisioner.events", iso.prefix);
 
     let body = serde_json::to_vec(&fixture("organization.created")).unwrap();
@@ -150,7 +85,7 @@ async fn sigterm_drains_in_flight_requests_and_exits_zero() {
     tokio::time::sleep(Duration::from_millis(200)).await; // let the server start reading
 
     // Act
-    sigterm(&child);
+    child.sigterm();
 
     // Assert: new connections are refused while the request in flight stays open.
     let stopped_accepting = eventually(Duration::from_secs(5), || async {
@@ -164,7 +99,7 @@ async fn sigterm_drains_in_flight_requests_and_exits_zero() {
         stopped_accepting.is_some(),
         "the listener closes on SIGTERM"
     );
-    assert!(child.try_wait().unwrap().is_none(), "still draining");
+    assert!(child.exit_status().is_none(), "still draining");
 
     stream.write_all(rest).await.unwrap();
     let mut response = Vec::new();
@@ -176,11 +111,11 @@ async fn sigterm_drains_in_flight_requests_and_exits_zero() {
     assert!(response.starts_with("HTTP/1.1 200"), "{response}");
     assert!(response.contains(&in_flight_id), "{response}");
 
-    let status = wait_exit(&mut child, Duration::from_secs(10)).await;
+    let status = child.wait_exit(Duration::from_secs(10)).await;
     assert!(
         status.success(),
         "exit 0 after SIGTERM: {status}: {}",
-        log.read()
+        child.log()
     );
     let msgs = drain_queue(&queue).await;
     assert_eq!(
@@ -201,33 +136,32 @@ async fn sigterm_drains_in_flight_requests_and_exits_zero() {
     delete_queues(&names).await;
 }
 
-// SIGTERM on an idle service exits 0 promptly, and /readyz was ready before.
+/// SIGTERM on an idle service exits 0 promptly, and /readyz was ready before.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_service_is_ready_and_stops_on_sigterm() {
     let iso = Isolation::new();
     let config = TempFile::new("config.toml", &iso.broker_toml());
     let port = free_port();
-    let log = TempFile::new("stderr", "");
-    let mut child = start(
+    let mut child = Process::start(
+        "serve",
         &["serve", "--no-worker"],
         &base_env(&iso, &config, port),
-        &log,
     );
     let base = format!("http://127.0.0.1:{port}");
     let client = reqwest::Client::new();
-    wait_healthy(&client, &base, &mut child, &log).await;
+    child.wait_healthy(&base).await;
     let res = client.get(format!("{base}/healthz")).send().await.unwrap();
     assert_eq!(res.status(), 200);
     let res = client.get(format!("{base}/readyz")).send().await.unwrap();
     assert_eq!(res.status(), 200);
 
-    sigterm(&child);
+    child.sigterm();
 
-    let status = wait_exit(&mut child, Duration::from_secs(10)).await;
-    assert!(status.success(), "{status}: {}", log.read());
+    let status = child.wait_exit(Duration::from_secs(10)).await;
+    assert!(status.success(), "{status}: {}", child.log());
 }
 
-// A bad or missing setting stops the binary at start-up with one line naming it.
+/// A bad or missing setting stops the binary at start-up with one line naming it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bad_setting_fails_with_one_line_naming_it() {
     let iso = Isolation::new();
@@ -390,8 +324,8 @@ fn dockerfile_env(dockerfile: &str) -> Vec<(String, String)> {
     env
 }
 
-// Passwords and secrets never reach the logs, even at debug level and when start-up
-// fails on the very connection that carries them.
+/// Passwords and secrets never reach the logs, even at debug level and when start-up
+/// fails on the very connection that carries them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn secrets_never_appear_in_logs() {
     let iso = Isolation::new();
@@ -423,12 +357,11 @@ async fn secrets_never_appear_in_logs() {
         ("PROVISIONER_OPS_TOKENS".to_owned(), ops_token.clone()),
     ]);
     for format in ["text", "json"] {
-        let log = TempFile::new("stderr", "");
         let mut run = env.clone();
         run.push(("LOG_FORMAT".into(), format.into()));
-        let mut child = start(&["serve", "--no-worker"], &run, &log);
-        let status = wait_exit(&mut child, Duration::from_secs(60)).await;
-        let stderr = log.read();
+        let mut child = Process::start("serve", &["serve", "--no-worker"], &run);
+        let status = child.wait_exit(Duration::from_secs(60)).await;
+        let stderr = child.log();
         assert!(!status.success(), "the broker is unreachable");
         assert!(
             stderr.contains("RabbitMQ"),
@@ -454,9 +387,9 @@ async fn secrets_never_appear_in_logs() {
     }
 }
 
-// A password written as a query parameter (`?password=`, libpq's `?sslpassword=`,
-// which sqlx would log with its value as an unknown parameter) never reaches the logs
-// either, even at debug level and when start-up fails on that very connection.
+/// A password written as a query parameter (`?password=`, libpq's `?sslpassword=`,
+/// which sqlx would log with its value as an unknown parameter) never reaches the logs
+/// either, even at debug level and when start-up fails on that very connection.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn query_parameter_passwords_never_appear_in_logs() {
     let iso = Isolation::new();
@@ -483,12 +416,11 @@ async fn query_parameter_passwords_never_appear_in_logs() {
         ),
     ]);
     for format in ["text", "json"] {
-        let log = TempFile::new("stderr", "");
         let mut run = env.clone();
         run.push(("LOG_FORMAT".into(), format.into()));
-        let mut child = start(&["serve", "--no-worker"], &run, &log);
-        let status = wait_exit(&mut child, Duration::from_secs(60)).await;
-        let stderr = log.read();
+        let mut child = Process::start("serve", &["serve", "--no-worker"], &run);
+        let status = child.wait_exit(Duration::from_secs(60)).await;
+        let stderr = child.log();
         assert!(!status.success(), "the broker is unreachable");
         assert!(
             stderr.contains(&closed_port.to_string()),
@@ -505,30 +437,30 @@ async fn query_parameter_passwords_never_appear_in_logs() {
 
 /// The readiness queries a serve log shows: sqlx logs each statement it runs at
 /// debug level (`sqlx::query`), with the statement as its `summary`.
-fn readiness_queries(log: &TempFile) -> usize {
-    log.read()
+fn readiness_queries(child: &Process) -> usize {
+    child
+        .log()
         .lines()
         .filter(|l| l.contains(r#""summary":"select 1""#))
         .count()
 }
 
-// /readyz shares the worker's pool: a flood of probes asks PostgreSQL about once a
-// second (the cached answer), not once per request.
+/// /readyz shares the worker's pool: a flood of probes asks PostgreSQL about once a
+/// second (the cached answer), not once per request.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_of_readiness_probes_queries_the_database_about_once_a_second() {
     let iso = Isolation::new();
     let config = TempFile::new("config.toml", &iso.broker_toml());
     let port = free_port();
-    let log = TempFile::new("stderr", "");
     let mut env = base_env(&iso, &config, port);
     env.retain(|(k, _)| k != "RUST_LOG");
     env.push(("RUST_LOG".into(), "info,sqlx::query=debug".into()));
     env.push(("LOG_FORMAT".into(), "json".into()));
-    let mut child = start(&["serve", "--no-worker"], &env, &log);
+    let mut child = Process::start("serve", &["serve", "--no-worker"], &env);
     let base = format!("http://127.0.0.1:{port}");
     let client = reqwest::Client::new();
-    wait_healthy(&client, &base, &mut child, &log).await;
-    let before = readiness_queries(&log);
+    child.wait_healthy(&base).await;
+    let before = readiness_queries(&child);
 
     // 8 waves of 50 concurrent probes, half a second apart: about 4 s, 400 probes.
     let started = std::time::Instant::now();
@@ -543,15 +475,15 @@ async fn a_flood_of_readiness_probes_queries_the_database_about_once_a_second() 
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     let seconds = started.elapsed().as_secs() as usize;
-    sigterm(&child);
-    let status = wait_exit(&mut child, Duration::from_secs(10)).await;
-    assert!(status.success(), "{status}: {}", log.read());
-    let queries = readiness_queries(&log) - before;
+    child.sigterm();
+    let status = child.wait_exit(Duration::from_secs(10)).await;
+    assert!(status.success(), "{status}: {}", child.log());
+    let queries = readiness_queries(&child) - before;
 
     assert!(
         queries >= 1,
         "the probes did check the database: {}",
-        log.read()
+        child.log()
     );
     assert!(
         queries <= seconds + 2,
@@ -559,20 +491,19 @@ async fn a_flood_of_readiness_probes_queries_the_database_about_once_a_second() 
     );
 }
 
-// A forged or unsigned webhook is anyone's to send, with any svix-id: none is logged
-// above debug, and the refusals are summed up in one warning per interval.
+/// A forged or unsigned webhook is anyone's to send, with any svix-id: none is logged
+/// above debug, and the refusals are summed up in one warning per interval.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_webhooks_are_summed_up_in_one_warning_without_their_ids() {
     let iso = Isolation::new();
     let config = TempFile::new("config.toml", &iso.broker_toml());
     let port = free_port();
-    let log = TempFile::new("stderr", "");
     let mut env = base_env(&iso, &config, port);
     env.push(("LOG_FORMAT".into(), "json".into()));
-    let mut child = start(&["serve", "--no-worker"], &env, &log);
+    let mut child = Process::start("serve", &["serve", "--no-worker"], &env);
     let base = format!("http://127.0.0.1:{port}");
     let client = reqwest::Client::new();
-    wait_healthy(&client, &base, &mut child, &log).await;
+    child.wait_healthy(&base).await;
 
     let ids: Vec<String> = (0..200)
         .map(|i| format!("msg_forged{i}x{}", random_id(8)))
@@ -604,19 +535,19 @@ async fn refused_webhooks_are_summed_up_in_one_warning_without_their_ids() {
     );
 
     let summary = eventually(Duration::from_secs(30), || async {
-        let text = log.read();
+        let text = child.log();
         text.lines()
             .find(|l| l.contains("webhooks refused") && l.contains(r#""refused":200"#))
             .map(str::to_owned)
     })
     .await
-    .unwrap_or_else(|| panic!("one summary warning: {}", log.read()));
+    .unwrap_or_else(|| panic!("one summary warning: {}", child.log()));
     assert!(summary.contains(r#""level":"WARN""#), "{summary}");
-    sigterm(&child);
-    let status = wait_exit(&mut child, Duration::from_secs(10)).await;
-    assert!(status.success(), "{status}: {}", log.read());
+    child.sigterm();
+    let status = child.wait_exit(Duration::from_secs(10)).await;
+    assert!(status.success(), "{status}: {}", child.log());
 
-    let text = log.read();
+    let text = child.log();
     assert_eq!(
         text.lines()
             .filter(|l| l.contains("webhooks refused"))

@@ -82,6 +82,11 @@ impl Process {
         lines[lines.len().saturating_sub(30)..].join("\n")
     }
 
+    /// Its exit status, if it has exited.
+    pub fn exit_status(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().unwrap()
+    }
+
     /// Panics (with its log) if the process has exited: it was expected to live on
     /// by itself.
     pub fn assert_running(&mut self) {
