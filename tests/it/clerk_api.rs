@@ -42,6 +42,8 @@ fn org(n: i64) -> serde_json::Value {
     )
 }
 
+/// Paging by offset returns every organization once, oldest first, each request with the
+/// `Clerk-API-Version` header.
 #[tokio::test]
 async fn pages_follow_offset_oldest_first_with_the_version_header() {
     let fake = FakeClerk::start(KEY).await;
@@ -80,6 +82,8 @@ async fn pages_follow_offset_oldest_first_with_the_version_header() {
     );
 }
 
+/// A 404 organization reads as `None`, and so do its memberships; an existing one comes
+/// back whole.
 #[tokio::test]
 async fn a_missing_organization_is_none_and_its_memberships_too() {
     let fake = FakeClerk::start(KEY).await;
@@ -116,6 +120,7 @@ async fn a_missing_organization_is_none_and_its_memberships_too() {
     assert_eq!(all.data.len(), 1);
 }
 
+/// A 429 is waited out for its `Retry-After` before the request is sent again.
 #[tokio::test]
 async fn a_429_is_waited_out_for_its_retry_after() {
     let fake = FakeClerk::start(KEY).await;
@@ -138,6 +143,7 @@ async fn a_429_is_waited_out_for_its_retry_after() {
     assert!(start.elapsed() < Duration::from_secs(10));
 }
 
+/// A 500 is retried, and the call succeeds once Clerk answers.
 #[tokio::test]
 async fn a_500_is_retried_with_backoff_then_succeeds() {
     let fake = FakeClerk::start(KEY).await;
@@ -158,6 +164,7 @@ async fn a_500_is_retried_with_backoff_then_succeeds() {
     assert_eq!(fake.requests().len(), 3);
 }
 
+/// A wrong key (401) fails at once, without retries, and the error never contains the key.
 #[tokio::test]
 async fn a_wrong_key_fails_at_once_without_the_key_in_the_error() {
     let fake = FakeClerk::start(KEY).await;
@@ -173,6 +180,7 @@ async fn a_wrong_key_fails_at_once_without_the_key_in_the_error() {
     assert_eq!(fake.requests().len(), 1, "401 is not retried");
 }
 
+/// A 4xx becomes a one-line error naming Clerk's code and trace id.
 #[tokio::test]
 async fn a_client_error_is_one_line_with_code_and_trace() {
     let fake = FakeClerk::start(KEY).await;
@@ -190,6 +198,8 @@ async fn a_client_error_is_one_line_with_code_and_trace() {
     );
 }
 
+/// An unreachable Clerk is reported unavailable after a bounded number of retries, not
+/// retried forever.
 #[tokio::test]
 async fn an_unreachable_clerk_is_unavailable_after_bounded_retries() {
     // A port nobody listens on.
@@ -213,6 +223,8 @@ async fn an_unreachable_clerk_is_unavailable_after_bounded_retries() {
     assert!(!err.to_string().contains(KEY));
 }
 
+/// Concurrent calls share one rate limit: 12 calls at 4/s take at least 2 s,
+/// however many tasks make them.
 #[tokio::test]
 async fn calls_share_one_rate_limit() {
     let fake = FakeClerk::start(KEY).await;

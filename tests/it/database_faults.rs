@@ -100,11 +100,11 @@ async fn error_code(res: reqwest::Response) -> String {
         .to_owned()
 }
 
-// The test's database made read-only for 20 s under a stream of events (the
-// server-side setting, and the app's sessions ended so they reconnect read-only,
-// as after a failover to a standby): nothing is dead-lettered, the read API still
-// reads and answers a write 503 `database_unavailable`; once it writes again the
-// pooled read-only sessions are replaced and every event is processed.
+/// The test's database made read-only for 20 s under a stream of events (the
+/// server-side setting, and the app's sessions ended so they reconnect read-only,
+/// as after a failover to a standby): nothing is dead-lettered, the read API still
+/// reads and answers a write 503 `database_unavailable`; once it writes again the
+/// pooled read-only sessions are replaced and every event is processed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn read_only_database_holds_events_and_dead_letters_none() {
     trace();
@@ -226,10 +226,10 @@ async fn read_only_database_holds_events_and_dead_letters_none() {
     assert_eq!(queue_depth(&b.queue).await, 0, "everything was acked");
 }
 
-// A workspace row locked by another session (`select … for update` in an open
-// transaction) far past `lock_timeout`: the events that need it are held, not
-// dead-lettered, an event of another workspace goes ahead meanwhile, and once the
-// lock is released every event is processed.
+/// A workspace row locked by another session (`select … for update` in an open
+/// transaction) far past `lock_timeout`: the events that need it are held, not
+/// dead-lettered, an event of another workspace goes ahead meanwhile, and once the
+/// lock is released every event is processed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn row_locked_past_lock_timeout_holds_events_and_dead_letters_none() {
     trace();
@@ -345,11 +345,11 @@ async fn row_locked_past_lock_timeout_holds_events_and_dead_letters_none() {
     app.stop().await.unwrap();
 }
 
-// `serve --no-worker` started while PostgreSQL is unreachable: it starts, queues
-// signed webhooks (200), and its read API answers 503 `database_unavailable`;
-// once PostgreSQL answers it creates the database and applies the migrations by
-// itself, and the read API answers (404 for a workspace no worker provisioned
-// yet; 200 once a worker applied the queued events).
+/// `serve --no-worker` started while PostgreSQL is unreachable: it starts, queues
+/// signed webhooks (200), and its read API answers 503 `database_unavailable`;
+/// once PostgreSQL answers it creates the database and applies the migrations by
+/// itself, and the read API answers (404 for a workspace no worker provisioned
+/// yet; 200 once a worker applied the queued events).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn intake_starts_and_queues_while_postgres_is_unreachable() {
     trace();

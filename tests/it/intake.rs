@@ -93,8 +93,8 @@ fn message_id(m: &lapin::message::BasicGetMessage) -> String {
         .to_string()
 }
 
-// 200 queued: the unchanged body, with message_id, type, content type, persistence
-// and routing key = type, only after the broker confirmed it.
+/// 200 queued: the unchanged body, with message_id, type, content type, persistence
+/// and routing key = type, only after the broker confirmed it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn verified_handled_event_is_queued_after_confirm() {
     // Arrange
@@ -127,7 +127,7 @@ async fn verified_handled_event_is_queued_after_confirm() {
     app.stop().await.unwrap();
 }
 
-// Every handled type is queued with its type as routing key.
+/// Every handled type is queued with its type as routing key.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_handled_type_is_queued_with_its_routing_key() {
     let app = spawn_app().await;
@@ -154,7 +154,7 @@ async fn every_handled_type_is_queued_with_its_routing_key() {
     app.stop().await.unwrap();
 }
 
-// 200 ignored for types this service does not handle, and nothing is queued.
+/// 200 ignored for types this service does not handle, and nothing is queued.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unhandled_types_are_ignored_and_not_queued() {
     let app = spawn_app().await;
@@ -180,8 +180,8 @@ async fn unhandled_types_are_ignored_and_not_queued() {
     app.stop().await.unwrap();
 }
 
-// The same svix id twice (a Svix retry) is answered 200 both times and queued twice;
-// the worker deduplicates.
+/// The same svix id twice (a Svix retry) is answered 200 both times and queued twice;
+/// the worker deduplicates.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_repeated_svix_id_is_accepted_again() {
     let app = spawn_app().await;
@@ -199,7 +199,7 @@ async fn a_repeated_svix_id_is_accepted_again() {
     app.stop().await.unwrap();
 }
 
-// Standard Webhooks `webhook-*` headers are accepted in place of `svix-*`.
+/// Standard Webhooks `webhook-*` headers are accepted in place of `svix-*`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn webhook_prefixed_headers_are_accepted() {
     let app = spawn_app().await;
@@ -221,7 +221,7 @@ async fn webhook_prefixed_headers_are_accepted() {
     app.stop().await.unwrap();
 }
 
-// 400 when any one of the three svix headers is missing.
+/// 400 when any one of the three svix headers is missing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_missing_svix_header_is_400() {
     let app = spawn_app().await;
@@ -237,7 +237,7 @@ async fn a_missing_svix_header_is_400() {
     app.stop().await.unwrap();
 }
 
-// 401 for every way a signature can be wrong.
+/// 401 for every way a signature can be wrong.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bad_signature_is_401() {
     let app = spawn_app().await;
@@ -289,7 +289,7 @@ async fn a_bad_signature_is_401() {
     app.stop().await.unwrap();
 }
 
-// 401 for a timestamp more than 5 minutes old or ahead, or not a number.
+/// 401 for a timestamp more than 5 minutes old or ahead, or not a number.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_timestamp_outside_five_minutes_is_401() {
     let app = spawn_app().await;
@@ -312,7 +312,7 @@ async fn a_timestamp_outside_five_minutes_is_401() {
     app.stop().await.unwrap();
 }
 
-// Timestamps within the tolerance (4 minutes old or ahead) are accepted.
+/// Timestamps within the tolerance (4 minutes old or ahead) are accepted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_timestamp_within_five_minutes_is_accepted() {
     let app = spawn_app().await;
@@ -327,8 +327,8 @@ async fn a_timestamp_within_five_minutes_is_accepted() {
     app.stop().await.unwrap();
 }
 
-// Secret rotation: with two secrets in CLERK_WEBHOOK_SECRET, an event signed by
-// either is accepted; one signed by a secret no longer configured is refused.
+/// Secret rotation: with two secrets in CLERK_WEBHOOK_SECRET, an event signed by
+/// either is accepted; one signed by a secret no longer configured is refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn any_configured_secret_verifies() {
     let app = spawn_app_with(TestOptions {
@@ -422,8 +422,8 @@ async fn post_chunked(app: &TestApp, headers: &[(String, String)], body: &[u8]) 
     (status, body)
 }
 
-// 413 for a body over 1 MiB, announced by Content-Length or streamed chunked; a body
-// of exactly 1 MiB is still accepted.
+/// 413 for a body over 1 MiB, announced by Content-Length or streamed chunked; a body
+/// of exactly 1 MiB is still accepted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_body_over_one_mib_is_413() {
     let app = spawn_app().await;
@@ -459,8 +459,8 @@ async fn a_body_over_one_mib_is_413() {
     app.stop().await.unwrap();
 }
 
-// 400 for a verified body that is not a Clerk event: not JSON, not UTF-8, no `type`,
-// no `data`, or `data` not an object.
+/// 400 for a verified body that is not a Clerk event: not JSON, not UTF-8, no `type`,
+/// no `data`, or `data` not an object.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_verified_body_that_is_not_an_event_is_400() {
     let app = spawn_app().await;
@@ -521,8 +521,8 @@ async fn a_verified_body_that_is_not_an_event_is_400() {
     app.stop().await.unwrap();
 }
 
-// A broken `data` object is not intake's business: it is queued for the worker to
-// dead-letter with its reason.
+/// A broken `data` object is not intake's business: it is queued for the worker to
+/// dead-letter with its reason.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_signed_event_with_a_broken_data_object_is_queued() {
     let app = spawn_app().await;
@@ -533,8 +533,8 @@ async fn a_signed_event_with_a_broken_data_object_is_queued() {
     app.stop().await.unwrap();
 }
 
-// With CLERK_INSTANCE_ID set, events of another instance (or of none) are 422 and not
-// queued; events of that instance are queued.
+/// With CLERK_INSTANCE_ID set, events of another instance (or of none) are 422 and not
+/// queued; events of that instance are queued.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_event_of_another_instance_is_422_when_configured() {
     let app = spawn_app_with(TestOptions {
@@ -566,7 +566,7 @@ async fn an_event_of_another_instance_is_422_when_configured() {
     app.stop().await.unwrap();
 }
 
-// Any method but POST on the webhook route is 405 with `Allow: POST`.
+/// Any method but POST on the webhook route is 405 with `Allow: POST`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn other_methods_are_405() {
     let app = spawn_app().await;

@@ -58,8 +58,8 @@ async fn readyz(app: &TestApp) -> (u16, serde_json::Value) {
     (res.status().as_u16(), res.json().await.unwrap())
 }
 
-// While RabbitMQ is unreachable intake answers 503 + Retry-After and /readyz fails;
-// when it returns, the same process answers 200 again (the publisher reconnects).
+/// While RabbitMQ is unreachable intake answers 503 + Retry-After and /readyz fails;
+/// when it returns, the same process answers 200 again (the publisher reconnects).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_outage_gives_503_then_recovers_without_restart() {
     // Arrange
@@ -114,9 +114,9 @@ async fn broker_outage_gives_503_then_recovers_without_restart() {
     app.stop().await.unwrap();
 }
 
-// A message the broker acks but returns unroutable (the work queue was deleted, so
-// the exchange routes nowhere) is a 503, not a 200; the publisher then re-declares
-// the topology and intake heals by itself.
+/// A message the broker acks but returns unroutable (the work queue was deleted, so
+/// the exchange routes nowhere) is a 503, not a 200; the publisher then re-declares
+/// the topology and intake heals by itself.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_returned_message_is_503_and_the_topology_heals() {
     // Arrange
@@ -153,9 +153,9 @@ async fn a_returned_message_is_503_and_the_topology_heals() {
     app.stop().await.unwrap();
 }
 
-// A broker that keeps the connection open but never confirms: every request gets a
-// 503 once the publish timeout passes (none hangs), and intake queues again once
-// the broker answers.
+/// A broker that keeps the connection open but never confirms: every request gets a
+/// 503 once the publish timeout passes (none hangs), and intake queues again once
+/// the broker answers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_confirm_within_the_timeout_is_503() {
     // Arrange
@@ -197,8 +197,8 @@ async fn no_confirm_within_the_timeout_is_503() {
     app.stop().await.unwrap();
 }
 
-// The ignored path never touches the broker: unhandled types are still answered
-// 200 ignored during an outage (Svix must not retry them for a day).
+/// The ignored path never touches the broker: unhandled types are still answered
+/// 200 ignored during an outage (Svix must not retry them for a day).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ignored_types_do_not_need_the_broker() {
     let (app, proxy) = app_behind_proxy("").await;
@@ -212,10 +212,10 @@ async fn ignored_types_do_not_need_the_broker() {
     app.stop().await.unwrap();
 }
 
-// Under concurrency every confirm is matched to its own message: of many publishes in
-// flight at once, exactly the unroutable ones fail as returned and exactly the
-// routed ones succeed and are in the queue (lapin alone would hand a return to
-// whichever confirm of the channel completes next).
+/// Under concurrency every confirm is matched to its own message: of many publishes in
+/// flight at once, exactly the unroutable ones fail as returned and exactly the
+/// routed ones succeed and are in the queue (lapin alone would hand a return to
+/// whichever confirm of the channel completes next).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_publishes_get_their_own_confirms() {
     use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};

@@ -2,7 +2,7 @@
 //! zero-to-production and svix do): the harness in [`common`] compiles once,
 //! and tests of different concerns run side by side on libtest's threads.
 //! Test names read `module::test`; `cargo test --test it module::` runs one
-//! concern.
+//! concern. Every test opens with a `///` line saying what it proves.
 //!
 //! Every test runs against the machine's real PostgreSQL and RabbitMQ in a
 //! database and broker names of its own ([`common::Isolation`]); the suites that

@@ -223,8 +223,8 @@ fn sample(scrape: &str, prefix: &str) -> Option<f64> {
         .and_then(|v| v.parse().ok())
 }
 
-// The parser the drift check rests on finds the names of real expressions, and
-// only those: neither functions, aggregations, labels, strings nor ranges.
+/// The parser the drift check rests on finds the names of real expressions, and
+/// only those: neither functions, aggregations, labels, strings nor ranges.
 #[test]
 fn promql_metric_names_are_read_from_expressions() {
     let names = metric_names(
@@ -269,10 +269,10 @@ fn broken_membership(org: &str) -> Vec<u8> {
     envelope("organizationMembership.created", data, now_secs() * 1000)
 }
 
-// After a short run (events provisioned, one dead-lettered, one forged webhook
-// refused, a read-API call) `/metrics` exports every metric the Grafana dashboard
-// and the alert rules name, so they cannot drift apart; every exported metric is
-// in docs/operations.md; HTTP series are labelled by route, never by raw path.
+/// After a short run (events provisioned, one dead-lettered, one forged webhook
+/// refused, a read-API call) `/metrics` exports every metric the Grafana dashboard
+/// and the alert rules name, so they cannot drift apart; every exported metric is
+/// in docs/operations.md; HTTP series are labelled by route, never by raw path.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_metric_the_dashboard_and_alerts_name_is_exported_and_documented() {
     // Arrange
@@ -471,10 +471,10 @@ fn field<'a>(line: &'a Value, key: &str) -> Option<&'a str> {
     line.get(key).and_then(Value::as_str)
 }
 
-// With LOG_FORMAT=json, every line that mentions an event — intake, publish,
-// worker, provision, dead letter, `dlq replay` — carries its svix.id and event.type
-// as top-level keys, and workspace.id once the worker has read it; the separate
-// worker process serves its own /metrics.
+/// With LOG_FORMAT=json, every line that mentions an event — intake, publish,
+/// worker, provision, dead letter, `dlq replay` — carries its svix.id and event.type
+/// as top-level keys, and workspace.id once the worker has read it; the separate
+/// worker process serves its own /metrics.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn json_log_lines_of_an_event_carry_its_ids() {
     // Arrange: intake and a worker as separate processes, as in production.

@@ -172,9 +172,9 @@ async fn until_shown(browser: &Client, base: &str, path: &str, needle: &str) -> 
     found.unwrap_or_else(|| panic!("{path} never showed {needle}"))
 }
 
-// Log in, find the dead letter a malformed signed webhook made, open it, replay it
-// (it dies again, visibly), purge it through the confirm step, open its workspace
-// and sync it from the fake Clerk API.
+/// Log in, find the dead letter a malformed signed webhook made, open it, replay it
+/// (it dies again, visibly), purge it through the confirm step, open its workspace
+/// and sync it from the fake Clerk API.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_operator_handles_a_dead_letter_and_syncs_a_workspace_in_chromium() {
     if !Path::new(CHROMEDRIVER).exists() {

@@ -229,8 +229,8 @@ async fn app_with_clerk(fake: &FakeClerk) -> TestApp {
     .await
 }
 
-// Without a session every page and every form answers 303 to the login, and the
-// forms change nothing.
+/// Without a session every page and every form answers 303 to the login, and the
+/// forms change nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_console_route_redirects_to_the_login_without_a_session() {
     let app = spawn_app().await;
@@ -280,9 +280,9 @@ async fn every_console_route_redirects_to_the_login_without_a_session() {
     assert!(login.body.contains(r#"name="token""#), "{}", login.body);
 }
 
-// A wrong token answers 401 with the form again and sets no cookie; a right one a
-// session cookie (HttpOnly, SameSite=Strict, Path=/ops, not Secure in development)
-// and 303 to /ops.
+/// A wrong token answers 401 with the form again and sets no cookie; a right one a
+/// session cookie (HttpOnly, SameSite=Strict, Path=/ops, not Secure in development)
+/// and 303 to /ops.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn login_refuses_a_wrong_token_and_sets_a_strict_cookie_for_a_right_one() {
     let app = spawn_app().await;
@@ -354,8 +354,8 @@ async fn login_refuses_a_wrong_token_and_sets_a_strict_cookie_for_a_right_one() 
     assert!(overview.body.contains("ops token 1"));
 }
 
-// In production the cookie is also Secure (and the development token is refused,
-// so the app runs with its own tokens).
+/// In production the cookie is also Secure (and the development token is refused,
+/// so the app runs with its own tokens).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_session_cookie_is_secure_in_production() {
     let app = spawn_app_with(TestOptions {
@@ -399,8 +399,8 @@ async fn the_session_cookie_is_secure_in_production() {
     assert_eq!(label, "alice");
 }
 
-// Every console answer carries the CSP without inline scripts and the other
-// headers; the page loads only the binary's own CSS and JS.
+/// Every console answer carries the CSP without inline scripts and the other
+/// headers; the page loads only the binary's own CSS and JS.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_console_response_carries_the_security_headers() {
     let app = spawn_app().await;
@@ -451,8 +451,8 @@ async fn every_console_response_carries_the_security_headers() {
     assert_eq!(pages[9].status, StatusCode::NOT_FOUND);
 }
 
-// A POST without the session's CSRF token, or with a wrong one, answers 403 and
-// changes nothing: no replay, no purge, no sync, no logout, no audit row.
+/// A POST without the session's CSRF token, or with a wrong one, answers 403 and
+/// changes nothing: no replay, no purge, no sync, no logout, no audit row.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forms_without_the_right_csrf_token_are_refused_and_change_nothing() {
     let fake = FakeClerk::start(CLERK_KEY).await;
@@ -520,8 +520,8 @@ async fn forms_without_the_right_csrf_token_are_refused_and_change_nothing() {
     );
 }
 
-// Purge and bulk replay show a confirm step (the count, a form with confirm=yes)
-// and do nothing until it is submitted.
+/// Purge and bulk replay show a confirm step (the count, a form with confirm=yes)
+/// and do nothing until it is submitted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn purge_and_bulk_replay_confirm_before_acting() {
     let app = spawn_app().await;
@@ -580,9 +580,9 @@ async fn purge_and_bulk_replay_confirm_before_acting() {
     assert!(audit_rows(&app).await.is_empty());
 }
 
-// Each action does what the CLI does, redirects (303) with a one-line result,
-// and writes its audit row: replays with actor `replay`, purge and sync with
-// actor `ops`, each with the operator's label.
+/// Each action does what the CLI does, redirects (303) with a one-line result,
+/// and writes its audit row: replays with actor `replay`, purge and sync with
+/// actor `ops`, each with the operator's label.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_action_acts_redirects_and_is_audited() {
     let fake = FakeClerk::start(CLERK_KEY).await;
@@ -759,7 +759,7 @@ async fn each_action_acts_redirects_and_is_audited() {
     );
 }
 
-// A dead letter whose body and error carry markup renders them as text.
+/// A dead letter whose body and error carry markup renders them as text.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hostile_dead_letter_renders_as_text() {
     let app = spawn_app().await;
@@ -815,7 +815,7 @@ async fn a_hostile_dead_letter_renders_as_text() {
     );
 }
 
-// Logging out deletes the session: the old cookie opens nothing again.
+/// Logging out deletes the session: the old cookie opens nothing again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn logout_ends_the_session_for_good() {
     let app = spawn_app().await;
@@ -844,7 +844,7 @@ async fn logout_ends_the_session_for_good() {
         .assert_redirect_to_login("old cookie and its csrf");
 }
 
-// A session idle for 12 hours is over (and deleted); a younger one is bumped.
+/// A session idle for 12 hours is over (and deleted); a younger one is bumped.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_session_expires_after_twelve_hours() {
     let app = spawn_app().await;
@@ -882,8 +882,8 @@ async fn an_idle_session_expires_after_twelve_hours() {
         .assert_redirect_to_login("still expired");
 }
 
-// A read-API token does not open the console, and the console's token or cookie
-// does not open the read API.
+/// A read-API token does not open the console, and the console's token or cookie
+/// does not open the read API.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ops_and_read_api_credentials_are_kept_apart() {
     let app = spawn_app().await;
@@ -929,8 +929,8 @@ async fn ops_and_read_api_credentials_are_kept_apart() {
     assert_eq!(console.get("/ops").await.status, StatusCode::OK);
 }
 
-// The list shows every column, filters by type, workspace and class, pages, and
-// says what to do when empty; a dead letter's page shows it whole.
+/// The list shows every column, filters by type, workspace and class, pages, and
+/// says what to do when empty; a dead letter's page shows it whole.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dead_letters_are_listed_filtered_paged_and_shown_whole() {
     let app = spawn_app().await;
@@ -1021,8 +1021,8 @@ async fn dead_letters_are_listed_filtered_paged_and_shown_whole() {
     assert_eq!(dead_ids(&app).await, ids, "looking changed nothing");
 }
 
-// The events page searches the processing log; `?id=` shows that id alone, and
-// a dead event links to its dead letter.
+/// The events page searches the processing log; `?id=` shows that id alone, and
+/// a dead event links to its dead letter.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_events_page_searches_the_processing_log() {
     let app = spawn_app().await;
@@ -1082,8 +1082,8 @@ async fn the_events_page_searches_the_processing_log() {
     assert!(unknown.body.contains("No worker has seen this svix id."));
 }
 
-// A workspace page shows its state, members, audit trail and events; one never
-// provisioned answers 404 with the sync button.
+/// A workspace page shows its state, members, audit trail and events; one never
+/// provisioned answers 404 with the sync button.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_workspace_page_shows_state_members_audit_and_events() {
     let app = spawn_app().await;
@@ -1121,7 +1121,7 @@ async fn a_workspace_page_shows_state_members_audit_and_events() {
     assert!(none.body.contains("not provisioned here"));
 }
 
-// The overview reports the dead letters, queue depths and dependencies it measured.
+/// The overview reports the dead letters, queue depths and dependencies it measured.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_overview_reports_what_it_measured() {
     let app = spawn_app().await;

@@ -38,6 +38,8 @@ fn mixed(org: &str) -> (Vec<Inject>, Vec<String>) {
     (msgs, ids)
 }
 
+/// `dlq list` shows each dead letter with its id, type and workspace, and leaves the queue
+/// as it was.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn list_shows_each_dead_letter_and_leaves_the_queue_as_it_was() {
     // Arrange
@@ -89,10 +91,10 @@ async fn list_shows_each_dead_letter_and_leaves_the_queue_as_it_was() {
     }
 }
 
-// RabbitMQ 4.x gives a quorum queue without a delivery limit a default of 20 and then
-// drops the message (the dead-letter queue has no dead-letter exchange): the limit is
-// explicit, and the broker holds exactly that value. A re-declaration with other
-// arguments is refused (406 PRECONDITION_FAILED), so an equal one reads it back.
+/// RabbitMQ 4.x gives a quorum queue without a delivery limit a default of 20 and then
+/// drops the message (the dead-letter queue has no dead-letter exchange): the limit is
+/// explicit, and the broker holds exactly that value. A re-declaration with other
+/// arguments is refused (406 PRECONDITION_FAILED), so an equal one reads it back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_dead_letter_queue_carries_an_explicit_delivery_limit() {
     let (_iso, settings) = ops::broker_only(&TestOptions::default()).await;
@@ -199,6 +201,7 @@ async fn fifty_lists_and_some_shows_leave_every_dead_letter_as_it_was() {
     }
 }
 
+/// `dlq list` of a long queue keeps the queue's order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn list_keeps_the_order_of_a_long_queue() {
     // More than 32 messages: RabbitMQ returns some batches in hash or reverse order,
@@ -228,6 +231,7 @@ async fn list_keeps_the_order_of_a_long_queue() {
     );
 }
 
+/// Concurrent `dlq list`s each see every dead letter, in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_lists_each_see_everything_and_keep_the_order() {
     // Two consumers would split the queue and hand their shares back one after the
@@ -261,6 +265,8 @@ async fn concurrent_lists_each_see_everything_and_keep_the_order() {
     );
 }
 
+/// A dead letter made by RabbitMQ's own delivery limit lists with the reason
+/// `delivery_limit`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_real_delivery_limit_dead_letter_lists_as_delivery_limit() {
     // Arrange: RabbitMQ itself dead-letters after the work queue's delivery limit.
@@ -313,6 +319,8 @@ async fn a_real_delivery_limit_dead_letter_lists_as_delivery_limit() {
     );
 }
 
+/// Dead letters that arrive while a session reads the queue stay behind the ones already
+/// there.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dead_letters_arriving_during_a_session_stay_behind_the_others() {
     let (_iso, settings) = ops::broker_only(&TestOptions::default()).await;
@@ -348,6 +356,8 @@ async fn dead_letters_arriving_during_a_session_stay_behind_the_others() {
     );
 }
 
+/// A session holding the queue makes other sessions wait, and one that is abandoned loses
+/// no dead letter.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_held_queue_makes_others_wait_and_an_abandoned_session_loses_nothing() {
     let (_iso, settings) = ops::broker_only(&TestOptions::default()).await;
@@ -385,6 +395,8 @@ async fn a_held_queue_makes_others_wait_and_an_abandoned_session_loses_nothing()
     );
 }
 
+/// `dlq show` returns the whole message (body, properties, headers); an unknown id is not
+/// found.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn show_returns_the_whole_message_and_unknown_ids_are_not_found() {
     let (_iso, settings) = ops::broker_only(&TestOptions::default()).await;
@@ -410,6 +422,8 @@ async fn show_returns_the_whole_message_and_unknown_ids_are_not_found() {
     );
 }
 
+/// Replay by id republishes that message to the events exchange and removes only its dead
+/// copy.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replay_by_id_republishes_to_the_exchange_and_removes_only_that_copy() {
     // Arrange: the replayed one is hand-made (body + message_id + type, no headers).
@@ -460,6 +474,7 @@ async fn replay_by_id_republishes_to_the_exchange_and_removes_only_that_copy() {
     );
 }
 
+/// A dry-run replay lists what it would replay and changes nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dry_run_lists_the_selection_and_changes_nothing() {
     let (_iso, settings) = ops::broker_only(&TestOptions::default()).await;
@@ -483,6 +498,8 @@ async fn dry_run_lists_the_selection_and_changes_nothing() {
     );
 }
 
+/// Replay by type and by organization selects exactly the matching dead letters; a
+/// selection of none is no error.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replay_by_type_and_by_org_selects_exactly_those() {
     let (_iso, settings) = ops::broker_only(&TestOptions::default()).await;
@@ -530,6 +547,7 @@ async fn replay_by_type_and_by_org_selects_exactly_those() {
     );
 }
 
+/// Replaying an unknown id changes nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replay_of_an_unknown_id_changes_nothing() {
     let (_iso, settings) = ops::broker_only(&TestOptions::default()).await;
@@ -554,6 +572,7 @@ async fn replay_of_an_unknown_id_changes_nothing() {
     );
 }
 
+/// A replay the exchange cannot route keeps the dead copy: nothing is lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unroutable_replay_keeps_the_dead_copy() {
     // Arrange: replay into an exchange nothing is bound to.
@@ -597,6 +616,7 @@ async fn an_unroutable_replay_keeps_the_dead_copy() {
     );
 }
 
+/// A replay to a missing exchange fails and loses no dead letter.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_missing_exchange_fails_the_replay_and_loses_nothing() {
     let (_iso, mut settings) = ops::broker_only(&TestOptions::default()).await;
@@ -616,6 +636,7 @@ async fn a_missing_exchange_fails_the_replay_and_loses_nothing() {
     );
 }
 
+/// `dlq purge` removes only the dead letters it names.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn purge_removes_only_what_it_names() {
     let (_iso, settings) = ops::broker_only(&TestOptions::default()).await;
@@ -648,6 +669,7 @@ async fn purge_removes_only_what_it_names() {
     );
 }
 
+/// Two concurrent replays lose nothing and replay each dead letter exactly once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_concurrent_replays_lose_nothing_and_replay_each_once() {
     let (_iso, settings) = ops::broker_only(&TestOptions::default()).await;
@@ -680,6 +702,7 @@ async fn two_concurrent_replays_lose_nothing_and_replay_each_once() {
     assert_eq!(queue_depth(&settings.broker.dead_letter_queue).await, 0);
 }
 
+/// A missing dead-letter queue is a clear error, not an empty list.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_missing_dead_letter_queue_is_a_clear_error() {
     let iso = Isolation::new();
@@ -897,9 +920,9 @@ async fn a_killed_dlq_list_leaves_the_queue_as_it_was() {
 
 // ---- the binary -------------------------------------------------------------------
 
-// A dead letter that stands twice (what a dlq command killed between putting a copy
-// back and acknowledging the original leaves) is not doubled silently: the table
-// lists both and a note names the id.
+/// A dead letter that stands twice (what a dlq command killed between putting a copy
+/// back and acknowledging the original leaves) is not doubled silently: the table
+/// lists both and a note names the id.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn binary_list_names_an_id_that_stands_twice() {
     let (iso, settings) = ops::broker_only(&TestOptions::default()).await;
@@ -921,6 +944,8 @@ async fn binary_list_names_an_id_that_stands_twice() {
     let _ = std::fs::remove_file(cfg);
 }
 
+/// The `provisioner dlq` binary lists as JSON, replays, and refuses to purge without
+/// `--yes`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn binary_lists_as_json_replays_and_refuses_purge_without_yes() {
     let (iso, settings) = ops::broker_only(&TestOptions::default()).await;
@@ -995,6 +1020,8 @@ async fn binary_lists_as_json_replays_and_refuses_purge_without_yes() {
     let _ = std::fs::remove_file(cfg);
 }
 
+/// `provisioner dlq` against an unreachable broker names it in its error, without the
+/// password.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn binary_names_an_unreachable_broker_without_its_password() {
     let iso = Isolation::new();
@@ -1016,8 +1043,8 @@ async fn binary_names_an_unreachable_broker_without_its_password() {
     let _ = std::fs::remove_file(cfg);
 }
 
-// lapin reads no password from the query, but one written there (`?password=`) is
-// hidden all the same, in the error and the logs.
+/// lapin reads no password from the query, but one written there (`?password=`) is
+/// hidden all the same, in the error and the logs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn binary_names_an_unreachable_broker_without_its_query_parameter_password() {
     let iso = Isolation::new();
@@ -1039,9 +1066,9 @@ async fn binary_names_an_unreachable_broker_without_its_query_parameter_password
     let _ = std::fs::remove_file(cfg);
 }
 
-// A peer that accepts the connection but never speaks AMQP (a stalled broker, or a
-// port taken by something else) fails the command within the connect deadline,
-// naming the URL without its password, instead of hanging.
+/// A peer that accepts the connection but never speaks AMQP (a stalled broker, or a
+/// port taken by something else) fails the command within the connect deadline,
+/// naming the URL without its password, instead of hanging.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn binary_gives_up_on_a_broker_that_never_answers() {
     let iso = Isolation::new();
@@ -1064,6 +1091,7 @@ async fn binary_gives_up_on_a_broker_that_never_answers() {
     let _ = std::fs::remove_file(cfg);
 }
 
+/// `provisioner dlq` prints its help and refuses bad arguments with a usage error.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn binary_help_and_argument_errors() {
     let iso = Isolation::new();

@@ -107,6 +107,7 @@ fn ids(records: &[events::EventRecord]) -> Vec<&str> {
     records.iter().map(|r| r.id.as_str()).collect()
 }
 
+/// `events list` is newest first, and each filter narrows it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn list_is_newest_first_and_each_filter_narrows_it() {
     let (_iso, settings, pool) = database().await;
@@ -169,6 +170,7 @@ async fn list_is_newest_first_and_each_filter_narrows_it() {
     assert_eq!(ids(&combined), ["msg_e6"]);
 }
 
+/// `events list` without a limit returns the newest 50 rows.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn default_limit_is_fifty() {
     let (_iso, settings, pool) = database().await;
@@ -192,6 +194,7 @@ async fn default_limit_is_fifty() {
     assert_eq!(all[0].id, "msg_00", "newest first");
 }
 
+/// `events show` finds one event by id; an unknown id is not found.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn show_finds_one_event_and_unknown_is_not_found() {
     let (_iso, settings, pool) = database().await;
@@ -208,6 +211,8 @@ async fn show_finds_one_event_and_unknown_is_not_found() {
     assert!(matches!(err, EventsError::NotFound(_)), "{err}");
 }
 
+/// The `provisioner events` binary lists as JSON, shows one event, and refuses bad
+/// arguments.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn binary_lists_as_json_shows_and_refuses_bad_arguments() {
     let (iso, settings, pool) = database().await;
@@ -265,6 +270,8 @@ async fn binary_lists_as_json_shows_and_refuses_bad_arguments() {
     let _ = std::fs::remove_file(cfg);
 }
 
+/// `provisioner events` against an unreachable database names it in its error, without the
+/// password.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn binary_names_an_unreachable_database_without_its_password() {
     let iso = Isolation::new();
@@ -281,9 +288,9 @@ async fn binary_names_an_unreachable_database_without_its_password() {
     let _ = std::fs::remove_file(cfg);
 }
 
-// A password given as a query parameter (sqlx reads `password=`; libpq's
-// `sslpassword=` is not read, and would be logged by the driver with its value) is
-// hidden like the userinfo one, in the error and in every log line.
+/// A password given as a query parameter (sqlx reads `password=`; libpq's
+/// `sslpassword=` is not read, and would be logged by the driver with its value) is
+/// hidden like the userinfo one, in the error and in every log line.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn binary_names_an_unreachable_database_without_its_query_parameter_password() {
     let iso = Isolation::new();

@@ -21,6 +21,7 @@ fn worker_opts() -> TestOptions {
     }
 }
 
+/// A dead letter replayed once its cause is gone is provisioned through the real worker.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_letter_replayed_after_its_cause_is_gone_is_provisioned() {
     // Arrange: an event that fails every attempt while workspace writes are broken.
@@ -91,6 +92,7 @@ async fn a_dead_letter_replayed_after_its_cause_is_gone_is_provisioned() {
     app.stop().await.unwrap();
 }
 
+/// An event replayed while its cause remains is dead-lettered again, never lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_still_broken_event_replayed_is_dead_again_not_lost() {
     // Arrange: a signed organization.created whose data has no id.
@@ -148,6 +150,8 @@ async fn a_still_broken_event_replayed_is_dead_again_not_lost() {
     app.stop().await.unwrap();
 }
 
+/// Every `send` scenario, through intake and the real worker, converges to the state the
+/// read API answers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_scenario_converges_through_the_real_worker_and_api() {
     let app = spawn_app_with(worker_opts()).await;
@@ -174,6 +178,7 @@ async fn every_scenario_converges_through_the_real_worker_and_api() {
     app.stop().await.unwrap();
 }
 
+/// Separate `send`s about one workspace compose into one consistent workspace.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn separate_sends_about_one_workspace_compose() {
     // `send` derives the membership id from org + user, and embeds an organization it

@@ -20,6 +20,7 @@ fn body_of(m: &lapin::message::BasicGetMessage) -> Value {
     serde_json::from_slice(&m.delivery.data).unwrap()
 }
 
+/// `send` builds, signs and delivers each handled event type, and intake queues it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_handled_type_is_built_signed_and_queued() {
     // Arrange
@@ -102,6 +103,7 @@ async fn each_handled_type_is_built_signed_and_queued() {
     assert!(memberships.iter().all(|id| id == &memberships[0]));
 }
 
+/// `send` of an unhandled type is delivered and answered `ignored`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unhandled_type_is_sent_and_ignored() {
     let app = spawn_app().await;
@@ -115,6 +117,7 @@ async fn an_unhandled_type_is_sent_and_ignored() {
     assert_eq!(queue_depth(&app.settings.broker.queue).await, 0);
 }
 
+/// `send --file` delivers the file byte for byte.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_file_is_sent_byte_for_byte() {
     let app = spawn_app().await;
@@ -147,6 +150,7 @@ async fn a_file_is_sent_byte_for_byte() {
     assert_eq!(queue_depth(&app.settings.broker.queue).await, 0);
 }
 
+/// `send` with a wrong secret gets 401 and queues nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wrong_secret_gets_401_and_queues_nothing() {
     let app = spawn_app().await;
@@ -162,6 +166,8 @@ async fn a_wrong_secret_gets_401_and_queues_nothing() {
     assert_eq!(queue_depth(&app.settings.broker.queue).await, 0);
 }
 
+/// A `send` scenario delivers its signed history (each event three times), and says
+/// so after a bounded wait when no worker runs to process it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_scenario_sends_its_signed_history_and_times_out_without_a_worker() {
     // No worker runs here, so the read API never shows the events processed: the
@@ -208,6 +214,8 @@ async fn a_scenario_sends_its_signed_history_and_times_out_without_a_worker() {
 
 // ---- the binary -------------------------------------------------------------------
 
+/// The `provisioner send` binary delivers, prints the answer, and exits non-zero on a
+/// non-2xx answer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn binary_sends_prints_and_fails_on_non_2xx() {
     let app = spawn_app().await;

@@ -107,6 +107,7 @@ async fn snapshot(db: &PgPool) -> Vec<String> {
     all
 }
 
+/// Reconcile backfills an empty database from Clerk lists longer than one page.
 #[tokio::test]
 async fn backfill_from_an_empty_database_over_several_pages() {
     let db = TestDatabase::create().await;
@@ -148,6 +149,8 @@ async fn backfill_from_an_empty_database_over_several_pages() {
     assert_eq!(snapshot(&db.pool).await, before);
 }
 
+/// Each kind of drift (stale, gone, conflict, members promoted, missing or new, a new
+/// organization) is reported and repaired.
 #[tokio::test]
 async fn each_kind_of_drift_is_reported_and_repaired() {
     let db = TestDatabase::create().await;
@@ -289,6 +292,7 @@ async fn each_kind_of_drift_is_reported_and_repaired() {
     );
 }
 
+/// A workspace missing from Clerk's list is tombstoned only after `GET` of it answers 404.
 #[tokio::test]
 async fn a_workspace_is_tombstoned_only_after_its_404() {
     let db = TestDatabase::create().await;
@@ -325,6 +329,7 @@ async fn a_workspace_is_tombstoned_only_after_its_404() {
     );
 }
 
+/// A membership created while the scan runs is not removed.
 #[tokio::test]
 async fn a_membership_created_during_the_scan_is_not_removed() {
     let db = TestDatabase::create().await;
@@ -350,6 +355,7 @@ async fn a_membership_created_during_the_scan_is_not_removed() {
     );
 }
 
+/// An older Clerk snapshot never overwrites what a newer webhook stored.
 #[tokio::test]
 async fn an_older_snapshot_never_overwrites_a_newer_webhook() {
     let db = TestDatabase::create().await;
@@ -395,6 +401,8 @@ async fn an_older_snapshot_never_overwrites_a_newer_webhook() {
     assert_eq!(member(&db.pool, "orgmem_race").await.unwrap().role, "admin");
 }
 
+/// Syncing one organization provisions it; once Clerk no longer has it, the sync
+/// proves it gone and ends its memberships.
 #[tokio::test]
 async fn sync_one_provisions_and_proves_a_deletion() {
     let db = TestDatabase::create().await;

@@ -38,6 +38,7 @@ fn code(body: &Value) -> &str {
     body["error"]["code"].as_str().unwrap_or("<none>")
 }
 
+/// The sync route provisions a workspace whose webhook has not arrived yet.
 #[tokio::test]
 async fn sync_provisions_a_workspace_the_webhook_has_not_brought_yet() {
     let fake = FakeClerk::start(KEY).await;
@@ -78,6 +79,7 @@ async fn sync_provisions_a_workspace_the_webhook_has_not_brought_yet() {
     assert_eq!(actor, "reconcile");
 }
 
+/// The sync route answers 404 for an organization Clerk does not have.
 #[tokio::test]
 async fn sync_answers_404_for_an_organization_clerk_does_not_have() {
     let fake = FakeClerk::start(KEY).await;
@@ -122,6 +124,8 @@ async fn sync_without_a_key_is_501_and_without_clerk_503() {
     assert_eq!(status, 401, "{body}");
 }
 
+/// Concurrent syncs of one organization share one fetch from Clerk and converge with a
+/// webhook racing them.
 #[tokio::test]
 async fn concurrent_syncs_share_one_fetch_and_converge_with_a_racing_webhook() {
     let fake = FakeClerk::start(KEY).await;

@@ -31,8 +31,8 @@ async fn audit_rows(db: &sqlx::PgPool, svix_id: &str) -> i64 {
     .await
 }
 
-// A signed organization.created through intake is provisioned, logged as processed
-// and acked: after a graceful stop nothing is left in the work queue.
+/// A signed organization.created through intake is provisioned, logged as processed
+/// and acked: after a graceful stop nothing is left in the work queue.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn signed_event_is_provisioned_and_acked() {
     trace();
@@ -60,9 +60,9 @@ async fn signed_event_is_provisioned_and_acked() {
     assert_eq!(queue_depth(&queue).await, 0, "the delivery was acked");
 }
 
-// A signed event of a handled type whose data has no id is dead-lettered once, with
-// its reason and class, recorded as dead, and not left to loop in the work queue;
-// a later replay of the same svix id with a fixed body is processed afresh.
+/// A signed event of a handled type whose data has no id is dead-lettered once, with
+/// its reason and class, recorded as dead, and not left to loop in the work queue;
+/// a later replay of the same svix id with a fixed body is processed afresh.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_payload_is_dead_lettered_with_its_reason() {
     trace();
@@ -139,8 +139,8 @@ async fn malformed_payload_is_dead_lettered_with_its_reason() {
     }
 }
 
-// Wrong types in data (a numeric id, a string where a number belongs) are a payload
-// dead letter too, never a retry.
+/// Wrong types in data (a numeric id, a string where a number belongs) are a payload
+/// dead letter too, never a retry.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wrong_types_are_dead_lettered_as_payload() {
     trace();
@@ -172,8 +172,8 @@ async fn wrong_types_are_dead_lettered_as_payload() {
     assert_eq!(queue_depth(&b.queue).await, 0);
 }
 
-// The same svix id delivered twice (a Svix retry) is applied once: one processing-log
-// row, audit rows not doubled, both deliveries acked.
+/// The same svix id delivered twice (a Svix retry) is applied once: one processing-log
+/// row, audit rows not doubled, both deliveries acked.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn duplicate_svix_id_is_acked_without_effect() {
     trace();
@@ -213,8 +213,8 @@ async fn duplicate_svix_id_is_acked_without_effect() {
     assert_eq!(queue_depth(&queue).await, 0, "the duplicate was acked");
 }
 
-// A message put in the queue without a message_id cannot be deduplicated: it is
-// dead-lettered (class payload) with that reason instead of being applied.
+/// A message put in the queue without a message_id cannot be deduplicated: it is
+/// dead-lettered (class payload) with that reason instead of being applied.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn message_without_id_is_dead_lettered() {
     trace();
@@ -241,8 +241,8 @@ async fn message_without_id_is_dead_lettered() {
     assert_eq!(queue_depth(&b.queue).await, 0);
 }
 
-// A message carrying `x-replayed` (set by `dlq replay`) is applied with actor
-// `replay` in the audit log; a message without a `type` property takes the body's.
+/// A message carrying `x-replayed` (set by `dlq replay`) is applied with actor
+/// `replay` in the audit log; a message without a `type` property takes the body's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replayed_message_is_audited_as_replay() {
     trace();
@@ -269,9 +269,9 @@ async fn replayed_message_is_audited_as_replay() {
     app.stop().await.unwrap();
 }
 
-// A replay from the ops console also carries `x-replayed-by` (the operator's session
-// label): every audit row of the event keeps actor `replay` and names the operator in
-// its details. Without `x-replayed`, the header is ignored (only a replay names one).
+/// A replay from the ops console also carries `x-replayed-by` (the operator's session
+/// label): every audit row of the event keeps actor `replay` and names the operator in
+/// its details. Without `x-replayed`, the header is ignored (only a replay names one).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_console_replay_names_its_operator_in_every_audit_row() {
     trace();
@@ -335,8 +335,8 @@ async fn a_console_replay_names_its_operator_in_every_audit_row() {
     app.stop().await.unwrap();
 }
 
-// A database error that is not an outage goes through the retry queues in order and
-// the event is applied once the error stops (retries carry x-attempts).
+/// A database error that is not an outage goes through the retry queues in order and
+/// the event is applied once the error stops (retries carry x-attempts).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failing_event_is_retried_through_the_retry_queues() {
     trace();
@@ -379,8 +379,8 @@ async fn failing_event_is_retried_through_the_retry_queues() {
     assert_eq!(queue_depth(&b.queue).await, 0);
 }
 
-// An event that keeps failing is dead-lettered after the last retry queue, with class
-// retries-exhausted and every attempt counted.
+/// An event that keeps failing is dead-lettered after the last retry queue, with class
+/// retries-exhausted and every attempt counted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn event_failing_every_retry_is_dead_lettered_as_exhausted() {
     trace();
@@ -418,8 +418,8 @@ async fn event_failing_every_retry_is_dead_lettered_as_exhausted() {
     assert_eq!(queue_depth(&b.queue).await, 0);
 }
 
-// Many events published at once are spread over concurrent batches and each is
-// applied exactly once.
+/// Many events published at once are spread over concurrent batches and each is
+/// applied exactly once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_events_are_each_applied_once() {
     trace();

@@ -41,8 +41,8 @@ async fn doubled_audit_rows(db: &PgPool, like: &str) -> i64 {
     .await
 }
 
-// PostgreSQL unreachable: events are held, then parked in the longest retry queue,
-// never dead-lettered; once it is back every event is applied exactly once.
+/// PostgreSQL unreachable: events are held, then parked in the longest retry queue,
+/// never dead-lettered; once it is back every event is applied exactly once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn database_outage_holds_events_and_loses_none() {
     trace();
@@ -173,9 +173,9 @@ fn spawn_worker_process(iso: &Isolation, config: &std::path::Path) -> tokio::pro
         .expect("provisioner binary starts")
 }
 
-// A worker process killed with SIGKILL mid-stream leaves its unacked events to be
-// redelivered; after another worker drains the queue every event is applied exactly
-// once, and SIGTERM stops a worker cleanly with exit code 0.
+/// A worker process killed with SIGKILL mid-stream leaves its unacked events to be
+/// redelivered; after another worker drains the queue every event is applied exactly
+/// once, and SIGTERM stops a worker cleanly with exit code 0.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_worker_process_loses_and_doubles_nothing() {
     trace();
@@ -299,9 +299,9 @@ async fn crash_while_holding(queue: &str) -> Option<Option<i64>> {
     Some(count)
 }
 
-// RabbitMQ 3.10's delivery limit N allows N + 1 deliveries (x-delivery-count 0 or
-// absent, then 1..N) and then dead-letters the message itself with x-death reason
-// delivery_limit: the threshold the worker's own check is built on.
+/// RabbitMQ 3.10's delivery limit N allows N + 1 deliveries (x-delivery-count 0 or
+/// absent, then 1..N) and then dead-letters the message itself with x-death reason
+/// delivery_limit: the threshold the worker's own check is built on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_dead_letters_after_limit_plus_one_deliveries() {
     trace();
@@ -350,8 +350,8 @@ async fn broker_dead_letters_after_limit_plus_one_deliveries() {
     app.stop().await.unwrap();
 }
 
-// A message that crashed workers up to its last allowed delivery is dead-lettered by
-// the worker (class delivery-limit, with its reason) instead of being processed again.
+/// A message that crashed workers up to its last allowed delivery is dead-lettered by
+/// the worker (class delivery-limit, with its reason) instead of being processed again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn message_crashing_workers_is_dead_lettered_at_the_delivery_limit() {
     trace();
@@ -411,8 +411,8 @@ async fn message_crashing_workers_is_dead_lettered_at_the_delivery_limit() {
     assert_eq!(queue_depth(&b.queue).await, 0);
 }
 
-// The broker connection cut and restored: the worker reconnects by itself and
-// consumes what was queued meanwhile, without a process restart.
+/// The broker connection cut and restored: the worker reconnects by itself and
+/// consumes what was queued meanwhile, without a process restart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_outage_consumer_recovers_without_restart() {
     trace();
