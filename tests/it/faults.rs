@@ -51,17 +51,7 @@ impl Stack {
     async fn new(amqp_url: &str, pg_base: &str) -> Self {
         let iso = Isolation::new();
         let database_url = format!("{pg_base}/{}", iso.database);
-        let settings = provisioner::config::DatabaseSettings {
-            url: provisioner::config::ConnectionUrl::new(database_url.clone()),
-            max_connections: 4,
-            acquire_timeout_ms: 30_000,
-            lock_timeout_ms: 0,
-            statement_timeout_ms: 0,
-            idle_in_transaction_session_timeout_ms: 0,
-        };
-        let db = provisioner::db::prepare(&settings)
-            .await
-            .expect("the test database is prepared");
+        let db = crate::common::database::prepare(database_url.clone(), 4).await;
         let config = std::env::temp_dir().join(format!("provisioner-faults-{}.toml", random_id(8)));
         std::fs::write(
             &config,

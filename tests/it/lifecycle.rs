@@ -19,6 +19,15 @@ fn base_env(iso: &Isolation, config: &TempFile, port: u16) -> Vec<(String, Strin
     ]
 }
 
+/// `serve --no-worker` with exactly `env`, listening on `port`, once `/healthz`
+/// answers 200; with its base URL.
+async fn serve_healthy(env: &[(String, String)], port: u16) -> (Process, String) {
+    let mut child = Process::start("serve", &["serve", "--no-worker"], env);
+    let base = format!("http://127.0.0.1:{port}");
+    child.wait_healthy(&base).await;
+    (child, base)
+}
+
 /// A one-line error naming `setting` and a non-zero exit, from a run that fails
 /// before serving.
 async fn assert_fails_naming(env: &[(String, String)], setting: &str) -> String {
@@ -40,14 +49,8 @@ async fn sigterm_drains_in_flight_requests_and_exits_zero() {
     let iso = Isolation::new();
     let config = TempFile::new("config.toml", &iso.broker_toml());
     let port = free_port();
-    let mut child = Process::start(
-        "serve",
-        &["serve", "--no-worker"],
-        &base_env(&iso, &config, port),
-    );
-    let base = format!("http://127.0.0.1:{port}");
+    let (mut child, base) = serve_healthy(&base_env(&iso, &config, port), port).await;
     let client = reqwest::Client::new();
-    child.wait_healthy(&base).await;
     let queue = format!("{}.provisioner.events", iso.prefix);
 
     let body = serde_json::to_vec(&fixture("organization.created")).unwrap();
@@ -142,14 +145,8 @@ async fn an_idle_service_is_ready_and_stops_on_sigterm() {
     let iso = Isolation::new();
     let config = TempFile::new("config.toml", &iso.broker_toml());
     let port = free_port();
-    let mut child = Process::start(
-        "serve",
-        &["serve", "--no-worker"],
-        &base_env(&iso, &config, port),
-    );
-    let base = format!("http://127.0.0.1:{port}");
+    let (mut child, base) = serve_healthy(&base_env(&iso, &config, port), port).await;
     let client = reqwest::Client::new();
-    child.wait_healthy(&base).await;
     let res = client.get(format!("{base}/healthz")).send().await.unwrap();
     assert_eq!(res.status(), 200);
     let res = client.get(format!("{base}/readyz")).send().await.unwrap();
@@ -456,10 +453,8 @@ async fn a_flood_of_readiness_probes_queries_the_database_about_once_a_second() 
     env.retain(|(k, _)| k != "RUST_LOG");
     env.push(("RUST_LOG".into(), "info,sqlx::query=debug".into()));
     env.push(("LOG_FORMAT".into(), "json".into()));
-    let mut child = Process::start("serve", &["serve", "--no-worker"], &env);
-    let base = format!("http://127.0.0.1:{port}");
+    let (mut child, base) = serve_healthy(&env, port).await;
     let client = reqwest::Client::new();
-    child.wait_healthy(&base).await;
     let before = readiness_queries(&child);
 
     // 8 waves of 50 concurrent probes, half a second apart: about 4 s, 400 probes.
@@ -500,10 +495,8 @@ async fn refused_webhooks_are_summed_up_in_one_warning_without_their_ids() {
     let port = free_port();
     let mut env = base_env(&iso, &config, port);
     env.push(("LOG_FORMAT".into(), "json".into()));
-    let mut child = Process::start("serve", &["serve", "--no-worker"], &env);
-    let base = format!("http://127.0.0.1:{port}");
+    let (mut child, base) = serve_healthy(&env, port).await;
     let client = reqwest::Client::new();
-    child.wait_healthy(&base).await;
 
     let ids: Vec<String> = (0..200)
         .map(|i| format!("msg_forged{i}x{}", random_id(8)))

@@ -205,12 +205,7 @@ async fn an_operator_handles_a_dead_letter_and_syncs_a_workspace_in_chromium() {
     }
     let app = spawn_app_with(TestOptions {
         worker: true,
-        env: vec![
-            ("CLERK_SECRET_KEY".into(), fake.key.clone()),
-            ("CLERK_API_URL".into(), fake.url.clone()),
-        ],
-        extra_config: "[reconcile]\nrequests_per_second = 0\n".into(),
-        ..TestOptions::default()
+        ..TestOptions::with_clerk(&fake)
     })
     .await;
     let id = format!("msg_browser_{}", random_id(12));

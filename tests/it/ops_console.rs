@@ -217,18 +217,6 @@ async fn dead_ids(app: &TestApp) -> Vec<String> {
     listing.data.into_iter().filter_map(|l| l.id).collect()
 }
 
-async fn app_with_clerk(fake: &FakeClerk) -> TestApp {
-    spawn_app_with(TestOptions {
-        env: vec![
-            ("CLERK_SECRET_KEY".into(), fake.key.clone()),
-            ("CLERK_API_URL".into(), fake.url.clone()),
-        ],
-        extra_config: "[reconcile]\nrequests_per_second = 0\n".into(),
-        ..TestOptions::default()
-    })
-    .await
-}
-
 /// Without a session every page and every form answers 303 to the login, and the
 /// forms change nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -457,7 +445,7 @@ async fn every_console_response_carries_the_security_headers() {
 async fn forms_without_the_right_csrf_token_are_refused_and_change_nothing() {
     let fake = FakeClerk::start(CLERK_KEY).await;
     fake.put_organization(org("org_csrf").named("Csrf Inc").data_at(T0));
-    let app = app_with_clerk(&fake).await;
+    let app = spawn_app_with(TestOptions::with_clerk(&fake)).await;
     let (id1, id2) = (msg_id(), msg_id());
     inject_dead(
         &app.settings,
@@ -593,7 +581,7 @@ async fn each_action_acts_redirects_and_is_audited() {
             .role("org:admin")
             .data_at(T0),
     );
-    let app = app_with_clerk(&fake).await;
+    let app = spawn_app_with(TestOptions::with_clerk(&fake)).await;
     let ids: Vec<String> = (0..4).map(|_| msg_id()).collect();
     inject_dead(
         &app.settings,
@@ -1124,22 +1112,28 @@ async fn a_workspace_page_shows_state_members_audit_and_events() {
 /// The overview reports the dead letters, queue depths and dependencies it measured.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_overview_reports_what_it_measured() {
-    let app = spawn_app().await;
+    // A process of its own: the overview reads the process's metrics, and other
+    // tests of this binary run workers in theirs.
+    let iso = Isolation::new();
+    let settings = test_settings(&iso, &TestOptions::default());
+    let served = Served::start_with(&iso, &["serve", "--no-worker"]).await;
     inject_dead(
-        &app.settings,
+        &settings,
         &[
             dead("organization.created", "org_a", &msg_id()),
             dead("organization.created", "org_a", &msg_id()),
         ],
     )
     .await;
-    let (console, _) = Console::signed_in(&app, "alice").await;
+    let mut console = Console::at(&served.base);
+    let login = console.login(OPS_TOKEN, "alice").await;
+    assert_eq!(login.status, StatusCode::SEE_OTHER, "{}", login.body);
     let page = console.get("/ops").await;
     assert_eq!(page.status, StatusCode::OK, "{}", page.body);
     for needle in [
         "measuring now",
-        app.settings.broker.dead_letter_queue.as_str(),
-        app.settings.broker.queue.as_str(),
+        settings.broker.dead_letter_queue.as_str(),
+        settings.broker.queue.as_str(),
         "PostgreSQL",
         "answers",
         "connected",

@@ -21,17 +21,25 @@ async fn app_with_clerk(fake: Option<&FakeClerk>) -> TestApp {
 }
 
 async fn app_with_clerk_and(fake: Option<&FakeClerk>, extra: &str) -> TestApp {
-    let mut env = Vec::new();
-    if let Some(fake) = fake {
-        env.push(("CLERK_SECRET_KEY".to_owned(), fake.key.clone()));
-        env.push(("CLERK_API_URL".to_owned(), fake.url.clone()));
-    }
-    spawn_app_with(TestOptions {
-        env,
-        extra_config: format!("[reconcile]\nrequests_per_second = 0\n{extra}"),
-        ..TestOptions::default()
-    })
-    .await
+    let mut opts = match fake {
+        Some(fake) => TestOptions::with_clerk(fake),
+        None => TestOptions {
+            extra_config: "[reconcile]\nrequests_per_second = 0\n".to_owned(),
+            ..TestOptions::default()
+        },
+    };
+    opts.extra_config.push_str(extra);
+    spawn_app_with(opts).await
+}
+
+/// An application reading `fake` with a key `CLERK_INSTANCE_ID` says is of another
+/// instance (`ins_production`), and `extra` TOML after `[reconcile]`'s.
+async fn app_of_another_instance(fake: &FakeClerk, extra: &str) -> TestApp {
+    let mut opts = TestOptions::with_clerk(fake);
+    opts.env
+        .push(("CLERK_INSTANCE_ID".to_owned(), "ins_production".to_owned()));
+    opts.extra_config.push_str(extra);
+    spawn_app_with(opts).await
 }
 
 fn code(body: &Value) -> &str {
@@ -391,16 +399,7 @@ async fn sync_never_removes_the_member_at_a_shifted_page_boundary() {
 #[tokio::test]
 async fn sync_refuses_a_key_of_another_instance() {
     let fake = FakeClerk::start(KEY).await;
-    let app = spawn_app_with(TestOptions {
-        env: vec![
-            ("CLERK_SECRET_KEY".to_owned(), fake.key.clone()),
-            ("CLERK_API_URL".to_owned(), fake.url.clone()),
-            ("CLERK_INSTANCE_ID".to_owned(), "ins_production".to_owned()),
-        ],
-        extra_config: "[reconcile]\nrequests_per_second = 0\n".into(),
-        ..TestOptions::default()
-    })
-    .await;
+    let app = app_of_another_instance(&fake, "").await;
     fake.put_organization(org("org_jit_other").data_at(T0));
     let response = app
         .client
@@ -428,16 +427,7 @@ async fn sync_refuses_a_key_of_another_instance() {
 #[tokio::test]
 async fn scheduled_reconcile_refuses_a_key_of_another_instance() {
     let fake = FakeClerk::start(KEY).await;
-    let app = spawn_app_with(TestOptions {
-        env: vec![
-            ("CLERK_SECRET_KEY".to_owned(), fake.key.clone()),
-            ("CLERK_API_URL".to_owned(), fake.url.clone()),
-            ("CLERK_INSTANCE_ID".to_owned(), "ins_production".to_owned()),
-        ],
-        extra_config: "[reconcile]\nrequests_per_second = 0\ninterval_s = 1\n".into(),
-        ..TestOptions::default()
-    })
-    .await;
+    let app = app_of_another_instance(&fake, "interval_s = 1\n").await;
     // Here, not in (this key's) Clerk: a run with the wrong key would remove it.
     let p = Provisioner::new(app.settings.provisioning.clone());
     for r in p

@@ -37,23 +37,29 @@ impl TestDatabase {
             "{}?options=-c%20synchronous_commit%3Doff",
             iso.database_url()
         );
-        let settings = provisioner::config::DatabaseSettings {
-            url: provisioner::config::ConnectionUrl::new(url),
-            max_connections,
-            acquire_timeout_ms: 30_000,
-            lock_timeout_ms: 0,
-            statement_timeout_ms: 0,
-            idle_in_transaction_session_timeout_ms: 0,
-        };
-        let pool = provisioner::db::prepare(&settings)
-            .await
-            .expect("test database prepared");
+        let pool = prepare(url, max_connections).await;
         Self {
             pool,
             name: iso.database.clone(),
             _iso: iso,
         }
     }
+}
+
+/// Creates (if missing) and migrates the database at `url`, as the service does,
+/// with a pool of `max_connections` and no statement or lock timeouts.
+pub async fn prepare(url: String, max_connections: u32) -> PgPool {
+    let settings = provisioner::config::DatabaseSettings {
+        url: provisioner::config::ConnectionUrl::new(url),
+        max_connections,
+        acquire_timeout_ms: 30_000,
+        lock_timeout_ms: 0,
+        statement_timeout_ms: 0,
+        idle_in_transaction_session_timeout_ms: 0,
+    };
+    provisioner::db::prepare(&settings)
+        .await
+        .expect("test database prepared")
 }
 
 /// Drops the database `name` now, whatever the caller's context: on a thread of

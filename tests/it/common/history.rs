@@ -70,6 +70,12 @@ pub fn history(prefix: &str, orgs: usize, users: usize, seed: u64) -> Vec<Webhoo
         });
     };
     let user_id = |u: usize| format!("{prefix}user_{u}");
+    // Membership `id` of user `u` (as `tag` shows them) in `org`.
+    let member = |org: &story::Org, id: &str, u: usize, tag: &str, role: &str, since: i64| {
+        org.membership(id, &story::person(&user_id(u), tag))
+            .role(role)
+            .since(since)
+    };
     // The display tag each user has now (their last user.updated).
     let mut tags: Vec<String> = vec!["0".to_owned(); users];
     let mut stories: Vec<OrgStory> = (0..orgs)
@@ -106,8 +112,7 @@ pub fn history(prefix: &str, orgs: usize, users: usize, seed: u64) -> Vec<Webhoo
             let id = format!("{prefix}orgmem_{mem_seq}");
             mem_seq += 1;
             let role = ROLES[rng.random_range(0..ROLES.len())];
-            let who = story::person(&user_id(u), &tags[u]);
-            let event = s.org.membership(&id, &who).role(role).since(at).created(at);
+            let event = member(&s.org, &id, u, &tags[u], role, at).created(at);
             s.members.push((id, u, role, at));
             push(&mut out, "organizationMembership.created", event);
         }
@@ -119,13 +124,7 @@ pub fn history(prefix: &str, orgs: usize, users: usize, seed: u64) -> Vec<Webhoo
             let role = ROLES[rng.random_range(0..ROLES.len())];
             s.members[i].2 = role;
             let (id, u, _, since) = s.members[i].clone();
-            let who = story::person(&user_id(u), &tags[u]);
-            let event = s
-                .org
-                .membership(&id, &who)
-                .role(role)
-                .since(since)
-                .updated(at);
+            let event = member(&s.org, &id, u, &tags[u], role, since).updated(at);
             push(&mut out, "organizationMembership.updated", event);
         }
         let at = tick();
@@ -153,26 +152,14 @@ pub fn history(prefix: &str, orgs: usize, users: usize, seed: u64) -> Vec<Webhoo
         if s.members.len() > 1 {
             let at = tick();
             let (id, u, role, since) = s.members.remove(0);
-            let who = story::person(&user_id(u), &tags[u]);
-            let event = s
-                .org
-                .membership(&id, &who)
-                .role(role)
-                .since(since)
-                .deleted(at);
+            let event = member(&s.org, &id, u, &tags[u], role, since).deleted(at);
             push(&mut out, "organizationMembership.deleted", event);
         }
         if i % 5 == 4 {
             if i % 10 == 9 {
                 for (id, u, role, since) in std::mem::take(&mut s.members) {
                     let at = tick();
-                    let who = story::person(&user_id(u), &tags[u]);
-                    let event = s
-                        .org
-                        .membership(&id, &who)
-                        .role(role)
-                        .since(since)
-                        .deleted(at);
+                    let event = member(&s.org, &id, u, &tags[u], role, since).deleted(at);
                     push(&mut out, "organizationMembership.deleted", event);
                 }
             }

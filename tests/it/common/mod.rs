@@ -76,6 +76,21 @@ pub struct TestOptions {
     pub database_url: Option<String>,
 }
 
+impl TestOptions {
+    /// An application that reads Clerk's Backend API from `fake` (its URL and key),
+    /// unpaced (`[reconcile] requests_per_second = 0`).
+    pub fn with_clerk(fake: &provisioner::clerk::fake::FakeClerk) -> Self {
+        Self {
+            env: vec![
+                ("CLERK_SECRET_KEY".to_owned(), fake.key.clone()),
+                ("CLERK_API_URL".to_owned(), fake.url.clone()),
+            ],
+            extra_config: "[reconcile]\nrequests_per_second = 0\n".to_owned(),
+            ..Self::default()
+        }
+    }
+}
+
 /// Isolated names for one test: database and broker prefix. The database (when
 /// anything created it) is dropped when the last clone of its `Isolation` is
 /// dropped, also when the test panics.

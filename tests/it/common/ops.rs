@@ -369,8 +369,14 @@ pub struct Served {
 }
 
 impl Served {
-    /// Starts it and waits until it is healthy.
+    /// Starts `serve` and waits until it is healthy.
     pub async fn start(iso: &Isolation) -> Self {
+        Self::start_with(iso, &["serve"]).await
+    }
+
+    /// Starts the binary with `args` (a `serve` of some kind) and waits until it
+    /// is healthy.
+    pub async fn start_with(iso: &Isolation, args: &[&str]) -> Self {
         let config = config_file(iso, "");
         let port = super::children::free_port();
         let base = format!("http://127.0.0.1:{port}");
@@ -382,7 +388,7 @@ impl Served {
             ("PROVISIONER_ENV".into(), "development".into()),
             ("RUST_LOG".into(), "warn".into()),
         ];
-        let mut process = super::children::Process::start("serve", &["serve"], &env);
+        let mut process = super::children::Process::start("serve", args, &env);
         process.wait_healthy(&base).await;
         Self {
             process,

@@ -23,12 +23,7 @@ async fn an_abandoned_sync_runs_to_its_end_and_never_freezes_its_workspace() {
     let fake = FakeClerk::start(KEY).await;
     let app = spawn_app_with(TestOptions {
         worker: true,
-        env: vec![
-            ("CLERK_SECRET_KEY".to_owned(), fake.key.clone()),
-            ("CLERK_API_URL".to_owned(), fake.url.clone()),
-        ],
-        extra_config: "[reconcile]\nrequests_per_second = 0\n".into(),
-        ..TestOptions::default()
+        ..TestOptions::with_clerk(&fake)
     })
     .await;
     // Here: Acme with Ada as admin. Clerk: Acme renamed since, so the sync has a
