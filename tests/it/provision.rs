@@ -10,7 +10,7 @@ mod removals;
 use crate::common;
 use crate::common::database::TestDatabase;
 use crate::common::rows::*;
-use crate::common::story::{self, Event, org, person, user_deleted, user_updated};
+use crate::common::story::{self, Event, Org, org, person, user_deleted, user_updated};
 use provisioner::config::Settings;
 use provisioner::provision::{Actor, Incoming, Outcome, ProcessError, Provisioner};
 use serde_json::{Value, json};
@@ -57,6 +57,27 @@ fn audit_row(action: &str, subject: &str, event_id: &str) -> AuditRow {
 }
 
 /// Applies `events` in order, each expected to apply.
+/// `who` joins workspace A (`mem_a`, member) and B (`mem_b`, admin): events
+/// `m1` and `m2`.
+async fn in_a_and_b(p: &Provisioner, db: &PgPool, who: &story::Person) -> (Org, Org) {
+    let org_a = org("org_a").named("A").version(T0);
+    let org_b = org("org_b").named("B").version(T0);
+    apply_all(
+        p,
+        db,
+        [
+            org_a.membership("mem_a", who).created(T0).svix("m1"),
+            org_b
+                .membership("mem_b", who)
+                .role("org:admin")
+                .created(T0)
+                .svix("m2"),
+        ],
+    )
+    .await;
+    (org_a, org_b)
+}
+
 async fn apply_all(p: &Provisioner, db: &PgPool, events: impl IntoIterator<Item = Event>) {
     for e in events {
         apply_ok(p, db, e).await;
@@ -730,21 +751,7 @@ async fn user_updated_refreshes_display_fields_everywhere() {
     let db = TestDatabase::create().await;
     let p = provisioner();
     let jane = person("user_jane", "old");
-    let org_a = org("org_a").named("A").version(T0);
-    let org_b = org("org_b").named("B").version(T0);
-    apply_all(
-        &p,
-        &db.pool,
-        [
-            org_a.membership("mem_a", &jane).created(T0).svix("m1"),
-            org_b
-                .membership("mem_b", &jane)
-                .role("org:admin")
-                .created(T0)
-                .svix("m2"),
-        ],
-    )
-    .await;
+    let (org_a, _) = in_a_and_b(&p, &db.pool, &jane).await;
 
     let renamed = user_updated(&person("user_jane", "new"), T0 + 10).svix("m3");
     assert_eq!(apply_ok(&p, &db.pool, renamed).await, Outcome::Processed);
@@ -827,21 +834,7 @@ async fn deleted_user_memberships_end_for_good() {
     let db = TestDatabase::create().await;
     let p = provisioner();
     let jane = person("user_jane", "j");
-    let org_a = org("org_a").named("A").version(T0);
-    let org_b = org("org_b").named("B").version(T0);
-    apply_all(
-        &p,
-        &db.pool,
-        [
-            org_a.membership("mem_a", &jane).created(T0).svix("m1"),
-            org_b
-                .membership("mem_b", &jane)
-                .role("org:admin")
-                .created(T0)
-                .svix("m2"),
-        ],
-    )
-    .await;
+    let (org_a, _) = in_a_and_b(&p, &db.pool, &jane).await;
     let deleted = user_deleted("user_jane", T0 + 10).svix("m3");
     assert_eq!(apply_ok(&p, &db.pool, deleted).await, Outcome::Processed);
     for id in ["mem_a", "mem_b"] {

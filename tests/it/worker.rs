@@ -84,20 +84,15 @@ async fn malformed_payload_is_dead_lettered_with_its_reason() {
         wait_status(&db, &id, "dead").await,
         "recorded dead in the processing log"
     );
-    assert!(wait_depth(&b.dead_letter_queue, 1).await);
-    let dead = drain_queue(&b.dead_letter_queue).await;
-    assert_eq!(dead.len(), 1, "dead-lettered exactly once");
-    let props = &dead[0].delivery.properties;
-    assert_eq!(dead[0].delivery.data, body, "body unchanged");
+    let dead = the_one_message(&b.dead_letter_queue).await;
+    let props = &dead.delivery.properties;
+    assert_eq!(dead.delivery.data, body, "body unchanged");
     assert_eq!(props.message_id().as_ref().unwrap().as_str(), id);
     assert_eq!(
         props.kind().as_ref().unwrap().as_str(),
         "organization.created"
     );
-    assert_eq!(
-        dead[0].delivery.routing_key.as_str(),
-        "organization.created"
-    );
+    assert_eq!(dead.delivery.routing_key.as_str(), "organization.created");
     assert_eq!(
         header_str(props, "x-error-class").as_deref(),
         Some("payload")
@@ -156,16 +151,14 @@ async fn wrong_types_are_dead_lettered_as_payload() {
     assert_eq!(app.post_signed(&id, &body).await.status(), 200);
 
     assert!(wait_status(&db, &id, "dead").await);
-    assert!(wait_depth(&b.dead_letter_queue, 1).await);
-    let dead = drain_queue(&b.dead_letter_queue).await;
-    assert_eq!(dead.len(), 1);
-    let props = &dead[0].delivery.properties;
+    let dead = the_one_message(&b.dead_letter_queue).await;
+    let props = &dead.delivery.properties;
     assert_eq!(
         header_str(props, "x-error-class").as_deref(),
         Some("payload")
     );
     assert_eq!(
-        dead[0].delivery.routing_key.as_str(),
+        dead.delivery.routing_key.as_str(),
         "organizationMembership.created"
     );
     app.stop().await.unwrap();
@@ -227,16 +220,14 @@ async fn message_without_id_is_dead_lettered() {
 
     publish_raw(&b.exchange, "organization.created", &body, props).await;
 
-    assert!(wait_depth(&b.dead_letter_queue, 1).await);
-    let dead = drain_queue(&b.dead_letter_queue).await;
-    assert_eq!(dead.len(), 1);
-    let p = &dead[0].delivery.properties;
+    let dead = the_one_message(&b.dead_letter_queue).await;
+    let p = &dead.delivery.properties;
     assert_eq!(
         header_str(p, "x-error").as_deref(),
         Some("message has no message_id")
     );
     assert_eq!(header_str(p, "x-error-class").as_deref(), Some("payload"));
-    assert_eq!(dead[0].delivery.data, body);
+    assert_eq!(dead.delivery.data, body);
     app.stop().await.unwrap();
     assert_eq!(queue_depth(&b.queue).await, 0);
 }
@@ -398,10 +389,8 @@ async fn event_failing_every_retry_is_dead_lettered_as_exhausted() {
         200
     );
 
-    assert!(wait_depth(&b.dead_letter_queue, 1).await);
-    let dead = drain_queue(&b.dead_letter_queue).await;
-    assert_eq!(dead.len(), 1);
-    let p = &dead[0].delivery.properties;
+    let dead = the_one_message(&b.dead_letter_queue).await;
+    let p = &dead.delivery.properties;
     assert_eq!(
         header_str(p, "x-error-class").as_deref(),
         Some("retries-exhausted")

@@ -386,10 +386,8 @@ async fn message_crashing_workers_is_dead_lettered_at_the_delivery_limit() {
     .await;
 
     // Assert
-    assert!(wait_depth(&b.dead_letter_queue, 1).await);
-    let dead = drain_queue(&b.dead_letter_queue).await;
-    assert_eq!(dead.len(), 1);
-    let p = &dead[0].delivery.properties;
+    let dead = the_one_message(&b.dead_letter_queue).await;
+    let p = &dead.delivery.properties;
     assert_eq!(
         header_str(p, "x-error-class").as_deref(),
         Some("delivery-limit")

@@ -8,7 +8,8 @@
 //! case (a plan in the metadata, a second email address, a hand-edited field).
 
 use provisioner::clerk::EventType;
-use provisioner::ops::send::payload::{self, Person};
+use provisioner::ops::send::payload;
+pub use provisioner::ops::send::payload::Person;
 use provisioner::provision::{Actor, Incoming};
 use serde_json::{Value, json};
 

@@ -111,6 +111,15 @@ pub async fn count(db: &PgPool, sql: &'static str, bind: &str) -> i64 {
         .unwrap()
 }
 
+/// Waits until `queue` holds a message, then takes everything in it: exactly one
+/// message, or the test fails.
+pub async fn the_one_message(queue: &str) -> lapin::message::BasicGetMessage {
+    assert!(wait_depth(queue, 1).await, "{queue} holds a message");
+    let mut all = super::drain_queue(queue).await;
+    assert_eq!(all.len(), 1, "{queue} holds exactly one message");
+    all.pop().unwrap()
+}
+
 /// Makes writes of workspace `org` fail with `message`, a plain (non-connectivity)
 /// error: the first `times` writes (a sequence counts them: it is not rolled back
 /// with the transaction), or with `None` every write until [`heal_workspace_writes`]
