@@ -7,19 +7,12 @@ use crate::common;
 use std::time::Duration;
 
 use crate::common::worker::{
-    count, fail_workspace_writes, heal_workspace_writes, wait_depth, wait_status,
+    count, fail_workspace_writes, heal_workspace_writes, wait_depth, wait_status, worker_opts,
 };
 use crate::common::*;
 use provisioner::ops::dlq::{self, ReplayOptions, Selection};
 use provisioner::ops::send::{self, Scenario, SendArgs};
 use serde_json::json;
-
-fn worker_opts() -> TestOptions {
-    TestOptions {
-        worker: true,
-        ..TestOptions::default()
-    }
-}
 
 /// A dead letter replayed once its cause is gone is provisioned through the real worker.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

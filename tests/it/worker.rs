@@ -7,21 +7,6 @@ use lapin::BasicProperties;
 use lapin::types::AMQPValue;
 use serde_json::json;
 
-fn worker_opts() -> TestOptions {
-    TestOptions {
-        worker: true,
-        ..TestOptions::default()
-    }
-}
-
-fn org_created(id: &str, name: &str) -> Vec<u8> {
-    let mut data = fixture("organization.created")["data"].clone();
-    data["id"] = json!(id);
-    data["name"] = json!(name);
-    data["slug"] = json!(name.to_lowercase().replace(' ', "-"));
-    envelope("organization.created", data, now_secs() * 1000)
-}
-
 async fn audit_rows(db: &sqlx::PgPool, svix_id: &str) -> i64 {
     count(
         db,

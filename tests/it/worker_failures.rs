@@ -14,14 +14,6 @@ use lapin::types::AMQPValue;
 use serde_json::json;
 use sqlx::PgPool;
 
-fn org_created(id: &str, name: &str) -> Vec<u8> {
-    let mut data = fixture("organization.created")["data"].clone();
-    data["id"] = json!(id);
-    data["name"] = json!(name);
-    data["slug"] = json!(name.to_lowercase().replace(' ', "-"));
-    envelope("organization.created", data, now_secs() * 1000)
-}
-
 fn membership_created(org: &str, user: &str, n: usize) -> Vec<u8> {
     let mut data = fixture("organizationMembership.created")["data"].clone();
     data["id"] = json!(format!("orgmem_{org}_{n}"));

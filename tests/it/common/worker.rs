@@ -13,6 +13,24 @@ use super::{Isolation, broker_channel, eventually};
 /// How long the harness waits for a confirm before failing the test.
 pub const PUBLISH_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// An application with the worker running in its process.
+pub fn worker_opts() -> super::TestOptions {
+    super::TestOptions {
+        worker: true,
+        ..super::TestOptions::default()
+    }
+}
+
+/// An `organization.created` webhook body for workspace `id` named `name`
+/// (slug from the name), sent now.
+pub fn org_created(id: &str, name: &str) -> Vec<u8> {
+    let mut data = super::fixture("organization.created")["data"].clone();
+    data["id"] = serde_json::json!(id);
+    data["name"] = serde_json::json!(name);
+    data["slug"] = serde_json::json!(name.to_lowercase().replace(' ', "-"));
+    super::envelope("organization.created", data, super::now_secs() * 1000)
+}
+
 /// A pool on the test's database through the real server (never a proxy).
 pub async fn direct_pool(iso: &Isolation) -> PgPool {
     sqlx::postgres::PgPoolOptions::new()
