@@ -19,7 +19,7 @@ use lapin::types::FieldTable;
 use tokio::time::Instant;
 use tracing::Instrument;
 
-use super::delivery::{DeadClass, Envelope};
+use super::delivery::{DeadClass, DeliveredEvent};
 use super::failure::{self, Next};
 use super::metrics::{self, Label};
 use super::{Engine, Job};
@@ -46,7 +46,7 @@ impl Engine {
             acker,
             ..
         } = delivery;
-        let env = Envelope::read(&properties, data, Utc::now());
+        let env = DeliveredEvent::read(&properties, data, Utc::now());
         let span = crate::event_span!(env.event.svix_id);
         if !env.type_name().is_empty() {
             span.record(crate::telemetry::EVENT_TYPE, env.type_name());
@@ -311,7 +311,7 @@ impl Engine {
     /// with backoff for a while: the publisher reconnects by itself.
     async fn publish_copy(
         &self,
-        env: &Envelope,
+        env: &DeliveredEvent,
         exchange: &str,
         routing_key: &str,
         headers: FieldTable,

@@ -10,8 +10,9 @@ use crate::common::worker::{
     count, fail_workspace_writes, heal_workspace_writes, wait_depth, wait_status, worker_opts,
 };
 use crate::common::*;
-use provisioner::ops::dlq::{self, ReplayOptions, Selection};
-use provisioner::ops::send::{self, Scenario, SendArgs};
+use provisioner::cli::send::{self, Scenario, SendArgs};
+use provisioner::dead_letters::{self as dlq, ReplayOptions, Selection};
+use provisioner::progress::Silent;
 use serde_json::json;
 
 /// A dead letter replayed once its cause is gone is provisioned through the real worker.
@@ -56,6 +57,7 @@ async fn a_dead_letter_replayed_after_its_cause_is_gone_is_provisioned() {
     let report = dlq::replay(
         &app.settings,
         &ReplayOptions::new(Selection::Org(org.clone())),
+        &Silent,
     )
     .await
     .unwrap();
@@ -107,6 +109,7 @@ async fn a_still_broken_event_replayed_is_dead_again_not_lost() {
     let report = dlq::replay(
         &app.settings,
         &ReplayOptions::new(Selection::Ids(vec![id.clone()])),
+        &Silent,
     )
     .await
     .unwrap();

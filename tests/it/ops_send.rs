@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use crate::common::ops::*;
 use crate::common::*;
+use provisioner::cli::send::{self, Scenario, SendArgs, SendError};
 use provisioner::config::Secret;
-use provisioner::ops::send::{self, Scenario, SendArgs, SendError};
 use serde_json::Value;
 
 /// A valid secret the test app does not know.
