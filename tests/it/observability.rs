@@ -5,16 +5,13 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use crate::common;
-use crate::common::children::free_port;
+use crate::common::children::{Process, free_port};
 use crate::common::worker::*;
 use crate::common::*;
 use serde_json::{Value, json};
-
-const BIN: &str = env!("CARGO_BIN_EXE_provisioner");
 
 fn repo_file(path: &str) -> String {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(path);
@@ -404,59 +401,11 @@ async fn every_metric_the_dashboard_and_alerts_name_is_exported_and_documented()
 // ---------------------------------------------------------------------------
 // JSON logs of the real binary.
 
-/// Runs the binary with exactly `env`; stderr (the log) goes to `log`.
-fn start(args: &[&str], env: &[(String, String)], log: &TempFile) -> Child {
-    let mut cmd = Command::new(BIN);
-    cmd.args(args)
-        .env_clear()
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log.0).unwrap());
-    if let Ok(path) = std::env::var("PATH") {
-        cmd.env("PATH", path);
-    }
-    cmd.envs(env.iter().map(|(k, v)| (k, v)));
-    cmd.spawn().expect("the binary starts")
-}
-
 /// SIGTERM, then wait (bounded) for a clean exit.
-async fn stop(mut child: Child, log: &TempFile) {
-    let _ = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status();
-    let status = eventually(Duration::from_secs(30), || {
-        let exited = child.try_wait().unwrap();
-        async move { exited }
-    })
-    .await;
-    if status.is_none() {
-        let _ = child.kill();
-    }
-    assert!(
-        status.is_some_and(|s| s.success()),
-        "clean exit: {}",
-        log.read()
-    );
-}
-
-async fn wait_http(client: &reqwest::Client, url: &str, child: &mut Child, log: &TempFile) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            panic!("exited early ({status}): {}", log.read());
-        }
-        if let Ok(res) = client.get(url).send().await
-            && res.status() == 200
-        {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{url} answers: {}",
-            log.read()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+async fn stop(child: &mut Process) {
+    child.sigterm();
+    let status = child.wait_exit(Duration::from_secs(30)).await;
+    assert!(status.success(), "clean exit: {}", child.log());
 }
 
 /// The JSON lines of a log that mention `needle` anywhere.
@@ -497,24 +446,13 @@ async fn json_log_lines_of_an_event_carry_its_ids() {
         "PROVISIONER_METRICS_LISTEN".into(),
         format!("127.0.0.1:{metrics_port}"),
     ));
-    let (intake_log, worker_log, replay_log) = (
-        TempFile::new("intake.log", ""),
-        TempFile::new("worker.log", ""),
-        TempFile::new("replay.log", ""),
-    );
     let client = reqwest::Client::new();
     let base = format!("http://127.0.0.1:{http_port}");
-    let mut intake = start(&["serve", "--no-worker"], &env, &intake_log);
-    wait_http(
-        &client,
-        &format!("{base}/healthz"),
-        &mut intake,
-        &intake_log,
-    )
-    .await;
-    let mut worker = start(&["worker"], &worker_env, &worker_log);
+    let mut intake = Process::start_stderr_only("intake", &["serve", "--no-worker"], &env);
+    intake.wait_healthy(&base).await;
+    let mut worker = Process::start_stderr_only("worker", &["worker"], &worker_env);
     let metrics_url = format!("http://127.0.0.1:{metrics_port}/metrics");
-    wait_http(&client, &metrics_url, &mut worker, &worker_log).await;
+    worker.wait_ok(&metrics_url).await;
     let db = direct_pool(&iso).await;
 
     let org = format!("org_{}", random_id(12));
@@ -545,34 +483,26 @@ async fn json_log_lines_of_an_event_carry_its_ids() {
     assert!(
         wait_status(&db, &good, "processed").await,
         "{}",
-        worker_log.read()
+        worker.log()
     );
-    assert!(
-        wait_status(&db, &bad, "dead").await,
-        "{}",
-        worker_log.read()
-    );
+    assert!(wait_status(&db, &bad, "dead").await, "{}", worker.log());
     let dead_queue = format!("{}.provisioner.dead", iso.prefix);
     assert!(wait_depth(&dead_queue, 1).await);
-    let mut replay = start(&["dlq", "replay", "--id", &bad], &env, &replay_log);
-    let status = eventually(Duration::from_secs(60), || {
-        let exited = replay.try_wait().unwrap();
-        async move { exited }
-    })
-    .await
-    .expect("dlq replay exits");
-    assert!(status.success(), "{}", replay_log.read());
+    let mut replay =
+        Process::start_stderr_only("dlq replay", &["dlq", "replay", "--id", &bad], &env);
+    let status = replay.wait_exit(Duration::from_secs(60)).await;
+    assert!(status.success(), "{}", replay.log());
     // Dead again after the replay: two dead-letter lines in the worker's log.
     let dead_again = eventually(Duration::from_secs(60), || async {
-        let n = worker_log
-            .read()
+        let n = worker
+            .log()
             .lines()
             .filter(|l| l.contains(&bad) && l.contains("event dead-lettered"))
             .count();
         (n >= 2).then_some(())
     })
     .await;
-    assert!(dead_again.is_some(), "{}", worker_log.read());
+    assert!(dead_again.is_some(), "{}", worker.log());
     let worker_metrics = client
         .get(&metrics_url)
         .send()
@@ -581,8 +511,8 @@ async fn json_log_lines_of_an_event_carry_its_ids() {
         .text()
         .await
         .unwrap();
-    stop(intake, &intake_log).await;
-    stop(worker, &worker_log).await;
+    stop(&mut intake).await;
+    stop(&mut worker).await;
 
     // Assert: the worker's own listener exported its series.
     assert!(
@@ -591,8 +521,7 @@ async fn json_log_lines_of_an_event_carry_its_ids() {
         "{worker_metrics}"
     );
     // Assert: every line mentioning an event carries its ids.
-    let (intake_text, worker_text, replay_text) =
-        (intake_log.read(), worker_log.read(), replay_log.read());
+    let (intake_text, worker_text, replay_text) = (intake.log(), worker.log(), replay.log());
     let cases = [
         (&good, "organization.created", Some(org.as_str())),
         // Its body does not decode, so the worker never learns its workspace.

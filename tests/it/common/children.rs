@@ -39,6 +39,16 @@ impl Process {
     /// Starts `provisioner ARGS` with exactly `env` (and `PATH`), stderr and stdout
     /// to a log file.
     pub fn start(name: &str, args: &[&str], env: &[(String, String)]) -> Self {
+        Self::spawn(name, args, env, true)
+    }
+
+    /// Same, with only stderr (the service's log) in the log file: a command's
+    /// output on stdout stays out of it.
+    pub fn start_stderr_only(name: &str, args: &[&str], env: &[(String, String)]) -> Self {
+        Self::spawn(name, args, env, false)
+    }
+
+    fn spawn(name: &str, args: &[&str], env: &[(String, String)], stdout: bool) -> Self {
         let file_name: String = name
             .chars()
             .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
@@ -47,10 +57,14 @@ impl Process {
             std::env::temp_dir().join(format!("provisioner-{file_name}-{}.log", random_id(8)));
         let file = std::fs::File::create(&log).expect("log file");
         let mut cmd = Command::new(binary());
+        let out = match stdout {
+            true => Stdio::from(file.try_clone().unwrap()),
+            false => Stdio::null(),
+        };
         cmd.args(args)
             .env_clear()
             .stdin(Stdio::null())
-            .stdout(file.try_clone().unwrap())
+            .stdout(out)
             .stderr(file);
         if let Ok(path) = std::env::var("PATH") {
             cmd.env("PATH", path);
@@ -101,18 +115,23 @@ impl Process {
 
     /// Waits until `GET {base}/healthz` answers 200 (60 s at most).
     pub async fn wait_healthy(&mut self, base: &str) {
+        self.wait_ok(&format!("{base}/healthz")).await;
+    }
+
+    /// Waits until `GET url` answers 200 (60 s at most), while the process runs.
+    pub async fn wait_ok(&mut self, url: &str) {
         let client = reqwest::Client::new();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
         loop {
             self.assert_running();
-            if let Ok(res) = client.get(format!("{base}/healthz")).send().await
+            if let Ok(res) = client.get(url).send().await
                 && res.status() == 200
             {
                 return;
             }
             assert!(
                 tokio::time::Instant::now() < deadline,
-                "{} never answered /healthz: {}",
+                "{} never answered {url} with 200: {}",
                 self.name,
                 self.log_tail()
             );

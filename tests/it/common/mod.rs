@@ -589,7 +589,7 @@ pub fn fixture(name: &str) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(&path).expect("fixture exists")).unwrap()
 }
 
-/// A file under the temp dir, removed when dropped (a config or a log of a binary).
+/// A file under the temp dir, removed when dropped (a binary's config).
 pub struct TempFile(pub std::path::PathBuf);
 
 impl TempFile {
@@ -597,10 +597,6 @@ impl TempFile {
         let path = std::env::temp_dir().join(format!("provisioner-{}-{name}", random_id(10)));
         std::fs::write(&path, contents).unwrap();
         Self(path)
-    }
-
-    pub fn read(&self) -> String {
-        std::fs::read_to_string(&self.0).unwrap()
     }
 }
 
