@@ -9,6 +9,12 @@
 //! start their own RabbitMQ cluster ([`cluster`]), PostgreSQL cluster and
 //! processes ([`faults`]) or a browser ([`ops_browser`]) own everything they
 //! break, so they share the run with the rest.
+//!
+//! What a process holds once is shared by every test here: the metrics recorder
+//! above all, which counts every in-process app's intake and worker. A test that
+//! needs a process of its own state (the console overview of a process without a
+//! worker) runs the binary as a child process (`common::ops::Served`,
+//! `common::children::Process`).
 
 mod common;
 

@@ -39,6 +39,17 @@ fn mixed(org: &str) -> (Vec<Inject>, Vec<String>) {
     (msgs, ids)
 }
 
+/// Replays `selection` of the dead letters of `settings` (no progress shown); the
+/// replay itself must succeed.
+async fn replay(
+    settings: &provisioner::config::Settings,
+    selection: Selection,
+) -> dlq::ReplayReport {
+    dlq::replay(settings, &ReplayOptions::new(selection), &Silent)
+        .await
+        .unwrap()
+}
+
 /// `dlq list` shows each dead letter with its id, type and workspace, and leaves the queue
 /// as it was.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -433,13 +444,7 @@ async fn replay_by_id_republishes_to_the_exchange_and_removes_only_that_copy() {
     inject_dead(&settings, &msgs).await;
 
     // Act
-    let report = dlq::replay(
-        &settings,
-        &ReplayOptions::new(Selection::Ids(vec![ids[3].clone()])),
-        &Silent,
-    )
-    .await
-    .unwrap();
+    let report = replay(&settings, Selection::Ids(vec![ids[3].clone()])).await;
 
     // Assert
     assert_eq!(report.summary(), "replayed 1, failed 0");
@@ -509,13 +514,7 @@ async fn replay_by_type_and_by_org_selects_exactly_those() {
     inject_dead(&settings, &msgs).await;
 
     // By type: only the organization.updated one.
-    let report = dlq::replay(
-        &settings,
-        &ReplayOptions::new(Selection::Type("organization.updated".into())),
-        &Silent,
-    )
-    .await
-    .unwrap();
+    let report = replay(&settings, Selection::Type("organization.updated".into())).await;
     assert_eq!(report.replayed.len(), 1);
     assert_eq!(
         message_ids(&drain_queue(&settings.broker.queue).await),
@@ -524,13 +523,7 @@ async fn replay_by_type_and_by_org_selects_exactly_those() {
 
     // By org: the membership of org_sel (the org.updated one is already gone);
     // org_other and the user event stay.
-    let report = dlq::replay(
-        &settings,
-        &ReplayOptions::new(Selection::Org("org_sel".into())),
-        &Silent,
-    )
-    .await
-    .unwrap();
+    let report = replay(&settings, Selection::Org("org_sel".into())).await;
     assert_eq!(report.replayed.len(), 1);
     assert_eq!(
         message_ids(&drain_queue(&settings.broker.queue).await),
@@ -538,13 +531,7 @@ async fn replay_by_type_and_by_org_selects_exactly_those() {
     );
 
     // A selection matching nothing is not an error and changes nothing.
-    let report = dlq::replay(
-        &settings,
-        &ReplayOptions::new(Selection::Org("org_none".into())),
-        &Silent,
-    )
-    .await
-    .unwrap();
+    let report = replay(&settings, Selection::Org("org_none".into())).await;
     assert_eq!(report.summary(), "replayed 0, failed 0");
     assert_eq!(
         message_ids(&drain_queue(&settings.broker.dead_letter_queue).await),
@@ -601,13 +588,7 @@ async fn an_unroutable_replay_keeps_the_dead_copy() {
     settings.broker.exchange = lonely;
 
     // Act
-    let report = dlq::replay(
-        &settings,
-        &ReplayOptions::new(Selection::Ids(vec![ids[1].clone()])),
-        &Silent,
-    )
-    .await
-    .unwrap();
+    let report = replay(&settings, Selection::Ids(vec![ids[1].clone()])).await;
     let _ = conn.close(200, "bye".into()).await;
 
     // Assert
@@ -631,9 +612,7 @@ async fn a_missing_exchange_fails_the_replay_and_loses_nothing() {
     inject_dead(&settings, &msgs).await;
     settings.broker.exchange = format!("{}.does-not-exist", settings.broker.exchange);
 
-    let report = dlq::replay(&settings, &ReplayOptions::new(Selection::All), &Silent)
-        .await
-        .unwrap();
+    let report = replay(&settings, Selection::All).await;
 
     assert_eq!(report.replayed.len(), 0);
     assert_eq!(report.failed.len(), 4, "{:?}", report.failed);
