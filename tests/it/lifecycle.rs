@@ -353,13 +353,7 @@ async fn secrets_never_appear_in_logs() {
         ("PROVISIONER_API_TOKENS".to_owned(), token.clone()),
         ("PROVISIONER_OPS_TOKENS".to_owned(), ops_token.clone()),
     ]);
-    for format in ["text", "json"] {
-        let mut run = env.clone();
-        run.push(("LOG_FORMAT".into(), format.into()));
-        let mut child = Process::start("serve", &["serve", "--no-worker"], &run);
-        let status = child.wait_exit(Duration::from_secs(60)).await;
-        let stderr = child.log();
-        assert!(!status.success(), "the broker is unreachable");
+    for (format, stderr) in failed_start_logs(&env).await {
         assert!(
             stderr.contains("RabbitMQ"),
             "the failure is explained: {stderr}"
@@ -412,13 +406,7 @@ async fn query_parameter_passwords_never_appear_in_logs() {
             ),
         ),
     ]);
-    for format in ["text", "json"] {
-        let mut run = env.clone();
-        run.push(("LOG_FORMAT".into(), format.into()));
-        let mut child = Process::start("serve", &["serve", "--no-worker"], &run);
-        let status = child.wait_exit(Duration::from_secs(60)).await;
-        let stderr = child.log();
-        assert!(!status.success(), "the broker is unreachable");
+    for (format, stderr) in failed_start_logs(&env).await {
         assert!(
             stderr.contains(&closed_port.to_string()),
             "the failure names where: {stderr}"
@@ -430,6 +418,22 @@ async fn query_parameter_passwords_never_appear_in_logs() {
             );
         }
     }
+}
+
+/// The log of `serve --no-worker` run with `env` in each log format (text, json),
+/// each run failing to start (the broker is unreachable).
+async fn failed_start_logs(env: &[(String, String)]) -> Vec<(&'static str, String)> {
+    let mut logs = Vec::new();
+    for format in ["text", "json"] {
+        let mut run = env.to_vec();
+        run.push(("LOG_FORMAT".into(), format.into()));
+        let mut child = Process::start("serve", &["serve", "--no-worker"], &run);
+        let status = child.wait_exit(Duration::from_secs(60)).await;
+        let stderr = child.log();
+        assert!(!status.success(), "the broker is unreachable");
+        logs.push((format, stderr));
+    }
+    logs
 }
 
 /// The readiness queries a serve log shows: sqlx logs each statement it runs at

@@ -39,6 +39,19 @@ fn mixed(org: &str) -> (Vec<Inject>, Vec<String>) {
     (msgs, ids)
 }
 
+/// Puts `n` dead `organization.created` events in the dead-letter queue, `msg_000`
+/// (of `org_0`) first; returns their ids in order.
+async fn inject_numbered(settings: &provisioner::config::Settings, n: usize) -> Vec<String> {
+    let ids: Vec<String> = (0..n).map(|i| format!("msg_{i:03}")).collect();
+    let msgs: Vec<Inject> = ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| Inject::event("organization.created", &format!("org_{i}"), id))
+        .collect();
+    inject_dead(settings, &msgs).await;
+    ids
+}
+
 /// Replays `selection` of the dead letters of `settings` (no progress shown); the
 /// replay itself must succeed.
 async fn replay(
@@ -219,17 +232,7 @@ async fn list_keeps_the_order_of_a_long_queue() {
     // More than 32 messages: RabbitMQ returns some batches in hash or reverse order,
     // which a naive get-then-requeue listing would expose.
     let (_iso, settings) = ops::broker_only(&TestOptions::default()).await;
-    let msgs: Vec<Inject> = (0..80)
-        .map(|i| {
-            Inject::event(
-                "organization.created",
-                &format!("org_{i}"),
-                &format!("msg_{i:03}"),
-            )
-        })
-        .collect();
-    let expected: Vec<String> = (0..80).map(|i| format!("msg_{i:03}")).collect();
-    inject_dead(&settings, &msgs).await;
+    let expected = inject_numbered(&settings, 80).await;
 
     for _ in 0..3 {
         let listing = dlq::list(&settings).await.unwrap();
@@ -249,17 +252,7 @@ async fn concurrent_lists_each_see_everything_and_keep_the_order() {
     // Two consumers would split the queue and hand their shares back one after the
     // other; the session lock makes concurrent commands take turns.
     let (_iso, settings) = ops::broker_only(&TestOptions::default()).await;
-    let msgs: Vec<Inject> = (0..60)
-        .map(|i| {
-            Inject::event(
-                "organization.created",
-                &format!("org_{i}"),
-                &format!("msg_{i:03}"),
-            )
-        })
-        .collect();
-    let expected: Vec<String> = (0..60).map(|i| format!("msg_{i:03}")).collect();
-    inject_dead(&settings, &msgs).await;
+    let expected = inject_numbered(&settings, 60).await;
 
     let (a, b, c) = tokio::join!(
         dlq::list(&settings),
