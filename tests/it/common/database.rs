@@ -62,6 +62,17 @@ pub async fn prepare(url: String, max_connections: u32) -> PgPool {
         .expect("test database prepared")
 }
 
+/// Transactions of this database waiting for a lock (a row or an advisory lock).
+pub async fn lock_waiters(db: &PgPool) -> i64 {
+    sqlx::query_scalar(
+        "select count(*) from pg_stat_activity \
+         where datname = current_database() and wait_event_type = 'Lock'",
+    )
+    .fetch_one(db)
+    .await
+    .unwrap()
+}
+
 /// Drops the database `name` now, whatever the caller's context: on a thread of
 /// its own with its own runtime, because `drop` cannot await and the test's runtime
 /// may be unwinding or (in a `#[test]` that builds one) already gone. Waiting for

@@ -15,7 +15,7 @@ use serde_json::json;
 use sqlx::PgPool;
 
 use super::{T0, apply_ok, provisioner};
-use crate::common::database::TestDatabase;
+use crate::common::database::{TestDatabase, lock_waiters};
 use crate::common::story::{self, org, person, user_deleted};
 
 /// How the membership removal is shaped.
@@ -83,17 +83,6 @@ async fn end_of(db: &PgPool, membership: &str) -> (i64, String) {
         at.expect("the membership ended").timestamp_millis(),
         reason.unwrap(),
     )
-}
-
-/// Transactions of this database waiting for a lock (a row or an advisory lock).
-async fn lock_waiters(db: &PgPool) -> i64 {
-    sqlx::query_scalar(
-        "select count(*) from pg_stat_activity \
-         where datname = current_database() and wait_event_type = 'Lock'",
-    )
-    .fetch_one(db)
-    .await
-    .unwrap()
 }
 
 async fn until_waiting(db: &PgPool, n: i64) {

@@ -2,6 +2,7 @@
 //! transaction behind (issue 19 item 3).
 
 use super::*;
+use crate::common::database::lock_waiters;
 
 /// Sessions of the app's database that sit `idle in transaction`.
 async fn idle_in_transaction(app: &TestApp) -> i64 {
@@ -73,16 +74,7 @@ async fn an_abandoned_sync_runs_to_its_end_and_never_freezes_its_workspace() {
     });
     let waiting = common::eventually(std::time::Duration::from_secs(10), || {
         let db = app.db.clone();
-        async move {
-            let n: i64 = sqlx::query_scalar(
-                "select count(*) from pg_stat_activity \
-                 where datname = current_database() and wait_event_type = 'Lock'",
-            )
-            .fetch_one(&db)
-            .await
-            .unwrap();
-            (n > 0).then_some(())
-        }
+        async move { (lock_waiters(&db).await > 0).then_some(()) }
     })
     .await;
     assert!(waiting.is_some(), "the sync waits for the workspace's lock");
@@ -160,16 +152,7 @@ async fn an_abandoned_console_sync_runs_to_its_end() {
     let request = tokio::spawn(async move { sync.sync_report("org_console_gone").await });
     let waiting = common::eventually(std::time::Duration::from_secs(10), || {
         let db = db.pool.clone();
-        async move {
-            let n: i64 = sqlx::query_scalar(
-                "select count(*) from pg_stat_activity \
-                 where datname = current_database() and wait_event_type = 'Lock'",
-            )
-            .fetch_one(&db)
-            .await
-            .unwrap();
-            (n > 0).then_some(())
-        }
+        async move { (lock_waiters(&db).await > 0).then_some(()) }
     })
     .await;
     assert!(waiting.is_some(), "the sync waits for the workspace's lock");
