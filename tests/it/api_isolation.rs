@@ -422,39 +422,7 @@ async fn a_stale_membership_row_does_not_revive_access() {
         let (status, body) =
             raw_request(&app, "GET", &format!("/v1/events/{ws_event}"), Some(u)).await;
         assert_not_found(status, &body, &format!("U {phase}: event of the workspace"));
-        // The org switcher leaves the workspace out.
-        let (status, body) =
-            raw_request(&app, "GET", &format!("/v1/users/{u}/workspaces"), Some(u)).await;
-        assert_eq!(status, 200, "{phase}: {body}");
-        assert_eq!(
-            body,
-            json!({"data": [], "next": null}),
-            "{phase}: U's workspaces"
-        );
-        // The trusted caller sees the keeper alone, in the list and the counts.
-        let (_, body) = raw_request(&app, "GET", &format!("/v1/workspaces/{ws}"), None).await;
-        assert_eq!(
-            (&body["member_count"], &body["admin_count"]),
-            (&json!(1), &json!(1)),
-            "{phase}: {body}"
-        );
-        let (_, body) =
-            raw_request(&app, "GET", &format!("/v1/workspaces/{ws}/members"), None).await;
-        let users: Vec<&str> = body["data"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|m| m["user_id"].as_str().unwrap())
-            .collect();
-        assert_eq!(users, [keeper], "{phase}: members");
-        let (status, body) = raw_request(
-            &app,
-            "GET",
-            &format!("/v1/workspaces/{ws}/members/{u}"),
-            None,
-        )
-        .await;
-        assert_not_found(status, &body, &format!("{phase}: U as a member"));
+        assert_keeper_alone(&app, &ws, keeper, u, phase).await;
         // U's onboarding writes changed nothing.
         assert_eq!(
             onboarding_step(&app, &ws, "gong").await,
@@ -470,6 +438,43 @@ async fn a_stale_membership_row_does_not_revive_access() {
             apply(delayed.clone()).await;
         }
     }
+}
+
+/// After `u` left workspace `ws`: `u`'s org switcher leaves it out, and the
+/// trusted caller sees `keeper` alone in its counts and member list, `u` as no
+/// member.
+async fn assert_keeper_alone(app: &TestApp, ws: &str, keeper: &str, u: &str, when: &str) {
+    let (status, body) =
+        raw_request(app, "GET", &format!("/v1/users/{u}/workspaces"), Some(u)).await;
+    assert_eq!(status, 200, "{when}: {body}");
+    assert_eq!(
+        body,
+        json!({"data": [], "next": null}),
+        "{when}: U's workspaces"
+    );
+    let (status, body) = raw_request(app, "GET", &format!("/v1/workspaces/{ws}"), None).await;
+    assert_eq!(status, 200, "{when}: {body}");
+    assert_eq!(
+        (&body["member_count"], &body["admin_count"]),
+        (&json!(1), &json!(1)),
+        "{when}: counts {body}"
+    );
+    let (_, body) = raw_request(app, "GET", &format!("/v1/workspaces/{ws}/members"), None).await;
+    let users: Vec<&str> = body["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["user_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(users, [keeper], "{when}: members");
+    let (status, body) = raw_request(
+        app,
+        "GET",
+        &format!("/v1/workspaces/{ws}/members/{u}"),
+        None,
+    )
+    .await;
+    assert_not_found(status, &body, &format!("{when}: U as a member"));
 }
 
 /// (status, updated_at) of an onboarding step.

@@ -11,7 +11,7 @@
 use provisioner::provision::{Actor, Incoming, Provisioner};
 use serde_json::{Value, json};
 
-use super::{assert_not_found, routes_of};
+use super::{assert_keeper_alone, assert_not_found, routes_of};
 use crate::common::api_support::*;
 use crate::common::story::{self, Org, person};
 use crate::common::*;
@@ -52,38 +52,7 @@ impl Story {
                 assert_not_found(status, &body, &format!("{when}: U {method} {path}"));
             }
         }
-        let (status, body) =
-            raw_request(app, "GET", &format!("/v1/users/{u}/workspaces"), Some(u)).await;
-        assert_eq!(status, 200, "{when}: {body}");
-        assert_eq!(
-            body,
-            json!({"data": [], "next": null}),
-            "{when}: U's workspaces"
-        );
-        let (status, body) = raw_request(app, "GET", &format!("/v1/workspaces/{ws}"), None).await;
-        assert_eq!(status, 200, "{when}: {body}");
-        assert_eq!(
-            (&body["member_count"], &body["admin_count"]),
-            (&json!(1), &json!(1)),
-            "{when}: counts {body}"
-        );
-        let (_, body) =
-            raw_request(app, "GET", &format!("/v1/workspaces/{ws}/members"), None).await;
-        let users: Vec<&str> = body["data"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|m| m["user_id"].as_str().unwrap())
-            .collect();
-        assert_eq!(users, [keeper], "{when}: members");
-        let (status, body) = raw_request(
-            app,
-            "GET",
-            &format!("/v1/workspaces/{ws}/members/{u}"),
-            None,
-        )
-        .await;
-        assert_not_found(status, &body, &format!("{when}: U as a member"));
+        assert_keeper_alone(app, ws, keeper, u, when).await;
         // Control: the keeper reads the workspace, so the 404s are about U.
         let (status, body) =
             raw_request(app, "GET", &format!("/v1/workspaces/{ws}"), Some(keeper)).await;
