@@ -8,10 +8,12 @@
 use serde_json::json;
 use sqlx::PgConnection;
 
-use super::apply::{Begin, Ctx, Source, ts};
+use super::audit::Ctx;
 use super::display::Display;
-use super::members::{Ending, end_memberships};
-use super::payload::User;
+use super::membership::{Ending, end_memberships};
+use super::rules::{Source, ts};
+use super::state::Begin;
+use crate::provision::payload::User;
 
 /// `user.updated`: keep the snapshot (every one, in `user_profiles`, for the
 /// fallback of rows that end later), keep the standing one as the user record,

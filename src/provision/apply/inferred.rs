@@ -6,8 +6,8 @@
 //! `deleted`, the membership ended) but is stored apart from Clerk's deletions
 //! (`workspaces.deletion_inferred`, `removal_reason` `not_in_clerk` /
 //! `workspace_not_in_clerk`): any real deletion of the membership, its user or
-//! its workspace replaces it whatever the times ([`super::members`],
-//! [`super::apply`]), and any later snapshot of the organization lifts the
+//! its workspace replaces it whatever the times ([`super::membership`],
+//! [`super::workspace`]), and any later snapshot of the organization lifts the
 //! workspace's and restores the memberships it ended ([`restore_workspace`]), as a
 //! later snapshot of a membership lifts its own. Never applied to what Clerk
 //! itself ended.
@@ -15,10 +15,12 @@
 use serde_json::json;
 use sqlx::PgConnection;
 
-use super::apply::{Begin, Ctx, WorkspaceRow, ts};
+use super::audit::Ctx;
 use super::display::standing_display;
-use super::members::{Ending, NOT_IN_CLERK, WORKSPACE_NOT_IN_CLERK, end_memberships};
-use super::payload::Removal;
+use super::membership::{Ending, end_memberships};
+use super::rules::{NOT_IN_CLERK, WORKSPACE_NOT_IN_CLERK, ts};
+use super::state::{Begin, WorkspaceRow};
+use crate::provision::payload::Removal;
 
 /// `organization.deleted` applied by reconcile: an active workspace becomes
 /// `deleted` with its deletion marked inferred, and its active memberships end

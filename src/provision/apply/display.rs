@@ -11,8 +11,8 @@
 use serde_json::{Value, json};
 use sqlx::PgConnection;
 
-use super::apply::{Begin, End, Source};
-use super::payload::PublicUser;
+use super::rules::{End, Source};
+use crate::provision::payload::PublicUser;
 
 /// The standing display source of member row `m` were it to end at `$end` (ms; a
 /// null end: it is active), in SQL, for the statements that end rows of many users
@@ -99,16 +99,17 @@ pub(super) fn standing(a: Option<Profile>, b: Option<Profile>) -> Option<Profile
 }
 
 /// The user's standing `user.updated` snapshot among those not after `end` (all of
-/// them when `end` is `None`): the user record when it is not after the end, else
-/// the best of the user's kept snapshots (`user_profiles`) that is. Called under
-/// the user's lock, so the snapshots read are all there are.
+/// them when `end` is `None`): the user record (`user`, as the event's state read
+/// it; `None`: no user.updated was ever applied) when it is not after the end,
+/// else the best of the user's kept snapshots (`user_profiles`) that is. Called
+/// under the user's lock, so the snapshots read are all there are.
 pub(super) async fn user_source_until(
     conn: &mut PgConnection,
-    st: &Begin,
+    user: Option<Profile>,
     user_id: &str,
     end: Option<End<'_>>,
 ) -> Result<Option<Profile>, sqlx::Error> {
-    let Some(user) = st.user_profile() else {
+    let Some(user) = user else {
         // No user.updated was ever applied.
         return Ok(None);
     };
@@ -146,4 +147,46 @@ pub(super) async fn user_source_until(
             image_url: k.image_url,
         },
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn profile(version: i64, event: Option<&str>, email: &str) -> Profile {
+        Profile {
+            display: Display {
+                email: Some(email.to_owned()),
+                ..Display::default()
+            },
+            version,
+            event: event.map(str::to_owned),
+        }
+    }
+
+    /// The standing display source is the one that beats the other, whichever
+    /// side it is given on; with one side unknown the other stands.
+    #[test]
+    fn the_standing_source_does_not_depend_on_the_side_it_is_given_on() {
+        let older = profile(1, Some("msg_a"), "old@example.com");
+        let newer = profile(2, Some("msg_b"), "new@example.com");
+        let tie = profile(2, Some("msg_a"), "tie@example.com");
+        for (a, b, expected) in [
+            (&older, &newer, &newer),
+            (&newer, &tie, &tie),
+            (&tie, &older, &tie),
+        ] {
+            assert_eq!(
+                standing(Some(a.clone()), Some(b.clone())).as_ref(),
+                Some(expected)
+            );
+            assert_eq!(
+                standing(Some(b.clone()), Some(a.clone())).as_ref(),
+                Some(expected)
+            );
+        }
+        assert_eq!(standing(None, Some(older.clone())), Some(older.clone()));
+        assert_eq!(standing(Some(older.clone()), None), Some(older));
+        assert_eq!(standing(None, None), None);
+    }
 }

@@ -3,7 +3,7 @@
 //!
 //! Guarantee: run under the event's advisory locks inside the caller's
 //! transaction, each function leaves a member row whose every field is a function
-//! of the set of events applied (see [`super::apply`]): the membership's data follows
+//! of the set of events applied (see [`super::rules`]): the membership's data follows
 //! its standing snapshot, the display fields their standing source, and the end
 //! its earliest cause; a removed row never becomes active again.
 
@@ -11,21 +11,12 @@ use chrono::{DateTime, Utc};
 use serde_json::json;
 use sqlx::PgConnection;
 
-use super::apply::{Begin, Ctx, End, Source, earliest, read_state, ts, upsert_workspace};
+use super::audit::Ctx;
 use super::deferred::{NewMember, NewRemoval};
 use super::display::{Display, Profile, standing, standing_display, user_source_until};
-use super::payload::{Membership, Removal};
-
-/// `removal_reason` of a membership reconcile did not find in Clerk's listing.
-pub(super) const NOT_IN_CLERK: &str = "not_in_clerk";
-/// `removal_reason` of a membership ended with its workspace's inferred deletion.
-pub(super) const WORKSPACE_NOT_IN_CLERK: &str = "workspace_not_in_clerk";
-
-/// Whether an end is only inferred by reconcile: any real end replaces it, and a
-/// later snapshot lifts it.
-pub(super) fn inferred(reason: &str) -> bool {
-    reason == NOT_IN_CLERK || reason == WORKSPACE_NOT_IN_CLERK
-}
+use super::rules::{End, Source, WORKSPACE_NOT_IN_CLERK, earliest, inferred, ts};
+use super::state::{Begin, WorkspaceState, read_state};
+use crate::provision::payload::{Membership, Removal};
 
 /// Whose active memberships end, and so the reason recorded on them.
 #[derive(Debug, Clone, Copy)]
@@ -138,14 +129,17 @@ pub(super) async fn end_memberships(
 /// taking the snapshots that describe the membership while it existed (versions
 /// up to its end), so its fields do not depend on whether they arrived before or
 /// after the removal; it never becomes active again.
+///
+/// `ws` is the membership's workspace as the snapshot's organization left it
+/// (the caller upserts it first, from `st`).
 pub(super) async fn upsert_membership(
     conn: &mut PgConnection,
     cx: &mut Ctx<'_>,
     m: &Membership,
     deleted_at_ms: Option<i64>,
     st: &Begin,
+    ws: WorkspaceState,
 ) -> Result<bool, sqlx::Error> {
-    let ws = upsert_workspace(conn, cx, &m.organization, st.workspace()).await?;
     // Lifting an inferred deletion of the workspace restored its memberships,
     // perhaps this one: decide on them as they are now.
     let restored;
@@ -193,7 +187,7 @@ pub(super) async fn upsert_membership(
     };
 
     if !st.m_exists {
-        let user = user_source_until(conn, st, user_id, end).await?;
+        let user = user_source_until(conn, st.user_profile(), user_id, end).await?;
         let profile = standing(Some(snapshot.clone()), user).unwrap_or_default();
         if cx.pending.deferred.active() {
             cx.pending.deferred.insert_member(NewMember {
@@ -268,7 +262,7 @@ pub(super) async fn upsert_membership(
     } else {
         st.m_snapshot()
     };
-    let user = user_source_until(conn, st, user_id, end).await?;
+    let user = user_source_until(conn, st.user_profile(), user_id, end).await?;
     let profile = standing(own, user).unwrap_or_default();
     let before = st.m_profile();
     let profile_new = profile != before;
@@ -549,7 +543,7 @@ pub(super) async fn remove_membership(
     };
     // The user's own snapshots not after the end give the display fields, as they
     // would have to a membership stored from its snapshot.
-    let profile = user_source_until(conn, st, user_id, Some((removed_at, reason)))
+    let profile = user_source_until(conn, st.user_profile(), user_id, Some((removed_at, reason)))
         .await?
         .unwrap_or_default();
     let display = &profile.display;
