@@ -12,8 +12,8 @@ use serde::Serialize;
 use utoipa::ToSchema;
 
 // One Role for config, provisioning and the API; re-exported so `model::Role` still names it.
-pub use crate::domain::{EventStatus, Role, UnknownValue};
 use crate::domain::text_enum;
+pub use crate::domain::{EventStatus, Role, UnknownValue};
 
 /// Serializes timestamps as RFC 3339 UTC (`…Z`), milliseconds.
 pub mod rfc3339 {
@@ -73,7 +73,6 @@ text_enum!(
         Completed = "completed",
     }
 );
-
 
 /// One onboarding step.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, ToSchema)]

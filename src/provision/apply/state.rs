@@ -26,7 +26,9 @@ pub(super) fn state_keys(decoded: &Decoded) -> (EventStatus, StateKeys<'_>) {
     let (initial, ws_id, membership_id, user_id) = match &decoded.event {
         Event::Unhandled => (EventStatus::Ignored, None, None, None),
         Event::OrganizationUpsert(o) => (EventStatus::Processed, Some(o.id.as_str()), None, None),
-        Event::OrganizationDeleted { id, .. } => (EventStatus::Processed, Some(id.as_str()), None, None),
+        Event::OrganizationDeleted { id, .. } => {
+            (EventStatus::Processed, Some(id.as_str()), None, None)
+        }
         Event::MembershipUpsert(m) => (
             EventStatus::Processed,
             Some(m.organization.id.as_str()),
