@@ -1,0 +1,97 @@
+//! The nemesis (issue 21): seeded random Clerk histories sent like Svix through the
+//! real binary (intake and worker child processes) while random faults hit the
+//! processes, the broker and PostgreSQL, with the main app's reads sampled all the
+//! while, then checked against the model of Clerk (`nemesis/checker.rs`).
+//!
+//! The CI seeds run here (a few minutes in all). A failure prints the seed, the
+//! fault schedule and every violation with the history steps it concerns;
+//! `NEMESIS_SEED=N [NEMESIS_MINUTES=M] cargo test --test nemesis nemesis_seed --
+//! --ignored --nocapture` runs that seed again (`bench/nemesis.sh` wraps it and
+//! prints the table of docs/reliability.md).
+
+#[path = "nemesis/checker.rs"]
+mod checker;
+mod common;
+#[path = "nemesis/faults.rs"]
+mod faults;
+#[path = "nemesis/generator.rs"]
+mod generator;
+#[allow(dead_code)]
+#[path = "convergence/model.rs"]
+mod model;
+#[allow(dead_code)]
+#[path = "convergence/oracle.rs"]
+mod oracle;
+#[path = "nemesis/run.rs"]
+mod run;
+#[path = "nemesis/stack.rs"]
+mod stack;
+#[path = "nemesis/traffic.rs"]
+mod traffic;
+
+use run::Config;
+
+fn ci(seed: u64, faults: bool) -> Config {
+    Config {
+        seed,
+        rounds: 1,
+        minutes: 0.0,
+        ops: 160,
+        interval_ms: 120,
+        intakes: 1,
+        workers: 1,
+        faults,
+    }
+}
+
+/// The pipeline alone (no faults): a seeded history with duplicates, reordering,
+/// sparse deletions, poisons and a replay ends in the model's state, exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn nemesis_seed_1_without_faults() {
+    run::assert_holds(ci(1, false)).await;
+}
+
+/// Seed 2 with its faults (process kills, pauses, broker and PostgreSQL cuts,
+/// black holes, a crash, read-only PostgreSQL, as the seed draws them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn nemesis_seed_2_with_faults() {
+    run::assert_holds(ci(2, true)).await;
+}
+
+/// Seed 3 with its faults.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn nemesis_seed_3_with_faults() {
+    run::assert_holds(ci(3, true)).await;
+}
+
+/// A run of `NEMESIS_SEED` (default 1) for `NEMESIS_MINUTES` (default 1), with
+/// `NEMESIS_WORKERS` workers (default 2) and `NEMESIS_INTAKES` intakes (default
+/// 1); `NEMESIS_FAULTS=0` turns the faults off. Prints the table row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "the long run, by hand or bench/nemesis.sh"]
+async fn nemesis_seed() {
+    let var = |name: &str, default: &str| std::env::var(name).unwrap_or_else(|_| default.into());
+    let cfg = Config {
+        seed: var("NEMESIS_SEED", "1")
+            .parse()
+            .expect("NEMESIS_SEED is a number"),
+        rounds: 1,
+        minutes: var("NEMESIS_MINUTES", "1")
+            .parse()
+            .expect("NEMESIS_MINUTES is a number"),
+        ops: var("NEMESIS_OPS", "200")
+            .parse()
+            .expect("NEMESIS_OPS is a number"),
+        interval_ms: var("NEMESIS_INTERVAL_MS", "60")
+            .parse()
+            .expect("NEMESIS_INTERVAL_MS is a number"),
+        intakes: var("NEMESIS_INTAKES", "1")
+            .parse()
+            .expect("NEMESIS_INTAKES is a number"),
+        workers: var("NEMESIS_WORKERS", "2")
+            .parse()
+            .expect("NEMESIS_WORKERS is a number"),
+        faults: var("NEMESIS_FAULTS", "1") != "0",
+    };
+    run::assert_holds(cfg).await;
+}
