@@ -91,6 +91,8 @@ pub struct Ctx<'a> {
     pub oracle_db: &'a PgPool,
     /// Poisons sent so far in the run (all kept as dead letters).
     pub poisons_so_far: usize,
+    /// The onboarding writes' possible outcomes.
+    pub onboarding: &'a BTreeMap<(String, String), Vec<String>>,
 }
 
 /// Checks a round; returns its violations.
@@ -102,6 +104,7 @@ pub async fn check(ctx: Ctx<'_>) -> Vec<String> {
         report,
         oracle_db,
         poisons_so_far,
+        onboarding,
     } = ctx;
     let prefix = &round.prefix;
     let db = stack.db.clone();
@@ -193,8 +196,9 @@ pub async fn check(ctx: Ctx<'_>) -> Vec<String> {
     .await;
     if depth.is_none() {
         v.push(format!(
-            "the dead-letter queue holds {} messages, not the {poisons_so_far} poisons",
-            queue_depth(&dead_queue).await
+            "the dead-letter queue holds {} messages, not the {poisons_so_far} poisons: {:?}",
+            queue_depth(&dead_queue).await,
+            dead_letter_ids(&dead_queue).await
         ));
     }
 
@@ -205,10 +209,14 @@ pub async fn check(ctx: Ctx<'_>) -> Vec<String> {
     v.extend(state_diff(&round.model, &want, &have));
 
     // The read API answers what the model says.
-    v.extend(read_api(&stack.base(0), prefix, &want, &p).await);
+    v.extend(read_api(&stack.base(0), prefix, &want, onboarding).await);
 
     // A reconcile against Clerk serving the model finds nothing and changes nothing.
     v.extend(reconcile(stack, &round.model, prefix).await);
+
+    // A just-in-time sync of every organization now changes nothing: 200 for
+    // Clerk's, 404 for the others.
+    v.extend(syncs(stack, &round.model, prefix).await);
 
     // Every column equals the history applied in order.
     let oracle = provisioner();
@@ -218,6 +226,30 @@ pub async fn check(ctx: Ctx<'_>) -> Vec<String> {
             .await
             .remove(0);
         assert!(result.is_ok(), "in-order event {e:?} failed: {result:?}");
+    }
+    // The onboarding writes were not Clerk's: the in-order copy takes their
+    // outcome as stored (the read API's check above held it to the writes).
+    for (ws, step) in onboarding.keys() {
+        let id = format!("{prefix}{ws}");
+        let stored: Option<String> = sqlx::query_scalar(
+            "select status from onboarding_steps where workspace_id = $1 and name = $2",
+        )
+        .bind(&id)
+        .bind(step)
+        .fetch_optional(&db)
+        .await
+        .unwrap();
+        if let Some(status) = stored {
+            sqlx::query(
+                "update onboarding_steps set status = $3 where workspace_id = $1 and name = $2",
+            )
+            .bind(&id)
+            .bind(step)
+            .bind(status)
+            .execute(oracle_db)
+            .await
+            .unwrap();
+        }
     }
     for (key, in_order, faulted) in
         row_diff(&rows(oracle_db, prefix).await, &rows(&db, prefix).await)
@@ -269,6 +301,39 @@ async fn queue_depth(queue: &str) -> u32 {
     };
     let _ = conn.close(200, "bye".into()).await;
     depth
+}
+
+/// The message ids in `queue` and how many copies of each (taken without an ack
+/// and returned when the channel closes).
+async fn dead_letter_ids(queue: &str) -> BTreeMap<String, usize> {
+    use lapin::options::BasicGetOptions;
+    let mut ids = BTreeMap::new();
+    let Ok(conn) = lapin::Connection::connect(
+        &crate::common::base_amqp_url(),
+        lapin::ConnectionProperties::default(),
+    )
+    .await
+    else {
+        return ids;
+    };
+    if let Ok(ch) = conn.create_channel().await {
+        while let Ok(Some(msg)) = ch
+            .basic_get(queue.into(), BasicGetOptions { no_ack: false })
+            .await
+        {
+            let id = msg
+                .delivery
+                .properties
+                .message_id()
+                .as_ref()
+                .map(|s| s.to_string())
+                .unwrap_or_default();
+            *ids.entry(id).or_default() += 1;
+        }
+        let _ = ch.close(200, "bye".into()).await;
+    }
+    let _ = conn.close(200, "bye".into()).await;
+    ids
 }
 
 fn state_diff(model: &Model, want: &State, have: &State) -> Vec<String> {
@@ -347,13 +412,17 @@ fn strip(prefix: &str, v: &Value) -> String {
     v.as_str().unwrap_or_default().replace(prefix, "")
 }
 
-async fn read_api(base: &str, prefix: &str, want: &State, p: &Provisioner) -> Vec<String> {
+async fn read_api(
+    base: &str,
+    prefix: &str,
+    want: &State,
+    onboarding: &BTreeMap<(String, String), Vec<String>>,
+) -> Vec<String> {
     let mut v = Vec::new();
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(30))
         .build()
         .unwrap();
-    let settings = p.settings();
     for (id, (name, slug, status, plan)) in &want.workspaces {
         let (code, ws) = match get(&client, base, &format!("/v1/workspaces/{prefix}{id}")).await {
             Ok(x) => x,
@@ -389,9 +458,23 @@ async fn read_api(base: &str, prefix: &str, want: &State, p: &Provisioner) -> Ve
                     .collect()
             })
             .unwrap_or_default();
-        let want_steps: Vec<(String, String)> = ["gong", "hubspot", "slack", "starter_analysis"]
+        // Each step as the writes left it (when one's answer was lost, either).
+        let want_steps: Vec<(String, String)> = crate::traffic::STEPS
             .iter()
-            .map(|s| (s.to_string(), "pending".to_owned()))
+            .enumerate()
+            .map(|(i, (name, _))| {
+                let got = steps.get(i).map(|(_, s)| s.clone()).unwrap_or_default();
+                let possible = onboarding
+                    .get(&(id.clone(), name.to_string()))
+                    .cloned()
+                    .unwrap_or_else(|| vec!["pending".to_owned()]);
+                let status = if possible.contains(&got) {
+                    got
+                } else {
+                    possible.join("|")
+                };
+                (name.to_string(), status)
+            })
             .collect();
         let checks = [
             ("name", ws["name"].as_str().map(str::to_owned), name.clone()),
@@ -434,7 +517,6 @@ async fn read_api(base: &str, prefix: &str, want: &State, p: &Provisioner) -> Ve
                 ));
             }
         }
-        let _ = settings;
         if status != "active" {
             continue;
         }
@@ -533,25 +615,27 @@ async fn read_api(base: &str, prefix: &str, want: &State, p: &Provisioner) -> Ve
     v
 }
 
+/// Clerk's truth in the fake Backend API: the model's live organizations and
+/// their active memberships, as Clerk lists them now (the standing snapshots).
+pub fn serve_model(fake: &crate::common::fake_clerk::FakeClerk, model: &Model, prefix: &str) {
+    for o in 0..model.orgs.len() {
+        if let Some(snap) = model.live_org(o) {
+            fake.put_organization(org_of(prefix, &snap).data_at(snap.updated_at));
+        }
+    }
+    for (m, active) in &model.mems {
+        if *active && model.live_org(m.org.idx).is_some() {
+            fake.put_membership(membership_of(prefix, m).data_at(m.updated_at));
+        }
+    }
+}
+
 /// Puts the model's live organizations and active memberships into the fake
 /// Clerk, then runs reconcile: a dry run must find no drift, a real one change
 /// nothing.
 async fn reconcile(stack: &Stack, model: &Model, prefix: &str) -> Vec<String> {
     use provisioner::reconcile::{Reconciler, RunOptions, Silent};
-    for o in 0..model.orgs.len() {
-        if let Some(snap) = model.live_org(o) {
-            stack
-                .fake
-                .put_organization(org_of(prefix, &snap).data_at(snap.updated_at));
-        }
-    }
-    for (m, active) in &model.mems {
-        if *active && model.live_org(m.org.idx).is_some() {
-            stack
-                .fake
-                .put_membership(membership_of(prefix, m).data_at(m.updated_at));
-        }
-    }
+    serve_model(&stack.fake, model, prefix);
     let mut s = provisioner::config::Settings::from_sources(Some(crate::model::ROLE_MAP), |_| None)
         .expect("valid settings");
     s.clerk.secret_key = Some(provisioner::config::Secret::new(CLERK_KEY.to_owned()));
@@ -603,6 +687,45 @@ async fn reconcile(stack: &Stack, model: &Model, prefix: &str) -> Vec<String> {
             }
             Err(e) => v.push(format!("reconcile failed: {e}")),
         }
+    }
+    v
+}
+
+/// Syncs every organization of the round after it settled: the answer follows
+/// Clerk, and the stored rows do not change.
+async fn syncs(stack: &Stack, model: &Model, prefix: &str) -> Vec<String> {
+    let mut v = Vec::new();
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap();
+    let before = rows(&stack.db, prefix).await;
+    for o in 0..model.orgs.len() {
+        let want = if model.live_org(o).is_some() {
+            200
+        } else {
+            404
+        };
+        let sent = client
+            .post(format!(
+                "{}/v1/workspaces/{prefix}org_{o}/sync",
+                stack.base(0)
+            ))
+            .bearer_auth(TOKEN)
+            .send()
+            .await;
+        match sent.map(|r| r.status().as_u16()) {
+            Ok(code) if code == want => {}
+            other => v.push(format!(
+                "POST /v1/workspaces/org_{o}/sync after the round answered {other:?}, not {want}"
+            )),
+        }
+    }
+    for (key, was, is) in row_diff(&before, &rows(&stack.db, prefix).await) {
+        v.push(format!(
+            "a sync after the round changed {key}: {was:?} -> {is:?}; {}",
+            locate(model, &key)
+        ));
     }
     v
 }

@@ -46,6 +46,8 @@ pub struct Row {
     pub faults: Tally,
     pub reads: usize,
     pub reads_judged: usize,
+    pub writes: usize,
+    pub syncs: usize,
     pub violations: usize,
     pub peak_rss_mb: f64,
 }
@@ -53,8 +55,8 @@ pub struct Row {
 impl Row {
     /// The table's header.
     pub fn header() -> &'static str {
-        "| seed | minutes | rounds | events | webhooks sent | retried | duplicates | faults | reads sampled (judged) | violations | peak RSS MB |\n\
-         |---|---|---|---|---|---|---|---|---|---|---|"
+        "| seed | minutes | rounds | events | webhooks sent | retried | duplicates | faults | reads sampled (judged) | writes | syncs | violations | peak RSS MB |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|---|"
     }
 
     /// The row, as markdown.
@@ -65,7 +67,7 @@ impl Row {
             .map(|(k, n)| format!("{k} {n}"))
             .collect();
         format!(
-            "| {} | {:.1} | {} | {} | {} | {} | {} | {} | {} ({}) | {} | {:.0} |",
+            "| {} | {:.1} | {} | {} | {} | {} | {} | {} | {} ({}) | {} | {} | {} | {:.0} |",
             self.seed,
             self.minutes,
             self.rounds,
@@ -80,6 +82,8 @@ impl Row {
             },
             self.reads,
             self.reads_judged,
+            self.writes,
+            self.syncs,
             self.violations,
             self.peak_rss_mb
         )
@@ -137,6 +141,18 @@ pub async fn run(cfg: &Config) -> (Row, Vec<String>) {
             stack.db.clone(),
             stop.clone(),
         );
+        // Clerk is ahead of its webhooks: the fake serves the round's end state.
+        checker::serve_model(&stack.fake, &r.model, &prefix);
+        let in_clerk = (0..generator::ORGS)
+            .map(|o| r.model.live_org(o).is_some())
+            .collect();
+        let (writes, writing) = traffic::spawn_writes(
+            cfg.seed.wrapping_add(round),
+            prefix.clone(),
+            (0..stack.intakes.len()).map(|i| stack.base(i)).collect(),
+            in_clerk,
+            stop.clone(),
+        );
         let start = tokio::time::Instant::now();
         let senders = send(&stack, webhooks, cfg.interval_ms);
         faults::run(&mut stack, &schedule, start, &mut row.faults).await;
@@ -156,7 +172,10 @@ pub async fn run(cfg: &Config) -> (Row, Vec<String>) {
         }
         stop.cancel();
         reading.await.expect("the reads");
+        writing.await.expect("the writes");
         found.extend(reads.violations.lock().unwrap().iter().cloned());
+        found.extend(writes.violations.lock().unwrap().iter().cloned());
+        let onboarding = writes.onboarding.lock().unwrap().clone();
         found.extend(
             checker::check(checker::Ctx {
                 stack: &mut stack,
@@ -164,19 +183,23 @@ pub async fn run(cfg: &Config) -> (Row, Vec<String>) {
                 report: &report,
                 oracle_db: &oracle.pool,
                 poisons_so_far: poisons,
+                onboarding: &onboarding,
             })
             .await,
         );
         let schedule_text: Vec<String> = schedule.iter().map(|f| f.to_string()).collect();
         eprintln!(
             "nemesis seed {} round {round}: {} events, {}; faults: [{}]; reads {} (judged {}); \
-             violations {}",
+             onboarding writes {}, syncs {} (abandoned {}); violations {}",
             cfg.seed,
             r.model.history.len(),
             report.summary(),
             schedule_text.join(", "),
             reads.sampled.load(std::sync::atomic::Ordering::Relaxed),
             reads.judged.load(std::sync::atomic::Ordering::Relaxed),
+            writes.writes.load(std::sync::atomic::Ordering::Relaxed),
+            writes.syncs.load(std::sync::atomic::Ordering::Relaxed),
+            writes.abandoned.load(std::sync::atomic::Ordering::Relaxed),
             found.len()
         );
         row.rounds += 1;
@@ -186,6 +209,8 @@ pub async fn run(cfg: &Config) -> (Row, Vec<String>) {
         row.duplicates += report.duplicates();
         row.reads += reads.sampled.load(std::sync::atomic::Ordering::Relaxed);
         row.reads_judged += reads.judged.load(std::sync::atomic::Ordering::Relaxed);
+        row.writes += writes.writes.load(std::sync::atomic::Ordering::Relaxed);
+        row.syncs += writes.syncs.load(std::sync::atomic::Ordering::Relaxed);
         row.violations += found.len();
         for f in found {
             violations.push(format!(
@@ -195,6 +220,21 @@ pub async fn run(cfg: &Config) -> (Row, Vec<String>) {
         }
         round += 1;
         if !violations.is_empty() {
+            // Keep the processes' logs (they go with the stack).
+            for slot in stack.slots_mut() {
+                let path = std::env::temp_dir().join(format!(
+                    "nemesis-seed{}-{}.log",
+                    cfg.seed,
+                    slot.process.name.replace(' ', "-")
+                ));
+                if std::fs::write(&path, slot.process.log()).is_ok() {
+                    violations.push(format!(
+                        "log of {} kept at {}",
+                        slot.process.name,
+                        path.display()
+                    ));
+                }
+            }
             break;
         }
     }

@@ -110,3 +110,111 @@ pub fn spawn(
     });
     (reads, task)
 }
+
+/// Onboarding steps and whether each is required (the built-in configuration).
+pub const STEPS: [(&str, bool); 4] = [
+    ("gong", true),
+    ("hubspot", false),
+    ("slack", false),
+    ("starter_analysis", true),
+];
+
+/// What the writes did: every onboarding step's possible statuses (one after a
+/// 2xx; more after a write whose answer was lost), and the syncs.
+#[derive(Debug, Default)]
+pub struct Writes {
+    /// (workspace without prefix, step) -> statuses it may have now.
+    pub onboarding: std::sync::Mutex<std::collections::BTreeMap<(String, String), Vec<String>>>,
+    pub writes: AtomicUsize,
+    pub syncs: AtomicUsize,
+    pub abandoned: AtomicUsize,
+    pub violations: std::sync::Mutex<Vec<String>>,
+}
+
+/// Onboarding writes and just-in-time syncs (some abandoned by their client
+/// mid-flight) until `stop`, a few a second. `in_clerk(o)`: whether Clerk (the
+/// fake, serving the round's model) has organization `o`.
+pub fn spawn_writes(
+    seed: u64,
+    prefix: String,
+    bases: Vec<String>,
+    in_clerk: Vec<bool>,
+    stop: CancellationToken,
+) -> (Arc<Writes>, tokio::task::JoinHandle<()>) {
+    let writes = Arc::new(Writes::default());
+    let out = writes.clone();
+    let task = tokio::spawn(async move {
+        let mut rng = StdRng::seed_from_u64(seed ^ 0x7772_6974_6573);
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_secs(10))
+            .build()
+            .unwrap();
+        while !stop.is_cancelled() {
+            tokio::time::sleep(Duration::from_millis(rng.random_range(100..500))).await;
+            let o = rng.random_range(0..ORGS);
+            let ws = format!("org_{o}");
+            let base = &bases[rng.random_range(0..bases.len())];
+            if rng.random_bool(0.7) {
+                let (step, required) = STEPS[rng.random_range(0..STEPS.len())];
+                let status = if !required && rng.random_bool(0.5) {
+                    "skipped"
+                } else {
+                    "completed"
+                };
+                out.writes.fetch_add(1, Ordering::Relaxed);
+                let sent = client
+                    .post(format!(
+                        "{base}/v1/workspaces/{prefix}{ws}/onboarding/{step}"
+                    ))
+                    .bearer_auth(TOKEN)
+                    .json(&serde_json::json!({ "status": status }))
+                    .send()
+                    .await;
+                let mut map = out.onboarding.lock().unwrap();
+                let possible = map
+                    .entry((ws.clone(), step.to_owned()))
+                    .or_insert_with(|| vec!["pending".to_owned()]);
+                match sent.map(|r| r.status().as_u16()) {
+                    Ok(200) => *possible = vec![status.to_owned()],
+                    // Refused: nothing changed.
+                    Ok(400..=499) => {}
+                    // The answer was lost or failed: it may have committed.
+                    _ => {
+                        if !possible.iter().any(|s| s == status) {
+                            possible.push(status.to_owned());
+                        }
+                    }
+                }
+            } else {
+                out.syncs.fetch_add(1, Ordering::Relaxed);
+                let abandon = rng.random_bool(0.4);
+                let timeout = if abandon {
+                    Duration::from_millis(rng.random_range(5..150))
+                } else {
+                    Duration::from_secs(20)
+                };
+                let sent = client
+                    .post(format!("{base}/v1/workspaces/{prefix}{ws}/sync"))
+                    .bearer_auth(TOKEN)
+                    .timeout(timeout)
+                    .send()
+                    .await;
+                match sent.map(|r| r.status().as_u16()) {
+                    Ok(200) if !in_clerk[o] => out.violations.lock().unwrap().push(format!(
+                        "POST /v1/workspaces/{ws}/sync answered 200; Clerk has no such organization"
+                    )),
+                    Ok(404) if in_clerk[o] => out.violations.lock().unwrap().push(format!(
+                        "POST /v1/workspaces/{ws}/sync answered 404; Clerk has the organization"
+                    )),
+                    Ok(_) => {}
+                    Err(_) => {
+                        if abandon {
+                            out.abandoned.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+            }
+        }
+    });
+    (writes, task)
+}
