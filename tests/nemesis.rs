@@ -41,6 +41,7 @@ fn ci(seed: u64, faults: bool) -> Config {
         intakes: 1,
         workers: 1,
         faults,
+        cluster: false,
     }
 }
 
@@ -62,6 +63,20 @@ async fn nemesis_seed_2_with_faults() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn nemesis_seed_3_with_faults() {
     run::assert_holds(ci(3, true)).await;
+}
+
+/// Seed 5 on a three-node RabbitMQ cluster of its own, two intakes and three
+/// workers: node stops, kills and pauses (the work queue's leader included), one
+/// at a time, besides the process and PostgreSQL faults.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn nemesis_seed_5_on_a_cluster() {
+    run::assert_holds(Config {
+        intakes: 2,
+        workers: 3,
+        cluster: true,
+        ..ci(5, true)
+    })
+    .await;
 }
 
 /// A run of `NEMESIS_SEED` (default 1) for `NEMESIS_MINUTES` (default 1), with
@@ -92,6 +107,7 @@ async fn nemesis_seed() {
             .parse()
             .expect("NEMESIS_WORKERS is a number"),
         faults: var("NEMESIS_FAULTS", "1") != "0",
+        cluster: var("NEMESIS_CLUSTER", "0") == "1",
     };
     run::assert_holds(cfg).await;
 }

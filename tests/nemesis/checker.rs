@@ -90,7 +90,7 @@ pub struct Ctx<'a> {
     /// The in-order oracle's database.
     pub oracle_db: &'a PgPool,
     /// Poisons sent so far in the run (all kept as dead letters).
-    pub poisons_so_far: usize,
+    pub poisons_so_far: &'a BTreeSet<String>,
     /// The onboarding writes' possible outcomes.
     pub onboarding: &'a BTreeMap<(String, String), Vec<String>>,
 }
@@ -188,17 +188,21 @@ pub async fn check(ctx: Ctx<'_>) -> Vec<String> {
     for (event, action, n) in repeated {
         v.push(format!("{event}'s {action} audit entry written {n} times"));
     }
+    // Exactly the poisons are dead letters. A Svix re-delivery (or a replay) of a
+    // dead event is processed afresh (DESIGN §5) and dead-lettered again, so a
+    // poison may be there more than once; nothing else may be there at all.
     let dead_queue = format!("{}.provisioner.dead", stack.iso.prefix);
-    let depth = eventually(Duration::from_secs(30), || async {
-        let d = queue_depth(&dead_queue).await;
-        (d as usize == poisons_so_far).then_some(d)
+    let broker = stack.broker_url().await;
+    let settled = eventually(Duration::from_secs(30), || async {
+        let ids = dead_letter_ids(&broker, &dead_queue).await;
+        let held: BTreeSet<String> = ids.keys().cloned().collect();
+        (&held == poisons_so_far).then_some(())
     })
     .await;
-    if depth.is_none() {
+    if settled.is_none() {
         v.push(format!(
-            "the dead-letter queue holds {} messages, not the {poisons_so_far} poisons: {:?}",
-            queue_depth(&dead_queue).await,
-            dead_letter_ids(&dead_queue).await
+            "the dead-letter queue holds {:?}, not the poisons {poisons_so_far:?}",
+            dead_letter_ids(&broker, &dead_queue).await
         ));
     }
 
@@ -282,37 +286,12 @@ fn locate_svix(model: &Model, prefix: &str, svix: &str) -> String {
     }
 }
 
-/// Ready messages in `queue` on the machine's broker (0 if it does not exist).
-async fn queue_depth(queue: &str) -> u32 {
-    let Ok(conn) = lapin::Connection::connect(
-        &crate::common::base_amqp_url(),
-        lapin::ConnectionProperties::default(),
-    )
-    .await
-    else {
-        return 0;
-    };
-    let depth = match conn.create_channel().await {
-        Ok(ch) => provisioner::broker::inspect(&ch, queue)
-            .await
-            .map(|q| q.message_count())
-            .unwrap_or(0),
-        Err(_) => 0,
-    };
-    let _ = conn.close(200, "bye".into()).await;
-    depth
-}
-
 /// The message ids in `queue` and how many copies of each (taken without an ack
 /// and returned when the channel closes).
-async fn dead_letter_ids(queue: &str) -> BTreeMap<String, usize> {
+async fn dead_letter_ids(url: &str, queue: &str) -> BTreeMap<String, usize> {
     use lapin::options::BasicGetOptions;
     let mut ids = BTreeMap::new();
-    let Ok(conn) = lapin::Connection::connect(
-        &crate::common::base_amqp_url(),
-        lapin::ConnectionProperties::default(),
-    )
-    .await
+    let Ok(conn) = lapin::Connection::connect(url, lapin::ConnectionProperties::default()).await
     else {
         return ids;
     };

@@ -40,10 +40,19 @@ pub enum Kind {
     CrashPostgres,
     /// PostgreSQL read-only (`default_transaction_read_only`) for the pause.
     ReadOnlyPostgres,
+    /// A broker node stopped cleanly, started after the pause (cluster runs).
+    StopNode,
+    /// A broker node's VM SIGKILLed, restarted after the pause (cluster runs).
+    KillNode,
+    /// A broker node's VM SIGSTOPped, SIGCONT after the pause (cluster runs).
+    PauseNode,
+    /// The node leading the work queue stopped, started after the pause.
+    StopLeader,
 }
 
 impl Kind {
-    const ALL: [Kind; 12] = [
+    /// The faults of a run on the machine's broker (behind the proxy).
+    const SINGLE: [Kind; 12] = [
         Kind::KillWorker,
         Kind::TermWorker,
         Kind::PauseWorker,
@@ -56,6 +65,22 @@ impl Kind {
         Kind::StallPostgres,
         Kind::CrashPostgres,
         Kind::ReadOnlyPostgres,
+    ];
+
+    /// The faults of a cluster run: the broker's are the nodes'.
+    const CLUSTER: [Kind; 12] = [
+        Kind::KillWorker,
+        Kind::TermWorker,
+        Kind::PauseWorker,
+        Kind::KillIntake,
+        Kind::PauseIntake,
+        Kind::CutPostgres,
+        Kind::CrashPostgres,
+        Kind::ReadOnlyPostgres,
+        Kind::StopNode,
+        Kind::KillNode,
+        Kind::PauseNode,
+        Kind::StopLeader,
     ];
 
     /// Its name in the table.
@@ -73,6 +98,10 @@ impl Kind {
             Kind::StallPostgres => "stall_postgres",
             Kind::CrashPostgres => "crash_postgres",
             Kind::ReadOnlyPostgres => "read_only_postgres",
+            Kind::StopNode => "stop_node",
+            Kind::KillNode => "kill_node",
+            Kind::PauseNode => "pause_node",
+            Kind::StopLeader => "stop_leader",
         }
     }
 }
@@ -102,12 +131,23 @@ impl fmt::Display for Fault {
 
 /// A schedule of faults for a stream of about `stream`: one every few seconds,
 /// from the seed.
-pub fn schedule(seed: u64, round: u64, stream: Duration, processes: usize) -> Vec<Fault> {
+pub fn schedule(
+    seed: u64,
+    round: u64,
+    stream: Duration,
+    processes: usize,
+    cluster: bool,
+) -> Vec<Fault> {
+    let kinds: &[Kind] = if cluster {
+        &Kind::CLUSTER
+    } else {
+        &Kind::SINGLE
+    };
     let mut rng = StdRng::seed_from_u64(seed ^ 0x6e65_6d65_7369_7300 ^ round);
     let mut out = Vec::new();
     let mut at = Duration::from_millis(rng.random_range(500..2000));
     while at < stream {
-        let kind = Kind::ALL[rng.random_range(0..Kind::ALL.len())];
+        let kind = kinds[rng.random_range(0..kinds.len())];
         let hold = Duration::from_millis(match kind {
             Kind::PauseIntake | Kind::StallBroker | Kind::StallPostgres => {
                 rng.random_range(500..4000)
@@ -117,10 +157,21 @@ pub fn schedule(seed: u64, round: u64, stream: Duration, processes: usize) -> Ve
         out.push(Fault {
             at,
             kind,
-            target: rng.random_range(0..processes.max(1)),
+            target: rng.random_range(0..processes.max(3)),
             hold,
         });
         at += hold + Duration::from_millis(rng.random_range(1000..4000));
+    }
+    // A cluster run always loses the work queue's leader once.
+    let node = |k: Kind| {
+        matches!(
+            k,
+            Kind::StopNode | Kind::KillNode | Kind::PauseNode | Kind::StopLeader
+        )
+    };
+    if cluster && !out.iter().any(|f| node(f.kind)) && !out.is_empty() {
+        let middle = out.len() / 2;
+        out[middle].kind = Kind::StopLeader;
     }
     out
 }
@@ -233,6 +284,9 @@ async fn inject(stack: &mut Stack, fault: &Fault) {
             tokio::time::sleep(hold).await;
             read_only(stack, false).await;
         }
+        Kind::StopNode | Kind::KillNode | Kind::PauseNode | Kind::StopLeader => {
+            node_fault(stack, fault).await;
+        }
     }
 }
 
@@ -258,4 +312,40 @@ async fn read_only(stack: &Stack, on: bool) {
         .await
         .unwrap();
     let _ = conn.close().await;
+}
+
+/// One broker node down (or paused) for the fault's hold, then back: only one at
+/// a time, so a majority of the three is always up when the next one goes.
+async fn node_fault(stack: &Stack, fault: &Fault) {
+    let cluster = stack
+        .cluster
+        .as_ref()
+        .expect("node faults run on a cluster");
+    let n = match fault.kind {
+        Kind::StopLeader => {
+            let queue = format!("{}.provisioner.events", stack.iso.prefix);
+            cluster.leader_of(&queue).await.unwrap_or(0)
+        }
+        _ => fault.target % cluster.nodes().len(),
+    };
+    let node = cluster.node(n);
+    match fault.kind {
+        Kind::PauseNode => {
+            let pid = std::fs::read_to_string(node.dir().join("pid")).expect("the node's pid");
+            let pid: u32 = pid.trim().parse().expect("a pid");
+            signal(pid, "STOP");
+            tokio::time::sleep(fault.hold).await;
+            signal(pid, "CONT");
+        }
+        Kind::KillNode => {
+            node.kill().expect("the node is killed");
+            tokio::time::sleep(fault.hold).await;
+            node.restart().await.expect("the node starts again");
+        }
+        _ => {
+            node.stop().await.expect("the node stops");
+            tokio::time::sleep(fault.hold).await;
+            node.restart().await.expect("the node starts again");
+        }
+    }
 }

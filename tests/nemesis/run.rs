@@ -31,6 +31,8 @@ pub struct Config {
     pub workers: usize,
     /// Inject faults (off: the pipeline alone).
     pub faults: bool,
+    /// On a three-node RabbitMQ cluster of the run's own.
+    pub cluster: bool,
 }
 
 /// What a run did and found: one row of docs/reliability.md.
@@ -112,27 +114,35 @@ fn send(
 /// Runs the nemesis; returns its row and every violation, each with its round.
 pub async fn run(cfg: &Config) -> (Row, Vec<String>) {
     let began = Instant::now();
-    let mut stack = Stack::start(cfg.intakes, cfg.workers).await;
+    let Some(mut stack) = Stack::start(cfg.intakes, cfg.workers, cfg.cluster).await else {
+        return (Row::default(), Vec::new());
+    };
     let oracle = TestDatabase::create().await;
     let mut row = Row {
         seed: cfg.seed,
         ..Row::default()
     };
     let mut violations = Vec::new();
-    let mut poisons = 0;
+    let mut poisons = std::collections::BTreeSet::new();
     let mut round = 0;
     while round < cfg.rounds || began.elapsed().as_secs_f64() < cfg.minutes * 60.0 {
         let prefix = format!("n{round}x");
         let r = generator::round(cfg.seed, round, cfg.ops, &prefix);
         let stream = Duration::from_millis(cfg.interval_ms * r.webhooks.len() as u64);
         let schedule = if cfg.faults {
-            faults::schedule(cfg.seed, round, stream, cfg.intakes.max(cfg.workers))
+            faults::schedule(
+                cfg.seed,
+                round,
+                stream,
+                cfg.intakes.max(cfg.workers),
+                cfg.cluster,
+            )
         } else {
             Vec::new()
         };
         let mut webhooks = r.webhooks.clone();
         webhooks.extend(r.poisons.iter().cloned());
-        poisons += r.poisons.len();
+        poisons.extend(r.poisons.iter().map(|w| w.svix_id.clone()));
         let stop = CancellationToken::new();
         let (reads, reading) = traffic::spawn(
             cfg.seed.wrapping_add(round),
@@ -182,7 +192,7 @@ pub async fn run(cfg: &Config) -> (Row, Vec<String>) {
                 round: &r,
                 report: &report,
                 oracle_db: &oracle.pool,
-                poisons_so_far: poisons,
+                poisons_so_far: &poisons,
                 onboarding: &onboarding,
             })
             .await,

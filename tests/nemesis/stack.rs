@@ -12,6 +12,7 @@ use crate::common::children::{Process, free_port};
 use crate::common::fake_clerk::FakeClerk;
 use crate::common::pg_cluster::PgCluster;
 use crate::common::proxy::Proxy;
+use crate::common::rabbit::{self, RabbitCluster};
 use crate::common::{Isolation, base_amqp_url, random_id};
 use crate::model::ROLE_MAP;
 
@@ -44,6 +45,9 @@ pub struct Stack {
     config: PathBuf,
     pub intakes: Vec<(u16, Slot)>,
     pub workers: Vec<Slot>,
+    /// A three-node RabbitMQ cluster of the run's own, when the run asked for one
+    /// (the children then connect to its nodes directly, not through the proxy).
+    pub cluster: Option<RabbitCluster>,
 }
 
 /// `host:port` of an AMQP URL (`amqp://user:pass@host:port/vhost`).
@@ -61,8 +65,15 @@ fn amqp_addr(url: &str) -> (SocketAddr, String) {
 }
 
 impl Stack {
-    /// Starts the services, `intakes` intake processes and `workers` workers.
-    pub async fn start(intakes: usize, workers: usize) -> Self {
+    /// Starts the services, `intakes` intake processes and `workers` workers; on
+    /// a three-node RabbitMQ cluster of its own when `cluster` (`None` when the
+    /// machine cannot start one and `PROVISIONER_SKIP_CLUSTER=1` asks for a skip).
+    pub async fn start(intakes: usize, workers: usize, cluster: bool) -> Option<Self> {
+        let cluster = if cluster {
+            Some(rabbit::or_skip(RabbitCluster::start(3).await)?)
+        } else {
+            None
+        };
         let iso = Isolation::new();
         let pg = PgCluster::start();
         let pg_upstream: SocketAddr = pg
@@ -99,10 +110,13 @@ impl Stack {
         )
         .unwrap();
         let fake = FakeClerk::start(CLERK_KEY).await;
-        let amqp_url = format!(
-            "amqp://{}",
-            amqp_template.replace("{}", &amqp_proxy.addr.to_string())
-        );
+        let amqp_url = match &cluster {
+            Some(c) => c.amqp_urls(),
+            None => format!(
+                "amqp://{}",
+                amqp_template.replace("{}", &amqp_proxy.addr.to_string())
+            ),
+        };
         let database_url = format!("postgres://postgres@{}/{}", pg_proxy.addr, iso.database);
         let mut stack = Self {
             iso,
@@ -117,6 +131,7 @@ impl Stack {
             config,
             intakes: Vec::new(),
             workers: Vec::new(),
+            cluster,
         };
         for i in 0..intakes {
             let port = free_port();
@@ -138,7 +153,7 @@ impl Stack {
                 peak_rss_kb: 0,
             });
         }
-        stack
+        Some(stack)
     }
 }
 
@@ -158,6 +173,24 @@ impl Stack {
             ("CLERK_API_URL".into(), self.fake.url.clone()),
             ("RUST_LOG".into(), "info".into()),
         ]
+    }
+
+    /// A broker URL the checker can use directly (a running node of the cluster, or
+    /// the machine's broker).
+    pub async fn broker_url(&self) -> String {
+        let Some(cluster) = &self.cluster else {
+            return base_amqp_url();
+        };
+        for node in cluster.nodes() {
+            let url = node.amqp_url();
+            if let Ok(conn) =
+                lapin::Connection::connect(&url, lapin::ConnectionProperties::default()).await
+            {
+                let _ = conn.close(200, "bye".into()).await;
+                return url;
+            }
+        }
+        cluster.node(0).amqp_url()
     }
 
     /// `http://127.0.0.1:PORT` of intake `i`.
