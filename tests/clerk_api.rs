@@ -5,8 +5,8 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::fake_clerk::{FakeClerk, INSTANCE_ID, Scripted};
 use provisioner::clerk::api::{API_VERSION, ClerkApi, ClerkError, Memberships};
+use provisioner::clerk::fake::{FakeClerk, INSTANCE_ID, Scripted};
 use provisioner::config::{ClerkSettings, ReconcileSettings, Secret};
 use provisioner::ops::send::payload::{Person, membership, organization};
 

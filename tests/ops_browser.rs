@@ -14,11 +14,11 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use common::children::free_port;
-use common::fake_clerk::FakeClerk;
 use common::story::{org, person};
 use common::worker::wait_status;
 use common::*;
 use fantoccini::{Client, ClientBuilder, Locator};
+use provisioner::clerk::fake::FakeClerk;
 use serde_json::json;
 
 const OPS_TOKEN: &str = provisioner::config::DEVELOPMENT_OPS_TOKEN;

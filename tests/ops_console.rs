@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::fake_clerk::FakeClerk;
+use provisioner::clerk::fake::FakeClerk;
 use std::time::Duration;
 
 use common::ops::{

@@ -9,11 +9,11 @@ mod proofs;
 
 use common::Isolation;
 use common::database::TestDatabase;
-use common::fake_clerk::FakeClerk;
 use common::ops::{config_file, run_binary, stderr, stdout};
 use common::rows::{member, quotas, workspace};
 use common::story::{org, person};
 use provisioner::clerk::api::ClerkApi;
+use provisioner::clerk::fake::FakeClerk;
 use provisioner::config::{Secret, Settings};
 use provisioner::provision::{Incoming, Provisioner};
 use provisioner::reconcile::{DriftKind, Found, Reconciler, Report, RunOptions, Silent};

@@ -9,9 +9,9 @@ mod common;
 mod abandoned;
 
 use api_support::Call;
-use common::fake_clerk::{Change, FakeClerk, Scripted};
 use common::story::{org, person};
 use common::{TestApp, TestOptions, spawn_app_with};
+use provisioner::clerk::fake::{Change, FakeClerk, Scripted};
 use provisioner::config::Settings;
 use provisioner::provision::Provisioner;
 use serde_json::Value;

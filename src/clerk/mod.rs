@@ -7,6 +7,7 @@
 //! `provision::payload`.
 
 pub mod api;
+pub mod fake;
 
 /// Event types this service handles; everything else is answered `ignored`.
 pub const HANDLED_TYPES: [&str; 8] = [

@@ -18,9 +18,6 @@ pub mod database;
 // cluster suites), and the row-by-row state comparison convergence shares.
 #[allow(dead_code)]
 pub mod history;
-// Used by the reconcile and Clerk client tests only.
-#[allow(dead_code)]
-pub mod fake_clerk;
 // The broker and binary helpers of the worker and operator tests are being
 // rewritten on the one confirmed-publish path; per-item allows once they settle.
 #[allow(dead_code)]

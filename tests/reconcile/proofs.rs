@@ -3,7 +3,7 @@
 //! instance never cost anyone still in Clerk their access.
 
 use super::*;
-use common::fake_clerk::{Change, INSTANCE_ID};
+use provisioner::clerk::fake::{Change, INSTANCE_ID};
 
 /// An organization of `n` members in the fake, listed oldest first in the order
 /// of their number (`orgmem_big_0000` … ), each a member here too once applied.

@@ -14,7 +14,6 @@ use clap::{Parser, Subcommand};
 use provisioner::config::Settings;
 
 mod api;
-mod clerk;
 mod e2e;
 mod http;
 mod intake;
@@ -45,7 +44,7 @@ enum LoadTarget {
     Broker(intake::BrokerArgs),
     /// A fake of Clerk's Backend API (N organizations, M members each) on this
     /// machine, for the reconcile backfill benchmark; runs until interrupted.
-    FakeClerk(clerk::FakeClerkArgs),
+    FakeClerk(FakeClerkArgs),
     /// Delete the configured scratch topology and database after a benchmark
     /// (refuses unless every name is a `load.` / `provisioner_load` scratch name).
     Teardown(intake::TeardownArgs),
@@ -57,9 +56,43 @@ async fn run(settings: &Settings, target: LoadTarget) -> anyhow::Result<()> {
         LoadTarget::E2e(a) => e2e::run(settings, a).await,
         LoadTarget::Intake(a) => intake::run_intake(settings, a).await,
         LoadTarget::Broker(a) => intake::run_broker(settings, a).await,
-        LoadTarget::FakeClerk(a) => clerk::run(settings, a).await,
+        LoadTarget::FakeClerk(a) => fake_clerk(a).await,
         LoadTarget::Teardown(a) => intake::run_teardown(settings, a).await,
     }
+}
+
+/// Arguments of `fake-clerk`.
+#[derive(Debug, clap::Args)]
+struct FakeClerkArgs {
+    /// Organizations to serve.
+    #[arg(long, default_value_t = 10_000)]
+    orgs: usize,
+    /// Memberships per organization.
+    #[arg(long, default_value_t = 5)]
+    members: usize,
+    /// Address to listen on (this machine only).
+    #[arg(long, default_value = "127.0.0.1:18530")]
+    listen: std::net::SocketAddr,
+    /// The secret key it accepts (`Authorization: Bearer …`).
+    #[arg(long, default_value = "sk_test_load_fake_clerk")]
+    key: String,
+}
+
+/// Serves the library's fake Backend API ([`provisioner::clerk::fake`]) filled
+/// with `orgs` organizations of `members` memberships each, until interrupted.
+async fn fake_clerk(args: FakeClerkArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        args.listen.ip().is_loopback(),
+        "fake-clerk listens on this machine only"
+    );
+    let fake = provisioner::clerk::fake::FakeClerk::bind(args.listen, &args.key).await?;
+    fake.populate(args.orgs, args.members);
+    eprintln!(
+        "fake Clerk Backend API on {} ({} organizations, {} memberships each)",
+        fake.url, args.orgs, args.members
+    );
+    tokio::signal::ctrl_c().await?;
+    Ok(())
 }
 
 fn main() -> ExitCode {
