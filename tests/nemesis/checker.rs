@@ -596,7 +596,7 @@ async fn read_api(
 
 /// Clerk's truth in the fake Backend API: the model's live organizations and
 /// their active memberships, as Clerk lists them now (the standing snapshots).
-pub fn serve_model(fake: &crate::common::fake_clerk::FakeClerk, model: &Model, prefix: &str) {
+pub fn serve_model(fake: &provisioner::clerk::fake::FakeClerk, model: &Model, prefix: &str) {
     for o in 0..model.orgs.len() {
         if let Some(snap) = model.live_org(o) {
             fake.put_organization(org_of(prefix, &snap).data_at(snap.updated_at));

@@ -48,11 +48,20 @@ pub enum Kind {
     PauseNode,
     /// The node leading the work queue stopped, started after the pause.
     StopLeader,
+    /// Clerk's Backend API answers 429 with `Retry-After: 1` for a while.
+    ClerkRateLimited,
+    /// Clerk's Backend API answers 500 for a while.
+    ClerkErrors,
+    /// Clerk's Backend API answers after 1 to 3 s.
+    ClerkSlow,
+    /// Clerk's organization list misses an organization (as a list that shifts
+    /// while it is paged by offset does), while a GET by id still finds it.
+    ClerkShiftingList,
 }
 
 impl Kind {
     /// The faults of a run on the machine's broker (behind the proxy).
-    const SINGLE: [Kind; 12] = [
+    const SINGLE: [Kind; 16] = [
         Kind::KillWorker,
         Kind::TermWorker,
         Kind::PauseWorker,
@@ -65,10 +74,14 @@ impl Kind {
         Kind::StallPostgres,
         Kind::CrashPostgres,
         Kind::ReadOnlyPostgres,
+        Kind::ClerkRateLimited,
+        Kind::ClerkErrors,
+        Kind::ClerkSlow,
+        Kind::ClerkShiftingList,
     ];
 
     /// The faults of a cluster run: the broker's are the nodes'.
-    const CLUSTER: [Kind; 12] = [
+    const CLUSTER: [Kind; 16] = [
         Kind::KillWorker,
         Kind::TermWorker,
         Kind::PauseWorker,
@@ -81,6 +94,10 @@ impl Kind {
         Kind::KillNode,
         Kind::PauseNode,
         Kind::StopLeader,
+        Kind::ClerkRateLimited,
+        Kind::ClerkErrors,
+        Kind::ClerkSlow,
+        Kind::ClerkShiftingList,
     ];
 
     /// Its name in the table.
@@ -102,6 +119,10 @@ impl Kind {
             Kind::KillNode => "kill_node",
             Kind::PauseNode => "pause_node",
             Kind::StopLeader => "stop_leader",
+            Kind::ClerkRateLimited => "clerk_429",
+            Kind::ClerkErrors => "clerk_500",
+            Kind::ClerkSlow => "clerk_slow",
+            Kind::ClerkShiftingList => "clerk_shifting_list",
         }
     }
 }
@@ -286,6 +307,42 @@ async fn inject(stack: &mut Stack, fault: &Fault) {
         }
         Kind::StopNode | Kind::KillNode | Kind::PauseNode | Kind::StopLeader => {
             node_fault(stack, fault).await;
+        }
+        Kind::ClerkRateLimited | Kind::ClerkErrors => {
+            let (status, retry_after) = if fault.kind == Kind::ClerkRateLimited {
+                (429, Some(1))
+            } else {
+                (500, None)
+            };
+            stack
+                .fake
+                .fail_next((0..1000).map(|_| provisioner::clerk::fake::Scripted {
+                    status,
+                    retry_after,
+                }));
+            tokio::time::sleep(hold).await;
+            stack.fake.clear_faults();
+        }
+        Kind::ClerkSlow => {
+            stack.fake.set_latency(Duration::from_millis(
+                1000 + 500 * (fault.target as u64 % 5),
+            ));
+            tokio::time::sleep(hold).await;
+            stack.fake.clear_faults();
+        }
+        Kind::ClerkShiftingList => {
+            // Every organization of the run so far may be missed by the list.
+            let like = format!("n%org_{}", fault.target % crate::generator::ORGS);
+            let ids: Vec<String> = sqlx::query_scalar("select id from workspaces where id like $1")
+                .bind(&like)
+                .fetch_all(&stack.db)
+                .await
+                .unwrap_or_default();
+            for id in &ids {
+                stack.fake.hide_from_list(id);
+            }
+            tokio::time::sleep(hold).await;
+            stack.fake.clear_faults();
         }
     }
 }

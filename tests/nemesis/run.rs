@@ -200,7 +200,8 @@ pub async fn run(cfg: &Config) -> (Row, Vec<String>) {
         let schedule_text: Vec<String> = schedule.iter().map(|f| f.to_string()).collect();
         eprintln!(
             "nemesis seed {} round {round}: {} events, {}; faults: [{}]; reads {} (judged {}); \
-             onboarding writes {}, syncs {} (abandoned {}); violations {}",
+             onboarding writes {}, syncs {} (abandoned {}); Clerk API requests so far {}; \
+             violations {}",
             cfg.seed,
             r.model.history.len(),
             report.summary(),
@@ -210,6 +211,7 @@ pub async fn run(cfg: &Config) -> (Row, Vec<String>) {
             writes.writes.load(std::sync::atomic::Ordering::Relaxed),
             writes.syncs.load(std::sync::atomic::Ordering::Relaxed),
             writes.abandoned.load(std::sync::atomic::Ordering::Relaxed),
+            stack.fake.requests().len(),
             found.len()
         );
         row.rounds += 1;

@@ -9,12 +9,12 @@ use std::path::PathBuf;
 use sqlx::PgPool;
 
 use crate::common::children::{Process, free_port};
-use crate::common::fake_clerk::FakeClerk;
 use crate::common::pg_cluster::PgCluster;
 use crate::common::proxy::Proxy;
 use crate::common::rabbit::{self, RabbitCluster};
 use crate::common::{Isolation, base_amqp_url, random_id};
 use crate::model::ROLE_MAP;
+use provisioner::clerk::fake::FakeClerk;
 
 /// The fake Backend API's key.
 pub const CLERK_KEY: &str = "sk_test_nemesis_fake_key_0123456789";
@@ -104,7 +104,7 @@ impl Stack {
             &config,
             format!(
                 "{}\n[worker]\nretry_delays_ms = [200, 400, 1000]\ndb_retry_max_ms = 2000\n\
-                 batch_size = 16\n\n{ROLE_MAP}",
+                 batch_size = 16\n\n[reconcile]\ninterval_s = 4\nrequests_per_second = 50\n\n{ROLE_MAP}",
                 iso.broker_toml()
             ),
         )
