@@ -29,6 +29,9 @@ mod stack;
 #[path = "nemesis/traffic.rs"]
 mod traffic;
 
+use std::time::Duration;
+
+use common::{SECRET, eventually, now_secs, sign};
 use run::Config;
 
 fn ci(seed: u64, faults: bool) -> Config {
@@ -110,4 +113,82 @@ async fn nemesis_seed() {
         cluster: var("NEMESIS_CLUSTER", "0") == "1",
     };
     run::assert_holds(cfg).await;
+}
+
+/// Regression (the nemesis, seed 11 round 1: a poison dead-lettered while
+/// PostgreSQL was crashed never reached the processing log). A payload error
+/// dead-lettered while PostgreSQL cannot take its `dead` row is still recorded
+/// once PostgreSQL is back: the worker parks the event instead of acking it away.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_dead_letter_made_while_postgres_is_away_is_recorded_once_it_is_back() {
+    let stack = stack::Stack::start(1, 1, false)
+        .await
+        .expect("no cluster needed");
+    let send = |w: common::history::Webhook| {
+        let url = format!("{}/webhooks/clerk", stack.base(0));
+        async move {
+            let ts = now_secs();
+            reqwest::Client::new()
+                .post(url)
+                .header("svix-id", &w.svix_id)
+                .header("svix-timestamp", ts.to_string())
+                .header("svix-signature", sign(SECRET, &w.svix_id, ts, &w.body))
+                .header("content-type", "application/json")
+                .body(w.body.clone())
+                .send()
+                .await
+                .expect("intake answers")
+                .status()
+        }
+    };
+    let status_of = |id: String| {
+        let db = stack.db.clone();
+        async move {
+            sqlx::query_scalar::<_, String>("select status from events where svix_id = $1")
+                .bind(id)
+                .fetch_optional(&db)
+                .await
+                .ok()
+                .flatten()
+        }
+    };
+    // The worker is up and recording (one dead letter while PostgreSQL is there).
+    let first = generator::poison("here", 0);
+    assert_eq!(send(first.clone()).await, 200);
+    let up = eventually(Duration::from_secs(60), || async {
+        (status_of(first.svix_id.clone()).await.as_deref() == Some("dead")).then_some(())
+    })
+    .await;
+    assert!(up.is_some(), "{}", stack.workers[0].process.log_tail());
+
+    let poison = generator::poison("away", 0);
+    stack.pg_proxy.cut().await;
+    assert_eq!(
+        send(poison.clone()).await,
+        200,
+        "intake queues without PostgreSQL"
+    );
+    // Dead-lettered while PostgreSQL is away.
+    let dead_queue = format!("{}.provisioner.dead", stack.iso.prefix);
+    let broker = stack.broker_url().await;
+    let lettered = eventually(Duration::from_secs(60), || async {
+        checker::dead_letter_ids(&broker, &dead_queue)
+            .await
+            .contains_key(&poison.svix_id)
+            .then_some(())
+    })
+    .await;
+    assert!(lettered.is_some(), "the poison is dead-lettered");
+    // Away longer than the worker tries to record it (db_retry_max_ms = 2000).
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    stack.pg_proxy.restore();
+    let recorded = eventually(Duration::from_secs(60), || async {
+        (status_of(poison.svix_id.clone()).await.as_deref() == Some("dead")).then_some(())
+    })
+    .await;
+    assert!(
+        recorded.is_some(),
+        "the processing log records the dead letter once PostgreSQL is back: {}",
+        stack.workers[0].process.log_tail()
+    );
 }

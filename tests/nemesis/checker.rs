@@ -288,7 +288,7 @@ fn locate_svix(model: &Model, prefix: &str, svix: &str) -> String {
 
 /// The message ids in `queue` and how many copies of each (taken without an ack
 /// and returned when the channel closes).
-async fn dead_letter_ids(url: &str, queue: &str) -> BTreeMap<String, usize> {
+pub async fn dead_letter_ids(url: &str, queue: &str) -> BTreeMap<String, usize> {
     use lapin::options::BasicGetOptions;
     let mut ids = BTreeMap::new();
     let Ok(conn) = lapin::Connection::connect(url, lapin::ConnectionProperties::default()).await
