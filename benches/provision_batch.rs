@@ -10,8 +10,8 @@
 use std::time::Instant;
 
 use provisioner::clerk::EventType;
+use provisioner::clerk::sample as payload;
 use provisioner::config::{ConnectionUrl, DatabaseSettings, Settings};
-use provisioner::ops::send::payload;
 use provisioner::provision::{Actor, Incoming, Provisioner};
 
 const APPLIERS: usize = 8;

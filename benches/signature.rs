@@ -4,9 +4,9 @@
 
 use axum::http::{HeaderMap, HeaderValue};
 use criterion::{Criterion, criterion_group, criterion_main};
+use provisioner::clerk::sample::{EVENT_SIZE, organization_event};
 use provisioner::config::{DEVELOPMENT_WEBHOOK_SECRET, Secret};
 use provisioner::intake::Verifier;
-use provisioner::ops::send::payload::{EVENT_SIZE, organization_event};
 
 fn headers(id: &str, signature: &str) -> HeaderMap {
     let now = std::time::SystemTime::now()

@@ -867,7 +867,7 @@ async fn audit_cursor_is_stable_while_rows_arrive() {
 /// without `replayed_by`; the service's own view keeps every row whole.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn members_never_see_operator_details_in_the_audit() {
-    use provisioner::http::ops::audit::{Action, Actor, record};
+    use provisioner::http::console::audit::{Action, Actor, record};
     let app = spawn_app().await;
     let seed = Seed::new(&app);
     let ws = new_id("org");

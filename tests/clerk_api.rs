@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use provisioner::clerk::api::{API_VERSION, ClerkApi, ClerkError, Memberships};
 use provisioner::clerk::fake::{FakeClerk, INSTANCE_ID, Scripted};
+use provisioner::clerk::sample::{Person, membership, organization};
 use provisioner::config::{ClerkSettings, ReconcileSettings, Secret};
-use provisioner::ops::send::payload::{Person, membership, organization};
 
 const KEY: &str = "sk_test_fake_clerk_key_0123456789";
 

@@ -14,7 +14,7 @@ use common::ops::{
 };
 use common::story::{org, person};
 use common::*;
-use provisioner::ops::dlq::{DeadQueue, Selection};
+use provisioner::dead_letters::{DeadQueue, Selection};
 use reqwest::StatusCode;
 use reqwest::header::{HeaderMap, LOCATION, SET_COOKIE};
 use serde_json::{Value, json};
@@ -215,7 +215,9 @@ async fn audit_rows(app: &TestApp) -> Vec<(Option<String>, String, String, Optio
 }
 
 async fn dead_ids(app: &TestApp) -> Vec<String> {
-    let listing = provisioner::ops::dlq::list(&app.settings).await.unwrap();
+    let listing = provisioner::dead_letters::list(&app.settings)
+        .await
+        .unwrap();
     listing.data.into_iter().filter_map(|l| l.id).collect()
 }
 
@@ -1205,7 +1207,7 @@ async fn a_bulk_replay_replays_exactly_what_its_confirm_step_showed() {
         &[dead("organization.updated", "org_d", &late)],
     )
     .await;
-    provisioner::ops::dlq::purge(&app.settings, &Selection::Ids(vec![ids[3].clone()]))
+    provisioner::dead_letters::purge(&app.settings, &Selection::Ids(vec![ids[3].clone()]))
         .await
         .unwrap();
     let page = console

@@ -10,7 +10,8 @@ use common::ops::*;
 use common::*;
 use lapin::options::{BasicGetOptions, BasicRejectOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
-use provisioner::ops::dlq::{self, DeadQueue, DlqError, ReplayOptions, Selection};
+use provisioner::dead_letters::{self as dlq, DeadQueue, DlqError, ReplayOptions, Selection};
+use provisioner::progress::Silent;
 
 fn id() -> String {
     format!("msg_{}", random_id(20))
@@ -423,6 +424,7 @@ async fn replay_by_id_republishes_to_the_exchange_and_removes_only_that_copy() {
     let report = dlq::replay(
         &settings,
         &ReplayOptions::new(Selection::Ids(vec![ids[3].clone()])),
+        &Silent,
     )
     .await
     .unwrap();
@@ -470,7 +472,7 @@ async fn dry_run_lists_the_selection_and_changes_nothing() {
 
     let mut opts = ReplayOptions::new(Selection::All);
     opts.dry_run = true;
-    let report = dlq::replay(&settings, &opts).await.unwrap();
+    let report = dlq::replay(&settings, &opts, &Silent).await.unwrap();
 
     assert_eq!(report.selected.len(), 4);
     assert!(report.replayed.is_empty());
@@ -495,6 +497,7 @@ async fn replay_by_type_and_by_org_selects_exactly_those() {
     let report = dlq::replay(
         &settings,
         &ReplayOptions::new(Selection::Type("organization.updated".into())),
+        &Silent,
     )
     .await
     .unwrap();
@@ -509,6 +512,7 @@ async fn replay_by_type_and_by_org_selects_exactly_those() {
     let report = dlq::replay(
         &settings,
         &ReplayOptions::new(Selection::Org("org_sel".into())),
+        &Silent,
     )
     .await
     .unwrap();
@@ -522,6 +526,7 @@ async fn replay_by_type_and_by_org_selects_exactly_those() {
     let report = dlq::replay(
         &settings,
         &ReplayOptions::new(Selection::Org("org_none".into())),
+        &Silent,
     )
     .await
     .unwrap();
@@ -541,6 +546,7 @@ async fn replay_of_an_unknown_id_changes_nothing() {
     let err = dlq::replay(
         &settings,
         &ReplayOptions::new(Selection::Ids(vec![ids[0].clone(), "msg_missing".into()])),
+        &Silent,
     )
     .await
     .unwrap_err();
@@ -581,6 +587,7 @@ async fn an_unroutable_replay_keeps_the_dead_copy() {
     let report = dlq::replay(
         &settings,
         &ReplayOptions::new(Selection::Ids(vec![ids[1].clone()])),
+        &Silent,
     )
     .await
     .unwrap();
@@ -606,7 +613,7 @@ async fn a_missing_exchange_fails_the_replay_and_loses_nothing() {
     inject_dead(&settings, &msgs).await;
     settings.broker.exchange = format!("{}.does-not-exist", settings.broker.exchange);
 
-    let report = dlq::replay(&settings, &ReplayOptions::new(Selection::All))
+    let report = dlq::replay(&settings, &ReplayOptions::new(Selection::All), &Silent)
         .await
         .unwrap();
 
@@ -665,7 +672,10 @@ async fn two_concurrent_replays_lose_nothing_and_replay_each_once() {
     inject_dead(&settings, &msgs).await;
 
     let opts = ReplayOptions::new(Selection::All);
-    let (a, b) = tokio::join!(dlq::replay(&settings, &opts), dlq::replay(&settings, &opts));
+    let (a, b) = tokio::join!(
+        dlq::replay(&settings, &opts, &Silent),
+        dlq::replay(&settings, &opts, &Silent)
+    );
     let (a, b) = (a.unwrap(), b.unwrap());
 
     assert!(a.failed.is_empty() && b.failed.is_empty());

@@ -7,7 +7,8 @@ use chrono::{DateTime, Duration, Utc};
 use common::ops::*;
 use common::*;
 use provisioner::config::Settings;
-use provisioner::ops::events::{self, EventFilter, EventsError};
+use provisioner::store::events::{self, EventFilter, EventsError};
+use provisioner::store::model::EventStatus;
 use sqlx::PgPool;
 
 async fn database() -> (Isolation, Settings, PgPool) {
@@ -125,7 +126,7 @@ async fn list_is_newest_first_and_each_filter_narrows_it() {
     );
 
     let dead = list(EventFilter {
-        status: Some("dead".into()),
+        status: Some(EventStatus::Dead),
         ..Default::default()
     })
     .await;
@@ -162,7 +163,7 @@ async fn list_is_newest_first_and_each_filter_narrows_it() {
     assert_eq!(ids(&two), ["msg_e6", "msg_e5"]);
 
     let combined = list(EventFilter {
-        status: Some("processed".into()),
+        status: Some(EventStatus::Processed),
         workspace_id: Some("org_b".into()),
         since: Some(base - Duration::minutes(90)),
         ..Default::default()
@@ -202,7 +203,7 @@ async fn show_finds_one_event_and_unknown_is_not_found() {
     let e = events::show(&settings, &pool, "msg_e3").await.unwrap();
     assert_eq!(e.kind, "organization.created");
     assert_eq!(e.workspace_id.as_deref(), Some("org_b"));
-    assert_eq!(e.status, "dead");
+    assert_eq!(e.status, EventStatus::Dead);
 
     let err = events::show(&settings, &pool, "msg_nope")
         .await

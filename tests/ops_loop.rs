@@ -9,8 +9,9 @@ use std::time::Duration;
 
 use common::worker::{count, wait_depth, wait_status};
 use common::*;
-use provisioner::ops::dlq::{self, ReplayOptions, Selection};
-use provisioner::ops::send::{self, Scenario, SendArgs};
+use provisioner::cli::send::{self, Scenario, SendArgs};
+use provisioner::dead_letters::{self as dlq, ReplayOptions, Selection};
+use provisioner::progress::Silent;
 use serde_json::json;
 
 fn worker_opts() -> TestOptions {
@@ -91,6 +92,7 @@ async fn a_dead_letter_replayed_after_its_cause_is_gone_is_provisioned() {
     let report = dlq::replay(
         &app.settings,
         &ReplayOptions::new(Selection::Org(org.clone())),
+        &Silent,
     )
     .await
     .unwrap();
@@ -141,6 +143,7 @@ async fn a_still_broken_event_replayed_is_dead_again_not_lost() {
     let report = dlq::replay(
         &app.settings,
         &ReplayOptions::new(Selection::Ids(vec![id.clone()])),
+        &Silent,
     )
     .await
     .unwrap();

@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use common::ops::*;
 use common::*;
+use provisioner::cli::send::{self, Scenario, SendArgs, SendError};
 use provisioner::config::Secret;
-use provisioner::ops::send::{self, Scenario, SendArgs, SendError};
 use serde_json::Value;
 
 /// A valid secret the test app does not know.

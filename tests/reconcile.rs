@@ -15,8 +15,9 @@ use common::story::{org, person};
 use provisioner::clerk::api::ClerkApi;
 use provisioner::clerk::fake::FakeClerk;
 use provisioner::config::{Secret, Settings};
+use provisioner::progress::Silent;
 use provisioner::provision::{Incoming, Provisioner};
-use provisioner::reconcile::{DriftKind, Found, Reconciler, Report, RunOptions, Silent};
+use provisioner::reconcile::{DriftKind, Found, Reconciler, Report, RunOptions};
 use serde_json::Value;
 use sqlx::PgPool;
 

@@ -41,7 +41,7 @@ pub struct Topology {
 /// largest the argument holds: 2^31 − 1 deliveries is never reached. Every view
 /// (`dlq list`, `show`, a console page) counts one delivery of each letter it reads,
 /// since it gives the letters back unchanged rather than copying them (see
-/// `ops::dlq::queue`), so the limit must be one no view will ever reach.
+/// `dead_letters::queue`), so the limit must be one no view will ever reach.
 pub const DEAD_LETTER_DELIVERY_LIMIT: i32 = i32::MAX;
 
 fn quorum_args(expires: Option<u64>, group_size: Option<u32>) -> FieldTable {

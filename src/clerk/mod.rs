@@ -8,6 +8,7 @@
 
 pub mod api;
 pub mod fake;
+pub mod sample;
 
 /// Event types this service handles; everything else is answered `ignored`.
 pub const HANDLED_TYPES: [&str; 8] = [

@@ -64,7 +64,7 @@ impl ConnectionUrl {
         self.0.expose()
     }
 
-    /// The addresses of a comma-separated list of URLs (see [`split_url_list`]),
+    /// The addresses of a comma-separated list of URLs (see `split_url_list`),
     /// each its own `ConnectionUrl`; one element when the value is a single URL.
     pub fn addresses(&self) -> Vec<ConnectionUrl> {
         split_url_list(self.0.expose())
@@ -183,11 +183,11 @@ fn url_secrets(raw: &str) -> Vec<String> {
 
 /// The URL with every password it carries replaced by `***`: the userinfo password
 /// (sqlx, lapin), the value of every secret query parameter
-/// ([`is_secret_parameter`]: sqlx's `password=`, `sslpassword=`, …) and the
+/// (`is_secret_parameter`: sqlx's `password=`, `sslpassword=`, …) and the
 /// fragment (no driver reads one; there it is only a password's stray `#…`). A URL
 /// that does not parse, or has no `//` authority (`amqp:user:pw@host`, whose "path"
 /// lapin would quote), is hidden whole but for its scheme. A comma-separated list
-/// of URLs ([`split_url_list`]) is redacted URL by URL.
+/// of URLs (`split_url_list`) is redacted URL by URL.
 pub fn redact_url(raw: &str) -> String {
     let parts = split_url_list(raw);
     if parts.len() > 1 {

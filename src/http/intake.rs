@@ -22,12 +22,12 @@ use axum::routing::post;
 use axum::{Json, Router};
 
 use super::AppState;
-use super::error::HttpError;
+use super::error::{ErrorCode, HttpError};
 use super::server::{BodyTimeout, body_deadline};
 use crate::broker::PublishError;
 use crate::clerk::is_handled;
 use crate::config::HttpSettings;
-use crate::intake::{Envelope, VerifyError};
+use crate::intake::{EventHead, VerifyError};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracing::Instrument;
 
@@ -115,7 +115,7 @@ impl Slots {
         self.free.clone().try_acquire_owned().map_err(|_| {
             outcome("overloaded");
             HttpError::unavailable(
-                "overloaded",
+                ErrorCode::Overloaded,
                 "too many webhooks in flight; retry later",
                 self.retry_after,
             )
@@ -132,7 +132,7 @@ pub fn webhook_body_timeout(http: &HttpSettings) -> Duration {
 
 /// The intake routes. A webhook's body must arrive within
 /// [`webhook_body_timeout`] of its head (408 after it); at most `[http]
-/// max_inflight_webhooks` webhooks are verified and published at once ([`Slots`]);
+/// max_inflight_webhooks` webhooks are verified and published at once (`Slots`);
 /// past it the answer is 503 with `Retry-After` at once, and Svix retries later.
 pub fn router(http: &HttpSettings) -> Router<AppState> {
     // Every series at 0 from the start, so rate() and increase() see the first one.
@@ -158,7 +158,7 @@ pub fn router(http: &HttpSettings) -> Router<AppState> {
             post(receive).fallback(|| async {
                 let mut r = HttpError::new(
                     StatusCode::METHOD_NOT_ALLOWED,
-                    "method_not_allowed",
+                    ErrorCode::MethodNotAllowed,
                     "use POST",
                 )
                 .into_response();
@@ -182,7 +182,7 @@ fn svix_id(headers: &HeaderMap) -> String {
 }
 
 /// Webhooks by what intake did with them (`outcome`, one of [`OUTCOMES`]).
-pub const RECEIVED_TOTAL: &str = "webhooks_received_total";
+pub use crate::telemetry::series::RECEIVED_TOTAL;
 /// Intake's publish to the broker's confirm or failure.
 pub const PUBLISH_SECONDS: &str = "webhook_publish_seconds";
 /// Intake publishes without a positive confirm, by `reason`.
@@ -215,7 +215,7 @@ fn body_timeout(timeout: Duration) -> HttpError {
     // hyper closes the connection after this answer: the body was not read to its end.
     HttpError::new(
         StatusCode::REQUEST_TIMEOUT,
-        "body_timeout",
+        ErrorCode::BodyTimeout,
         format!(
             "request body not received within {} ms",
             timeout.as_millis()
@@ -232,7 +232,7 @@ async fn read_body(
     let too_large = || {
         HttpError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
-            "payload_too_large",
+            ErrorCode::PayloadTooLarge,
             format!("body exceeds {limit} bytes"),
         )
     };
@@ -254,7 +254,7 @@ async fn read_body(
         } else if BodyTimeout::caused(&e) {
             body_timeout(timeout)
         } else {
-            HttpError::bad_request("unreadable_body", "could not read the request body")
+            HttpError::bad_request(ErrorCode::UnreadableBody, "could not read the request body")
         }
     })
 }
@@ -283,7 +283,7 @@ async fn receive(
     )
     .await
     .inspect_err(|e| {
-        outcome(if e.code == "body_timeout" {
+        outcome(if e.code == ErrorCode::BodyTimeout {
             "body_timeout"
         } else {
             "too_large"
@@ -324,9 +324,9 @@ async fn receive(
 /// The rest of intake, once the signature verified: envelope, instance, publish.
 async fn receive_verified(state: &AppState, id: &str, body: Bytes) -> Result<Response, HttpError> {
     let settings = &state.settings;
-    let envelope = Envelope::parse(&body).map_err(|message| {
+    let envelope = EventHead::parse(&body).map_err(|message| {
         outcome("invalid_payload");
-        HttpError::bad_request("invalid_payload", message)
+        HttpError::bad_request(ErrorCode::InvalidPayload, message)
     })?;
 
     tracing::Span::current().record(crate::telemetry::EVENT_TYPE, envelope.kind.as_str());
@@ -337,7 +337,7 @@ async fn receive_verified(state: &AppState, id: &str, body: Bytes) -> Result<Res
         tracing::warn!(clerk.instance_id = %actual, "webhook refused: event of another Clerk instance");
         return Err(HttpError::new(
             StatusCode::UNPROCESSABLE_ENTITY,
-            "wrong_instance",
+            ErrorCode::WrongInstance,
             format!("event of instance {actual} refused; this service accepts {expected}"),
         ));
     }
@@ -345,7 +345,7 @@ async fn receive_verified(state: &AppState, id: &str, body: Bytes) -> Result<Res
         outcome("wrong_instance");
         return Err(HttpError::new(
             StatusCode::UNPROCESSABLE_ENTITY,
-            "wrong_instance",
+            ErrorCode::WrongInstance,
             "event has no instance_id; this service accepts one instance only",
         ));
     }

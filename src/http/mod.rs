@@ -7,10 +7,10 @@
 //! it exactly as production serves it.
 
 pub mod api;
+pub mod console;
 pub mod error;
 pub mod health;
 pub mod intake;
-pub mod ops;
 pub mod server;
 
 use std::sync::{Arc, PoisonError, RwLock};
@@ -80,8 +80,8 @@ struct RequestSeries {
 
 /// The series each (method, route, status) records into, looked up in the
 /// recorder once each: building a metric key and finding it in the recorder's
-/// registry on every request cost about 10 µs of the read API's 80 (`bench/run_api.sh`,
-/// issue 12). The labels are bounded (see [`route_label`] and [`method_label`];
+/// registry on every request was a measurable share of a read (`bench/run_api.sh`;
+/// figures in docs/benchmarks.md, issue 12). The labels are bounded (see [`route_label`] and [`method_label`];
 /// statuses are three digits), so the list is as short as the set of answers the
 /// routes give, and each entry is leaked once. The recorder never drops a series
 /// (no idle timeout is configured in `telemetry`), so a handle stays live.
@@ -147,7 +147,7 @@ pub fn app(state: AppState) -> Router {
         .merge(intake::router(&state.settings.http))
         .merge(health::router())
         .merge(api::router())
-        .merge(ops::router())
+        .merge(console::router())
         .layer(axum::middleware::from_fn(
             move |request: axum::extract::Request, next: axum::middleware::Next| {
                 server::body_deadline(body_timeout, request, next)

@@ -1,5 +1,5 @@
 //! What intake knows about a webhook apart from HTTP: its signature
-//! ([`signature`]) and the envelope it reads before publishing.
+//! ([`signature`]) and the head of the event it reads before publishing ([`EventHead`]).
 //!
 //! Guarantee: intake reads no more of a Clerk event than it needs to route it —
 //! the type, the instance id, and that `data` is an object — and the body it
@@ -14,7 +14,7 @@ pub use signature::{Verifier, VerifyError};
 
 /// The only part of a Clerk event intake reads.
 #[derive(Debug, Deserialize)]
-pub struct Envelope<'a> {
+pub struct EventHead<'a> {
     /// Event type, e.g. `organization.created`.
     #[serde(rename = "type")]
     pub kind: String,
@@ -26,10 +26,10 @@ pub struct Envelope<'a> {
     pub data: &'a RawValue,
 }
 
-impl<'a> Envelope<'a> {
+impl<'a> EventHead<'a> {
     /// Parses the envelope; `data` must be an object.
     pub fn parse(body: &'a [u8]) -> Result<Self, String> {
-        let env: Envelope<'a> = serde_json::from_slice(body).map_err(|e| {
+        let env: EventHead<'a> = serde_json::from_slice(body).map_err(|e| {
             format!("body is not a Clerk event (JSON object with `type` and `data`): {e}")
         })?;
         if !env.data.get().trim_start().starts_with('{') {

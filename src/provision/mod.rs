@@ -6,7 +6,7 @@
 //! duplicates converges to the state of the history applied in order.
 //!
 //! The worker calls [`Provisioner::apply_decoded`] with events it decoded once
-//! (see `worker::delivery::Envelope::read`); other callers use
+//! (see `worker::delivery::DeliveredEvent::read`); other callers use
 //! [`Provisioner::apply_batch`], which decodes and then does the same. They are the
 //! only entry points that write workspace state from events, and both run every
 //! transaction through one helper (`run_tx`: lock, apply, flush audit, commit).

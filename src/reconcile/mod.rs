@@ -34,6 +34,7 @@ use sqlx::postgres::Postgres;
 
 use crate::clerk::EventType;
 use crate::clerk::api::{ClerkApi, ClerkError, Memberships, PAGE_LIMIT, Page};
+use crate::progress::{Progress, Silent};
 use crate::provision::payload::{self, Decoded, Event, Membership, Organization};
 use crate::provision::{Actor, Incoming, Outcome, ProcessError, Provisioner};
 
@@ -204,23 +205,6 @@ pub enum ReconcileError {
     /// PostgreSQL failed.
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
-}
-
-/// Progress of a run, for a progress bar.
-pub trait Progress: Send + Sync {
-    /// A phase began; `total` items when known.
-    fn phase(&self, name: &'static str, total: Option<u64>);
-    /// `n` more items of the phase are done.
-    fn advance(&self, n: u64);
-}
-
-/// No progress shown.
-#[derive(Debug)]
-pub struct Silent;
-
-impl Progress for Silent {
-    fn phase(&self, _: &'static str, _: Option<u64>) {}
-    fn advance(&self, _: u64) {}
 }
 
 /// Compares Clerk with the database and repairs the difference.
@@ -1315,7 +1299,7 @@ pub fn spawn_scheduled(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ops::send::payload as make;
+    use crate::clerk::sample as make;
 
     fn repair(workspace: &str, n: usize) -> Prepared {
         let org = make::organization(workspace, "Org", "user_creator", 1, 1, 1);

@@ -10,6 +10,7 @@
 //! Every membership read below goes through that view and nothing else.
 //! Onboarding writes and their audit row commit together.
 
+pub mod events;
 pub mod model;
 
 use std::collections::BTreeMap;
@@ -19,8 +20,8 @@ use sqlx::types::Json;
 use sqlx::{PgPool, Postgres, Transaction};
 
 use model::{
-    AuditEntry, Event, EventStatus, Member, Onboarding, OnboardingStep, Role, StepStatus,
-    StepTarget, UnknownValue, UserWorkspace, Workspace, WorkspaceStatus,
+    AuditEntry, Event, Member, Onboarding, OnboardingStep, Role, StepStatus, StepTarget,
+    UnknownValue, UserWorkspace, Workspace, WorkspaceStatus,
 };
 
 /// A failed read or write.
@@ -80,7 +81,7 @@ fn access_of((status, role): (String, Option<String>)) -> Result<Access, StoreEr
 }
 
 #[derive(sqlx::FromRow)]
-struct WorkspaceRow {
+struct WorkspaceReadRow {
     id: String,
     name: Option<String>,
     slug: Option<String>,
@@ -110,7 +111,7 @@ pub async fn workspace(
     workspace_id: &str,
     acting_user: Option<&str>,
 ) -> Result<Option<(Workspace, Access)>, StoreError> {
-    let row: Option<WorkspaceRow> = sqlx::query_as(concat!(
+    let row: Option<WorkspaceReadRow> = sqlx::query_as(concat!(
         "select w.id, w.name, w.slug, w.status, w.plan, \
                 coalesce(w.clerk_created_at, w.created_at) as created_at, \
                 w.updated_at, w.deleted_at, \
@@ -312,39 +313,9 @@ pub async fn audit(
         .collect())
 }
 
-#[derive(sqlx::FromRow)]
-struct EventRow {
-    svix_id: String,
-    #[sqlx(rename = "type")]
-    kind: String,
-    workspace_id: Option<String>,
-    status: String,
-    error: Option<String>,
-    received_at: DateTime<Utc>,
-    processed_at: DateTime<Utc>,
-}
-
-/// The processing-log row of a svix id.
+/// The processing-log row of a svix id, as the read API serves it.
 pub async fn event(db: &PgPool, svix_id: &str) -> Result<Option<Event>, StoreError> {
-    let row: Option<EventRow> = sqlx::query_as(
-        "select svix_id, type, workspace_id, status, error, received_at, processed_at \
-         from events where svix_id = $1",
-    )
-    .bind(svix_id)
-    .fetch_optional(db)
-    .await?;
-    row.map(|r| {
-        Ok(Event {
-            status: EventStatus::parse(&r.status)?,
-            id: r.svix_id,
-            kind: r.kind,
-            workspace_id: r.workspace_id,
-            error: r.error,
-            received_at: r.received_at,
-            processed_at: r.processed_at,
-        })
-    })
-    .transpose()
+    Ok(events::find(db, svix_id).await?.map(Event::from))
 }
 
 /// A step as locked for an onboarding write.

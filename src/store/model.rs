@@ -50,6 +50,9 @@ macro_rules! text_enum {
         }
 
         impl $name {
+            /// Every value, in the order declared.
+            pub const ALL: &'static [Self] = &[$(Self::$variant),+];
+
             /// The value as stored and served.
             pub fn as_str(self) -> &'static str {
                 match self {

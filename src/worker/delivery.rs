@@ -16,7 +16,7 @@ use crate::provision::{Actor, Incoming};
 
 /// What the worker knows about one delivery besides the event itself.
 #[derive(Debug, Clone)]
-pub struct Envelope {
+pub struct DeliveredEvent {
     /// The event to apply; `svix_id` is empty when the message had no `message_id`.
     pub event: Incoming,
     /// The body, decoded once when the delivery is read; every later step (lane,
@@ -34,9 +34,9 @@ pub struct Envelope {
     pub delivery_count: i64,
 }
 
-impl Envelope {
+impl DeliveredEvent {
     /// Reads a delivery's properties and body; never fails (problems are screened
-    /// afterwards by [`Envelope::screen`]).
+    /// afterwards by [`DeliveredEvent::screen`]).
     ///
     /// This is where the body of a delivery is parsed, the only time between the
     /// consumer and the commit: [`payload::read`] under the message's `type`.
@@ -231,7 +231,7 @@ mod tests {
     use super::*;
 
     fn subject(body: &[u8]) -> Option<String> {
-        Envelope::read(&BasicProperties::default(), body.to_vec(), Utc::now()).lane_key()
+        DeliveredEvent::read(&BasicProperties::default(), body.to_vec(), Utc::now()).lane_key()
     }
 
     #[test]
@@ -277,7 +277,7 @@ mod tests {
 
     #[test]
     fn reads_id_type_timestamp_and_actor() {
-        let e = Envelope::read(&props(), body(), Utc::now());
+        let e = DeliveredEvent::read(&props(), body(), Utc::now());
         assert_eq!(e.event.svix_id, "msg_1");
         assert_eq!(e.event.received_at.timestamp(), 1_700_000_000);
         assert_eq!(e.event.actor, Actor::Clerk);
@@ -287,7 +287,7 @@ mod tests {
         // The message's `type` property wins over the body's (and, disagreeing
         // with it, makes the event a payload dead letter).
         let other = props().with_type("organization.created".into());
-        let e = Envelope::read(&other, body(), Utc::now());
+        let e = DeliveredEvent::read(&other, body(), Utc::now());
         assert_eq!(e.type_name(), "organization.created");
         assert_eq!(e.screen(10).unwrap().0, DeadClass::Payload);
     }
@@ -296,7 +296,7 @@ mod tests {
     fn falls_back_to_body_type_and_now() {
         let p = BasicProperties::default().with_message_id("msg_2".into());
         let now = Utc::now();
-        let e = Envelope::read(&p, body(), now);
+        let e = DeliveredEvent::read(&p, body(), now);
         assert_eq!(e.type_name(), "organization.updated");
         assert_eq!(e.event.received_at, now);
         assert_eq!(e.timestamp, None);
@@ -306,7 +306,7 @@ mod tests {
     fn replayed_header_makes_the_actor_replay() {
         let p = with_headers(&[(headers::REPLAYED, AMQPValue::Boolean(true))]);
         assert_eq!(
-            Envelope::read(&p, body(), Utc::now()).event.actor,
+            DeliveredEvent::read(&p, body(), Utc::now()).event.actor,
             Actor::Replay
         );
     }
@@ -314,14 +314,16 @@ mod tests {
     #[test]
     fn missing_message_id_is_a_payload_dead_letter() {
         let p = BasicProperties::default().with_type("organization.created".into());
-        let (class, reason) = Envelope::read(&p, body(), Utc::now()).screen(10).unwrap();
+        let (class, reason) = DeliveredEvent::read(&p, body(), Utc::now())
+            .screen(10)
+            .unwrap();
         assert_eq!(class, DeadClass::Payload);
         assert_eq!(reason, "message has no message_id");
     }
 
     #[test]
     fn a_body_that_does_not_decode_is_a_payload_dead_letter() {
-        let e = Envelope::read(
+        let e = DeliveredEvent::read(
             &props(),
             b"{\"type\":\"organization.updated\"}".to_vec(),
             Utc::now(),
@@ -333,7 +335,7 @@ mod tests {
         let secs = br#"{"type":"user.deleted","timestamp":1716883200,"data":{"id":"user_1"}}"#;
         let p = props().with_type("user.deleted".into());
         assert_eq!(
-            Envelope::read(&p, secs.to_vec(), Utc::now()).envelope_ms(),
+            DeliveredEvent::read(&p, secs.to_vec(), Utc::now()).envelope_ms(),
             Some(1_716_883_200_000)
         );
     }
@@ -341,7 +343,7 @@ mod tests {
     #[test]
     fn missing_type_everywhere_is_a_payload_dead_letter() {
         let p = BasicProperties::default().with_message_id("m".into());
-        let e = Envelope::read(&p, b"not json".to_vec(), Utc::now());
+        let e = DeliveredEvent::read(&p, b"not json".to_vec(), Utc::now());
         assert_eq!(e.screen(10).unwrap().0, DeadClass::Payload);
         assert_eq!(e.routing_key(), "unknown");
     }
@@ -352,12 +354,14 @@ mod tests {
         // delivery with count 3 and dead-letters the next one itself.
         let below = with_headers(&[(headers::DELIVERY_COUNT, AMQPValue::LongLongInt(2))]);
         assert!(
-            Envelope::read(&below, body(), Utc::now())
+            DeliveredEvent::read(&below, body(), Utc::now())
                 .screen(3)
                 .is_none()
         );
         let last = with_headers(&[(headers::DELIVERY_COUNT, AMQPValue::LongInt(3))]);
-        let (class, reason) = Envelope::read(&last, body(), Utc::now()).screen(3).unwrap();
+        let (class, reason) = DeliveredEvent::read(&last, body(), Utc::now())
+            .screen(3)
+            .unwrap();
         assert_eq!(class, DeadClass::DeliveryLimit);
         assert!(reason.contains("3 times"), "{reason}");
     }
@@ -370,7 +374,7 @@ mod tests {
             (headers::DELIVERY_COUNT, AMQPValue::LongLongInt(4)),
             (headers::DEATH, AMQPValue::FieldArray(Default::default())),
         ]);
-        let e = Envelope::read(&p, body(), Utc::now());
+        let e = DeliveredEvent::read(&p, body(), Utc::now());
         assert_eq!(e.attempts, 1);
         let retry = e.retry_headers(2);
         assert_eq!(headers::int(&retry, headers::ATTEMPTS), Some(2));

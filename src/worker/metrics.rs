@@ -9,12 +9,10 @@ use metrics::{counter, gauge, histogram};
 
 use crate::provision::Outcome;
 
-/// Events by type and outcome.
-pub const EVENTS_TOTAL: &str = "worker_events_total";
+pub use crate::telemetry::series::{EVENTS_TOTAL, LAG_SECONDS};
+
 /// Processing time of an event (its batch's transaction, retries included).
 pub const EVENT_SECONDS: &str = "worker_event_seconds";
-/// Now − envelope timestamp, when an event is committed.
-pub const LAG_SECONDS: &str = "provisioning_lag_seconds";
 /// Dead-lettered events by class.
 pub const DEAD_LETTERED_TOTAL: &str = "worker_dead_lettered_total";
 /// Events per `apply_batch` call.

@@ -7,14 +7,14 @@
 //! longest retry queue) and never dead-letters them; a lost broker connection is
 //! rebuilt without a process restart.
 //!
-//! Flow, one file each: [`session`] holds one consumer connection (per-consumer
+//! Flow, one file each: `session` holds one consumer connection (per-consumer
 //! prefetch = `worker.concurrency`) and reads each delivery once
-//! ([`delivery::Envelope::read`] is the one parse of its body); [`lanes`] deals
+//! ([`delivery::DeliveredEvent::read`] is the one parse of its body); `lanes` deals
 //! deliveries into lanes by the first advisory lock they take (the organization,
 //! or the user of a user event), so two lanes never wait for each other's
 //! workspace locks. Each lane gathers up to `worker.batch_size` deliveries for at
 //! most `worker.batch_wait_ms` and runs them as one batch, one batch at a time;
-//! while it runs, the next batch fills. [`settle`] screens the batch, applies it
+//! while it runs, the next batch fills. `settle` screens the batch, applies it
 //! through [`Provisioner::apply_decoded`] and settles every delivery. The lanes run
 //! side by side, never more than `concurrency` events in flight. Retries and dead
 //! letters go through a confirmed [`Publisher`] on a second connection.
@@ -40,7 +40,7 @@ use crate::broker::{Endpoints, Publisher, Topology};
 use crate::config::Settings;
 use crate::provision::Provisioner;
 
-use delivery::Envelope;
+use delivery::DeliveredEvent;
 use session::{RECONNECT_MAX, RECONNECT_MIN, session};
 
 /// What a worker needs.
@@ -151,7 +151,7 @@ struct Engine {
 /// One delivery being worked on.
 #[derive(Debug, Clone)]
 struct Job {
-    env: Arc<Envelope>,
+    env: Arc<DeliveredEvent>,
     acker: Acker,
     /// Released when the job is dropped, i.e. once the delivery is settled.
     _permit: Arc<OwnedSemaphorePermit>,

@@ -19,7 +19,7 @@ use lapin::types::FieldTable;
 use tokio::time::Instant;
 use tracing::Instrument;
 
-use super::delivery::{DeadClass, Envelope};
+use super::delivery::{DeadClass, DeliveredEvent};
 use super::failure::{self, Next};
 use super::metrics::{self, Label};
 use super::{Engine, Job};
@@ -47,7 +47,7 @@ impl Engine {
             acker,
             ..
         } = delivery;
-        let env = Envelope::read(&properties, data, Utc::now());
+        let env = DeliveredEvent::read(&properties, data, Utc::now());
         let span = crate::event_span!(env.event.svix_id);
         if !env.type_name().is_empty() {
             span.record(crate::telemetry::EVENT_TYPE, env.type_name());
@@ -315,7 +315,7 @@ impl Engine {
     /// [`RECORD_DEAD_TIMEOUT`]). False when it is still unrecorded for that reason
     /// (or the worker is stopping); any other error is logged and given up (true),
     /// as trying again would not help.
-    async fn record_dead(&self, env: &Envelope, reason: &str) -> bool {
+    async fn record_dead(&self, env: &DeliveredEvent, reason: &str) -> bool {
         let deadline = Instant::now() + self.db_retry_max.max(RECORD_DEAD_TIMEOUT);
         let mut delays = ExponentialBuilder::default()
             .with_min_delay(Duration::from_millis(100))
@@ -353,7 +353,7 @@ impl Engine {
     /// with backoff for a while: the publisher reconnects by itself.
     async fn publish_copy(
         &self,
-        env: &Envelope,
+        env: &DeliveredEvent,
         exchange: &str,
         routing_key: &str,
         headers: FieldTable,

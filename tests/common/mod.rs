@@ -606,7 +606,7 @@ async fn sweep_old_databases() {
 /// A Clerk-shaped envelope around `data`.
 #[allow(dead_code)]
 pub fn envelope(kind: &str, data: serde_json::Value, timestamp_ms: i64) -> Vec<u8> {
-    let event = provisioner::ops::send::payload::envelope(kind, data, timestamp_ms, "ins_test");
+    let event = provisioner::clerk::sample::envelope(kind, data, timestamp_ms, "ins_test");
     serde_json::to_vec(&event).unwrap()
 }
 

@@ -3,12 +3,12 @@
 //! &jane).role("org:admin").created(T0)`, `user_updated(&jane, T0)`.
 //!
 //! Guarantee: every body comes from the product's one Clerk JSON generator
-//! (`provisioner::ops::send::payload`), so tests apply the shapes `send` and the
+//! (`provisioner::clerk::sample`), so tests apply the shapes `send` and the
 //! load tools send; what this module adds is only what a test needs to state a
 //! case (a plan in the metadata, a second email address, a hand-edited field).
 
 use provisioner::clerk::EventType;
-use provisioner::ops::send::payload::{self, Person};
+use provisioner::clerk::sample::{self as payload, Person};
 use provisioner::provision::{Actor, Incoming};
 use serde_json::{Value, json};
 

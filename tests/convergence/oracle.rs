@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 
 use crate::common::story;
 use crate::model::*;
-use provisioner::ops::send::payload::{self, Person};
+use provisioner::clerk::sample::{self as payload, Person};
 use provisioner::provision::{Actor, Incoming, Provisioner};
 use serde_json::json;
 use sqlx::PgPool;

@@ -613,7 +613,8 @@ pub fn serve_model(fake: &provisioner::clerk::fake::FakeClerk, model: &Model, pr
 /// Clerk, then runs reconcile: a dry run must find no drift, a real one change
 /// nothing.
 async fn reconcile(stack: &Stack, model: &Model, prefix: &str) -> Vec<String> {
-    use provisioner::reconcile::{Reconciler, RunOptions, Silent};
+    use provisioner::progress::Silent;
+    use provisioner::reconcile::{Reconciler, RunOptions};
     serve_model(&stack.fake, model, prefix);
     let mut s = provisioner::config::Settings::from_sources(Some(crate::model::ROLE_MAP), |_| None)
         .expect("valid settings");

@@ -14,9 +14,9 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use chrono::Utc;
 use clap::Args;
+use provisioner::clerk::sample as payload;
 use provisioner::config::Settings;
 use provisioner::intake::Verifier;
-use provisioner::ops::send::payload;
 use serde_json::json;
 
 use crate::{Report, Samples};

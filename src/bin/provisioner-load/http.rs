@@ -3,8 +3,9 @@
 //! The load generator shares the machine's two cores with the service, the broker
 //! and PostgreSQL, so every microsecond it spends is taken from what it measures.
 //! A general client (reqwest: URL parsing, header maps, pool bookkeeping, body
-//! streams) cost ~130 µs of CPU per webhook; this one writes each request in one
-//! buffer and reads just the status line, the framing headers and the body.
+//! streams) took about twice the CPU per webhook (docs/benchmarks.md, "Intake");
+//! this one writes each request in one buffer and reads just the status line, the
+//! framing headers and the body.
 //! It speaks plain `http://` only, which is all the load tools target.
 
 use std::io::Write as _;

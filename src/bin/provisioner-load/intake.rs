@@ -19,9 +19,9 @@ use lapin::options::{
 };
 use lapin::types::{AMQPValue, FieldTable};
 
+use provisioner::clerk::sample::{EVENT_SIZE, organization_event};
 use provisioner::config::Settings;
 use provisioner::intake::Verifier;
-use provisioner::ops::send::payload::{EVENT_SIZE, organization_event};
 
 use crate::{Report, Samples};
 

@@ -33,7 +33,7 @@ use tokio::sync::{mpsc, oneshot};
 
 pub use world::Change;
 
-use crate::ops::send::payload::{Person, membership, organization};
+use crate::clerk::sample::{Person, membership, organization};
 
 /// The instance id the fake's key belongs to unless a test says otherwise.
 pub const INSTANCE_ID: &str = "ins_fake_clerk";

@@ -21,7 +21,7 @@ use utoipa::IntoParams;
 use super::access::WorkspaceAccess;
 use super::model::{AuditEntry, AuditPage, ErrorBody};
 use crate::http::AppState;
-use crate::http::error::HttpError;
+use crate::http::error::{ErrorCode, HttpError};
 use crate::store;
 
 /// Rows per page unless `limit` says otherwise.
@@ -111,7 +111,7 @@ fn parse_limit(raw: Option<&str>) -> Result<i64, HttpError> {
     match raw.parse::<i64>() {
         Ok(n) if (1..=MAX_LIMIT).contains(&n) => Ok(n),
         _ => Err(HttpError::bad_request(
-            "invalid_limit",
+            ErrorCode::InvalidLimit,
             format!("limit must be an integer from 1 to {MAX_LIMIT}"),
         )),
     }
@@ -133,10 +133,10 @@ fn parse_limit(raw: Option<&str>) -> Result<i64, HttpError> {
     params(("id" = String, Path, description = "Workspace id"), AuditQuery),
     responses(
         (status = 200, description = "Audit rows, newest first, and the cursor of the next page; with X-Acting-User, `details` cut to the keys a member may see (see the description)", body = AuditPage),
-        (status = 400, description = "`invalid_limit` (limit outside 1–500), `invalid_cursor` (before is not a `next` this API gave), `invalid_query` (a parameter repeated)", body = ErrorBody),
-        (status = 401, description = "`unauthorized`: missing or invalid bearer token", body = ErrorBody),
+        (status = 400, description = ErrorCode::InvalidLimit.describe(" (limit outside 1–500), `invalid_cursor` (before is not a `next` this API gave), `invalid_query` (a parameter repeated)"), body = ErrorBody),
+        (status = 401, description = ErrorCode::Unauthorized.describe(": missing or invalid bearer token"), body = ErrorBody),
         (status = 404, description = "Never provisioned, or not visible to the acting user", body = ErrorBody),
-        (status = 503, description = "`database_unavailable`, with Retry-After", body = ErrorBody),
+        (status = 503, description = ErrorCode::DatabaseUnavailable.describe(", with Retry-After"), body = ErrorBody),
     ),
 )]
 pub async fn list_audit(
@@ -145,14 +145,17 @@ pub async fn list_audit(
     query: Result<Query<AuditQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<AuditPage>, HttpError> {
     let Query(query) = query.map_err(|_| {
-        HttpError::bad_request("invalid_query", "query string must be limit=…&before=…")
+        HttpError::bad_request(
+            ErrorCode::InvalidQuery,
+            "query string must be limit=…&before=…",
+        )
     })?;
     let limit = parse_limit(query.limit.as_deref())?;
     let before = match query.before.as_deref() {
         None => None,
         Some(cursor) => Some(decode_cursor(cursor).ok_or_else(|| {
             HttpError::bad_request(
-                "invalid_cursor",
+                ErrorCode::InvalidCursor,
                 "before must be a `next` value from this API",
             )
         })?),

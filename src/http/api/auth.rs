@@ -14,7 +14,7 @@ use subtle::{Choice, ConstantTimeEq};
 
 use crate::config::Secret;
 use crate::http::AppState;
-use crate::http::error::HttpError;
+use crate::http::error::{ErrorCode, HttpError};
 
 /// Header naming the end user the main app acts for.
 pub const ACTING_USER: &str = "x-acting-user";
@@ -39,6 +39,22 @@ pub enum AuthError {
     /// `X-Acting-User` is present but empty, repeated or not printable ASCII.
     #[error("X-Acting-User must be one user id (printable ASCII)")]
     BadActingUser,
+}
+
+/// A read API caller refused before its handler: 401 with a `Bearer` challenge,
+/// or 400 for an unusable `X-Acting-User`.
+impl From<AuthError> for HttpError {
+    fn from(e: AuthError) -> Self {
+        match e {
+            AuthError::Unauthorized => Self {
+                challenge: Some("Bearer"),
+                ..Self::unauthorized(ErrorCode::Unauthorized, e.to_string())
+            },
+            AuthError::BadActingUser => {
+                Self::bad_request(ErrorCode::InvalidActingUser, e.to_string())
+            }
+        }
+    }
 }
 
 impl IntoResponse for AuthError {
@@ -115,7 +131,7 @@ fn acting_user(headers: &HeaderMap) -> Result<Option<String>, AuthError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use axum::http::HeaderValue;
+    use axum::http::{HeaderValue, StatusCode};
 
     fn tokens() -> Vec<Secret> {
         vec![Secret::new("old-token"), Secret::new("new-token")]
@@ -183,5 +199,15 @@ mod tests {
         }
         let twice = headers(&[(ACTING_USER, "user_a"), (ACTING_USER, "user_b")]);
         assert_eq!(acting_user(&twice), Err(AuthError::BadActingUser));
+    }
+
+    #[test]
+    fn an_unauthenticated_caller_gets_a_bearer_challenge() {
+        let r = HttpError::from(AuthError::Unauthorized).into_response();
+        assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+        assert_eq!(r.headers()[header::WWW_AUTHENTICATE], "Bearer");
+        let r = HttpError::from(AuthError::BadActingUser).into_response();
+        assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+        assert!(r.headers().get(header::WWW_AUTHENTICATE).is_none());
     }
 }

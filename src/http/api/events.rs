@@ -12,7 +12,7 @@ use super::extract::Ids;
 use super::model::{ErrorBody, Event};
 use super::not_found;
 use crate::http::AppState;
-use crate::http::error::HttpError;
+use crate::http::error::{ErrorCode, HttpError};
 use crate::store;
 
 /// What happened to one webhook event.
@@ -23,9 +23,9 @@ use crate::store;
     params(("svix_id" = String, Path, description = "Svix message id")),
     responses(
         (status = 200, description = "The processing-log row", body = Event),
-        (status = 401, description = "`unauthorized`: missing or invalid bearer token", body = ErrorBody),
+        (status = 401, description = ErrorCode::Unauthorized.describe(": missing or invalid bearer token"), body = ErrorBody),
         (status = 404, description = "No worker has seen it yet (or, with X-Acting-User, it is not about a workspace the user may see)", body = ErrorBody),
-        (status = 503, description = "`database_unavailable`, with Retry-After", body = ErrorBody),
+        (status = 503, description = ErrorCode::DatabaseUnavailable.describe(", with Retry-After"), body = ErrorBody),
     ),
 )]
 pub async fn get_event(

@@ -30,7 +30,7 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
 use crate::http::AppState;
-use crate::http::error::HttpError;
+use crate::http::error::{ErrorCode, HttpError};
 use auth::Caller;
 use model::ErrorBody;
 
@@ -208,7 +208,7 @@ async fn unknown_path(_caller: Caller) -> HttpError {
 async fn wrong_method(_caller: Caller) -> HttpError {
     HttpError::new(
         StatusCode::METHOD_NOT_ALLOWED,
-        "method_not_allowed",
+        ErrorCode::MethodNotAllowed,
         "method not allowed on this route",
     )
 }

@@ -19,14 +19,15 @@ use super::model::{
 };
 use super::not_found;
 use crate::http::AppState;
-use crate::http::error::HttpError;
+use crate::http::error::{ErrorCode, HttpError};
 use crate::store::OnboardingWrite;
 
 /// Parses `{"status":"completed"|"skipped"}`: 400 when it is not JSON, 422 when it
 /// is JSON without a usable `status`.
 pub fn parse_body(body: &[u8]) -> Result<StepTarget, HttpError> {
-    let value: serde_json::Value = serde_json::from_slice(body)
-        .map_err(|_| HttpError::bad_request("invalid_json", "body must be a JSON object"))?;
+    let value: serde_json::Value = serde_json::from_slice(body).map_err(|_| {
+        HttpError::bad_request(ErrorCode::InvalidJson, "body must be a JSON object")
+    })?;
     value
         .get("status")
         .and_then(serde_json::Value::as_str)
@@ -34,7 +35,7 @@ pub fn parse_body(body: &[u8]) -> Result<StepTarget, HttpError> {
         .ok_or_else(|| {
             HttpError::new(
                 StatusCode::UNPROCESSABLE_ENTITY,
-                "invalid_status",
+                ErrorCode::InvalidStatus,
                 r#"body must be {"status":"completed"} or {"status":"skipped"}"#,
             )
         })
@@ -52,13 +53,13 @@ pub fn parse_body(body: &[u8]) -> Result<StepTarget, HttpError> {
     request_body = StepUpdate,
     responses(
         (status = 200, description = "The onboarding after the change", body = Onboarding),
-        (status = 400, description = "`invalid_json` (the body is not JSON)", body = ErrorBody),
-        (status = 401, description = "`unauthorized`: missing or invalid bearer token", body = ErrorBody),
-        (status = 403, description = "`forbidden`: the acting user is a member but not an admin", body = ErrorBody),
+        (status = 400, description = ErrorCode::InvalidJson.describe(" (the body is not JSON)"), body = ErrorBody),
+        (status = 401, description = ErrorCode::Unauthorized.describe(": missing or invalid bearer token"), body = ErrorBody),
+        (status = 403, description = ErrorCode::Forbidden.describe(": the acting user is a member but not an admin"), body = ErrorBody),
         (status = 404, description = "Unknown workspace or step, or not visible to the acting user", body = ErrorBody),
-        (status = 409, description = "`workspace_deleted`: the workspace is deleted", body = ErrorBody),
-        (status = 422, description = "`invalid_status` (status is not completed/skipped), `step_required` (skips a required step)", body = ErrorBody),
-        (status = 503, description = "`database_unavailable`, with Retry-After", body = ErrorBody),
+        (status = 409, description = ErrorCode::WorkspaceDeleted.describe(": the workspace is deleted"), body = ErrorBody),
+        (status = 422, description = ErrorCode::InvalidStatus.describe(" (status is not completed/skipped), `step_required` (skips a required step)"), body = ErrorBody),
+        (status = 503, description = ErrorCode::DatabaseUnavailable.describe(", with Retry-After"), body = ErrorBody),
     ),
 )]
 pub async fn update_step(
@@ -76,14 +77,14 @@ pub async fn update_step(
     if acting.is_some() && access.role != Some(Role::Admin) {
         return Err(HttpError::new(
             StatusCode::FORBIDDEN,
-            "forbidden",
+            ErrorCode::Forbidden,
             "only a workspace admin may change onboarding",
         ));
     }
     if access.status == WorkspaceStatus::Deleted {
         return Err(HttpError::new(
             StatusCode::CONFLICT,
-            "workspace_deleted",
+            ErrorCode::WorkspaceDeleted,
             "the workspace is deleted",
         ));
     }
@@ -95,7 +96,7 @@ pub async fn update_step(
     if target == StepTarget::Skipped && current.required {
         return Err(HttpError::new(
             StatusCode::UNPROCESSABLE_ENTITY,
-            "step_required",
+            ErrorCode::StepRequired,
             format!("{step} is required and cannot be skipped"),
         ));
     }

@@ -14,7 +14,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use serde::Deserialize;
 use utoipa::IntoParams;
 
-use crate::http::error::HttpError;
+use crate::http::error::{ErrorCode, HttpError};
 
 /// Rows per page unless `limit` says otherwise.
 pub const DEFAULT_LIMIT: i64 = 100;
@@ -98,7 +98,7 @@ impl List<'_> {
             None => None,
             Some(cursor) => Some(self.key(cursor).ok_or_else(|| {
                 HttpError::bad_request(
-                    "invalid_cursor",
+                    ErrorCode::InvalidCursor,
                     "after must be a `next` value this API gave for this list",
                 )
             })?),
@@ -140,7 +140,7 @@ pub fn parse_limit(raw: Option<&str>) -> Result<i64, HttpError> {
     match raw.parse::<i64>() {
         Ok(n) if (1..=MAX_LIMIT).contains(&n) => Ok(n),
         _ => Err(HttpError::bad_request(
-            "invalid_limit",
+            ErrorCode::InvalidLimit,
             format!("limit must be an integer from 1 to {MAX_LIMIT}"),
         )),
     }
@@ -148,7 +148,10 @@ pub fn parse_limit(raw: Option<&str>) -> Result<i64, HttpError> {
 
 /// The 400 of a query string that is not `limit=…&after=…`.
 pub fn invalid_query() -> HttpError {
-    HttpError::bad_request("invalid_query", "query string must be limit=…&after=…")
+    HttpError::bad_request(
+        ErrorCode::InvalidQuery,
+        "query string must be limit=…&after=…",
+    )
 }
 
 #[cfg(test)]
@@ -197,7 +200,10 @@ mod tests {
         assert_eq!(parse_limit(Some("1")).unwrap(), 1);
         assert_eq!(parse_limit(Some("500")).unwrap(), 500);
         for bad in ["0", "501", "-1", "abc", "", "1.5", " 5"] {
-            assert_eq!(parse_limit(Some(bad)).unwrap_err().code, "invalid_limit");
+            assert_eq!(
+                parse_limit(Some(bad)).unwrap_err().code.as_str(),
+                "invalid_limit"
+            );
         }
     }
 

@@ -17,7 +17,7 @@ use super::model::{ErrorBody, Member, MemberList, UserWorkspaceList, Workspace};
 use super::not_found;
 use super::page::{self, List, PageQuery};
 use crate::http::AppState;
-use crate::http::error::HttpError;
+use crate::http::error::{ErrorCode, HttpError};
 use crate::reconcile::{Found, SyncError};
 use crate::store;
 
@@ -29,9 +29,9 @@ use crate::store;
     params(("id" = String, Path, description = "Workspace id (Clerk organization id)")),
     responses(
         (status = 200, description = "The workspace (deleted ones only without X-Acting-User)", body = Workspace),
-        (status = 401, description = "`unauthorized`: missing or invalid bearer token", body = ErrorBody),
+        (status = 401, description = ErrorCode::Unauthorized.describe(": missing or invalid bearer token"), body = ErrorBody),
         (status = 404, description = "Never provisioned, or not visible to the acting user", body = ErrorBody),
-        (status = 503, description = "`database_unavailable`, with Retry-After", body = ErrorBody),
+        (status = 503, description = ErrorCode::DatabaseUnavailable.describe(", with Retry-After"), body = ErrorBody),
     ),
 )]
 pub async fn get_workspace(VisibleWorkspace(workspace): VisibleWorkspace) -> Json<Workspace> {
@@ -48,10 +48,10 @@ pub async fn get_workspace(VisibleWorkspace(workspace): VisibleWorkspace) -> Jso
     params(("id" = String, Path, description = "Workspace id (Clerk organization id)")),
     responses(
         (status = 200, description = "Synced; the workspace as GET /v1/workspaces/{id} shows it", body = Workspace),
-        (status = 401, description = "`unauthorized`: missing or invalid bearer token", body = ErrorBody),
+        (status = 401, description = ErrorCode::Unauthorized.describe(": missing or invalid bearer token"), body = ErrorBody),
         (status = 404, description = "Clerk has no such organization (the workspace is left as it is), or the acting user is not an active member after the sync", body = ErrorBody),
-        (status = 501, description = "`reconcile_not_configured`: this service has no CLERK_SECRET_KEY (no Retry-After)", body = ErrorBody),
-        (status = 503, description = "`clerk_unavailable` (Clerk could not be reached, kept failing or refused the key), `database_unavailable`, with Retry-After; `clerk_misconfigured` (CLERK_SECRET_KEY belongs to another Clerk instance than CLERK_INSTANCE_ID), without", body = ErrorBody),
+        (status = 501, description = ErrorCode::ReconcileNotConfigured.describe(": this service has no CLERK_SECRET_KEY (no Retry-After)"), body = ErrorBody),
+        (status = 503, description = ErrorCode::ClerkUnavailable.describe(" (Clerk could not be reached, kept failing or refused the key), `database_unavailable`, with Retry-After; `clerk_misconfigured` (CLERK_SECRET_KEY belongs to another Clerk instance than CLERK_INSTANCE_ID), without"), body = ErrorBody),
     ),
 )]
 pub async fn sync_workspace(
@@ -66,14 +66,14 @@ pub async fn sync_workspace(
             // Not a passing state: no Retry-After (DESIGN §6).
             return Err(HttpError::new(
                 StatusCode::NOT_IMPLEMENTED,
-                "reconcile_not_configured",
+                ErrorCode::ReconcileNotConfigured,
                 "this service has no CLERK_SECRET_KEY, so it cannot sync from Clerk",
             ));
         }
         Err(SyncError::Clerk(reason)) => {
             tracing::warn!(workspace_id = %target.workspace_id, error = %reason, "sync from Clerk failed");
             return Err(HttpError::unavailable(
-                "clerk_unavailable",
+                ErrorCode::ClerkUnavailable,
                 format!("Clerk could not be asked: {reason}"),
                 retry_after,
             ));
@@ -83,7 +83,7 @@ pub async fn sync_workspace(
             // No Retry-After: trying again does not help until ops fix the settings.
             return Err(HttpError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
-                "clerk_misconfigured",
+                ErrorCode::ClerkMisconfigured,
                 reason,
             ));
         }
@@ -94,7 +94,7 @@ pub async fn sync_workspace(
             tracing::warn!(workspace_id = %target.workspace_id, error = %message, "sync failed in the database");
             return Err(if unavailable {
                 HttpError::unavailable(
-                    "database_unavailable",
+                    ErrorCode::DatabaseUnavailable,
                     "the database is unavailable; try again",
                     retry_after,
                 )
@@ -116,10 +116,10 @@ pub async fn sync_workspace(
     params(("id" = String, Path, description = "Workspace id"), PageQuery),
     responses(
         (status = 200, description = "Active members by user id (none for a deleted workspace), and the cursor of the next page", body = MemberList),
-        (status = 400, description = "`invalid_limit` (limit outside 1–500), `invalid_cursor` (after is not a `next` of this list), `invalid_query`", body = ErrorBody),
-        (status = 401, description = "`unauthorized`: missing or invalid bearer token", body = ErrorBody),
+        (status = 400, description = ErrorCode::InvalidLimit.describe(" (limit outside 1–500), `invalid_cursor` (after is not a `next` of this list), `invalid_query`"), body = ErrorBody),
+        (status = 401, description = ErrorCode::Unauthorized.describe(": missing or invalid bearer token"), body = ErrorBody),
         (status = 404, description = "Never provisioned, or not visible to the acting user", body = ErrorBody),
-        (status = 503, description = "`database_unavailable`, with Retry-After", body = ErrorBody),
+        (status = 503, description = ErrorCode::DatabaseUnavailable.describe(", with Retry-After"), body = ErrorBody),
     ),
 )]
 pub async fn list_members(
@@ -150,9 +150,9 @@ pub async fn list_members(
     ),
     responses(
         (status = 200, description = "The member", body = Member),
-        (status = 401, description = "`unauthorized`: missing or invalid bearer token", body = ErrorBody),
+        (status = 401, description = ErrorCode::Unauthorized.describe(": missing or invalid bearer token"), body = ErrorBody),
         (status = 404, description = "No such workspace or no such active member, or not visible to the acting user", body = ErrorBody),
-        (status = 503, description = "`database_unavailable`, with Retry-After", body = ErrorBody),
+        (status = 503, description = ErrorCode::DatabaseUnavailable.describe(", with Retry-After"), body = ErrorBody),
     ),
 )]
 pub async fn get_member(
@@ -180,10 +180,10 @@ pub async fn get_member(
     params(("user_id" = String, Path, description = "Clerk user id"), PageQuery),
     responses(
         (status = 200, description = "Active memberships of active workspaces by workspace id (empty for an unknown user), and the cursor of the next page", body = UserWorkspaceList),
-        (status = 400, description = "`invalid_limit` (limit outside 1–500), `invalid_cursor` (after is not a `next` of this list), `invalid_query`", body = ErrorBody),
-        (status = 401, description = "`unauthorized`: missing or invalid bearer token", body = ErrorBody),
+        (status = 400, description = ErrorCode::InvalidLimit.describe(" (limit outside 1–500), `invalid_cursor` (after is not a `next` of this list), `invalid_query`"), body = ErrorBody),
+        (status = 401, description = ErrorCode::Unauthorized.describe(": missing or invalid bearer token"), body = ErrorBody),
         (status = 404, description = "X-Acting-User names another user: one user cannot list another's workspaces", body = ErrorBody),
-        (status = 503, description = "`database_unavailable`, with Retry-After", body = ErrorBody),
+        (status = 503, description = ErrorCode::DatabaseUnavailable.describe(", with Retry-After"), body = ErrorBody),
     ),
 )]
 pub async fn list_user_workspaces(

@@ -1,34 +1,22 @@
-//! `provisioner dlq`: inspect, replay and purge dead letters (DESIGN §1, §4).
+//! `provisioner dlq`: inspect, replay and purge dead letters (DESIGN §1, §4), as
+//! tables or one JSON document, through [`crate::dead_letters`].
 //!
-//! Guarantee: nothing here loses or duplicates a dead letter. `list` and `show`
-//! ([`view`]) change no letter (the broker's delivery count aside) and keep no
-//! bodies but the one shown; `replay` ([`action`]) removes a dead copy only after
-//! the broker confirmed its republished copy, so a crash mid-replay duplicates (the
-//! worker deduplicates by svix id) but never loses; `purge` removes only what it
-//! names and only with `--yes`. Dead letters not selected, and those arriving
-//! meanwhile, stay in their order. See [`queue`] for how.
-
-pub mod action;
-pub mod letter;
-mod lock;
-pub mod queue;
-pub mod view;
+//! Guarantee: the library's (nothing lost or duplicated), plus: `purge` removes
+//! nothing without `--yes`.
 
 use std::io::IsTerminal;
-use std::time::Duration;
 
 use clap::{ArgGroup, Args, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 use serde_json::Value;
 
+use super::{fmt_time, render_table};
 use crate::config::Settings;
-use crate::ops::{fmt_time, render_table};
-pub use action::{
-    PurgeReport, ReplayError, ReplayFailure, ReplayOptions, ReplayReport, purge, replay, republish,
+use crate::dead_letters::{
+    DEFAULT_LOCK_WAIT, DeadLetter, ReplayOptions, Selection, list, purge, replay, show, view,
 };
-pub use letter::DeadLetter;
-pub use queue::{DEFAULT_LOCK_WAIT, DeadQueue, Taken};
-pub use view::{DeadMessage, Listing, Page, PageRequest, list, page, show};
+use crate::progress::Progress;
 
 /// `dlq` subcommands.
 #[derive(Debug, Subcommand)]
@@ -98,78 +86,35 @@ pub struct PurgeArgs {
     pub json: bool,
 }
 
-/// Errors of the `dlq` commands; each displays as one line.
-#[derive(Debug, thiserror::Error)]
-pub enum DlqError {
-    /// The broker cannot be reached (URL shown without its password).
-    #[error("cannot reach RabbitMQ at {url}: {reason}")]
-    Unreachable {
-        /// Redacted URL.
-        url: String,
-        /// Cause.
-        reason: String,
-    },
-    /// The dead-letter queue is not declared.
-    #[error(
-        "dead-letter queue {queue} does not exist (run `provisioner migrate` to declare the broker topology)"
-    )]
-    QueueMissing {
-        /// Queue name.
-        queue: String,
-    },
-    /// Another `dlq` command kept the queue for too long.
-    #[error("another dlq command is still working on {queue} after {waited:?}; try again later")]
-    Busy {
-        /// Queue name.
-        queue: String,
-        /// How long we waited.
-        waited: Duration,
-    },
-    /// Named dead letters are not in the queue (nothing was changed).
-    #[error("no dead letter with id {}; nothing was changed", .ids.join(", "))]
-    NotFound {
-        /// The missing svix ids.
-        ids: Vec<String>,
-    },
-    /// The broker failed during the command.
-    #[error("broker error: {0}")]
-    Broker(String),
+/// The selection `dlq replay`'s arguments name (clap makes exactly one of them given).
+fn selection(ids: Vec<String>, all: bool, kind: Option<String>, org: Option<String>) -> Selection {
+    if all {
+        Selection::All
+    } else if let Some(t) = kind {
+        Selection::Type(t)
+    } else if let Some(o) = org {
+        Selection::Org(o)
+    } else {
+        Selection::Ids(ids)
+    }
 }
 
-/// Which dead letters a replay or purge takes.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Selection {
-    /// These svix ids (every copy of each).
-    Ids(Vec<String>),
-    /// Everything.
-    All,
-    /// One event type.
-    Type(String),
-    /// One workspace.
-    Org(String),
-}
+/// A replay's terminal progress bar: dead letters read, and how many replayed.
+struct ReplayBar(ProgressBar);
 
-impl Selection {
-    /// Whether a dead letter is selected.
-    pub fn matches(&self, letter: &DeadLetter) -> bool {
-        match self {
-            Selection::Ids(ids) => letter.id.as_ref().is_some_and(|id| ids.contains(id)),
-            Selection::All => true,
-            Selection::Type(t) => letter.kind.as_deref() == Some(t.as_str()),
-            Selection::Org(o) => letter.workspace_id.as_deref() == Some(o.as_str()),
+impl Progress for ReplayBar {
+    fn phase(&self, _: &'static str, total: Option<u64>) {
+        if let Some(n) = total {
+            self.0.set_length(n);
         }
     }
 
-    fn from_args(ids: Vec<String>, all: bool, kind: Option<String>, org: Option<String>) -> Self {
-        if all {
-            Selection::All
-        } else if let Some(t) = kind {
-            Selection::Type(t)
-        } else if let Some(o) = org {
-            Selection::Org(o)
-        } else {
-            Selection::Ids(ids)
-        }
+    fn advance(&self, n: u64) {
+        self.0.inc(n);
+    }
+
+    fn note(&self, text: String) {
+        self.0.set_message(text);
     }
 }
 
@@ -290,15 +235,26 @@ pub async fn run(settings: &Settings, command: DlqCommand) -> anyhow::Result<()>
         }
         DlqCommand::Replay(args) => {
             let opts = ReplayOptions {
-                selection: Selection::from_args(args.ids, args.all, args.kind, args.org),
+                selection: selection(args.ids, args.all, args.kind, args.org),
                 dry_run: args.dry_run,
                 rate: args.rate,
-                progress: !args.json && std::io::stdout().is_terminal(),
                 lock_wait: DEFAULT_LOCK_WAIT,
                 by: None,
                 skip_missing: false,
             };
-            let report = replay(settings, &opts).await?;
+            let bar = if !args.json && std::io::stdout().is_terminal() {
+                ProgressBar::new(0)
+            } else {
+                ProgressBar::hidden()
+            };
+            if let Ok(style) =
+                ProgressStyle::with_template("{bar:40} {pos}/{len} dead letters read, {msg}")
+            {
+                bar.set_style(style);
+            }
+            let replayed = replay(settings, &opts, &ReplayBar(bar.clone())).await;
+            bar.finish_and_clear();
+            let report = replayed?;
             if args.json {
                 let mut doc = serde_json::to_value(&report)?;
                 doc["summary"] = Value::from(report.summary());

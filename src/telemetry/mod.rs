@@ -9,6 +9,7 @@
 //! every line of an event's path.
 
 pub mod poll;
+pub mod series;
 
 use std::fmt;
 use std::sync::OnceLock;

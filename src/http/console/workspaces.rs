@@ -1,7 +1,7 @@
 //! `GET /ops/workspaces/{id}` (state, members, audit trail, events) and
 //! `POST /ops/workspaces/{id}/sync` (field `csrf`): the sync from Clerk.
 //!
-//! Guarantee: the page reads through the read API's store and `ops::events`; the
+//! Guarantee: the page reads through the read API's store and `store::events`; the
 //! sync is the reconcile issue's sync of one organization (actor `reconcile` on
 //! its changes) and shows the drift it found and what it applied.
 
@@ -17,8 +17,8 @@ use super::audit::{self, Action, Actor};
 use super::session::{Flash, Operator};
 use super::view::{self, Nav};
 use crate::http::AppState;
-use crate::ops::events::{self, EventFilter};
 use crate::reconcile::{Found, SyncError};
+use crate::store::events::{self, EventFilter};
 use crate::store::{self, Keyset};
 
 /// Rows of each list on the page.

@@ -25,8 +25,7 @@ use super::session::Operator;
 use super::view::{self, Nav};
 use crate::broker::Topology;
 use crate::http::AppState;
-use crate::http::intake::RECEIVED_TOTAL;
-use crate::worker::metrics::{EVENTS_TOTAL, LAG_SECONDS};
+use crate::telemetry::series::{EVENTS_TOTAL, LAG_SECONDS, RECEIVED_TOTAL};
 
 /// How often the overview samples the metrics once opened.
 pub const SAMPLE_EVERY: Duration = Duration::from_secs(15);

@@ -2,7 +2,7 @@
 //! one, replay the filtered set ([`bulk`]), purge one.
 //!
 //! Guarantees:
-//! - Every read and change goes through `ops::dlq` — the same sessions on the
+//! - Every read and change goes through `dead_letters` — the same sessions on the
 //!   dead-letter queue as `provisioner dlq`: a view changes no letter and keeps no
 //!   body but the one shown; a page reads the queue only down to the rows it shows
 //!   (or every letter, summaries only, when a filter needs them).
@@ -14,6 +14,7 @@
 //!   the answer is the confirm step (what would be done), never the action.
 
 mod bulk;
+mod detail;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -28,17 +29,19 @@ use serde_json::json;
 use tokio::sync::Semaphore;
 
 pub use bulk::replay_filtered;
+pub use detail::show;
 
 use super::Fields;
 use super::audit::{self, Action, Actor};
 use super::session::{Flash, Operator};
 use super::view::{self, Nav};
-use crate::http::AppState;
-use crate::http::api::page::parse_limit;
-use crate::ops::dlq::{
-    self, DEFAULT_LOCK_WAIT, DeadLetter, DlqError, PageRequest, ReplayOptions, ReplayReport,
+use crate::dead_letters::{
+    self as dlq, DEFAULT_LOCK_WAIT, DeadLetter, DlqError, PageRequest, ReplayOptions, ReplayReport,
     Selection,
 };
+use crate::http::AppState;
+use crate::http::api::page::parse_limit;
+use crate::progress::Silent;
 
 /// The error classes the worker and RabbitMQ give (DESIGN §4).
 const CLASSES: [&str; 3] = ["payload", "retries-exhausted", "delivery-limit"];
@@ -356,54 +359,6 @@ async fn show_detached(state: &AppState, id: &str) -> Result<dlq::DeadMessage, D
     detached(state, async move { dlq::show(&settings, &id).await }).await
 }
 
-/// `GET /ops/dead-letters/{id}`.
-pub async fn show(
-    operator: Operator,
-    State(state): State<AppState>,
-    Path(id): Path<String>,
-) -> Response {
-    let message = match show_detached(&state, &id).await {
-        Ok(m) => m,
-        Err(DlqError::NotFound { .. }) => return gone(&operator, &id),
-        Err(e) => return dlq_unavailable(&operator, &e),
-    };
-    let l = &message.letter;
-    let body = html! {
-        p.crumbs { a href="/ops/dead-letters" { "Dead letters" } " / " }
-        h1.mono { (id) }
-        div.actions-bar {
-            form.inline method="post" action=(format!("/ops/dead-letters/{}/replay", view::path_segment(&id))) data-busy="Replaying…" {
-                (view::csrf(&operator))
-                button.primary type="submit" { "Replay" }
-            }
-            form.inline method="post" action=(format!("/ops/dead-letters/{}/purge", view::path_segment(&id))) {
-                (view::csrf(&operator))
-                button.danger type="submit" { "Purge…" }
-            }
-            a href=(format!("/ops/events{}", view::query(&[("id", Some(id.as_str()))]))) { "Processing log" }
-        }
-        div.panel {
-            h2 { "Why it died" }
-            p.error-full { (view::text_opt(l.error.as_deref())) }
-        }
-        dl.facts {
-            dt { "Type" } dd.mono { (view::text_opt(l.kind.as_deref())) }
-            dt { "Workspace" } dd { (view::workspace_link(l.workspace_id.as_deref())) }
-            dt { "Error class" } dd { @match &l.error_class { Some(c) => (view::badge(c)), None => (view::dash()) } }
-            dt { "Attempts" } dd { @match l.attempts { Some(a) => (a), None => (view::dash()) } }
-            dt { "First failed" } dd { (view::time_opt(l.first_failed_at)) }
-            dt { "Received" } dd { (view::time_opt(l.received_at)) }
-            dt { "Position" } dd { (l.position) " in the queue" @if message.copies > 1 { " · " (message.copies) " copies with this id (replay takes each; purge removes every copy)" } }
-            dt { "Size" } dd { (l.size) " bytes" }
-            dt { "Last published to" } dd.mono { (if message.exchange.is_empty() { "(default exchange)" } else { message.exchange.as_str() }) " · " (message.routing_key) }
-        }
-        (view::json_block("Body", &message.body, true))
-        (view::json_block("Headers", &message.headers, false))
-        (view::json_block("Properties", &message.properties, false))
-    };
-    view::page(&id, Some(&operator), Nav::DeadLetters, body).into_response()
-}
-
 fn gone(operator: &Operator, id: &str) -> Response {
     view::not_found(
         operator,
@@ -543,7 +498,7 @@ pub async fn replay_one(
             by: Some(op.label.clone()),
             ..ReplayOptions::new(Selection::Ids(vec![one.clone()]))
         };
-        let flash = match dlq::replay(&st.settings, &opts).await {
+        let flash = match dlq::replay(&st.settings, &opts, &Silent).await {
             Ok(report) => audit_replay(&st, &op, &report, None).await,
             Err(e) => not_done("replayed", &one, &op, e),
         };
@@ -631,51 +586,4 @@ async fn confirm_purge(operator: &Operator, state: &AppState, id: &str, back: &s
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn only_console_list_pages_are_places_to_go_back_to() {
-        let ok = Some("/ops/dead-letters?type=a&page=2".to_owned());
-        assert_eq!(back_to(&ok), "/ops/dead-letters?type=a&page=2");
-        for bad in [
-            "https://evil.example/",
-            "//evil.example/ops/dead-letters",
-            "/ops/dead-letters//evil",
-            "/ops/dead-letters\\x",
-            "/v1/workspaces",
-            "/ops/dead-letters\r\nSet-Cookie: x=y",
-        ] {
-            assert_eq!(back_to(&Some(bad.to_owned())), "/ops/dead-letters", "{bad}");
-        }
-        assert_eq!(back_to(&None), "/ops/dead-letters");
-    }
-
-    #[test]
-    fn filters_combine_and_ignore_blanks() {
-        let letter = DeadLetter {
-            position: 1,
-            id: Some("msg_1".into()),
-            kind: Some("organization.created".into()),
-            workspace_id: Some("org_1".into()),
-            error_class: Some("payload".into()),
-            error: None,
-            attempts: None,
-            first_failed_at: None,
-            received_at: None,
-            size: 0,
-        };
-        let f = |kind: &str, org: &str, class: &str| Filters {
-            kind: Some(kind.into()),
-            org: Some(org.into()),
-            class: Some(class.into()),
-            ..Filters::default()
-        };
-        assert!(f("", " ", "").matches(&letter));
-        assert!(f("organization.created", "org_1", "payload").matches(&letter));
-        assert!(!f("organization.created", "org_2", "").matches(&letter));
-        assert!(!f("", "", "delivery-limit").matches(&letter));
-        assert_eq!(f("", "org_1", "").describe(), "workspace = org_1");
-        assert_eq!(f("", "", "").describe(), "every dead letter");
-    }
-}
+mod tests;

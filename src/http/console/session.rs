@@ -20,14 +20,14 @@ use axum::http::{HeaderMap, HeaderValue, Method, header};
 use axum::response::{IntoResponse, Redirect, Response};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
 use sqlx::types::Json;
 use subtle::{ConditionallySelectable, ConstantTimeEq};
 
+pub use super::operator::{Flash, Operator};
+use super::view;
 use crate::config::{Environment, OpsSettings, Secret};
 use crate::http::AppState;
-use crate::http::ops::view;
 
 /// The session cookie's name.
 pub const COOKIE: &str = "ops_session";
@@ -35,65 +35,6 @@ pub const COOKIE: &str = "ops_session";
 pub const IDLE_EXPIRY: std::time::Duration = std::time::Duration::from_secs(12 * 3600);
 /// Longest operator label kept (characters).
 const MAX_LABEL: usize = 64;
-
-/// The one-line result of an action, shown once by the next page.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Flash {
-    /// Whether the action succeeded.
-    pub ok: bool,
-    /// The line.
-    pub text: String,
-    /// Details under it (a sync's drift, a bulk replay's failures).
-    #[serde(default)]
-    pub lines: Vec<String>,
-}
-
-impl Flash {
-    /// A success.
-    pub fn ok(text: impl Into<String>) -> Self {
-        Self {
-            ok: true,
-            text: text.into(),
-            lines: Vec::new(),
-        }
-    }
-
-    /// A failure.
-    pub fn failed(text: impl Into<String>) -> Self {
-        Self {
-            ok: false,
-            text: text.into(),
-            lines: Vec::new(),
-        }
-    }
-
-    /// With detail lines.
-    pub fn with_lines(mut self, lines: Vec<String>) -> Self {
-        self.lines = lines;
-        self
-    }
-}
-
-/// A signed-in operator (a live session).
-#[derive(Clone)]
-pub struct Operator {
-    /// Who: the login label or `ops token N`.
-    pub label: String,
-    /// The session's CSRF token, for the forms of the page.
-    pub csrf: String,
-    /// The result of the last action, taken by this (GET) request.
-    pub flash: Option<Flash>,
-    id_hash: Vec<u8>,
-}
-
-impl std::fmt::Debug for Operator {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        // The CSRF token and the session hash stay out of logs.
-        f.debug_struct("Operator")
-            .field("label", &self.label)
-            .finish_non_exhaustive()
-    }
-}
 
 impl Operator {
     /// `None` when `given` is this session's CSRF token (compared in constant
@@ -254,7 +195,7 @@ pub fn match_token(given: &str, tokens: &[Secret]) -> Option<usize> {
 }
 
 /// The label an operator gives on the login form, cleaned: control characters
-/// dropped, trimmed, at most [`MAX_LABEL`] characters; `None` when nothing is left.
+/// dropped, trimmed, at most `MAX_LABEL` characters; `None` when nothing is left.
 pub fn clean_label(raw: Option<&str>) -> Option<String> {
     let cleaned: String = raw?
         .chars()

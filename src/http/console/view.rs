@@ -12,7 +12,7 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use maud::{DOCTYPE, Markup, html};
 use serde_json::Value;
 
-use crate::http::ops::session::{Flash, Operator};
+use super::operator::{Flash, Operator};
 
 /// The pages of the top navigation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -9,8 +9,9 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::clerk::api::ClerkApi;
 use crate::config::Settings;
+use crate::progress::Progress;
 use crate::provision::Provisioner;
-use crate::reconcile::{Progress, Reconciler, Report, RunOptions};
+use crate::reconcile::{Reconciler, Report, RunOptions};
 
 /// Arguments of `reconcile`.
 #[derive(Debug, Args)]

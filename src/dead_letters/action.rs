@@ -9,7 +9,6 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
 use lapin::types::{AMQPValue, FieldTable, ShortString};
@@ -19,6 +18,7 @@ use super::{DeadLetter, DlqError, Selection};
 use crate::broker::headers::{REPLAYED, REPLAYED_BY};
 use crate::broker::{self, PublishError};
 use crate::config::Settings;
+use crate::progress::Progress;
 
 /// How to replay.
 #[derive(Debug, Clone)]
@@ -29,8 +29,6 @@ pub struct ReplayOptions {
     pub dry_run: bool,
     /// At most this many replays per second.
     pub rate: Option<u32>,
-    /// Draw a progress bar (on a terminal).
-    pub progress: bool,
     /// How long to wait for another dlq command to finish.
     pub lock_wait: Duration,
     /// Who replays, when it is an operator of the ops console: the session label,
@@ -43,13 +41,12 @@ pub struct ReplayOptions {
 }
 
 impl ReplayOptions {
-    /// Replay `selection` now, no rate limit, no progress bar.
+    /// Replay `selection` now, no rate limit.
     pub fn new(selection: Selection) -> Self {
         Self {
             selection,
             dry_run: false,
             rate: None,
-            progress: false,
             lock_wait: DEFAULT_LOCK_WAIT,
             by: None,
             skip_missing: false,
@@ -153,9 +150,13 @@ fn note(found: &mut HashSet<String>, letter: &DeadLetter) {
 
 /// Replays the selected dead letters: republish with confirm, then (when the
 /// session closes) remove the dead copy.
-pub async fn replay(settings: &Settings, opts: &ReplayOptions) -> Result<ReplayReport, DlqError> {
+pub async fn replay(
+    settings: &Settings,
+    opts: &ReplayOptions,
+    progress: &dyn Progress,
+) -> Result<ReplayReport, DlqError> {
     let mut session = DeadQueue::open(settings, opts.lock_wait).await?;
-    let outcome = replay_in(&mut session, settings, opts).await;
+    let outcome = replay_in(&mut session, settings, opts, progress).await;
     if matches!(outcome, Err(DlqError::NotFound { .. })) {
         session.keep_all();
     }
@@ -171,6 +172,7 @@ async fn replay_in(
     session: &mut DeadQueue,
     settings: &Settings,
     opts: &ReplayOptions,
+    progress: &dyn Progress,
 ) -> Result<ReplayReport, DlqError> {
     let selector = Selector::new(&opts.selection);
     // A refusal changes nothing: with several ids named, make sure they are all
@@ -196,15 +198,7 @@ async fn replay_in(
         failed: Vec::new(),
         not_found: Vec::new(),
     };
-    let bar = if opts.progress {
-        ProgressBar::new(session.total() as u64)
-    } else {
-        ProgressBar::hidden()
-    };
-    if let Ok(style) = ProgressStyle::with_template("{bar:40} {pos}/{len} dead letters read, {msg}")
-    {
-        bar.set_style(style);
-    }
+    progress.phase("dead letters read", Some(session.total() as u64));
     let confirm_timeout = Duration::from_millis(settings.broker.publish_timeout_ms);
     let spacing = opts
         .rate
@@ -214,7 +208,7 @@ async fn replay_in(
     let mut broken: Option<String> = None;
     let mut found = HashSet::new();
     while let Some(taken) = session.next().await? {
-        bar.inc(1);
+        progress.advance(1);
         if !selector.matches(&taken.letter) {
             continue;
         }
@@ -270,9 +264,8 @@ async fn replay_in(
                 report.failed.push(ReplayFailure { letter, reason });
             }
         }
-        bar.set_message(format!("replayed {}", report.replayed.len()));
+        progress.note(format!("replayed {}", report.replayed.len()));
     }
-    bar.finish_and_clear();
     let missing = selector.missing(&found);
     if !missing.is_empty() {
         if !opts.skip_missing && report.selected.is_empty() {

@@ -12,7 +12,7 @@ use rand::seq::SliceRandom;
 use serde::Serialize;
 use serde_json::Value;
 
-use super::payload::{self, Person};
+use crate::clerk::sample::{self as payload, Person};
 use crate::config::ProvisioningSettings;
 
 /// The canned scenarios.

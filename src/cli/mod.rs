@@ -1,9 +1,23 @@
-//! The command line: one binary, a subcommand per role (DESIGN §1).
+//! The command line: one binary, a subcommand per role (DESIGN §1), and the
+//! operator commands: send test events ([`send`]), dead letters ([`dlq`]), the
+//! processing log ([`events`]), reconcile ([`reconcile`]). (The load tools are a
+//! binary of their own, `provisioner-load`, outside the product.)
+//!
+//! Guarantee: this is a shell. Every command calls the library (`dead_letters`,
+//! `store::events`, `reconcile`, `startup`) that the ops console calls too, and only
+//! parses arguments and prints the typed results, for a human or as one JSON
+//! document; clap, `println!` and progress bars live here and in `src/bin`, nowhere
+//! else in the library.
 
+pub mod dlq;
+pub mod events;
+pub mod reconcile;
+pub mod send;
+
+use chrono::{DateTime, SecondsFormat, Utc};
 use clap::{Parser, Subcommand};
 
 use crate::config::Settings;
-use crate::ops;
 use crate::startup::{self, Application, ServeOptions};
 
 /// Callmine provisioner: Clerk organization webhooks -> Callmine workspaces.
@@ -31,15 +45,15 @@ pub enum Command {
     /// Create the database if missing, apply migrations, declare the broker topology, exit.
     Migrate,
     /// Sign a Clerk-shaped event with the configured secret and POST it to a receiver.
-    Send(ops::send::SendArgs),
+    Send(send::SendArgs),
     /// Inspect, replay and purge dead-lettered events.
     #[command(subcommand)]
-    Dlq(ops::dlq::DlqCommand),
+    Dlq(dlq::DlqCommand),
     /// The processing log: what happened to each svix id.
     #[command(subcommand)]
-    Events(ops::events::EventsCommand),
+    Events(events::EventsCommand),
     /// Backfill and repair from Clerk's Backend API.
-    Reconcile(ops::reconcile::ReconcileArgs),
+    Reconcile(reconcile::ReconcileArgs),
 }
 
 /// Runs the parsed command.
@@ -64,10 +78,10 @@ pub async fn run(cli: Cli, settings: Settings) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Command::Send(args) => ops::send::run(&settings, args).await,
-        Command::Dlq(cmd) => ops::dlq::run(&settings, cmd).await,
-        Command::Events(cmd) => ops::events::run(&settings, cmd).await,
-        Command::Reconcile(args) => ops::reconcile::run(&settings, args).await,
+        Command::Send(args) => send::run(&settings, args).await,
+        Command::Dlq(cmd) => dlq::run(&settings, cmd).await,
+        Command::Events(cmd) => events::run(&settings, cmd).await,
+        Command::Reconcile(args) => reconcile::run(&settings, args).await,
     }
 }
 
@@ -114,5 +128,63 @@ where
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// A time as operators read it: RFC 3339 UTC, whole seconds.
+pub fn fmt_time(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::Secs, true)
+}
+
+/// A plain text table: left-aligned columns, two spaces apart, one line per row.
+/// Cells are flattened to one line and the last column is not padded.
+pub fn render_table(headers: &[&str], rows: Vec<Vec<String>>) -> String {
+    let clean = |s: &str| s.replace(['\n', '\r', '\t'], " ");
+    let rows: Vec<Vec<String>> = rows
+        .into_iter()
+        .map(|r| r.iter().map(|c| clean(c)).collect())
+        .collect();
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
+    for row in &rows {
+        for (i, cell) in row.iter().enumerate() {
+            if let Some(w) = widths.get_mut(i) {
+                *w = (*w).max(cell.chars().count());
+            }
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let mut out = String::new();
+        let last = cells.len().saturating_sub(1);
+        for (i, cell) in cells.iter().enumerate() {
+            out.push_str(cell);
+            if i < last {
+                let pad = widths[i] - cell.chars().count() + 2;
+                out.push_str(&" ".repeat(pad));
+            }
+        }
+        out.push('\n');
+        out
+    };
+    let mut out = line(headers.to_vec());
+    for row in &rows {
+        out.push_str(&line(row.iter().map(String::as_str).collect()));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_aligns_columns_and_flattens_cells() {
+        let t = render_table(
+            &["A", "BB"],
+            vec![
+                vec!["xyz".into(), "1".into()],
+                vec!["q".into(), "two\nlines".into()],
+            ],
+        );
+        assert_eq!(t, "A    BB\nxyz  1\nq    two lines\n");
     }
 }

@@ -6,7 +6,6 @@
 //! and the command succeeds only on a 2xx answer — for a scenario, only once the read
 //! API shows every event processed and the workspace in the expected state.
 
-pub mod payload;
 pub mod scenario;
 
 use std::path::PathBuf;
@@ -16,6 +15,7 @@ use clap::Args;
 use serde::Serialize;
 use serde_json::Value;
 
+use crate::clerk::sample as payload;
 use crate::config::{Settings, redact_url};
 use crate::intake::Verifier;
 pub use scenario::Scenario;

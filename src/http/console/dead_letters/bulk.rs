@@ -18,9 +18,10 @@ use super::super::Fields;
 use super::super::session::{Flash, Operator};
 use super::super::view::{self, Nav};
 use super::{Filters, audit_replay, confirmed, detached, dlq_unavailable};
+use crate::dead_letters::{self as dlq, DeadLetter, PageRequest, ReplayOptions, Selection};
 use crate::http::AppState;
 use crate::http::api::page::MAX_LIMIT;
-use crate::ops::dlq::{self, DeadLetter, PageRequest, ReplayOptions, Selection};
+use crate::progress::Silent;
 
 /// The most dead letters one bulk replay takes (the list's largest page): its
 /// confirm step lists each, and the form carries each id.
@@ -171,7 +172,7 @@ async fn replay_shown(
             skip_missing: true,
             ..ReplayOptions::new(Selection::Ids(ids))
         };
-        let flash = match dlq::replay(&st.settings, &opts).await {
+        let flash = match dlq::replay(&st.settings, &opts, &Silent).await {
             Ok(report) => audit_replay(&st, &op, &report, Some(&described)).await,
             Err(e) => {
                 tracing::warn!(operator = %op.label, error = %e, "ops console: bulk replay failed");

@@ -12,7 +12,7 @@
 //!   change otherwise); destructive ones also carry `confirm=yes` from a confirm
 //!   step, and no GET changes anything.
 //! - It does what the CLI does through the same library functions
-//!   (`ops::dlq`, `ops::events`, `store`, `reconcile`): no second replay or purge.
+//!   (`dead_letters`, `store::events`, `store`, `reconcile`): no second replay or purge.
 //! - Every action is audited and logged ([`audit`]).
 //! - Every response carries a Content-Security-Policy without inline scripts,
 //!   `nosniff`, `Referrer-Policy: same-origin` and `Cache-Control: no-store`;
@@ -22,6 +22,7 @@ pub mod audit;
 mod dead_letters;
 mod events;
 mod login;
+pub mod operator;
 mod overview;
 pub mod session;
 pub mod throttle;

@@ -1,6 +1,6 @@
 //! `GET /ops/events?id=&org=&type=&status=`: the processing log, newest first.
 //!
-//! Guarantee: read-only, through `ops::events` (the same queries as `provisioner
+//! Guarantee: read-only, through `store::events` (the same queries as `provisioner
 //! events`, filters bound, never spliced); `?id=` shows that svix id alone.
 
 use axum::extract::{Query, State};
@@ -13,7 +13,8 @@ use super::session::Operator;
 use super::view::{self, Nav};
 use crate::http::AppState;
 use crate::http::api::page::parse_limit;
-use crate::ops::events::{self, EventFilter, EventRecord, EventsError, STATUSES};
+use crate::store::events::{self, EventFilter, EventRecord, EventsError};
+use crate::store::model::EventStatus;
 
 /// The page's filters.
 #[derive(Debug, Default, Deserialize)]
@@ -48,7 +49,7 @@ pub async fn list(
         Ok(n) => n,
         Err(e) => return view::bad_request(&operator, &e.message),
     };
-    let status = given(&filters.status).filter(|s| STATUSES.contains(&s.as_str()));
+    let status = given(&filters.status).and_then(|s| EventStatus::parse(&s).ok());
     let id = given(&filters.id);
     let rows: Result<Vec<EventRecord>, EventsError> = match &id {
         Some(id) => match events::show(&state.settings, &state.db, id).await {
@@ -58,7 +59,7 @@ pub async fn list(
         },
         None => {
             let filter = EventFilter {
-                status: status.clone(),
+                status,
                 workspace_id: given(&filters.org),
                 kind: given(&filters.kind),
                 since: None,
@@ -93,7 +94,7 @@ pub async fn list(
             label { "Status"
                 select name="status" {
                     option value="" { "any" }
-                    @for s in STATUSES { option value=(s) selected[status.as_deref() == Some(s)] { (s) } }
+                    @for s in EventStatus::ALL { option value=(s.as_str()) selected[status == Some(*s)] { (s.as_str()) } }
                 }
             }
             button type="submit" { "Search" }
@@ -140,8 +141,8 @@ pub fn table(rows: &[EventRecord], with_workspace: bool) -> Markup {
                         td.mono { (e.kind) }
                         @if with_workspace { td { (view::workspace_link(e.workspace_id.as_deref())) } }
                         td {
-                            (view::badge(&e.status))
-                            @if e.status == "dead" {
+                            (view::badge(e.status.as_str()))
+                            @if e.status == EventStatus::Dead {
                                 " " a href=(format!("/ops/dead-letters/{}", view::path_segment(&e.id))) { "dead letter →" }
                             }
                         }

@@ -22,40 +22,16 @@
 //!   letters that arrive meanwhile are not chased: a session reads at most the
 //!   number of ready messages a passive declare counted at its start.
 //!
-//! How (measured on RabbitMQ 3.10.8, quorum queue with `x-delivery-limit`, as the
-//! dead-letter queue is declared):
-//! - A message given back with `basic.nack`/`basic.reject` (requeue) does not go
-//!   to the back: RabbitMQ does that only for quorum queues without a delivery
-//!   limit. It goes behind the messages given back before it that still wait, ahead
-//!   of every message never delivered, which the queue serves after them. A
-//!   consumer that gives back each delivery as it reads it is therefore handed the
-//!   same few messages again and again. So a session gives nothing back until it
-//!   has finished reading; and a session reading only part of the queue reads on
-//!   through the messages given back before (see [`DeadQueue::read_at_most`]), or
-//!   it would leave the queue rotated.
-//! - To read a queue of any length without holding it all in the client, the
-//!   session reads through a chain of consumers, each with a prefetch of
-//!   [`WINDOW`]: a consumer is sent `WINDOW` messages and then nothing more while
-//!   they are unacknowledged; the session cancels it (its messages stay
-//!   unacknowledged, held by the channel) and starts the next one, which is sent the
-//!   next `WINDOW`.
-//! - Given back one by one in delivery order, at most [`RETURN_CHUNK`] in flight
-//!   (the session waits for the queue's ready count to show each chunk), the
-//!   messages return in that order: the queue is exactly as before.
-//!   Larger bursts (`multiple`, or more than ~32 outstanding) are reordered by the
-//!   broker's quorum-queue client, which batches settlements beyond that.
-//! - A channel that closes with consumers' messages unacknowledged (a killed
-//!   process) returns them the same way, in delivery order; a session killed
-//!   among messages given back before leaves the queue rotated, every letter once.
-//! - Removals are one `basic.ack` with `multiple`, after every other message was
-//!   given back (so it covers exactly the removed ones): one settlement, sent before
-//!   the channel closes, which the broker applies before it sees the close. A burst
-//!   of single acks right before a close can be dropped by RabbitMQ 3.10's
-//!   quorum-queue client (measured: the last 10 of 80 came back).
-//!
-//! Where a RabbitMQ version returns requeued messages to the back instead, a session
-//! leaves the queue rotated by the letters it read — never duplicated or dropped:
-//! nothing here depends on where a returned message goes.
+//! How: the session gives nothing back until it has read what it reads (a
+//! requeued message goes ahead of those never delivered, not to the back), reads
+//! through a chain of consumers with a prefetch of [`WINDOW`] each, gives back one
+//! by one in delivery order with at most [`RETURN_CHUNK`] in flight, and removes
+//! with one `basic.ack` with `multiple` after everything else was given back.
+//! Why each step, and the broker's behaviour each rests on (measured on RabbitMQ
+//! 3.10.8), is in `docs/dead-letters.md`, "How a view reads the queue without
+//! changing it". Nothing here depends on where a returned message goes: a broker
+//! that returns requeued messages to the back leaves the queue rotated by the
+//! letters a session read, never duplicated or dropped.
 //!
 //! Sessions must not interleave (two would split the queue between them and read
 //! only part of it each), so each session first takes the queue's lock (`lock.rs`).
@@ -69,11 +45,12 @@ use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
 };
 use lapin::types::FieldTable;
-use lapin::{Channel, Connection, Consumer, ErrorKind};
+use lapin::{Channel, Connection, Consumer};
 use tokio::time::Instant;
 
 use super::DlqError;
 use super::letter::DeadLetter;
+use super::lock::{self, LockError, reply_code};
 use crate::broker;
 use crate::broker::headers::DELIVERY_COUNT;
 use crate::config::Settings;
@@ -157,13 +134,6 @@ pub struct Closed {
     pub arrived: usize,
 }
 
-pub(super) fn reply_code(e: &lapin::Error) -> Option<u16> {
-    match e.kind() {
-        ErrorKind::ProtocolError(amqp) => Some(amqp.get_id()),
-        _ => None,
-    }
-}
-
 impl DeadQueue {
     /// Connects, takes the lock (waiting up to `lock_wait`) and counts the dead
     /// letters present now; reads none yet.
@@ -217,11 +187,11 @@ impl DeadQueue {
     }
 
     async fn start(&mut self, lock_wait: Duration) -> Result<(), DlqError> {
-        let lock = super::lock::take(&self.connection, &self.queue, lock_wait)
+        let lock = lock::take(&self.connection, &self.queue, lock_wait)
             .await
             .map_err(|e| match e {
-                super::lock::LockError::Broker(e) => self.broker(e),
-                super::lock::LockError::Busy => DlqError::Busy {
+                LockError::Broker(e) => self.broker(e),
+                LockError::Busy => DlqError::Busy {
                     queue: self.queue.clone(),
                     waited: lock_wait,
                 },

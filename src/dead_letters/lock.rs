@@ -9,10 +9,8 @@ use std::time::Duration;
 
 use lapin::options::{BasicConsumeOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::{Channel, Connection, Consumer};
+use lapin::{Channel, Connection, Consumer, ErrorKind};
 use tokio::time::Instant;
-
-use super::queue::reply_code;
 
 /// Why the lock was not taken.
 #[derive(Debug)]
@@ -93,5 +91,13 @@ pub(super) async fn take(
             warned = true;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The AMQP reply code of a channel or connection error, if the broker sent one.
+pub(super) fn reply_code(e: &lapin::Error) -> Option<u16> {
+    match e.kind() {
+        ErrorKind::ProtocolError(amqp) => Some(amqp.get_id()),
+        _ => None,
     }
 }
