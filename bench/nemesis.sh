@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The nemesis's long run (issue 21): seeded Clerk histories sent like Svix through
 # the real binary while faults drawn from the seed hit it, checked after every
-# round (tests/nemesis.rs, tests/nemesis/). Prints the run's row of the table in
+# round (tests/it/nemesis.rs, tests/it/nemesis/). Prints the run's row of the table in
 # docs/reliability.md: seed, minutes, rounds, events, webhooks sent, retried,
 # duplicates, faults by kind, reads sampled (judged), violations, peak RSS.
 #
@@ -36,7 +36,7 @@ set +e
 NEMESIS_SEED="$SEED" NEMESIS_MINUTES="$MINUTES" NEMESIS_WORKERS="$WORKERS" \
 NEMESIS_INTAKES="$INTAKES" NEMESIS_OPS="$OPS" NEMESIS_INTERVAL_MS="$INTERVAL_MS" \
 NEMESIS_FAULTS="$FAULTS" \
-  nice cargo test --test nemesis nemesis_seed -- --ignored --exact --nocapture \
+  nice cargo test --test it nemesis::nemesis_seed -- --ignored --exact --nocapture \
   --test-threads 1 >"$LOG" 2>&1
 STATUS=$?
 set -e

@@ -1,9 +1,11 @@
 //! Domain types that more than one layer speaks: the configuration's role map, the
-//! provisioning code and the read API all name a member's role with this one [`Role`].
+//! provisioning code and the read API all name a member's role with this one [`Role`];
+//! provisioning claims, the read API, the CLI and the console name a processing-log
+//! status with this one [`EventStatus`].
 //!
-//! Guarantee: a role has exactly one text form (`admin`, `member`), the same in the
-//! config file, the database, the JSON and the OpenAPI document, and a stored value
-//! outside that set is an error, never a silent default.
+//! Guarantee: a role or status has exactly one text form (`admin`, `processed`, …), the
+//! same in the config file, the database, the JSON and the OpenAPI document, and a
+//! stored value outside that set is an error, never a silent default.
 
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -17,6 +19,54 @@ pub struct UnknownValue {
     /// The value found.
     pub value: String,
 }
+
+/// An enum of stored and served text values: `ALL`, `as_str`, `parse` and its
+/// JSON and OpenAPI forms from one list.
+macro_rules! text_enum {
+    ($(#[$meta:meta])* $name:ident, $what:literal { $($(#[$vmeta:meta])* $variant:ident = $text:literal),+ $(,)? }) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
+        #[serde(rename_all = "snake_case")]
+        pub enum $name {
+            $($(#[$vmeta])* $variant),+
+        }
+
+        impl $name {
+            /// Every value, in the order declared.
+            pub const ALL: &'static [Self] = &[$(Self::$variant),+];
+
+            /// The value as stored and served.
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $(Self::$variant => $text),+
+                }
+            }
+
+            /// Parses a stored value.
+            pub fn parse(value: &str) -> Result<Self, UnknownValue> {
+                match value {
+                    $($text => Ok(Self::$variant),)+
+                    other => Err(UnknownValue { what: $what, value: other.to_owned() }),
+                }
+            }
+        }
+    };
+}
+pub(crate) use text_enum;
+
+text_enum!(
+    /// What happened to a webhook event.
+    EventStatus, "event status" {
+        /// Applied.
+        Processed = "processed",
+        /// Nothing to do for this service.
+        Ignored = "ignored",
+        /// Older than the state already applied, or hit a tombstone.
+        Superseded = "superseded",
+        /// Dead-lettered; see `error`.
+        Dead = "dead",
+    }
+);
 
 /// Callmine role of a member.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]

@@ -24,17 +24,11 @@
 //! per transaction.
 
 mod apply;
-mod deferred;
-mod display;
-mod inferred;
-mod members;
+mod event;
 pub mod payload;
-mod users;
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 
 use crate::clerk::EventType;
@@ -42,82 +36,10 @@ use crate::config::ProvisioningSettings;
 use crate::db::{self, DbFault};
 use payload::{Decoded, Undecodable};
 
+use apply::Plans;
+
 pub use apply::lock_keys;
-
-/// Who caused a change, as written in the audit log.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Actor {
-    /// A webhook from Clerk.
-    Clerk,
-    /// `provisioner reconcile`.
-    Reconcile,
-    /// A replayed dead letter.
-    Replay,
-    /// The read API (onboarding writes).
-    Api,
-}
-
-impl Actor {
-    /// The actor's name in the audit log.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Actor::Clerk => "clerk",
-            Actor::Reconcile => "reconcile",
-            Actor::Replay => "replay",
-            Actor::Api => "api",
-        }
-    }
-}
-
-/// One event to apply.
-#[derive(Debug, Clone)]
-pub struct Incoming {
-    /// Svix message id (dedup key).
-    pub svix_id: String,
-    /// Event type from the message (`type` property); `None` when the message has
-    /// none, and then the body's `type` is used. When both are given they must
-    /// agree, else the event is a [`ProcessError::Payload`].
-    pub kind: Option<EventType>,
-    /// The webhook body as received.
-    pub body: Vec<u8>,
-    /// When intake queued it.
-    pub received_at: DateTime<Utc>,
-    /// Who caused it.
-    pub actor: Actor,
-    /// For a replay from the ops console: the operator's session label, added to
-    /// the details of the event's audit rows (`replayed_by`).
-    pub replayed_by: Option<String>,
-}
-
-impl Incoming {
-    /// The message's type as [`payload::read`] takes it (empty when absent).
-    pub fn kind_str(&self) -> &str {
-        self.kind.as_ref().map_or("", EventType::as_str)
-    }
-
-    /// Decodes the body under the message's type: the one parse of the body.
-    pub fn decode(&self) -> Result<Decoded, Undecodable> {
-        payload::read(self.kind_str(), &self.body)
-    }
-}
-
-/// An event ready to apply: the message and its decoded body, both borrowed, so
-/// a caller that tries again (the worker holding events through an outage) never
-/// copies either.
-pub type Ready<'a> = (&'a Incoming, &'a Decoded);
-
-/// What applying an event did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
-    /// The effect was applied (status `processed`).
-    Processed,
-    /// Nothing to do for this service (status `ignored`).
-    Ignored,
-    /// Older than the state already applied, or hit a tombstone (status `superseded`).
-    Superseded,
-    /// The svix id was already applied; nothing was written.
-    Duplicate,
-}
+pub use event::{Actor, Incoming, Outcome, ReadyEvent};
 
 /// Why an event could not be applied.
 #[derive(Debug, thiserror::Error)]
@@ -137,35 +59,6 @@ pub enum ProcessError {
 pub struct Provisioner {
     settings: Arc<ProvisioningSettings>,
     plans: Arc<Plans>,
-}
-
-/// Each plan's quotas as the parallel arrays the SQL binds.
-#[derive(Debug, Default)]
-pub(crate) struct Plans(BTreeMap<String, (Vec<String>, Vec<i64>)>);
-
-impl Plans {
-    fn new(settings: &ProvisioningSettings) -> Self {
-        Self(
-            settings
-                .plans
-                .iter()
-                .map(|(plan, quotas)| {
-                    let names = quotas.keys().cloned().collect();
-                    let values = quotas.values().copied().collect();
-                    (plan.clone(), (names, values))
-                })
-                .collect(),
-        )
-    }
-
-    /// Quota names and limits of `plan` (empty for an unknown plan, which the
-    /// validated settings never produce).
-    pub(crate) fn quotas(&self, plan: &str) -> (&[String], &[i64]) {
-        match self.0.get(plan) {
-            Some((names, values)) => (names, values),
-            None => (&[], &[]),
-        }
-    }
 }
 
 /// Times a single event is retried after a deadlock or serialization failure.
@@ -201,10 +94,15 @@ impl Provisioner {
     ) -> Vec<Result<Outcome, ProcessError>> {
         let decoded: Vec<Result<Decoded, Undecodable>> =
             events.iter().map(Incoming::decode).collect();
-        let ready: Vec<Ready<'_>> = events
+        let ready: Vec<ReadyEvent<'_>> = events
             .iter()
             .zip(&decoded)
-            .filter_map(|(event, d)| Some((event, d.as_ref().ok()?)))
+            .filter_map(|(incoming, d)| {
+                Some(ReadyEvent {
+                    incoming,
+                    decoded: d.as_ref().ok()?,
+                })
+            })
             .collect();
         let mut applied = self.apply_decoded(pool, &ready).await.into_iter();
         decoded
@@ -221,11 +119,11 @@ impl Provisioner {
     pub async fn apply_decoded(
         &self,
         pool: &PgPool,
-        events: &[Ready<'_>],
+        events: &[ReadyEvent<'_>],
     ) -> Vec<Result<Outcome, ProcessError>> {
         if events.len() > 1 {
             // The union of the events' locks, taken upfront in the global order.
-            let mut keys: Vec<String> = events.iter().flat_map(|(_, d)| lock_keys(d)).collect();
+            let mut keys: Vec<String> = events.iter().flat_map(|e| lock_keys(e.decoded)).collect();
             apply::order_keys(&mut keys);
             match self.run_tx(pool, &keys, events).await {
                 Ok(outcomes) => return outcomes.into_iter().map(Ok).collect(),
@@ -272,8 +170,12 @@ impl Provisioner {
 
     /// Applies one event in its own transaction, retrying deadlocks and
     /// serialization failures a few times.
-    async fn apply_one(&self, pool: &PgPool, event: Ready<'_>) -> Result<Outcome, sqlx::Error> {
-        let mut keys = lock_keys(event.1);
+    async fn apply_one(
+        &self,
+        pool: &PgPool,
+        event: ReadyEvent<'_>,
+    ) -> Result<Outcome, sqlx::Error> {
+        let mut keys = lock_keys(event.decoded);
         apply::order_keys(&mut keys);
         let mut attempt = 0;
         loop {
@@ -282,9 +184,9 @@ impl Provisioner {
                 Ok(mut outcomes) => return Ok(outcomes.remove(0)),
                 Err(e) if db::is_transient(&e) && attempt < CONFLICT_RETRIES => {
                     tracing::debug!(
-                        svix.id = %event.0.svix_id,
-                        event.type = %event.0.kind_str(),
-                        workspace.id = event.1.workspace_id(),
+                        svix.id = %event.incoming.svix_id,
+                        event.type = %event.incoming.kind_str(),
+                        workspace.id = event.decoded.workspace_id(),
                         error = %e,
                         "retrying event after a conflict"
                     );
@@ -303,51 +205,17 @@ impl Provisioner {
         &self,
         pool: &PgPool,
         keys: &[String],
-        events: &[Ready<'_>],
+        events: &[ReadyEvent<'_>],
     ) -> Result<Vec<Outcome>, sqlx::Error> {
         let mut tx = pool.begin().await?;
-        let mut outcomes = Vec::with_capacity(events.len());
-        let work = async {
-            apply::lock(&mut tx, keys).await?;
-            let mut pending = apply::Pending::default();
-            // A batch reads the state of all its events in one statement and defers
-            // their claims and inserts to one more (see `deferred`); a single event
-            // claims and reads in one statement and writes at once.
-            let mut prefetched = if events.len() > 1 {
-                let keys: Vec<_> = events
-                    .iter()
-                    .map(|(incoming, decoded)| {
-                        (incoming.svix_id.as_str(), apply::state_keys(decoded).1)
-                    })
-                    .collect();
-                pending.defer();
-                deferred::prefetch(&mut tx, &keys).await?
-            } else {
-                Vec::new()
+        let applied = apply::apply_events(&mut tx, &self.settings, &self.plans, keys, events).await;
+        let outcomes = match applied {
+            Ok(outcomes) => outcomes,
+            Err(e) => {
+                let _ = tx.rollback().await;
+                return Err(e);
             }
-            .into_iter();
-            // No savepoints: any failed statement rolls the whole batch back and
-            // its events are applied one per transaction, so a savepoint per event
-            // would only cost a round trip and a subtransaction each.
-            for (incoming, decoded) in events {
-                let outcome = apply::apply_event(
-                    &mut tx,
-                    &self.settings,
-                    &self.plans,
-                    incoming,
-                    decoded,
-                    prefetched.next(),
-                    &mut pending,
-                )
-                .await?;
-                outcomes.push(outcome);
-            }
-            pending.flush(&mut tx, &self.settings, &self.plans).await
         };
-        if let Err(e) = work.await {
-            let _ = tx.rollback().await;
-            return Err(e);
-        }
         tx.commit().await?;
         Ok(outcomes)
     }

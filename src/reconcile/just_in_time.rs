@@ -18,6 +18,7 @@ use std::sync::{Arc, Mutex};
 use futures_util::FutureExt;
 use futures_util::future::{BoxFuture, Shared};
 
+use super::proof::Absence;
 use super::{Found, ReconcileError, Reconciler, Report, RunOptions};
 use crate::clerk::api::ClerkError;
 
@@ -210,5 +211,15 @@ impl Drop for Entry {
         if inflight.get(&self.id).is_some_and(|e| e.run == self.run) {
             inflight.remove(&self.id);
         }
+    }
+}
+
+impl Reconciler {
+    /// The read API's just-in-time sync of one organization: like
+    /// [`sync_one`](Self::sync_one), but Clerk's 404 removes nothing (the
+    /// workspace is left as it is; the caller answers 404).
+    pub async fn sync_just_in_time(&self, id: &str) -> Result<(Report, Found), ReconcileError> {
+        self.sync_organization_run(id, &RunOptions::default(), Absence::Keep)
+            .await
     }
 }

@@ -21,9 +21,10 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
 
-use super::{
-    DriftKind, Found, Pass, ReconcileError, Reconciler, decode_membership, id_of, id_str, synthetic,
-};
+use super::compare::{decode_membership, id_of, id_str};
+use super::repair::{Pass, synthetic};
+use super::report::DriftKind;
+use super::{Found, ReconcileError, Reconciler};
 use crate::clerk::api::{Memberships, PAGE_LIMIT};
 
 /// How a sync of one organization takes Clerk's 404 for it.

@@ -12,7 +12,8 @@ use serde::Serialize;
 use utoipa::ToSchema;
 
 // One Role for config, provisioning and the API; re-exported so `model::Role` still names it.
-pub use crate::domain::{Role, UnknownValue};
+use crate::domain::text_enum;
+pub use crate::domain::{EventStatus, Role, UnknownValue};
 
 /// Serializes timestamps as RFC 3339 UTC (`…Z`), milliseconds.
 pub mod rfc3339 {
@@ -38,37 +39,6 @@ pub mod rfc3339 {
             None => s.serialize_none(),
         }
     }
-}
-
-macro_rules! text_enum {
-    ($(#[$meta:meta])* $name:ident, $what:literal { $($(#[$vmeta:meta])* $variant:ident = $text:literal),+ $(,)? }) => {
-        $(#[$meta])*
-        #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
-        #[serde(rename_all = "snake_case")]
-        pub enum $name {
-            $($(#[$vmeta])* $variant),+
-        }
-
-        impl $name {
-            /// Every value, in the order declared.
-            pub const ALL: &'static [Self] = &[$(Self::$variant),+];
-
-            /// The value as stored and served.
-            pub fn as_str(self) -> &'static str {
-                match self {
-                    $(Self::$variant => $text),+
-                }
-            }
-
-            /// Parses a stored value.
-            pub fn parse(value: &str) -> Result<Self, UnknownValue> {
-                match value {
-                    $($text => Ok(Self::$variant),)+
-                    other => Err(UnknownValue { what: $what, value: other.to_owned() }),
-                }
-            }
-        }
-    };
 }
 
 text_enum!(
@@ -101,20 +71,6 @@ text_enum!(
         Pending = "pending",
         /// Every required step completed, every optional one completed or skipped.
         Completed = "completed",
-    }
-);
-
-text_enum!(
-    /// What happened to a webhook event.
-    EventStatus, "event status" {
-        /// Applied.
-        Processed = "processed",
-        /// Nothing to do for this service.
-        Ignored = "ignored",
-        /// Older than the state already applied, or hit a tombstone.
-        Superseded = "superseded",
-        /// Dead-lettered; see `error`.
-        Dead = "dead",
     }
 );
 

@@ -84,7 +84,7 @@ pub fn metrics_handle() -> PrometheusHandle {
             let builder = PrometheusBuilder::new()
                 // Full-name matchers win over the suffix one. The names are the
                 // worker's (`worker::metrics`, which imports this module);
-                // tests/observability.rs checks both are histograms.
+                // tests/it/observability.rs checks both are histograms.
                 .set_buckets_for_metric(
                     Matcher::Full("provisioning_lag_seconds".to_owned()),
                     &[

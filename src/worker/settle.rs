@@ -24,7 +24,7 @@ use super::failure::{self, Next};
 use super::metrics::{self, Label};
 use super::{Engine, Job};
 use crate::broker::{OutgoingMessage, PublishError};
-use crate::provision::{Outcome, ProcessError, Ready};
+use crate::provision::{Outcome, ProcessError, ReadyEvent};
 
 /// How long a retry or dead-letter publish keeps trying before the delivery is
 /// rejected back to the queue instead.
@@ -106,11 +106,14 @@ impl Engine {
         let mut held_gauge = metrics::Held::default();
         while !pending.is_empty() {
             // Borrowed from the jobs: a hold round copies neither bodies nor decodings.
-            let events: Vec<Ready<'_>> = pending
+            let events: Vec<ReadyEvent<'_>> = pending
                 .iter()
                 .map(|j| {
                     let decoded = j.env.decoded.as_ref().ok();
-                    (&j.env.event, decoded.expect("screened events are decoded"))
+                    ReadyEvent {
+                        incoming: &j.env.event,
+                        decoded: decoded.expect("screened events are decoded"),
+                    }
                 })
                 .collect();
             let mut results = self.provisioner.apply_decoded(&self.db, &events).await;

@@ -1,3 +1,6 @@
+//! The Backend API client's unit tests: error descriptions, `Retry-After`, and a key
+//! or credentials that never reach an error or `Debug`.
+
 use super::*;
 
 #[test]

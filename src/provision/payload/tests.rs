@@ -1,3 +1,6 @@
+//! The payload decoder's unit tests: the fixtures, tolerated and refused fields,
+//! and timestamps.
+
 use super::*;
 
 fn fixture(name: &str) -> Vec<u8> {
@@ -41,13 +44,13 @@ fn fixtures_decode() {
 #[test]
 fn nullable_fields_and_unknown_fields() {
     let body = br#"{"type":"organizationMembership.updated","timestamp":1716883500000,
-        "brand_new_top_level":{"x":1},
-        "data":{"id":"orgmem_1","role":"org:member","created_at":1,"updated_at":2,
-          "unknown":[1,2,3],
-          "organization":{"id":"org_1","name":"Acme","slug":null,"public_metadata":null,
-            "created_at":1,"updated_at":2},
-          "public_user_data":{"user_id":"user_1","first_name":null,"last_name":null,
-            "identifier":null}}}"#;
+            "brand_new_top_level":{"x":1},
+            "data":{"id":"orgmem_1","role":"org:member","created_at":1,"updated_at":2,
+              "unknown":[1,2,3],
+              "organization":{"id":"org_1","name":"Acme","slug":null,"public_metadata":null,
+                "created_at":1,"updated_at":2},
+              "public_user_data":{"user_id":"user_1","first_name":null,"last_name":null,
+                "identifier":null}}}"#;
     let d = decode("organizationMembership.updated", body).unwrap();
     let Event::MembershipUpsert(m) = d.event else {
         panic!("wrong event")
@@ -77,9 +80,9 @@ fn errors_name_the_field() {
     );
     assert_eq!(e.unwrap_err().0, "timestamp: missing");
     let e = decode(
-        "organization.updated",
-        br#"{"type":"organization.updated","data":{"id":"o","name":"n","created_at":"x","updated_at":1}}"#,
-    );
+            "organization.updated",
+            br#"{"type":"organization.updated","data":{"id":"o","name":"n","created_at":"x","updated_at":1}}"#,
+        );
     assert_eq!(
         e.unwrap_err().0,
         "data.created_at: expected an integer, got a string"
@@ -102,8 +105,8 @@ fn removal_of(body: &[u8]) -> Removal {
 fn removal_without_public_user_data_decodes() {
     let r = removal_of(
         br#"{"type":"organizationMembership.deleted","timestamp":1716883600000,
-        "data":{"id":"orgmem_1","role":"org:member","created_at":1,"updated_at":2,
-          "organization":{"id":"org_1","name":"Acme","created_at":1,"updated_at":2}}}"#,
+            "data":{"id":"orgmem_1","role":"org:member","created_at":1,"updated_at":2,
+              "organization":{"id":"org_1","name":"Acme","created_at":1,"updated_at":2}}}"#,
     );
     assert_eq!(r.id, "orgmem_1");
     assert_eq!(r.organization_id, "org_1");
@@ -116,8 +119,8 @@ fn removal_without_public_user_data_decodes() {
 fn removal_with_minimal_organization_decodes() {
     let r = removal_of(
         br#"{"type":"organizationMembership.deleted","timestamp":1716883600000,
-        "data":{"id":"orgmem_1","organization":{"id":"org_1"},
-          "public_user_data":{"user_id":"user_1"}}}"#,
+            "data":{"id":"orgmem_1","organization":{"id":"org_1"},
+              "public_user_data":{"user_id":"user_1"}}}"#,
     );
     assert_eq!(r.organization_id, "org_1");
     assert_eq!(r.user_id.as_deref(), Some("user_1"));
@@ -129,8 +132,8 @@ fn removal_with_minimal_organization_decodes() {
 fn removal_with_flat_ids_and_unknown_fields_decodes() {
     let r = removal_of(
         br#"{"type":"organizationMembership.deleted","timestamp":1716883600000,
-        "data":{"id":"orgmem_1","organization_id":"org_1","user_id":"user_1",
-          "deleted":true,"object":"organization_membership","brand_new":{"x":[1]}}}"#,
+            "data":{"id":"orgmem_1","organization_id":"org_1","user_id":"user_1",
+              "deleted":true,"object":"organization_membership","brand_new":{"x":[1]}}}"#,
     );
     assert_eq!(r.organization_id, "org_1");
     assert_eq!(r.user_id.as_deref(), Some("user_1"));
@@ -142,19 +145,19 @@ fn removal_needs_its_ids_and_timestamp() {
     let e = decode(
         "",
         br#"{"type":"organizationMembership.deleted","timestamp":1716883600000,
-        "data":{"id":"orgmem_1","organization":{"name":"Acme"}}}"#,
+            "data":{"id":"orgmem_1","organization":{"name":"Acme"}}}"#,
     );
     assert_eq!(e.unwrap_err().0, "data.organization.id: missing");
     let e = decode(
         "",
         br#"{"type":"organizationMembership.deleted","timestamp":1716883600000,
-        "data":{"organization":{"id":"org_1"}}}"#,
+            "data":{"organization":{"id":"org_1"}}}"#,
     );
     assert_eq!(e.unwrap_err().0, "data.id: missing");
     let e = decode(
-        "",
-        br#"{"type":"organizationMembership.deleted","data":{"id":"orgmem_1","organization":{"id":"org_1"}}}"#,
-    );
+            "",
+            br#"{"type":"organizationMembership.deleted","data":{"id":"orgmem_1","organization":{"id":"org_1"}}}"#,
+        );
     assert_eq!(e.unwrap_err().0, "timestamp: missing");
 }
 
@@ -165,14 +168,14 @@ fn deletions_need_only_an_id() {
     let d = decode(
         "",
         br#"{"type":"organization.deleted","timestamp":1716883600000,
-        "data":{"id":"org_1","deleted":true,"object":"organization","slug":7,"x":{}}}"#,
+            "data":{"id":"org_1","deleted":true,"object":"organization","slug":7,"x":{}}}"#,
     )
     .unwrap();
     assert!(matches!(d.event, Event::OrganizationDeleted { ref id, .. } if id == "org_1"));
     let d = decode(
         "",
         br#"{"type":"user.deleted","timestamp":1716883600000,
-        "data":{"id":"user_1","deleted":true,"email_addresses":"x"}}"#,
+            "data":{"id":"user_1","deleted":true,"email_addresses":"x"}}"#,
     )
     .unwrap();
     assert!(matches!(d.event, Event::UserDeleted { ref id, .. } if id == "user_1"));
