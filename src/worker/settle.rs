@@ -29,8 +29,9 @@ use crate::provision::{Outcome, ProcessError, ReadyEvent};
 /// How long a retry or dead-letter publish keeps trying before the delivery is
 /// rejected back to the queue instead.
 const PUBLISH_BUDGET: Duration = Duration::from_secs(10);
-/// How long recording a dead letter in the processing log may take: best effort,
-/// the dead letter itself is already safe in the broker.
+/// How long one attempt to record a dead letter in the processing log may take
+/// (the dead letter itself is already safe in the broker; see
+/// `Engine::record_dead` for the attempts).
 const RECORD_DEAD_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// One delivery's settling (ack, retry, dead letter), run side by side with the
@@ -262,9 +263,11 @@ impl Engine {
         }
     }
 
-    /// Publishes a dead-lettered copy (confirmed), records it in the processing log
-    /// (best effort), then acks; when the publish fails the event goes back to the
-    /// queue instead — a dead letter is never acked away unless it is safe.
+    /// Publishes a dead-lettered copy (confirmed), records it in the processing log,
+    /// then acks; when the publish fails the event goes back to the queue instead —
+    /// a dead letter is never acked away unless it is safe — and while PostgreSQL
+    /// cannot record it the event is parked to be dead-lettered and recorded later,
+    /// so the processing log always learns of it.
     async fn dead_letter(&self, job: Job, class: DeadClass, reason: String, attempts: i64) {
         if !job.acker.usable() {
             // The channel died: the broker requeued the original already.
@@ -290,24 +293,63 @@ impl Engine {
             reason = %reason,
             "event dead-lettered"
         );
-        if env.has_message_id {
+        if env.has_message_id && !self.record_dead(env, &reason).await {
+            // The processing log must learn of it: the original waits in the longest
+            // retry queue, comes back, is dead-lettered again (a dead svix id is
+            // processed afresh) and recorded then. The dead-letter queue may hold
+            // that second copy; replaying both applies the event once.
+            tracing::warn!(
+                "PostgreSQL cannot record the dead letter now; the event waits in a retry queue to be recorded"
+            );
+            let parked = match failure::longest_retry_queue(&self.topology) {
+                Some(queue) => self.park(job, queue).await,
+                None => Some(job),
+            };
+            if let Some(job) = parked {
+                self.requeue(&job).await;
+            }
+            return;
+        }
+        self.ack(&job).await;
+    }
+
+    /// Records a dead letter in the processing log, trying again with backoff while
+    /// PostgreSQL cannot take it, for `worker.db_retry_max_ms` (at least
+    /// [`RECORD_DEAD_TIMEOUT`]). False when it is still unrecorded for that reason
+    /// (or the worker is stopping); any other error is logged and given up (true),
+    /// as trying again would not help.
+    async fn record_dead(&self, env: &DeliveredEvent, reason: &str) -> bool {
+        let deadline = Instant::now() + self.db_retry_max.max(RECORD_DEAD_TIMEOUT);
+        let mut delays = ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(100))
+            .with_max_delay(Duration::from_secs(2))
+            .with_jitter()
+            .without_max_times()
+            .build();
+        loop {
             let recorded = tokio::time::timeout(
                 RECORD_DEAD_TIMEOUT,
                 self.provisioner
-                    .record_dead_decoded(&self.db, &env.event, &env.decoded, &reason),
+                    .record_dead_decoded(&self.db, &env.event, &env.decoded, reason),
             )
             .await;
             match recorded {
-                Ok(Ok(())) => {}
+                Ok(Ok(())) => return true,
+                Ok(Err(e)) if crate::db::is_unavailable(&e) || crate::db::is_transient(&e) => {
+                    tracing::debug!(error = %e, "dead letter not recorded yet; trying again")
+                }
                 Ok(Err(e)) => {
-                    tracing::warn!(error = %e, "dead letter not recorded in the processing log")
+                    tracing::warn!(error = %e, "dead letter not recorded in the processing log");
+                    return true;
                 }
-                Err(_) => {
-                    tracing::warn!("dead letter not recorded in the processing log: timed out")
-                }
+                Err(_) => tracing::debug!("recording the dead letter timed out; trying again"),
             }
+            let pause = delays.next().unwrap_or(Duration::from_secs(2));
+            if self.shutdown.is_cancelled() || Instant::now() + pause > deadline {
+                return false;
+            }
+            tokio::time::sleep(pause).await;
         }
-        self.ack(&job).await;
     }
 
     /// Publishes a copy of the event (same body, id, type and timestamp), retrying

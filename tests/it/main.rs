@@ -31,6 +31,7 @@ mod http_limits;
 mod intake;
 mod intake_broker;
 mod lifecycle;
+mod nemesis;
 mod observability;
 mod ops_browser;
 mod ops_console;

@@ -13,7 +13,8 @@
 //! a count, and tens of thousands of organizations serve a benchmark
 //! ([`FakeClerk::populate`], `provisioner-load fake-clerk`).
 //!
-//! Tests script faults ([`FakeClerk::fail_next`], 429 with `Retry-After`, 5xx),
+//! Tests script faults ([`FakeClerk::fail_next`], 429 with `Retry-After`, 5xx;
+//! [`FakeClerk::set_latency`], slow answers; [`FakeClerk::clear_faults`] ends them),
 //! read what was asked ([`FakeClerk::requests`]), can stop a request halfway
 //! ([`FakeClerk::gate`]) and can change the world between two page fetches
 //! ([`FakeClerk::before_page`]), as Clerk's lists shift while they are paged by
@@ -89,6 +90,8 @@ struct State {
     hooks: Vec<PageHook>,
     /// `GET /v1/instance`'s id; `None` answers 404 (an API without it).
     instance: Option<String>,
+    /// How long every answer waits before it is served ([`FakeClerk::set_latency`]).
+    latency: std::time::Duration,
 }
 
 /// What the routes share.
@@ -251,6 +254,23 @@ impl FakeClerk {
     /// The next requests get these answers, in order, before real ones again.
     pub fn fail_next(&self, answers: impl IntoIterator<Item = Scripted>) {
         self.state().script.extend(answers);
+    }
+
+    /// Every answer waits `latency` before it is served (a slow Clerk); zero
+    /// serves at once again.
+    pub fn set_latency(&self, latency: std::time::Duration) {
+        self.state().latency = latency;
+    }
+
+    /// Ends the faults made so far: scripted answers not yet served, slowness,
+    /// organizations hidden from the list or unfindable by id. The world, the
+    /// gates and the page hooks stay.
+    pub fn clear_faults(&self) {
+        let mut state = self.state();
+        state.script.clear();
+        state.latency = std::time::Duration::ZERO;
+        state.hidden.clear();
+        state.unfindable.clear();
     }
 
     /// Every request so far.

@@ -118,6 +118,10 @@ async fn admit_checked(
     path: String,
     query: String,
 ) -> Option<Response> {
+    let latency = shared.state.lock().unwrap().latency;
+    if !latency.is_zero() {
+        tokio::time::sleep(latency).await;
+    }
     let release = {
         let mut s = shared.state.lock().unwrap();
         s.seen.push(Seen {

@@ -113,6 +113,12 @@ impl Process {
         }
     }
 
+    /// Its exit status, if it has exited (without panicking, unlike
+    /// [`Process::assert_running`]).
+    pub fn exited(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().unwrap()
+    }
+
     /// Waits until `GET {base}/healthz` answers 200 (60 s at most).
     pub async fn wait_healthy(&mut self, base: &str) {
         self.wait_ok(&format!("{base}/healthz")).await;

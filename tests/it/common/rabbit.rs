@@ -444,6 +444,11 @@ impl RabbitCluster {
         &self.nodes[i]
     }
 
+    /// The nodes, in start order.
+    pub fn nodes(&self) -> &[RabbitNode] {
+        &self.nodes
+    }
+
     /// Every node's AMQP URL, comma-joined (the form `AMQP_URL` accepts).
     pub fn amqp_urls(&self) -> String {
         self.nodes

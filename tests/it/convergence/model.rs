@@ -156,10 +156,15 @@ pub(crate) struct Model {
 
 impl Model {
     pub(crate) fn new() -> Self {
+        Self::sized(ORGS, USERS)
+    }
+
+    /// A model of `orgs` organizations and `users` users (the nemesis's are larger).
+    pub(crate) fn sized(orgs: usize, users: usize) -> Self {
         Self {
             clock: T0,
-            orgs: vec![OrgState::default(); ORGS],
-            users: vec![UserState::default(); USERS],
+            orgs: vec![OrgState::default(); orgs],
+            users: vec![UserState::default(); users],
             mems: Vec::new(),
             mem_cands: Vec::new(),
             deletes: Vec::new(),
