@@ -1,7 +1,10 @@
 //! Throughput of `Provisioner::apply_batch` against the machine's PostgreSQL:
 //! events/s with one event per transaction and with batches, 8 concurrent appliers
 //! (as the worker runs them), on a realistic mix (1 organization.created, 8
-//! organizationMembership.created, 1 organization.updated with a plan change per 10).
+//! organizationMembership.created, 1 organization.updated with a plan change per 10);
+//! then, same sitting, membership events against billing events (issue 22: each
+//! organization.created followed by 9 membership events, or by 9 billing events,
+//! subscriptionItem.* and subscription.* alternating).
 //!
 //! Run: `cargo bench --bench provision_batch` (env: `BENCH_DATABASE_URL`, default
 //! `postgres://postgres@127.0.0.1:5432`; `BENCH_EVENTS` per applier, default 2000).
@@ -33,8 +36,42 @@ fn event(svix_id: String, kind: &str, data: serde_json::Value, ts: i64) -> Incom
     }
 }
 
+/// What follows each organization.created in a run.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Mix {
+    /// The realistic mix (memberships and a plan change).
+    Realistic,
+    /// Membership events only.
+    Memberships,
+    /// Billing events only.
+    Billing,
+}
+
+/// A billing event of the `i`th event of an organization.
+fn billing_event(svix: String, org_id: &str, i: usize, t: i64) -> Incoming {
+    let mut item = payload::BillingItem::new(
+        &format!("csub_item_{org_id}_{}", i % 3),
+        &format!("csub_{org_id}"),
+        "team",
+        t,
+    );
+    item.seats = Some(Some(10));
+    if i.is_multiple_of(2) {
+        event(
+            svix,
+            "subscriptionItem.updated",
+            payload::subscription_item(org_id, &item),
+            t,
+        )
+    } else {
+        let sub_id = item.subscription_id.clone();
+        let data = payload::subscription(org_id, &sub_id, "active", None, t, &[item]);
+        event(svix, "subscription.updated", data, t)
+    }
+}
+
 /// Events of one applier; `run` keeps ids of different runs apart.
-fn events(run: &str, applier: usize, n: usize) -> Vec<Incoming> {
+fn events(run: &str, applier: usize, n: usize, mix: Mix) -> Vec<Incoming> {
     (0..n)
         .map(|i| {
             let org_id = format!("org_{run}_{applier}_{}", i / 10);
@@ -47,7 +84,8 @@ fn events(run: &str, applier: usize, n: usize) -> Vec<Incoming> {
                     org(&org_id, "Org", None, t),
                     t,
                 ),
-                9 => event(
+                _ if mix == Mix::Billing => billing_event(svix, &org_id, i % 10, t),
+                9 if mix == Mix::Realistic => event(
                     svix,
                     "organization.updated",
                     org(&org_id, "Org Renamed", Some("team"), t),
@@ -97,10 +135,19 @@ async fn main() -> anyhow::Result<()> {
     let settings = Settings::from_sources(None, |_| None)?;
     let p = Provisioner::new(settings.provisioning);
 
-    for batch in [1usize, 8, 32] {
-        let run = format!("b{batch}");
+    let runs = [
+        (Mix::Realistic, 1usize),
+        (Mix::Realistic, 8),
+        (Mix::Realistic, 32),
+        (Mix::Memberships, 1),
+        (Mix::Billing, 1),
+        (Mix::Memberships, 32),
+        (Mix::Billing, 32),
+    ];
+    for (mix, batch) in runs {
+        let run = format!("{mix:?}{batch}");
         let work: Vec<Vec<Incoming>> = (0..APPLIERS)
-            .map(|a| events(&run, a, per_applier))
+            .map(|a| events(&run, a, per_applier, mix))
             .collect();
         let start = Instant::now();
         let mut tasks = Vec::new();
@@ -120,7 +167,7 @@ async fn main() -> anyhow::Result<()> {
         let secs = start.elapsed().as_secs_f64();
         let total = APPLIERS * per_applier;
         println!(
-            "apply_batch: batch size {batch:>2}, {APPLIERS} appliers: {total} events in {secs:.2} s = {:.0} events/s",
+            "apply_batch: {mix:?}, batch size {batch:>2}, {APPLIERS} appliers: {total} events in {secs:.2} s = {:.0} events/s",
             total as f64 / secs
         );
     }

@@ -10,8 +10,9 @@ pub mod api;
 pub mod fake;
 pub mod sample;
 
-/// Event types this service handles; everything else is answered `ignored`.
-pub const HANDLED_TYPES: [&str; 8] = [
+/// Event types this service handles; everything else (`paymentAttempt.*`, sessions,
+/// emails, invitations, …) is answered `ignored`.
+pub const HANDLED_TYPES: [&str; 22] = [
     "organization.created",
     "organization.updated",
     "organization.deleted",
@@ -20,6 +21,20 @@ pub const HANDLED_TYPES: [&str; 8] = [
     "organizationMembership.deleted",
     "user.updated",
     "user.deleted",
+    "subscription.created",
+    "subscription.updated",
+    "subscription.active",
+    "subscription.pastDue",
+    "subscriptionItem.created",
+    "subscriptionItem.updated",
+    "subscriptionItem.active",
+    "subscriptionItem.canceled",
+    "subscriptionItem.upcoming",
+    "subscriptionItem.ended",
+    "subscriptionItem.abandoned",
+    "subscriptionItem.incomplete",
+    "subscriptionItem.pastDue",
+    "subscriptionItem.freeTrialEnding",
 ];
 
 /// A handled event type.
@@ -41,11 +56,39 @@ pub enum Handled {
     UserUpdated,
     /// `user.deleted`.
     UserDeleted,
+    /// `subscription.created`.
+    SubscriptionCreated,
+    /// `subscription.updated`.
+    SubscriptionUpdated,
+    /// `subscription.active`.
+    SubscriptionActive,
+    /// `subscription.pastDue`.
+    SubscriptionPastDue,
+    /// `subscriptionItem.created` (typed in `@clerk/backend`, absent from the spec).
+    ItemCreated,
+    /// `subscriptionItem.updated`.
+    ItemUpdated,
+    /// `subscriptionItem.active`.
+    ItemActive,
+    /// `subscriptionItem.canceled`.
+    ItemCanceled,
+    /// `subscriptionItem.upcoming`.
+    ItemUpcoming,
+    /// `subscriptionItem.ended`.
+    ItemEnded,
+    /// `subscriptionItem.abandoned`.
+    ItemAbandoned,
+    /// `subscriptionItem.incomplete`.
+    ItemIncomplete,
+    /// `subscriptionItem.pastDue`.
+    ItemPastDue,
+    /// `subscriptionItem.freeTrialEnding`.
+    ItemFreeTrialEnding,
 }
 
 impl Handled {
     /// Every handled type, in the order of [`HANDLED_TYPES`].
-    pub const ALL: [Handled; 8] = [
+    pub const ALL: [Handled; 22] = [
         Handled::OrganizationCreated,
         Handled::OrganizationUpdated,
         Handled::OrganizationDeleted,
@@ -54,11 +97,41 @@ impl Handled {
         Handled::MembershipDeleted,
         Handled::UserUpdated,
         Handled::UserDeleted,
+        Handled::SubscriptionCreated,
+        Handled::SubscriptionUpdated,
+        Handled::SubscriptionActive,
+        Handled::SubscriptionPastDue,
+        Handled::ItemCreated,
+        Handled::ItemUpdated,
+        Handled::ItemActive,
+        Handled::ItemCanceled,
+        Handled::ItemUpcoming,
+        Handled::ItemEnded,
+        Handled::ItemAbandoned,
+        Handled::ItemIncomplete,
+        Handled::ItemPastDue,
+        Handled::ItemFreeTrialEnding,
     ];
 
     /// The type's name on the wire.
     pub fn as_str(self) -> &'static str {
         HANDLED_TYPES[self as usize]
+    }
+
+    /// A `subscription.*` type: `data` is the subscription with its items.
+    pub fn is_subscription(self) -> bool {
+        matches!(
+            self,
+            Handled::SubscriptionCreated
+                | Handled::SubscriptionUpdated
+                | Handled::SubscriptionActive
+                | Handled::SubscriptionPastDue
+        )
+    }
+
+    /// A `subscriptionItem.*` type: `data` is one item with its payer.
+    pub fn is_subscription_item(self) -> bool {
+        self as usize >= Handled::ItemCreated as usize
     }
 
     fn from_name(name: &str) -> Option<Self> {
@@ -126,6 +199,28 @@ mod tests {
             assert_eq!(t.handled(), Some(handled));
             assert_eq!(t.as_str(), name);
             assert_eq!(t.metric_label(), name);
+        }
+    }
+
+    #[test]
+    fn billing_types_are_handled_and_payment_attempts_ignored() {
+        for name in ["subscription.pastDue", "subscriptionItem.freeTrialEnding"] {
+            assert!(is_handled(name), "{name}");
+        }
+        let sub = EventType::parse("subscription.active").handled().unwrap();
+        assert!(sub.is_subscription() && !sub.is_subscription_item());
+        let item = EventType::parse("subscriptionItem.created")
+            .handled()
+            .unwrap();
+        assert!(item.is_subscription_item() && !item.is_subscription());
+        let org = EventType::parse("organization.created").handled().unwrap();
+        assert!(!org.is_subscription() && !org.is_subscription_item());
+        for name in [
+            "paymentAttempt.created",
+            "paymentAttempt.updated",
+            "subscription.past_due",
+        ] {
+            assert!(!is_handled(name), "{name}");
         }
     }
 

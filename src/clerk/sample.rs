@@ -155,6 +155,122 @@ pub fn organization(
     })
 }
 
+/// A subscription item as Clerk Billing describes it (`reference/clerk-billing.md`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct BillingItem {
+    /// `csub_item_…`
+    pub id: String,
+    /// `csub_…`
+    pub subscription_id: String,
+    /// `active`, `canceled`, `upcoming`, `ended`, `past_due`, …
+    pub status: String,
+    /// The plan's slug (`pro-plan`); `None` sends `plan: null`.
+    pub plan: Option<String>,
+    /// `is_free_trial`.
+    pub is_free_trial: bool,
+    /// ms
+    pub period_start: i64,
+    /// ms; `None` for the free default plan.
+    pub period_end: Option<i64>,
+    /// `None`: no `seats` (not seat-based); `Some(None)`: unlimited.
+    pub seats: Option<Option<i64>>,
+    /// ms; also `canceled_at` / `past_due_at` / `ended_at` for those statuses.
+    pub updated_at: i64,
+}
+
+impl BillingItem {
+    /// An item of `subscription_id` on `plan`, `active` from `period_start` for 30
+    /// days, not seat-based, at version `period_start`.
+    pub fn new(id: &str, subscription_id: &str, plan: &str, period_start: i64) -> Self {
+        Self {
+            id: id.to_owned(),
+            subscription_id: subscription_id.to_owned(),
+            status: "active".to_owned(),
+            plan: Some(plan.to_owned()),
+            is_free_trial: false,
+            period_start,
+            period_end: Some(period_start + 30 * 86_400_000),
+            seats: None,
+            updated_at: period_start,
+        }
+    }
+}
+
+/// The payer of an organization's subscription (`''` for a user payer).
+pub fn payer(organization_id: &str) -> Value {
+    json!({
+        "object": "commerce_payer",
+        "id": format!("cpayer_{}", fnv(organization_id, 7) % 1_000_000_007),
+        "user_id": if organization_id.is_empty() { "user_payer" } else { "" },
+        "organization_id": organization_id,
+        "organization_name": if organization_id.is_empty() { String::new() } else { default_org_name(organization_id) },
+        "created_at": 1_700_000_000_000_i64,
+        "updated_at": 1_700_000_000_000_i64,
+    })
+}
+
+/// A subscription item without its payer (as a subscription lists it).
+fn item_object(item: &BillingItem) -> Value {
+    let at = |status: &str| (item.status == status).then_some(item.updated_at);
+    let mut v = json!({
+        "object": "commerce_subscription_item",
+        "id": item.id,
+        "status": item.status,
+        "is_free_trial": item.is_free_trial,
+        "created_at": item.period_start.min(item.updated_at),
+        "updated_at": item.updated_at,
+        "period_start": item.period_start,
+        "period_end": item.period_end,
+        "interval": "month",
+        "canceled_at": at("canceled"),
+        "past_due_at": at("past_due"),
+        "ended_at": at("ended"),
+        "plan_id": item.plan.as_ref().map(|p| format!("cplan_{p}")),
+        "plan": item.plan.as_ref().map(|p| json!({
+            "id": format!("cplan_{p}"), "slug": p, "name": p, "is_recurring": true,
+            "amount": 2000, "currency": "USD",
+        })),
+        "subscription_id": item.subscription_id,
+    });
+    if let Some(quantity) = item.seats {
+        v["seats"] = json!({ "quantity": quantity });
+    }
+    v
+}
+
+/// The `data` of `subscriptionItem.*`: one item with its payer.
+pub fn subscription_item(organization_id: &str, item: &BillingItem) -> Value {
+    let mut v = item_object(item);
+    v["payer"] = payer(organization_id);
+    v
+}
+
+/// The `data` of `subscription.*`: the subscription with its payer and `items`.
+pub fn subscription(
+    organization_id: &str,
+    id: &str,
+    status: &str,
+    past_due_at: Option<i64>,
+    updated_at: i64,
+    items: &[BillingItem],
+) -> Value {
+    let payer = payer(organization_id);
+    json!({
+        "object": "commerce_subscription",
+        "id": id,
+        "status": status,
+        "active_at": items.iter().map(|i| i.period_start).min(),
+        "canceled_at": null,
+        "ended_at": null,
+        "past_due_at": past_due_at,
+        "created_at": items.iter().map(|i| i.period_start).min().unwrap_or(updated_at),
+        "updated_at": updated_at,
+        "payer_id": payer["id"],
+        "payer": payer,
+        "items": items.iter().map(item_object).collect::<Vec<_>>(),
+    })
+}
+
 /// The DeletedObject of `organization.deleted`.
 pub fn deleted_organization(id: &str, name: &str) -> Value {
     json!({"object": "organization", "id": id, "slug": slug(name), "deleted": true})

@@ -111,6 +111,8 @@ pub struct Settings {
     pub worker: WorkerSettings,
     /// Reconciliation with Clerk's Backend API.
     pub reconcile: ReconcileSettings,
+    /// Clerk Billing (DESIGN §5b).
+    pub billing: BillingSettings,
     /// Plans, quotas, roles and onboarding (`[provisioning]`, `[plans.*]`, `[roles]`).
     pub provisioning: ProvisioningSettings,
     /// Logging.
@@ -241,6 +243,15 @@ pub struct ClerkSettings {
     pub secret_key: Option<Secret>,
     /// Backend API base URL.
     pub api_url: String,
+}
+
+/// `[billing]`
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BillingSettings {
+    /// Days a past-due subscription keeps its plan before the workspace is
+    /// `restricted` (0: at once).
+    pub past_due_grace_days: u32,
 }
 
 /// `[reconcile]`

@@ -26,7 +26,7 @@ pub(super) const ENV_KEYS: [(&str, &str); 13] = [
 /// Environment variable → the dotted key of an integer setting it overrides; the
 /// value is read as an integer (anything else stays a string, and the setting's
 /// deserialization names it).
-pub(super) const ENV_INTEGER_KEYS: [(&str, &str); 9] = [
+pub(super) const ENV_INTEGER_KEYS: [(&str, &str); 10] = [
     (
         "PROVISIONER_HTTP_HEADER_READ_TIMEOUT_MS",
         "http.header_read_timeout_ms",
@@ -54,6 +54,10 @@ pub(super) const ENV_INTEGER_KEYS: [(&str, &str); 9] = [
         "broker.quorum_initial_group_size",
     ),
     ("PROVISIONER_OPS_SESSION_MAX_AGE_H", "ops.session_max_age_h"),
+    (
+        "PROVISIONER_BILLING_PAST_DUE_GRACE_DAYS",
+        "billing.past_due_grace_days",
+    ),
 ];
 
 /// Renamed keys: old dotted name → new one. The old name keeps working (a file

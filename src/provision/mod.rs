@@ -24,6 +24,7 @@
 //! per transaction.
 
 mod apply;
+pub mod billing;
 mod event;
 pub mod payload;
 

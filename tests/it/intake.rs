@@ -158,10 +158,16 @@ async fn every_handled_type_is_queued_with_its_routing_key() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unhandled_types_are_ignored_and_not_queued() {
     let app = spawn_app().await;
-    let mut bodies: Vec<Vec<u8>> = ["session.created", "email.created", "role.created"]
-        .iter()
-        .map(|k| envelope(k, json!({"id": "x"}), 1))
-        .collect();
+    let mut bodies: Vec<Vec<u8>> = [
+        "session.created",
+        "email.created",
+        "role.created",
+        "paymentAttempt.created",
+        "paymentAttempt.updated",
+    ]
+    .iter()
+    .map(|k| envelope(k, json!({"id": "x"}), 1))
+    .collect();
     for name in [
         "user.created",
         "organizationInvitation.created",

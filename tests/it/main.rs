@@ -20,6 +20,7 @@ mod common;
 
 mod api;
 mod api_isolation;
+mod billing;
 mod clerk_api;
 mod cluster;
 mod convergence;

@@ -7,7 +7,9 @@
 //! the batch's [`prefetch`](super::state::prefetch) read it, plus what waits here;
 //! so an event's state is the prefetched row with the waiting rows laid over it
 //! ([`Deferred::overlay`]),
-//! which is what the one-statement-per-event path would have read. The first
+//! which is what the one-statement-per-event path would have read. (Billing rows
+//! are written at once without ending the deferring: no prefetched state reads
+//! them and nothing waiting here writes them.) The first
 //! write that is not an insert waiting here ([`Deferred::stop`]) flushes them and
 //! ends the deferring: every later event of the batch reads and writes one by one,
 //! as a single event does. Flushed rows commit (or roll back) with the batch.

@@ -21,10 +21,11 @@
 //! the part that decides on its rows. Below it, each part has one home: the rules
 //! ([`rules`]), the lock order ([`locks`]), the state read ([`state`]), the audit
 //! buffer ([`audit`]), a batch's deferred writes ([`deferred`]), workspaces,
-//! memberships and their display fields, users, and the removals reconcile
-//! infers ([`inferred`]).
+//! memberships and their display fields, users, billing ([`billing`]), and the
+//! removals reconcile infers ([`inferred`]).
 
 mod audit;
+mod billing;
 mod deferred;
 mod display;
 mod inferred;
@@ -173,10 +174,13 @@ async fn apply_event(apply: Apply<'_>) -> Result<Outcome, sqlx::Error> {
     // apart from a tombstone (see `inferred`).
     let inference = incoming.actor == Actor::Reconcile;
     // Only snapshots of organizations and memberships know how to defer their
-    // inserts; every other event writes at once.
+    // inserts; every other event writes at once. Billing writes at once too, but
+    // only its own tables, which no prefetched state reads and no waiting insert
+    // touches: it need not end the deferring.
     let defers = matches!(
         &decoded.event,
         Event::Unhandled
+            | Event::Billing(_)
             | Event::OrganizationUpsert(_)
             | Event::MembershipUpsert(_)
             | Event::MembershipDeleted {
@@ -213,6 +217,7 @@ async fn apply_event(apply: Apply<'_>) -> Result<Outcome, sqlx::Error> {
         },
         Event::UserUpdated(u) => update_user(conn, &mut cx, u, &state).await?,
         Event::UserDeleted { id, at_ms } => delete_user(conn, &mut cx, id, *at_ms).await?,
+        Event::Billing(b) => billing::store_billing(conn, &mut cx, b).await?,
     };
     if changed {
         Ok(Outcome::Processed)

@@ -43,6 +43,12 @@ pub(super) fn state_keys(decoded: &Decoded) -> (EventStatus, StateKeys<'_>) {
         ),
         Event::UserUpdated(u) => (EventStatus::Processed, None, None, Some(u.id.as_str())),
         Event::UserDeleted { id, .. } => (EventStatus::Processed, None, None, Some(id.as_str())),
+        Event::Billing(b) => (
+            EventStatus::Processed,
+            Some(b.organization_id.as_str()),
+            None,
+            None,
+        ),
     };
     (initial, (ws_id, membership_id, user_id))
 }

@@ -60,7 +60,10 @@ pub enum Event {
         /// Envelope timestamp (ms).
         at_ms: i64,
     },
-    /// A type this service does not handle (recorded as `ignored`).
+    /// `subscription.*` / `subscriptionItem.*` of an organization payer (DESIGN §5b).
+    Billing(Billing),
+    /// A type this service does not handle, or billing of a user payer (recorded
+    /// as `ignored`).
     Unhandled,
 }
 
@@ -72,6 +75,7 @@ impl Decoded {
             Event::OrganizationDeleted { id, .. } => Some(id),
             Event::MembershipUpsert(m) => Some(&m.organization.id),
             Event::MembershipDeleted { removal, .. } => Some(&removal.organization_id),
+            Event::Billing(b) => Some(&b.organization_id),
             Event::UserUpdated(_) | Event::UserDeleted { .. } | Event::Unhandled => None,
         }
     }
@@ -84,9 +88,10 @@ impl Decoded {
             Event::MembershipDeleted { removal, .. } => removal.user_id.as_deref(),
             Event::UserUpdated(u) => Some(&u.id),
             Event::UserDeleted { id, .. } => Some(id),
-            Event::OrganizationUpsert(_) | Event::OrganizationDeleted { .. } | Event::Unhandled => {
-                None
-            }
+            Event::OrganizationUpsert(_)
+            | Event::OrganizationDeleted { .. }
+            | Event::Billing(_)
+            | Event::Unhandled => None,
         }
     }
 }
@@ -190,6 +195,73 @@ pub struct User {
     pub updated_at: i64,
 }
 
+/// The billing facts of one event: the organization that pays, the subscription
+/// (from `subscription.*`) and the items the event carries.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Billing {
+    /// `payer.organization_id`: the workspace.
+    pub organization_id: String,
+    /// The subscription's own fields, for `subscription.*` (and the Backend API's
+    /// subscription); `None` for `subscriptionItem.*`.
+    pub subscription: Option<Subscription>,
+    /// The items listed (`items` of a subscription, or the one item of an item event).
+    pub items: Vec<BillingItem>,
+}
+
+/// A subscription's own fields.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Subscription {
+    /// `csub_…`
+    pub id: String,
+    /// Clerk's status as sent (`active`, `past_due`, …; unknown ones kept as they are).
+    pub status: String,
+    /// ms; when it became past due.
+    pub past_due_at: Option<i64>,
+    /// ms; the subscription's version.
+    pub updated_at: i64,
+}
+
+/// One subscription item: a plan over a period.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BillingItem {
+    /// `csub_item_…`
+    pub id: String,
+    /// `subscription_id`, else the id of the subscription that lists it.
+    pub subscription_id: Option<String>,
+    /// Clerk's status as sent (`active`, `canceled`, `upcoming`, …; an unknown one
+    /// is kept and is simply never current).
+    pub status: String,
+    /// `plan.slug`, when the item names a plan.
+    pub plan_slug: Option<String>,
+    /// `is_free_trial`.
+    pub is_free_trial: bool,
+    /// ms
+    pub period_start: Option<i64>,
+    /// ms; null for the free default plan.
+    pub period_end: Option<i64>,
+    /// ms
+    pub canceled_at: Option<i64>,
+    /// ms
+    pub past_due_at: Option<i64>,
+    /// ms
+    pub ended_at: Option<i64>,
+    /// `seats.quantity`.
+    pub seats: Seats,
+    /// ms; the item's version.
+    pub updated_at: i64,
+}
+
+/// The seats an item grants.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Seats {
+    /// No `seats`: not a seat-based plan, the plan's own quota stands.
+    NotSeatBased,
+    /// `seats.quantity` = n.
+    Limited(i64),
+    /// `seats.quantity` = null: unlimited.
+    Unlimited,
+}
+
 /// Decodes a webhook body. `kind` is the message's `type` property (empty when the
 /// message carried none); when given it must agree with the body's `type`.
 pub fn decode(kind: &str, body: &[u8]) -> Result<Decoded, PayloadError> {
@@ -243,8 +315,9 @@ fn raw_workspace_id<'v>(kind: &EventType, data: &'v Value) -> Option<&'v str> {
             data.get("organization")?.get("id")
         }
         Handled::UserUpdated | Handled::UserDeleted => None,
+        _ => data.get("payer")?.get("organization_id"),
     };
-    id?.as_str()
+    id?.as_str().filter(|s| !s.trim().is_empty())
 }
 
 fn decode_object(kind: &str, root: &Map<String, Value>) -> Result<Decoded, PayloadError> {
@@ -295,6 +368,18 @@ fn decode_object(kind: &str, root: &Map<String, Value>) -> Result<Decoded, Paylo
             id: data.req_str("id")?.to_owned(),
             at_ms: at()?,
         },
+        h if h.is_subscription() => match payer_organization(&data) {
+            Some(org) => Event::Billing(subscription(&data, "items", org)?),
+            None => Event::Unhandled,
+        },
+        _ => match payer_organization(&data) {
+            Some(org) => Event::Billing(Billing {
+                organization_id: org,
+                subscription: None,
+                items: vec![billing_item(&data, None)?],
+            }),
+            None => Event::Unhandled,
+        },
     };
     Ok(Decoded {
         kind: body_kind,
@@ -325,6 +410,142 @@ pub fn membership_object(value: &Value) -> Result<Membership, PayloadError> {
             type_name(other)
         ))),
     }
+}
+
+/// The organization's subscription as the Backend API answers
+/// `GET /v1/organizations/{id}/billing/subscription` (items under
+/// `subscription_items`, no payer), decoded by the same rules as a webhook's.
+pub fn subscription_object(organization_id: &str, value: &Value) -> Result<Billing, PayloadError> {
+    match value {
+        Value::Object(map) => subscription(
+            &Obj::new("data", map),
+            "subscription_items",
+            organization_id.to_owned(),
+        ),
+        other => Err(PayloadError(format!(
+            "a subscription must be a JSON object, got {}",
+            type_name(other)
+        ))),
+    }
+}
+
+/// `payer.organization_id` when it names an organization; missing, empty or not
+/// a string means a user payer (DESIGN §5b: such events are `ignored`).
+fn payer_organization(data: &Obj<'_>) -> Option<String> {
+    data.map
+        .get("payer")?
+        .get("organization_id")?
+        .as_str()
+        .filter(|s| !s.trim().is_empty())
+        .map(str::to_owned)
+}
+
+/// A subscription and the items it lists under `items_key`. Only the ids and the
+/// versions are required: statuses are kept as sent, and a malformed optional
+/// field reads as absent (Clerk Billing is beta; an event is never dead-lettered
+/// for a field it may yet change).
+fn subscription(
+    s: &Obj<'_>,
+    items_key: &str,
+    organization_id: String,
+) -> Result<Billing, PayloadError> {
+    let id = s.req_id("id")?;
+    let sub = Subscription {
+        status: lenient_status(s),
+        past_due_at: lenient_time(s, "past_due_at"),
+        updated_at: s.req_i64("updated_at")?,
+        id,
+    };
+    let items = match s.map.get(items_key) {
+        Some(Value::Array(list)) => list
+            .iter()
+            .enumerate()
+            .map(|(n, item)| match item {
+                Value::Object(map) => billing_item(
+                    &Obj::new(&s.path(&format!("{items_key}[{n}]")), map),
+                    Some(&sub.id),
+                ),
+                other => Err(PayloadError(format!(
+                    "{}[{n}]: expected an object, got {}",
+                    s.path(items_key),
+                    type_name(other)
+                ))),
+            })
+            .collect::<Result<Vec<_>, _>>()?,
+        _ => Vec::new(),
+    };
+    // An item listed twice is stored once: the newest of its snapshots (the first
+    // of equal ones), as the version gate would keep.
+    let mut items: Vec<BillingItem> = items;
+    items.sort_by(|a, b| a.id.cmp(&b.id).then(b.updated_at.cmp(&a.updated_at)));
+    items.dedup_by(|later, kept| later.id == kept.id);
+    Ok(Billing {
+        organization_id,
+        subscription: Some(sub),
+        items,
+    })
+}
+
+/// One subscription item; `subscription_id` is the listing subscription's id when
+/// the item does not name one.
+fn billing_item(i: &Obj<'_>, listed_by: Option<&str>) -> Result<BillingItem, PayloadError> {
+    let plan_slug = i
+        .map
+        .get("plan")
+        .and_then(|p| p.get("slug"))
+        .and_then(Value::as_str)
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned);
+    let seats = match i.map.get("seats") {
+        Some(Value::Object(seats)) => match seats.get("quantity") {
+            None | Some(Value::Null) => Seats::Unlimited,
+            Some(q) => q
+                .as_i64()
+                .filter(|n| *n >= 0)
+                .map_or(Seats::NotSeatBased, Seats::Limited),
+        },
+        _ => Seats::NotSeatBased,
+    };
+    Ok(BillingItem {
+        id: i.req_id("id")?,
+        subscription_id: lenient_str(i, "subscription_id").or_else(|| listed_by.map(str::to_owned)),
+        status: lenient_status(i),
+        plan_slug,
+        is_free_trial: i
+            .map
+            .get("is_free_trial")
+            .and_then(Value::as_bool)
+            .unwrap_or(false),
+        period_start: lenient_time(i, "period_start"),
+        period_end: lenient_time(i, "period_end"),
+        canceled_at: lenient_time(i, "canceled_at"),
+        past_due_at: lenient_time(i, "past_due_at"),
+        ended_at: lenient_time(i, "ended_at"),
+        seats,
+        updated_at: i.req_i64("updated_at")?,
+    })
+}
+
+/// `status` as sent; missing or not a string reads as `unknown`.
+fn lenient_status(o: &Obj<'_>) -> String {
+    lenient_str(o, "status").unwrap_or_else(|| "unknown".to_owned())
+}
+
+/// A non-empty string, or `None` for anything else.
+fn lenient_str(o: &Obj<'_>, key: &str) -> Option<String> {
+    o.map
+        .get(key)
+        .and_then(Value::as_str)
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
+}
+
+/// A plausible ms time, or `None` for anything else.
+fn lenient_time(o: &Obj<'_>, key: &str) -> Option<i64> {
+    o.map
+        .get(key)
+        .and_then(Value::as_i64)
+        .filter(|ms| (0..=MAX_TIME_MS).contains(ms))
 }
 
 fn organization(o: &Obj<'_>) -> Result<Organization, PayloadError> {

@@ -141,7 +141,7 @@ pub async fn audit_count(db: &PgPool) -> i64 {
 }
 
 /// Every provisioned row of the database (workspaces, quotas, onboarding steps,
-/// members, users, removal records, kept user snapshots), keyed by table and primary key, as JSON of all its columns but
+/// members, users, removal records, kept user snapshots, billing), keyed by table and primary key, as JSON of all its columns but
 /// the times this service wrote the row (`created_at`, `updated_at`): what must be
 /// equal after any two deliveries of one history.
 pub async fn state_rows(db: &PgPool) -> std::collections::BTreeMap<String, serde_json::Value> {
@@ -163,7 +163,12 @@ pub async fn state_rows(db: &PgPool) -> std::collections::BTreeMap<String, serde
            from membership_removals t \
          union all \
          select 'user_profiles/' || user_id || '/' || version || '/' || svix_id, to_jsonb(t) \
-           from user_profiles t",
+           from user_profiles t \
+         union all \
+         select 'billing_subscriptions/' || id, to_jsonb(t) - 'updated_at' \
+           from billing_subscriptions t \
+         union all \
+         select 'billing_items/' || id, to_jsonb(t) - 'updated_at' from billing_items t",
     )
     .fetch_all(db)
     .await
