@@ -85,6 +85,7 @@ struct WorkspaceReadRow {
     id: String,
     name: Option<String>,
     slug: Option<String>,
+    image_url: Option<String>,
     status: String,
     plan: String,
     created_at: DateTime<Utc>,
@@ -112,7 +113,7 @@ pub async fn workspace(
     acting_user: Option<&str>,
 ) -> Result<Option<(Workspace, Access)>, StoreError> {
     let row: Option<WorkspaceReadRow> = sqlx::query_as(concat!(
-        "select w.id, w.name, w.slug, w.status, w.plan, \
+        "select w.id, w.name, w.slug, w.image_url, w.status, w.plan, \
                 coalesce(w.clerk_created_at, w.created_at) as created_at, \
                 w.updated_at, w.deleted_at, \
                 coalesce((select jsonb_object_agg(q.name, q.limit_value) \
@@ -158,6 +159,7 @@ pub async fn workspace(
         id: row.id,
         name: row.name,
         slug: row.slug,
+        image_url: row.image_url,
         status: access.status,
         plan: row.plan,
         quotas: row.quotas.0,

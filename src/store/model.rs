@@ -133,6 +133,8 @@ pub struct Workspace {
     pub name: Option<String>,
     /// Clerk slug.
     pub slug: Option<String>,
+    /// The organization's logo in Clerk (`image_url`), when it has one.
+    pub image_url: Option<String>,
     /// `active` or `deleted` (visible only to the trusted caller).
     pub status: WorkspaceStatus,
     /// Plan name, a key of the configured plans.

@@ -137,7 +137,7 @@ async fn any_configured_token_works() {
     assert_eq!(status, 401, "the development token is no longer configured");
 }
 
-/// GET /v1/workspaces/{id} answers exactly the §6 fields, with plan quotas, the
+/// GET /v1/workspaces/{id} answers exactly the §6 fields (image_url included), with plan quotas, the
 /// onboarding steps in order and RFC 3339 UTC timestamps.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn workspace_has_every_field() {
@@ -160,6 +160,7 @@ async fn workspace_has_every_field() {
             "id",
             "name",
             "slug",
+            "image_url",
             "status",
             "plan",
             "quotas",
@@ -174,6 +175,7 @@ async fn workspace_has_every_field() {
     assert_eq!(body["id"], ws.as_str());
     assert_eq!(body["name"], "Acme Sales");
     assert_eq!(body["slug"], ws.as_str());
+    assert_eq!(body["image_url"], format!("https://img.clerk.com/{ws}"));
     assert_eq!(body["status"], "active");
     assert_eq!(body["plan"], "team");
     let team = &app.settings.provisioning.plans["team"];

@@ -60,9 +60,10 @@ impl Seed {
     /// An active workspace with this name and plan.
     pub async fn workspace_with(&self, id: &str, name: &str, plan: &str) {
         sqlx::query(
-            "insert into workspaces (id, name, slug, status, plan, source_version, \
+            "insert into workspaces (id, name, slug, image_url, status, plan, source_version, \
                                      clerk_created_at, created_at, updated_at) \
-             values ($1, $2, $1, 'active', $3, $4, $5, now(), now())",
+             values ($1, $2, $1, 'https://img.clerk.com/' || $1, 'active', $3, $4, $5, \
+                     now(), now())",
         )
         .bind(id)
         .bind(name)
