@@ -4,6 +4,8 @@
 //! Guarantee: every timestamp leaves as RFC 3339 in UTC with a `Z` suffix and
 //! millisecond precision (`2024-05-28T08:00:00.000Z`), and every enumerated value
 //! is one of the variants named here, so the document and the wire cannot drift.
+//! Every field is always sent: an `Option` field is null when absent, never left
+//! out, so its schema says `required = true` (required and nullable).
 
 use std::collections::BTreeMap;
 
@@ -93,7 +95,7 @@ pub struct Onboarding {
     /// completed or skipped; `pending` otherwise.
     pub status: OnboardingStatus,
     /// The first pending step in onboarding order; null when none is pending.
-    #[schema(example = "gong")]
+    #[schema(required = true, example = "gong")]
     pub current_step: Option<String>,
     /// Every step, in onboarding order.
     pub steps: Vec<OnboardingStep>,
@@ -130,10 +132,13 @@ pub struct Workspace {
     #[schema(example = "org_2abc")]
     pub id: String,
     /// Display name; null only for a workspace known from its deletion alone.
+    #[schema(required = true)]
     pub name: Option<String>,
     /// Clerk slug.
+    #[schema(required = true)]
     pub slug: Option<String>,
     /// The organization's logo in Clerk (`image_url`), when it has one.
+    #[schema(required = true)]
     pub image_url: Option<String>,
     /// `active` or `deleted` (visible only to the trusted caller).
     pub status: WorkspaceStatus,
@@ -158,6 +163,7 @@ pub struct Workspace {
     pub updated_at: DateTime<Utc>,
     /// When it was deleted; null while active.
     #[serde(serialize_with = "rfc3339::serialize_opt")]
+    #[schema(required = true)]
     pub deleted_at: Option<DateTime<Utc>>,
 }
 
@@ -173,10 +179,13 @@ pub struct Member {
     #[schema(example = "org:admin")]
     pub clerk_role: String,
     /// Email (Clerk identifier).
+    #[schema(required = true)]
     pub email: Option<String>,
     /// First name.
+    #[schema(required = true)]
     pub first_name: Option<String>,
     /// Last name.
+    #[schema(required = true)]
     pub last_name: Option<String>,
     /// When the membership was created in Clerk.
     #[serde(serialize_with = "rfc3339::serialize")]
@@ -189,8 +198,10 @@ pub struct UserWorkspace {
     /// Clerk organization id.
     pub workspace_id: String,
     /// Display name.
+    #[schema(required = true)]
     pub name: Option<String>,
     /// Clerk slug.
+    #[schema(required = true)]
     pub slug: Option<String>,
     /// The user's Callmine role there.
     pub role: Role,
@@ -209,12 +220,14 @@ pub struct AuditEntry {
     #[schema(example = "clerk")]
     pub actor: String,
     /// What it is about: a user id, a step name, the workspace id, a svix id.
+    #[schema(required = true)]
     pub subject: Option<String>,
     /// Before/after values and context; in a member's view (`X-Acting-User`) only
     /// the keys members may see for the actor (see the route's description).
     #[schema(value_type = Object)]
     pub details: serde_json::Value,
     /// Svix id of the event that caused it; null for API changes.
+    #[schema(required = true)]
     pub event_id: Option<String>,
 }
 
@@ -229,10 +242,12 @@ pub struct Event {
     #[schema(example = "organization.created")]
     pub kind: String,
     /// The workspace the event is about, when it names one.
+    #[schema(required = true)]
     pub workspace_id: Option<String>,
     /// What happened to it.
     pub status: EventStatus,
     /// Why it was dead-lettered.
+    #[schema(required = true)]
     pub error: Option<String>,
     /// When intake queued it (or a worker first saw it).
     #[serde(serialize_with = "rfc3339::serialize")]

@@ -1554,3 +1554,152 @@ async fn database_down_is_503_then_recovers() {
     .await;
     assert!(back.is_some(), "the API recovers without a restart");
 }
+
+/// Checks `answer` against `schema` of `doc`, resolving `$ref`s: every property
+/// of an answer object is declared, and every declared property is `required`
+/// and present; nested objects and array items alike. `at` names the place.
+fn check_always_sent(doc: &Value, schema: &Value, answer: &Value, at: &str) {
+    if let Some(name) = schema["$ref"].as_str() {
+        let name = name.trim_start_matches("#/components/schemas/");
+        let target = &doc["components"]["schemas"][name];
+        assert!(target.is_object(), "{at}: unresolved $ref {name}");
+        return check_always_sent(doc, target, answer, at);
+    }
+    if answer.is_null() {
+        return;
+    }
+    for key in ["oneOf", "anyOf", "allOf"] {
+        if let Some(alternatives) = schema[key].as_array() {
+            for alternative in alternatives {
+                if alternative["type"] != "null" {
+                    check_always_sent(doc, alternative, answer, at);
+                }
+            }
+        }
+    }
+    if let Some(items) = answer.as_array() {
+        for (i, item) in items.iter().enumerate() {
+            check_always_sent(doc, &schema["items"], item, &format!("{at}[{i}]"));
+        }
+    }
+    let (Some(object), Some(properties)) = (answer.as_object(), schema["properties"].as_object())
+    else {
+        return;
+    };
+    let declared: BTreeSet<String> = properties.keys().cloned().collect();
+    let required: BTreeSet<String> = schema["required"]
+        .as_array()
+        .map(|r| r.iter().map(|k| k.as_str().unwrap().to_owned()).collect())
+        .unwrap_or_default();
+    let sent: BTreeSet<String> = object.keys().cloned().collect();
+    assert_eq!(sent, declared, "{at}: sent vs declared properties");
+    assert_eq!(required, declared, "{at}: required vs declared properties");
+    for (key, value) in object {
+        check_always_sent(doc, &properties[key], value, &format!("{at}.{key}"));
+    }
+}
+
+/// For real answers of every read route, the onboarding write and an error body,
+/// the OpenAPI document declares exactly the properties sent and lists each as
+/// `required` (a nullable one too), so clients may rely on every field.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openapi_requires_every_property_the_server_sends() {
+    let app = spawn_app().await;
+    let seed = Seed::new(&app);
+    let ws = new_id("org");
+    seed.workspace_with(&ws, "Acme", "team").await;
+    seed.member(&ws, "user_a", "org:admin").await;
+    seed.audit(&ws, "member.added", None).await;
+    seed.event(
+        "msg_req",
+        "organization.created",
+        Some(&ws),
+        "processed",
+        None,
+    )
+    .await;
+    seed.event(
+        "msg_req_dead",
+        "organization.created",
+        None,
+        "dead",
+        Some("x"),
+    )
+    .await;
+
+    let (status, doc) = Call::get("/v1/openapi.json").send(&app).await;
+    assert_eq!(status, 200);
+    let cases: [(&str, &str, Call, u16); 10] = [
+        (
+            "get",
+            "/v1/workspaces/{id}",
+            Call::get(format!("/v1/workspaces/{ws}")),
+            200,
+        ),
+        (
+            "get",
+            "/v1/workspaces/{id}/members",
+            Call::get(format!("/v1/workspaces/{ws}/members")),
+            200,
+        ),
+        (
+            "get",
+            "/v1/workspaces/{id}/members/{user_id}",
+            Call::get(format!("/v1/workspaces/{ws}/members/user_a")),
+            200,
+        ),
+        (
+            "get",
+            "/v1/users/{user_id}/workspaces",
+            Call::get("/v1/users/user_a/workspaces"),
+            200,
+        ),
+        (
+            "post",
+            "/v1/workspaces/{id}/onboarding/{step}",
+            Call::post(
+                format!("/v1/workspaces/{ws}/onboarding/slack"),
+                r#"{"status":"completed"}"#,
+            ),
+            200,
+        ),
+        (
+            "get",
+            "/v1/workspaces/{id}/audit",
+            Call::get(format!("/v1/workspaces/{ws}/audit?limit=1")),
+            200,
+        ),
+        (
+            "get",
+            "/v1/events/{svix_id}",
+            Call::get("/v1/events/msg_req"),
+            200,
+        ),
+        (
+            "get",
+            "/v1/events/{svix_id}",
+            Call::get("/v1/events/msg_req_dead"),
+            200,
+        ),
+        (
+            "get",
+            "/v1/workspaces/{id}",
+            Call::get("/v1/workspaces/org_never_seen"),
+            404,
+        ),
+        (
+            "get",
+            "/v1/workspaces/{id}/members",
+            Call::get(format!("/v1/workspaces/{ws}/members?limit=0")),
+            400,
+        ),
+    ];
+    for (method, path, call, expected) in cases {
+        let (status, answer) = call.send(&app).await;
+        assert_eq!(status, expected, "{method} {path}: {answer}");
+        let response = &doc["paths"][path][method]["responses"][status.to_string()];
+        let schema = &response["content"]["application/json"]["schema"];
+        assert!(schema.is_object(), "{method} {path} {status}: no schema");
+        check_always_sent(&doc, schema, &answer, &format!("{method} {path} {status}"));
+    }
+}

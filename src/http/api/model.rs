@@ -18,7 +18,7 @@ pub struct MemberList {
     /// Active members, by user id.
     pub data: Vec<Member>,
     /// Pass as `after` to get the next page; null on the last page.
-    #[schema(pattern = r"^[A-Za-z0-9_-]+$")]
+    #[schema(required = true, pattern = r"^[A-Za-z0-9_-]+$")]
     pub next: Option<String>,
 }
 
@@ -28,7 +28,7 @@ pub struct UserWorkspaceList {
     /// Active memberships of active workspaces, by workspace id.
     pub data: Vec<UserWorkspace>,
     /// Pass as `after` to get the next page; null on the last page.
-    #[schema(pattern = r"^[A-Za-z0-9_-]+$")]
+    #[schema(required = true, pattern = r"^[A-Za-z0-9_-]+$")]
     pub next: Option<String>,
 }
 
@@ -38,6 +38,7 @@ pub struct AuditPage {
     /// Rows, newest first.
     pub data: Vec<AuditEntry>,
     /// Pass as `before` to get the next (older) page; null on the last page.
+    #[schema(required = true)]
     pub next: Option<String>,
 }
 
