@@ -271,6 +271,32 @@ pub fn subscription(
     })
 }
 
+/// The organization's one subscription item as a `subscriptionItem.*` event of
+/// `kind` says it stands (`…canceled` → `canceled`, `…freeTrialEnding` → an active
+/// free trial, …), on the `pro` plan, at version `now`: what `send` sends.
+fn billing_item_for(kind: &str, organization_id: &str, now: i64) -> BillingItem {
+    let key = fnv(organization_id, 11) % 1_000_000_007;
+    let mut item = BillingItem::new(
+        &format!("csub_item_{key}"),
+        &format!("csub_{key}"),
+        "pro",
+        now,
+    );
+    let (status, trial) = match kind.rsplit('.').next().unwrap_or_default() {
+        "canceled" => ("canceled", false),
+        "upcoming" => ("upcoming", false),
+        "ended" => ("ended", false),
+        "abandoned" => ("abandoned", false),
+        "incomplete" => ("incomplete", false),
+        "pastDue" => ("past_due", false),
+        "freeTrialEnding" => ("active", true),
+        _ => ("active", false),
+    };
+    item.status = status.to_owned();
+    item.is_free_trial = trial;
+    item
+}
+
 /// The DeletedObject of `organization.deleted`.
 pub fn deleted_organization(id: &str, name: &str) -> Value {
     json!({"object": "organization", "id": id, "slug": slug(name), "deleted": true})
@@ -514,6 +540,26 @@ pub fn event(spec: &EventSpec) -> Value {
         "user.deleted" => deleted_user(&spec.user_id),
         k if k.starts_with("organizationInvitation.") => {
             invitation(k, &spec.org_id, &person, &spec.role, now)
+        }
+        k if k.starts_with("subscriptionItem.") => {
+            subscription_item(&spec.org_id, &billing_item_for(k, &spec.org_id, now))
+        }
+        k if k.starts_with("subscription.") => {
+            let item = billing_item_for("subscriptionItem.active", &spec.org_id, now);
+            let past_due = (k == "subscription.pastDue").then_some(now);
+            let status = if past_due.is_some() {
+                "past_due"
+            } else {
+                "active"
+            };
+            subscription(
+                &spec.org_id,
+                &item.subscription_id,
+                status,
+                past_due,
+                now,
+                std::slice::from_ref(&item),
+            )
         }
         other => {
             let object = other.split('.').next().unwrap_or("object");

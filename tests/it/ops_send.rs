@@ -79,6 +79,10 @@ async fn each_handled_type_is_built_signed_and_queued() {
                 assert!(data["email_addresses"][0]["email_address"].is_string());
             }
             "user.deleted" => assert_eq!(data["id"], "user_sendtest"),
+            k if k.starts_with("subscription") => {
+                assert_eq!(data["payer"]["organization_id"], "org_sendtest");
+                assert!(data["id"].as_str().unwrap().starts_with("csub_"));
+            }
             _ => {
                 assert_eq!(data["organization"]["id"], "org_sendtest");
                 assert_eq!(data["organization"]["name"], "Send Test Inc");
